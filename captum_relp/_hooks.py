@@ -1,0 +1,190 @@
+"""Hooks on layer inputs/outputs and a guard that restores the model afterwards."""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+from torch import Tensor, nn
+
+TensorFn = Callable[[int, Tensor], Optional[Tensor]]
+
+
+def as_layer_list(layer: Union[nn.Module, Sequence[nn.Module]]) -> List[nn.Module]:
+    if isinstance(layer, nn.Module):
+        return [layer]
+    layers = list(layer)
+    if not layers or not all(isinstance(m, nn.Module) for m in layers):
+        raise TypeError("layer must be an nn.Module or a non-empty list of nn.Modules")
+    return layers
+
+
+def per_layer_flags(flag: Union[bool, Sequence[bool]], n_layers: int, name: str) -> List[bool]:
+    if isinstance(flag, bool):
+        return [flag] * n_layers
+    flags = [bool(f) for f in flag]
+    if len(flags) != n_layers:
+        raise ValueError(f"{name} has {len(flags)} entries for {n_layers} layers")
+    return flags
+
+
+def check_layers_in_model(model: Optional[nn.Module], layers: Sequence[nn.Module]) -> None:
+    if model is None:
+        return
+    known = {id(m) for m in model.modules()}
+    for index, layer in enumerate(layers):
+        if id(layer) not in known:
+            raise ValueError(
+                f"layer[{index}] ({type(layer).__name__}) is not a submodule of the model "
+                f"({type(model).__name__})"
+            )
+
+
+@contextmanager
+def layer_hooks(
+    layers: Sequence[nn.Module], to_input: Sequence[bool], fn: TensorFn
+) -> Iterator[None]:
+    """Call ``fn(i, tensor)`` on layer i's output (or first input) and substitute its result.
+
+    For modules returning tuples (Hugging Face attention and decoder layers) the
+    first element is used.
+    """
+    handles = []
+
+    def output_hook(index: int):
+        def hook(module, args, output):
+            if isinstance(output, Tensor):
+                new = fn(index, output)
+                return None if new is None else new
+            if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+                new = fn(index, output[0])
+                if new is None:
+                    return None
+                return type(output)((new, *output[1:])) if isinstance(output, tuple) else [new, *output[1:]]
+            raise TypeError(f"layer[{index}] ({type(module).__name__}) returned no tensor to attribute")
+
+        return hook
+
+    def input_hook(index: int):
+        def hook(module, args, kwargs):
+            if args and isinstance(args[0], Tensor):
+                new = fn(index, args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            if "hidden_states" in kwargs and isinstance(kwargs["hidden_states"], Tensor):
+                new = fn(index, kwargs["hidden_states"])
+                if new is None:
+                    return None
+                return args, {**kwargs, "hidden_states": new}
+            raise TypeError(f"layer[{index}] ({type(module).__name__}) received no tensor input")
+
+        return hook
+
+    try:
+        for index, (layer, use_input) in enumerate(zip(layers, to_input)):
+            if use_input:
+                handles.append(layer.register_forward_pre_hook(input_hook(index), with_kwargs=True))
+            else:
+                handles.append(layer.register_forward_hook(output_hook(index)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def captum_safe_outputs(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Make Hugging Face modules digestible for Captum's layer hooks, without changing results.
+
+    * ``None`` entries of tuple outputs (attention modules return ``(output, None)``
+      under sdpa) become empty tensors; callers discard them.
+    * Positional arguments after the first (GPT-2 blocks get ``past_key_values=None``
+      positionally) are passed as keywords, so Captum sees one input tensor.
+    """
+
+    def output_hook(module, args, output):
+        if isinstance(output, tuple) and any(o is None for o in output):
+            return tuple(_empty_like(output, o) for o in output)
+        return None
+
+    def input_hook(module, args, kwargs):
+        if len(args) <= 1:
+            return None
+        names = list(inspect.signature(module.forward).parameters)
+        moved = dict(zip(names[1:], args[1:]))
+        return args[:1], {**kwargs, **moved}
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(layer.register_forward_pre_hook(input_hook, with_kwargs=True))
+            handles.append(layer.register_forward_hook(output_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _empty_like(output: tuple, entry):
+    if entry is not None:
+        return entry
+    reference = next(o for o in output if isinstance(o, Tensor))
+    return reference.new_zeros(0)
+
+
+@contextmanager
+def frozen_model(model: Optional[nn.Module]) -> Iterator[None]:
+    """Eval mode and no parameter gradients inside; flags and mode restored on exit."""
+    if model is None:
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+
+
+def capture(store: List[Optional[Tensor]], make_leaf: bool = False) -> TensorFn:
+    """A hook function recording each layer's tensor (as a grad leaf if needed)."""
+
+    def fn(index: int, tensor: Tensor) -> Optional[Tensor]:
+        if store[index] is not None:
+            raise RuntimeError(
+                f"layer[{index}] was called more than once in one forward pass; attribute a module "
+                "that runs once"
+            )
+        if make_leaf and not tensor.requires_grad:
+            tensor = tensor.detach().requires_grad_(True)
+            store[index] = tensor
+            return tensor
+        store[index] = tensor
+        return None
+
+    return fn
+
+
+def pad_mask_like(attention_mask: Optional[Tensor], tensor: Tensor) -> Optional[Tensor]:
+    """The attention mask broadcast to ``tensor`` when its first two dims are (batch, seq)."""
+    if attention_mask is None or tensor.dim() < 2 or tensor.shape[:2] != attention_mask.shape[:2]:
+        return None
+    shape = tuple(attention_mask.shape[:2]) + (1,) * (tensor.dim() - 2)
+    return attention_mask.to(tensor.device).reshape(shape).to(tensor.dtype)
+
+
+__all__ = [
+    "as_layer_list",
+    "per_layer_flags",
+    "check_layers_in_model",
+    "layer_hooks",
+    "frozen_model",
+    "captum_safe_outputs",
+    "capture",
+    "pad_mask_like",
+]

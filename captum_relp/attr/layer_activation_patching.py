@@ -1,0 +1,277 @@
+"""Exact activation patching (AP), the ground truth RelP and AtP approximate."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from captum.attr import LayerActivation, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .._forward import MetricEvaluator, MetricType, TargetType, call_model, root_module, split_forward_args
+from .._hooks import (
+    as_layer_list,
+    captum_safe_outputs,
+    check_layers_in_model,
+    frozen_model,
+    layer_hooks,
+    per_layer_flags,
+)
+from .layer_relevance_patching import LayerType, TensorOrTuple, format_pair
+
+GRANULARITIES = ("position", "layer", "head")
+
+
+class _ExampleMetric:
+    """The metric of example ``b`` of a batch of ``B``, evaluated on rows of a batch-1 run."""
+
+    def __init__(self, metric: Callable[[Tensor], Tensor], index: int, batch_size: int) -> None:
+        self.metric, self.index, self.batch_size = metric, index, batch_size
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return torch.stack([
+            self.metric(output[r : r + 1].expand(self.batch_size, *output.shape[1:]))[self.index]
+            for r in range(output.shape[0])
+        ])
+
+
+class LayerActivationPatching(LayerAttribution):
+    r"""Activation patching: ``L(clean) - L(clean | do(layer[loc] <- corrupt[loc]))``.
+
+    Corrupt activations are collected with Captum's :class:`~captum.attr.LayerActivation`;
+    then each location (a position, a whole layer, or a (position, head) pair) is
+    patched in its own run. Runs are batched (``internal_batch_size`` patched copies
+    per forward) and, with ``reuse_prefix=True``, each example is processed alone so
+    the network below the patched layer runs once per example: the patched copies are
+    created at the layer itself (the other tensors of the forward, such as masks and
+    position embeddings, have batch 1 and broadcast).
+
+    The sign matches :class:`LayerRelevancePatching`: a positive effect means patching
+    in the corrupt activation lowers the metric.
+
+    Args:
+        forward_func (Callable or nn.Module): the model (Hugging Face models: ``.logits``).
+        layer (nn.Module or list of nn.Module): layer(s) to patch.
+        device_ids (list[int], optional): as in Captum.
+        model (nn.Module, optional): the root module, if ``forward_func`` is a function.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_relp import LayerActivationPatching
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> ap = LayerActivationPatching(net, net[0])
+        >>> ap.attribute(torch.ones(1, 2), baselines=torch.zeros(1, 2), granularity="layer").shape
+        torch.Size([1])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: LayerType,
+        device_ids: Optional[List[int]] = None,
+        model: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids)
+        self.layers = as_layer_list(layer)
+        self.model = root_module(forward_func, model)
+        check_layers_in_model(self.model, self.layers)
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: TensorOrTuple,
+        baselines: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
+        metric: MetricType = None,
+        granularity: str = "position",
+        num_heads: Optional[int] = None,
+        internal_batch_size: int = 32,
+        reuse_prefix: bool = True,
+        show_progress: bool = False,
+    ) -> Union[Tensor, List[Tensor]]:
+        r"""Exact patching effects.
+
+        Args:
+            inputs, baselines: clean and corrupt inputs of equal shape.
+            target, metric, additional_forward_args, attribute_to_layer_input: as in
+                :meth:`LayerRelevancePatching.attribute`.
+            granularity (str): ``"position"`` (one run per position, result ``(B, T)``),
+                ``"layer"`` (all positions at once, ``(B,)``) or ``"head"`` (one run per
+                position and head, ``(B, T, H)``; needs ``num_heads`` and a layer whose
+                activation concatenates heads, e.g. an attention output projection's input).
+            internal_batch_size (int): patched copies per forward pass.
+            reuse_prefix (bool): run the layers below the patch once per example.
+            show_progress (bool): show a progress bar.
+
+        Returns:
+            Tensor or list of Tensor: effects per layer, zero at padded positions.
+
+        Examples::
+
+            >>> import torch
+            >>> from captum_relp import LayerActivationPatching
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+            >>> x, x_corrupt = torch.ones(2, 4, 3), torch.zeros(2, 4, 3)
+            >>> effects = LayerActivationPatching(net, net[0]).attribute(
+            ...     x, baselines=x_corrupt, metric=lambda out: out[:, -1, 0])
+            >>> effects.shape
+            torch.Size([2, 4])
+        """
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity == "head" and not num_heads:
+            raise ValueError("granularity='head' needs num_heads")
+        if internal_batch_size < 1:
+            raise ValueError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
+        inputs, baselines = format_pair(inputs, baselines)
+        if baselines is None:
+            raise ValueError("baselines (the corrupt input) is required for activation patching")
+        flags = per_layer_flags(attribute_to_layer_input, len(self.layers), "attribute_to_layer_input")
+        args, kwargs = split_forward_args(self.forward_func, additional_forward_args)
+        mask = kwargs.get("attention_mask")
+        batch_size = inputs[0].shape[0]
+        evaluator = MetricEvaluator(batch_size, target, metric)
+
+        with frozen_model(self.model), torch.no_grad():
+            output = call_model(self.forward_func, inputs, args, kwargs)
+            evaluator.check_target(output)
+            clean_values = evaluator(output, mask)
+            corrupt_acts = self._corrupt_activations(baselines, flags, args, kwargs)
+            results = [
+                torch.zeros(self._result_shape(acts, granularity, num_heads), device=clean_values.device)
+                for acts in corrupt_acts
+            ]
+            jobs = self._jobs(corrupt_acts, granularity, num_heads, mask, reuse_prefix, batch_size)
+            total = sum(len(locs) for _, _, locs in jobs)
+            progress = tqdm(total=total, desc="activation patching", disable=not show_progress)
+            for layer_index, rows, locations in jobs:
+                for start in range(0, len(locations), internal_batch_size):
+                    chunk = locations[start : start + internal_batch_size]
+                    patched = self._run_chunk(
+                        layer_index, flags, rows, chunk, corrupt_acts[layer_index], inputs, args,
+                        kwargs, evaluator, reuse_prefix, batch_size, num_heads,
+                    )
+                    effect = clean_values[rows].repeat(len(chunk)) - patched
+                    for k, location in enumerate(chunk):
+                        block = effect[k * len(rows) : (k + 1) * len(rows)]
+                        results[layer_index][(rows,) + location] = block.to(results[layer_index].dtype)
+                    progress.update(len(chunk))
+            progress.close()
+        return results[0] if isinstance(self.layer, nn.Module) else results
+
+    def _corrupt_activations(self, baselines, flags, args, kwargs) -> List[Tensor]:
+        """Corrupt activations via Captum's LayerActivation (first entry of tuple outputs)."""
+
+        def forward(*inputs: Tensor) -> Tensor:
+            return call_model(self.forward_func, inputs, args, kwargs)
+
+        acts: List[Optional[Tensor]] = [None] * len(self.layers)
+        for flag in (False, True):
+            indices = [i for i, f in enumerate(flags) if f == flag]
+            if not indices:
+                continue
+            group = [self.layers[i] for i in indices]
+            with captum_safe_outputs(group):
+                layer_acts = LayerActivation(forward, group).attribute(baselines, attribute_to_layer_input=flag)
+            for i, act in zip(indices, layer_acts):
+                acts[i] = act[0] if isinstance(act, tuple) else act
+        return acts  # type: ignore[return-value]
+
+    @staticmethod
+    def _result_shape(acts: Tensor, granularity: str, num_heads: Optional[int]) -> Tuple[int, ...]:
+        if granularity == "layer":
+            return (acts.shape[0],)
+        if granularity == "head":
+            return (acts.shape[0], acts.shape[1], int(num_heads))
+        return (acts.shape[0], acts.shape[1])
+
+    @staticmethod
+    def _jobs(corrupt_acts, granularity, num_heads, mask, reuse_prefix, batch_size):
+        """(layer index, example rows, locations) triples; a location indexes the result."""
+        examples = [[b] for b in range(batch_size)] if reuse_prefix else [list(range(batch_size))]
+        jobs = []
+        for layer_index, acts in enumerate(corrupt_acts):
+            for rows in examples:
+                if granularity == "layer":
+                    locations = [()]
+                else:
+                    positions = range(acts.shape[1])
+                    if mask is not None and len(rows) == 1:
+                        positions = [t for t in positions if mask[rows[0], t] != 0]
+                    if granularity == "head":
+                        locations = [(t, h) for t in positions for h in range(int(num_heads))]
+                    else:
+                        locations = [(t,) for t in positions]
+                jobs.append((layer_index, rows, locations))
+        return jobs
+
+    def _run_chunk(self, layer_index, flags, rows, chunk, corrupt, inputs, args, kwargs,
+                   evaluator, reuse_prefix, batch_size, num_heads) -> Tensor:
+        n_rows, copies = len(rows), len(chunk)
+        row_index = torch.as_tensor(rows, device=corrupt.device)
+
+        def patch(index: int, tensor: Tensor) -> Optional[Tensor]:
+            if index != layer_index:
+                return None
+            patched = tensor.repeat(copies if tensor.shape[0] == n_rows else 1, *([1] * (tensor.dim() - 1)))
+            source = corrupt[row_index].to(patched.dtype)
+            for k, location in enumerate(chunk):
+                block = slice(k * n_rows, (k + 1) * n_rows)
+                _write(patched, block, source, location, num_heads)
+            return patched
+
+        if reuse_prefix:
+            run_inputs = tuple(x[rows[0] : rows[0] + 1] for x in inputs)
+            run_args, run_kwargs = _slice_batch(args, kwargs, rows[0], batch_size)
+            sub_evaluator = _example_evaluator(evaluator, rows[0], batch_size)
+        else:
+            run_inputs = tuple(x.repeat(copies, *([1] * (x.dim() - 1))) for x in inputs)
+            run_args, run_kwargs = _tile_batch(args, kwargs, copies, batch_size)
+            sub_evaluator = evaluator
+        with layer_hooks(self.layers, flags, patch):
+            output = call_model(self.forward_func, run_inputs, run_args, run_kwargs)
+        return sub_evaluator(output, run_kwargs.get("attention_mask"))
+
+
+def _write(patched: Tensor, block: slice, source: Tensor, location: Tuple, num_heads) -> None:
+    if location == ():
+        patched[block] = source
+    elif len(location) == 1:
+        patched[block, location[0]] = source[:, location[0]]
+    else:
+        position, head = location
+        width = patched.shape[-1] // int(num_heads)
+        cols = slice(head * width, (head + 1) * width)
+        patched[block, position, ..., cols] = source[:, position, ..., cols]
+
+
+def _is_batched(value: Any, batch_size: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch_size
+
+
+def _slice_batch(args: Tuple, kwargs: Dict, row: int, batch_size: int):
+    def cut(v):
+        return v[row : row + 1] if _is_batched(v, batch_size) else v
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def _tile_batch(args: Tuple, kwargs: Dict, copies: int, batch_size: int):
+    def tile(v):
+        return v.repeat(copies, *([1] * (v.dim() - 1))) if _is_batched(v, batch_size) else v
+
+    return tuple(tile(a) for a in args), {k: tile(v) for k, v in kwargs.items()}
+
+
+def _example_evaluator(evaluator: MetricEvaluator, row: int, batch_size: int) -> MetricEvaluator:
+    if evaluator.metric is not None:
+        return MetricEvaluator(1, metric=_ExampleMetric(evaluator.metric, row, batch_size))
+    target = evaluator.target
+    if target is not None:
+        values = torch.as_tensor(target).reshape(-1)
+        target = int(values[0] if values.numel() == 1 else values[row])
+    return MetricEvaluator(1, target=target)

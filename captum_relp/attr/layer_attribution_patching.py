@@ -1,0 +1,34 @@
+"""Attribution patching (AtP, Nanda 2022): RelP's machinery with plain gradients."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+from torch import nn
+
+from .layer_relevance_patching import LayerRelevancePatching, LayerType
+
+
+class LayerAttributionPatching(LayerRelevancePatching):
+    r"""Attribution patching: ``(act(inputs) - act(baselines)) * dL/dact`` on the inputs run.
+
+    Identical to :class:`LayerRelevancePatching` with ``rules="none"``.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_relp import LayerAttributionPatching
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1))
+        >>> atp = LayerAttributionPatching(net, net[1])
+        >>> atp.attribute(torch.ones(1, 2), baselines=torch.zeros(1, 2)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: LayerType,
+        device_ids: Optional[List[int]] = None,
+        multiply_by_inputs: bool = True,
+        model: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__(forward_func, layer, "none", device_ids, multiply_by_inputs, model)

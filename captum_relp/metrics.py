@@ -1,0 +1,84 @@
+"""Contrastive metrics used as ``metric=`` in the attribution classes.
+
+Each metric maps model logits ``(B, T, V)`` to one value per example ``(B,)``,
+read at each row's final position (``positions``, default: the last one).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+IdsType = Union[int, Sequence[int], Tensor]
+
+
+def _per_row(ids: IdsType, rows: int, device) -> Tensor:
+    values = torch.as_tensor(ids, device=device).reshape(-1).long()
+    return values.expand(rows) if values.numel() == 1 else values
+
+
+class LogitDiff:
+    """``logit(correct) - logit(wrong)`` at each row's final position.
+
+    Args:
+        correct_ids, wrong_ids: token ids, one per example (or one for all).
+        positions: index of the final position per example (default: ``-1``).
+
+    Example:
+        >>> import torch
+        >>> logits = torch.zeros(2, 3, 5); logits[:, -1, 1] = 2.0
+        >>> LogitDiff([1, 1], [0, 0])(logits)
+        tensor([2., 2.])
+    """
+
+    def __init__(self, correct_ids: IdsType, wrong_ids: IdsType, positions: Optional[IdsType] = None):
+        self.correct_ids = correct_ids
+        self.wrong_ids = wrong_ids
+        self.positions = positions
+
+    def _final_logits(self, logits: Tensor) -> Tensor:
+        rows = logits.shape[0]
+        if logits.dim() == 2:
+            return logits
+        if self.positions is None:
+            return logits[:, -1]
+        positions = _per_row(self.positions, rows, logits.device)
+        return logits[torch.arange(rows, device=logits.device), positions]
+
+    def _pair(self, final: Tensor):
+        rows = final.shape[0]
+        index = torch.arange(rows, device=final.device)
+        correct = _per_row(self.correct_ids, rows, final.device)
+        wrong = _per_row(self.wrong_ids, rows, final.device)
+        return final[index, correct], final[index, wrong]
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        correct, wrong = self._pair(self._final_logits(logits))
+        return correct - wrong
+
+
+class ProbDiff(LogitDiff):
+    """``p(correct) - p(wrong)`` (softmax over the vocabulary) at the final position.
+
+    Example:
+        >>> import torch
+        >>> ProbDiff(1, 0)(torch.zeros(1, 2, 4))
+        tensor([0.])
+    """
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        probs = torch.softmax(self._final_logits(logits).float(), dim=-1)
+        correct, wrong = self._pair(probs)
+        return correct - wrong
+
+
+def logit_diff(correct_ids: IdsType, wrong_ids: IdsType, positions: Optional[IdsType] = None) -> LogitDiff:
+    """Shorthand for :class:`LogitDiff`.
+
+    Example:
+        >>> import torch
+        >>> logit_diff(2, 3)(torch.arange(8.0).reshape(1, 2, 4))
+        tensor([-1.])
+    """
+    return LogitDiff(correct_ids, wrong_ids, positions)

@@ -1,0 +1,144 @@
+"""Standard components of a transformer by family: residual stream, attention and MLP outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from torch import Tensor, nn
+
+_BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "bert.encoder.layer",
+                "encoder.layer", "layers", "h")
+_ATTN_NAMES = ("attn", "self_attn", "attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_OUT_PROJ_NAMES = ("c_proj", "o_proj", "dense", "out_proj")
+
+
+@dataclass
+class ModelComponents:
+    """The standard components of a model, one entry per layer.
+
+    Attributes:
+        blocks: the transformer blocks; their *input* is the residual stream entering the block.
+        attn: the attention output projections (``c_proj``, ``o_proj``, ``dense``): their
+            output is the attention output before the residual add (equal to the
+            attention module's output in eval mode), their *input* holds the heads.
+        mlp: modules whose output is the MLP output (before the residual add).
+        num_heads: attention heads per layer.
+    """
+
+    blocks: List[nn.Module]
+    attn: List[nn.Module]
+    mlp: List[nn.Module]
+    num_heads: Optional[int] = None
+
+    KINDS = ("resid", "attn", "mlp")
+
+    def select(self, kinds: Sequence[str] = KINDS) -> Tuple[List[nn.Module], List[bool], List[Tuple[str, int]]]:
+        """Layers, ``attribute_to_layer_input`` flags and ``(kind, layer index)`` labels.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=10))
+            >>> layers, flags, labels = model_components(model).select(["resid", "mlp"])
+            >>> flags, labels[-1]
+            ([True, True, False, False], ('mlp', 1))
+        """
+        layers, flags, labels = [], [], []
+        for kind in kinds:
+            if kind not in self.KINDS:
+                raise ValueError(f"component kind must be one of {self.KINDS}, got {kind!r}")
+            modules = {"resid": self.blocks, "attn": self.attn, "mlp": self.mlp}[kind]
+            layers += modules
+            flags += [kind == "resid"] * len(modules)
+            labels += [(kind, i) for i in range(len(modules))]
+        return layers, flags, labels
+
+
+def _get(root: nn.Module, path: str) -> Optional[nn.Module]:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _child(module: nn.Module, names: Sequence[str]) -> Optional[nn.Module]:
+    for name in names:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> len(find_blocks(GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2))))
+        3
+    """
+    for path in _BLOCK_PATHS:
+        blocks = _get(model, path)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"could not find the transformer blocks of {type(model).__name__}")
+
+
+def model_components(model: nn.Module) -> ModelComponents:
+    """Residual-stream, attention-output and MLP-output modules of a Hugging Face model.
+
+    Supports GPT-2, GPT-NeoX/Pythia, Llama, Qwen2, Gemma2, Mistral and BERT, and
+    falls back to attribute names for similar architectures.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2))
+        >>> parts = model_components(model)
+        >>> type(parts.attn[0]).__name__, type(parts.mlp[0]).__name__, parts.num_heads
+        ('Conv1D', 'GPT2MLP', 2)
+    """
+    blocks = list(find_blocks(model))
+    attn, mlp = [], []
+    for index, block in enumerate(blocks):
+        attention = _child(block, _ATTN_NAMES)
+        if attention is not None and _child(attention, ("output",)) is not None:  # BERT
+            projection, feed_forward = attention.output.dense, block.output.dense
+        else:
+            feed_forward = _child(block, _MLP_NAMES)
+            projection = _child(attention, _OUT_PROJ_NAMES) if attention is not None else None
+        if projection is None or feed_forward is None:
+            raise ValueError(
+                f"block {index} ({type(block).__name__}) has no attention output projection "
+                f"{_ATTN_NAMES}.{_OUT_PROJ_NAMES} or MLP {_MLP_NAMES}"
+            )
+        attn.append(projection)
+        mlp.append(feed_forward)
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    return ModelComponents(blocks, attn, mlp, heads)
+
+
+def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
+    """Sum attributions of concatenated heads ``(..., H * D)`` per head, giving ``(..., H)``.
+
+    Use it on attributions of an attention output projection's *input*.
+
+    Example:
+        >>> import torch
+        >>> split_heads(torch.ones(1, 2, 6), 3)
+        tensor([[[2., 2., 2.],
+                 [2., 2., 2.]]])
+    """
+    *lead, width = attributions.shape
+    if width % num_heads:
+        raise ValueError(f"last dimension {width} is not divisible by num_heads={num_heads}")
+    return attributions.reshape(*lead, num_heads, width // num_heads).sum(-1)
+
+
+__all__ = ["ModelComponents", "model_components", "find_blocks", "split_heads"]

@@ -1,0 +1,283 @@
+"""Rule registry and presets: which LRP rule applies to which module type.
+
+Module types are keyed by their qualified name (``module.ClassName``), so the
+registry covers Hugging Face families without importing every modeling file;
+actual classes can be registered too. Each entry has a *category* (``norm``,
+``activation``, ``gate``, ``linear`` or ``custom``); a :class:`RuleSet` (Zennit
+calls it a composite) enables categories and adds an optional attention rule.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+from torch import nn
+
+from .rules import AHRule, EpsilonRule, GammaRule, HalfRule, IdentityRule, LayerNormRule, Rule
+from .rules.gate import GATED_MLP_ATTRIBUTES
+from .rules.norm import RMSNormRule
+
+RuleFactory = Callable[[], Rule]
+CATEGORIES = ("norm", "activation", "gate", "linear", "custom")
+
+_HF = "transformers.models."
+_ACT = "transformers.activations."
+_TORCH_ACT = "torch.nn.modules.activation."
+
+_DEFAULT_ENTRIES: Dict[str, Tuple[str, RuleFactory]] = {
+    "torch.nn.modules.normalization.LayerNorm": ("norm", LayerNormRule),
+    "torch.nn.modules.normalization.RMSNorm": ("norm", RMSNormRule),
+    _HF + "llama.modeling_llama.LlamaRMSNorm": ("norm", RMSNormRule),
+    _HF + "qwen2.modeling_qwen2.Qwen2RMSNorm": ("norm", RMSNormRule),
+    _HF + "qwen3.modeling_qwen3.Qwen3RMSNorm": ("norm", RMSNormRule),
+    _HF + "mistral.modeling_mistral.MistralRMSNorm": ("norm", RMSNormRule),
+    _HF + "gemma2.modeling_gemma2.Gemma2RMSNorm": ("norm", lambda: RMSNormRule(weight_offset=1.0)),
+    _HF + "gemma.modeling_gemma.GemmaRMSNorm": ("norm", lambda: RMSNormRule(weight_offset=1.0)),
+    _HF + "llama.modeling_llama.LlamaMLP": ("gate", HalfRule),
+    _HF + "qwen2.modeling_qwen2.Qwen2MLP": ("gate", HalfRule),
+    _HF + "qwen3.modeling_qwen3.Qwen3MLP": ("gate", HalfRule),
+    _HF + "mistral.modeling_mistral.MistralMLP": ("gate", HalfRule),
+    _HF + "gemma2.modeling_gemma2.Gemma2MLP": ("gate", HalfRule),
+    _HF + "gemma.modeling_gemma.GemmaMLP": ("gate", HalfRule),
+    "torch.nn.modules.linear.Linear": ("linear", None),  # type: ignore[dict-item]
+    "transformers.pytorch_utils.Conv1D": ("linear", None),  # type: ignore[dict-item]
+}
+for _name in (
+    "GELUTanh", "NewGELUActivation", "GELUActivation", "SiLUActivation", "FastGELUActivation",
+    "QuickGELUActivation", "AccurateGELUActivation", "MishActivation", "ReLUSquaredActivation",
+):
+    _DEFAULT_ENTRIES[_ACT + _name] = ("activation", IdentityRule)
+for _name in ("GELU", "SiLU", "ReLU", "Tanh", "Mish", "LeakyReLU"):
+    _DEFAULT_ENTRIES[_TORCH_ACT + _name] = ("activation", IdentityRule)
+
+_REGISTRY: Dict[str, Tuple[str, Optional[RuleFactory]]] = dict(_DEFAULT_ENTRIES)
+_NOT_ACTIVATIONS = {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention"}
+
+
+def type_key(module_type: Union[type, str]) -> str:
+    """The registry key of a module type: ``'<module>.<ClassName>'``.
+
+    Example:
+        >>> import torch
+        >>> type_key(torch.nn.LayerNorm)
+        'torch.nn.modules.normalization.LayerNorm'
+    """
+    if isinstance(module_type, str):
+        return module_type
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def _category_of(rule: Rule) -> str:
+    if isinstance(rule, LayerNormRule):
+        return "norm"
+    if isinstance(rule, IdentityRule):
+        return "activation"
+    if isinstance(rule, HalfRule):
+        return "gate"
+    if isinstance(rule, (EpsilonRule, GammaRule)):
+        return "linear"
+    return "custom"
+
+
+def register_rule(
+    module_type: Union[type, str],
+    rule: Union[Rule, RuleFactory],
+    category: Optional[str] = None,
+) -> None:
+    """Register the LRP rule for a module type (a class or its qualified name).
+
+    Args:
+        module_type: the module class, or ``'package.module.ClassName'``.
+        rule: a :class:`~captum_relp.rules.Rule` instance or a zero-argument factory.
+        category: ``norm``, ``activation``, ``gate`` or ``custom`` (default: inferred
+            from the rule). Presets apply ``norm``/``activation``/``gate``/``custom``.
+
+    Example:
+        >>> import torch
+        >>> from captum_relp import register_rule, unregister_rule
+        >>> from captum_relp.rules import IdentityRule
+        >>> class MyAct(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * torch.sigmoid(x)
+        >>> register_rule(MyAct, IdentityRule())
+        >>> unregister_rule(MyAct)
+    """
+    factory = rule if not isinstance(rule, Rule) else (lambda: rule)
+    category = category or _category_of(factory())
+    if category not in CATEGORIES:
+        raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
+    _REGISTRY[type_key(module_type)] = (category, factory)
+
+
+def unregister_rule(module_type: Union[type, str]) -> None:
+    """Remove a registered module type (restoring the built-in entry, if any).
+
+    Example:
+        >>> unregister_rule("my.module.Unknown")
+    """
+    key = type_key(module_type)
+    if key in _DEFAULT_ENTRIES:
+        _REGISTRY[key] = _DEFAULT_ENTRIES[key]
+    else:
+        _REGISTRY.pop(key, None)
+
+
+def registered_rules() -> Dict[str, Tuple[str, str]]:
+    """A copy of the registry as ``{type key: (category, rule repr)}``.
+
+    Example:
+        >>> registered_rules()["torch.nn.modules.normalization.LayerNorm"]
+        ('norm', 'LayerNormRule(centered=True, weight_offset=0.0)')
+    """
+    return {
+        key: (cat, repr(factory()) if factory is not None else "0-rule (gradient)")
+        for key, (cat, factory) in _REGISTRY.items()
+    }
+
+
+@dataclass
+class RuleSet:
+    """A composite: the rule categories to apply, plus optional attention and linear rules.
+
+    Args:
+        name: a label.
+        categories: registry categories applied (``norm``, ``activation``, ``gate``, ``custom``).
+        attention: a model-level rule for attention, e.g. :class:`~captum_relp.rules.AHRule`.
+        linear: a rule for every ``nn.Linear``/``Conv1D`` (default: the 0-rule, i.e. none).
+        overrides: per-type rules that take precedence over the registry.
+
+    Example:
+        >>> from captum_relp import RuleSet
+        >>> from captum_relp.rules import EpsilonRule
+        >>> RuleSet("relp-eps", linear=EpsilonRule(1e-3)).categories
+        ('norm', 'activation', 'gate', 'custom')
+    """
+
+    name: str = "relp"
+    categories: Tuple[str, ...] = ("norm", "activation", "gate", "custom")
+    attention: Optional[Rule] = None
+    linear: Optional[Rule] = None
+    overrides: Dict[str, Rule] = field(default_factory=dict)
+
+    def rule_for(self, module: nn.Module) -> Optional[Rule]:
+        key = type_key(type(module))
+        if key in self.overrides:
+            return self.overrides[key]
+        category, factory = _REGISTRY.get(key, (None, None))
+        if category == "linear":
+            return self.linear
+        if category in self.categories and factory is not None:
+            return factory()
+        return None
+
+    def uncovered(self, model: nn.Module) -> List[Tuple[str, str]]:
+        """Normalisation, activation and gated-MLP modules of ``model`` with no rule."""
+        if not self.categories:
+            return []
+        missing = []
+        for path, module in model.named_modules():
+            if self.rule_for(module) is None and _needs_rule(module):
+                missing.append((path or "<root>", type_key(type(module))))
+        return missing
+
+
+def _needs_rule(module: nn.Module) -> bool:
+    cls = type(module)
+    name = cls.__name__
+    if name in _NOT_ACTIVATIONS:
+        return False
+    if "norm" in name.lower() and "Normal" not in name:
+        return True
+    if cls.__module__ in ("torch.nn.modules.activation", "transformers.activations"):
+        return True
+    if name.endswith("Activation"):
+        return True
+    return all(hasattr(module, attr) for attr in GATED_MLP_ATTRIBUTES)
+
+
+PRESETS: Dict[str, Callable[[], RuleSet]] = {
+    "relp": lambda: RuleSet("relp"),
+    "relp-ah": lambda: RuleSet("relp-ah", attention=AHRule()),
+    "none": lambda: RuleSet("none", categories=()),
+}
+
+
+def resolve_rules(rules: Union[str, RuleSet, None]) -> RuleSet:
+    """Turn a preset name (``'relp'``, ``'relp-ah'``, ``'none'``) or a RuleSet into a RuleSet.
+
+    Example:
+        >>> resolve_rules("relp-ah").attention
+        AHRule()
+    """
+    if rules is None:
+        return PRESETS["none"]()
+    if isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, str) and rules in PRESETS:
+        return PRESETS[rules]()
+    raise ValueError(f"rules must be one of {sorted(PRESETS)} or a RuleSet, got {rules!r}")
+
+
+class UnsupportedModuleError(TypeError):
+    """Raised in strict mode when a model holds modules that no rule covers."""
+
+
+def check_coverage(model: nn.Module, ruleset: RuleSet, strict: bool = True) -> None:
+    """Raise (strict) or warn about normalisation/activation/gate modules with no rule.
+
+    Example:
+        >>> import torch
+        >>> check_coverage(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU()), RuleSet())
+    """
+    missing = ruleset.uncovered(model)
+    if not missing:
+        return
+    types = sorted({t for _, t in missing})
+    listing = ", ".join(f"{p} ({t.rsplit('.', 1)[-1]})" for p, t in missing[:8])
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    message = (
+        f"No LRP rule for {len(missing)} module(s) under rule set {ruleset.name!r}: {listing}{more}. "
+        f"Types: {types}. Register one, e.g. captum_relp.register_rule({types[0]!r}, "
+        f"LayerNormRule()) for a norm or IdentityRule() for an activation, or pass strict=False "
+        f"to use plain gradients through them."
+    )
+    if strict:
+        raise UnsupportedModuleError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+@contextmanager
+def apply_rules(
+    model: nn.Module, rules: Union[str, RuleSet, None] = "relp", strict: bool = True
+) -> Iterator[RuleSet]:
+    """Apply a rule set to ``model`` for the duration of the ``with`` block.
+
+    The forward output is unchanged; the backward pass follows the rules. Every
+    patch is undone on exit, also when an exception is raised.
+
+    Example:
+        >>> import torch
+        >>> from captum_relp import apply_rules
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.GELU())
+        >>> x = torch.randn(2, 3)
+        >>> with apply_rules(net, "relp"):
+        ...     y = net(x)
+        >>> torch.equal(y, net(x))
+        True
+    """
+    ruleset = resolve_rules(rules)
+    check_coverage(model, ruleset, strict)
+    undos = []
+    try:
+        for module in model.modules():
+            rule = ruleset.rule_for(module)
+            if rule is not None:
+                undos.append(rule.apply(module))
+        if ruleset.attention is not None:
+            undos.append(ruleset.attention.apply(model))
+        yield ruleset
+    finally:
+        for undo in reversed(undos):
+            undo()

@@ -1,0 +1,88 @@
+"""Base classes for LRP rules.
+
+A rule adapts one module for the backward pass while leaving its forward output
+bit-identical. Rules are tiny objects: :meth:`Rule.apply` patches a module and
+returns a function that undoes the patch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+UndoFn = Callable[[], None]
+
+
+class Rule:
+    """An LRP propagation rule for one kind of module.
+
+    Subclasses implement :meth:`apply`, which adapts ``module`` so that the forward
+    pass is unchanged and the backward pass follows the rule, and returns a
+    function restoring the module.
+
+    Example:
+        >>> from captum_relp.rules import IdentityRule
+        >>> IdentityRule().name
+        'identity'
+    """
+
+    name: str = "rule"
+
+    def apply(self, module: nn.Module) -> UndoFn:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PassRule(Rule):
+    """The 0-rule: plain gradient x input. Nothing to patch.
+
+    Example:
+        >>> import torch
+        >>> undo = PassRule().apply(torch.nn.Linear(2, 2)); undo()
+    """
+
+    name = "zero"
+
+    def apply(self, module: nn.Module) -> UndoFn:
+        return lambda: None
+
+
+class ForwardPatchRule(Rule):
+    """A rule that replaces ``module.forward`` by :meth:`patched_forward`.
+
+    The replacement is an instance attribute, so hooks registered on the module
+    keep working; the undo function removes it again.
+    """
+
+    def patched_forward(
+        self, module: nn.Module, original: Callable, state: Any, *args: Any, **kwargs: Any
+    ):
+        raise NotImplementedError
+
+    def prepare(self, module: nn.Module, original: Callable) -> Any:
+        """Checks ``module`` once when the rule is applied; returns per-module state."""
+        return None
+
+    def apply(self, module: nn.Module) -> UndoFn:
+        original = module.forward
+        had_instance_forward = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        state = self.prepare(module, original)
+
+        def forward(*args: Any, **kwargs: Any):
+            return self.patched_forward(module, original, state, *args, **kwargs)
+
+        module.forward = forward
+
+        def undo() -> None:
+            if had_instance_forward:
+                module.forward = previous
+            else:
+                module.__dict__.pop("forward", None)
+
+        return undo
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,112 @@
+"""LN-rule for LayerNorm and RMSNorm (Ali et al. 2022).
+
+The normalisation scale ``1 / sqrt(eps + Var[x])`` is treated as a constant in
+the backward pass, which makes the layer linear in ``x``. The forward output is
+computed by the module's own forward and therefore unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base import ForwardPatchRule
+
+
+class _ConstantScaleNorm(torch.autograd.Function):
+    """Forward: the module's own output. Backward: LN-rule Jacobian."""
+
+    @staticmethod
+    def forward(ctx, x, original, centered, weight, eps):  # type: ignore[override]
+        output = original(x)
+        x32 = x.float()
+        if centered:
+            var = x32.var(dim=-1, unbiased=False, keepdim=True)
+        else:
+            var = x32.pow(2).mean(dim=-1, keepdim=True)
+        ctx.save_for_backward(torch.rsqrt(var + eps))
+        ctx.centered = centered
+        ctx.weight = weight
+        ctx.in_dtype = x.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (inv_scale,) = ctx.saved_tensors
+        grad = grad_output.float()
+        if ctx.weight is not None:
+            grad = grad * ctx.weight
+        if ctx.centered:
+            grad = grad - grad.mean(dim=-1, keepdim=True)
+        return (grad * inv_scale).to(ctx.in_dtype), None, None, None, None
+
+
+class LayerNormRule(ForwardPatchRule):
+    """LN-rule for normalisation layers, with the scale treated as constant.
+
+    Args:
+        centered (bool): ``True`` for LayerNorm (mean subtracted), ``False`` for RMSNorm.
+        weight_offset (float): added to the module's ``weight``; Gemma's RMSNorm
+            multiplies by ``1 + weight`` and needs ``weight_offset=1.0``.
+
+    The module must normalise over its last dimension and expose ``weight``
+    (or none) and ``eps`` / ``variance_epsilon``.
+
+    Example:
+        >>> import torch
+        >>> from captum_relp.rules import LayerNormRule
+        >>> ln = torch.nn.LayerNorm(4)
+        >>> x = torch.randn(2, 4)
+        >>> undo = LayerNormRule().apply(ln)
+        >>> torch.equal(ln(x), torch.nn.functional.layer_norm(x, (4,), ln.weight, ln.bias))
+        True
+        >>> undo()
+    """
+
+    name = "ln"
+
+    def __init__(self, centered: bool = True, weight_offset: float = 0.0) -> None:
+        self.centered = centered
+        self.weight_offset = weight_offset
+
+    def prepare(self, module: nn.Module, original: Callable) -> None:
+        shape = getattr(module, "normalized_shape", None)
+        if shape is not None and len(tuple(shape)) != 1:
+            raise ValueError(
+                f"LayerNormRule supports normalisation over the last dimension only; "
+                f"{type(module).__name__} has normalized_shape={tuple(shape)}"
+            )
+
+    def _eps(self, module: nn.Module, dtype: torch.dtype) -> float:
+        for attr in ("eps", "variance_epsilon", "epsilon"):
+            value = getattr(module, attr, None)
+            if value is not None:
+                return float(value)
+        return float(torch.finfo(dtype).eps)
+
+    def patched_forward(
+        self, module: nn.Module, original: Callable, state: Any, x, *args: Any, **kwargs: Any
+    ):
+        if args or kwargs:
+            return original(x, *args, **kwargs)
+        weight = getattr(module, "weight", None)
+        if weight is not None:
+            weight = weight.detach().float() + self.weight_offset
+        eps = self._eps(module, x.dtype)
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return original(x)
+        return _ConstantScaleNorm.apply(x, original, self.centered, weight, eps)
+
+    def __repr__(self) -> str:
+        return f"LayerNormRule(centered={self.centered}, weight_offset={self.weight_offset})"
+
+
+def RMSNormRule(weight_offset: float = 0.0) -> LayerNormRule:
+    """LN-rule for RMSNorm (no centering).
+
+    Example:
+        >>> RMSNormRule(weight_offset=1.0)
+        LayerNormRule(centered=False, weight_offset=1.0)
+    """
+    return LayerNormRule(centered=False, weight_offset=weight_offset)

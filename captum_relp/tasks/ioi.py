@@ -1,0 +1,363 @@
+"""Indirect Object Identification (IOI) task: prompt generation, encoding, metric.
+
+The three templates follow Table 2 of the RelP paper (Jafari et al., 2025)::
+
+    Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A].
+    When, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A].
+    After [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to [A].
+
+``A`` is the indirect object (IO) and ``B`` the subject (S). The prompt stops
+before the final `` [A].``; the model should predict ``A``. The corrupted
+(patch) prompt swaps ``A`` and ``B`` everywhere, so clean and corrupted
+prompts align token by token.
+
+Example:
+    >>> pairs = generate_ioi_pairs(2, seed=0)
+    >>> pairs[0].clean_prompt.endswith(" to")
+    True
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+NAMES: tuple[str, ...] = (
+    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Paul", "Kate",
+    "Lisa", "Mark", "Anna", "David", "Sarah", "Michael", "Laura", "Peter", "Emma", "George",
+    "Alice", "Robert", "Linda", "Steven", "Susan", "Kevin", "Karen", "Brian", "Nancy", "Jason",
+    "Helen", "Eric", "Rachel", "Adam", "Julia", "Ryan", "Grace", "Jacob", "Rose", "Frank",
+    "Claire", "Henry", "Lucy", "Jack", "Ruth", "Sam", "Jane", "Tim", "Kelly", "Scott",
+    "Diana", "Carl", "Ellen", "Ben", "Megan", "Luke", "Amanda", "Chris", "Emily", "Andrew",
+    "Victoria", "Roger", "Maria", "Alex", "Sophie", "Simon", "Olivia", "Joe", "Hannah", "Patrick",
+)
+"""Common English first names (single tokens for GPT-2 style tokenizers)."""
+
+PLACES: tuple[str, ...] = (
+    "store", "garden", "restaurant", "school", "hospital", "office", "house", "station",
+    "park", "beach", "library", "market", "church", "museum", "airport", "cafe",
+)
+"""Places used in the ``[PLACE]`` slot."""
+
+OBJECTS: tuple[str, ...] = (
+    "ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack",
+    "book", "letter", "flower", "ball", "gift", "key", "hat", "apple",
+)
+"""Objects used in the ``[OBJECT]`` slot."""
+
+TEMPLATES: tuple[str, ...] = (
+    "Then, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "When, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "After {B} and {A} went to the {PLACE}, {B} gave a {OBJECT} to",
+)
+"""Prompt templates (the full sentence ends with `` {A}.``)."""
+
+
+@dataclass
+class IOIPair:
+    """A clean/corrupted IOI prompt pair.
+
+    Example:
+        >>> p = generate_ioi_pairs(1, seed=3)[0]
+        >>> p.corrupt_prompt == p.clean_prompt.replace(p.io_name, "#").replace(
+        ...     p.s_name, p.io_name).replace("#", p.s_name)
+        True
+    """
+
+    clean_prompt: str
+    corrupt_prompt: str
+    io_name: str
+    s_name: str
+    template_id: int
+    place: str
+    obj: str
+
+    @property
+    def clean_sentence(self) -> str:
+        """The full clean sentence, including the answer (`` IO.``)."""
+        return f"{self.clean_prompt} {self.io_name}."
+
+
+def _fill(template_id: int, a: str, b: str, place: str, obj: str) -> str:
+    return TEMPLATES[template_id].format(A=a, B=b, PLACE=place, OBJECT=obj)
+
+
+def is_single_token(word: str, tokenizer: Any) -> bool:
+    """Whether `` word`` (with a leading space) is exactly one known (non-unk) token.
+
+    Example:
+        >>> is_single_token("Mary", None)
+        True
+    """
+    if tokenizer is None:
+        return True
+    ids = tokenizer.encode(" " + word, add_special_tokens=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return len(ids) == 1 and (unk is None or ids[0] != unk)
+
+
+def single_token_words(words: Sequence[str], tokenizer: Any) -> list[str]:
+    """Words that encode (with a leading space) to exactly one known token.
+
+    Example:
+        >>> single_token_words(["Mary"], None)
+        ['Mary']
+    """
+    return [w for w in words if is_single_token(w, tokenizer)]
+
+
+def _n_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def generate_ioi_pairs(
+    n: int,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    templates: Sequence[int] = (0, 1, 2),
+    tokenizer: Any = None,
+    places: Sequence[str] | None = None,
+    objects: Sequence[str] | None = None,
+) -> list[IOIPair]:
+    """Generate ``n`` deterministic clean/corrupted IOI prompt pairs.
+
+    Args:
+        n: Number of pairs.
+        seed: Random seed; the same seed always gives the same pairs.
+        names: Candidate names (default :data:`NAMES`).
+        templates: Indices into :data:`TEMPLATES` (cycled in order).
+        tokenizer: Optional HF tokenizer. If given, only names that encode
+            (with a leading space) to one token are used, and every pair is
+            checked to tokenize clean and corrupted prompts to equal length.
+        places: Candidate places (default :data:`PLACES`).
+        objects: Candidate objects (default :data:`OBJECTS`).
+
+    Returns:
+        List of :class:`IOIPair`.
+
+    Raises:
+        ValueError: If fewer than two usable names remain.
+
+    Example:
+        >>> a = generate_ioi_pairs(5, seed=1)
+        >>> a == generate_ioi_pairs(5, seed=1)
+        True
+        >>> a[0].template_id, a[1].template_id
+        (0, 1)
+    """
+    names = list(NAMES if names is None else names)
+    names = single_token_words(names, tokenizer)
+    if len(names) < 2:
+        raise ValueError(
+            f"IOI needs at least 2 single-token names, got {len(names)} "
+            f"(names that are not a single token for the tokenizer are dropped)."
+        )
+    templates = list(templates)
+    if not templates or any(t not in range(len(TEMPLATES)) for t in templates):
+        raise ValueError(f"templates must be a non-empty subset of 0..{len(TEMPLATES) - 1}")
+    places = list(PLACES if places is None else places)
+    objects = list(OBJECTS if objects is None else objects)
+    rng = random.Random(seed)
+    pairs: list[IOIPair] = []
+    attempts = 0
+    while len(pairs) < n:
+        attempts += 1
+        if attempts > 100 * max(n, 1):
+            raise ValueError("could not generate aligned IOI pairs for this tokenizer")
+        t = templates[len(pairs) % len(templates)]
+        a, b = rng.sample(names, 2)
+        place, obj = rng.choice(places), rng.choice(objects)
+        clean, corrupt = _fill(t, a, b, place, obj), _fill(t, b, a, place, obj)
+        if tokenizer is not None and _n_tokens(tokenizer, clean) != _n_tokens(tokenizer, corrupt):
+            continue
+        pairs.append(IOIPair(clean, corrupt, a, b, t, place, obj))
+    return pairs
+
+
+@dataclass
+class IOIBatch:
+    """Tokenized IOI pairs (right-padded).
+
+    Attributes:
+        clean_ids: ``[N, T]`` clean prompt ids.
+        corrupt_ids: ``[N, T]`` corrupted prompt ids (same positions as clean).
+        attention_mask: ``[N, T]`` 1 for real tokens, 0 for padding.
+        last_pos: ``[N]`` index of the final real token of each row.
+        io_ids: ``[N]`` token id of `` IO`` (the correct answer).
+        s_ids: ``[N]`` token id of `` S`` (the distractor).
+        positions: Token strings of the first clean prompt (plot labels).
+
+    Example:
+        >>> b = IOIBatch(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
+        ...              torch.ones(1, 2, dtype=torch.long), torch.tensor([1]),
+        ...              torch.tensor([3]), torch.tensor([4]), ["a", "b"])
+        >>> len(b)
+        1
+    """
+
+    clean_ids: torch.Tensor
+    corrupt_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last_pos: torch.Tensor
+    io_ids: torch.Tensor
+    s_ids: torch.Tensor
+    positions: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.clean_ids.shape[0])
+
+    def to(self, device: Any) -> "IOIBatch":
+        """Move all tensors to ``device`` (returns a new batch)."""
+        kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return IOIBatch(**kw)
+
+    def metric(self) -> "IOIMetric":
+        """The :class:`IOIMetric` for this batch."""
+        return IOIMetric(self.io_ids, self.s_ids, self.last_pos)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def _tokenize_aligned(
+    clean: Sequence[str], corrupt: Sequence[str], tokenizer: Any, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Tokenize aligned prompt lists with right padding.
+
+    Returns ``clean_ids, corrupt_ids, attention_mask, last_pos, positions``.
+    """
+    rows_c = [tokenizer(p)["input_ids"] for p in clean]
+    rows_k = [tokenizer(p)["input_ids"] for p in corrupt]
+    for i, (c, k) in enumerate(zip(rows_c, rows_k)):
+        if len(c) != len(k):
+            raise ValueError(
+                f"pair {i}: clean and corrupted prompts tokenize to different lengths "
+                f"({len(c)} vs {len(k)}); use the tokenizer= filter when generating pairs"
+            )
+    if not rows_c:
+        raise ValueError("no prompts to encode")
+    t_max = max(len(r) for r in rows_c)
+    pad = _pad_id(tokenizer)
+    n = len(rows_c)
+    clean_ids = torch.full((n, t_max), pad, dtype=torch.long)
+    corrupt_ids = torch.full((n, t_max), pad, dtype=torch.long)
+    mask = torch.zeros((n, t_max), dtype=torch.long)
+    for i, (c, k) in enumerate(zip(rows_c, rows_k)):
+        clean_ids[i, : len(c)] = torch.tensor(c)
+        corrupt_ids[i, : len(k)] = torch.tensor(k)
+        mask[i, : len(c)] = 1
+    last_pos = mask.sum(1) - 1
+    positions = [tokenizer.decode([i]) for i in rows_c[0]]
+    if device is not None:
+        clean_ids, corrupt_ids = clean_ids.to(device), corrupt_ids.to(device)
+        mask, last_pos = mask.to(device), last_pos.to(device)
+    return clean_ids, corrupt_ids, mask, last_pos, positions
+
+
+def _word_ids(words: Sequence[str], tokenizer: Any, device: Any = None) -> torch.Tensor:
+    out = []
+    for w in words:
+        ids = tokenizer.encode(" " + w, add_special_tokens=False)
+        if not is_single_token(w, tokenizer):
+            raise ValueError(f"{w!r} is not a single token (with a leading space): {ids}")
+        out.append(ids[0])
+    return torch.tensor(out, dtype=torch.long, device=device)
+
+
+def encode_ioi(pairs: Sequence[IOIPair], tokenizer: Any, device: Any = None) -> IOIBatch:
+    """Tokenize IOI pairs into an :class:`IOIBatch` (right padding).
+
+    Args:
+        pairs: Pairs from :func:`generate_ioi_pairs` (use its ``tokenizer=``
+            argument so that names are single tokens).
+        tokenizer: HF tokenizer. Its pad token (else eos, else 0) pads rows.
+        device: Optional device for the tensors.
+
+    Example:
+        >>> from captum_relp.embedded import load_embedded
+        >>> model, tok = load_embedded("tiny-gpt2-ioi")
+        >>> batch = encode_ioi(generate_ioi_pairs(4, tokenizer=tok), tok)
+        >>> batch.clean_ids.shape == batch.corrupt_ids.shape
+        True
+    """
+    clean, corrupt, mask, last, positions = _tokenize_aligned(
+        [p.clean_prompt for p in pairs], [p.corrupt_prompt for p in pairs], tokenizer, device
+    )
+    io_ids = _word_ids([p.io_name for p in pairs], tokenizer, device)
+    s_ids = _word_ids([p.s_name for p in pairs], tokenizer, device)
+    return IOIBatch(clean, corrupt, mask, last, io_ids, s_ids, positions)
+
+
+def _final_logits(logits: Any, last_pos: torch.Tensor) -> torch.Tensor:
+    """Select ``[B, V]`` logits at ``last_pos`` (tiled if B is a multiple of N)."""
+    if hasattr(logits, "logits"):
+        logits = logits.logits
+    elif isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    b = logits.shape[0]
+    n = last_pos.shape[0]
+    if b % n != 0:
+        raise ValueError(f"logit batch {b} is not a multiple of the number of examples {n}")
+    if logits.dim() == 2:
+        return logits
+    pos = last_pos.to(logits.device).repeat(b // n)
+    return logits[torch.arange(b, device=logits.device), pos]
+
+
+def _tile(x: torch.Tensor, b: int, device: Any) -> torch.Tensor:
+    return x.to(device).repeat(b // x.shape[0])
+
+
+def ioi_metric(
+    logits: torch.Tensor, io_ids: torch.Tensor, s_ids: torch.Tensor, last_pos: torch.Tensor
+) -> torch.Tensor:
+    """Logit difference ``logit(IO) - logit(S)`` at the last prompt position.
+
+    Args:
+        logits: ``[B, T, V]`` (or ``[B, V]`` already at the last position, or a
+            model output with ``.logits``). ``B`` may be ``k * N``: rows are
+            then read as ``k`` tiled copies of the ``N`` examples.
+        io_ids, s_ids, last_pos: ``[N]`` tensors from :class:`IOIBatch`.
+
+    Returns:
+        ``[B]`` tensor of logit differences.
+
+    Example:
+        >>> logits = torch.zeros(1, 2, 5); logits[0, 1, 3] = 2.0; logits[0, 1, 4] = 0.5
+        >>> ioi_metric(logits, torch.tensor([3]), torch.tensor([4]), torch.tensor([1]))
+        tensor([1.5000])
+    """
+    final = _final_logits(logits, last_pos)
+    b = final.shape[0]
+    rows = torch.arange(b, device=final.device)
+    io = _tile(io_ids, b, final.device)
+    s = _tile(s_ids, b, final.device)
+    return final[rows, io] - final[rows, s]
+
+
+class IOIMetric:
+    """Callable IOI logit-difference metric, usable as ``metric=`` argument.
+
+    Example:
+        >>> m = IOIMetric(torch.tensor([1]), torch.tensor([2]), torch.tensor([0]))
+        >>> m(torch.tensor([[[0.0, 3.0, 1.0]], [[0.0, 1.0, 1.0]]]))
+        tensor([2., 0.])
+    """
+
+    def __init__(self, io_ids: torch.Tensor, s_ids: torch.Tensor, last_pos: torch.Tensor) -> None:
+        self.io_ids = io_ids
+        self.s_ids = s_ids
+        self.last_pos = last_pos
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return ioi_metric(logits, self.io_ids, self.s_ids, self.last_pos)
+
+    def __repr__(self) -> str:
+        return f"IOIMetric(n={self.io_ids.shape[0]})"

@@ -1,0 +1,100 @@
+"""Rule registry, presets, strict mode, and forward outputs unchanged per family."""
+import pytest
+import torch
+from conftest import FAMILIES, build_model, model_state, token_pair
+
+from captum_relp import PRESETS, RuleSet, UnsupportedModuleError, apply_rules, register_rule, unregister_rule
+from captum_relp.registry import registered_rules, resolve_rules
+from captum_relp.rules import IdentityRule, LayerNormRule, RMSNormRule
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_forward_unchanged_under_every_preset(family, preset, attn):
+    model = build_model(family, attn_implementation=attn)
+    clean, _ = token_pair(batch=2, seq=6)
+    mask = torch.ones_like(clean)
+    mask[1, 4:] = 0  # right padding: a dropped mask would change row 1's logits
+    with torch.no_grad():
+        reference = model(clean, attention_mask=mask).logits
+    before = model_state(model)
+    with torch.enable_grad(), apply_rules(model, preset):
+        ruled = model(clean, attention_mask=mask).logits
+    assert torch.equal(ruled, reference)
+    assert model_state(model) == before
+
+
+def test_rules_cover_every_family(family):
+    model = build_model(family)
+    assert RuleSet().uncovered(model) == []
+
+
+def test_presets_apply_expected_rules():
+    llama = build_model("llama")
+    rules = RuleSet()
+    assert isinstance(rules.rule_for(llama.model.norm), LayerNormRule)
+    assert rules.rule_for(llama.model.norm).centered is False
+    assert type(rules.rule_for(llama.model.layers[0].mlp)).__name__ == "HalfRule"
+    assert isinstance(rules.rule_for(llama.model.layers[0].mlp.act_fn), IdentityRule)
+    gemma = build_model("gemma2")
+    assert rules.rule_for(gemma.model.norm).weight_offset == 1.0
+    assert resolve_rules("none").rule_for(llama.model.norm) is None
+    assert resolve_rules("relp-ah").attention is not None and resolve_rules("relp").attention is None
+
+
+class _OddNorm(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return self.weight * x / x.norm(dim=-1, keepdim=True)
+
+
+def _odd_model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), _OddNorm(4), torch.nn.Linear(4, 2))
+
+
+def test_strict_mode_names_module_and_type_and_leaves_model_untouched():
+    model = _odd_model()
+    before = model_state(model)
+    with pytest.raises(UnsupportedModuleError, match=r"1 \(_OddNorm\).*register_rule"):
+        with apply_rules(model, "relp"):
+            pass
+    assert model_state(model) == before
+
+
+def test_non_strict_mode_warns():
+    with pytest.warns(UserWarning, match="_OddNorm"):
+        with apply_rules(_odd_model(), "relp", strict=False):
+            pass
+
+
+def test_register_and_unregister_custom_rule():
+    model = _odd_model()
+    register_rule(_OddNorm, RMSNormRule())
+    try:
+        assert registered_rules()[f"{_OddNorm.__module__}._OddNorm"][0] == "norm"
+        with apply_rules(model, "relp"):
+            assert "forward" in model[1].__dict__
+        assert "forward" not in model[1].__dict__
+    finally:
+        unregister_rule(_OddNorm)
+    with pytest.raises(UnsupportedModuleError):
+        with apply_rules(model, "relp"):
+            pass
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ValueError, match="rules must be one of"):
+        resolve_rules("lrp-magic")
+
+
+def test_rules_undone_when_body_raises():
+    model = build_model("llama")
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with apply_rules(model, "relp-ah"):
+            raise RuntimeError("boom")
+    assert model_state(model) == before
+    assert FAMILIES

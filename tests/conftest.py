@@ -4,6 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from captum_relp.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
 
 VOCAB = 64
 
@@ -84,3 +88,39 @@ def model_state(model: torch.nn.Module):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+# --- IOI: a tiny random GPT-2 with a word-level tokenizer covering the IOI vocabulary ---
+
+
+def ioi_tokenizer(drop_names=False):
+    words = {"<unk>", "<pad>", "Then", "When", "After", "and", "went", "to", "the", "gave", "a", ",", "."}
+    words |= set(PLACES) | set(OBJECTS)
+    words |= {w for t in TEMPLATES for w in t.replace(",", " ").replace(".", " ").split() if "[" not in w}
+    if not drop_names:
+        words |= set(NAMES)
+    else:  # names split into characters: no name is a single token
+        words |= {c for name in NAMES for c in name}
+    vocab = {w: i for i, w in enumerate(sorted(words))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    split = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    if drop_names:
+        split.append(pre_tokenizers.Split("", "isolated"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(split)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>")
+
+
+def tiny_lm(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=48, vocab_size=vocab_size,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-ioi")
+    tokenizer = ioi_tokenizer()
+    tiny_lm(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

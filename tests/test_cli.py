@@ -1,0 +1,45 @@
+"""captum-relp CLI end to end, on a local model directory (the hub path is the same code)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from captum_relp.cli import EXIT_TASK, EXIT_USAGE, main
+
+
+def test_ioi_on_local_directory(saved_tiny_model, tmp_path, capsys):
+    code = main(["ioi", "--model", str(saved_tiny_model), "--n-prompts", "4", "--batch-size", "2",
+                 "--rules", "relp,relp-ah", "--out", str(tmp_path), "--quiet", "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Pearson correlation with activation patching" in out and "RelP+AH" in out
+    summary = json.loads((tmp_path / "ioi_results.json").read_text())
+    assert summary["config"]["n_prompts"] == 4
+    assert (tmp_path / "ioi_heatmap_resid.png").exists()
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["ioi", "--model", str(missing), "--quiet"]) == EXIT_USAGE
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_tokenizer_splitting_every_name(tmp_path, capsys):
+    from conftest import ioi_tokenizer, tiny_lm
+
+    tokenizer = ioi_tokenizer(drop_names=True)
+    tiny_lm(len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["ioi", "--model", str(tmp_path), "--n-prompts", "2", "--quiet"]) == EXIT_TASK
+    assert "cannot build IOI prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["ioi", "--rules", "magic"], ["ioi", "--n-prompts", "0"]])
+def test_bad_arguments(argv, capsys):
+    assert main(argv) == EXIT_USAGE
+
+
+def test_console_script_help():
+    done = subprocess.run([sys.executable, "-m", "captum_relp.cli", "ioi", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--n-prompts" in done.stdout

@@ -1,0 +1,187 @@
+"""The sparse-feature-circuit experiment (paper section 5.2, Figure 3, appendix A.2)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .._forward import call_model
+from .effects import METHODS, mean_effects, node_effects
+from .faithfulness import CircuitCurve, evaluate_circuits
+from .nodes import NodeSpace, node_means
+
+TASKS = ("sva", "ioi")
+DEFAULT_BUDGETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@dataclass
+class CircuitExperimentResult:
+    """Curves ``{setting: {method: CircuitCurve}}`` and cost ``{method: {...}}``."""
+
+    curves: Dict[str, Dict[str, CircuitCurve]]
+    cost: Dict[str, Dict[str, float]]
+    config: Dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A readable table: faithfulness/completeness at each size, per setting and method."""
+        lines = []
+        for setting, by_method in self.curves.items():
+            lines.append(f"{setting}: faithfulness / completeness by circuit size")
+            for method, curve in by_method.items():
+                points = "  ".join(f"{n}:{f:.2f}/{c:.2f}" for n, f, c in
+                                   zip(curve.n_nodes, curve.faithfulness, curve.completeness))
+                lines.append(f"  {method:<5} {points}")
+        lines.append("cost of the node effects (all settings), measured in this run")
+        base = self.cost.get("relp", {}).get("seconds") or 1.0
+        for method, cost in self.cost.items():
+            lines.append(f"  {method:<5} {cost['seconds']:8.2f}s ({cost['seconds'] / base:5.2f}x RelP)  "
+                         f"forward {int(cost['forward_passes'])}  backward {int(cost['backward_passes'])}")
+        return "\n".join(lines)
+
+    def save(self, out_dir: Path, plots: bool = True) -> List[Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "circuit_results.json"
+        payload = {"config": self.config, "cost": self.cost,
+                   "curves": {s: {m: asdict(c) for m, c in by.items()} for s, by in self.curves.items()}}
+        path.write_text(json.dumps(payload, indent=2))
+        written = [path]
+        if plots:
+            from .plots import plot_faithfulness
+
+            written.append(plot_faithfulness(self.curves, out_dir / "circuit_faithfulness.png",
+                                             title=f"{self.config.get('task')} {self.config.get('nodes')} circuits"))
+        return written
+
+
+def task_splits(task: str, tokenizer, n_train: int, n_test: int, seed: int,
+                heldout: Optional[Sequence] = None) -> List[Tuple[str, object, object]]:
+    """``(setting, train_batch, test_batch)`` per structure; the test split uses held-out words."""
+    if task == "sva":
+        from ..tasks.sva import STRUCTURES, encode_sva, generate_sva_pairs, split_nouns
+
+        if heldout:
+            held = [tuple(pair) for pair in heldout]
+            from ..tasks.sva import NOUNS
+
+            train = [pair for pair in NOUNS if tuple(pair) not in held]
+        else:
+            train, held = split_nouns(seed)
+        return [(s, encode_sva(generate_sva_pairs(n_train, s, seed, nouns=train, tokenizer=tokenizer), tokenizer),
+                 encode_sva(generate_sva_pairs(n_test, s, seed + 1, nouns=held, tokenizer=tokenizer), tokenizer))
+                for s in STRUCTURES]
+    if task == "ioi":
+        from ..tasks.ioi import NAMES, encode_ioi, generate_ioi_pairs
+
+        held = list(heldout) if heldout else NAMES[: len(NAMES) // 4]
+        train = [n for n in NAMES if n not in held]
+        make = lambda n, s, names: encode_ioi(  # noqa: E731
+            generate_ioi_pairs(n, seed=s, names=names, templates=(0,), tokenizer=tokenizer), tokenizer)
+        return [("template_1", make(n_train, seed, train), make(n_test, seed + 1, held))]
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _batches(batch, size: int):
+    for start in range(0, len(batch), size):
+        rows = slice(start, start + size)
+        yield rows, batch.clean_ids[rows], batch.corrupt_ids[rows], batch.attention_mask[rows]
+
+
+def _metric(batch, rows):
+    if hasattr(batch, "io_ids"):
+        from ..tasks.ioi import IOIMetric
+
+        return IOIMetric(batch.io_ids[rows], batch.s_ids[rows], batch.last_pos[rows])
+    from ..tasks.sva import SVAMetric
+
+    return SVAMetric(batch.correct_ids[rows], batch.wrong_ids[rows], batch.last_pos[rows])
+
+
+def run_circuit_experiment(
+    model: nn.Module,
+    tokenizer,
+    task: str = "sva",
+    methods: Sequence[str] = METHODS,
+    nodes: str = "features",
+    saes: Optional[Mapping[str, nn.Module]] = None,
+    n_train: int = 300,
+    n_test: int = 100,
+    seed: int = 0,
+    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    error_policy: str = "keep",
+    exclude_first_third: bool = True,
+    n_steps: int = 10,
+    batch_size: int = 50,
+    heldout: Optional[Sequence] = None,
+    show_progress: bool = True,
+) -> CircuitExperimentResult:
+    """Discover circuits with each method on the training split and evaluate them on held-out data.
+
+    Example:
+        >>> from captum_relp.embedded import load_embedded
+        >>> model, tokenizer = load_embedded()
+        >>> result = run_circuit_experiment(model, tokenizer, "sva", methods=["relp"], nodes="components",
+        ...                                 n_train=4, n_test=4, budgets=[1, 4], show_progress=False)
+        >>> sorted(result.curves)
+        ['across_pp', 'across_rc', 'within_rc']
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {METHODS}, got {unknown}")
+    space = NodeSpace(model, nodes, saes)
+    curves: Dict[str, Dict[str, CircuitCurve]] = {}
+    cost = {m: {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0} for m in methods}
+    settings = task_splits(task, tokenizer, n_train, n_test, seed, heldout)
+    progress = tqdm(total=len(settings) * (len(methods) + 1), desc=f"{task} {nodes} circuits",
+                    disable=not show_progress)
+    for setting, train, test in settings:
+        if train.clean_ids.shape[1] != test.clean_ids.shape[1]:
+            raise ValueError(f"{setting}: train and test prompts differ in length; positions must align")
+        means = _train_means(space, model, train, batch_size)
+        run_metric = _metric_runner(model, test, batch_size)
+        curves[setting] = {}
+        for method in methods:
+            totals: Dict[str, Tensor] = {}
+            for rows, clean, corrupt, mask in _batches(train, batch_size):
+                run = node_effects(space, method, clean, corrupt, _metric(train, rows), mask, n_steps=n_steps)
+                for name, values in run.effects.items():
+                    totals[name] = totals.get(name, 0) + values.sum(0, keepdim=True)
+                cost[method]["seconds"] += run.seconds
+                cost[method]["forward_passes"] += run.forward_passes
+                cost[method]["backward_passes"] += run.backward_passes
+            effects = mean_effects({n: v / len(train) for n, v in totals.items()})
+            curves[setting][method] = evaluate_circuits(space, effects, means, run_metric, budgets,
+                                                        exclude_first_third, error_policy)
+            progress.update()
+        progress.update()
+    progress.close()
+    config = {"task": task, "nodes": nodes, "methods": list(methods), "n_train": n_train, "n_test": n_test,
+              "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
+              "n_steps": n_steps}
+    return CircuitExperimentResult(curves, cost, config)
+
+
+def _train_means(space: NodeSpace, model, train, batch_size: int) -> Dict[str, Tensor]:
+    sums: Dict[str, Tensor] = {}
+    for rows, clean, _, mask in _batches(train, batch_size):
+        means = node_means(space, lambda ids: call_model(model, (ids,), (), {"attention_mask": mask}), [clean])
+        for name, value in means.items():
+            sums[name] = sums.get(name, 0) + value * clean.shape[0]
+    return {name: value / len(train) for name, value in sums.items()}
+
+
+def _metric_runner(model, test, batch_size: int):
+    def run() -> Tensor:
+        values = []
+        with torch.no_grad():
+            for rows, clean, _, mask in _batches(test, batch_size):
+                logits = call_model(model, (clean,), (), {"attention_mask": mask})
+                values.append(_metric(test, rows)(logits))
+        return torch.cat(values).mean()
+
+    return run

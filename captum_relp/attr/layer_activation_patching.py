@@ -4,21 +4,14 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from captum.attr import LayerActivation, LayerAttribution
+from captum.attr import LayerActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model, root_module, split_forward_args
-from .._hooks import (
-    as_layer_list,
-    captum_safe_outputs,
-    check_layers_in_model,
-    frozen_model,
-    layer_hooks,
-    per_layer_flags,
-)
-from .layer_relevance_patching import LayerType, TensorOrTuple, format_pair
+from .._forward import MetricEvaluator, MetricType, TargetType, call_model
+from .._hooks import captum_safe_outputs, frozen_model, layer_hooks
+from ._base import PatchingLayerAttribution, TensorOrTuple, prepare_call
 
 GRANULARITIES = ("position", "layer", "head")
 
@@ -36,7 +29,7 @@ class _ExampleMetric:
         ])
 
 
-class LayerActivationPatching(LayerAttribution):
+class LayerActivationPatching(PatchingLayerAttribution):
     r"""Activation patching: ``L(clean) - L(clean | do(layer[loc] <- corrupt[loc]))``.
 
     Corrupt activations are collected with Captum's :class:`~captum.attr.LayerActivation`;
@@ -65,18 +58,6 @@ class LayerActivationPatching(LayerAttribution):
         >>> ap.attribute(torch.ones(1, 2), baselines=torch.zeros(1, 2), granularity="layer").shape
         torch.Size([1])
     """
-
-    def __init__(
-        self,
-        forward_func: Callable,
-        layer: LayerType,
-        device_ids: Optional[List[int]] = None,
-        model: Optional[nn.Module] = None,
-    ) -> None:
-        super().__init__(forward_func, layer, device_ids)
-        self.layers = as_layer_list(layer)
-        self.model = root_module(forward_func, model)
-        check_layers_in_model(self.model, self.layers)
 
     @log_usage()
     def attribute(  # type: ignore[override]
@@ -127,14 +108,11 @@ class LayerActivationPatching(LayerAttribution):
             raise ValueError("granularity='head' needs num_heads")
         if internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
-        inputs, baselines = format_pair(inputs, baselines)
-        if baselines is None:
-            raise ValueError("baselines (the corrupt input) is required for activation patching")
-        flags = per_layer_flags(attribute_to_layer_input, len(self.layers), "attribute_to_layer_input")
-        args, kwargs = split_forward_args(self.forward_func, additional_forward_args)
-        mask = kwargs.get("attention_mask")
+        call = prepare_call(self.forward_func, len(self.layers), inputs, baselines, target,
+                            additional_forward_args, attribute_to_layer_input, metric, True)
+        inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
+        mask, evaluator = call.attention_mask, call.evaluator
         batch_size = inputs[0].shape[0]
-        evaluator = MetricEvaluator(batch_size, target, metric)
 
         with frozen_model(self.model), torch.no_grad():
             output = call_model(self.forward_func, inputs, args, kwargs)

@@ -5,7 +5,8 @@ from typing import Callable, List, Optional
 
 from torch import nn
 
-from .layer_relevance_patching import LayerRelevancePatching, LayerType
+from ._base import LayerType
+from .layer_relevance_patching import LayerRelevancePatching
 
 
 class LayerAttributionPatching(LayerRelevancePatching):

@@ -1,25 +1,18 @@
 """Integrated Gradients between corrupt and clean layer activations, via Captum."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
-from captum.attr import LayerAttribution, LayerIntegratedGradients
+from captum.attr import LayerIntegratedGradients
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model, root_module, split_forward_args
-from .._hooks import (
-    as_layer_list,
-    captum_safe_outputs,
-    check_layers_in_model,
-    frozen_model,
-    pad_mask_like,
-    per_layer_flags,
-)
-from .layer_relevance_patching import LayerType, TensorOrTuple, format_pair
+from .._forward import MetricType, TargetType, call_model
+from .._hooks import captum_safe_outputs, frozen_model, pad_mask_like
+from ._base import PatchingLayerAttribution, TensorOrTuple, prepare_call
 
 
-class LayerIntegratedGradientsPatching(LayerAttribution):
+class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
     r"""Captum's :class:`~captum.attr.LayerIntegratedGradients` with patching inputs and metrics.
 
     Integrates the gradient of the metric along the straight line from the corrupt
@@ -38,18 +31,6 @@ class LayerIntegratedGradientsPatching(LayerAttribution):
         torch.Size([3, 2])
     """
 
-    def __init__(
-        self,
-        forward_func: Callable,
-        layer: LayerType,
-        device_ids: Optional[List[int]] = None,
-        model: Optional[nn.Module] = None,
-    ) -> None:
-        super().__init__(forward_func, layer, device_ids)
-        self.layers = as_layer_list(layer)
-        self.model = root_module(forward_func, model)
-        check_layers_in_model(self.model, self.layers)
-
     @log_usage()
     def attribute(  # type: ignore[override]
         self,
@@ -66,8 +47,8 @@ class LayerIntegratedGradientsPatching(LayerAttribution):
         """Integrated-gradients patching scores.
 
         Args:
-            inputs, baselines, target, additional_forward_args, attribute_to_layer_input,
-                metric: as in :meth:`LayerRelevancePatching.attribute`.
+            inputs, baselines, target, additional_forward_args, attribute_to_layer_input, metric:
+                as in :meth:`LayerRelevancePatching.attribute`.
             n_steps (int): integration points (default 10, as in the paper).
             method (str): Captum's integration method (default ``riemann_trapezoid``).
             internal_batch_size (int, optional): Captum's chunking of the ``n_steps * B`` rows.
@@ -85,15 +66,11 @@ class LayerIntegratedGradientsPatching(LayerAttribution):
             >>> ig.attribute(x, baselines=torch.zeros(1, 2)).sum().item() == (lin(x) - lin(0 * x)).item()
             True
         """
-        inputs, baselines = format_pair(inputs, baselines)
-        if baselines is None:
-            raise ValueError("baselines (the corrupt input) is required")
-        flags = per_layer_flags(attribute_to_layer_input, len(self.layers), "attribute_to_layer_input")
-        args, kwargs = split_forward_args(self.forward_func, additional_forward_args)
-        mask = kwargs.get("attention_mask")
-        n_inputs = len(inputs)
-        kw_names = list(kwargs)
-        evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
+        call = prepare_call(self.forward_func, len(self.layers), inputs, baselines, target,
+                            additional_forward_args, attribute_to_layer_input, metric, True)
+        inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
+        mask, evaluator = call.attention_mask, call.evaluator
+        n_inputs, kw_names = len(inputs), list(kwargs)
 
         def forward(*flat: Any) -> Tensor:
             run_inputs, rest = flat[:n_inputs], flat[n_inputs:]

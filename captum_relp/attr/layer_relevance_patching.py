@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
-from captum._utils.common import _format_tensor_into_tuples
 from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model, root_module, split_forward_args
+from .._forward import MetricEvaluator, MetricType, TargetType, call_model, root_module
 from .._hooks import (
     as_layer_list,
     capture,
@@ -18,30 +17,9 @@ from .._hooks import (
     frozen_model,
     layer_hooks,
     pad_mask_like,
-    per_layer_flags,
 )
 from ..registry import RuleSet, apply_rules, resolve_rules
-
-LayerType = Union[nn.Module, Sequence[nn.Module]]
-TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
-
-
-def format_pair(inputs: TensorOrTuple, baselines: Optional[TensorOrTuple]):
-    """Inputs and baselines as tuples; a clear error when their shapes differ."""
-    inputs = _format_tensor_into_tuples(inputs)
-    if baselines is None:
-        return inputs, None
-    baselines = _format_tensor_into_tuples(baselines)
-    if len(baselines) != len(inputs):
-        raise ValueError(f"baselines has {len(baselines)} tensors, inputs has {len(inputs)}")
-    for index, (inp, base) in enumerate(zip(inputs, baselines)):
-        if not isinstance(base, Tensor) or base.shape != inp.shape:
-            shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
-            raise ValueError(
-                f"baselines[{index}] has shape {shape} but inputs[{index}] has shape "
-                f"{tuple(inp.shape)}: clean and corrupt inputs must align position by position"
-            )
-    return inputs, baselines
+from ._base import LayerType, TensorOrTuple, prepare_call
 
 
 class LayerRelevancePatching(LayerGradientXActivation):
@@ -164,11 +142,9 @@ class LayerRelevancePatching(LayerGradientXActivation):
             raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
         if direction == "denoising" and baselines is None:
             raise ValueError("direction='denoising' needs baselines")
-        inputs, baselines = format_pair(inputs, baselines)
-        flags = per_layer_flags(attribute_to_layer_input, len(self.layers), "attribute_to_layer_input")
-        args, kwargs = split_forward_args(self.forward_func, additional_forward_args)
-        attention_mask = kwargs.get("attention_mask")
-        evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
+        call = prepare_call(self.forward_func, len(self.layers), inputs, baselines, target,
+                            additional_forward_args, attribute_to_layer_input, metric, False)
+        inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
         grad_run, reference_run = (inputs, baselines)
         if direction == "denoising":
             grad_run, reference_run = baselines, inputs
@@ -177,7 +153,7 @@ class LayerRelevancePatching(LayerGradientXActivation):
             reference_acts = None
             if reference_run is not None:
                 reference_acts = self._collect(reference_run, flags, args, kwargs)
-            grad_acts, coefficients = self._coefficients(grad_run, flags, args, kwargs, evaluator)
+            grad_acts, coefficients = self._coefficients(grad_run, flags, args, kwargs, call.evaluator)
 
         results = []
         for index, coefficient in enumerate(coefficients):
@@ -189,7 +165,7 @@ class LayerRelevancePatching(LayerGradientXActivation):
                 result = (grad_acts[index] - reference_acts[index]) * coefficient
             else:
                 result = (reference_acts[index] - grad_acts[index]) * coefficient
-            mask = pad_mask_like(attention_mask, result)
+            mask = pad_mask_like(call.attention_mask, result)
             results.append((result * mask if mask is not None else result).detach())
         return results[0] if isinstance(self.layer, nn.Module) else results
 

@@ -1,0 +1,77 @@
+"""Shared plumbing of the patching attribution classes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from captum._utils.common import _format_tensor_into_tuples
+from captum.attr import LayerAttribution
+from torch import Tensor, nn
+
+from .._forward import MetricEvaluator, MetricType, TargetType, root_module, split_forward_args
+from .._hooks import as_layer_list, check_layers_in_model, per_layer_flags
+
+LayerType = Union[nn.Module, Sequence[nn.Module]]
+TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
+
+
+def format_pair(inputs: TensorOrTuple, baselines: Optional[TensorOrTuple]):
+    """Inputs and baselines as tuples; a clear error when their shapes differ."""
+    inputs = _format_tensor_into_tuples(inputs)
+    if baselines is None:
+        return inputs, None
+    baselines = _format_tensor_into_tuples(baselines)
+    if len(baselines) != len(inputs):
+        raise ValueError(f"baselines has {len(baselines)} tensors, inputs has {len(inputs)}")
+    for index, (inp, base) in enumerate(zip(inputs, baselines)):
+        if not isinstance(base, Tensor) or base.shape != inp.shape:
+            shape = tuple(base.shape) if isinstance(base, Tensor) else type(base).__name__
+            raise ValueError(
+                f"baselines[{index}] has shape {shape} but inputs[{index}] has shape "
+                f"{tuple(inp.shape)}: clean and corrupt inputs must align position by position"
+            )
+    return inputs, baselines
+
+
+@dataclass
+class PatchingCall:
+    """The normalised arguments of one ``attribute`` call."""
+
+    inputs: Tuple[Tensor, ...]
+    baselines: Optional[Tuple[Tensor, ...]]
+    flags: List[bool]
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    evaluator: MetricEvaluator
+
+    @property
+    def attention_mask(self) -> Optional[Tensor]:
+        return self.kwargs.get("attention_mask")
+
+
+def prepare_call(forward_func: Callable, n_layers: int, inputs, baselines, target: TargetType,
+                 additional_forward_args: Any, attribute_to_layer_input, metric: MetricType,
+                 require_baselines: bool) -> PatchingCall:
+    inputs, baselines = format_pair(inputs, baselines)
+    if require_baselines and baselines is None:
+        raise ValueError("baselines (the corrupt input) is required")
+    flags = per_layer_flags(attribute_to_layer_input, n_layers, "attribute_to_layer_input")
+    args, kwargs = split_forward_args(forward_func, additional_forward_args)
+    evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
+    return PatchingCall(inputs, baselines, flags, args, kwargs, evaluator)
+
+
+class PatchingLayerAttribution(LayerAttribution):
+    """A Captum layer attribution over one or several layers of a model."""
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: LayerType,
+        device_ids: Optional[List[int]] = None,
+        model: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids)
+        self.layers = as_layer_list(layer)
+        self.model = root_module(forward_func, model)
+        check_layers_in_model(self.model, self.layers)

@@ -1,0 +1,169 @@
+"""Sphinx configuration for captum-relp.
+
+Build (as CI does): ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
+Notebooks in ``tutorials/`` (reached through the ``docs/tutorials`` symlink) are
+executed at every build, and the rule tables are generated from the live registry
+by ``_ext/relp_tables.py``, so neither can drift from the code.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "_ext"))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import captum_relp  # noqa: E402
+
+project = "captum-relp"
+author = "captum-relp contributors"
+copyright = "2025, captum-relp contributors"
+release = captum_relp.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx_copybutton",
+    "myst_nb",
+    "relp_tables",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = [
+    "_build",
+    "api/generated/*.rst.orig",
+    "jupyter_execute",
+    "_generated",  # fragments included by rules.md, not pages of their own
+    "Thumbs.db",
+    ".DS_Store",
+    "**.ipynb_checkpoints",
+    # Tutorial 1 (IOI on the embedded model) is not in the toctree yet; remove this
+    # line when it is added to index.md.
+    "tutorials/01_*",
+    "tutorials/README*",
+]
+
+# -- MyST / notebooks --------------------------------------------------------
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+nb_execution_mode = "force"
+nb_execution_timeout = 300
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_merge_streams = True
+# stderr (e.g. tqdm's "IProgress not found" notice on import) is not shown; errors still fail the build
+nb_output_stderr = "remove"
+
+# -- autodoc -----------------------------------------------------------------
+autosummary_generate = True
+templates_path = ["_templates"]
+autodoc_default_options = {"members": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autodoc_preserve_defaults = True
+autoclass_content = "class"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_use_ivar = True  # dataclass fields are documented once, by autodoc
+
+# -- cross-references ----------------------------------------------------------
+# Every broken reference is an error. Intersphinx needs network, so third-party
+# names without an inventory are listed here explicitly.
+nitpicky = True
+nitpick_ignore = [
+    # PyTorch (type hints and docstrings)
+    ("py:class", "torch.Tensor"),
+    ("py:class", "Tensor"),
+    ("py:class", "nn.Module"),
+    ("py:class", "torch.nn.modules.module.Module"),
+    # Captum (base classes, type hints, references in prose)
+    ("py:class", "captum.attr.LayerActivation"),
+    ("py:class", "captum.attr.LayerGradientXActivation"),
+    ("py:class", "captum.attr.LayerIntegratedGradients"),
+    ("py:class", "captum.attr.LLMGradientAttribution"),
+    ("py:class", "captum.attr._utils.attribution.LayerAttribution"),
+    ("py:class", "captum.attr._core.layer.layer_gradient_x_activation.LayerGradientXActivation"),
+    ("py:class", "captum._utils.typing.ModuleOrModuleList"),
+    # Google-style docstring type words ("int, optional", "callable")
+    ("py:class", "optional"),
+    ("py:class", "callable"),
+    # private names that appear in signatures / bases
+    ("py:class", "IdsType"),
+    ("py:class", "Callable"),
+    # ForwardPatchRule's summary line in the API autosummary table (it resolves on the
+    # class page itself, where the method is documented)
+    ("py:meth", "patched_forward"),
+]
+
+# -- HTML ----------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"captum-relp {release}"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+html_theme_options = {
+    "sidebar_hide_name": False,
+    "navigation_with_keys": True,
+}
+pygments_style = "friendly"
+pygments_dark_style = "monokai"
+
+
+def _resolve_reexports(app, env, node, contnode):
+    """Resolve ``captum_relp.sub.module.Name`` to the documented ``captum_relp.Name``.
+
+    Docstrings refer to objects by their defining module (e.g.
+    ``captum_relp.metrics.logit_diff``); the API reference documents them where
+    users import them from (the package root or ``captum_relp.rules``).
+    """
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    qualified = target.startswith("captum_relp.")
+    if not qualified and "." in target:
+        return None
+    name = target.rsplit(".", 1)[-1]
+    domain = env.get_domain("py")
+    for candidate in (f"captum_relp.{name}", f"captum_relp.rules.{name}"):
+        if candidate != target and candidate in domain.objects:
+            break
+    else:
+        # a bare name used inside a docstring of the package (``half_product``)
+        matches = [obj for obj in domain.objects
+                   if obj.startswith("captum_relp.") and obj.rsplit(".", 1)[-1] == name]
+        if len(matches) != 1 or (not qualified and not node["refdoc"].startswith("api/")):
+            return None
+        candidate = matches[0]
+    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"],
+                               candidate, node, contnode)
+
+
+def _public_bases(app, name, obj, options, bases):
+    """Show the nearest public ancestors instead of private base classes."""
+
+    def is_private(cls):
+        parts = f"{cls.__module__}.{cls.__qualname__}".split(".")
+        return cls.__module__.startswith("captum_relp") and any(p.startswith("_") for p in parts)
+
+    def expand(cls):
+        if not is_private(cls):
+            return [cls]
+        return [b for base in cls.__bases__ for b in expand(base)]
+
+    public = []
+    for base in bases:
+        for cls in expand(base):
+            if cls not in public:
+                public.append(cls)
+    bases[:] = public
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_reexports)
+    app.connect("autodoc-process-bases", _public_bases)

@@ -24,7 +24,8 @@ def test_registry_table_lists_every_registered_type():
 
     table = _tables_module().registry_table()
     for key in registered_rules():
-        assert f"`{key}`" in table
+        module, name = key.rsplit(".", 1)
+        assert f"| `{name}` | `{module}` |" in table
 
 
 def test_presets_table_lists_every_preset():

@@ -58,8 +58,9 @@ def registry_table() -> str:
 
     rows = []
     for key, (category, rule) in sorted(registered_rules().items(), key=lambda kv: (kv[1][0], kv[0])):
-        rows.append([_code(key), category, _code(rule)])
-    return _md_table(["Module type (registry key)", "Category", "Rule"], rows)
+        module, name = key.rsplit(".", 1)
+        rows.append([_code(name), _code(module), category, _code(rule)])
+    return _md_table(["Class", "Module", "Category", "Rule"], rows)
 
 
 def presets_table() -> str:
@@ -119,10 +120,11 @@ def family_tables() -> str:
                 category, rule = "attention", "softmax gradient (AH-rule under `\"relp-ah\"`)"
             else:
                 category, rule = _rule_text(ruleset, module)
-            rows.append([_code(key.replace("transformers.models.", "…")), str(count), category, rule])
+            module_path, name = key.rsplit(".", 1)
+            rows.append([_code(name), _code(module_path), str(count), category, rule])
         chunks.append(f"### {family}\n\nBuilt from `{config_text}` "
                       f"({type(model).__name__}, random weights).\n\n"
-                      + _md_table(["Module type", "Count", "Category", 'Rule under `"relp"`'], rows))
+                      + _md_table(["Class", "Module", "Count", "Category", 'Rule under `"relp"`'], rows))
     return "\n".join(chunks)
 
 

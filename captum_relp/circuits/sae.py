@@ -57,8 +57,8 @@ class SparseAutoencoder(nn.Module):
         >>> import torch
         >>> sae = SparseAutoencoder(2, 3)
         >>> with torch.no_grad():
-        ...     sae.W_enc.copy_(torch.tensor([[1., 0., -1.], [0., 1., 1.]]))
-        >>> sae.encode(torch.tensor([[2., -1.]]))
+        ...     _ = sae.W_enc.copy_(torch.tensor([[1., 0., -1.], [0., 1., 1.]]))
+        >>> sae.encode(torch.tensor([[2., -1.]])).detach()
         tensor([[2., 0., 0.]])
     """
 

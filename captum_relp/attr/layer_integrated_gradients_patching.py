@@ -41,7 +41,7 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
         attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
         metric: MetricType = None,
         n_steps: int = 10,
-        method: str = "riemann_trapezoid",
+        method: str = "gausslegendre",
         internal_batch_size: Optional[int] = None,
     ) -> Union[Tensor, List[Tensor]]:
         """Integrated-gradients patching scores.
@@ -50,7 +50,8 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
             inputs, baselines, target, additional_forward_args, attribute_to_layer_input, metric:
                 as in :meth:`LayerRelevancePatching.attribute`.
             n_steps (int): integration points (default 10, as in the paper).
-            method (str): Captum's integration method (default ``riemann_trapezoid``).
+            method (str): Captum's integration method (default ``gausslegendre``, whose weights sum
+                to 1; Captum's ``riemann_trapezoid`` weights sum to (n-1)/n and shrink the scores).
             internal_batch_size (int, optional): Captum's chunking of the ``n_steps * B`` rows.
 
         Returns:

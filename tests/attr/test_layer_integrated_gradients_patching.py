@@ -16,7 +16,7 @@ def test_matches_captum_layer_integrated_gradients():
         return model(ids).logits[:, -1]
 
     captums = LayerIntegratedGradients(forward, layer).attribute(
-        clean, baselines=corrupt, target=5, n_steps=8, method="riemann_trapezoid")
+        clean, baselines=corrupt, target=5, n_steps=8)
     torch.testing.assert_close(ours, captums, rtol=1e-4, atol=1e-6)
 
 
@@ -26,8 +26,8 @@ def test_completeness_against_whole_layer_patching():
     metric = logit_diff([1, 2, 3], [4, 5, 6])
     layers, flags, _ = model_components(model).select(["resid", "mlp"])
     ig = LayerIntegratedGradientsPatching(model, layers).attribute(
-        clean, baselines=corrupt, metric=metric, attribute_to_layer_input=flags, n_steps=64)
+        clean, baselines=corrupt, metric=metric, attribute_to_layer_input=flags, n_steps=32)
     ap = LayerActivationPatching(model, layers).attribute(
         clean, baselines=corrupt, metric=metric, attribute_to_layer_input=flags, granularity="layer")
     for scores, effect in zip(ig, ap):
-        torch.testing.assert_close(scores.sum(dim=(1, 2)), effect, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(scores.sum(dim=(1, 2)), effect, rtol=2e-3, atol=2e-4)

@@ -35,7 +35,7 @@ def plot_patching_heatmaps(
     limit = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
     n_layers, n_positions = next(iter(maps.values())).shape
     fig, axes = plt.subplots(
-        1, len(maps), figsize=(2.0 + 0.42 * n_positions * len(maps), 1.2 + 0.45 * n_layers),
+        1, len(maps), figsize=(1.5 + (0.6 + 0.2 * n_positions) * len(maps), 1.9 + 0.3 * n_layers),
         squeeze=False, constrained_layout=True,
     )
     image = None
@@ -50,7 +50,7 @@ def plot_patching_heatmaps(
         else:
             ax.set_xlabel("position")
     fig.suptitle(title)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="patching effect")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.01, label="patching effect")
     if path is not None:
         fig.savefig(path, dpi=120)
         plt.close(fig)

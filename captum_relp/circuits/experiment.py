@@ -139,6 +139,7 @@ def run_circuit_experiment(
     settings = task_splits(task, tokenizer, n_train, n_test, seed, heldout)
     progress = tqdm(total=len(settings) * (len(methods) + 1), desc=f"{task} {nodes} circuits",
                     disable=not show_progress)
+    _warm_up(space, methods, settings[0][1], n_steps)
     for setting, train, test in settings:
         if train.clean_ids.shape[1] != test.clean_ids.shape[1]:
             raise ValueError(f"{setting}: train and test prompts differ in length; positions must align")
@@ -164,6 +165,13 @@ def run_circuit_experiment(
               "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
               "n_steps": n_steps}
     return CircuitExperimentResult(curves, cost, config)
+
+
+def _warm_up(space: NodeSpace, methods: Sequence[str], train, n_steps: int) -> None:
+    """One untimed call per method on two examples, so one-off setup does not skew the timings."""
+    rows, clean, corrupt, mask = next(_batches(train, 2))
+    for method in methods:
+        node_effects(space, method, clean, corrupt, _metric(train, rows), mask, n_steps=2)
 
 
 def _train_means(space: NodeSpace, model, train, batch_size: int) -> Dict[str, Tensor]:

@@ -7,8 +7,10 @@ space, e.g. `` Mary``; ``tokenizer(text)`` prepends ``<bos>``):
 * ``tiny-gpt2-ioi``: :class:`transformers.GPT2LMHeadModel`
 * ``tiny-llama-ioi``: :class:`transformers.LlamaForCausalLM` (RMSNorm, gated MLP, RoPE)
 
-Both solve IOI on names never seen in IOI sentences during training (see
-:func:`heldout_names`) and subject-verb agreement on held-out nouns.
+Both solve IOI for the names used in IOI sentences during training (~100%
+accuracy). Known limitation of the current weights: they do NOT generalise to
+the held-out names (:func:`heldout_names`, ~50% = chance) nor do they solve SVA
+on held-out nouns (chance); see each folder's ``TRAINING.md`` for the numbers.
 
 Example:
     >>> model, tok = load_embedded("tiny-gpt2-ioi")
@@ -95,7 +97,7 @@ def load_training_info(name: str = DEFAULT_MODEL) -> dict:
 
     Example:
         >>> info = load_training_info("tiny-gpt2-ioi")
-        >>> info["arch"], info["metrics"]["ioi_heldout_acc"] >= 0.9
+        >>> info["arch"], info["metrics"]["ioi_train_names_acc"] >= 0.9
         ('gpt2', True)
     """
     return json.loads(_training_info(name))

@@ -66,6 +66,8 @@ class CorpusSpec:
     n_heldout_nouns: int = 6
     p_ioi: float = 0.45
     p_sva: float = 0.30
+    n_pseudo_names: int = 240
+    p_copy: float = 0.0
     train_names: list[str] = field(init=False)
     heldout_names: list[str] = field(init=False)
     train_nouns: list[tuple[str, str]] = field(init=False)
@@ -75,7 +77,8 @@ class CorpusSpec:
         names = list(NAMES)
         random.Random(1000 + self.seed).shuffle(names)
         self.heldout_names = sorted(names[: self.n_heldout_names])
-        self.train_names = sorted(names[self.n_heldout_names :]) + PSEUDO_NAMES
+        self.pseudo_names = _pseudo_words(self.n_pseudo_names, 1, capital=True)
+        self.train_names = sorted(names[self.n_heldout_names :]) + self.pseudo_names
         self.train_nouns, self.heldout_nouns = split_nouns(self.seed, self.n_heldout_nouns)
         self.train_nouns = self.train_nouns + PSEUDO_NOUNS
 
@@ -115,10 +118,14 @@ def sva_sentence(rng: random.Random, nouns: list[tuple[str, str]]) -> str:
     return f"{head} {_continuation(rng, main, sp)}"
 
 
-def filler_sentence(rng: random.Random) -> str:
+def filler_sentence(rng: random.Random, spec: "CorpusSpec | None" = None) -> str:
     """A simple random sentence over the full vocabulary (all names and nouns)."""
     # half of the fillers use real names / nouns (incl. held-out ones), half pseudo words
-    n1, n2 = rng.sample(list(NAMES) if rng.random() < 0.5 else PSEUDO_NAMES, 2)
+    pseudo = spec.pseudo_names if spec is not None else PSEUDO_NAMES
+    n1, n2 = rng.sample(list(NAMES) if rng.random() < 0.5 else pseudo, 2)
+    if spec is not None and rng.random() < spec.p_copy:
+        # a two-sentence copy pattern (not an IOI template), over all names incl. held-out ones
+        return f"{n1} met {n2}. {n2} thanked {n1}."
     noun = rng.choice(NOUNS if rng.random() < 0.5 else PSEUDO_NOUNS)
     pl = rng.random() < 0.5
     kind = rng.randrange(11)
@@ -160,7 +167,7 @@ def build_corpus(spec: CorpusSpec, n_sentences: int) -> list[str]:
         elif r < spec.p_ioi + spec.p_sva:
             out.append(sva_sentence(rng, spec.train_nouns))
         else:
-            out.append(filler_sentence(rng))
+            out.append(filler_sentence(rng, spec))
     return out
 
 
@@ -172,7 +179,7 @@ def all_words() -> list[str]:
             words |= set(p)
     for tpl in TEMPLATES:
         words |= {w.strip(",.") for w in tpl.split() if "{" not in w}
-    words |= {"likes", "went", "to", "the", "talked", "and", "are", "friends", "The", "near",
+    words |= {"likes", "went", "to", "the", "talked", "and", "are", "friends", "The", "near", "met", "thanked",
               "that", "saw", "at", "gave", "a", "work",
               "they", "sat", "down"}
     return sorted(words)

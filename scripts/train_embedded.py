@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-weight", type=float, default=5.0,
                    help="loss weight of the final IOI name token (others: 1)")
     p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--n-pseudo-names", type=int, default=240,
+                   help="training-only pseudo names used in IOI sentences")
+    p.add_argument("--p-copy", type=float, default=0.0,
+                   help="share of filler sentences with a two-sentence copy pattern over all names")
     return p.parse_args(argv)
 
 
@@ -160,7 +164,7 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    spec = CorpusSpec(seed=args.seed)
+    spec = CorpusSpec(seed=args.seed, n_pseudo_names=args.n_pseudo_names, p_copy=args.p_copy)
     sents = build_corpus(spec, args.n_sentences)
     tok = build_tokenizer(sents)
     rng = random.Random(args.seed + 1)

@@ -5,10 +5,13 @@ import time
 from dataclasses import dataclass
 from typing import Dict
 
-
 from torch import Tensor
 
-from ..attr import LayerAttributionPatching, LayerIntegratedGradientsPatching, LayerRelevancePatching
+from ..attr import (
+    LayerAttributionPatching,
+    LayerIntegratedGradientsPatching,
+    LayerRelevancePatching,
+)
 from .nodes import NodeSpace
 
 METHODS = ("relp", "atp", "ig")

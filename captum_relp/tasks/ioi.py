@@ -177,8 +177,22 @@ def generate_ioi_pairs(
     return pairs
 
 
+class PairBatch:
+    """Shared behaviour of tokenized contrastive batches (:class:`IOIBatch`, ``SVABatch``)."""
+
+    clean_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.clean_ids.shape[0])
+
+    def to(self, device: Any):
+        """Move all tensors to ``device`` (returns a new batch)."""
+        kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return type(self)(**kw)
+
+
 @dataclass
-class IOIBatch:
+class IOIBatch(PairBatch):
     """Tokenized IOI pairs (right-padded).
 
     Attributes:
@@ -205,14 +219,6 @@ class IOIBatch:
     io_ids: torch.Tensor
     s_ids: torch.Tensor
     positions: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.clean_ids.shape[0])
-
-    def to(self, device: Any) -> "IOIBatch":
-        """Move all tensors to ``device`` (returns a new batch)."""
-        kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
-        return IOIBatch(**kw)
 
     def metric(self) -> "IOIMetric":
         """The :class:`IOIMetric` for this batch."""

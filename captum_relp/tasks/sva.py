@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from captum_relp.tasks.ioi import (
+    PairBatch,
     _final_logits,
     _tile,
     _tokenize_aligned,
@@ -200,7 +201,7 @@ def generate_sva_pairs(
 
 
 @dataclass
-class SVABatch:
+class SVABatch(PairBatch):
     """Tokenized SVA pairs (right-padded); see :class:`~captum_relp.tasks.ioi.IOIBatch`.
 
     Example:
@@ -216,14 +217,6 @@ class SVABatch:
     correct_ids: torch.Tensor
     wrong_ids: torch.Tensor
     positions: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.clean_ids.shape[0])
-
-    def to(self, device: Any) -> "SVABatch":
-        """Move all tensors to ``device`` (returns a new batch)."""
-        kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
-        return SVABatch(**kw)
 
     def metric(self) -> "SVAMetric":
         """The :class:`SVAMetric` for this batch."""

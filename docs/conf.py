@@ -42,10 +42,8 @@ exclude_patterns = [
     "Thumbs.db",
     ".DS_Store",
     "**.ipynb_checkpoints",
-    # Tutorial 1 (IOI on the embedded model) is not in the toctree yet; remove this
-    # line when it is added to index.md.
-    "tutorials/01_*",
     "tutorials/README*",
+    "results_measured.md",  # written by scripts/make_results.py, included by results.md
 ]
 
 # -- MyST / notebooks --------------------------------------------------------

@@ -31,7 +31,7 @@ from captum_relp.circuits.sae import SparseAutoencoder
 
 def fraction_variance_explained(x: Tensor, x_hat: Tensor) -> float:
     """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over all rows of ``(N, d)``."""
-    x, x_hat = x.double(), x_hat.double()
+    x, x_hat = x.detach().double(), x_hat.detach().double()
     residual = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0)).pow(2).sum()
     return float(1.0 - residual / total.clamp_min(1e-30))

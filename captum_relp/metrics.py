@@ -14,8 +14,13 @@ IdsType = Union[int, Sequence[int], Tensor]
 
 
 def _per_row(ids: IdsType, rows: int, device) -> Tensor:
+    """One value per row; ``N`` values are tiled over ``k * N`` rows (``[ex0..exN-1, ex0..]``)."""
     values = torch.as_tensor(ids, device=device).reshape(-1).long()
-    return values.expand(rows) if values.numel() == 1 else values
+    if values.numel() == 1:
+        return values.expand(rows)
+    if rows % values.numel():
+        raise ValueError(f"{values.numel()} ids cannot be tiled over {rows} rows")
+    return values.repeat(rows // values.numel())
 
 
 class LogitDiff:
@@ -24,6 +29,9 @@ class LogitDiff:
     Args:
         correct_ids, wrong_ids: token ids, one per example (or one for all).
         positions: index of the final position per example (default: ``-1``).
+
+    Logits with ``k * N`` rows (tiled copies of the ``N`` examples, as activation
+    patching and IG produce) give ``k * N`` values.
 
     Example:
         >>> import torch
@@ -38,6 +46,7 @@ class LogitDiff:
         self.positions = positions
 
     def _final_logits(self, logits: Tensor) -> Tensor:
+        logits = getattr(logits, "logits", logits)
         rows = logits.shape[0]
         if logits.dim() == 2:
             return logits

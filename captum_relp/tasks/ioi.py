@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
+from captum_relp.metrics import LogitDiff
+
 NAMES: tuple[str, ...] = (
     "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Paul", "Kate",
     "Lisa", "Mark", "Anna", "David", "Sarah", "Michael", "Laura", "Peter", "Emma", "George",
@@ -348,8 +350,11 @@ def ioi_metric(
     return final[rows, io] - final[rows, s]
 
 
-class IOIMetric:
+class IOIMetric(LogitDiff):
     """Callable IOI logit-difference metric, usable as ``metric=`` argument.
+
+    A :class:`~captum_relp.LogitDiff` of the indirect object over the subject at
+    each row's last real position.
 
     Example:
         >>> m = IOIMetric(torch.tensor([1]), torch.tensor([2]), torch.tensor([0]))
@@ -358,12 +363,8 @@ class IOIMetric:
     """
 
     def __init__(self, io_ids: torch.Tensor, s_ids: torch.Tensor, last_pos: torch.Tensor) -> None:
-        self.io_ids = io_ids
-        self.s_ids = s_ids
-        self.last_pos = last_pos
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return ioi_metric(logits, self.io_ids, self.s_ids, self.last_pos)
+        super().__init__(io_ids, s_ids, last_pos)
+        self.io_ids, self.s_ids, self.last_pos = io_ids, s_ids, last_pos
 
     def __repr__(self) -> str:
         return f"IOIMetric(n={self.io_ids.shape[0]})"

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from captum_relp.metrics import ProbDiff
+
 from captum_relp.tasks.ioi import (
     PairBatch,
     _final_logits,
@@ -265,8 +267,11 @@ def sva_metric(
     return probs[rows, c] - probs[rows, w]
 
 
-class SVAMetric:
+class SVAMetric(ProbDiff):
     """Callable SVA probability-difference metric, usable as ``metric=``.
+
+    A :class:`~captum_relp.ProbDiff` of the correct over the wrong verb form at
+    each row's last real position.
 
     Example:
         >>> m = SVAMetric(torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
@@ -277,12 +282,8 @@ class SVAMetric:
     def __init__(
         self, correct_ids: torch.Tensor, wrong_ids: torch.Tensor, last_pos: torch.Tensor
     ) -> None:
-        self.correct_ids = correct_ids
-        self.wrong_ids = wrong_ids
-        self.last_pos = last_pos
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return sva_metric(logits, self.correct_ids, self.wrong_ids, self.last_pos)
+        super().__init__(correct_ids, wrong_ids, last_pos)
+        self.correct_ids, self.wrong_ids, self.last_pos = correct_ids, wrong_ids, last_pos
 
     def __repr__(self) -> str:
         return f"SVAMetric(n={self.correct_ids.shape[0]})"

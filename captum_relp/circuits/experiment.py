@@ -92,16 +92,6 @@ def _batches(batch, size: int):
         yield rows, batch.clean_ids[rows], batch.corrupt_ids[rows], batch.attention_mask[rows]
 
 
-def _metric(batch, rows):
-    if hasattr(batch, "io_ids"):
-        from ..tasks.ioi import IOIMetric
-
-        return IOIMetric(batch.io_ids[rows], batch.s_ids[rows], batch.last_pos[rows])
-    from ..tasks.sva import SVAMetric
-
-    return SVAMetric(batch.correct_ids[rows], batch.wrong_ids[rows], batch.last_pos[rows])
-
-
 def run_circuit_experiment(
     model: nn.Module,
     tokenizer,
@@ -149,7 +139,7 @@ def run_circuit_experiment(
         for method in methods:
             totals: Dict[str, Tensor] = {}
             for rows, clean, corrupt, mask in _batches(train, batch_size):
-                run = node_effects(space, method, clean, corrupt, _metric(train, rows), mask, n_steps=n_steps)
+                run = node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=n_steps)
                 for name, values in run.effects.items():
                     totals[name] = totals.get(name, 0) + values.sum(0, keepdim=True)
                 cost[method]["seconds"] += run.seconds
@@ -171,7 +161,7 @@ def _warm_up(space: NodeSpace, methods: Sequence[str], train, n_steps: int) -> N
     """One untimed call per method on two examples, so one-off setup does not skew the timings."""
     rows, clean, corrupt, mask = next(_batches(train, 2))
     for method in methods:
-        node_effects(space, method, clean, corrupt, _metric(train, rows), mask, n_steps=2)
+        node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=2)
 
 
 def _train_means(space: NodeSpace, model, train, batch_size: int) -> Dict[str, Tensor]:
@@ -189,7 +179,7 @@ def _metric_runner(model, test, batch_size: int):
         with torch.no_grad():
             for rows, clean, _, mask in _batches(test, batch_size):
                 logits = call_model(model, (clean,), (), {"attention_mask": mask})
-                values.append(_metric(test, rows)(logits))
+                values.append(test.select(rows).metric()(logits))
         return torch.cat(values).mean()
 
     return run

@@ -173,7 +173,7 @@ def run_ioi_experiment(
         rows = slice(start, start + batch_size)
         clean, corrupt = batch.clean_ids[rows], batch.corrupt_ids[rows]
         kwargs = dict(
-            baselines=corrupt, metric=_metric(batch, rows),
+            baselines=corrupt, metric=batch.select(rows).metric(),
             additional_forward_args={"attention_mask": batch.attention_mask[rows]},
             attribute_to_layer_input=flags,
         )
@@ -205,12 +205,6 @@ def run_ioi_experiment(
         result.pcc_mean_map[kind] = {
             m: pearson(mean_maps[m][kind], mean_maps["AP"][kind]) for m in methods if m != "AP"}
     return result
-
-
-def _metric(batch, rows: slice):
-    from ..tasks.ioi import IOIMetric
-
-    return IOIMetric(batch.io_ids[rows], batch.s_ids[rows], batch.last_pos[rows])
 
 
 def _stack(parts: List[List[torch.Tensor]], labels) -> Dict[str, np.ndarray]:

@@ -192,6 +192,11 @@ class PairBatch:
         kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
         return type(self)(**kw)
 
+    def select(self, rows: slice):
+        """The batch of rows ``rows`` (tensors sliced; position labels kept)."""
+        kw = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return type(self)(**kw)
+
 
 @dataclass
 class IOIBatch(PairBatch):

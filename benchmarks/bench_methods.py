@@ -84,35 +84,6 @@ def make_inputs(n_prompts: int, seq_len: int, vocab: int, device: str, seed: int
     return clean.to(device), corrupt.to(device), correct, wrong
 
 
-class PassCounter:
-    """Counts model calls (forward hook) and backward passes (grad hook on the logits)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.forward_calls = self.forward_rows = self.backward_calls = self.backward_rows = 0
-        self.handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output) -> None:
-        logits = output.logits if hasattr(output, "logits") else output
-        rows = int(logits.shape[0])
-        self.forward_calls += 1
-        self.forward_rows += rows
-        if logits.requires_grad:
-            def grad_hook(grad, rows=rows):
-                self.backward_calls += 1
-                self.backward_rows += rows
-            logits.register_hook(grad_hook)
-
-    def reset(self) -> None:
-        self.forward_calls = self.forward_rows = self.backward_calls = self.backward_rows = 0
-
-    def snapshot(self) -> Dict[str, int]:
-        return {"forward_calls": self.forward_calls, "forward_rows": self.forward_rows,
-                "backward_calls": self.backward_calls, "backward_rows": self.backward_rows}
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 # ----------------------------------------------------------------------------- memory
 
 
@@ -173,14 +144,9 @@ def _sync(device: str) -> None:
 
 def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
     """Build model and inputs, run one method, return its measurements (one process)."""
-    from captum_relp import (
-        LayerActivationPatching,
-        LayerAttributionPatching,
-        LayerIntegratedGradientsPatching,
-        LayerRelevancePatching,
-        logit_diff,
-        model_components,
-    )
+    from captum_relp import logit_diff, model_components
+    from captum_relp.attr import METHODS as LIBRARY_METHODS
+    from captum_relp.attr import PassCounter
 
     dtype = getattr(torch, opts.dtype)
     torch.set_num_threads(opts.threads) if opts.threads else None
@@ -191,25 +157,16 @@ def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
     clean, corrupt = clean[:n_prompts], corrupt[:n_prompts]
     layers, flags, labels = model_components(model).select(["resid", "attn", "mlp"])
     metric = logit_diff(correct, wrong)
-    counter = PassCounter(model)
+    counter = PassCounter(model).__enter__()
     meter = MemoryMeter(opts.device)
 
-    if method == "AP":
-        ap = LayerActivationPatching(model, layers)
-        call = lambda: ap.attribute(  # noqa: E731
-            clean, baselines=corrupt, attribute_to_layer_input=flags, metric=metric,
-            internal_batch_size=opts.ap_batch_size, reuse_prefix=opts.ap_reuse_prefix)
-    elif method == "IG":
-        ig = LayerIntegratedGradientsPatching(model, layers)
-        call = lambda: ig.attribute(  # noqa: E731
-            clean, baselines=corrupt, attribute_to_layer_input=flags, metric=metric, n_steps=opts.ig_steps)
-    elif method in ("AtP", "RelP"):
-        cls = LayerAttributionPatching if method == "AtP" else LayerRelevancePatching
-        attr = cls(model, layers)
-        call = lambda: attr.attribute(  # noqa: E731
-            clean, baselines=corrupt, attribute_to_layer_input=flags, metric=metric)
-    else:
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
+    options = {"AP": dict(internal_batch_size=opts.ap_batch_size, reuse_prefix=opts.ap_reuse_prefix),
+               "IG": dict(n_steps=opts.ig_steps)}.get(method, {})
+    attribution = LIBRARY_METHODS[method].build(model, layers)
+    call = lambda: attribution.attribute(  # noqa: E731
+        clean, baselines=corrupt, attribute_to_layer_input=flags, metric=metric, **options)
 
     repeats = opts.repeats if method in ("AtP", "RelP") else 1
     meter.start()
@@ -226,7 +183,7 @@ def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
         assert len(result) == len(layers) and tuple(result[0].shape[:2]) == (n_prompts, opts.seq_len)
         del result
     peak = meter.peak_mib()
-    counter.remove()
+    counter.__exit__(None, None, None)
     wall = statistics.median(times)
     return {
         "method": method,

@@ -11,6 +11,8 @@ import torch
 from captum._utils.common import _select_targets
 from torch import Tensor, nn
 
+from .metrics import tile_rows
+
 TargetType = Union[None, int, Sequence[int], Tensor]
 MetricType = Optional[Callable[[Tensor], Tensor]]
 
@@ -132,15 +134,9 @@ class MetricEvaluator:
             raise ValueError(
                 f"target (or metric) is required for a model output of shape {tuple(output.shape)}"
             )
-        target = self._tiled_target(rows, output.device)
+        target = tile_rows(self.target, rows, output.device)
         if output.dim() == 2:
             return _select_targets(output, target).reshape(-1)
         last = last_positions(attention_mask, rows, output.shape[1], output.device)
         rows_idx = torch.arange(rows, device=output.device)
         return output[rows_idx, last][rows_idx, target]
-
-    def _tiled_target(self, rows: int, device) -> Tensor:
-        target = torch.as_tensor(self.target, device=device).reshape(-1).long()
-        if target.numel() == 1:
-            return target.expand(rows)
-        return target.repeat(rows // target.numel())

@@ -2,6 +2,8 @@
 
 Each metric maps model logits ``(B, T, V)`` to one value per example ``(B,)``,
 read at each row's final position (``positions``, default: the last one).
+This module also holds the package's only row-tiling code (:func:`tile_rows`):
+activation patching and IG run ``k`` tiled copies of a batch of ``N`` examples.
 """
 from __future__ import annotations
 
@@ -13,14 +15,43 @@ from torch import Tensor
 IdsType = Union[int, Sequence[int], Tensor]
 
 
-def _per_row(ids: IdsType, rows: int, device) -> Tensor:
-    """One value per row; ``N`` values are tiled over ``k * N`` rows (``[ex0..exN-1, ex0..]``)."""
+def tile_rows(ids: IdsType, rows: int, device=None) -> Tensor:
+    """One value per row: one value for all, or ``N`` values tiled over ``k * N`` rows.
+
+    Rows are read as ``k`` copies of the ``N`` examples (``[ex0..exN-1, ex0..]``).
+
+    Example:
+        >>> tile_rows([3, 4], 4)
+        tensor([3, 4, 3, 4])
+    """
     values = torch.as_tensor(ids, device=device).reshape(-1).long()
     if values.numel() == 1:
         return values.expand(rows)
     if rows % values.numel():
         raise ValueError(f"{values.numel()} ids cannot be tiled over {rows} rows")
     return values.repeat(rows // values.numel())
+
+
+def final_logits(logits: Tensor, positions: Optional[IdsType] = None) -> Tensor:
+    """Logits ``(rows, V)`` at each row's final position (default: the last one).
+
+    ``logits`` may be ``(rows, T, V)``, already ``(rows, V)``, or a model output
+    with ``.logits``; ``positions`` are tiled over ``k * N`` rows like ids.
+
+    Example:
+        >>> import torch
+        >>> final_logits(torch.arange(12.0).reshape(1, 3, 4), [1])
+        tensor([[4., 5., 6., 7.]])
+    """
+    logits = getattr(logits, "logits", logits)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if logits.dim() == 2:
+        return logits
+    if positions is None:
+        return logits[:, -1]
+    rows = logits.shape[0]
+    return logits[torch.arange(rows, device=logits.device), tile_rows(positions, rows, logits.device)]
 
 
 class LogitDiff:
@@ -46,20 +77,13 @@ class LogitDiff:
         self.positions = positions
 
     def _final_logits(self, logits: Tensor) -> Tensor:
-        logits = getattr(logits, "logits", logits)
-        rows = logits.shape[0]
-        if logits.dim() == 2:
-            return logits
-        if self.positions is None:
-            return logits[:, -1]
-        positions = _per_row(self.positions, rows, logits.device)
-        return logits[torch.arange(rows, device=logits.device), positions]
+        return final_logits(logits, self.positions)
 
     def _pair(self, final: Tensor):
         rows = final.shape[0]
         index = torch.arange(rows, device=final.device)
-        correct = _per_row(self.correct_ids, rows, final.device)
-        wrong = _per_row(self.wrong_ids, rows, final.device)
+        correct = tile_rows(self.correct_ids, rows, final.device)
+        wrong = tile_rows(self.wrong_ids, rows, final.device)
         return final[index, correct], final[index, wrong]
 
     def __call__(self, logits: Tensor) -> Tensor:

@@ -12,6 +12,11 @@ _ATTN_NAMES = ("attn", "self_attn", "attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _OUT_PROJ_NAMES = ("c_proj", "o_proj", "dense", "out_proj")
 
+COMPONENT_KINDS = ("resid", "attn", "mlp")
+"""The standard component types: residual stream entering each block, attention and MLP outputs."""
+COMPONENT_TITLES = {"resid": "Residual stream", "attn": "Attention outputs", "mlp": "MLP outputs"}
+"""Readable names of :data:`COMPONENT_KINDS` (tables and figure titles)."""
+
 
 @dataclass
 class ModelComponents:
@@ -31,9 +36,9 @@ class ModelComponents:
     mlp: List[nn.Module]
     num_heads: Optional[int] = None
 
-    KINDS = ("resid", "attn", "mlp")
+    KINDS = COMPONENT_KINDS
 
-    def select(self, kinds: Sequence[str] = KINDS) -> Tuple[List[nn.Module], List[bool], List[Tuple[str, int]]]:
+    def select(self, kinds: Sequence[str] = COMPONENT_KINDS) -> Tuple[List[nn.Module], List[bool], List[Tuple[str, int]]]:
         """Layers, ``attribute_to_layer_input`` flags and ``(kind, layer index)`` labels.
 
         Example:
@@ -141,4 +146,4 @@ def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
     return attributions.reshape(*lead, num_heads, width // num_heads).sum(-1)
 
 
-__all__ = ["ModelComponents", "model_components", "find_blocks", "split_heads"]
+__all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "model_components", "find_blocks", "split_heads"]

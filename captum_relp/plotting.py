@@ -1,8 +1,16 @@
-"""Figure-2-style heatmaps: AP | AtP | RelP, layers x positions, per component type."""
+"""Every figure of the package.
+
+* :func:`plot_patching_heatmaps` — Figure-2-style heatmaps (AP | AtP | RelP, layers x positions).
+* :func:`plot_faithfulness` — Figure-3-style faithfulness/completeness against circuit size.
+
+Library code never switches the matplotlib backend: figures are drawn with
+``matplotlib.pyplot`` under whatever backend the caller uses (inline in notebooks;
+set ``MPLBACKEND=Agg`` for headless scripts).
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -27,9 +35,6 @@ def plot_patching_heatmaps(
         >>> len(fig.axes)
         3
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     limit = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
@@ -55,3 +60,50 @@ def plot_patching_heatmaps(
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+METHOD_COLORS = {"AP": "black", "AtP": "tab:blue", "RelP": "tab:red", "RelP+AH": "tab:purple",
+                 "IG": "tab:green"}
+"""One colour per method name, in every figure."""
+
+
+def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, title: str = "") -> Path:
+    """Faint lines per setting, bold line the mean across settings, one colour per method.
+
+    Args:
+        curves: ``{setting: {method: CircuitCurve}}`` with method names from
+            :data:`captum_relp.attr.METHODS` (``RelP``, ``AtP``, ``IG`` ...).
+        path: where the PNG is written.
+        title: figure title.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from captum_relp.circuits.faithfulness import CircuitCurve
+        >>> curve = CircuitCurve([1, 2], [0.5, 0.1], [0.2, 0.9], [0.8, 0.1])
+        >>> out = plot_faithfulness({"a": {"RelP": curve}}, pathlib.Path(tempfile.mkdtemp()) / "f.png")
+        >>> out.exists()
+        True
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    methods = sorted({m for by in curves.values() for m in by})
+    for ax, key, label in ((axes[0], "faithfulness", "faithfulness"), (axes[1], "completeness", "completeness")):
+        for method in methods:
+            color = METHOD_COLORS.get(method, None)
+            series = [(np.array(by[method].n_nodes), np.array(getattr(by[method], key)))
+                      for by in curves.values() if method in by]
+            for x, y in series:
+                ax.plot(x, y, color=color, alpha=0.3, linewidth=1)
+            common = sorted(set.intersection(*[set(x.tolist()) for x, _ in series]))
+            mean = [np.nanmean([y[list(x).index(n)] for x, y in series]) for n in common]
+            ax.plot(common, mean, color=color, linewidth=2.5, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("nodes in circuit")
+        ax.set_ylabel(label)
+        ax.axhline(1.0 if key == "faithfulness" else 0.0, color="grey", linestyle=":", linewidth=1)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

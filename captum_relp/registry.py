@@ -8,6 +8,7 @@ calls it a composite) enables categories and adds an optional attention rule.
 """
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +68,17 @@ def type_key(module_type: Union[type, str]) -> str:
     if isinstance(module_type, str):
         return module_type
     return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def registered_category(module_type: Union[type, str]) -> Optional[str]:
+    """The registry category of a module type (``None`` if it is not registered).
+
+    Example:
+        >>> import torch
+        >>> registered_category(torch.nn.LayerNorm), registered_category("my.Unknown")
+        ('norm', None)
+    """
+    return _REGISTRY.get(type_key(module_type), (None, None))[0]
 
 
 def _category_of(rule: Rule) -> str:
@@ -146,13 +158,21 @@ class RuleSet:
         categories: registry categories applied (``norm``, ``activation``, ``gate``, ``custom``).
         attention: a model-level rule for attention, e.g. :class:`~captum_relp.rules.AHRule`.
         linear: a rule for every ``nn.Linear``/``Conv1D`` (default: the 0-rule, i.e. none).
-        overrides: per-type rules that take precedence over the registry.
+        overrides: per-type rules (``{type key: rule}``) that take precedence over the registry.
+        name_map: per-module rules by path pattern (``fnmatch`` syntax on
+            ``model.named_modules()`` paths, e.g. ``{"lm_head": EpsilonRule()}`` or
+            ``{"*.mlp.c_fc": GammaRule()}``); the first matching pattern wins and takes
+            precedence over ``overrides`` and the registry. A rule of ``None`` leaves the
+            module to the 0-rule.
 
     Example:
         >>> from captum_relp import RuleSet
         >>> from captum_relp.rules import EpsilonRule
         >>> RuleSet("relp-eps", linear=EpsilonRule(1e-3)).categories
         ('norm', 'activation', 'gate', 'custom')
+        >>> import torch
+        >>> RuleSet(name_map={"lm_head": EpsilonRule()}).rule_for(torch.nn.Linear(2, 2), "lm_head")
+        EpsilonRule(epsilon=1e-06)
     """
 
     name: str = "relp"
@@ -160,8 +180,20 @@ class RuleSet:
     attention: Optional[Rule] = None
     linear: Optional[Rule] = None
     overrides: Dict[str, Rule] = field(default_factory=dict)
+    name_map: Dict[str, Optional[Rule]] = field(default_factory=dict)
 
-    def rule_for(self, module: nn.Module) -> Optional[Rule]:
+    @property
+    def is_empty(self) -> bool:
+        """True when the rule set changes nothing (plain gradients everywhere)."""
+        return not (self.categories or self.attention or self.linear or self.overrides
+                    or any(r is not None for r in self.name_map.values()))
+
+    def rule_for(self, module: nn.Module, path: Optional[str] = None) -> Optional[Rule]:
+        """The rule applied to ``module`` (at ``path`` in the model, for ``name_map``)."""
+        if path is not None:
+            for pattern, rule in self.name_map.items():
+                if fnmatch.fnmatchcase(path, pattern):
+                    return rule
         key = type_key(type(module))
         if key in self.overrides:
             return self.overrides[key]
@@ -178,12 +210,21 @@ class RuleSet:
             return []
         missing = []
         for path, module in model.named_modules():
-            if self.rule_for(module) is None and _needs_rule(module):
+            if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.name_map):
+                continue  # an explicit choice, also when it is None (the 0-rule)
+            if self.rule_for(module, path) is None and needs_rule(module):
                 missing.append((path or "<root>", type_key(type(module))))
         return missing
 
 
-def _needs_rule(module: nn.Module) -> bool:
+def needs_rule(module: nn.Module) -> bool:
+    """Whether strict mode requires a rule for ``module`` (norms, activations, gated MLPs).
+
+    Example:
+        >>> import torch
+        >>> needs_rule(torch.nn.GELU()), needs_rule(torch.nn.Linear(2, 2))
+        (True, False)
+    """
     cls = type(module)
     name = cls.__name__
     if name in _NOT_ACTIVATIONS:
@@ -271,8 +312,8 @@ def apply_rules(
     check_coverage(model, ruleset, strict)
     undos = []
     try:
-        for module in model.modules():
-            rule = ruleset.rule_for(module)
+        for path, module in model.named_modules():
+            rule = ruleset.rule_for(module, path)
             if rule is not None:
                 undos.append(rule.apply(module))
         if ruleset.attention is not None:

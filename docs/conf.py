@@ -31,6 +31,7 @@ extensions = [
     "sphinx_copybutton",
     "myst_nb",
     "relp_tables",
+    "relp_cli",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from captum_relp.circuits.experiment import run_circuit_experiment
-from captum_relp.circuits.sae import load_embedded_saes
-from captum_relp.embedded import EMBEDDED_MODELS, load_embedded, load_training_info
-from captum_relp.experiments.ioi import KIND_TITLES, KINDS, run_ioi_experiment
+from captum_relp.embedded import EMBEDDED_MODELS, load_embedded, load_embedded_saes, load_training_info
+from captum_relp.experiments import run_circuit_experiment, run_ioi_experiment
+from captum_relp.models import COMPONENT_KINDS as KINDS
+from captum_relp.models import COMPONENT_TITLES as KIND_TITLES
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_static" / "results"

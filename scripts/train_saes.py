@@ -18,7 +18,7 @@ Each dictionary is saved in dictionary_learning key layout as
 ``<model>/saes/<kind>_<layer>.safetensors`` (``encoder.weight``, ``encoder.bias``,
 ``decoder.weight``, ``bias``; float32), with ``saes.json`` holding the command, seed,
 hyper-parameters and per-dictionary held-out FVE, mean L0 and dead fraction. Load
-them with :func:`captum_relp.circuits.sae.load_embedded_saes`.
+them with :func:`captum_relp.embedded.load_embedded_saes`.
 
 ``--model-path`` trains on any saved causal LM folder with a tokenizer instead (the
 output then goes to ``--out``).

@@ -1,4 +1,4 @@
-"""Shared plumbing of the patching attribution classes."""
+"""Shared plumbing of the four patching attribution classes (RelP, AtP, AP, IG)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from .._forward import MetricEvaluator, MetricType, TargetType, root_module, split_forward_args
-from .._hooks import as_layer_list, check_layers_in_model, per_layer_flags
+from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
 
 LayerType = Union[nn.Module, Sequence[nn.Module]]
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -49,29 +49,49 @@ class PatchingCall:
         return self.kwargs.get("attention_mask")
 
 
-def prepare_call(forward_func: Callable, n_layers: int, inputs, baselines, target: TargetType,
-                 additional_forward_args: Any, attribute_to_layer_input, metric: MetricType,
-                 require_baselines: bool) -> PatchingCall:
-    inputs, baselines = format_pair(inputs, baselines)
-    if require_baselines and baselines is None:
-        raise ValueError("baselines (the corrupt input) is required")
-    flags = per_layer_flags(attribute_to_layer_input, n_layers, "attribute_to_layer_input")
-    args, kwargs = split_forward_args(forward_func, additional_forward_args)
-    evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
-    return PatchingCall(inputs, baselines, flags, args, kwargs, evaluator)
+class PatchingAttribution:
+    """Mixin shared by every attribution class of the package.
 
+    Holds the attributed layers (one module or a list, attributed in one call), the
+    root module whose state is guarded, and the argument handling of ``attribute``.
+    """
 
-class PatchingLayerAttribution(LayerAttribution):
-    """A Captum layer attribution over one or several layers of a model."""
+    layers: List[nn.Module]
+    model: Optional[nn.Module]
 
-    def __init__(
-        self,
-        forward_func: Callable,
-        layer: LayerType,
-        device_ids: Optional[List[int]] = None,
-        model: Optional[nn.Module] = None,
-    ) -> None:
-        super().__init__(forward_func, layer, device_ids)
+    def _init_layers(self, forward_func: Callable, layer: "LayerType", model: Optional[nn.Module]) -> None:
         self.layers = as_layer_list(layer)
         self.model = root_module(forward_func, model)
         check_layers_in_model(self.model, self.layers)
+
+    def _prepare(self, inputs, baselines, target: TargetType, additional_forward_args: Any,
+                 attribute_to_layer_input, metric: MetricType, require_baselines: bool) -> PatchingCall:
+        inputs, baselines = format_pair(inputs, baselines)
+        if require_baselines and baselines is None:
+            raise ValueError("baselines (the corrupt input) is required")
+        flags = per_layer_flags(attribute_to_layer_input, len(self.layers), "attribute_to_layer_input")
+        args, kwargs = split_forward_args(self.forward_func, additional_forward_args)
+        evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
+        return PatchingCall(inputs, baselines, flags, args, kwargs, evaluator)
+
+    def _per_layer(self, results: List[Tensor], call: PatchingCall) -> Union[Tensor, List[Tensor]]:
+        """Zero at padded positions, detached; one tensor for one layer, else a list."""
+        out = []
+        for result in results:
+            mask = pad_mask_like(call.attention_mask, result)
+            out.append((result * mask if mask is not None else result).detach())
+        return out[0] if isinstance(self.layer, nn.Module) else out  # type: ignore[attr-defined]
+
+
+class PatchingLayerAttribution(PatchingAttribution, LayerAttribution):
+    """A Captum layer attribution over one or several layers of a model.
+
+    Args:
+        forward_func (Callable or nn.Module): the model, or a function returning a tensor.
+        layer (nn.Module or list of nn.Module): the layer(s) attributed.
+        model (nn.Module, optional): the root module when ``forward_func`` is a plain function.
+    """
+
+    def __init__(self, forward_func: Callable, layer: LayerType, model: Optional[nn.Module] = None) -> None:
+        LayerAttribution.__init__(self, forward_func, layer)
+        self._init_layers(forward_func, layer, model)

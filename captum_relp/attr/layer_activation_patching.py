@@ -6,12 +6,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from captum.attr import LayerActivation
 from captum.log import log_usage
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._forward import MetricEvaluator, MetricType, TargetType, call_model
 from .._hooks import captum_safe_outputs, frozen_model, layer_hooks
-from ._base import PatchingLayerAttribution, TensorOrTuple, prepare_call
+from ._base import PatchingLayerAttribution, TensorOrTuple
 
 GRANULARITIES = ("position", "layer", "head")
 
@@ -46,7 +46,6 @@ class LayerActivationPatching(PatchingLayerAttribution):
     Args:
         forward_func (Callable or nn.Module): the model (Hugging Face models: ``.logits``).
         layer (nn.Module or list of nn.Module): layer(s) to patch.
-        device_ids (list[int], optional): as in Captum.
         model (nn.Module, optional): the root module, if ``forward_func`` is a function.
 
     Examples::
@@ -108,8 +107,8 @@ class LayerActivationPatching(PatchingLayerAttribution):
             raise ValueError("granularity='head' needs num_heads")
         if internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
-        call = prepare_call(self.forward_func, len(self.layers), inputs, baselines, target,
-                            additional_forward_args, attribute_to_layer_input, metric, True)
+        call = self._prepare(inputs, baselines, target, additional_forward_args,
+                             attribute_to_layer_input, metric, True)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
         mask, evaluator = call.attention_mask, call.evaluator
         batch_size = inputs[0].shape[0]
@@ -139,7 +138,7 @@ class LayerActivationPatching(PatchingLayerAttribution):
                         results[layer_index][(rows,) + location] = block.to(results[layer_index].dtype)
                     progress.update(len(chunk))
             progress.close()
-        return results[0] if isinstance(self.layer, nn.Module) else results
+        return self._per_layer(results, call)
 
     def _corrupt_activations(self, baselines, flags, args, kwargs) -> List[Tensor]:
         """Corrupt activations via Captum's LayerActivation (first entry of tuple outputs)."""

@@ -1,7 +1,7 @@
 """Attribution patching (AtP, Nanda 2022): RelP's machinery with plain gradients."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -28,8 +28,8 @@ class LayerAttributionPatching(LayerRelevancePatching):
         self,
         forward_func: Callable,
         layer: LayerType,
-        device_ids: Optional[List[int]] = None,
+        *,
         multiply_by_inputs: bool = True,
         model: Optional[nn.Module] = None,
     ) -> None:
-        super().__init__(forward_func, layer, "none", device_ids, multiply_by_inputs, model)
+        super().__init__(forward_func, layer, "none", multiply_by_inputs=multiply_by_inputs, model=model)

@@ -5,11 +5,11 @@ from typing import Any, List, Optional, Sequence, Union
 
 from captum.attr import LayerIntegratedGradients
 from captum.log import log_usage
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._forward import MetricType, TargetType, call_model
-from .._hooks import captum_safe_outputs, frozen_model, pad_mask_like
-from ._base import PatchingLayerAttribution, TensorOrTuple, prepare_call
+from .._hooks import captum_safe_outputs, frozen_model
+from ._base import PatchingLayerAttribution, TensorOrTuple
 
 
 class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
@@ -67,10 +67,10 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
             >>> ig.attribute(x, baselines=torch.zeros(1, 2)).sum().item() == (lin(x) - lin(0 * x)).item()
             True
         """
-        call = prepare_call(self.forward_func, len(self.layers), inputs, baselines, target,
-                            additional_forward_args, attribute_to_layer_input, metric, True)
+        call = self._prepare(inputs, baselines, target, additional_forward_args,
+                             attribute_to_layer_input, metric, True)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
-        mask, evaluator = call.attention_mask, call.evaluator
+        evaluator = call.evaluator
         n_inputs, kw_names = len(inputs), list(kwargs)
 
         def forward(*flat: Any) -> Tensor:
@@ -91,10 +91,8 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
                         n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
                         attribute_to_layer_input=flag,
                     )
-                attribution = attribution[0] if isinstance(attribution, tuple) else attribution
-                pad = pad_mask_like(mask, attribution)
-                results[index] = (attribution * pad if pad is not None else attribution).detach()
-        return results[0] if isinstance(self.layer, nn.Module) else results
+                results[index] = attribution[0] if isinstance(attribution, tuple) else attribution
+        return self._per_layer(results, call)
 
 
 __all__ = ["LayerIntegratedGradientsPatching"]

@@ -9,20 +9,13 @@ from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model, root_module
-from .._hooks import (
-    as_layer_list,
-    capture,
-    check_layers_in_model,
-    frozen_model,
-    layer_hooks,
-    pad_mask_like,
-)
+from .._forward import MetricEvaluator, MetricType, TargetType, call_model
+from .._hooks import capture, frozen_model, layer_hooks
 from ..registry import RuleSet, apply_rules, resolve_rules
-from ._base import LayerType, TensorOrTuple, prepare_call
+from ._base import LayerType, PatchingAttribution, TensorOrTuple
 
 
-class LayerRelevancePatching(LayerGradientXActivation):
+class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
     r"""Relevance Patching (RelP, Jafari et al. 2025) for one or several layers.
 
     RelP approximates activation patching like attribution patching (AtP) does,
@@ -52,7 +45,6 @@ class LayerRelevancePatching(LayerGradientXActivation):
         rules (str or RuleSet): ``"relp"`` (the paper's Table 4: LN + Identity +
             0-rule, Half-rule on gated MLPs), ``"relp-ah"`` (plus AH-rule) or ``"none"``
             (plain gradients, i.e. attribution patching). Default: ``"relp"``.
-        device_ids (list[int], optional): as in Captum (for DataParallel models).
         multiply_by_inputs (bool): if False, return the propagation coefficients only.
         model (nn.Module, optional): the module to apply rules to when
             ``forward_func`` is a plain function. Default: ``forward_func`` itself.
@@ -75,22 +67,19 @@ class LayerRelevancePatching(LayerGradientXActivation):
         forward_func: Callable,
         layer: LayerType,
         rules: Union[str, RuleSet, None] = "relp",
-        device_ids: Optional[List[int]] = None,
+        *,
         multiply_by_inputs: bool = True,
         model: Optional[nn.Module] = None,
         strict: bool = True,
     ) -> None:
-        super().__init__(forward_func, layer, device_ids, multiply_by_inputs)
-        self.layers = as_layer_list(layer)
+        LayerGradientXActivation.__init__(self, forward_func, layer, None, multiply_by_inputs)
+        self._init_layers(forward_func, layer, model)
         self.rules = resolve_rules(rules)
         self.strict = strict
-        self.model = root_module(forward_func, model)
-        needs_model = self.rules.categories or self.rules.attention or self.rules.linear
-        if self.model is None and needs_model:
+        if self.model is None and not self.rules.is_empty:
             raise ValueError(
                 "rules need a model: pass model=<nn.Module> when forward_func is a plain function"
             )
-        check_layers_in_model(self.model, self.layers)
 
     @log_usage()
     def attribute(  # type: ignore[override]
@@ -142,8 +131,8 @@ class LayerRelevancePatching(LayerGradientXActivation):
             raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
         if direction == "denoising" and baselines is None:
             raise ValueError("direction='denoising' needs baselines")
-        call = prepare_call(self.forward_func, len(self.layers), inputs, baselines, target,
-                            additional_forward_args, attribute_to_layer_input, metric, False)
+        call = self._prepare(inputs, baselines, target, additional_forward_args,
+                             attribute_to_layer_input, metric, False)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
         grad_run, reference_run = (inputs, baselines)
         if direction == "denoising":
@@ -165,9 +154,8 @@ class LayerRelevancePatching(LayerGradientXActivation):
                 result = (grad_acts[index] - reference_acts[index]) * coefficient
             else:
                 result = (reference_acts[index] - grad_acts[index]) * coefficient
-            mask = pad_mask_like(call.attention_mask, result)
-            results.append((result * mask if mask is not None else result).detach())
-        return results[0] if isinstance(self.layer, nn.Module) else results
+            results.append(result)
+        return self._per_layer(results, call)
 
     def _collect(self, run, flags, args, kwargs) -> List[Tensor]:
         store: List[Optional[Tensor]] = [None] * len(self.layers)

@@ -7,14 +7,8 @@ from typing import Dict
 
 from torch import Tensor
 
-from ..attr import (
-    LayerAttributionPatching,
-    LayerIntegratedGradientsPatching,
-    LayerRelevancePatching,
-)
+from ..attr import PassCounter, get_method
 from .nodes import NodeSpace
-
-METHODS = ("relp", "atp", "ig")
 
 
 @dataclass
@@ -38,10 +32,12 @@ def node_effects(
     corrupt: Tensor,
     metric,
     attention_mask: Tensor = None,
-    rules: str = "relp",
     n_steps: int = 10,
 ) -> EffectRun:
-    """Score every node of ``space`` by patching ``corrupt`` into ``clean``.
+    """Score every node of ``space`` by patching ``corrupt`` into ``clean`` with ``method``.
+
+    ``method`` is a name of :data:`captum_relp.attr.METHODS` other than ``AP``
+    (``RelP``, ``RelP+AH``, ``AtP``, ``IG``; case-insensitive).
 
     Sign as in :class:`~captum_relp.LayerRelevancePatching`: positive = patching the
     node lowers the metric. Groups with one node per position are summed over the
@@ -53,50 +49,28 @@ def node_effects(
         >>> from captum_relp.metrics import logit_diff
         >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20)).eval()
         >>> space = NodeSpace(model, "neurons")
-        >>> run = node_effects(space, "relp", torch.ones(1, 3, dtype=torch.long),
+        >>> run = node_effects(space, "RelP", torch.ones(1, 3, dtype=torch.long),
         ...                    torch.zeros(1, 3, dtype=torch.long), logit_diff(1, 2))
         >>> run.effects["mlp_0.neurons"].shape, run.forward_passes, run.backward_passes
         (torch.Size([1, 3, 64]), 2, 1)
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    model = space.model
-    rows = {"forward": 0, "backward": 0}
-
-    def count_forward(module, args, kwargs) -> None:
-        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        rows["forward"] += ids.shape[0]
-
-    def count_backward(module, grad_input, grad_output) -> None:
-        rows["backward"] += grad_output[0].shape[0]
-
-    handles = [model.register_forward_pre_hook(count_forward, with_kwargs=True)]
-    output_layer = model.get_output_embeddings()
-    if output_layer is not None:
-        handles.append(output_layer.register_full_backward_hook(count_backward))
+    runner = get_method(method)
+    if runner.name == "AP":
+        raise ValueError("node_effects scores nodes with one backward pass: use RelP, RelP+AH, AtP or IG")
     extra = {"attention_mask": attention_mask} if attention_mask is not None else None
     began = time.perf_counter()
-    try:
-        with space.active():
-            layers, flags = space.layers_and_flags()
-            kwargs = dict(baselines=corrupt, metric=metric, additional_forward_args=extra,
-                          attribute_to_layer_input=flags)
-            if method == "relp":
-                scores = LayerRelevancePatching(model, layers, rules=rules).attribute(clean, **kwargs)
-            elif method == "atp":
-                scores = LayerAttributionPatching(model, layers).attribute(clean, **kwargs)
-            else:
-                scores = LayerIntegratedGradientsPatching(model, layers).attribute(clean, n_steps=n_steps, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with PassCounter(space.model) as counter, space.active():
+        layers, flags = space.layers_and_flags()
+        scores = runner.attribute(space.model, layers, clean, baselines=corrupt, metric=metric,
+                                  additional_forward_args=extra, attribute_to_layer_input=flags,
+                                  n_steps=n_steps)
     seconds = time.perf_counter() - began
     effects = {
         group.name: (score.sum(-1, keepdim=True) if group.sum_hidden else score).float()
         for group, score in zip(space.groups, scores)
     }
     batch = clean.shape[0]
-    return EffectRun(effects, seconds, rows["forward"] // batch, rows["backward"] // batch)
+    return EffectRun(effects, seconds, counter.forward_rows // batch, counter.backward_rows // batch)
 
 
 def mean_effects(effects: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -110,4 +84,4 @@ def mean_effects(effects: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return {name: values.mean(0) for name, values in effects.items()}
 
 
-__all__ = ["METHODS", "EffectRun", "node_effects", "mean_effects"]
+__all__ = ["EffectRun", "node_effects", "mean_effects"]

@@ -37,7 +37,6 @@ SAELENS_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 DL_FILE = "ae.pt"
-EMBEDDED_KINDS = ("resid", "attn", "mlp")
 
 
 class SparseAutoencoder(nn.Module):
@@ -316,62 +315,10 @@ def load_sae(path: PathLike) -> SparseAutoencoder:
     return load_saelens(path) if fmt == "saelens" else load_dictionary_learning(path)
 
 
-# ---------------------------------------------------------------- embedded dictionaries
-
-
-def embedded_saes_dir(name: str) -> Path:
-    """``captum_relp/embedded/<name>/saes`` (the folder need not exist)."""
-    from captum_relp.embedded import EMBEDDED_MODELS, _ROOT
-
-    if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {name!r}; available: "
-                         f"{', '.join(EMBEDDED_MODELS)}")
-    return _ROOT / name / "saes"
-
-
-def load_embedded_saes(name: str = "tiny-gpt2-ioi") -> Dict[str, SparseAutoencoder]:
-    """The shipped dictionaries of an embedded model, keyed ``"resid_0"``, ``"attn_0"``, ...
-
-    Raises:
-        FileNotFoundError: If they were not trained (names the command to train them).
-    """
-    folder = embedded_saes_dir(name)
-    index = folder / "saes.json"
-    if not index.is_file():
-        raise FileNotFoundError(
-            f"no dictionaries for {name!r} in {folder}; train them with "
-            f"`python scripts/train_saes.py --model {name}`")
-    info = json.loads(index.read_text())
-    out = {}
-    for key in info["dictionaries"]:
-        file = folder / f"{key}.safetensors"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} listed in {index} is missing; retrain with "
-                                    f"`python scripts/train_saes.py --model {name}`")
-        out[key] = load_dictionary_learning(file).to(torch.float32)
-    return out
-
-
-def load_embedded_sae_stats(name: str = "tiny-gpt2-ioi") -> dict:
-    """The ``saes.json`` record (command, seed, per-dictionary FVE / L0 / dead fraction)."""
-    index = embedded_saes_dir(name) / "saes.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{index} missing; train with "
-                                f"`python scripts/train_saes.py --model {name}`")
-    return json.loads(index.read_text())
 
 
 __all__ = [
     "SparseAutoencoder", "load_dictionary_learning", "save_dictionary_learning",
     "dictionary_learning_state", "load_saelens", "save_saelens", "sae_format", "load_sae",
-    "embedded_saes_dir", "load_embedded_saes", "load_embedded_sae_stats", "train_sae",
-    "fraction_variance_explained",
 ]
 
-
-def __getattr__(name: str):  # re-export the trainer lazily (it lives in sae_train.py)
-    if name in ("train_sae", "fraction_variance_explained"):
-        from captum_relp.circuits import sae_train
-
-        return getattr(sae_train, name)
-    raise AttributeError(name)

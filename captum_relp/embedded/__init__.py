@@ -7,10 +7,14 @@ space, e.g. `` Mary``; ``tokenizer(text)`` prepends ``<bos>``):
 * ``tiny-gpt2-ioi``: :class:`transformers.GPT2LMHeadModel`
 * ``tiny-llama-ioi``: :class:`transformers.LlamaForCausalLM` (RMSNorm, gated MLP, RoPE)
 
-Both solve IOI for the names used in IOI sentences during training (~100%
-accuracy). Known limitation of the current weights: they do NOT generalise to
-the held-out names (:func:`heldout_names`, ~50% = chance) nor do they solve SVA
-on held-out nouns (chance); see each folder's ``TRAINING.md`` for the numbers.
+Both solve IOI, also for names held out of the IOI sentences in training
+(:func:`heldout_names`), and subject-verb agreement; each folder's ``TRAINING.md``
+records the measured accuracies (e.g. held-out IOI 1.00 for ``tiny-gpt2-ioi`` and
+0.985 for ``tiny-llama-ioi``). Each model ships sparse autoencoders for its residual,
+attention and MLP outputs (:func:`load_embedded_saes`).
+
+This module is the one place that resolves shipped model names: :func:`load_model`
+takes a shipped name, a local ``save_pretrained`` directory or a hub name.
 
 Example:
     >>> model, tok = load_embedded("tiny-gpt2-ioi")
@@ -23,7 +27,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional, Tuple
 
 EMBEDDED_MODELS: tuple[str, ...] = ("tiny-gpt2-ioi", "tiny-llama-ioi")
 """Names of the shipped models."""
@@ -55,6 +59,66 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
             f"regenerate with scripts/train_embedded.py (see its docstring)"
         )
     return path
+
+
+def is_embedded(name: Optional[str]) -> bool:
+    """Whether ``name`` is ``None`` (the default model) or a shipped model's name.
+
+    Example:
+        >>> is_embedded(None), is_embedded("tiny-llama-ioi"), is_embedded("gpt2")
+        (True, True, False)
+    """
+    return name is None or name in EMBEDDED_MODELS
+
+
+def heldout_words(name: Optional[str], task: str = "ioi") -> Optional[list]:
+    """Words held out of a shipped model's training sentences, for evaluation.
+
+    ``ioi``: names; ``sva``: (singular, plural) noun pairs. ``None`` for models the
+    package does not ship.
+
+    Example:
+        >>> len(heldout_words(None, "ioi")) > 2, heldout_words("gpt2")
+        (True, None)
+    """
+    if not is_embedded(name):
+        return None
+    if task not in ("ioi", "sva"):
+        raise ValueError(f"task must be 'ioi' or 'sva', got {task!r}")
+    getter = heldout_names if task == "ioi" else heldout_nouns
+    return getter(name or DEFAULT_MODEL) or None
+
+
+def load_model(name: Optional[str] = None, device: Any = "cpu", dtype: Any = "float32") -> Tuple[Any, Any]:
+    """Model (eval mode) and tokenizer by shipped name, local directory or hub name.
+
+    Args:
+        name: a shipped model (default: :data:`DEFAULT_MODEL`), a folder written by
+            ``save_pretrained``, or a Hugging Face hub name (needs network access).
+        device: where to put the model.
+        dtype: a torch dtype or its name (``"float32"``, ``"bfloat16"``, ``"float16"``).
+
+    Raises:
+        OSError: when the model cannot be loaded (the message says whether ``name``
+            was a local directory).
+
+    Example:
+        >>> model, tokenizer = load_model(None, "cpu", "float32")
+        >>> type(model).__name__
+        'GPT2LMHeadModel'
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    path = str(embedded_model_path(name or DEFAULT_MODEL)) if is_embedded(name) else str(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        hint = "" if Path(path).exists() else " (not a local directory; hub names need network access)"
+        raise OSError(f"cannot load model {name!r}{hint}: {str(error).splitlines()[0]}") from error
+    return model.to(device).eval(), tokenizer
 
 
 def load_embedded(
@@ -123,12 +187,70 @@ def heldout_nouns(name: str = DEFAULT_MODEL) -> list[tuple[str, str]]:
     return [tuple(p) for p in load_training_info(name)["heldout_nouns"]]
 
 
+def embedded_saes_dir(name: str = DEFAULT_MODEL) -> Path:
+    """``captum_relp/embedded/<name>/saes`` (the folder need not exist).
+
+    Example:
+        >>> embedded_saes_dir("tiny-gpt2-ioi").name
+        'saes'
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED_MODELS)}")
+    return _ROOT / name / "saes"
+
+
+def load_embedded_sae_stats(name: str = DEFAULT_MODEL) -> dict:
+    """The ``saes.json`` record (command, seed, per-dictionary FVE / L0 / dead fraction).
+
+    Example:
+        >>> sorted(load_embedded_sae_stats()["dictionaries"])[:2]
+        ['attn_0', 'attn_1']
+    """
+    index = embedded_saes_dir(name) / "saes.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} missing; train with `python scripts/train_saes.py --model {name}`")
+    return json.loads(index.read_text())
+
+
+def load_embedded_saes(name: str = DEFAULT_MODEL) -> Dict[str, Any]:
+    """The shipped dictionaries of an embedded model, keyed ``"resid_0"``, ``"attn_0"``, ...
+
+    Raises:
+        FileNotFoundError: If they were not trained (names the command to train them).
+
+    Example:
+        >>> saes = load_embedded_saes("tiny-gpt2-ioi")
+        >>> len(saes), type(saes["mlp_0"]).__name__
+        (12, 'SparseAutoencoder')
+    """
+    import torch
+
+    from ..circuits.sae import load_dictionary_learning
+
+    folder = embedded_saes_dir(name)
+    keys: List[str] = list(load_embedded_sae_stats(name)["dictionaries"])
+    out = {}
+    for key in keys:
+        file = folder / f"{key}.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} listed in {folder / 'saes.json'} is missing; retrain with "
+                                    f"`python scripts/train_saes.py --model {name}`")
+        out[key] = load_dictionary_learning(file).to(torch.float32)
+    return out
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "embedded_model_path",
+    "embedded_saes_dir",
     "heldout_names",
     "heldout_nouns",
+    "heldout_words",
+    "is_embedded",
     "load_embedded",
+    "load_embedded_sae_stats",
+    "load_embedded_saes",
+    "load_model",
     "load_training_info",
 ]

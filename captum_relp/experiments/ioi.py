@@ -18,13 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attr import LayerActivationPatching, LayerAttributionPatching, LayerRelevancePatching
+from ..attr import METHODS, get_method
+from ..models import COMPONENT_KINDS as KINDS
+from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs
-
-KINDS = ("resid", "attn", "mlp")
-KIND_TITLES = {"resid": "Residual stream", "attn": "Attention outputs", "mlp": "MLP outputs"}
-METHOD_LABELS = {"relp": "RelP", "relp-ah": "RelP+AH", "none": "AtP"}
 
 
 @dataclass
@@ -141,7 +139,7 @@ def run_ioi_experiment(
         model: a Hugging Face causal LM (GPT-2, Pythia, Llama, Qwen2, Gemma2 ...).
         tokenizer: its tokenizer; names that are not single tokens are filtered out.
         n_prompts: number of prompt pairs (the paper uses 100).
-        rules: RelP presets to evaluate (``"relp"``, ``"relp-ah"``).
+        rules: RelP presets to evaluate (``"relp"`` -> RelP, ``"relp-ah"`` -> RelP+AH).
         batch_size: prompts per attribution batch.
         seed: seed of the prompt generator.
         names: candidate names (default: the generator's list).
@@ -162,10 +160,8 @@ def run_ioi_experiment(
     pairs = generate_ioi_pairs(n_prompts, seed=seed, names=names, tokenizer=tokenizer)
     batch = encode_ioi(pairs, tokenizer, device=device)
     layers, flags, labels = model_components(model).select(KINDS)
-    methods = {"AP": None, "AtP": LayerAttributionPatching(model, layers)}
-    for preset in rules:
-        methods[METHOD_LABELS.get(preset, preset)] = LayerRelevancePatching(model, layers, rules=preset)
-    patcher = LayerActivationPatching(model, layers)
+    method_names = ["AP", "AtP"] + [get_method(preset).name for preset in rules]
+    methods = {name: METHODS[name] for name in dict.fromkeys(method_names)}
     collected: Dict[str, List[List[torch.Tensor]]] = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     chunks = range(0, len(pairs), batch_size)
@@ -177,14 +173,13 @@ def run_ioi_experiment(
             additional_forward_args={"attention_mask": batch.attention_mask[rows]},
             attribute_to_layer_input=flags,
         )
-        for method, attribution in methods.items():
+        for name, method in methods.items():
             began = time.perf_counter()
-            if attribution is None:
-                scores = patcher.attribute(clean, internal_batch_size=ap_batch_size, **kwargs)
-            else:
-                scores = [s.sum(-1) for s in attribution.attribute(clean, **kwargs)]
-            seconds[method] += time.perf_counter() - began
-            collected[method].append([s.float().cpu() for s in scores])
+            scores = method.attribute(model, layers, clean, internal_batch_size=ap_batch_size, **kwargs)
+            if name != "AP":  # AP is per position already; the others per hidden unit
+                scores = [s.sum(-1) for s in scores]
+            seconds[name] += time.perf_counter() - began
+            collected[name].append([s.float().cpu() for s in scores])
 
     by_method = {m: _stack(parts, labels) for m, parts in collected.items()}
     valid = batch.attention_mask.bool().cpu().numpy()

@@ -12,50 +12,7 @@ import torch
 from torch import nn
 
 from .base import ForwardPatchRule
-
-_TINY = 1e-6
-
-
-class _IdentityRatio(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, original, slope_at_zero):  # type: ignore[override]
-        output = original(x)
-        ctx.save_for_backward(identity_ratio(x, output, slope_at_zero).to(x.dtype))
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (ratio,) = ctx.saved_tensors
-        return grad_output * ratio, None, None
-
-
-def identity_ratio(x: torch.Tensor, output: torch.Tensor, slope_at_zero: float) -> torch.Tensor:
-    """``output / x`` in float32, replaced by ``slope_at_zero`` where ``|x|`` is tiny.
-
-    Example:
-        >>> import torch
-        >>> x = torch.tensor([0.0, 2.0])
-        >>> identity_ratio(x, torch.relu(x), 0.5)
-        tensor([0.5000, 1.0000])
-    """
-    x32 = x.float()
-    safe = x32.abs() > _TINY
-    ratio = output.float() / torch.where(safe, x32, torch.ones_like(x32))
-    return torch.where(safe, ratio, torch.full_like(ratio, slope_at_zero))
-
-
-def slope_at_zero(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """Derivative of a pointwise function at 0, the limit of ``fn(x) / x``.
-
-    Example:
-        >>> import torch
-        >>> slope_at_zero(torch.nn.functional.silu)
-        0.5
-    """
-    with torch.enable_grad():
-        zero = torch.zeros(1, requires_grad=True)
-        (grad,) = torch.autograd.grad(fn(zero).sum(), zero, allow_unused=True)
-    return 0.0 if grad is None else float(grad.item())
+from .functional import identity_rule, slope_at_zero
 
 
 class IdentityRule(ForwardPatchRule):
@@ -90,4 +47,4 @@ class IdentityRule(ForwardPatchRule):
     ):
         if args or kwargs or not torch.is_grad_enabled() or not x.requires_grad:
             return original(x, *args, **kwargs)
-        return _IdentityRatio.apply(x, original, state)
+        return identity_rule(original, x, state)

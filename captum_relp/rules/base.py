@@ -35,15 +35,15 @@ class Rule:
         return f"{type(self).__name__}()"
 
 
-class PassRule(Rule):
-    """The 0-rule: plain gradient x input. Nothing to patch.
+class ZeroRule(Rule):
+    """The 0-rule: the plain gradient (what attribution patching, AtP, uses). Nothing to patch.
 
     Example:
         >>> import torch
-        >>> undo = PassRule().apply(torch.nn.Linear(2, 2)); undo()
+        >>> undo = ZeroRule().apply(torch.nn.Linear(2, 2)); undo()
     """
 
-    name = "zero"
+    name = "0-rule"
 
     def apply(self, module: nn.Module) -> UndoFn:
         return lambda: None
@@ -83,6 +83,3 @@ class ForwardPatchRule(Rule):
                 module.__dict__.pop("forward", None)
 
         return undo
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"

@@ -9,36 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from .base import ForwardPatchRule
+from .functional import half_product
 
 GATED_MLP_ATTRIBUTES = ("gate_proj", "up_proj", "down_proj", "act_fn")
-
-
-class _HalfProduct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):  # type: ignore[override]
-        ctx.save_for_backward(gate, up)
-        return gate * up
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        gate, up = ctx.saved_tensors
-        return 0.5 * grad_output * up, 0.5 * grad_output * gate
-
-
-def half_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``gate * up`` whose backward splits the gradient in half between the factors.
-
-    Example:
-        >>> import torch
-        >>> a = torch.tensor([2.0], requires_grad=True); b = torch.tensor([3.0], requires_grad=True)
-        >>> half_product(a, b).backward(); (a.grad.item(), b.grad.item())
-        (1.5, 1.0)
-    """
-    return _HalfProduct.apply(gate, up)
 
 
 class HalfRule(ForwardPatchRule):

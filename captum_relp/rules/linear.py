@@ -2,7 +2,7 @@
 
 As modified gradients: for ``z = W x + b`` and incoming gradient ``g``,
 
-* 0-rule:        ``dx = W^T g`` (plain gradient; nothing to patch, see :class:`PassRule`)
+* 0-rule:        ``dx = W^T g`` (plain gradient; nothing to patch, see :class:`ZeroRule`)
 * epsilon-rule:  ``dx = W^T (g * z / (z + eps * sign(z)))``
 * gamma-rule:    ``dx = W'^T (g * z / z')`` with ``W' = W + gamma * W^+`` and ``z' = W' x + b``
 
@@ -33,7 +33,7 @@ def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 class _ModifiedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, original, weight, scale_fn):  # type: ignore[override]
+    def forward(ctx, x, original, scale_fn):  # type: ignore[override]
         output = original(x)
         ctx.scale, ctx.weight = scale_fn(x, output)
         ctx.in_dtype = x.dtype
@@ -42,7 +42,7 @@ class _ModifiedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         grad = (grad_output.float() * ctx.scale) @ ctx.weight.float()
-        return grad.to(ctx.in_dtype), None, None, None
+        return grad.to(ctx.in_dtype), None, None
 
 
 class _LinearRule(ForwardPatchRule):
@@ -62,7 +62,7 @@ class _LinearRule(ForwardPatchRule):
         def scale_fn(inp, out):
             return self.scale(module, inp, out)
 
-        return _ModifiedLinear.apply(x, original, None, scale_fn)
+        return _ModifiedLinear.apply(x, original, scale_fn)
 
 
 class EpsilonRule(_LinearRule):

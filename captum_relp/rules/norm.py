@@ -12,34 +12,7 @@ import torch
 from torch import nn
 
 from .base import ForwardPatchRule
-
-
-class _ConstantScaleNorm(torch.autograd.Function):
-    """Forward: the module's own output. Backward: LN-rule Jacobian."""
-
-    @staticmethod
-    def forward(ctx, x, original, centered, weight, eps):  # type: ignore[override]
-        output = original(x)
-        x32 = x.float()
-        if centered:
-            var = x32.var(dim=-1, unbiased=False, keepdim=True)
-        else:
-            var = x32.pow(2).mean(dim=-1, keepdim=True)
-        ctx.save_for_backward(torch.rsqrt(var + eps))
-        ctx.centered = centered
-        ctx.weight = weight
-        ctx.in_dtype = x.dtype
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (inv_scale,) = ctx.saved_tensors
-        grad = grad_output.float()
-        if ctx.weight is not None:
-            grad = grad * ctx.weight
-        if ctx.centered:
-            grad = grad - grad.mean(dim=-1, keepdim=True)
-        return (grad * inv_scale).to(ctx.in_dtype), None, None, None, None
+from .functional import ln_rule
 
 
 class LayerNormRule(ForwardPatchRule):
@@ -96,7 +69,7 @@ class LayerNormRule(ForwardPatchRule):
         eps = self._eps(module, x.dtype)
         if not torch.is_grad_enabled() or not x.requires_grad:
             return original(x)
-        return _ConstantScaleNorm.apply(x, original, self.centered, weight, eps)
+        return ln_rule(original, x, weight, eps, self.centered)
 
     def __repr__(self) -> str:
         return f"LayerNormRule(centered={self.centered}, weight_offset={self.weight_offset})"

@@ -5,6 +5,9 @@ Example:
     >>> len(generate_ioi_pairs(3)), len(generate_sva_pairs(3, "within_rc"))
     (3, 3)
 """
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
 
 from captum_relp.tasks.ioi import (
     NAMES,
@@ -34,7 +37,43 @@ from captum_relp.tasks.sva import (
     sva_metric,
 )
 
+TASKS = ("sva", "ioi")
+
+
+def task_splits(task: str, tokenizer, n_train: int, n_test: int, seed: int,
+                heldout: Optional[Sequence] = None) -> List[Tuple[str, object, object]]:
+    """``(setting, train_batch, test_batch)`` per setting; the test split uses held-out words.
+
+    ``sva``: one setting per structure; ``ioi``: one template. ``heldout``: the words
+    kept out of training (e.g. :func:`captum_relp.embedded.heldout_words`); default: a
+    seeded split of the task's words.
+
+    Example:
+        >>> from captum_relp.embedded import load_embedded
+        >>> _, tok = load_embedded()
+        >>> [name for name, _, _ in task_splits("sva", tok, 2, 2, seed=0)]
+        ['within_rc', 'across_rc', 'across_pp']
+    """
+    if task == "sva":
+        if heldout:
+            held = [tuple(pair) for pair in heldout]
+            train = [pair for pair in NOUNS if tuple(pair) not in held]
+        else:
+            train, held = split_nouns(seed)
+        return [(s, encode_sva(generate_sva_pairs(n_train, s, seed, nouns=train, tokenizer=tokenizer), tokenizer),
+                 encode_sva(generate_sva_pairs(n_test, s, seed + 1, nouns=held, tokenizer=tokenizer), tokenizer))
+                for s in STRUCTURES]
+    if task == "ioi":
+        held = list(heldout) if heldout else NAMES[: len(NAMES) // 4]
+        train = [n for n in NAMES if n not in held]
+        make = lambda n, s, names: encode_ioi(  # noqa: E731
+            generate_ioi_pairs(n, seed=s, names=names, templates=(0,), tokenizer=tokenizer), tokenizer)
+        return [("template_1", make(n_train, seed, train), make(n_test, seed + 1, held))]
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
 __all__ = [
+    "TASKS", "task_splits",
     "NAMES", "OBJECTS", "PLACES", "TEMPLATES", "IOIBatch", "IOIMetric", "IOIPair",
     "encode_ioi", "generate_ioi_pairs", "ioi_metric",
     "MAIN_VERBS", "NOUNS", "PREPOSITIONS", "RC_VERBS", "STRUCTURES", "VERBS", "SVABatch",

@@ -26,6 +26,13 @@ from typing import Any, Sequence
 import torch
 
 from captum_relp.metrics import LogitDiff
+from captum_relp.tasks._pairs import (  # noqa: F401  (public here)
+    PairBatch,
+    is_single_token,
+    single_token_words,
+    tokenize_aligned,
+    word_ids,
+)
 
 NAMES: tuple[str, ...] = (
     "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Paul", "Kate",
@@ -85,30 +92,6 @@ class IOIPair:
 
 def _fill(template_id: int, a: str, b: str, place: str, obj: str) -> str:
     return TEMPLATES[template_id].format(A=a, B=b, PLACE=place, OBJECT=obj)
-
-
-def is_single_token(word: str, tokenizer: Any) -> bool:
-    """Whether `` word`` (with a leading space) is exactly one known (non-unk) token.
-
-    Example:
-        >>> is_single_token("Mary", None)
-        True
-    """
-    if tokenizer is None:
-        return True
-    ids = tokenizer.encode(" " + word, add_special_tokens=False)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    return len(ids) == 1 and (unk is None or ids[0] != unk)
-
-
-def single_token_words(words: Sequence[str], tokenizer: Any) -> list[str]:
-    """Words that encode (with a leading space) to exactly one known token.
-
-    Example:
-        >>> single_token_words(["Mary"], None)
-        ['Mary']
-    """
-    return [w for w in words if is_single_token(w, tokenizer)]
 
 
 def _n_tokens(tokenizer: Any, text: str) -> int:
@@ -179,25 +162,6 @@ def generate_ioi_pairs(
     return pairs
 
 
-class PairBatch:
-    """Shared behaviour of tokenized contrastive batches (:class:`IOIBatch`, ``SVABatch``)."""
-
-    clean_ids: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.clean_ids.shape[0])
-
-    def to(self, device: Any):
-        """Move all tensors to ``device`` (returns a new batch)."""
-        kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
-        return type(self)(**kw)
-
-    def select(self, rows: slice):
-        """The batch of rows ``rows`` (tensors sliced; position labels kept)."""
-        kw = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
-        return type(self)(**kw)
-
-
 @dataclass
 class IOIBatch(PairBatch):
     """Tokenized IOI pairs (right-padded).
@@ -232,58 +196,6 @@ class IOIBatch(PairBatch):
         return IOIMetric(self.io_ids, self.s_ids, self.last_pos)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
-
-
-def _tokenize_aligned(
-    clean: Sequence[str], corrupt: Sequence[str], tokenizer: Any, device: Any = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Tokenize aligned prompt lists with right padding.
-
-    Returns ``clean_ids, corrupt_ids, attention_mask, last_pos, positions``.
-    """
-    rows_c = [tokenizer(p)["input_ids"] for p in clean]
-    rows_k = [tokenizer(p)["input_ids"] for p in corrupt]
-    for i, (c, k) in enumerate(zip(rows_c, rows_k)):
-        if len(c) != len(k):
-            raise ValueError(
-                f"pair {i}: clean and corrupted prompts tokenize to different lengths "
-                f"({len(c)} vs {len(k)}); use the tokenizer= filter when generating pairs"
-            )
-    if not rows_c:
-        raise ValueError("no prompts to encode")
-    t_max = max(len(r) for r in rows_c)
-    pad = _pad_id(tokenizer)
-    n = len(rows_c)
-    clean_ids = torch.full((n, t_max), pad, dtype=torch.long)
-    corrupt_ids = torch.full((n, t_max), pad, dtype=torch.long)
-    mask = torch.zeros((n, t_max), dtype=torch.long)
-    for i, (c, k) in enumerate(zip(rows_c, rows_k)):
-        clean_ids[i, : len(c)] = torch.tensor(c)
-        corrupt_ids[i, : len(k)] = torch.tensor(k)
-        mask[i, : len(c)] = 1
-    last_pos = mask.sum(1) - 1
-    positions = [tokenizer.decode([i]) for i in rows_c[0]]
-    if device is not None:
-        clean_ids, corrupt_ids = clean_ids.to(device), corrupt_ids.to(device)
-        mask, last_pos = mask.to(device), last_pos.to(device)
-    return clean_ids, corrupt_ids, mask, last_pos, positions
-
-
-def _word_ids(words: Sequence[str], tokenizer: Any, device: Any = None) -> torch.Tensor:
-    out = []
-    for w in words:
-        ids = tokenizer.encode(" " + w, add_special_tokens=False)
-        if not is_single_token(w, tokenizer):
-            raise ValueError(f"{w!r} is not a single token (with a leading space): {ids}")
-        out.append(ids[0])
-    return torch.tensor(out, dtype=torch.long, device=device)
-
-
 def encode_ioi(pairs: Sequence[IOIPair], tokenizer: Any, device: Any = None) -> IOIBatch:
     """Tokenize IOI pairs into an :class:`IOIBatch` (right padding).
 
@@ -300,59 +212,12 @@ def encode_ioi(pairs: Sequence[IOIPair], tokenizer: Any, device: Any = None) -> 
         >>> batch.clean_ids.shape == batch.corrupt_ids.shape
         True
     """
-    clean, corrupt, mask, last, positions = _tokenize_aligned(
+    clean, corrupt, mask, last, positions = tokenize_aligned(
         [p.clean_prompt for p in pairs], [p.corrupt_prompt for p in pairs], tokenizer, device
     )
-    io_ids = _word_ids([p.io_name for p in pairs], tokenizer, device)
-    s_ids = _word_ids([p.s_name for p in pairs], tokenizer, device)
+    io_ids = word_ids([p.io_name for p in pairs], tokenizer, device)
+    s_ids = word_ids([p.s_name for p in pairs], tokenizer, device)
     return IOIBatch(clean, corrupt, mask, last, io_ids, s_ids, positions)
-
-
-def _final_logits(logits: Any, last_pos: torch.Tensor) -> torch.Tensor:
-    """Select ``[B, V]`` logits at ``last_pos`` (tiled if B is a multiple of N)."""
-    if hasattr(logits, "logits"):
-        logits = logits.logits
-    elif isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    b = logits.shape[0]
-    n = last_pos.shape[0]
-    if b % n != 0:
-        raise ValueError(f"logit batch {b} is not a multiple of the number of examples {n}")
-    if logits.dim() == 2:
-        return logits
-    pos = last_pos.to(logits.device).repeat(b // n)
-    return logits[torch.arange(b, device=logits.device), pos]
-
-
-def _tile(x: torch.Tensor, b: int, device: Any) -> torch.Tensor:
-    return x.to(device).repeat(b // x.shape[0])
-
-
-def ioi_metric(
-    logits: torch.Tensor, io_ids: torch.Tensor, s_ids: torch.Tensor, last_pos: torch.Tensor
-) -> torch.Tensor:
-    """Logit difference ``logit(IO) - logit(S)`` at the last prompt position.
-
-    Args:
-        logits: ``[B, T, V]`` (or ``[B, V]`` already at the last position, or a
-            model output with ``.logits``). ``B`` may be ``k * N``: rows are
-            then read as ``k`` tiled copies of the ``N`` examples.
-        io_ids, s_ids, last_pos: ``[N]`` tensors from :class:`IOIBatch`.
-
-    Returns:
-        ``[B]`` tensor of logit differences.
-
-    Example:
-        >>> logits = torch.zeros(1, 2, 5); logits[0, 1, 3] = 2.0; logits[0, 1, 4] = 0.5
-        >>> ioi_metric(logits, torch.tensor([3]), torch.tensor([4]), torch.tensor([1]))
-        tensor([1.5000])
-    """
-    final = _final_logits(logits, last_pos)
-    b = final.shape[0]
-    rows = torch.arange(b, device=final.device)
-    io = _tile(io_ids, b, final.device)
-    s = _tile(s_ids, b, final.device)
-    return final[rows, io] - final[rows, s]
 
 
 class IOIMetric(LogitDiff):
@@ -373,3 +238,18 @@ class IOIMetric(LogitDiff):
 
     def __repr__(self) -> str:
         return f"IOIMetric(n={self.io_ids.shape[0]})"
+
+
+def ioi_metric(
+    logits: torch.Tensor, io_ids: torch.Tensor, s_ids: torch.Tensor, last_pos: torch.Tensor
+) -> torch.Tensor:
+    """Logit difference ``logit(IO) - logit(S)`` at the last prompt position.
+
+    The function form of :class:`IOIMetric` (``k * N`` logit rows read as tiled copies).
+
+    Example:
+        >>> logits = torch.zeros(1, 2, 5); logits[0, 1, 3] = 2.0; logits[0, 1, 4] = 0.5
+        >>> ioi_metric(logits, torch.tensor([3]), torch.tensor([4]), torch.tensor([1]))
+        tensor([1.5000])
+    """
+    return IOIMetric(io_ids, s_ids, last_pos)(logits)

@@ -22,15 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from captum_relp.metrics import ProbDiff
-
-from captum_relp.tasks.ioi import (
-    PairBatch,
-    _final_logits,
-    _tile,
-    _tokenize_aligned,
-    _word_ids,
-    is_single_token,
-)
+from captum_relp.tasks._pairs import PairBatch, is_single_token, tokenize_aligned, word_ids
 
 NOUNS: tuple[tuple[str, str], ...] = (
     ("athlete", "athletes"), ("manager", "managers"), ("secretary", "secretaries"),
@@ -235,36 +227,12 @@ def encode_sva(pairs: Sequence[SVAPair], tokenizer: Any, device: Any = None) -> 
         >>> b.correct_ids.shape
         torch.Size([4])
     """
-    clean, corrupt, mask, last, positions = _tokenize_aligned(
+    clean, corrupt, mask, last, positions = tokenize_aligned(
         [p.clean_prompt for p in pairs], [p.corrupt_prompt for p in pairs], tokenizer, device
     )
-    correct = _word_ids([p.correct_verb for p in pairs], tokenizer, device)
-    wrong = _word_ids([p.wrong_verb for p in pairs], tokenizer, device)
+    correct = word_ids([p.correct_verb for p in pairs], tokenizer, device)
+    wrong = word_ids([p.wrong_verb for p in pairs], tokenizer, device)
     return SVABatch(clean, corrupt, mask, last, correct, wrong, positions)
-
-
-def sva_metric(
-    logits: torch.Tensor,
-    correct_ids: torch.Tensor,
-    wrong_ids: torch.Tensor,
-    last_pos: torch.Tensor,
-) -> torch.Tensor:
-    """``p(correct) - p(wrong)`` (softmax probabilities) at the last position.
-
-    ``logits`` may be ``[B, T, V]``, ``[B, V]`` or a model output; ``B`` may
-    be a multiple ``k * N`` of the number of examples (tiled rows).
-
-    Example:
-        >>> logits = torch.log(torch.tensor([[[0.7, 0.2, 0.1]]]))
-        >>> sva_metric(logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
-        tensor([0.5000])
-    """
-    probs = torch.softmax(_final_logits(logits, last_pos).float(), dim=-1)
-    b = probs.shape[0]
-    rows = torch.arange(b, device=probs.device)
-    c = _tile(correct_ids, b, probs.device)
-    w = _tile(wrong_ids, b, probs.device)
-    return probs[rows, c] - probs[rows, w]
 
 
 class SVAMetric(ProbDiff):
@@ -287,3 +255,21 @@ class SVAMetric(ProbDiff):
 
     def __repr__(self) -> str:
         return f"SVAMetric(n={self.correct_ids.shape[0]})"
+
+
+def sva_metric(
+    logits: torch.Tensor,
+    correct_ids: torch.Tensor,
+    wrong_ids: torch.Tensor,
+    last_pos: torch.Tensor,
+) -> torch.Tensor:
+    """``p(correct) - p(wrong)`` (softmax probabilities) at the last position.
+
+    The function form of :class:`SVAMetric`.
+
+    Example:
+        >>> logits = torch.log(torch.tensor([[[0.7, 0.2, 0.1]]]))
+        >>> sva_metric(logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
+        tensor([0.5000])
+    """
+    return SVAMetric(correct_ids, wrong_ids, last_pos)(logits)

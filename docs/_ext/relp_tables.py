@@ -77,16 +77,16 @@ def presets_table() -> str:
 
 
 def _rule_text(ruleset, module) -> Tuple[str, str]:
-    from captum_relp.registry import _REGISTRY, _needs_rule, type_key
+    from captum_relp.registry import needs_rule, registered_category, type_key
 
     key = type_key(type(module))
-    category = _REGISTRY.get(key, ("", None))[0]
+    category = registered_category(key) or ""
     rule = ruleset.rule_for(module)
     if rule is not None:
         return category, _code(repr(rule))
     if category == "linear":
         return category, "0-rule (plain gradient)"
-    if _needs_rule(module):
+    if needs_rule(module):
         return category or "?", "**no rule** (strict mode raises `UnsupportedModuleError`)"
     return category or "—", "no rule needed"
 
@@ -94,7 +94,7 @@ def _rule_text(ruleset, module) -> Tuple[str, str]:
 def family_tables() -> str:
     import torch
     from captum_relp import PRESETS
-    from captum_relp.registry import _REGISTRY, _needs_rule, type_key
+    from captum_relp.registry import needs_rule, registered_category, type_key
 
     ruleset = PRESETS["relp"]()
     chunks = []
@@ -107,7 +107,7 @@ def family_tables() -> str:
         for _, module in model.named_modules():
             key = type_key(type(module))
             is_leaf = not any(True for _ in module.children())
-            relevant = (is_leaf or key in _REGISTRY or _needs_rule(module)
+            relevant = (is_leaf or registered_category(key) is not None or needs_rule(module)
                         or type(module).__name__.endswith("Attention"))
             if not relevant:
                 continue
@@ -116,7 +116,7 @@ def family_tables() -> str:
         rows = []
         for key, count in counts.items():
             module = examples[key]
-            if type(module).__name__.endswith("Attention") and key not in _REGISTRY:
+            if type(module).__name__.endswith("Attention") and registered_category(key) is None:
                 category, rule = "attention", "softmax gradient (AH-rule under `\"relp-ah\"`)"
             else:
                 category, rule = _rule_text(ruleset, module)

@@ -9,10 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from captum_relp.circuits.sae import (
     SparseAutoencoder,
-    embedded_saes_dir,
     load_dictionary_learning,
-    load_embedded_sae_stats,
-    load_embedded_saes,
     load_sae,
     load_saelens,
     sae_format,
@@ -20,6 +17,7 @@ from captum_relp.circuits.sae import (
     save_saelens,
 )
 from captum_relp.circuits.sae_train import fraction_variance_explained, train_sae
+from captum_relp.embedded import embedded_saes_dir, load_embedded_sae_stats, load_embedded_saes
 
 torch.set_num_threads(1)
 

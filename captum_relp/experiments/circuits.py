@@ -4,18 +4,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._forward import call_model
-from .effects import METHODS, mean_effects, node_effects
-from .faithfulness import CircuitCurve, evaluate_circuits
-from .nodes import NodeSpace, node_means
+from ..attr import get_method
+from ..circuits.effects import mean_effects, node_effects
+from ..circuits.faithfulness import CircuitCurve, evaluate_circuits
+from ..circuits.nodes import NodeSpace, node_means
+from ..tasks import task_splits
 
-TASKS = ("sva", "ioi")
+CIRCUIT_METHODS = ("RelP", "AtP", "IG")
+"""The methods compared in the paper's Figure 3 (any of RelP, RelP+AH, AtP, IG may be run)."""
 DEFAULT_BUDGETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -35,11 +38,11 @@ class CircuitExperimentResult:
             for method, curve in by_method.items():
                 points = "  ".join(f"{n}:{f:.2f}/{c:.2f}" for n, f, c in
                                    zip(curve.n_nodes, curve.faithfulness, curve.completeness))
-                lines.append(f"  {method:<5} {points}")
+                lines.append(f"  {method:<7} {points}")
         lines.append("cost of the node effects (all settings), measured in this run")
-        base = self.cost.get("relp", {}).get("seconds") or 1.0
+        base = self.cost.get("RelP", {}).get("seconds") or 1.0
         for method, cost in self.cost.items():
-            lines.append(f"  {method:<5} {cost['seconds']:8.2f}s ({cost['seconds'] / base:5.2f}x RelP)  "
+            lines.append(f"  {method:<7} {cost['seconds']:8.2f}s ({cost['seconds'] / base:5.2f}x RelP)  "
                          f"forward {int(cost['forward_passes'])}  backward {int(cost['backward_passes'])}")
         return "\n".join(lines)
 
@@ -52,38 +55,11 @@ class CircuitExperimentResult:
         path.write_text(json.dumps(payload, indent=2))
         written = [path]
         if plots:
-            from .plots import plot_faithfulness
+            from ..plotting import plot_faithfulness
 
             written.append(plot_faithfulness(self.curves, out_dir / "circuit_faithfulness.png",
                                              title=f"{self.config.get('task')} {self.config.get('nodes')} circuits"))
         return written
-
-
-def task_splits(task: str, tokenizer, n_train: int, n_test: int, seed: int,
-                heldout: Optional[Sequence] = None) -> List[Tuple[str, object, object]]:
-    """``(setting, train_batch, test_batch)`` per structure; the test split uses held-out words."""
-    if task == "sva":
-        from ..tasks.sva import STRUCTURES, encode_sva, generate_sva_pairs, split_nouns
-
-        if heldout:
-            held = [tuple(pair) for pair in heldout]
-            from ..tasks.sva import NOUNS
-
-            train = [pair for pair in NOUNS if tuple(pair) not in held]
-        else:
-            train, held = split_nouns(seed)
-        return [(s, encode_sva(generate_sva_pairs(n_train, s, seed, nouns=train, tokenizer=tokenizer), tokenizer),
-                 encode_sva(generate_sva_pairs(n_test, s, seed + 1, nouns=held, tokenizer=tokenizer), tokenizer))
-                for s in STRUCTURES]
-    if task == "ioi":
-        from ..tasks.ioi import NAMES, encode_ioi, generate_ioi_pairs
-
-        held = list(heldout) if heldout else NAMES[: len(NAMES) // 4]
-        train = [n for n in NAMES if n not in held]
-        make = lambda n, s, names: encode_ioi(  # noqa: E731
-            generate_ioi_pairs(n, seed=s, names=names, templates=(0,), tokenizer=tokenizer), tokenizer)
-        return [("template_1", make(n_train, seed, train), make(n_test, seed + 1, held))]
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
 def _batches(batch, size: int):
@@ -96,7 +72,7 @@ def run_circuit_experiment(
     model: nn.Module,
     tokenizer,
     task: str = "sva",
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = CIRCUIT_METHODS,
     nodes: str = "features",
     saes: Optional[Mapping[str, nn.Module]] = None,
     n_train: int = 300,
@@ -115,14 +91,14 @@ def run_circuit_experiment(
     Example:
         >>> from captum_relp.embedded import load_embedded
         >>> model, tokenizer = load_embedded()
-        >>> result = run_circuit_experiment(model, tokenizer, "sva", methods=["relp"], nodes="components",
+        >>> result = run_circuit_experiment(model, tokenizer, "sva", methods=["RelP"], nodes="components",
         ...                                 n_train=4, n_test=4, budgets=[1, 4], show_progress=False)
         >>> sorted(result.curves)
         ['across_pp', 'across_rc', 'within_rc']
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"methods must be among {METHODS}, got {unknown}")
+    methods = [get_method(m).name for m in methods]
+    if "AP" in methods:
+        raise ValueError("circuit discovery scores nodes with RelP, RelP+AH, AtP or IG, not AP")
     space = NodeSpace(model, nodes, saes)
     curves: Dict[str, Dict[str, CircuitCurve]] = {}
     cost = {m: {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0} for m in methods}

@@ -1,0 +1,61 @@
+"""What every subcommand shares: errors with exit codes, device/dtype options, model loading."""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Optional, Tuple
+
+from ..embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TASK = 0, 1, 2, 3
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CLIError(Exception):
+    """An error with a message for the user and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; a clear error for missing CUDA.
+
+    Example:
+        >>> resolve_device("cpu")
+        'cpu'
+    """
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but no CUDA device is available")
+    return requested
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--dtype`` (the same in every subcommand)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"shipped model ({', '.join(EMBEDDED_MODELS)}), local directory, or hub name")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype")
+
+
+def load_model_from_args(args: argparse.Namespace) -> Tuple[Any, Any]:
+    """The model and tokenizer named by ``--model``/``--device``/``--dtype`` (exit code 2 if unloadable)."""
+    from ..embedded import load_model
+
+    try:
+        return load_model(args.model, resolve_device(args.device), args.dtype)
+    except OSError as error:
+        raise CLIError(str(error)) from error
+
+
+def parse_list(text: str, option: str, allowed: Optional[Tuple[str, ...]] = None) -> list:
+    """A comma-separated option value as a list (an error names the option when empty)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items or (allowed is not None and any(item not in allowed for item in items)):
+        choices = f" of {list(allowed)}" if allowed is not None else ""
+        raise CLIError(f"{option} takes a comma-separated list{choices}, got {text!r}")
+    return items

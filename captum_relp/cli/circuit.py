@@ -1,0 +1,85 @@
+"""``captum-relp circuit``: circuit discovery and faithfulness/completeness curves (section 5.2)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..attr import get_method
+from ..circuits.faithfulness import ERROR_POLICIES
+from ..circuits.nodes import NODE_KINDS
+from ..circuits.sae import load_sae
+from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
+from ..experiments.circuits import run_circuit_experiment
+from ..tasks import TASKS
+from ._common import CLIError, add_model_options, load_model_from_args, parse_list
+
+
+OUTPUTS = {
+    "circuit_results.json": "settings, faithfulness/completeness curves per setting and method, cost",
+    "circuit_faithfulness.png": "Figure-3-style curves (unless --no-plots)",
+}
+"""Files written to ``--out``."""
+
+
+def add_parser(sub) -> None:
+    """Register the ``circuit`` subcommand."""
+    parser = sub.add_parser("circuit", help="circuit discovery: faithfulness/completeness of RelP, AtP, IG",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--task", choices=TASKS, default="sva", help="contrastive task")
+    parser.add_argument("--method", default="RelP,AtP,IG",
+                        help="comma-separated, case-insensitive: RelP, RelP+AH (or relp-ah), AtP, IG")
+    parser.add_argument("--nodes", choices=NODE_KINDS, default="features",
+                        help="node space: whole components, MLP neurons, or SAE features + error nodes")
+    parser.add_argument("--sae-dir", default=None,
+                        help="folder with one dictionary per submodule (resid_0, attn_0, mlp_0, ...), "
+                             "dictionary_learning or SAELens format (default: the embedded model's)")
+    parser.add_argument("--n-train", type=int, default=300, help="pairs used to score nodes")
+    parser.add_argument("--n-test", type=int, default=100, help="held-out pairs used to evaluate circuits")
+    parser.add_argument("--errors", choices=ERROR_POLICIES, default="keep", help="error nodes in circuits")
+    parser.add_argument("--include-early-layers", action="store_true",
+                        help="also evaluate the first third of layers (excluded by default, appendix A.2)")
+    parser.add_argument("--n-steps", type=int, default=10, help="IG integration steps")
+    parser.add_argument("--batch-size", type=int, default=50, help="pairs per attribution batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
+    parser.add_argument("--out", default="relp-out", help="output directory")
+    parser.add_argument("--no-plots", action="store_true", help="do not write the curve plot")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the experiment, print the summary, write the outputs."""
+    try:
+        methods = [get_method(m).name for m in parse_list(args.method, "--method")]
+    except ValueError as error:
+        raise CLIError(f"--method: {error}") from error
+    if "AP" in methods:
+        raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
+    saes = _saes(args) if args.nodes == "features" else None
+    model, tokenizer = load_model_from_args(args)
+    result = run_circuit_experiment(
+        model, tokenizer, task=args.task, methods=methods, nodes=args.nodes, saes=saes,
+        n_train=args.n_train, n_test=args.n_test, seed=args.seed, error_policy=args.errors,
+        exclude_first_third=not args.include_early_layers, n_steps=args.n_steps,
+        batch_size=args.batch_size, heldout=heldout_words(args.model, args.task), show_progress=not args.quiet,
+    )
+    print(result.summary())
+    written = result.save(Path(args.out), plots=not args.no_plots)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _saes(args: argparse.Namespace):
+    if args.sae_dir is None:
+        if not is_embedded(args.model):
+            raise CLIError("--nodes features needs --sae-dir for a model the package does not ship")
+        return load_embedded_saes(args.model or DEFAULT_MODEL)
+    folder = Path(args.sae_dir)
+    if not folder.is_dir():
+        raise CLIError(f"--sae-dir {folder} is not a directory")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    saes = {p.name.split(".")[0]: load_sae(p) for p in entries if p.is_dir() or p.suffix in (".pt", ".safetensors")}
+    if not saes:
+        raise CLIError(f"no dictionaries found in {folder}")
+    return saes

@@ -18,25 +18,51 @@ MetricType = Optional[Callable[[Tensor], Tensor]]
 
 
 def is_hf_model(module: Any) -> bool:
+    """Whether ``module`` is a Hugging Face model, also behind ``torch.compile`` or a bound ``forward``."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(module, PreTrainedModel)
+    return isinstance(unwrap(module), PreTrainedModel)
+
+
+def unwrap(forward_func: Any) -> Any:
+    """The module behind a compiled module (``_orig_mod``) or a bound method (``__self__``).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(1, 1)
+        >>> unwrap(net.forward) is net
+        True
+    """
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(getattr(forward_func, "_orig_mod", None), nn.Module):
+            forward_func = forward_func._orig_mod
+        elif not isinstance(forward_func, nn.Module) and isinstance(getattr(forward_func, "__self__", None), nn.Module):
+            forward_func = forward_func.__self__
+        else:
+            break
+    return forward_func
+
+
+def is_compiled(forward_func: Any) -> bool:
+    """Whether ``forward_func`` is a ``torch.compile``d module (or its bound ``forward``)."""
+    module = getattr(forward_func, "__self__", forward_func)
+    return isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
 def root_module(forward_func: Callable, model: Optional[nn.Module] = None) -> Optional[nn.Module]:
-    """The module whose submodules get rules: ``model``, ``forward_func`` or its owner."""
+    """The module whose submodules get rules: ``model``, ``forward_func`` or its owner (uncompiled)."""
     if model is not None:
-        return model
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    owner = getattr(forward_func, "__self__", None)
+        return unwrap(model)
+    owner = unwrap(forward_func)
     return owner if isinstance(owner, nn.Module) else None
 
 
 def split_forward_args(
-    forward_func: Callable, additional_forward_args: Any
+    forward_func: Callable, additional_forward_args: Any, model: Optional[nn.Module] = None
 ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """Positional and keyword extra arguments.
 
@@ -66,9 +92,7 @@ def call_model(forward_func: Callable, inputs: Tuple[Tensor, ...], args: Tuple, 
     if is_hf_model(forward_func):
         kwargs = dict(kwargs)
         kwargs.setdefault("use_cache", False)
-        output = forward_func(*inputs, *args, **kwargs)
-    else:
-        output = forward_func(*inputs, *args, **kwargs)
+    output = forward_func(*inputs, *args, **kwargs)
     if hasattr(output, "logits"):
         output = output.logits
     elif isinstance(output, tuple) and not isinstance(output, Tensor):
@@ -85,6 +109,39 @@ def last_positions(attention_mask: Optional[Tensor], n_rows: int, seq_len: int, 
     mask = attention_mask.to(device).long()
     positions = torch.arange(mask.shape[1], device=device).expand_as(mask)
     return (positions * mask).max(dim=1).values
+
+
+def _metric_name(metric: Callable) -> str:
+    return getattr(metric, "__name__", None) or repr(metric)
+
+
+def _finite(values: Tensor, what: str) -> Tensor:
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{what} contain {bad} non-finite value(s) (NaN or inf): scores would be NaN")
+    return values
+
+
+def checked_metric(metric: Callable[[Tensor], Tensor], output: Tensor, rows: int) -> Tensor:
+    """``metric(output)``, checked to be a finite tensor of shape ``(rows,)``.
+
+    Raises:
+        ValueError: naming the metric and the shape it returned, e.g. for a metric
+            that averages over the batch (``.mean()``) or keeps the position axis.
+
+    Example:
+        >>> import torch
+        >>> checked_metric(lambda out: out[:, -1, 0], torch.zeros(2, 3, 4), 2)
+        tensor([0., 0.])
+    """
+    values = metric(output)
+    if not isinstance(values, Tensor) or tuple(values.shape) != (rows,):
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(
+            f"metric {_metric_name(metric)} returned shape {shape} for {rows} rows; it must return one "
+            f"value per row, shape ({rows},) (do not average over the batch)"
+        )
+    return _finite(values, f"the values of metric {_metric_name(metric)}")
 
 
 class MetricEvaluator:
@@ -124,7 +181,7 @@ class MetricEvaluator:
             if rows % self.batch_size:
                 raise ValueError(f"output has {rows} rows, not a multiple of batch size {self.batch_size}")
             blocks = [
-                self.metric(output[i : i + self.batch_size]).reshape(-1)
+                checked_metric(self.metric, output[i : i + self.batch_size], self.batch_size)
                 for i in range(0, rows, self.batch_size)
             ]
             return torch.cat(blocks)
@@ -136,7 +193,7 @@ class MetricEvaluator:
             )
         target = tile_rows(self.target, rows, output.device)
         if output.dim() == 2:
-            return _select_targets(output, target).reshape(-1)
+            return _finite(_select_targets(output, target).reshape(-1), "the target outputs")
         last = last_positions(attention_mask, rows, output.shape[1], output.device)
         rows_idx = torch.arange(rows, device=output.device)
-        return output[rows_idx, last][rows_idx, target]
+        return _finite(output[rows_idx, last][rows_idx, target], "the target logits")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
@@ -131,24 +133,72 @@ def _empty_like(output: tuple, entry):
     return reference.new_zeros(0)
 
 
+class _Owner:
+    """The lock of one model and the thread that holds it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread: Optional[int] = None
+
+
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, _Owner]" = weakref.WeakKeyDictionary()
+_OWNERS_LOCK = threading.Lock()
+
+
+class NestedAttributionError(RuntimeError):
+    """An attribution was started on a model this thread is already attributing."""
+
+
+@contextmanager
+def model_owned(model: nn.Module) -> Iterator[None]:
+    """Hold ``model`` for one attribution: other threads wait; a nested call in this thread raises.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(1, 1)
+        >>> with model_owned(net):
+        ...     pass
+    """
+    with _OWNERS_LOCK:
+        owner = _OWNERS.setdefault(model, _Owner())
+    if owner.thread == threading.get_ident():
+        raise NestedAttributionError(
+            f"{type(model).__name__} is already being attributed in this thread (an attribute() call "
+            "inside a metric or a forward hook?). Nested attribution on the same model would mix the "
+            "outer call's hooks and rules into the inner one; compute the inner quantity before or after."
+        )
+    with owner.lock:
+        owner.thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            owner.thread = None
+
+
 @contextmanager
 def frozen_model(model: Optional[nn.Module]) -> Iterator[None]:
-    """Eval mode and no parameter gradients inside; flags and mode restored on exit."""
+    """Eval mode and no parameter gradients inside; flags and mode restored on exit.
+
+    The model is held for the duration (:func:`model_owned`), so concurrent
+    attributions of one model run one after the other and never interleave their
+    saves and restores.
+    """
     if model is None:
         yield
         return
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        for param, _ in flags:
-            param.requires_grad_(False)
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        for module, mode in modes:
-            module.training = mode
+    with model_owned(model):
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            for param, _ in flags:
+                param.requires_grad_(False)
+            yield
+        finally:
+            for param, flag in flags:
+                param.requires_grad_(flag)
+            for module, mode in modes:
+                module.training = mode
 
 
 def capture(store: List[Optional[Tensor]], make_leaf: bool = False) -> TensorFn:
@@ -184,6 +234,8 @@ __all__ = [
     "check_layers_in_model",
     "layer_hooks",
     "frozen_model",
+    "model_owned",
+    "NestedAttributionError",
     "captum_safe_outputs",
     "capture",
     "pad_mask_like",

@@ -79,6 +79,21 @@ class LogitDiff:
     def _final_logits(self, logits: Tensor) -> Tensor:
         return final_logits(logits, self.positions)
 
+    def at_positions(self, positions: IdsType) -> "LogitDiff":
+        """A copy of this metric that reads ``positions`` (one per example).
+
+        Example:
+            >>> import torch
+            >>> logits = torch.zeros(1, 3, 4); logits[0, 1, 2] = 1.0
+            >>> LogitDiff(2, 0).at_positions([1])(logits)
+            tensor([1.])
+        """
+        import copy
+
+        metric = copy.copy(self)
+        metric.positions = positions
+        return metric
+
     def _pair(self, final: Tensor):
         rows = final.shape[0]
         index = torch.arange(rows, device=final.device)

@@ -9,7 +9,9 @@ calls it a composite) enables categories and adds an optional attention rule.
 from __future__ import annotations
 
 import fnmatch
+import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -21,7 +23,7 @@ from .rules.gate import GATED_MLP_ATTRIBUTES
 from .rules.norm import RMSNormRule
 
 RuleFactory = Callable[[], Rule]
-CATEGORIES = ("norm", "activation", "gate", "linear", "custom")
+CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom")
 
 _HF = "transformers.models."
 _ACT = "transformers.activations."
@@ -45,6 +47,17 @@ _DEFAULT_ENTRIES: Dict[str, Tuple[str, RuleFactory]] = {
     "torch.nn.modules.linear.Linear": ("linear", None),  # type: ignore[dict-item]
     "transformers.pytorch_utils.Conv1D": ("linear", None),  # type: ignore[dict-item]
 }
+for _key in (  # leaves that scale embeddings: linear in the activations, no rule needed
+    "gemma2.modeling_gemma2.Gemma2TextScaledWordEmbedding",
+    "gemma.modeling_gemma.GemmaTextScaledWordEmbedding",
+    "gemma3.modeling_gemma3.Gemma3TextScaledWordEmbedding",
+):
+    _DEFAULT_ENTRIES[_HF + _key] = ("structural", None)  # type: ignore[assignment]
+# the package's own SAE: ReLU (piecewise linear) encoder, so the Identity-rule equals its gradient;
+# an SAE splice runs the encoder without gradients and only its linear decoder on the gradient path,
+# so nothing below a splice needs a rule (whatever dictionary type it holds)
+_DEFAULT_ENTRIES["captum_relp.circuits.sae.SparseAutoencoder"] = ("structural", None)  # type: ignore[assignment]
+_DEFAULT_ENTRIES["captum_relp.circuits.nodes.SAESplice"] = ("structural", None)  # type: ignore[assignment]
 for _name in (
     "GELUTanh", "NewGELUActivation", "GELUActivation", "SiLUActivation", "FastGELUActivation",
     "QuickGELUActivation", "AccurateGELUActivation", "MishActivation", "ReLUSquaredActivation",
@@ -95,7 +108,7 @@ def _category_of(rule: Rule) -> str:
 
 def register_rule(
     module_type: Union[type, str],
-    rule: Union[Rule, RuleFactory],
+    rule: Union[Rule, RuleFactory, None],
     category: Optional[str] = None,
 ) -> None:
     """Register the LRP rule for a module type (a class or its qualified name).
@@ -103,8 +116,11 @@ def register_rule(
     Args:
         module_type: the module class, or ``'package.module.ClassName'``.
         rule: a :class:`~captum_relp.rules.Rule` instance or a zero-argument factory.
-        category: ``norm``, ``activation``, ``gate`` or ``custom`` (default: inferred
-            from the rule). Presets apply ``norm``/``activation``/``gate``/``custom``.
+        category: ``norm``, ``activation``, ``gate``, ``structural`` or ``custom`` (default:
+            inferred from the rule). Presets apply ``norm``/``activation``/``gate``/``custom``.
+            ``structural`` (with ``rule=None``) declares a module type that needs no rule
+            (linear in the attributed activations, or off their path), so strict mode
+            stops flagging it and its submodules.
 
     Example:
         >>> import torch
@@ -116,6 +132,11 @@ def register_rule(
         >>> register_rule(MyAct, IdentityRule())
         >>> unregister_rule(MyAct)
     """
+    if rule is None:
+        if category != "structural":
+            raise ValueError("rule=None is only allowed with category='structural'")
+        _REGISTRY[type_key(module_type)] = (category, None)
+        return
     factory = rule if not isinstance(rule, Rule) else (lambda: rule)
     category = category or _category_of(factory())
     if category not in CATEGORIES:
@@ -144,7 +165,8 @@ def registered_rules() -> Dict[str, Tuple[str, str]]:
         ('norm', 'LayerNormRule(centered=True, weight_offset=0.0)')
     """
     return {
-        key: (cat, repr(factory()) if factory is not None else "0-rule (gradient)")
+        key: (cat, repr(factory()) if factory is not None
+              else "none needed (structural)" if cat == "structural" else "0-rule (gradient)")
         for key, (cat, factory) in _REGISTRY.items()
     }
 
@@ -208,8 +230,12 @@ class RuleSet:
         """Normalisation, activation and gated-MLP modules of ``model`` with no rule."""
         if not self.categories:
             return []
-        missing = []
+        missing, structural = [], []
         for path, module in model.named_modules():
+            if any(path.startswith(prefix + ".") for prefix in structural):
+                continue  # inside a module declared structural: covered as a whole
+            if registered_category(type(module)) == "structural":
+                structural.append(path)
             if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.name_map):
                 continue  # an explicit choice, also when it is None (the 0-rule)
             if self.rule_for(module, path) is None and needs_rule(module):
@@ -227,15 +253,28 @@ def needs_rule(module: nn.Module) -> bool:
     """
     cls = type(module)
     name = cls.__name__
-    if name in _NOT_ACTIVATIONS:
+    if name in _NOT_ACTIVATIONS or registered_category(cls) in ("linear", "structural"):
         return False
-    if "norm" in name.lower() and "Normal" not in name:
+    if "norm" in name.lower():
         return True
     if cls.__module__ in ("torch.nn.modules.activation", "transformers.activations"):
         return True
     if name.endswith("Activation"):
         return True
-    return all(hasattr(module, attr) for attr in GATED_MLP_ATTRIBUTES)
+    if all(hasattr(module, attr) for attr in GATED_MLP_ATTRIBUTES):
+        return True
+    # a leaf module of unknown type computes something of its own (e.g. x * sigmoid(x))
+    is_leaf = next(module.children(), None) is None
+    return is_leaf and not _is_structural_leaf(cls)
+
+
+def _is_structural_leaf(cls: type) -> bool:
+    """Leaves known to be linear in the attributed activations or off their path."""
+    if cls.__module__.startswith("transformers.models.") and cls.__name__.endswith("RotaryEmbedding"):
+        return True  # cos/sin of positions only
+    return cls.__module__ in ("torch.nn.modules.dropout", "torch.nn.modules.sparse",
+                              "torch.nn.modules.linear", "torch.nn.modules.flatten",
+                              "torch.nn.modules.container", "torch.nn.modules.pooling")
 
 
 PRESETS: Dict[str, Callable[[], RuleSet]] = {
@@ -289,6 +328,10 @@ def check_coverage(model: nn.Module, ruleset: RuleSet, strict: bool = True) -> N
     warnings.warn(message, stacklevel=3)
 
 
+_RULED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_RULED_LOCK = threading.Lock()
+
+
 @contextmanager
 def apply_rules(
     model: nn.Module, rules: Union[str, RuleSet, None] = "relp", strict: bool = True
@@ -310,6 +353,14 @@ def apply_rules(
     """
     ruleset = resolve_rules(rules)
     check_coverage(model, ruleset, strict)
+    with _RULED_LOCK:
+        if model in _RULED:
+            raise RuntimeError(
+                f"rules are already applied to this {type(model).__name__} (nested or concurrent "
+                "apply_rules on one model): the second set would wrap the first and contexts exited out "
+                "of order would leave modules patched"
+            )
+        _RULED.add(model)
     undos = []
     try:
         for path, module in model.named_modules():
@@ -320,5 +371,9 @@ def apply_rules(
             undos.append(ruleset.attention.apply(model))
         yield ruleset
     finally:
-        for undo in reversed(undos):
-            undo()
+        try:
+            for undo in reversed(undos):
+                undo()
+        finally:
+            with _RULED_LOCK:
+                _RULED.discard(model)

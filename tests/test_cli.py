@@ -43,3 +43,42 @@ def test_bad_arguments(argv, capsys):
 def test_console_script_help():
     done = subprocess.run([sys.executable, "-m", "captum_relp.cli", "ioi", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--n-prompts" in done.stdout
+
+
+def test_out_that_is_a_file_fails_before_any_work(tmp_path, capsys):
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    for command in (["ioi"], ["circuit", "--nodes", "components"]):
+        assert main(command + ["--out", str(existing), "--quiet"]) == EXIT_USAGE
+        assert "is not a directory" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+
+def test_corrupt_weights_are_a_load_error(saved_tiny_model, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["ioi", "--model", str(broken), "--quiet"]) == EXIT_USAGE
+    assert "cannot load model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["circuit", "--n-train", "0"], ["circuit", "--n-test", "-3"]])
+def test_non_positive_counts(argv, capsys):
+    assert main(argv) == EXIT_USAGE
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_unknown_names_fail_fast_with_a_suggestion(tmp_path, capsys):
+    assert main(["ioi", "--model", "tiny-gpt2", "--quiet"]) == EXIT_USAGE
+    assert "did you mean 'tiny-gpt2-ioi'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["ioi", "--model", str(empty), "--quiet"]) == EXIT_USAGE
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_no_arguments_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: captum-relp" in capsys.readouterr().out

@@ -3,7 +3,14 @@ import pytest
 import torch
 from conftest import FAMILIES, build_model, model_state, token_pair
 
-from captum_relp import PRESETS, RuleSet, UnsupportedModuleError, apply_rules, register_rule, unregister_rule
+from captum_relp import (
+    PRESETS,
+    RuleSet,
+    UnsupportedModuleError,
+    apply_rules,
+    register_rule,
+    unregister_rule,
+)
 from captum_relp.registry import registered_rules, resolve_rules
 from captum_relp.rules import IdentityRule, LayerNormRule, RMSNormRule
 

@@ -4,12 +4,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from captum._utils.common import _format_tensor_into_tuples
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from .._forward import MetricEvaluator, MetricType, TargetType, root_module, split_forward_args
+from .._forward import (
+    MetricEvaluator,
+    MetricType,
+    TargetType,
+    is_compiled,
+    last_positions,
+    root_module,
+    split_forward_args,
+    unwrap,
+)
 from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
+from ..metrics import LogitDiff
 
 LayerType = Union[nn.Module, Sequence[nn.Module]]
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -60,19 +71,43 @@ class PatchingAttribution:
     model: Optional[nn.Module]
 
     def _init_layers(self, forward_func: Callable, layer: "LayerType", model: Optional[nn.Module]) -> None:
+        if is_compiled(forward_func):
+            # layer hooks and rules act on the original modules; a compiled graph would bypass them
+            self.forward_func = unwrap(forward_func)
         self.layers = as_layer_list(layer)
         self.model = root_module(forward_func, model)
         check_layers_in_model(self.model, self.layers)
 
     def _prepare(self, inputs, baselines, target: TargetType, additional_forward_args: Any,
-                 attribute_to_layer_input, metric: MetricType, require_baselines: bool) -> PatchingCall:
+                 attribute_to_layer_input, metric: MetricType, require_baselines: bool,
+                 needs_grad: bool = True) -> PatchingCall:
         inputs, baselines = format_pair(inputs, baselines)
         if require_baselines and baselines is None:
             raise ValueError("baselines (the corrupt input) is required")
+        if inputs[0].dim() == 0 or inputs[0].shape[0] == 0:
+            raise ValueError(f"inputs is an empty batch (shape {tuple(inputs[0].shape)})")
+        if needs_grad and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__}.attribute needs autograd and cannot run under "
+                "torch.inference_mode(); call it outside that context (it disables gradients itself)"
+            )
         flags = per_layer_flags(attribute_to_layer_input, len(self.layers), "attribute_to_layer_input")
-        args, kwargs = split_forward_args(self.forward_func, additional_forward_args)
+        args, kwargs = split_forward_args(self.forward_func, additional_forward_args, self.model)
+        mask = kwargs.get("attention_mask")
+        if isinstance(metric, LogitDiff) and metric.positions is None and isinstance(mask, Tensor):
+            # read each row's last real token, as target= does, not the padding at position -1
+            metric = metric.at_positions(last_positions(mask, mask.shape[0], mask.shape[1], mask.device))
         evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
         return PatchingCall(inputs, baselines, flags, args, kwargs, evaluator)
+
+    def _require(self, tensor: Optional[Tensor], index: int, what: str = "called") -> Tensor:
+        """The captured tensor of layer ``index``; a clear error when the layer did not run."""
+        if tensor is None:
+            raise ValueError(
+                f"layer[{index}] ({type(self.layers[index]).__name__}) was not {what} in the forward "
+                "pass: is it part of the model's computation?"
+            )
+        return tensor
 
     def _per_layer(self, results: List[Tensor], call: PatchingCall) -> Union[Tensor, List[Tensor]]:
         """Zero at padded positions, detached; one tensor for one layer, else a list."""

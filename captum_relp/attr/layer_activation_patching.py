@@ -9,8 +9,8 @@ from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model
-from .._hooks import captum_safe_outputs, frozen_model, layer_hooks
+from .._forward import MetricEvaluator, MetricType, TargetType, call_model, checked_metric
+from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
 from ._base import PatchingLayerAttribution, TensorOrTuple
 
 GRANULARITIES = ("position", "layer", "head")
@@ -24,7 +24,8 @@ class _ExampleMetric:
 
     def __call__(self, output: Tensor) -> Tensor:
         return torch.stack([
-            self.metric(output[r : r + 1].expand(self.batch_size, *output.shape[1:]))[self.index]
+            checked_metric(self.metric, output[r : r + 1].expand(self.batch_size, *output.shape[1:]),
+                           self.batch_size)[self.index]
             for r in range(output.shape[0])
         ])
 
@@ -108,13 +109,18 @@ class LayerActivationPatching(PatchingLayerAttribution):
         if internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
         call = self._prepare(inputs, baselines, target, additional_forward_args,
-                             attribute_to_layer_input, metric, True)
+                             attribute_to_layer_input, metric, True, needs_grad=False)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
         mask, evaluator = call.attention_mask, call.evaluator
         batch_size = inputs[0].shape[0]
 
         with frozen_model(self.model), torch.no_grad():
-            output = call_model(self.forward_func, inputs, args, kwargs)
+            seen: List[Optional[Tensor]] = [None] * len(self.layers)
+            with layer_hooks(self.layers, flags, capture(seen)):  # each layer runs exactly once
+                output = call_model(self.forward_func, inputs, args, kwargs)
+            widths = [self._require(t, i).shape[-1] for i, t in enumerate(seen)]
+            if granularity == "head" and any(w % int(num_heads) for w in widths):
+                raise ValueError(f"num_heads={num_heads} does not divide the layer widths {widths}")
             evaluator.check_target(output)
             clean_values = evaluator(output, mask)
             corrupt_acts = self._corrupt_activations(baselines, flags, args, kwargs)

@@ -77,6 +77,7 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
             run_inputs, rest = flat[:n_inputs], flat[n_inputs:]
             run_args, run_kw = rest[: len(args)], dict(zip(kw_names, rest[len(args):]))
             output = call_model(self.forward_func, run_inputs, run_args, run_kw)
+            evaluator.check_target(output)
             return evaluator(output, run_kw.get("attention_mask"))
 
         extra = tuple(args) + tuple(kwargs[k] for k in kw_names)

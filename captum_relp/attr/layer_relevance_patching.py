@@ -91,6 +91,7 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
         metric: MetricType = None,
         direction: str = "noising",
+        allow_unused: bool = False,
     ) -> Union[Tensor, List[Tensor]]:
         r"""Relevance-patching scores of the layer activations.
 
@@ -111,6 +112,9 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
                 difference (:func:`captum_relp.metrics.logit_diff`). Replaces ``target``.
             direction (str): ``"noising"`` (coefficients on the ``inputs`` run) or
                 ``"denoising"`` (on the ``baselines`` run).
+            allow_unused (bool): give zero scores to a layer the metric does not depend on.
+                Default False: such a layer raises a ``ValueError`` naming it, because a
+                disconnected coefficient usually means a wrong layer or a wrapped graph.
 
         Returns:
             Tensor or list of Tensor: attributions of the layer activations, same shape
@@ -142,7 +146,8 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             reference_acts = None
             if reference_run is not None:
                 reference_acts = self._collect(reference_run, flags, args, kwargs)
-            grad_acts, coefficients = self._coefficients(grad_run, flags, args, kwargs, call.evaluator)
+            grad_acts, coefficients = self._coefficients(grad_run, flags, args, kwargs, call.evaluator,
+                                                         allow_unused)
 
         results = []
         for index, coefficient in enumerate(coefficients):
@@ -163,7 +168,7 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             call_model(self.forward_func, run, args, kwargs)
         return [self._require(t, i) for i, t in enumerate(store)]
 
-    def _coefficients(self, run, flags, args, kwargs, evaluator: MetricEvaluator):
+    def _coefficients(self, run, flags, args, kwargs, evaluator: MetricEvaluator, allow_unused: bool):
         store: List[Optional[Tensor]] = [None] * len(self.layers)
         with torch.enable_grad(), self._rules_applied(), layer_hooks(
             self.layers, flags, capture(store, make_leaf=True)
@@ -173,6 +178,15 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             values = evaluator(output, kwargs.get("attention_mask"))
             acts = [self._require(t, i) for i, t in enumerate(store)]
             grads = torch.autograd.grad(values.sum(), acts, allow_unused=True)
+        disconnected = [i for i, g in enumerate(grads) if g is None]
+        if disconnected and not allow_unused:
+            names = ", ".join(f"layer[{i}] ({type(self.layers[i]).__name__})" for i in disconnected)
+            raise ValueError(
+                f"the metric does not depend on {names}: its coefficient is disconnected from the metric. "
+                "Is the layer downstream of the metric's inputs, or is the model wrapped in a graph that "
+                "bypasses module hooks (e.g. torch.compile of a submodule)? Pass allow_unused=True to "
+                "score such layers as zero."
+            )
         coefficients = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
         return [a.detach() for a in acts], coefficients
 
@@ -180,14 +194,6 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         if self.model is None:
             return nullcontext()
         return apply_rules(self.model, self.rules, self.strict)
-
-    def _require(self, tensor: Optional[Tensor], index: int) -> Tensor:
-        if tensor is None:
-            raise ValueError(
-                f"layer[{index}] ({type(self.layers[index]).__name__}) was not called in the forward "
-                "pass: is it part of the model's computation?"
-            )
-        return tensor
 
     @property
     def multiplies_by_inputs(self) -> bool:

@@ -52,6 +52,18 @@ def load_model_from_args(args: argparse.Namespace) -> Tuple[Any, Any]:
         raise CLIError(str(error)) from error
 
 
+def check_out_dir(path: str) -> None:
+    """``--out`` must be a directory or a path that can become one (checked before any work)."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CLIError(f"--out {out}: {parent} is not a directory")
+
+
 def parse_list(text: str, option: str, allowed: Optional[Tuple[str, ...]] = None) -> list:
     """A comma-separated option value as a list (an error names the option when empty)."""
     items = [item.strip() for item in text.split(",") if item.strip()]

@@ -11,8 +11,7 @@ from ..circuits.sae import load_sae
 from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
 from ..experiments.circuits import run_circuit_experiment
 from ..tasks import TASKS
-from ._common import CLIError, add_model_options, load_model_from_args, parse_list
-
+from ._common import CLIError, add_model_options, check_out_dir, load_model_from_args, parse_list
 
 OUTPUTS = {
     "circuit_results.json": "settings, faithfulness/completeness curves per setting and method, cost",
@@ -56,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--method: {error}") from error
     if "AP" in methods:
         raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
+    check_out_dir(args.out)
     saes = _saes(args) if args.nodes == "features" else None
     model, tokenizer = load_model_from_args(args)
     result = run_circuit_experiment(

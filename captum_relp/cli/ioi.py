@@ -6,7 +6,14 @@ from pathlib import Path
 
 from ..embedded import heldout_words
 from ..experiments.ioi import run_ioi_experiment
-from ._common import EXIT_TASK, CLIError, add_model_options, load_model_from_args, parse_list
+from ._common import (
+    EXIT_TASK,
+    CLIError,
+    add_model_options,
+    check_out_dir,
+    load_model_from_args,
+    parse_list,
+)
 
 RELP_PRESETS = ("relp", "relp-ah")
 
@@ -38,6 +45,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the experiment, print the tables, write the outputs."""
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
+    check_out_dir(args.out)
     model, tokenizer = load_model_from_args(args)
     try:
         result = run_ioi_experiment(

@@ -112,13 +112,42 @@ def load_model(name: Optional[str] = None, device: Any = "cpu", dtype: Any = "fl
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = str(embedded_model_path(name or DEFAULT_MODEL)) if is_embedded(name) else str(name)
+    if not is_embedded(name) and not Path(path).exists():
+        _check_hub_name(str(name))
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise OSError(f"cannot load model {name!r}: the directory has no config.json "
+                      "(save the model with save_pretrained, or give a shipped or hub name)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # OSError, ValueError, SafetensorError ...: all mean "cannot load"
         hint = "" if Path(path).exists() else " (not a local directory; hub names need network access)"
-        raise OSError(f"cannot load model {name!r}{hint}: {str(error).splitlines()[0]}") from error
+        detail = " ".join(str(error).split())
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+        raise OSError(f"cannot load model {name!r}{hint}: {type(error).__name__}: {detail}") from error
     return model.to(device).eval(), tokenizer
+
+
+def _check_hub_name(name: str) -> None:
+    """Fail fast, before any hub retries, for a name that cannot be a reachable hub model."""
+    import difflib
+    import os
+    import socket
+
+    close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1, cutoff=0.7)
+    if close:
+        raise OSError(f"cannot load model {name!r}: not a shipped model or a local directory; "
+                      f"did you mean {close[0]!r}?")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        except OSError:
+            offline = True
+    if offline:
+        raise OSError(f"cannot load model {name!r}: not a shipped model ({', '.join(EMBEDDED_MODELS)}) "
+                      "or a local directory, and the Hugging Face hub is not reachable (offline)")
 
 
 def load_embedded(

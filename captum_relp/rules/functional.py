@@ -27,8 +27,19 @@ from torch import Tensor
 _TINY = 1e-6
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rules compute in: at least float32, float64 kept (``promote_types(dtype, float32)``).
+
+    Example:
+        >>> import torch
+        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def identity_ratio(x: Tensor, output: Tensor, slope_at_zero: float) -> Tensor:
-    """``output / x`` in float32, replaced by ``slope_at_zero`` where ``|x|`` is tiny.
+    """``output / x`` in :func:`compute_dtype`, replaced by ``slope_at_zero`` where ``|x|`` is tiny.
 
     Example:
         >>> import torch
@@ -36,9 +47,10 @@ def identity_ratio(x: Tensor, output: Tensor, slope_at_zero: float) -> Tensor:
         >>> identity_ratio(x, torch.relu(x), 0.5)
         tensor([0.5000, 1.0000])
     """
-    x32 = x.float()
+    dtype = compute_dtype(x.dtype)
+    x32 = x.to(dtype)
     safe = x32.abs() > _TINY
-    ratio = output.float() / torch.where(safe, x32, torch.ones_like(x32))
+    ratio = output.to(dtype) / torch.where(safe, x32, torch.ones_like(x32))
     return torch.where(safe, ratio, torch.full_like(ratio, slope_at_zero))
 
 
@@ -95,7 +107,7 @@ class _ConstantScaleNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_fn, centered, weight, eps):  # type: ignore[override]
         output = norm_fn(x)
-        x32 = x.float()
+        x32 = x.to(compute_dtype(x.dtype))
         var = x32.var(dim=-1, unbiased=False, keepdim=True) if centered else x32.pow(2).mean(-1, keepdim=True)
         ctx.save_for_backward(torch.rsqrt(var + eps))
         ctx.centered, ctx.weight, ctx.in_dtype = centered, weight, x.dtype
@@ -104,9 +116,9 @@ class _ConstantScaleNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (inv_scale,) = ctx.saved_tensors
-        grad = grad_output.float()
+        grad = grad_output.to(inv_scale.dtype)
         if ctx.weight is not None:
-            grad = grad * ctx.weight
+            grad = grad * ctx.weight.to(inv_scale.dtype)
         if ctx.centered:
             grad = grad - grad.mean(dim=-1, keepdim=True)
         return (grad * inv_scale).to(ctx.in_dtype), None, None, None, None
@@ -165,4 +177,4 @@ def half_product(a: Tensor, b: Tensor) -> Tensor:
     return _HalfProduct.apply(a, b)
 
 
-__all__ = ["identity_rule", "ln_rule", "half_product", "identity_ratio", "slope_at_zero"]
+__all__ = ["identity_rule", "ln_rule", "half_product", "identity_ratio", "slope_at_zero", "compute_dtype"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .base import ForwardPatchRule
+from .functional import compute_dtype
 
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -41,7 +42,8 @@ class _ModifiedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        grad = (grad_output.float() * ctx.scale) @ ctx.weight.float()
+        dtype = ctx.scale.dtype
+        grad = (grad_output.to(dtype) * ctx.scale) @ ctx.weight.to(dtype)
         return grad.to(ctx.in_dtype), None, None
 
 
@@ -83,7 +85,7 @@ class EpsilonRule(_LinearRule):
         self.epsilon = epsilon
 
     def scale(self, module, x, output):
-        z = output.detach().float()
+        z = output.detach().to(compute_dtype(output.dtype))
         return z / _stabilise(z, self.epsilon), _weight_out_in(module)
 
     def __repr__(self) -> str:
@@ -106,13 +108,14 @@ class GammaRule(_LinearRule):
         self.stabilizer = stabilizer
 
     def scale(self, module, x, output):
-        weight = _weight_out_in(module).float()
+        dtype = compute_dtype(x.dtype)
+        weight = _weight_out_in(module).to(dtype)
         boosted = weight + self.gamma * weight.clamp(min=0)
         bias = getattr(module, "bias", None)
-        z_boosted = x.detach().float() @ boosted.t()
+        z_boosted = x.detach().to(dtype) @ boosted.t()
         if bias is not None:
-            z_boosted = z_boosted + bias.detach().float()
-        z = output.detach().float()
+            z_boosted = z_boosted + bias.detach().to(dtype)
+        z = output.detach().to(dtype)
         return z / _stabilise(z_boosted, self.stabilizer), boosted
 
     def __repr__(self) -> str:

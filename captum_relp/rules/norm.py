@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import ForwardPatchRule
-from .functional import ln_rule
+from .functional import compute_dtype, ln_rule
 
 
 class LayerNormRule(ForwardPatchRule):
@@ -65,7 +65,7 @@ class LayerNormRule(ForwardPatchRule):
             return original(x, *args, **kwargs)
         weight = getattr(module, "weight", None)
         if weight is not None:
-            weight = weight.detach().float() + self.weight_offset
+            weight = weight.detach().to(compute_dtype(x.dtype)) + self.weight_offset
         eps = self._eps(module, x.dtype)
         if not torch.is_grad_enabled() or not x.requires_grad:
             return original(x)

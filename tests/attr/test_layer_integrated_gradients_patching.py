@@ -3,7 +3,12 @@ import torch
 from captum.attr import LayerIntegratedGradients
 from conftest import build_model, token_pair
 
-from captum_relp import LayerActivationPatching, LayerIntegratedGradientsPatching, logit_diff, model_components
+from captum_relp import (
+    LayerActivationPatching,
+    LayerIntegratedGradientsPatching,
+    logit_diff,
+    model_components,
+)
 
 
 def test_matches_captum_layer_integrated_gradients():

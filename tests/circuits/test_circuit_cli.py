@@ -2,8 +2,8 @@
 import json
 
 from captum_relp.circuits.sae import save_saelens
-from captum_relp.embedded import load_embedded_saes
 from captum_relp.cli import EXIT_USAGE, main
+from captum_relp.embedded import load_embedded_saes
 
 
 def test_circuit_components(tmp_path, capsys):

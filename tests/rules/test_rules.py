@@ -6,7 +6,15 @@ import torch
 from transformers.activations import GELUTanh, NewGELUActivation, SiLUActivation
 from transformers.pytorch_utils import Conv1D
 
-from captum_relp.rules import AHRule, EpsilonRule, GammaRule, HalfRule, IdentityRule, LayerNormRule, RMSNormRule
+from captum_relp.rules import (
+    AHRule,
+    EpsilonRule,
+    GammaRule,
+    HalfRule,
+    IdentityRule,
+    LayerNormRule,
+    RMSNormRule,
+)
 
 
 def _grad_through(module, rule, x, grad_out=None):

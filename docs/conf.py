@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import captum_relp  # noqa: E402
 
 project = "captum-relp"
-author = "captum-relp contributors"
-copyright = "2025, captum-relp contributors"
+author = "captum-relp developers"
+copyright = "2025, captum-relp developers"
 release = captum_relp.__version__
 version = release
 
@@ -27,6 +27,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # ships MathJax 3 in _static/mathjax and points mathjax_path at it: math renders offline
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "sphinx_copybutton",
     "myst_nb",

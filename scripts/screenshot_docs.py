@@ -76,7 +76,7 @@ def run(chromium: list[str], page: Path, extra: list[str], timeout: int) -> subp
 
 def math_status(dom: str) -> tuple[int, int]:
     """(math elements in the page, of which MathJax rendered)."""
-    total = len(re.findall(r'class="[^"]*\bmath\b[^"]*"', dom))
+    total = len(re.findall(r'class="math notranslate', dom))  # inline and display math
     rendered = len(re.findall(r"<mjx-container", dom))
     return total, rendered
 

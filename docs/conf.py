@@ -8,6 +8,7 @@ by ``_ext/relp_tables.py``, so neither can drift from the code.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -17,8 +18,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import captum_relp  # noqa: E402
 
 project = "captum-relp"
-author = "captum-relp contributors"
-copyright = "2025, captum-relp contributors"
+author = "captum-relp developers"
+copyright = "2025, captum-relp developers"
 release = captum_relp.__version__
 version = release
 
@@ -27,6 +28,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # ships MathJax 3 in _static/mathjax and points mathjax_path at it: math renders offline
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "sphinx_copybutton",
     "myst_nb",
@@ -163,6 +166,32 @@ def _public_bases(app, name, obj, options, bases):
     bases[:] = public
 
 
+_VIEWCODE_DOCS_LINK = re.compile(r'href="([^"#]*api/generated/([\w.]+)\.html)#([\w.]+)"')
+
+
+def _fix_viewcode_anchors(app, pagename, templatename, context, doctree):
+    """Point the "[docs]" links of the highlighted source pages at the right anchor.
+
+    ``sphinx.ext.viewcode`` builds every anchor of a module from the module name under
+    which the *first* of its objects was documented: objects of
+    ``captum_relp.registry`` re-exported at the package root are documented as
+    ``captum_relp.<name>``, so the links to ``captum_relp.registry.type_key`` (documented
+    under its own module) got ``#captum_relp.type_key``, an anchor that does not exist.
+    An autosummary page is named after the object it documents, so its name is the anchor.
+    """
+    if not pagename.startswith("_modules/") or "body" not in context:
+        return
+
+    def fix(match):
+        href, page_object, anchor = match.groups()
+        if anchor != page_object and page_object.endswith("." + anchor.rsplit(".", 1)[-1]):
+            anchor = page_object
+        return f'href="{href}#{anchor}"'
+
+    context["body"] = _VIEWCODE_DOCS_LINK.sub(fix, context["body"])
+
+
 def setup(app):
+    app.connect("html-page-context", _fix_viewcode_anchors)
     app.connect("missing-reference", _resolve_reexports)
     app.connect("autodoc-process-bases", _public_bases)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 from collections import OrderedDict
 from typing import Callable, Dict, List, Tuple
 
@@ -147,6 +148,34 @@ def generate(app) -> None:
     _write(os.path.join(out, "family_tables.md"), family_tables())
 
 
+_BREAK_AFTER = re.compile(r"(?<=[._(,=/])(?=\w)")
+
+
+def _break_long_names(app, doctree, docname):
+    """Let code in table cells (dotted type names, rule reprs) break after ``.``, ``_``, ``(``.
+
+    Inserts ``<wbr>`` (HTML only), so a long name wraps at a boundary instead of
+    mid-word or overflowing, and copied text is unchanged.
+    """
+    from docutils import nodes
+
+    if app.builder.format != "html":
+        return
+    for table in doctree.findall(nodes.table):
+        for literal in list(table.findall(nodes.literal)):
+            text = literal.astext()
+            parts = _BREAK_AFTER.split(text)
+            if len(parts) < 2 or len(literal.children) != 1:
+                continue
+            children = []
+            for i, part in enumerate(parts):
+                if i:
+                    children.append(nodes.raw("", "<wbr>", format="html"))
+                children.append(nodes.Text(part))
+            literal[:] = children
+
+
 def setup(app):
     app.connect("builder-inited", generate)
+    app.connect("doctree-resolved", _break_long_names)
     return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -18,6 +18,7 @@ from .._hooks import (
     layer_hooks,
     pad_mask_like,
 )
+from ..calibration import CalibratedRules
 from ..registry import RuleSet, apply_rules, resolve_rules
 from ._base import LayerType, TensorOrTuple, prepare_call
 
@@ -49,9 +50,11 @@ class LayerRelevancePatching(LayerGradientXActivation):
             tensor. For a Hugging Face ``PreTrainedModel`` the output's ``.logits`` is used.
         layer (nn.Module or list of nn.Module): the layer(s) attributed; a list is
             attributed in one clean forward, one corrupt forward and one backward pass.
-        rules (str or RuleSet): ``"relp"`` (the paper's Table 4: LN + Identity +
-            0-rule, Half-rule on gated MLPs), ``"relp-ah"`` (plus AH-rule) or ``"none"``
-            (plain gradients, i.e. attribution patching). Default: ``"relp"``.
+        rules (str, RuleSet or CalibratedRules): ``"relp"`` (the paper's Table 4: LN +
+            Identity + 0-rule, Half-rule on gated MLPs), ``"relp-ah"`` (plus AH-rule),
+            ``"none"`` (plain gradients, i.e. attribution patching), or the outcome of
+            :func:`~captum_relp.calibrate_rules` (one rules-applied forward and backward
+            pass per distinct chosen rule set). Default: ``"relp"``.
         device_ids (list[int], optional): as in Captum (for DataParallel models).
         multiply_by_inputs (bool): if False, return the propagation coefficients only.
         model (nn.Module, optional): the module to apply rules to when
@@ -74,7 +77,7 @@ class LayerRelevancePatching(LayerGradientXActivation):
         self,
         forward_func: Callable,
         layer: LayerType,
-        rules: Union[str, RuleSet, None] = "relp",
+        rules: Union[str, RuleSet, CalibratedRules, None] = "relp",
         device_ids: Optional[List[int]] = None,
         multiply_by_inputs: bool = True,
         model: Optional[nn.Module] = None,
@@ -82,10 +85,11 @@ class LayerRelevancePatching(LayerGradientXActivation):
     ) -> None:
         super().__init__(forward_func, layer, device_ids, multiply_by_inputs)
         self.layers = as_layer_list(layer)
-        self.rules = resolve_rules(rules)
+        self.calibrated = rules if isinstance(rules, CalibratedRules) else None
+        self.rules = resolve_rules(None if self.calibrated else rules)
         self.strict = strict
         self.model = root_module(forward_func, model)
-        needs_model = self.rules.categories or self.rules.attention or self.rules.linear
+        needs_model = self.calibrated or self.rules.categories or self.rules.attention or self.rules.linear
         if self.model is None and needs_model:
             raise ValueError(
                 "rules need a model: pass model=<nn.Module> when forward_func is a plain function"
@@ -153,7 +157,8 @@ class LayerRelevancePatching(LayerGradientXActivation):
             reference_acts = None
             if reference_run is not None:
                 reference_acts = self._collect(reference_run, flags, args, kwargs)
-            grad_acts, coefficients = self._coefficients(grad_run, flags, args, kwargs, call.evaluator)
+            coefficients_of = self._calibrated_coefficients if self.calibrated else self._coefficients
+            grad_acts, coefficients = coefficients_of(grad_run, flags, args, kwargs, call.evaluator)
 
         results = []
         for index, coefficient in enumerate(coefficients):
@@ -175,10 +180,11 @@ class LayerRelevancePatching(LayerGradientXActivation):
             call_model(self.forward_func, run, args, kwargs)
         return [self._require(t, i) for i, t in enumerate(store)]
 
-    def _coefficients(self, run, flags, args, kwargs, evaluator: MetricEvaluator):
-        store: List[Optional[Tensor]] = [None] * len(self.layers)
-        with torch.enable_grad(), self._rules_applied(), layer_hooks(
-            self.layers, flags, capture(store, make_leaf=True)
+    def _coefficients(self, run, flags, args, kwargs, evaluator: MetricEvaluator, layers=None, rules=None):
+        layers = self.layers if layers is None else layers
+        store: List[Optional[Tensor]] = [None] * len(layers)
+        with torch.enable_grad(), self._rules_applied(rules), layer_hooks(
+            layers, flags, capture(store, make_leaf=True)
         ):
             output = call_model(self.forward_func, run, args, kwargs)
             evaluator.check_target(output)
@@ -188,10 +194,25 @@ class LayerRelevancePatching(LayerGradientXActivation):
         coefficients = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
         return [a.detach() for a in acts], coefficients
 
-    def _rules_applied(self):
+    def _rules_applied(self, rules: Optional[RuleSet] = None):
         if self.model is None:
             return nullcontext()
-        return apply_rules(self.model, self.rules, self.strict)
+        return apply_rules(self.model, self.rules if rules is None else rules, self.strict)
+
+    def _calibrated_coefficients(self, run, flags, args, kwargs, evaluator: MetricEvaluator):
+        """CalibratedRules: one rules-applied forward+backward per distinct chosen rule set.
+
+        Layers are grouped by their rule set; results come back in the original layer order.
+        """
+        acts: List[Optional[Tensor]] = [None] * len(self.layers)
+        coefficients: List[Optional[Tensor]] = [None] * len(self.layers)
+        for ruleset, indices in self.calibrated.plan(self.model, self.layers, flags):
+            sub_acts, sub_coefficients = self._coefficients(
+                run, [flags[i] for i in indices], args, kwargs, evaluator,
+                layers=[self.layers[i] for i in indices], rules=ruleset)
+            for j, i in enumerate(indices):
+                acts[i], coefficients[i] = sub_acts[j], sub_coefficients[j]
+        return acts, coefficients
 
     def _require(self, tensor: Optional[Tensor], index: int) -> Tensor:
         if tensor is None:

@@ -7,6 +7,7 @@ The public API is small:
 * :class:`LayerIntegratedGradientsPatching` (Captum's LayerIntegratedGradients with a metric)
 * the rule registry: :class:`RuleSet`, :func:`register_rule`, :func:`apply_rules`
 * :func:`model_components` (residual stream, attention and MLP outputs per family)
+* :func:`calibrate_rules` / :class:`CalibratedRules` (rule sets chosen per component type)
 """
 from .attr import (
     LayerActivationPatching,
@@ -14,6 +15,8 @@ from .attr import (
     LayerIntegratedGradientsPatching,
     LayerRelevancePatching,
 )
+from .calibrated_rules import CalibratedRules
+from .calibration import calibrate_rules
 from .metrics import LogitDiff, ProbDiff, logit_diff
 from .models import ModelComponents, model_components, split_heads
 from .registry import (
@@ -44,4 +47,6 @@ __all__ = [
     "apply_rules",
     "register_rule",
     "unregister_rule",
+    "calibrate_rules",
+    "CalibratedRules",
 ]

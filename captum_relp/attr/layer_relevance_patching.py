@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import LayerGradientXActivation
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .._forward import MetricEvaluator, MetricType, TargetType, call_model
 from .._hooks import capture, frozen_model, layer_hooks
+from ..calibrated_rules import CalibratedRules
 from ..registry import RuleSet, apply_rules, resolve_rules
 from ._base import LayerType, PatchingAttribution, TensorOrTuple
 
@@ -42,9 +43,11 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             tensor. For a Hugging Face ``PreTrainedModel`` the output's ``.logits`` is used.
         layer (nn.Module or list of nn.Module): the layer(s) attributed; a list is
             attributed in one clean forward, one corrupt forward and one backward pass.
-        rules (str or RuleSet): ``"relp"`` (the paper's Table 4: LN + Identity +
-            0-rule, Half-rule on gated MLPs), ``"relp-ah"`` (plus AH-rule) or ``"none"``
-            (plain gradients, i.e. attribution patching). Default: ``"relp"``.
+        rules (str, RuleSet or CalibratedRules): ``"relp"`` (the paper's Table 4: LN +
+            Identity + 0-rule, Half-rule on gated MLPs), ``"relp-ah"`` (plus AH-rule),
+            ``"none"`` (plain gradients, i.e. attribution patching), or the outcome of
+            :func:`~captum_relp.calibrate_rules` (one rules-applied forward and backward
+            pass per distinct chosen rule set). Default: ``"relp"``.
         multiply_by_inputs (bool): if False, return the propagation coefficients only.
         model (nn.Module, optional): the module to apply rules to when
             ``forward_func`` is a plain function. Default: ``forward_func`` itself.
@@ -66,7 +69,7 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         self,
         forward_func: Callable,
         layer: LayerType,
-        rules: Union[str, RuleSet, None] = "relp",
+        rules: Union[str, RuleSet, CalibratedRules, None] = "relp",
         *,
         multiply_by_inputs: bool = True,
         model: Optional[nn.Module] = None,
@@ -74,9 +77,10 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
     ) -> None:
         LayerGradientXActivation.__init__(self, forward_func, layer, None, multiply_by_inputs)
         self._init_layers(forward_func, layer, model)
-        self.rules = resolve_rules(rules)
+        self.calibrated = rules if isinstance(rules, CalibratedRules) else None
+        self.rules = resolve_rules(None if self.calibrated else rules)
         self.strict = strict
-        if self.model is None and not self.rules.is_empty:
+        if self.model is None and (self.calibrated or not self.rules.is_empty):
             raise ValueError(
                 "rules need a model: pass model=<nn.Module> when forward_func is a plain function"
             )
@@ -146,8 +150,15 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             reference_acts = None
             if reference_run is not None:
                 reference_acts = self._collect(reference_run, flags, args, kwargs)
-            grad_acts, coefficients = self._coefficients(grad_run, flags, args, kwargs, call.evaluator,
-                                                         allow_unused)
+            grad_acts, coefficients = [], []
+            for ruleset, indices in self._rule_plan(flags):
+                sub_acts, sub_coefficients = self._coefficients(
+                    grad_run, flags, args, kwargs, call.evaluator, allow_unused, indices, ruleset)
+                grad_acts += sub_acts
+                coefficients += sub_coefficients
+            order = [i for _, indices in self._rule_plan(flags) for i in indices]
+            grad_acts = [grad_acts[order.index(i)] for i in range(len(self.layers))]
+            coefficients = [coefficients[order.index(i)] for i in range(len(self.layers))]
 
         results = []
         for index, coefficient in enumerate(coefficients):
@@ -168,17 +179,26 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             call_model(self.forward_func, run, args, kwargs)
         return [self._require(t, i) for i, t in enumerate(store)]
 
-    def _coefficients(self, run, flags, args, kwargs, evaluator: MetricEvaluator, allow_unused: bool):
-        store: List[Optional[Tensor]] = [None] * len(self.layers)
-        with torch.enable_grad(), self._rules_applied(), layer_hooks(
-            self.layers, flags, capture(store, make_leaf=True)
+    def _rule_plan(self, flags) -> List[Tuple[RuleSet, List[int]]]:
+        """``(rule set, layer indices)``: one entry, or one per distinct calibrated rule set."""
+        if self.calibrated is None:
+            return [(self.rules, list(range(len(self.layers))))]
+        return [(ruleset, list(indices)) for ruleset, indices in self.calibrated.plan(self.model, self.layers, flags)]
+
+    def _coefficients(self, run, flags, args, kwargs, evaluator: MetricEvaluator, allow_unused: bool,
+                      indices: List[int], rules: RuleSet):
+        """One rules-applied forward and backward: activations and coefficients of ``layers[indices]``."""
+        layers = [self.layers[i] for i in indices]
+        store: List[Optional[Tensor]] = [None] * len(layers)
+        with torch.enable_grad(), self._rules_applied(rules), layer_hooks(
+            layers, [flags[i] for i in indices], capture(store, make_leaf=True)
         ):
             output = call_model(self.forward_func, run, args, kwargs)
             evaluator.check_target(output)
             values = evaluator(output, kwargs.get("attention_mask"))
-            acts = [self._require(t, i) for i, t in enumerate(store)]
+            acts = [self._require(t, i) for i, t in zip(indices, store)]
             grads = torch.autograd.grad(values.sum(), acts, allow_unused=True)
-        disconnected = [i for i, g in enumerate(grads) if g is None]
+        disconnected = [i for i, g in zip(indices, grads) if g is None]
         if disconnected and not allow_unused:
             names = ", ".join(f"layer[{i}] ({type(self.layers[i]).__name__})" for i in disconnected)
             raise ValueError(
@@ -190,10 +210,10 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         coefficients = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
         return [a.detach() for a in acts], coefficients
 
-    def _rules_applied(self):
+    def _rules_applied(self, rules: RuleSet):
         if self.model is None:
             return nullcontext()
-        return apply_rules(self.model, self.rules, self.strict)
+        return apply_rules(self.model, rules, self.strict)
 
     @property
     def multiplies_by_inputs(self) -> bool:

@@ -82,3 +82,15 @@ def test_unknown_names_fail_fast_with_a_suggestion(tmp_path, capsys):
 def test_no_arguments_prints_help(capsys):
     assert main([]) == 0
     assert "usage: captum-relp" in capsys.readouterr().out
+
+
+def test_ioi_with_calibrated_rules(saved_tiny_model, tmp_path, capsys):
+    code = main(["ioi", "--model", str(saved_tiny_model), "--n-prompts", "4", "--batch-size", "4",
+                 "--rules", "relp,calibrated", "--calibration-prompts", "3", "--out", str(tmp_path),
+                 "--quiet", "--device", "cpu", "--no-plots"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "RelP (calibrated)" in out and "calibrated rules (3 separate pairs" in out
+    summary = json.loads((tmp_path / "ioi_results.json").read_text())
+    assert set(summary["config"]["calibration"]["choices"]) == {"resid", "attn", "mlp"}
+    assert "RelP (calibrated)" in summary["pcc_per_prompt"]["mlp"]

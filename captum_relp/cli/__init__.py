@@ -14,7 +14,7 @@ from . import circuit, ioi
 from ._common import DTYPES, EXIT_ERROR, EXIT_OK, EXIT_TASK, EXIT_USAGE, CLIError
 
 SUBCOMMANDS = (ioi, circuit)
-_POSITIVE = ("n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps")
+_POSITIVE = ("n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts")
 
 
 def build_parser() -> argparse.ArgumentParser:

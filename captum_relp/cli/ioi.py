@@ -15,7 +15,7 @@ from ._common import (
     parse_list,
 )
 
-RELP_PRESETS = ("relp", "relp-ah")
+RELP_PRESETS = ("relp", "relp-ah", "calibrated")
 
 
 OUTPUTS = {
@@ -32,7 +32,10 @@ def add_parser(sub) -> None:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--n-prompts", type=int, default=100, help="IOI prompt pairs (the paper uses 100)")
-    parser.add_argument("--rules", default="relp", help="RelP presets, comma-separated: relp, relp-ah")
+    parser.add_argument("--rules", default="relp", help="RelP rule sets, comma-separated: relp, relp-ah, calibrated (chosen per component "
+                             "type on --calibration-prompts separate pairs)")
+    parser.add_argument("--calibration-prompts", type=int, default=20,
+                        help="IOI pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=25, help="prompts per attribution batch")
     parser.add_argument("--ap-batch-size", type=int, default=64, help="patched copies per forward in AP")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
@@ -51,13 +54,17 @@ def run(args: argparse.Namespace) -> int:
         result = run_ioi_experiment(
             model, tokenizer, n_prompts=args.n_prompts, rules=rules, batch_size=args.batch_size,
             seed=args.seed, names=heldout_words(args.model, "ioi"), ap_batch_size=args.ap_batch_size,
-            show_progress=not args.quiet,
+            show_progress=not args.quiet, calibration_prompts=args.calibration_prompts,
         )
     except ValueError as error:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error
         raise
     print(result.format_table())
+    if result.config.get("calibration"):
+        calibration = result.config["calibration"]
+        print(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, "
+              f"{calibration['seconds']:.1f} s):\n{calibration['summary']}")
     written = result.save(Path(args.out), plots=not args.no_plots)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

@@ -18,11 +18,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attr import METHODS, get_method
+from ..attr import METHODS, LayerRelevancePatching, Method, get_method
+from ..calibration import calibrated_ioi_rules
 from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs
+
+
+CALIBRATED = "RelP (calibrated)"
 
 
 @dataclass
@@ -68,9 +72,11 @@ class IOIExperimentResult:
         for title, table in (("per-prompt maps", self.pcc_per_prompt),
                              ("prompt-averaged maps", self.pcc_mean_map)):
             lines.append(f"Pearson correlation with activation patching ({title}, N={self.config['n_prompts']})")
-            lines.append(f"{'component':<20}" + "".join(f"{m:>10}" for m in methods))
+            widths = [max(10, len(m) + 2) for m in methods]
+            lines.append(f"{'component':<20}" + "".join(f"{m:>{w}}" for m, w in zip(methods, widths)))
             for kind in KINDS:
-                lines.append(f"{KIND_TITLES[kind]:<20}" + "".join(f"{table[kind][m]:>10.3f}" for m in methods))
+                lines.append(f"{KIND_TITLES[kind]:<20}"
+                             + "".join(f"{table[kind][m]:>{w}.3f}" for m, w in zip(methods, widths)))
             lines.append("")
         ratios = self.time_ratios()
         lines.append("wall time (s) and ratio to AtP, measured in this run")
@@ -132,6 +138,7 @@ def run_ioi_experiment(
     names: Optional[Sequence[str]] = None,
     ap_batch_size: int = 64,
     show_progress: bool = True,
+    calibration_prompts: int = 20,
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -139,12 +146,16 @@ def run_ioi_experiment(
         model: a Hugging Face causal LM (GPT-2, Pythia, Llama, Qwen2, Gemma2 ...).
         tokenizer: its tokenizer; names that are not single tokens are filtered out.
         n_prompts: number of prompt pairs (the paper uses 100).
-        rules: RelP presets to evaluate (``"relp"`` -> RelP, ``"relp-ah"`` -> RelP+AH).
+        rules: RelP presets to evaluate (``"relp"`` -> RelP, ``"relp-ah"`` -> RelP+AH), and
+            ``"calibrated"``: rules chosen per component type by
+            :func:`~captum_relp.calibration.calibrated_ioi_rules` on ``calibration_prompts``
+            pairs disjoint from the evaluated ones (reported as ``RelP (calibrated)``).
         batch_size: prompts per attribution batch.
         seed: seed of the prompt generator.
         names: candidate names (default: the generator's list).
         ap_batch_size: patched copies per forward pass in activation patching.
         show_progress: progress bars.
+        calibration_prompts: calibration pairs for ``"calibrated"``.
 
     Returns:
         IOIExperimentResult
@@ -160,8 +171,17 @@ def run_ioi_experiment(
     pairs = generate_ioi_pairs(n_prompts, seed=seed, names=names, tokenizer=tokenizer)
     batch = encode_ioi(pairs, tokenizer, device=device)
     layers, flags, labels = model_components(model).select(KINDS)
-    method_names = ["AP", "AtP"] + [get_method(preset).name for preset in rules]
+    method_names = ["AP", "AtP"] + [get_method(preset).name for preset in rules if preset != "calibrated"]
     methods = {name: METHODS[name] for name in dict.fromkeys(method_names)}
+    calibration = None
+    if "calibrated" in rules:
+        began = time.perf_counter()
+        calibrated = calibrated_ioi_rules(model, tokenizer, n_prompts=calibration_prompts, seed=seed,
+                                          exclude=pairs)
+        calibration = {"choices": dict(calibrated.choices), "n_prompts": calibration_prompts,
+                       "seconds": time.perf_counter() - began, "summary": calibrated.summary()}
+        methods[CALIBRATED] = Method(CALIBRATED, LayerRelevancePatching, "1 forward + 1 forward and "
+                                     "backward per distinct chosen rule set", {"rules": calibrated})
     collected: Dict[str, List[List[torch.Tensor]]] = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     chunks = range(0, len(pairs), batch_size)
@@ -188,7 +208,7 @@ def run_ioi_experiment(
         config={"n_prompts": len(pairs), "rules": list(rules), "seed": seed, "batch_size": batch_size,
                 "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
                 "dtype": str(next(model.parameters()).dtype), "device": str(device),
-                "n_layers": len(layers) // len(KINDS)},
+                "n_layers": len(layers) // len(KINDS), "calibration": calibration},
         position_labels=list(batch.positions),
     )
     mean_maps = result.mean_maps()

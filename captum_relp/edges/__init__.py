@@ -3,3 +3,6 @@ from .graph import ComponentGraph, build_graph
 from .patching import GraphRun, graph_forward
 
 __all__ = ["ComponentGraph", "build_graph", "GraphRun", "graph_forward"]
+from .scores import METHODS, EdgeScores, edge_scores, exact_edge_scores
+
+__all__ += ["METHODS", "EdgeScores", "edge_scores", "exact_edge_scores"]

@@ -160,6 +160,14 @@ def _heads(parts: _Parts, layer: int, x: Tensor, mask: Tensor, rotary, ah: bool)
     return out if b_o is None else out + (b_o / H)
 
 
+def _minus_reference(out: Tensor, reference: Tensor) -> Tensor:
+    """``out - reference``; ``reference`` may hold ``B`` rows for ``k * B`` rows of ``out`` (tiled)."""
+    if reference.shape[0] == out.shape[0]:
+        return out - reference
+    tiles = out.shape[0] // reference.shape[0]
+    return (out.reshape(tiles, *reference.shape) - reference[None]).reshape(out.shape)
+
+
 def graph_forward(
     model: nn.Module,
     graph: ComponentGraph,
@@ -182,7 +190,8 @@ def graph_forward(
             (1 = edge patched; fractional values interpolate). Entries off
             ``graph.edge_mask`` are ignored. Needs ``corrupt_outputs``.
         corrupt_outputs (Tensor, optional): ``(B, T, U, d)`` node outputs of the
-            reference run (``GraphRun.outputs`` of the corrupt prompts).
+            reference run (``GraphRun.outputs`` of the corrupt prompts); ``B`` may
+            divide the batch, for tiled copies ``[row0..rowB-1, row0..]`` of the prompts.
         input_embeds (Tensor, optional): ``(B, T, d)`` replaces the output of the
             ``input`` node (used by EAP-IG-inputs).
         ah (bool): apply the AH-rule (attention probabilities constant in backward).
@@ -207,35 +216,52 @@ def graph_forward(
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device)[None].expand(batch, length)
     embeds = parts.embed(input_ids, positions) if input_embeds is None else input_embeds
+    if torch.is_grad_enabled() and not embeds.requires_grad:
+        embeds = embeds.detach().requires_grad_(True)  # frozen parameters: start the autograd graph here
     mask = _additive_mask(attention_mask, batch, length, embeds)
     rotary = parts.rotary(embeds, positions) if parts.rotary is not None else None
     edge_mask = graph.edge_mask.to(embeds.device)
     if patch is not None:
         patch = patch.to(embeds.dtype) * edge_mask
-    outputs: List[Tensor] = [embeds[:, :, None]]
+    outputs: List[Tensor] = []
+    diffs: List[Tensor] = []
+    starts: List[int] = []
     inputs: List[Tensor] = []
+    state = {"total": None}
+
+    def write(out: Tensor) -> None:
+        starts.append(sum(o.shape[2] for o in outputs))
+        outputs.append(out)
+        summed = out.sum(dim=2)
+        state["total"] = summed if state["total"] is None else state["total"] + summed
+        if patch is not None:
+            reference = corrupt_outputs[:, :, starts[-1]:starts[-1] + out.shape[2]]
+            diffs.append(_minus_reference(out, reference))
 
     def read(slots) -> Tensor:
-        done = torch.cat(outputs, dim=2)
         width = 1 if isinstance(slots, int) else slots.stop - slots.start
-        total = done.sum(dim=2, keepdim=True).expand(-1, -1, width, -1)
+        total = state["total"][:, :, None].expand(-1, -1, width, -1)
         if patch is None:
             return total
-        p = patch[..., : done.shape[2], slots]
-        p = p.unsqueeze(-1) if isinstance(slots, int) else p
-        diff = done - corrupt_outputs[:, :, : done.shape[2]]
-        equation = "btud,uv->btvd" if p.dim() == 2 else "btud,buv->btvd"
-        return total - torch.einsum(equation, diff, p)
+        correction = None
+        for start, diff in zip(starts, diffs):
+            p = patch[..., start:start + diff.shape[2], slots]
+            p = p.unsqueeze(-1) if isinstance(slots, int) else p
+            if not bool(p.any()):
+                continue
+            term = torch.einsum("btud,uv->btvd" if p.dim() == 2 else "btud,buv->btvd", diff, p)
+            correction = term if correction is None else correction + term
+        return total if correction is None else total - correction
 
+    write(embeds[:, :, None])
     for layer in range(graph.n_layers):
         attn_in = read(graph.attn_slots(layer))
         mlp_in = read(graph.mlp_slot(layer)) if graph.parallel else None
-        heads = _heads(parts, layer, attn_in, mask, rotary, ah)
-        outputs.append(heads)
+        write(_heads(parts, layer, attn_in, mask, rotary, ah))
         if mlp_in is None:
             mlp_in = read(graph.mlp_slot(layer))
         mlp_out = parts.blocks[layer].mlp(parts.norms(layer)[1](mlp_in[:, :, 0]))
-        outputs.append(mlp_out[:, :, None])
+        write(mlp_out[:, :, None])
         inputs += [attn_in, mlp_in]
     final_in = read(graph.logits_slot)
     inputs.append(final_in)

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.add_argument("--quiet", action="store_true", help="no progress bars")
     ioi.set_defaults(func=cmd_ioi)
     _add_circuit_parser(sub)
+    from .cli_edges import add_parser as add_edges_parser
+    add_edges_parser(sub)
     return parser
 
 

@@ -6,3 +6,6 @@ __all__ = ["ComponentGraph", "build_graph", "GraphRun", "graph_forward"]
 from .scores import METHODS, EdgeScores, edge_scores, exact_edge_scores
 
 __all__ += ["METHODS", "EdgeScores", "edge_scores", "exact_edge_scores"]
+from .evaluate import DEFAULT_FRACTIONS, FaithfulnessCurve, area, faithfulness_curve, pearson, top_edges
+
+__all__ += ["DEFAULT_FRACTIONS", "FaithfulnessCurve", "area", "faithfulness_curve", "pearson", "top_edges"]

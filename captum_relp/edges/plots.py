@@ -56,7 +56,7 @@ def _position(graph: ComponentGraph, name: str) -> Tuple[float, float]:
     if name == "logits":
         return (width - 1) / 2, 2.0 * graph.n_layers + 1
     if name.startswith("m"):
-        return (width - 1) / 2, 2.0 * int(name[1:]) + 2
+        return -1.0, 2.0 * int(name[1:]) + 2  # MLPs in a column left of the heads
     layer, head = name[1:].split(".h")
     return float(head), 2.0 * int(layer) + 1
 

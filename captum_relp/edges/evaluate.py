@@ -38,6 +38,8 @@ class FaithfulnessCurve:
         faithfulness: ``f(C)`` per size.
         cpr: area under ``f`` (trapezoid over fractions).
         cmd: area under ``|1 - f|``.
+        m_full: metric of the full model (clean run), mean over prompts.
+        m_empty: metric of the empty circuit (every edge patched: the corrupt run).
     """
 
     fractions: List[float]
@@ -45,11 +47,14 @@ class FaithfulnessCurve:
     faithfulness: List[float]
     cpr: float
     cmd: float
+    m_full: float = float("nan")
+    m_empty: float = float("nan")
 
     def as_dict(self) -> Dict[str, object]:
         """JSON-friendly dictionary."""
         return {"fractions": self.fractions, "n_edges": self.n_edges,
-                "faithfulness": self.faithfulness, "cpr": self.cpr, "cmd": self.cmd}
+                "faithfulness": self.faithfulness, "cpr": self.cpr, "cmd": self.cmd,
+                "m_full": self.m_full, "m_empty": self.m_empty}
 
 
 def area(fractions: Sequence[float], values: Sequence[float]) -> float:
@@ -146,7 +151,7 @@ def faithfulness_curve(
             values.append((value - m_empty) / scale if scale != 0 else float("nan"))
             sizes.append(k)
     return FaithfulnessCurve(fractions, sizes, values, area(fractions, values),
-                             area(fractions, [abs(1 - v) for v in values]))
+                             area(fractions, [abs(1 - v) for v in values]), m_full, m_empty)
 
 
 def pearson(a: Tensor, b: Tensor) -> float:

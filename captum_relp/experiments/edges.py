@@ -44,6 +44,19 @@ class EdgeExperimentResult:
             return None
         return pearson(self.scores[method].edge_vector(self.graph), self.scores["exact"].edge_vector(self.graph))
 
+    def pcc_by_input(self, method: str) -> Dict[str, Optional[float]]:
+        """PCC with exact patching per kind of downstream input (``q``, ``k``, ``v``, ``mlp``, ``logits``)."""
+        if "exact" not in self.scores:
+            return {}
+        kinds = [_kind(self.graph.downstream[v]) for _, v in self.graph.edges()]
+        mine, exact = self.scores[method].edge_vector(self.graph), self.scores["exact"].edge_vector(self.graph)
+        out = {}
+        for kind in ("q", "k", "v", "mlp", "logits"):
+            rows = torch.tensor([k == kind for k in kinds])
+            value = pearson(mine[rows], exact[rows]) if rows.sum() > 1 else float("nan")
+            out[kind] = None if value != value else value  # None: no edges, or constant scores (AH: q, k)
+        return out
+
     def summary(self) -> Dict[str, Any]:
         """The JSON content: one entry per method plus ``meta``."""
         eap_seconds = self.scores["eap"].seconds if "eap" in self.scores else None
@@ -60,11 +73,14 @@ class EdgeExperimentResult:
                 "time_vs_eap": result.seconds / eap_seconds if eap_seconds else None,
                 "n_forward": result.n_forward, "n_backward": result.n_backward,
                 "top_edges": [[self.graph.edge_name(*edges[i]), float(vector[i])] for i in order],
+                "pcc_vs_exact_by_input": self.pcc_by_input(method) if method != "exact" else None,
+                "scores": [float(x) for x in vector],
             }
         out["meta"] = {"model": self.model_name, "task": self.task, "n_edges": self.graph.n_edges,
                        "n_layers": self.graph.n_layers, "n_heads": self.graph.n_heads,
                        "n_kv_heads": self.graph.n_kv_heads, "parallel_residual": self.graph.parallel,
-                       "integration": INTEGRATION, **self.info}
+                       "integration": INTEGRATION, **self.info,
+                       "edges": [self.graph.edge_name(u, v) for u, v in self.graph.edges()]}
         return out
 
     def format_table(self) -> str:
@@ -97,6 +113,10 @@ class EdgeExperimentResult:
                 plot_edge_circuit(result.scores, self.graph, top_k, f"{title}: top {top_k} edges, {method}",
                                   written[-1])
         return written
+
+
+def _kind(name: str) -> str:
+    return name.split("<")[1].rstrip(">") if "<" in name else ("logits" if name == "logits" else "mlp")
 
 
 def make_batch(tokenizer: Any, task: str, n_prompts: int, seed: int, words: Optional[Sequence] = None,

@@ -26,7 +26,12 @@ def test_edges_cli_end_to_end(tmp_path, capsys):
         assert entry["cpr"] == pytest.approx(0.05 * (f[0] + f[1]) + 0.2 * (f[1] + f[2]) + 0.25 * (f[2] + f[3]))
         assert entry["cmd"] == pytest.approx(0.05 * (1 + abs(1 - f[1])) + 0.2 * (abs(1 - f[1]) + abs(1 - f[2]))
                                              + 0.25 * abs(1 - f[2]))
-        assert entry["seconds"] > 0 and len(entry["top_edges"]) == 20
+        assert entry["seconds"] > 0 and len(entry["top_edges"]) == 20 and len(entry["scores"]) == 479
+        assert curve["m_full"] > curve["m_empty"]  # the model solves IOI on these prompts
+        if method != "exact":
+            assert set(entry["pcc_vs_exact_by_input"]) == {"q", "k", "v", "mlp", "logits"}
+    top_name, top_value = data["exact"]["top_edges"][0]
+    assert data["exact"]["scores"][data["meta"]["edges"].index(top_name)] == top_value
     assert (data["relp"]["n_forward"], data["relp"]["n_backward"]) == (2, 1)
     assert (data["eap"]["n_forward"], data["eap"]["n_backward"]) == (2, 1)
     assert (data["eap-ig"]["n_forward"], data["eap-ig"]["n_backward"]) == (3, 2)

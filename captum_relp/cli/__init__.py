@@ -1,4 +1,4 @@
-"""Command line: ``captum-relp ioi`` and ``captum-relp circuit``.
+"""Command line: ``captum-relp ioi``, ``captum-relp circuit`` and ``captum-relp edges``.
 
 Exit codes: 0 success, 1 any other error, 2 bad arguments or a model that cannot
 be loaded, 3 the task cannot be built for this model (e.g. its tokenizer splits
@@ -10,11 +10,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import circuit, ioi
+from . import circuit, edges, ioi
 from ._common import DTYPES, EXIT_ERROR, EXIT_OK, EXIT_TASK, EXIT_USAGE, CLIError
 
-SUBCOMMANDS = (ioi, circuit)
-_POSITIVE = ("n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts")
+SUBCOMMANDS = (ioi, circuit, edges)
+_POSITIVE = ("n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts",
+             "n_eval", "repeats", "top_k")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,6 @@ from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs
 
-
 CALIBRATED = "RelP (calibrated)"
 
 

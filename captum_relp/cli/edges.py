@@ -1,0 +1,100 @@
+"""``captum-relp edges``: edge-level circuits (RelP, RelP-AH, EAP, EAP-IG, exact edge patching)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..edges.graph import build_graph
+from ..embedded import heldout_words
+from ..experiments.edges import run_edge_experiment
+from ..tasks import TASKS
+from ._common import (
+    EXIT_TASK,
+    CLIError,
+    add_model_options,
+    check_out_dir,
+    load_model_from_args,
+    parse_list,
+)
+
+METHOD_CHOICES = ("relp", "relp-ah", "eap", "eap-ig", "exact")
+
+OUTPUTS = {
+    "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts",
+    "edges_faithfulness.png": "faithfulness against circuit size (fraction of edges) per method",
+    "edges_circuit_<method>.png": "the top-k edges of each method's circuit (unless --no-plots)",
+}
+"""Files written to ``--out``."""
+
+
+def add_parser(sub) -> None:
+    """Register the ``edges`` subcommand.
+
+    Examples::
+
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser(); sub = parser.add_subparsers(dest="command")
+        >>> add_parser(sub)
+        >>> parser.parse_args(["edges", "--method", "relp,eap"]).method
+        'relp,eap'
+    """
+    parser = sub.add_parser("edges", help="edge circuits: RelP / EAP / EAP-IG edge scores, CPR/CMD, PCC",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--task", choices=TASKS, default="ioi", help="contrastive task")
+    parser.add_argument("--method", default="relp,relp-ah,eap,eap-ig",
+                        help=f"comma-separated among {', '.join(METHOD_CHOICES)}")
+    parser.add_argument("--no-exact", action="store_true", help="skip exact edge patching (one run per edge)")
+    parser.add_argument("--n-prompts", type=int, default=50, help="prompt pairs used to score edges")
+    parser.add_argument("--n-eval", type=int, default=None, help="separate pairs for faithfulness (None: n-prompts)")
+    parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG integration steps")
+    parser.add_argument("--fractions", default=None, help="comma-separated circuit sizes in [0, 1] (None: MIB grid)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="shipped models: prompts from the names/nouns held out of training")
+    parser.add_argument("--structure", default="across_pp", help="SVA structure")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats per scoring method (min taken)")
+    parser.add_argument("--top-k", type=int, default=20, help="edges drawn in the circuit PNGs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
+    parser.add_argument("--out", default="relp-out", help="output directory")
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNGs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the edge experiment, print the table, write ``edges_results.json`` and PNGs."""
+    methods = parse_list(args.method, "--method", METHOD_CHOICES)
+    if not args.no_exact and "exact" not in methods:
+        methods.append("exact")
+    if "eap" not in methods:
+        methods.insert(0, "eap")  # the cost reference
+    fractions = None
+    if args.fractions:
+        try:
+            fractions = [float(f) for f in args.fractions.split(",")]
+        except ValueError as error:
+            raise CLIError(f"--fractions takes comma-separated numbers, got {args.fractions!r}") from error
+    check_out_dir(args.out)
+    model, tokenizer = load_model_from_args(args)
+    words = heldout_words(args.model, args.task) if args.heldout else None
+    try:
+        build_graph(model)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    extra = {} if fractions is None else {"fractions": fractions}
+    try:
+        result = run_edge_experiment(
+            model, tokenizer, task=args.task, methods=methods, n_prompts=args.n_prompts, n_eval=args.n_eval,
+            seed=args.seed, words=words, n_steps=args.n_steps, repeats=args.repeats, model_name=args.model,
+            structure=args.structure, show_progress=not args.quiet, **extra,
+        )
+    except ValueError as error:
+        if "fractions" in str(error):
+            raise CLIError(str(error)) from error
+        if any(w in str(error).lower() for w in ("name", "token", "noun")):
+            raise CLIError(f"cannot build {args.task} prompts for this model: {error}", EXIT_TASK) from error
+        raise
+    print(result.format_table())
+    written = result.save(Path(args.out), plots=not args.no_plots, top_k=args.top_k)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,178 @@
+"""The component graph of a decoder-only transformer, as EAP-IG and MIB define it.
+
+Nodes that *write* to the residual stream (upstream nodes): the input embeddings,
+every attention head, every MLP. Inputs that *read* from it (downstream inputs):
+the query, key and value input of every attention head (key and value per
+key/value head under grouped-query attention), every MLP input, and the logits.
+An edge joins an upstream node to every downstream input that runs after it.
+The residual stream entering a downstream input is the sum of the outputs of
+its upstream nodes, so patching any set of edges is an exact intervention (see
+:mod:`captum_relp.edges.patching`).
+
+Bias terms of attention output projections are split evenly over the heads of
+their layer; they cancel in every clean-minus-corrupt difference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+FAMILIES = {"gpt2": "gpt2", "gpt_neox": "neox", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
+
+
+@dataclass
+class ComponentGraph:
+    """Nodes, downstream inputs and edges of a transformer's component graph.
+
+    Upstream nodes are ordered ``input, a0.h0 .. a0.h{H-1}, m0, a1.h0, ..., m{L-1}``;
+    downstream inputs ``a0.h0<q> .. a0.h{H-1}<q>, a0.h0<k> .., a0.h0<v> .., m0, ...,
+    logits`` (``<k>``/``<v>`` per key/value head).
+
+    Attributes:
+        family: ``"gpt2"``, ``"neox"`` or ``"llama"`` (Llama, Qwen2, Mistral).
+        n_layers, n_heads, n_kv_heads: the model's shape.
+        parallel: True when attention and MLP of a layer read the same residual
+            stream (GPT-NeoX ``use_parallel_residual``); then ``a{l}.h* -> m{l}`` are no edges.
+        upstream: names of the upstream nodes.
+        downstream: names of the downstream inputs.
+        edge_mask: ``(len(upstream), len(downstream))`` bool tensor, True where an edge exists.
+
+    Examples::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from captum_relp.edges import build_graph
+        >>> g = build_graph(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50)))
+        >>> len(g.upstream), len(g.downstream), g.n_edges
+        (11, 27, 110)
+    """
+
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    parallel: bool
+    upstream: List[str] = field(default_factory=list)
+    downstream: List[str] = field(default_factory=list)
+    edge_mask: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
+
+    @property
+    def n_edges(self) -> int:
+        """Number of edges."""
+        return int(self.edge_mask.sum())
+
+    @property
+    def slots_per_layer(self) -> int:
+        """Downstream inputs per layer: ``H`` queries, ``2 * H_kv`` keys/values, one MLP."""
+        return self.n_heads + 2 * self.n_kv_heads + 1
+
+    def head_node(self, layer: int, head: int) -> int:
+        """Upstream index of head ``head`` of layer ``layer``."""
+        return 1 + layer * (self.n_heads + 1) + head
+
+    def mlp_node(self, layer: int) -> int:
+        """Upstream index of the MLP of layer ``layer``."""
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
+
+    def attn_slots(self, layer: int) -> slice:
+        """Downstream indices of layer ``layer``'s q, k and v inputs."""
+        start = layer * self.slots_per_layer
+        return slice(start, start + self.n_heads + 2 * self.n_kv_heads)
+
+    def mlp_slot(self, layer: int) -> int:
+        """Downstream index of layer ``layer``'s MLP input."""
+        return (layer + 1) * self.slots_per_layer - 1
+
+    @property
+    def logits_slot(self) -> int:
+        """Downstream index of the logits input."""
+        return len(self.downstream) - 1
+
+    def edges(self) -> List[Tuple[int, int]]:
+        """All edges as ``(upstream index, downstream index)``, row-major.
+
+        Examples::
+
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> from captum_relp.edges import build_graph
+            >>> g = build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=9)))
+            >>> g.edge_name(*g.edges()[0])
+            'input->a0.h0<q>'
+        """
+        return [(int(u), int(v)) for u, v in self.edge_mask.nonzero().tolist()]
+
+    def edge_name(self, u: int, v: int) -> str:
+        """``'<upstream>-><downstream>'``, e.g. ``'a0.h1->a1.h0<k>'``."""
+        return f"{self.upstream[u]}->{self.downstream[v]}"
+
+    def node_of_input(self, v: int) -> str:
+        """The node a downstream input belongs to: ``'a1.h0<k>'`` -> ``'a1.h0'``."""
+        name = self.downstream[v]
+        return name.split("<")[0]
+
+
+def _build(family: str, n_layers: int, n_heads: int, n_kv_heads: int, parallel: bool) -> ComponentGraph:
+    upstream = ["input"]
+    downstream: List[str] = []
+    for layer in range(n_layers):
+        upstream += [f"a{layer}.h{h}" for h in range(n_heads)] + [f"m{layer}"]
+        downstream += [f"a{layer}.h{h}<q>" for h in range(n_heads)]
+        downstream += [f"a{layer}.h{h}<k>" for h in range(n_kv_heads)]
+        downstream += [f"a{layer}.h{h}<v>" for h in range(n_kv_heads)]
+        downstream.append(f"m{layer}")
+    downstream.append("logits")
+    graph = ComponentGraph(family, n_layers, n_heads, n_kv_heads, parallel, upstream, downstream)
+    mask = torch.zeros(len(upstream), len(downstream), dtype=torch.bool)
+    mask[0, :] = True
+    for layer in range(n_layers):
+        written = graph.mlp_node(layer - 1) + 1 if layer else 1  # nodes of earlier layers
+        mask[:written, graph.attn_slots(layer)] = True
+        mask[:written, graph.mlp_slot(layer)] = True
+        if not parallel:
+            heads = slice(graph.head_node(layer, 0), graph.mlp_node(layer))
+            mask[heads, graph.mlp_slot(layer)] = True
+    mask[:, graph.logits_slot] = True
+    graph.edge_mask = mask
+    return graph
+
+
+def build_graph(model: nn.Module) -> ComponentGraph:
+    """The component graph of a Hugging Face causal language model.
+
+    Supported: GPT-2, GPT-NeoX/Pythia (parallel or sequential residual), Llama,
+    Qwen2 and Mistral (grouped-query attention).
+
+    Args:
+        model (nn.Module): a ``GPT2LMHeadModel``, ``GPTNeoXForCausalLM``,
+            ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``MistralForCausalLM``.
+
+    Returns:
+        ComponentGraph: the graph; ``graph.n_edges`` edges.
+
+    Examples::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from captum_relp.edges import build_graph
+        >>> cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                   num_key_value_heads=2, intermediate_size=64, vocab_size=50)
+        >>> g = build_graph(LlamaForCausalLM(cfg))
+        >>> g.downstream[4:8]
+        ['a0.h0<k>', 'a0.h1<k>', 'a0.h0<v>', 'a0.h1<v>']
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"edge graphs support model types {sorted(FAMILIES)}, got {model_type!r} "
+            f"({type(model).__name__})"
+        )
+    family = FAMILIES[model_type]
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    parallel = family == "neox" and bool(getattr(config, "use_parallel_residual", True))
+    return _build(family, config.num_hidden_layers, heads, kv_heads, parallel)
+
+
+__all__ = ["ComponentGraph", "build_graph", "FAMILIES"]

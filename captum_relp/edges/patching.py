@@ -1,0 +1,272 @@
+"""Forward pass over the component graph, with exact edge patching.
+
+:func:`graph_forward` recomputes a Hugging Face model from its own weights and
+modules, with the residual stream split into node outputs: the input of every
+query, key, value, MLP and logits is the sum of its upstream node outputs. Each
+attention head reads its own (possibly patched) residual stream. Norms, MLPs and
+activations are the model's modules, so :func:`captum_relp.registry.apply_rules`
+changes the backward pass of this forward as it does the model's. Attention is
+computed here (softmax over scaled dot products); ``ah=True`` detaches queries and
+keys in it, which is the AH-rule. Linear projections use the 0-rule (plain gradient).
+
+Patching an edge ``u -> v`` replaces ``u``'s output in ``v``'s input by ``u``'s
+output in a reference (corrupt) run:
+
+.. math:: x_v = \\sum_{u \\to v} a_u - \\sum_{u \\to v} P_{uv} (a_u - a_u^{corrupt}),
+
+with ``P`` the patch matrix (1 = patched). ``a_u`` is the output of ``u`` in the
+patched run itself, as in EAP-IG/MIB.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .graph import ComponentGraph
+
+
+@dataclass
+class GraphRun:
+    """The result of :func:`graph_forward`.
+
+    Attributes:
+        logits: ``(B, T, vocab)`` logits.
+        outputs: ``(B, T, U, d)`` outputs of the upstream nodes (graph order).
+        inputs: tensors whose concatenation along dim 2 is the ``(B, T, V, d)``
+            downstream inputs (graph order), part of the autograd graph: the
+            gradient of a metric with respect to them is the per-input coefficient.
+    """
+
+    logits: Tensor
+    outputs: Tensor
+    inputs: List[Tensor]
+
+
+class _Parts:
+    """Modules and per-head weights of one supported family."""
+
+    def __init__(self, model: nn.Module, graph: ComponentGraph) -> None:
+        self.graph = graph
+        family = graph.family
+        if family == "gpt2":
+            base = model.transformer
+            self.blocks = list(base.h)
+            self.final_norm = base.ln_f
+            self.rotary = None
+        elif family == "neox":
+            base = model.gpt_neox
+            self.blocks = list(base.layers)
+            self.final_norm = base.final_layer_norm
+            self.rotary = base.rotary_emb
+        else:
+            base = model.model
+            self.blocks = list(base.layers)
+            self.final_norm = base.norm
+            self.rotary = base.rotary_emb
+            if getattr(self.blocks[0].self_attn, "q_norm", None) is not None:
+                raise ValueError("attention with q/k norms (Qwen3) is not supported by edge graphs")
+        self.base = base
+        self.lm_head = model.get_output_embeddings()
+
+    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        if self.graph.family == "gpt2":
+            return self.base.wte(ids) + self.base.wpe(positions)
+        if self.graph.family == "neox":
+            return self.base.embed_in(ids)
+        return self.base.embed_tokens(ids)
+
+    def attention(self, layer: int) -> nn.Module:
+        name = {"gpt2": "attn", "neox": "attention", "llama": "self_attn"}[self.graph.family]
+        return getattr(self.blocks[layer], name)
+
+    def norms(self, layer: int):
+        block = self.blocks[layer]
+        if self.graph.family == "gpt2":
+            return block.ln_1, block.ln_2
+        return block.input_layernorm, block.post_attention_layernorm
+
+    def weights(self, layer: int):
+        """``W_q (H, d, D), b_q, W_k (Hkv, d, D), b_k, W_v, b_v, W_o (H, D, d), b_o (d)``."""
+        g, attn = self.graph, self.attention(layer)
+        H, K = g.n_heads, g.n_kv_heads
+        if g.family == "gpt2":
+            w, b = attn.c_attn.weight, attn.c_attn.bias  # (d, 3d), (3d,)
+            d = w.shape[0]
+            D = d // H
+            ws = [w[:, i * d:(i + 1) * d].reshape(d, H, D).permute(1, 0, 2) for i in range(3)]
+            bs = [b[i * d:(i + 1) * d].reshape(H, D) for i in range(3)]
+            w_o, b_o = attn.c_proj.weight.reshape(H, D, d), attn.c_proj.bias
+        elif g.family == "neox":
+            w, b = attn.query_key_value.weight, attn.query_key_value.bias  # (3d, d)
+            d = w.shape[1]
+            D = d // H
+            w = w.reshape(H, 3, D, d)
+            ws = [w[:, i].transpose(1, 2) for i in range(3)]
+            bs = [None if b is None else b.reshape(H, 3, D)[:, i] for i in range(3)]
+            w_o, b_o = attn.dense.weight.t().reshape(H, D, d), attn.dense.bias
+        else:
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            d = attn.q_proj.weight.shape[1]
+            D = attn.q_proj.weight.shape[0] // H
+            ws, bs = [], []
+            for proj, n in zip(projections, (H, K, K)):
+                ws.append(proj.weight.reshape(n, D, d).transpose(1, 2))
+                bs.append(None if proj.bias is None else proj.bias.reshape(n, D))
+            w_o, b_o = attn.o_proj.weight.t().reshape(H, D, d), attn.o_proj.bias
+        return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], w_o, b_o
+
+
+def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    out = torch.einsum("bthd,hde->bhte", x, weight)
+    return out if bias is None else out + bias[None, :, None, :]
+
+
+def _additive_mask(attention_mask: Optional[Tensor], batch: int, length: int, ref: Tensor) -> Tensor:
+    keep = torch.ones(length, length, dtype=torch.bool, device=ref.device).tril()[None, None]
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()[:, None, None, :]
+    keep = keep.expand(batch, 1, length, length)
+    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
+    return torch.where(keep, zero, torch.finfo(ref.dtype).min)
+
+
+def _heads(parts: _Parts, layer: int, x: Tensor, mask: Tensor, rotary, ah: bool) -> Tensor:
+    """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``."""
+    g = parts.graph
+    H, K = g.n_heads, g.n_kv_heads
+    attn = parts.attention(layer)
+    normed = parts.norms(layer)[0](x)
+    w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = parts.weights(layer)
+    q = _project(normed[:, :, :H], w_q, b_q)
+    k = _project(normed[:, :, H:H + K], w_k, b_k)
+    v = _project(normed[:, :, H + K:], w_v, b_v)
+    if rotary is not None:
+        apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, k = apply(q, k, *rotary)
+    if K != H:
+        k = k.repeat_interleave(H // K, dim=1)
+        v = v.repeat_interleave(H // K, dim=1)
+    if ah:
+        q, k = q.detach(), k.detach()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + mask
+    upcast = scores.dtype in (torch.float16, torch.bfloat16)
+    probs = torch.softmax(scores.float() if upcast else scores, dim=-1).to(v.dtype)
+    z = torch.matmul(probs, v)  # (B, H, T, D)
+    out = torch.einsum("bhte,hed->bthd", z, w_o)
+    return out if b_o is None else out + (b_o / H)
+
+
+def _minus_reference(out: Tensor, reference: Tensor) -> Tensor:
+    """``out - reference``; ``reference`` may hold ``B`` rows for ``k * B`` rows of ``out`` (tiled)."""
+    if reference.shape[0] == out.shape[0]:
+        return out - reference
+    tiles = out.shape[0] // reference.shape[0]
+    return (out.reshape(tiles, *reference.shape) - reference[None]).reshape(out.shape)
+
+
+def graph_forward(
+    model: nn.Module,
+    graph: ComponentGraph,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    patch: Optional[Tensor] = None,
+    corrupt_outputs: Optional[Tensor] = None,
+    input_embeds: Optional[Tensor] = None,
+    ah: bool = False,
+) -> GraphRun:
+    r"""Run ``model`` over its component graph, optionally patching edges.
+
+    Args:
+        model (nn.Module): a supported Hugging Face causal LM (see
+            :func:`~captum_relp.edges.build_graph`), in eval mode.
+        graph (ComponentGraph): ``build_graph(model)``.
+        input_ids (Tensor): ``(B, T)`` token ids.
+        attention_mask (Tensor, optional): ``(B, T)``, 1 for real tokens (right padding).
+        patch (Tensor, optional): ``(U, V)`` or per-row ``(B, U, V)`` patch matrix
+            (1 = edge patched; fractional values interpolate). Entries off
+            ``graph.edge_mask`` are ignored. Needs ``corrupt_outputs``.
+        corrupt_outputs (Tensor, optional): ``(B, T, U, d)`` node outputs of the
+            reference run (``GraphRun.outputs`` of the corrupt prompts); ``B`` may
+            divide the batch, for tiled copies ``[row0..rowB-1, row0..]`` of the prompts.
+        input_embeds (Tensor, optional): ``(B, T, d)`` replaces the output of the
+            ``input`` node (used by EAP-IG-inputs).
+        ah (bool): apply the AH-rule (attention probabilities constant in backward).
+
+    Returns:
+        GraphRun: logits, node outputs and downstream inputs.
+
+    Examples::
+
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from captum_relp.edges import build_graph, graph_forward
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50)).eval()
+        >>> ids = torch.randint(50, (2, 5))
+        >>> run = graph_forward(model, build_graph(model), ids)
+        >>> torch.allclose(run.logits, model(ids).logits, atol=1e-5)
+        True
+    """
+    if patch is not None and corrupt_outputs is None:
+        raise ValueError("patch needs corrupt_outputs (GraphRun.outputs of the reference run)")
+    parts = _Parts(model, graph)
+    batch, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device)[None].expand(batch, length)
+    embeds = parts.embed(input_ids, positions) if input_embeds is None else input_embeds
+    if torch.is_grad_enabled() and not embeds.requires_grad:
+        embeds = embeds.detach().requires_grad_(True)  # frozen parameters: start the autograd graph here
+    mask = _additive_mask(attention_mask, batch, length, embeds)
+    rotary = parts.rotary(embeds, positions) if parts.rotary is not None else None
+    edge_mask = graph.edge_mask.to(embeds.device)
+    if patch is not None:
+        patch = patch.to(embeds.dtype) * edge_mask
+    outputs: List[Tensor] = []
+    diffs: List[Tensor] = []
+    starts: List[int] = []
+    inputs: List[Tensor] = []
+    state = {"total": None}
+
+    def write(out: Tensor) -> None:
+        starts.append(sum(o.shape[2] for o in outputs))
+        outputs.append(out)
+        summed = out.sum(dim=2)
+        state["total"] = summed if state["total"] is None else state["total"] + summed
+        if patch is not None:
+            reference = corrupt_outputs[:, :, starts[-1]:starts[-1] + out.shape[2]]
+            diffs.append(_minus_reference(out, reference))
+
+    def read(slots) -> Tensor:
+        width = 1 if isinstance(slots, int) else slots.stop - slots.start
+        total = state["total"][:, :, None].expand(-1, -1, width, -1)
+        if patch is None:
+            return total
+        correction = None
+        for start, diff in zip(starts, diffs):
+            p = patch[..., start:start + diff.shape[2], slots]
+            p = p.unsqueeze(-1) if isinstance(slots, int) else p
+            if not bool(p.any()):
+                continue
+            term = torch.einsum("btud,uv->btvd" if p.dim() == 2 else "btud,buv->btvd", diff, p)
+            correction = term if correction is None else correction + term
+        return total if correction is None else total - correction
+
+    write(embeds[:, :, None])
+    for layer in range(graph.n_layers):
+        attn_in = read(graph.attn_slots(layer))
+        mlp_in = read(graph.mlp_slot(layer)) if graph.parallel else None
+        write(_heads(parts, layer, attn_in, mask, rotary, ah))
+        if mlp_in is None:
+            mlp_in = read(graph.mlp_slot(layer))
+        mlp_out = parts.blocks[layer].mlp(parts.norms(layer)[1](mlp_in[:, :, 0]))
+        write(mlp_out[:, :, None])
+        inputs += [attn_in, mlp_in]
+    final_in = read(graph.logits_slot)
+    inputs.append(final_in)
+    logits = parts.lm_head(parts.final_norm(final_in[:, :, 0]))
+    return GraphRun(logits, torch.cat(outputs, dim=2), inputs)
+
+
+__all__ = ["GraphRun", "graph_forward"]

@@ -7,7 +7,11 @@ neuron circuits) on the default one, then writes ``docs/_static/results/``
 tables, figures that open full size, and two sentences of reading per figure,
 computed from the numbers of this run.
 
-    OMP_NUM_THREADS=1 python scripts/make_results.py            # about 5-10 minutes on 2 idle cores (defaults reduced from 100 prompts, 100/50 pairs; pass --n-prompts 100 --n-train 100 --n-test 50 for the earlier sizes)
+    OMP_NUM_THREADS=1 python scripts/make_results.py            # about 5-10 minutes on 2 idle cores
+
+The defaults (40 IOI prompts, 40/40 SVA pairs per structure) are smaller than the
+paper's 100 so that the page can be regenerated on a laptop; pass
+``--n-prompts 100 --n-train 100 --n-test 50`` for the earlier sizes.
 """
 from __future__ import annotations
 

@@ -194,6 +194,7 @@ def run_ioi_experiment(
         >>> sorted(result.pcc_per_prompt["mlp"])
         ['AtP', 'RelP']
     """
+    label = name or model_name(model)
     device = next(model.parameters()).device
     pairs = generate_ioi_pairs(n_prompts, seed=seed, names=names, tokenizer=tokenizer)
     batch = encode_ioi(pairs, tokenizer, device=device)
@@ -236,7 +237,7 @@ def run_ioi_experiment(
     result = IOIExperimentResult(
         scores=by_method, valid=valid, pcc_per_prompt={}, pcc_mean_map={}, seconds=seconds,
         config={"n_prompts": len(pairs), "rules": list(rules), "seed": seed, "batch_size": batch_size,
-                "model": name or model_name(model),
+                "model": label,
                 "templates": sorted({pair.template_id for pair in pairs}),
                 "dtype": str(next(model.parameters()).dtype), "device": str(device),
                 "n_layers": len(layers) // len(KINDS), "calibration": calibration},

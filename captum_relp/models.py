@@ -129,6 +129,22 @@ def model_components(model: nn.Module) -> ModelComponents:
     return ModelComponents(blocks, attn, mlp, heads)
 
 
+def model_name(model: nn.Module) -> str:
+    """A short name for results and figure titles: the hub name, or the folder name of a local model.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2))
+        >>> model.config._name_or_path = "/site-packages/captum_relp/embedded/tiny-gpt2-ioi"
+        >>> model_name(model)
+        'tiny-gpt2-ioi'
+    """
+    import os
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return os.path.basename(os.path.normpath(name)) if os.path.isabs(name) or os.path.isdir(name) else name
+
+
 def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
     """Sum attributions of concatenated heads ``(..., H * D)`` per head, giving ``(..., H)``.
 
@@ -146,4 +162,4 @@ def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
     return attributions.reshape(*lead, num_heads, width // num_heads).sum(-1)
 
 
-__all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "model_components", "find_blocks", "split_heads"]
+__all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "model_components", "model_name", "find_blocks", "split_heads"]

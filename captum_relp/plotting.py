@@ -10,6 +10,7 @@ set ``MPLBACKEND=Agg`` for headless scripts).
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -21,49 +22,67 @@ if TYPE_CHECKING:  # annotations only: plotting does not import the edge machine
     from .edges.graph import ComponentGraph
 
 
+EFFECT_NOTE = ("effect = m(clean) \u2212 m(clean with this activation patched from the corrupted run), "
+               "in metric units (logit difference); red: patching it lowers the metric")
+"""The sign and unit of a patching effect, printed under every heatmap."""
+
+
 def plot_patching_heatmaps(
     maps: Dict[str, np.ndarray],
     title: str,
     path: Optional[Path] = None,
     position_labels: Optional[Sequence[str]] = None,
+    model_name: Optional[str] = None,
+    n_prompts: Optional[int] = None,
+    xlabel: str = "position",
+    note: Optional[str] = EFFECT_NOTE,
 ):
     """One heatmap per method (shared, symmetric colour scale), layers on the y axis.
 
     Args:
         maps: ``{method: array (layers, positions)}``, e.g. ``{"AP": ..., "AtP": ..., "RelP": ...}``.
-        title: figure title (e.g. the component type).
+        title: figure title (e.g. the component type); the model name and N are added.
         path: where to save a PNG; the figure is returned either way.
-        position_labels: tick labels for the positions (e.g. the prompt's tokens).
+        position_labels: tick labels for the positions (e.g. token roles or tokens).
+        model_name: shown in the title.
+        n_prompts: number of prompts averaged, shown in the title.
+        xlabel: x-axis label (``"token role"`` for role-aligned maps).
+        note: text under the figure (default: the sign and unit of the effect).
 
     Example:
         >>> import numpy as np
-        >>> fig = plot_patching_heatmaps({"AP": np.eye(2), "RelP": np.eye(2)}, "mlp")
-        >>> len(fig.axes)
-        3
+        >>> fig = plot_patching_heatmaps({"AP": np.eye(2), "RelP": np.eye(2)}, "mlp", model_name="m",
+        ...                              n_prompts=2)
+        >>> len(fig.axes), fig._suptitle.get_text()
+        (3, 'mlp \u2014 m, mean of N=2 prompts')
     """
     import matplotlib.pyplot as plt
 
     limit = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
     n_layers, n_positions = next(iter(maps.values())).shape
     fig, axes = plt.subplots(
-        1, len(maps), figsize=(1.5 + (0.6 + 0.2 * n_positions) * len(maps), 1.9 + 0.3 * n_layers),
+        1, len(maps), figsize=(1.8 + (0.8 + 0.24 * n_positions) * len(maps), 2.6 + 0.3 * n_layers),
         squeeze=False, constrained_layout=True,
     )
     image = None
     for ax, (method, values) in zip(axes[0], maps.items()):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_title(method)
+        ax.set_title(method, fontsize=11)
         ax.set_yticks(range(n_layers))
-        ax.set_ylabel("layer")
+        ax.set_ylabel("layer", fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=10)
+        ax.tick_params(labelsize=9)
         if position_labels is not None:
             ax.set_xticks(range(len(position_labels)))
-            ax.set_xticklabels(position_labels, rotation=90, fontsize=7)
-        else:
-            ax.set_xlabel("position")
-    fig.suptitle(title)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.01, label="patching effect")
+            ax.set_xticklabels(position_labels, rotation=90, fontsize=9)
+    details = [d for d in (model_name, f"mean of N={n_prompts} prompts" if n_prompts else None) if d]
+    fig.suptitle(title + (" \u2014 " + ", ".join(details) if details else ""), fontsize=12)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.01).set_label("patching effect", fontsize=10)
+    if note:
+        width = max(40, int(fig.get_figwidth() * 13))
+        fig.supxlabel(textwrap.fill(note, width), fontsize=8, color="0.3")
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=150)
         plt.close(fig)
     return fig
 
@@ -73,14 +92,24 @@ METHOD_COLORS = {"AP": "black", "AtP": "tab:blue", "RelP": "tab:red", "RelP+AH":
 """One colour per method name, in every figure."""
 
 
+SETTING_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
+"""Line styles of the faint per-setting lines (one per setting, in order)."""
+
+
 def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, title: str = "") -> Path:
     """Faint lines per setting, bold line the mean across settings, one colour per method.
+
+    Each setting has its own line style (legend on the right); a setting whose
+    denominator ``m(M) - m(empty)`` is small against its noise (see
+    :attr:`~captum_relp.circuits.faithfulness.CircuitCurve.reliable`) is drawn with
+    hollow markers and flagged "noisy denominator" in the legend: its ratios can
+    overshoot 1 or go far below 0.
 
     Args:
         curves: ``{setting: {method: CircuitCurve}}`` with method names from
             :data:`captum_relp.attr.METHODS` (``RelP``, ``AtP``, ``IG`` ...).
         path: where the PNG is written.
-        title: figure title.
+        title: figure title (e.g. ``"tiny-gpt2-ioi: SVA feature circuits"``).
 
     Example:
         >>> import tempfile, pathlib
@@ -91,26 +120,40 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
         True
     """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    methods = sorted({m for by in curves.values() for m in by})
-    for ax, key, label in ((axes[0], "faithfulness", "faithfulness"), (axes[1], "completeness", "completeness")):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    present = {m for by in curves.values() for m in by}
+    methods = [m for m in METHOD_COLORS if m in present] + sorted(present - set(METHOD_COLORS))
+    styles = dict(zip(curves, SETTING_STYLES * (len(curves) // len(SETTING_STYLES) + 1)))
+    noisy = {s for s, by in curves.items() if not all(getattr(c, "reliable", True) for c in by.values())}
+    for ax, key in ((axes[0], "faithfulness"), (axes[1], "completeness")):
         for method in methods:
             color = METHOD_COLORS.get(method, None)
-            series = [(np.array(by[method].n_nodes), np.array(getattr(by[method], key)))
-                      for by in curves.values() if method in by]
-            for x, y in series:
-                ax.plot(x, y, color=color, alpha=0.3, linewidth=1)
-            common = sorted(set.intersection(*[set(x.tolist()) for x, _ in series]))
-            mean = [np.nanmean([y[list(x).index(n)] for x, y in series]) for n in common]
-            ax.plot(common, mean, color=color, linewidth=2.5, label=method)
+            series = [(setting, np.array(by[method].n_nodes), np.array(getattr(by[method], key)))
+                      for setting, by in curves.items() if method in by]
+            for setting, x, y in series:
+                ax.plot(x, y, color=color, alpha=0.45, linewidth=1, linestyle=styles[setting],
+                        marker="o" if setting in noisy else None, markersize=3, markerfacecolor="none")
+            common = sorted(set.intersection(*[set(x.tolist()) for _, x, _ in series]))
+            mean = [np.nanmean([y[list(x).index(n)] for _, x, y in series]) for n in common]
+            ax.plot(common, mean, color=color, linewidth=2.5, label=f"{method} (mean)")
         ax.set_xscale("log")
-        ax.set_xlabel("nodes in circuit")
-        ax.set_ylabel(label)
-        ax.axhline(1.0 if key == "faithfulness" else 0.0, color="grey", linestyle=":", linewidth=1)
-        ax.legend()
-    fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+        ax.set_xlabel("nodes in circuit", fontsize=10)
+        ax.set_ylabel(key, fontsize=10)
+        ax.tick_params(labelsize=9)
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_title({"faithfulness": "faithfulness: circuit kept, rest mean-ablated (1 = full model)",
+                      "completeness": "completeness: circuit ablated (0 = nothing left)"}[key], fontsize=10)
+    handles, _ = axes[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.4", linestyle=styles[s], marker="o" if s in noisy else None,
+                       markerfacecolor="none", label=s + (" (noisy denominator)" if s in noisy else ""))
+                for s in curves]
+    fig.legend(handles=handles, loc="outside right center", fontsize=9, title="bold: mean; faint: setting",
+               title_fontsize=9)
+    fig.suptitle(title, fontsize=12)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
     return Path(path)
 

@@ -94,3 +94,22 @@ def test_ioi_with_calibrated_rules(saved_tiny_model, tmp_path, capsys):
     summary = json.loads((tmp_path / "ioi_results.json").read_text())
     assert set(summary["config"]["calibration"]["choices"]) == {"resid", "attn", "mlp"}
     assert "RelP (calibrated)" in summary["pcc_per_prompt"]["mlp"]
+
+
+def test_circuit_states_cost_up_front_and_progress_per_method(tmp_path, capsys):
+    code = main(["circuit", "--model", "tiny-gpt2-ioi", "--nodes", "components", "--method", "RelP,AtP",
+                 "--n-train", "2", "--n-test", "2", "--batch-size", "2", "--n-steps", "3", "--no-plots",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    plan = err.index("expected cost of the node effects")
+    assert err.index("scoring nodes: RelP 2 forward + 1 backward") < plan < err.index("within_rc: RelP done")
+    assert "warning: IG with --nodes features" not in err
+    assert "within_rc: AtP done" in err and "across_pp: AtP done" in err
+    saved = json.loads((tmp_path / "circuit_results.json").read_text())
+    assert saved["config"]["model"] == "tiny-gpt2-ioi"  # not the site-packages path
+    assert set(saved["denominators"]) == {"within_rc", "across_rc", "across_pp"}
+    from captum_relp.cli.circuit import cost_notice
+
+    assert "warning: IG with --nodes features runs 10 steps" in cost_notice(["RelP", "IG"], "features", 10)
+    assert "IG 3 interpolation steps per node group" in cost_notice(["IG"], "components", 3)

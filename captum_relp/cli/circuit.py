@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..attr import get_method
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if "AP" in methods:
         raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
     check_out_dir(args.out)
+    if not args.quiet:
+        _say(cost_notice(methods, args.nodes, args.n_steps))
     saes = _saes(args) if args.nodes == "features" else None
     model, tokenizer = load_model_from_args(args)
     result = run_circuit_experiment(
@@ -63,11 +66,36 @@ def run(args: argparse.Namespace) -> int:
         n_train=args.n_train, n_test=args.n_test, seed=args.seed, error_policy=args.errors,
         exclude_first_third=not args.include_early_layers, n_steps=args.n_steps,
         batch_size=args.batch_size, heldout=heldout_words(args.model, args.task), show_progress=not args.quiet,
+        report=None if args.quiet else _say,
     )
     print(result.summary())
     written = result.save(Path(args.out), plots=not args.no_plots)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def cost_notice(methods, nodes: str, n_steps: int) -> str:
+    """What the run will cost, said before the model is loaded.
+
+    Example:
+        >>> print(cost_notice(["RelP", "IG"], "components", 10))
+        scoring nodes: RelP 2 forward + 1 backward passes per batch; IG 10 interpolation steps per node group
+        >>> "warning: IG with --nodes features" in cost_notice(["IG"], "features", 10)
+        True
+    """
+    per = {"RelP": "2 forward + 1 backward passes per batch", "RelP+AH": "2 forward + 1 backward passes per batch",
+           "AtP": "2 forward + 1 backward passes per batch", "IG": f"{n_steps} interpolation steps per node group"}
+    text = "scoring nodes: " + "; ".join(f"{m} {per.get(m, '')}".strip() for m in methods)
+    if "IG" in methods and nodes == "features":
+        others = ",".join(m for m in methods if m != "IG") or "RelP"
+        text += (f"\nwarning: IG with --nodes features runs {n_steps} steps for each of the many feature/error "
+                 "groups: expect it to take 10x or more RelP's time (about 13 min for the defaults on 2 CPU "
+                 f"cores); pass --method {others} to skip it")
+    return text
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _saes(args: argparse.Namespace):

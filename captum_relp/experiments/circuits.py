@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,8 +14,9 @@ from tqdm.auto import tqdm
 from .._forward import call_model
 from ..attr import get_method
 from ..circuits.effects import mean_effects, node_effects
-from ..circuits.faithfulness import CircuitCurve, evaluate_circuits
+from ..circuits.faithfulness import MIN_DENOMINATOR_SNR, CircuitCurve, evaluate_circuits
 from ..circuits.nodes import NodeSpace, node_means
+from ..models import model_name
 from ..tasks import task_splits
 
 CIRCUIT_METHODS = ("RelP", "AtP", "IG")
@@ -30,11 +32,30 @@ class CircuitExperimentResult:
     cost: Dict[str, Dict[str, float]]
     config: Dict[str, object] = field(default_factory=dict)
 
+    def denominators(self) -> Dict[str, Dict[str, float]]:
+        """``{setting: {"m_full", "m_empty", "denominator", "se", "reliable"}}`` (the same for every method)."""
+        out = {}
+        for setting, by_method in self.curves.items():
+            curve = next(iter(by_method.values()))
+            out[setting] = {"m_full": curve.metric_full, "m_empty": curve.metric_empty,
+                            "denominator": curve.denominator, "se": curve.denominator_se,
+                            "reliable": curve.reliable}
+        return out
+
+    def title(self) -> str:
+        """Figure title: model, task, node type and split sizes."""
+        c = self.config
+        return (f"{c.get('model')}: {str(c.get('task')).upper()} {str(c.get('nodes')).rstrip('s')} circuits "
+                f"(train {c.get('n_train')}, test {c.get('n_test')} pairs per setting)")
+
     def summary(self) -> str:
         """A readable table: faithfulness/completeness at each size, per setting and method."""
         lines = []
         for setting, by_method in self.curves.items():
-            lines.append(f"{setting}: faithfulness / completeness by circuit size")
+            d = self.denominators()[setting]
+            flag = "" if d["reliable"] else "  NOISY: ratios unreliable"
+            lines.append(f"{setting}: faithfulness / completeness by circuit size; denominator "
+                         f"m(M) - m(empty) = {d['denominator']:.3f} +- {d['se']:.3f} (s.e.){flag}")
             for method, curve in by_method.items():
                 points = "  ".join(f"{n}:{f:.2f}/{c:.2f}" for n, f, c in
                                    zip(curve.n_nodes, curve.faithfulness, curve.completeness))
@@ -50,15 +71,14 @@ class CircuitExperimentResult:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "circuit_results.json"
-        payload = {"config": self.config, "cost": self.cost,
+        payload = {"config": self.config, "cost": self.cost, "denominators": self.denominators(),
                    "curves": {s: {m: asdict(c) for m, c in by.items()} for s, by in self.curves.items()}}
         path.write_text(json.dumps(payload, indent=2))
         written = [path]
         if plots:
             from ..plotting import plot_faithfulness
 
-            written.append(plot_faithfulness(self.curves, out_dir / "circuit_faithfulness.png",
-                                             title=f"{self.config.get('task')} {self.config.get('nodes')} circuits"))
+            written.append(plot_faithfulness(self.curves, out_dir / "circuit_faithfulness.png", title=self.title()))
         return written
 
 
@@ -85,8 +105,39 @@ def run_circuit_experiment(
     batch_size: int = 50,
     heldout: Optional[Sequence] = None,
     show_progress: bool = True,
+    name: Optional[str] = None,
+    report: Optional[Callable[[str], None]] = None,
 ) -> CircuitExperimentResult:
     """Discover circuits with each method on the training split and evaluate them on held-out data.
+
+    Before the long part, a timed call per method on two training pairs gives the plan:
+    passes per method and a rough time, passed to ``report`` (the CLI prints it). A
+    setting whose denominator ``m(M) - m(empty)`` is under
+    :data:`~captum_relp.circuits.faithfulness.MIN_DENOMINATOR_SNR` standard errors
+    raises a :class:`UserWarning`: its ratios can overshoot 1 or fall far below 0.
+
+    Args:
+        model: a Hugging Face causal LM.
+        tokenizer: its tokenizer.
+        task: ``sva`` (one setting per structure) or ``ioi``.
+        methods: node scorers (``RelP``, ``RelP+AH``, ``AtP``, ``IG``).
+        nodes: ``components``, ``neurons`` or ``features`` (needs ``saes``).
+        saes: one dictionary per submodule, for ``features``.
+        n_train: pairs per setting to score nodes on.
+        n_test: pairs per setting to evaluate circuits on.
+        seed: prompt generator seed.
+        budgets: circuit sizes.
+        error_policy: see :func:`~captum_relp.circuits.faithfulness.evaluate_circuits`.
+        exclude_first_third: see :func:`~captum_relp.circuits.faithfulness.evaluate_circuits`.
+        n_steps: IG integration steps.
+        batch_size: pairs per attribution batch.
+        heldout: words for the test split (e.g. nouns never seen in training).
+        show_progress: a progress bar naming the current setting and method.
+        name: the model's name in results and titles (default :func:`~captum_relp.models.model_name`).
+        report: called with the cost plan and one line per finished (setting, method).
+
+    Returns:
+        CircuitExperimentResult
 
     Example:
         >>> from captum_relp.embedded import load_embedded
@@ -96,6 +147,7 @@ def run_circuit_experiment(
         >>> sorted(result.curves)
         ['across_pp', 'across_rc', 'within_rc']
     """
+    label = name or model_name(model)
     methods = [get_method(m).name for m in methods]
     if "AP" in methods:
         raise ValueError("circuit discovery scores nodes with RelP, RelP+AH, AtP or IG, not AP")
@@ -105,7 +157,9 @@ def run_circuit_experiment(
     settings = task_splits(task, tokenizer, n_train, n_test, seed, heldout)
     progress = tqdm(total=len(settings) * (len(methods) + 1), desc=f"{task} {nodes} circuits",
                     disable=not show_progress)
-    _warm_up(space, methods, settings[0][1], n_steps)
+    plan = _warm_up(space, methods, settings[0][1], n_steps)
+    if report is not None:
+        report(format_plan(plan, [len(train) for _, train, _ in settings], batch_size))
     for setting, train, test in settings:
         if train.clean_ids.shape[1] != test.clean_ids.shape[1]:
             raise ValueError(f"{setting}: train and test prompts differ in length; positions must align")
@@ -113,6 +167,7 @@ def run_circuit_experiment(
         run_metric = _metric_runner(model, test, batch_size)
         curves[setting] = {}
         for method in methods:
+            progress.set_description(f"{setting}: {method}")
             totals: Dict[str, Tensor] = {}
             for rows, clean, corrupt, mask in _batches(train, batch_size):
                 run = node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=n_steps)
@@ -125,19 +180,57 @@ def run_circuit_experiment(
             curves[setting][method] = evaluate_circuits(space, effects, means, run_metric, budgets,
                                                         exclude_first_third, error_policy)
             progress.update()
+            if report is not None:
+                report(f"{setting}: {method} done ({cost[method]['seconds']:.1f} s so far for {method})")
         progress.update()
+        curve = next(iter(curves[setting].values()))
+        if not curve.reliable:
+            warnings.warn(f"{setting}: m(M) - m(empty) = {curve.denominator:.3g} is under "
+                          f"{MIN_DENOMINATOR_SNR:g} standard errors ({curve.denominator_se:.3g}); its "
+                          "faithfulness/completeness ratios are unreliable (more --n-test pairs help)")
     progress.close()
-    config = {"task": task, "nodes": nodes, "methods": list(methods), "n_train": n_train, "n_test": n_test,
+    config = {"model": label, "task": task, "nodes": nodes, "methods": list(methods), "n_train": n_train, "n_test": n_test,
               "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
               "n_steps": n_steps}
     return CircuitExperimentResult(curves, cost, config)
 
 
-def _warm_up(space: NodeSpace, methods: Sequence[str], train, n_steps: int) -> None:
-    """One untimed call per method on two examples, so one-off setup does not skew the timings."""
+def _warm_up(space: NodeSpace, methods: Sequence[str], train, n_steps: int) -> Dict[str, Dict[str, float]]:
+    """Calls per method on two examples (not counted in the timings), so one-off setup does not
+    skew them; the last call's passes and seconds per pair are the plan."""
     rows, clean, corrupt, mask = next(_batches(train, 2))
+    plan = {}
     for method in methods:
-        node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=2)
+        for _ in range(1 if method == "IG" else 2):
+            run = node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=n_steps)
+        plan[method] = {"forward_passes": run.forward_passes, "backward_passes": run.backward_passes,
+                        "seconds_per_pair": run.seconds / clean.shape[0]}
+    return plan
+
+
+def format_plan(plan: Mapping[str, Mapping[str, float]], n_train: Sequence[int], batch_size: int) -> str:
+    """The expected cost of scoring nodes: passes per batch and in all, and a rough time, per method.
+
+    Args:
+        plan: ``{method: {"forward_passes", "backward_passes", "seconds_per_pair"}}`` per batch.
+        n_train: training pairs of each setting.
+        batch_size: pairs per attribution batch.
+
+    Example:
+        >>> print(format_plan({"RelP": {"forward_passes": 2, "backward_passes": 1,
+        ...                             "seconds_per_pair": 0.01}}, [100, 100], 50))
+        expected cost of the node effects (2 settings, 4 batches of up to 50 pairs):
+          RelP    2 forward + 1 backward per batch = 8 forward + 4 backward in all, about 2 s
+    """
+    batches = sum(-(-n // batch_size) for n in n_train)
+    lines = [f"expected cost of the node effects ({len(n_train)} settings, {batches} batches of up to "
+             f"{batch_size} pairs):"]
+    for method, cost in plan.items():
+        forward, backward = int(cost["forward_passes"]), int(cost["backward_passes"])
+        lines.append(f"  {method:<7} {forward} forward + {backward} backward per batch = {forward * batches} "
+                     f"forward + {backward * batches} backward in all, "
+                     f"about {cost['seconds_per_pair'] * sum(n_train):.0f} s")
+    return "\n".join(lines)
 
 
 def _train_means(space: NodeSpace, model, train, batch_size: int) -> Dict[str, Tensor]:
@@ -156,6 +249,6 @@ def _metric_runner(model, test, batch_size: int):
             for rows, clean, _, mask in _batches(test, batch_size):
                 logits = call_model(model, (clean,), (), {"attention_mask": mask})
                 values.append(test.select(rows).metric()(logits))
-        return torch.cat(values).mean()
+        return torch.cat(values)
 
     return run

@@ -3,13 +3,17 @@
 For N prompt pairs, AP, AtP and RelP scores of the residual stream entering each
 block, the attention outputs and the MLP outputs, at every layer and position,
 summed over the hidden dimension; Pearson correlation of AtP and RelP with AP.
+
+The templates differ in length, so prompt-averaged maps align positions by token
+role (``S1``, ``IO``, ``S2``, ``END`` ..., see :func:`~captum_relp.tasks.ioi.ioi_token_roles`)
+and average each role over the prompts that have it.
 """
 from __future__ import annotations
 
 import csv
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -22,8 +26,9 @@ from ..attr import METHODS, LayerRelevancePatching, Method, get_method
 from ..calibration import calibrated_ioi_rules
 from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
-from ..models import model_components
-from ..tasks.ioi import encode_ioi, generate_ioi_pairs
+from ..models import model_components, model_name
+from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
+from .alignment import RoleLayout
 
 CALIBRATED = "RelP (calibrated)"
 
@@ -36,10 +41,12 @@ class IOIExperimentResult:
         scores: ``{method: {kind: array (N, layers, positions)}}`` (``AP``, ``AtP``, ``RelP``...).
         valid: ``(N, positions)`` boolean mask of real (non-pad) positions.
         pcc_per_prompt: ``{kind: {method: r}}`` over all per-prompt (layer, position) values.
-        pcc_mean_map: ``{kind: {method: r}}`` over the prompt-averaged (layer x position) maps.
+        pcc_mean_map: ``{kind: {method: r}}`` over the prompt-averaged, role-aligned
+            (layer x role) maps of :meth:`mean_maps`.
         seconds: wall time per method, measured in the same run.
-        config: the run's settings.
-        position_labels: tokens of the first clean prompt.
+        config: the run's settings (``model`` is the model's name, not a path).
+        layout: the token role of every position of every prompt; ``None`` averages
+            position by position (only right for prompts of one layout).
     """
 
     scores: Dict[str, Dict[str, np.ndarray]]
@@ -48,10 +55,23 @@ class IOIExperimentResult:
     pcc_mean_map: Dict[str, Dict[str, float]]
     seconds: Dict[str, float]
     config: Dict[str, object]
-    position_labels: List[str] = field(default_factory=list)
+    layout: Optional[RoleLayout] = None
+
+    @property
+    def position_labels(self) -> List[str]:
+        """Tick labels of the columns of :meth:`mean_maps` (roles, or positions without a layout)."""
+        if self.layout is not None:
+            return list(self.layout.labels)
+        return [str(t) for t in range(self.valid.shape[1])]
 
     def mean_maps(self) -> Dict[str, Dict[str, np.ndarray]]:
-        """``{method: {kind: (layers, positions)}}`` averaged over prompts at real positions."""
+        """``{method: {kind: (layers, roles)}}``: each token role averaged over the prompts that have it.
+
+        Without a :attr:`layout`, ``(layers, positions)`` averaged over prompts at real positions.
+        """
+        if self.layout is not None:
+            return {method: {kind: self.layout.average(values) for kind, values in by_kind.items()}
+                    for method, by_kind in self.scores.items()}
         weights = self.valid[:, None, :].astype(float)
         count = np.maximum(weights.sum(0), 1.0)
         return {
@@ -70,7 +90,8 @@ class IOIExperimentResult:
         lines = []
         for title, table in (("per-prompt maps", self.pcc_per_prompt),
                              ("prompt-averaged maps", self.pcc_mean_map)):
-            lines.append(f"Pearson correlation with activation patching ({title}, N={self.config['n_prompts']})")
+            lines.append(f"Pearson correlation with activation patching ({title}, "
+                         f"{self.config.get('model')}, N={self.config['n_prompts']})")
             widths = [max(10, len(m) + 2) for m in methods]
             lines.append(f"{'component':<20}" + "".join(f"{m:>{w}}" for m, w in zip(methods, widths)))
             for kind in KINDS:
@@ -92,6 +113,7 @@ class IOIExperimentResult:
             "config": self.config, "pcc_per_prompt": self.pcc_per_prompt,
             "pcc_mean_map": self.pcc_mean_map, "seconds": self.seconds,
             "time_ratio_to_atp": self.time_ratios(), "position_labels": self.position_labels,
+            "layout": self.layout.to_json() if self.layout is not None else None,
             "mean_maps": {m: {k: v.tolist() for k, v in by.items()} for m, by in self.mean_maps().items()},
         }
         written[0].write_text(json.dumps(summary, indent=2))
@@ -109,7 +131,9 @@ class IOIExperimentResult:
             for kind in KINDS:
                 path = out_dir / f"ioi_heatmap_{kind}.png"
                 plot_patching_heatmaps({m: maps[m][kind] for m in maps}, KIND_TITLES[kind], path,
-                                       self.position_labels)
+                                       self.position_labels, model_name=str(self.config.get("model")),
+                                       n_prompts=int(self.config["n_prompts"]),
+                                       xlabel="token role" if self.layout is not None else "position")
                 written.append(path)
         return written
 
@@ -138,6 +162,7 @@ def run_ioi_experiment(
     ap_batch_size: int = 64,
     show_progress: bool = True,
     calibration_prompts: int = 20,
+    name: Optional[str] = None,
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -155,6 +180,8 @@ def run_ioi_experiment(
         ap_batch_size: patched copies per forward pass in activation patching.
         show_progress: progress bars.
         calibration_prompts: calibration pairs for ``"calibrated"``.
+        name: the model's name in the results and figures (default:
+            :func:`~captum_relp.models.model_name`, e.g. ``tiny-gpt2-ioi``, never a local path).
 
     Returns:
         IOIExperimentResult
@@ -166,6 +193,7 @@ def run_ioi_experiment(
         >>> sorted(result.pcc_per_prompt["mlp"])
         ['AtP', 'RelP']
     """
+    label = name or model_name(model)
     device = next(model.parameters()).device
     pairs = generate_ioi_pairs(n_prompts, seed=seed, names=names, tokenizer=tokenizer)
     batch = encode_ioi(pairs, tokenizer, device=device)
@@ -202,13 +230,17 @@ def run_ioi_experiment(
 
     by_method = {m: _stack(parts, labels) for m, parts in collected.items()}
     valid = batch.attention_mask.bool().cpu().numpy()
+    layout = RoleLayout.from_roles(
+        [ioi_token_roles(pair, tokenizer) for pair in pairs],
+        [[tokenizer.decode([t]) for t in ids[: int(n)]] for ids, n in zip(batch.clean_ids.tolist(), valid.sum(1))])
     result = IOIExperimentResult(
         scores=by_method, valid=valid, pcc_per_prompt={}, pcc_mean_map={}, seconds=seconds,
         config={"n_prompts": len(pairs), "rules": list(rules), "seed": seed, "batch_size": batch_size,
-                "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
+                "model": label,
+                "templates": sorted({pair.template_id for pair in pairs}),
                 "dtype": str(next(model.parameters()).dtype), "device": str(device),
                 "n_layers": len(layers) // len(KINDS), "calibration": calibration},
-        position_labels=list(batch.positions),
+        layout=layout,
     )
     mean_maps = result.mean_maps()
     mask = np.broadcast_to(valid[:, None, :], by_method["AP"]["mlp"].shape)

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -160,6 +161,91 @@ def generate_ioi_pairs(
             continue
         pairs.append(IOIPair(clean, corrupt, a, b, t, place, obj))
     return pairs
+
+
+_SLOT = re.compile(r"\{(A|B|PLACE|OBJECT)\}")
+
+
+def _slot_spans(pair: IOIPair) -> tuple[str, list[tuple[str, int, int]]]:
+    """The clean prompt and ``(role, start, end)`` character spans of its slots, in order."""
+    template, text, spans, at = TEMPLATES[pair.template_id], "", [], 0
+    fill = {"A": pair.io_name, "B": pair.s_name, "PLACE": pair.place, "OBJECT": pair.obj}
+    for match in _SLOT.finditer(template):
+        text += template[at : match.start()]
+        slot = match.group(1)
+        role = {"A": "IO", "PLACE": "PLACE", "OBJECT": "OBJECT"}.get(slot) or (
+            "S1" if not any(r == "S1" for r, _, _ in spans) else "S2")
+        spans.append((role, len(text), len(text) + len(fill[slot])))
+        text += fill[slot]
+        at = match.end()
+    return text + template[at:], spans
+
+
+def _token_spans(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character span of each token, by decoding growing prefixes (exact for any tokenizer)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    spans, end, kept = [], 0, []
+    for token in ids:
+        if token in special:
+            spans.append((end, end))
+            continue
+        kept.append(token)
+        new_end = len(tokenizer.decode(kept))
+        spans.append((end, new_end))
+        end = new_end
+    return spans
+
+
+def ioi_token_roles(pair: IOIPair, tokenizer: Any) -> list[str]:
+    """The role of every token of ``pair.clean_prompt``, so that templates can be aligned.
+
+    Slot tokens are ``S1`` (first subject), ``IO``, ``PLACE``, ``S2`` (second subject)
+    and ``OBJECT`` (``PLACE+1`` ... for a word split into several tokens); the last token
+    is ``END``; special tokens keep their text (``<bos>``); any other token is named by
+    the slot it follows and its index after it (``START:0`` is the template's first
+    word, ``PLACE:0`` the punctuation after the place). Two prompts of different
+    templates share a role exactly where they play the same part in the sentence.
+
+    Args:
+        pair: an IOI pair.
+        tokenizer: the tokenizer that encodes the prompt (as ``tokenizer(prompt)``).
+
+    Returns:
+        One role per token of ``tokenizer(pair.clean_prompt)["input_ids"]``.
+
+    Example:
+        >>> from captum_relp.embedded import load_embedded
+        >>> _, tok = load_embedded("tiny-gpt2-ioi")
+        >>> then, after = generate_ioi_pairs(3, tokenizer=tok)[::2]
+        >>> ioi_token_roles(then, tok)[:6]
+        ['<bos>', 'START:0', 'START:1', 'S1', 'S1:0', 'IO']
+        >>> ioi_token_roles(after, tok)[:5]
+        ['<bos>', 'START:0', 'S1', 'S1:0', 'IO']
+    """
+    text, slots = _slot_spans(pair)
+    if text != pair.clean_prompt:
+        raise ValueError("pair.clean_prompt does not follow its template")
+    ids = tokenizer(text)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    spans = _token_spans(tokenizer, ids)
+    roles, previous, counts = [], "START", {}
+    for index, (token, (start, end)) in enumerate(zip(ids, spans)):
+        if token in special:
+            roles.append(tokenizer.convert_ids_to_tokens(token))
+            continue
+        slot = next((r for r, s, e in slots if start < e and end > s), None)
+        if index == len(ids) - 1:
+            role = "END"
+        elif slot is not None:
+            role = slot if counts.get(slot, 0) == 0 else f"{slot}+{counts[slot]}"
+            counts[slot] = counts.get(slot, 0) + 1
+            previous = slot
+        else:
+            key = f"{previous}:"
+            role = f"{key}{counts.get(key, 0)}"
+            counts[key] = counts.get(key, 0) + 1
+        roles.append(role)
+    return roles
 
 
 @dataclass

@@ -120,3 +120,50 @@ def test_unknown_node_kind_and_missing_dictionary():
         NodeSpace(model, "heads")
     with pytest.raises(ValueError, match="resid_0"):
         NodeSpace(model, "features", {})
+
+
+def test_denominator_and_its_standard_error_from_per_example_metric():
+    model = build_model("gpt2")
+    clean, corrupt = token_pair(batch=4)
+    metric = logit_diff([1, 2, 3, 4], [5, 6, 7, 8])
+    space = NodeSpace(model, "components")
+    effects = mean_effects(node_effects(space, "relp", clean, corrupt, metric).effects)
+    means = node_means(space, lambda ids: model(ids), [corrupt])
+    seen = []
+
+    def run_metric():
+        with torch.no_grad():
+            seen.append(metric(model(clean).logits).double())
+            return seen[-1]
+
+    curve = evaluate_circuits(space, effects, means, run_metric, budgets=[1], exclude_first_third=False)
+    full, empty = seen[0], seen[1]
+    assert curve.denominator == pytest.approx(float((full - empty).mean()))
+    assert curve.denominator_se == pytest.approx(float((full - empty).std() / 2.0))  # sqrt(4 examples)
+    assert curve.reliable == (abs(curve.denominator) >= 3 * curve.denominator_se)
+    assert curve.faithfulness[0] == pytest.approx(float((seen[2] - empty).mean()) / curve.denominator)
+
+
+def test_small_denominator_is_flagged_and_marked_in_the_plot(tmp_path):
+    from captum_relp.circuits.faithfulness import CircuitCurve
+    from captum_relp.plotting import plot_faithfulness
+
+    noisy = CircuitCurve([1, 10], [1.0, 0.1], [21.0, 3.0], [-21.0, 0.0], 1.00, 0.99, denominator_se=0.02)
+    solid = CircuitCurve([1, 10], [1.0, 0.1], [0.4, 0.9], [0.6, 0.1], 3.0, 0.5, denominator_se=0.1)
+    assert not noisy.reliable and solid.reliable
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Figure.legend
+
+    def legend(fig, *args, **kwargs):
+        captured["labels"] = [h.get_label() for h in kwargs["handles"]]
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.legend = legend
+    try:
+        plot_faithfulness({"across_pp": {"RelP": noisy, "AtP": noisy}, "within_rc": {"RelP": solid, "AtP": solid}},
+                          tmp_path / "f.png", "m: SVA circuits")
+    finally:
+        plt.Figure.legend = original
+    assert captured["labels"] == ["AtP (mean)", "RelP (mean)", "across_pp (noisy denominator)", "within_rc"]

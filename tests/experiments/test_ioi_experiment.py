@@ -51,6 +51,11 @@ def test_runner_ap_matches_hand_patched_forward_and_writes_outputs(saved_tiny_mo
     written = result.save(tmp_path)
     summary = json.loads((tmp_path / "ioi_results.json").read_text())
     assert summary["pcc_mean_map"]["resid"]["RelP"] == result.pcc_mean_map["resid"]["RelP"]
+    assert summary["config"]["model"] == saved_tiny_model.name  # a name, not the absolute path
+    assert summary["layout"]["labels"] == summary["position_labels"] == result.position_labels
+    assert {"S1", "IO", "S2", "END"} <= set(summary["layout"]["roles"])
+    roles_of_first = [summary["layout"]["roles"][i] for i in summary["layout"]["position_role_index"][0] if i >= 0]
+    assert roles_of_first[-1] == "END" and len(summary["mean_maps"]["AP"]["mlp"][0]) == len(result.position_labels)
     assert (tmp_path / "ioi_heatmap_mlp.png").stat().st_size > 1000 and len(written) == 5
     assert "Residual stream" in result.format_table()
 

@@ -6,6 +6,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
+from .integrations.wrappers import unwrap_model
+
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "bert.encoder.layer",
                 "encoder.layer", "layers", "h")
 _ATTN_NAMES = ("attn", "self_attn", "attention")
@@ -108,6 +110,7 @@ def model_components(model: nn.Module) -> ModelComponents:
         >>> type(parts.attn[0]).__name__, type(parts.mlp[0]).__name__, parts.num_heads
         ('Conv1D', 'GPT2MLP', 2)
     """
+    model = unwrap_model(model)  # nnsight models, (Distributed)DataParallel
     blocks = list(find_blocks(model))
     attn, mlp = [], []
     for index, block in enumerate(blocks):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._forward import MetricEvaluator, MetricType, TargetType, root_module, split_forward_args
 from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
+from ..integrations.wrappers import unwrap_layers, unwrap_model
 
 LayerType = Union[nn.Module, Sequence[nn.Module]]
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -60,6 +61,9 @@ class PatchingAttribution:
     model: Optional[nn.Module]
 
     def _init_layers(self, forward_func: Callable, layer: "LayerType", model: Optional[nn.Module]) -> None:
+        # nnsight models/envoys and (Distributed)DataParallel: attribute the module inside
+        forward_func, layer, model = unwrap_model(forward_func), unwrap_layers(layer), unwrap_model(model)
+        self.forward_func, self.layer = forward_func, layer
         self.layers = as_layer_list(layer)
         self.model = root_module(forward_func, model)
         check_layers_in_model(self.model, self.layers)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from ..embedded import heldout_words
 from ..experiments.ioi import run_ioi_experiment
-from ._common import EXIT_TASK, CLIError, add_model_options, load_model_from_args, parse_list
+from ..integrations.distributed import DataParallelSweep, init_from_env, rank_device
+from ._common import (EXIT_TASK, CLIError, add_model_options, load_model_from_args, parse_list,
+                      resolve_device)
 
 RELP_PRESETS = ("relp", "relp-ah")
 
@@ -38,6 +40,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the experiment, print the tables, write the outputs."""
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
+    sharded = init_from_env()  # under torchrun: each rank a shard of the prompts
+    if sharded:
+        args.device = rank_device(resolve_device(args.device))
     model, tokenizer = load_model_from_args(args)
     try:
         result = run_ioi_experiment(
@@ -49,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error
         raise
+    if sharded and not DataParallelSweep().is_main:
+        return 0
     print(result.format_table())
     written = result.save(Path(args.out), plots=not args.no_plots)
     print("\nwrote " + ", ".join(str(p) for p in written))

@@ -22,6 +22,7 @@ from ..attr import METHODS, get_method
 from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components
+from ..integrations.distributed import DataParallelSweep
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs
 
 
@@ -165,7 +166,8 @@ def run_ioi_experiment(
     collected: Dict[str, List[List[torch.Tensor]]] = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     chunks = range(0, len(pairs), batch_size)
-    for start in tqdm(chunks, desc="IOI batches", disable=not show_progress):
+    sweep = DataParallelSweep()  # under torchrun: this rank's batches, gathered below
+    for start in tqdm(sweep.shard(chunks), desc="IOI batches", disable=not show_progress):
         rows = slice(start, start + batch_size)
         clean, corrupt = batch.clean_ids[rows], batch.corrupt_ids[rows]
         kwargs = dict(
@@ -181,6 +183,8 @@ def run_ioi_experiment(
             seconds[name] += time.perf_counter() - began
             collected[name].append([s.float().cpu() for s in scores])
 
+    collected = {m: sweep.gather(parts, len(chunks)) for m, parts in collected.items()}
+    seconds = sweep.sum(seconds)
     by_method = {m: _stack(parts, labels) for m, parts in collected.items()}
     valid = batch.attention_mask.bool().cpu().numpy()
     result = IOIExperimentResult(

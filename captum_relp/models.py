@@ -111,6 +111,8 @@ def model_components(model: nn.Module) -> ModelComponents:
         ('Conv1D', 'GPT2MLP', 2)
     """
     model = unwrap_model(model)  # nnsight models, (Distributed)DataParallel
+    if type(model).__module__.startswith("transformer_lens") and hasattr(model, "hook_dict"):
+        return transformer_lens_components(model)
     blocks = list(find_blocks(model))
     attn, mlp = [], []
     for index, block in enumerate(blocks):
@@ -132,6 +134,29 @@ def model_components(model: nn.Module) -> ModelComponents:
     return ModelComponents(blocks, attn, mlp, heads)
 
 
+def transformer_lens_components(model: nn.Module) -> ModelComponents:
+    """Components of a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
+
+    The modules are the hook points ``blocks.{i}.hook_resid_pre`` (the residual stream
+    entering block ``i``; attributed at its input, which equals its output),
+    ``blocks.{i}.hook_attn_out`` and ``blocks.{i}.hook_mlp_out``. Unlike Hugging Face
+    models, the attention entries do not hold the heads (use ``hook_z`` for heads).
+
+    Raises:
+        ValueError: When one of these hook points is missing.
+    """
+    hooks = model.hook_dict
+    names = {kind: [f"blocks.{i}.{hook}" for i in range(len(model.blocks))]
+             for kind, hook in (("resid", "hook_resid_pre"), ("attn", "hook_attn_out"),
+                                ("mlp", "hook_mlp_out"))}
+    missing = [n for group in names.values() for n in group if n not in hooks]
+    if missing:
+        raise ValueError(f"{type(model).__name__} lacks hook point(s) {missing[:3]}")
+    cfg = getattr(model, "cfg", None)
+    return ModelComponents([hooks[n] for n in names["resid"]], [hooks[n] for n in names["attn"]],
+                           [hooks[n] for n in names["mlp"]], getattr(cfg, "n_heads", None))
+
+
 def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
     """Sum attributions of concatenated heads ``(..., H * D)`` per head, giving ``(..., H)``.
 
@@ -149,4 +174,4 @@ def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
     return attributions.reshape(*lead, num_heads, width // num_heads).sum(-1)
 
 
-__all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "model_components", "find_blocks", "split_heads"]
+__all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "transformer_lens_components", "model_components", "find_blocks", "split_heads"]

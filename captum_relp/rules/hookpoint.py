@@ -31,8 +31,8 @@ HookFn = Callable[[Tensor], Any]
 
 
 def _grad_through(value: Tensor, surrogate: Tensor) -> Tensor:
-    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
-    return value + (surrogate - surrogate.detach()).to(value.dtype)
+    """``value`` in the forward pass, the gradient of ``surrogate`` (only) in the backward pass."""
+    return value.detach() + (surrogate - surrogate.detach()).to(value.dtype)
 
 
 def add_forward_hook(hook_point: nn.Module, fn: HookFn) -> UndoFn:

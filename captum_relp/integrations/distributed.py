@@ -15,12 +15,9 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-
-T = TypeVar("T")
-
 
 def init_from_env(backend: Optional[str] = None) -> bool:
     """Create the default process group from torchrun's environment variables.
@@ -99,7 +96,7 @@ class DataParallelSweep:
         """True on rank 0 (the rank that writes outputs)."""
         return self.rank == 0
 
-    def shard(self, items: Sequence[T]) -> Sequence[T]:
+    def shard(self, items: Sequence[Any]) -> Sequence[Any]:
         """Items ``rank, rank + world_size, ...``."""
         return items[self.rank::self.world_size]
 

@@ -73,7 +73,7 @@ class ForwardPatchRule(Rule):
     The replacement is an instance attribute, so hooks registered on the module
     keep working; the undo function removes it again. On modules dispatched by
     accelerate (``_hf_hook``) the wrapped ``_old_forward`` is replaced instead
-    (see :func:`forward_attribute`).
+    (see ``forward_attribute``).
     """
 
     def patched_forward(

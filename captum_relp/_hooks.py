@@ -187,16 +187,17 @@ def frozen_model(model: Optional[nn.Module]) -> Iterator[None]:
         yield
         return
     with model_owned(model):
-        flags = [(p, p.requires_grad) for p in model.parameters()]
+        # by name: accelerate's offload hooks replace Parameter objects during a forward
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
         modes = [(m, m.training) for m in model.modules()]
         try:
             model.eval()
-            for param, _ in flags:
+            for param in model.parameters():
                 param.requires_grad_(False)
             yield
         finally:
-            for param, flag in flags:
-                param.requires_grad_(flag)
+            for name, param in model.named_parameters():
+                param.requires_grad_(flags.get(name, param.requires_grad))
             for module, mode in modes:
                 module.training = mode
 

@@ -6,6 +6,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
+from .integrations.wrappers import unwrap_model
+
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "bert.encoder.layer",
                 "encoder.layer", "layers", "h")
 _ATTN_NAMES = ("attn", "self_attn", "attention")
@@ -108,6 +110,9 @@ def model_components(model: nn.Module) -> ModelComponents:
         >>> type(parts.attn[0]).__name__, type(parts.mlp[0]).__name__, parts.num_heads
         ('Conv1D', 'GPT2MLP', 2)
     """
+    model = unwrap_model(model)  # nnsight models, (Distributed)DataParallel
+    if type(model).__module__.startswith("transformer_lens") and hasattr(model, "hook_dict"):
+        return transformer_lens_components(model)
     blocks = list(find_blocks(model))
     attn, mlp = [], []
     for index, block in enumerate(blocks):
@@ -145,6 +150,29 @@ def model_name(model: nn.Module) -> str:
     return os.path.basename(os.path.normpath(name)) if os.path.isabs(name) or os.path.isdir(name) else name
 
 
+def transformer_lens_components(model: nn.Module) -> ModelComponents:
+    """Components of a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
+
+    The modules are the hook points ``blocks.{i}.hook_resid_pre`` (the residual stream
+    entering block ``i``; attributed at its input, which equals its output),
+    ``blocks.{i}.hook_attn_out`` and ``blocks.{i}.hook_mlp_out``. Unlike Hugging Face
+    models, the attention entries do not hold the heads (use ``hook_z`` for heads).
+
+    Raises:
+        ValueError: When one of these hook points is missing.
+    """
+    hooks = model.hook_dict
+    names = {kind: [f"blocks.{i}.{hook}" for i in range(len(model.blocks))]
+             for kind, hook in (("resid", "hook_resid_pre"), ("attn", "hook_attn_out"),
+                                ("mlp", "hook_mlp_out"))}
+    missing = [n for group in names.values() for n in group if n not in hooks]
+    if missing:
+        raise ValueError(f"{type(model).__name__} lacks hook point(s) {missing[:3]}")
+    cfg = getattr(model, "cfg", None)
+    return ModelComponents([hooks[n] for n in names["resid"]], [hooks[n] for n in names["attn"]],
+                           [hooks[n] for n in names["mlp"]], getattr(cfg, "n_heads", None))
+
+
 def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
     """Sum attributions of concatenated heads ``(..., H * D)`` per head, giving ``(..., H)``.
 
@@ -162,4 +190,5 @@ def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
     return attributions.reshape(*lead, num_heads, width // num_heads).sum(-1)
 
 
-__all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "model_components", "model_name", "find_blocks", "split_heads"]
+__all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "model_components", "model_name",
+           "transformer_lens_components", "find_blocks", "split_heads"]

@@ -19,11 +19,19 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 from torch import nn
 
 from .rules import AHRule, EpsilonRule, GammaRule, HalfRule, IdentityRule, LayerNormRule, Rule
+from .rules.base import ZeroRule
 from .rules.gate import GATED_MLP_ATTRIBUTES
+from .rules.hookpoint import (
+    DetachHookRule,
+    HookGatedRule,
+    HookIdentityRule,
+    HookPointRule,
+    has_hook_points,
+)
 from .rules.norm import RMSNormRule
 
 RuleFactory = Callable[[], Rule]
-CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom")
+CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")
 
 _HF = "transformers.models."
 _ACT = "transformers.activations."
@@ -66,6 +74,29 @@ for _name in (
 for _name in ("GELU", "SiLU", "ReLU", "Tanh", "Mish", "LeakyReLU"):
     _DEFAULT_ENTRIES[_TORCH_ACT + _name] = ("activation", IdentityRule)
 
+# TransformerLens computes in its own code, through HookPoints: hook-based rules, keyed by
+# TL class names (3.x HookedTransformer components; 4.x TransformerBridge components).
+_TL3 = "transformer_lens.components."
+_TL4 = "transformer_lens.model_bridge.generalized_components."
+for _name in ("layer_norm.LayerNorm", "layer_norm_pre.LayerNormPre", "rms_norm.RMSNorm",
+              "rms_norm_pre.RMSNormPre"):
+    _DEFAULT_ENTRIES[_TL3 + _name] = ("norm", lambda: DetachHookRule("hook_scale"))
+for _name in ("normalization.NormalizationBridge", "rms_normalization.RMSNormalizationBridge"):
+    _DEFAULT_ENTRIES[_TL4 + _name] = ("norm", lambda: DetachHookRule("hook_scale"))
+for _key in (_TL3 + "attention.Attention", _TL3 + "grouped_query_attention.GroupedQueryAttention",
+             _TL4 + "attention.AttentionBridge", _TL4 + "joint_qkv_attention.JointQKVAttentionBridge",
+             _TL4 + "position_embeddings_attention.PositionEmbeddingsAttentionBridge",
+             _TL4 + "joint_qkv_position_embeddings_attention.JointQKVPositionEmbeddingsAttentionBridge"):
+    _DEFAULT_ENTRIES[_key] = ("attention", lambda: DetachHookRule("hook_pattern"))
+_DEFAULT_ENTRIES[_TL3 + "mlps.mlp.MLP"] = ("activation", HookIdentityRule)
+_DEFAULT_ENTRIES[_TL3 + "mlps.gated_mlp.GatedMLP"] = ("gate", HookGatedRule)
+# hook points are identities (rules above act through them); TL 3.x embeddings/unembedding are linear
+for _key in ("transformer_lens.hook_points.HookPoint", _TL3 + "embed.Embed", _TL3 + "pos_embed.PosEmbed",
+             _TL3 + "unembed.Unembed", _TL3 + "token_typed_embed.TokenTypeEmbed"):
+    _DEFAULT_ENTRIES[_key] = ("structural", None)  # type: ignore[assignment]
+# the bridge's gated MLP runs the Hugging Face MLP inside, which carries the Half-rule
+_DEFAULT_ENTRIES[_TL4 + "gated_mlp.GatedMLPBridge"] = ("gate", ZeroRule)
+
 _REGISTRY: Dict[str, Tuple[str, Optional[RuleFactory]]] = dict(_DEFAULT_ENTRIES)
 _NOT_ACTIVATIONS = {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention"}
 
@@ -95,7 +126,9 @@ def registered_category(module_type: Union[type, str]) -> Optional[str]:
 
 
 def _category_of(rule: Rule) -> str:
-    if isinstance(rule, LayerNormRule):
+    if isinstance(rule, HookPointRule) and "hook_pattern" in rule.hooks:
+        return "attention"
+    if isinstance(rule, LayerNormRule) or (isinstance(rule, HookPointRule) and "hook_scale" in rule.hooks):
         return "norm"
     if isinstance(rule, IdentityRule):
         return "activation"
@@ -116,11 +149,12 @@ def register_rule(
     Args:
         module_type: the module class, or ``'package.module.ClassName'``.
         rule: a :class:`~captum_relp.rules.Rule` instance or a zero-argument factory.
-        category: ``norm``, ``activation``, ``gate``, ``structural`` or ``custom`` (default:
-            inferred from the rule). Presets apply ``norm``/``activation``/``gate``/``custom``.
-            ``structural`` (with ``rule=None``) declares a module type that needs no rule
-            (linear in the attributed activations, or off their path), so strict mode
-            stops flagging it and its submodules.
+        category: ``norm``, ``activation``, ``gate``, ``structural``, ``custom`` or ``attention``
+            (default: inferred from the rule). Presets apply ``norm``/``activation``/``gate``/``custom``;
+            ``attention`` rules (per-module AH-rules, e.g. on TransformerLens attention) apply
+            when the rule set has an ``attention`` rule. ``structural`` (with ``rule=None``)
+            declares a module type that needs no rule (linear in the attributed activations, or
+            off their path), so strict mode stops flagging it and its submodules.
 
     Example:
         >>> import torch
@@ -222,6 +256,8 @@ class RuleSet:
         category, factory = _REGISTRY.get(key, (None, None))
         if category == "linear":
             return self.linear
+        if category == "attention":  # per-module attention rules (TransformerLens): the AH-rule
+            return factory() if self.attention is not None and factory is not None else None
         if category in self.categories and factory is not None:
             return factory()
         return None
@@ -238,6 +274,8 @@ class RuleSet:
                 structural.append(path)
             if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.name_map):
                 continue  # an explicit choice, also when it is None (the 0-rule)
+            if registered_category(type(module)) == "attention":
+                continue  # plain gradients through attention unless the rule set has the AH-rule
             if self.rule_for(module, path) is None and needs_rule(module):
                 missing.append((path or "<root>", type_key(type(module))))
         return missing
@@ -260,6 +298,8 @@ def needs_rule(module: nn.Module) -> bool:
     if cls.__module__ in ("torch.nn.modules.activation", "transformers.activations"):
         return True
     if name.endswith("Activation"):
+        return True
+    if has_hook_points(module):  # TransformerLens: norms, attention, MLPs computed in code
         return True
     if all(hasattr(module, attr) for attr in GATED_MLP_ATTRIBUTES):
         return True
@@ -363,11 +403,14 @@ def apply_rules(
         _RULED.add(model)
     undos = []
     try:
+        per_module_attention = False
         for path, module in model.named_modules():
             rule = ruleset.rule_for(module, path)
             if rule is not None:
                 undos.append(rule.apply(module))
-        if ruleset.attention is not None:
+                per_module_attention |= registered_category(type(module)) == "attention"
+        hf_config = hasattr(getattr(model, "config", None), "_attn_implementation")
+        if ruleset.attention is not None and (hf_config or not per_module_attention):
             undos.append(ruleset.attention.apply(model))
         yield ruleset
     finally:

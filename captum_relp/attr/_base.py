@@ -20,6 +20,7 @@ from .._forward import (
     unwrap,
 )
 from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
+from ..integrations.wrappers import unwrap_layers, unwrap_model
 from ..metrics import LogitDiff
 
 LayerType = Union[nn.Module, Sequence[nn.Module]]
@@ -71,6 +72,9 @@ class PatchingAttribution:
     model: Optional[nn.Module]
 
     def _init_layers(self, forward_func: Callable, layer: "LayerType", model: Optional[nn.Module]) -> None:
+        # nnsight models/envoys and (Distributed)DataParallel: attribute the module inside
+        forward_func, layer, model = unwrap_model(forward_func), unwrap_layers(layer), unwrap_model(model)
+        self.forward_func, self.layer = forward_func, layer
         if is_compiled(forward_func):
             # layer hooks and rules act on the original modules; a compiled graph would bypass them
             self.forward_func = unwrap(forward_func)

@@ -1,18 +1,19 @@
 """Sparse autoencoders (dictionaries) for sparse feature circuits (Marks et al., 2025).
 
-A :class:`SparseAutoencoder` maps an activation ``x`` (any leading dims, last dim
-``d_model``) to sparse features ``f = relu((x - b_dec) @ W_enc + b_enc)`` and back
-to ``x_hat = f @ W_dec + b_dec``.
+A :class:`~captum_relp.circuits.sae_model.SparseAutoencoder` maps an activation ``x``
+(any leading dims, last dim ``d_model``) to sparse features ``f`` and back to ``x_hat``.
 
 Two on-disk formats are read and written:
 
-* dictionary_learning (saprmarks/dictionary_learning ``AutoEncoder``): a state dict
-  with ``encoder.weight (d_dict, d_model)``, ``encoder.bias (d_dict)``,
-  ``decoder.weight (d_model, d_dict)`` and ``bias (d_model)``, stored as ``ae.pt``
-  (torch) or as a ``.safetensors`` file with the same keys;
-* SAELens: a folder with ``cfg.json`` (``d_in``, ``d_sae``, optional
-  ``apply_b_dec_to_input``) and ``sae_weights.safetensors`` (``W_enc``, ``b_enc``,
-  ``W_dec``, ``b_dec``).
+* dictionary_learning (saprmarks/dictionary_learning), stored as ``ae.pt`` (torch)
+  or as a ``.safetensors`` file with the same keys; the class is recognised from
+  the keys: ``AutoEncoder`` (``encoder.weight (d_dict, d_model)``, ``encoder.bias``,
+  ``decoder.weight (d_model, d_dict)``, ``bias``), ``AutoEncoderTopK`` (``b_dec`` and
+  a ``k`` buffer instead of ``bias``), ``JumpReluAutoEncoder`` (``W_enc``, ``b_enc``,
+  ``W_dec``, ``b_dec``, ``threshold``; ``b_dec`` not subtracted from the input) and
+  ``GatedAutoEncoder`` (``decoder_bias``, ``r_mag``, ``gate_bias``, ``mag_bias``);
+* SAELens (:mod:`captum_relp.circuits.saelens`): a folder with ``cfg.json`` and
+  ``sae_weights.safetensors``.
 
 Example:
     >>> import torch
@@ -23,115 +24,26 @@ Example:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .sae_model import SparseAutoencoder
+from .saelens import SAELENS_CFG, load_saelens, save_saelens
 
 PathLike = Union[str, Path]
 
 DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "bias")
-SAELENS_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
-SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
+DL_CLASSES: Dict[str, tuple] = {
+    "AutoEncoder": DL_KEYS,
+    "AutoEncoderTopK": ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"),
+    "JumpReluAutoEncoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    "GatedAutoEncoder": ("encoder.weight", "decoder.weight", "decoder_bias", "r_mag",
+                         "gate_bias", "mag_bias"),
+}
 DL_FILE = "ae.pt"
-
-
-class SparseAutoencoder(nn.Module):
-    """ReLU sparse autoencoder ``x -> f -> x_hat``.
-
-    Args:
-        d_model: Width of the activations.
-        d_dict: Number of features.
-        apply_b_dec_to_input: If True (default), ``encode`` subtracts ``b_dec`` first
-            (SAELens ``apply_b_dec_to_input``).
-        dtype, device: Of the parameters (zero-initialised).
-
-    ``encode`` casts its input to the parameter dtype; ``decode`` returns the
-    parameter dtype (callers cast back).
-
-    Example:
-        >>> import torch
-        >>> sae = SparseAutoencoder(2, 3)
-        >>> with torch.no_grad():
-        ...     _ = sae.W_enc.copy_(torch.tensor([[1., 0., -1.], [0., 1., 1.]]))
-        >>> sae.encode(torch.tensor([[2., -1.]])).detach()
-        tensor([[2., 0., 0.]])
-    """
-
-    def __init__(self, d_model: int, d_dict: int, apply_b_dec_to_input: bool = True,
-                 dtype: Optional[torch.dtype] = None, device=None) -> None:
-        super().__init__()
-        if d_model < 1 or d_dict < 1:
-            raise ValueError(f"d_model and d_dict must be positive, got {d_model}, {d_dict}")
-        kw = dict(dtype=dtype or torch.float32, device=device)
-        self.d_model, self.d_dict = int(d_model), int(d_dict)
-        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
-        self.W_enc = nn.Parameter(torch.zeros(d_model, d_dict, **kw))
-        self.b_enc = nn.Parameter(torch.zeros(d_dict, **kw))
-        self.W_dec = nn.Parameter(torch.zeros(d_dict, d_model, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(d_model, **kw))
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Features ``relu((x - b_dec) @ W_enc + b_enc)``, shape ``(..., d_dict)``."""
-        x = x.to(self.W_enc.dtype)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return torch.relu(x @ self.W_enc + self.b_enc)
-
-    def decode(self, f: Tensor) -> Tensor:
-        """Reconstruction ``f @ W_dec + b_dec``, shape ``(..., d_model)``."""
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(x_hat, f)``."""
-        f = self.encode(x)
-        return self.decode(f), f
-
-    def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_dict={self.d_dict}, "
-                f"apply_b_dec_to_input={self.apply_b_dec_to_input}")
-
-    @classmethod
-    def from_tensors(cls, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
-                     apply_b_dec_to_input: bool = True, source: str = "tensors"
-                     ) -> "SparseAutoencoder":
-        """Build from weights after checking ranks, shapes and finiteness.
-
-        Raises:
-            ValueError: Naming ``source`` and the problem.
-        """
-        tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-        _check_tensors(tensors, source)
-        d_model, d_dict = W_enc.shape
-        sae = cls(d_model, d_dict, apply_b_dec_to_input, dtype=W_enc.dtype, device=W_enc.device)
-        with torch.no_grad():
-            for name, value in tensors.items():
-                getattr(sae, name).copy_(value)
-        return sae
-
-
-def _check_tensors(t: Mapping[str, Tensor], source: str) -> None:
-    for name, rank in (("W_enc", 2), ("b_enc", 1), ("W_dec", 2), ("b_dec", 1)):
-        if not isinstance(t[name], Tensor):
-            raise ValueError(f"{source}: {name} is not a tensor ({type(t[name]).__name__})")
-        if t[name].dim() != rank:
-            raise ValueError(f"{source}: {name} must have rank {rank}, got shape "
-                             f"{tuple(t[name].shape)}")
-    d_model, d_dict = t["W_enc"].shape
-    expected = {"b_enc": (d_dict,), "W_dec": (d_dict, d_model), "b_dec": (d_model,)}
-    for name, shape in expected.items():
-        if tuple(t[name].shape) != shape:
-            raise ValueError(
-                f"{source}: shape mismatch: {name} has shape {tuple(t[name].shape)}, expected "
-                f"{shape} from W_enc (d_model={d_model}, d_dict={d_dict})")
-    for name, value in t.items():
-        if not value.is_floating_point():
-            raise ValueError(f"{source}: {name} has non-float dtype {value.dtype}")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{source}: {name} contains non-finite values (NaN or inf)")
 
 
 # ---------------------------------------------------------------- dictionary_learning
@@ -166,9 +78,36 @@ def _read_state(file: Path) -> Dict[str, Tensor]:
     return dict(state)
 
 
-def load_dictionary_learning(path: PathLike) -> SparseAutoencoder:
-    """Load a dictionary_learning ``AutoEncoder`` (``ae.pt``, a folder with it, or a
-    ``.safetensors`` file with the same keys).
+def dictionary_learning_class(state: Mapping[str, Tensor]) -> str:
+    """The dictionary_learning class whose state dict ``state`` is (``"AutoEncoder"``, ...).
+
+    Raises:
+        ValueError: When no supported class matches, listing the keys found.
+
+    Example:
+        >>> import torch
+        >>> dictionary_learning_class({k: torch.zeros(1) for k in DL_KEYS})
+        'AutoEncoder'
+    """
+    for name in ("JumpReluAutoEncoder", "GatedAutoEncoder", "AutoEncoderTopK", "AutoEncoder"):
+        if all(key in state for key in DL_CLASSES[name]):
+            return name
+    raise ValueError(
+        f"missing key(s) for the dictionary_learning format: found {sorted(state)}; supported "
+        f"classes and their keys: " + "; ".join(f"{c} {list(k)}" for c, k in DL_CLASSES.items()))
+
+
+def load_dictionary_learning(path: PathLike, normalize_decoder: bool = False) -> SparseAutoencoder:
+    """Load a dictionary_learning ``AutoEncoder``, ``AutoEncoderTopK``, ``JumpReluAutoEncoder``
+    or ``GatedAutoEncoder`` (``ae.pt``, a folder with it, or a ``.safetensors`` file with
+    the same keys).
+
+    Args:
+        path: The file or its folder.
+        normalize_decoder: As ``AutoEncoder.from_pretrained`` (whose default is True):
+            scale an ``AutoEncoder``'s decoder columns to unit norm and its encoder
+            rows (and bias) by the same norms; features change scale, reconstructions
+            do not. Default False: the stored weights as they are.
 
     Raises:
         ValueError: Missing keys, wrong ranks/shapes or non-finite values (naming the file).
@@ -184,20 +123,39 @@ def load_dictionary_learning(path: PathLike) -> SparseAutoencoder:
     """
     file = _dl_file(path)
     state = _read_state(file)
-    missing = [k for k in DL_KEYS if k not in state]
-    if missing:
-        raise ValueError(f"{file}: missing key(s) {missing} for the dictionary_learning format "
-                         f"(expected {list(DL_KEYS)}, found {sorted(state)})")
-    for key in DL_KEYS:
-        if not isinstance(state[key], Tensor) or state[key].dim() != (2 if "weight" in key else 1):
-            shape = tuple(getattr(state[key], "shape", ()))
-            raise ValueError(f"{file}: {key} must have rank {2 if 'weight' in key else 1}, "
-                             f"got shape {shape}")
-    enc_w, dec_w = state["encoder.weight"], state["decoder.weight"]
-    return SparseAutoencoder.from_tensors(
-        enc_w.t().contiguous(), state["encoder.bias"], dec_w.t().contiguous(), state["bias"],
-        source=f"{file} (W_enc=encoder.weight.T, b_enc=encoder.bias, W_dec=decoder.weight.T, "
-               f"b_dec=bias)")
+    try:
+        kind = dictionary_learning_class(state)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from err
+    for key in DL_CLASSES[kind]:
+        if not isinstance(state[key], Tensor):
+            raise ValueError(f"{file}: {key} is not a tensor")
+    if kind == "JumpReluAutoEncoder":
+        return SparseAutoencoder.from_tensors(
+            state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"],
+            apply_b_dec_to_input=False, source=f"{file} ({kind})",
+            extra={"threshold": state["threshold"]}, architecture="jumprelu")
+    for key in ("encoder.weight", "decoder.weight"):
+        if state[key].dim() != 2:
+            raise ValueError(f"{file}: {key} must have rank 2, got shape {tuple(state[key].shape)}")
+    W_enc, W_dec = state["encoder.weight"].t().contiguous(), state["decoder.weight"].t().contiguous()
+    source = f"{file} ({kind}; W_enc=encoder.weight.T, W_dec=decoder.weight.T)"
+    if kind == "GatedAutoEncoder":
+        return SparseAutoencoder.from_tensors(
+            W_enc, None, W_dec, state["decoder_bias"], source=source, architecture="gated",
+            extra={"b_gate": state["gate_bias"], "b_mag": state["mag_bias"], "r_mag": state["r_mag"]})
+    if kind == "AutoEncoderTopK":
+        return SparseAutoencoder.from_tensors(W_enc, state["encoder.bias"], W_dec, state["b_dec"],
+                                              source=source, architecture="topk", k=int(state["k"]))
+    b_enc = state["encoder.bias"]
+    for key, value in (("encoder.bias", b_enc), ("bias", state["bias"])):
+        if value.dim() != 1:
+            raise ValueError(f"{file}: {key} must have rank 1, got shape {tuple(value.shape)}")
+    if normalize_decoder and W_dec.shape[1] == state["bias"].shape[0]:
+        norms = W_dec.norm(dim=1)
+        if not torch.allclose(norms, torch.ones_like(norms)):
+            W_dec, W_enc, b_enc = W_dec / norms[:, None], W_enc * norms, b_enc * norms
+    return SparseAutoencoder.from_tensors(W_enc, b_enc, W_dec, state["bias"], source=source)
 
 
 def dictionary_learning_state(sae: SparseAutoencoder,
@@ -205,8 +163,14 @@ def dictionary_learning_state(sae: SparseAutoencoder,
     """The dictionary_learning state dict of ``sae``.
 
     An SAE with ``apply_b_dec_to_input=False`` is folded exactly into
-    ``encoder.bias = b_enc + b_dec @ W_enc``.
+    ``encoder.bias = b_enc + b_dec @ W_enc``. Only ``standard`` SAEs without
+    activation normalisation are written (as ``AutoEncoder``).
     """
+    if sae.architecture != "standard" or sae.normalize_activations not in ("none",):
+        raise ValueError(
+            f"the dictionary_learning writer handles standard SAEs without activation "
+            f"normalisation (AutoEncoder); got architecture={sae.architecture!r}, "
+            f"normalize_activations={sae.normalize_activations!r}: use save_saelens")
     with torch.no_grad():
         b_enc = sae.b_enc if sae.apply_b_dec_to_input else sae.b_enc + sae.b_dec @ sae.W_enc
         state = {"encoder.weight": sae.W_enc.t(), "encoder.bias": b_enc,
@@ -216,14 +180,24 @@ def dictionary_learning_state(sae: SparseAutoencoder,
 
 
 def save_dictionary_learning(sae: SparseAutoencoder, path: PathLike,
-                             dtype: Optional[torch.dtype] = None) -> Path:
+                             dtype: Optional[torch.dtype] = None,
+                             normalize_decoder: bool = False) -> Path:
     """Write ``sae`` in dictionary_learning layout; returns the file written.
 
     ``path`` ending in ``.pt`` or ``.safetensors`` is the file; otherwise it is a folder
     that receives ``ae.pt``. ``dtype`` optionally casts the stored tensors.
+    ``AutoEncoder.from_pretrained`` rescales features to unit-norm decoder columns by
+    default; ``normalize_decoder=True`` writes them so (reconstructions unchanged,
+    features scaled by the decoder norms), so that dictionary_learning and
+    ``load_dictionary_learning`` read the same features.
     """
     path = Path(path)
     state = dictionary_learning_state(sae, dtype)
+    if normalize_decoder:
+        norms = state["decoder.weight"].norm(dim=0)
+        state["decoder.weight"] = state["decoder.weight"] / norms
+        state["encoder.weight"] = state["encoder.weight"] * norms[:, None]
+        state["encoder.bias"] = state["encoder.bias"] * norms
     if path.suffix not in (".pt", ".safetensors"):
         path = path / DL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,64 +208,6 @@ def save_dictionary_learning(sae: SparseAutoencoder, path: PathLike,
     else:
         torch.save(state, path)
     return path
-
-
-# ---------------------------------------------------------------- SAELens
-
-
-def load_saelens(folder: PathLike) -> SparseAutoencoder:
-    """Load an SAELens folder (``cfg.json`` + ``sae_weights.safetensors``).
-
-    Raises:
-        ValueError: Missing files, cfg fields or keys, mismatching shapes, non-finite values.
-    """
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg_file, weights_file = folder / SAELENS_CFG, folder / SAELENS_WEIGHTS
-    for file in (cfg_file, weights_file):
-        if not file.is_file():
-            raise ValueError(f"{folder}: SAELens folder lacks {file.name}")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_file}: invalid JSON ({err})") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object")
-    missing = [k for k in ("d_in", "d_sae") if k not in cfg]
-    if missing:
-        raise ValueError(f"{cfg_file}: missing cfg field(s) {missing}")
-    try:
-        state = load_file(str(weights_file))
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{weights_file}: not a readable safetensors file ({err})") from err
-    absent = [k for k in SAELENS_KEYS if k not in state]
-    if absent:
-        raise ValueError(f"{weights_file}: missing key(s) {absent} (found {sorted(state)})")
-    sae = SparseAutoencoder.from_tensors(
-        *(state[k] for k in SAELENS_KEYS),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        source=str(weights_file))
-    if (sae.d_model, sae.d_dict) != (cfg["d_in"], cfg["d_sae"]):
-        raise ValueError(f"{folder}: shape mismatch: cfg.json says d_in={cfg['d_in']}, "
-                         f"d_sae={cfg['d_sae']} but W_enc has shape {tuple(sae.W_enc.shape)}")
-    return sae
-
-
-def save_saelens(sae: SparseAutoencoder, folder: PathLike,
-                 extra_cfg: Optional[dict] = None) -> Path:
-    """Write ``sae`` as an SAELens folder; returns the folder."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: getattr(sae, k).detach().cpu().contiguous().clone() for k in SAELENS_KEYS}
-    save_file(state, str(folder / SAELENS_WEIGHTS))
-    cfg = {"d_in": sae.d_model, "d_sae": sae.d_dict,
-           "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-           "dtype": str(sae.W_enc.dtype).replace("torch.", ""), **(extra_cfg or {})}
-    (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=1))
-    return folder
 
 
 def sae_format(path: PathLike) -> str:
@@ -310,15 +226,21 @@ def sae_format(path: PathLike) -> str:
 
 
 def load_sae(path: PathLike) -> SparseAutoencoder:
-    """Load an SAE in either format (detected by :func:`sae_format`)."""
+    """Load an SAE in either format (detected by :func:`sae_format`).
+
+    Example:
+        >>> import tempfile
+        >>> folder = save_saelens(SparseAutoencoder(4, 8), tempfile.mkdtemp())
+        >>> load_sae(folder).d_dict
+        8
+    """
     fmt = sae_format(path)
     return load_saelens(path) if fmt == "saelens" else load_dictionary_learning(path)
 
 
-
-
 __all__ = [
     "SparseAutoencoder", "load_dictionary_learning", "save_dictionary_learning",
-    "dictionary_learning_state", "load_saelens", "save_saelens", "sae_format", "load_sae",
+    "dictionary_learning_state", "dictionary_learning_class", "load_saelens", "save_saelens",
+    "sae_format", "load_sae",
 ]
 

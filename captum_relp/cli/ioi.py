@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..embedded import heldout_words
 from ..experiments.ioi import run_ioi_experiment
+from ..integrations.distributed import DataParallelSweep, init_from_env, rank_device
 from ._common import (
     EXIT_TASK,
     CLIError,
@@ -13,6 +14,7 @@ from ._common import (
     check_out_dir,
     load_model_from_args,
     parse_list,
+    resolve_device,
 )
 
 RELP_PRESETS = ("relp", "relp-ah", "calibrated")
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the experiment, print the tables, write the outputs."""
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
     check_out_dir(args.out)
+    sharded = init_from_env()  # under torchrun: each rank a shard of the prompts
+    if sharded:
+        args.device = rank_device(resolve_device(args.device))
     model, tokenizer = load_model_from_args(args)
     try:
         result = run_ioi_experiment(
@@ -60,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error
         raise
+    if sharded and not DataParallelSweep().is_main:
+        return 0
     print(result.format_table())
     if result.config.get("calibration"):
         calibration = result.config["calibration"]

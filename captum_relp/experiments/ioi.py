@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..attr import METHODS, LayerRelevancePatching, Method, get_method
 from ..calibration import calibrated_ioi_rules
+from ..integrations.distributed import DataParallelSweep
 from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components, model_name
@@ -212,7 +213,8 @@ def run_ioi_experiment(
     collected: Dict[str, List[List[torch.Tensor]]] = {m: [] for m in methods}
     seconds = {m: 0.0 for m in methods}
     chunks = range(0, len(pairs), batch_size)
-    for start in tqdm(chunks, desc="IOI batches", disable=not show_progress):
+    sweep = DataParallelSweep()  # under torchrun: this rank's batches, gathered below
+    for start in tqdm(sweep.shard(chunks), desc="IOI batches", disable=not show_progress):
         rows = slice(start, start + batch_size)
         clean, corrupt = batch.clean_ids[rows], batch.corrupt_ids[rows]
         kwargs = dict(
@@ -228,6 +230,8 @@ def run_ioi_experiment(
             seconds[name] += time.perf_counter() - began
             collected[name].append([s.float().cpu() for s in scores])
 
+    collected = {m: sweep.gather(parts, len(chunks)) for m, parts in collected.items()}
+    seconds = sweep.sum(seconds)
     by_method = {m: _stack(parts, labels) for m, parts in collected.items()}
     valid = batch.attention_mask.bool().cpu().numpy()
     layout = RoleLayout.from_roles(

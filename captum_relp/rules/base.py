@@ -49,11 +49,31 @@ class ZeroRule(Rule):
         return lambda: None
 
 
+def forward_attribute(module: nn.Module) -> str:
+    """The attribute a rule patches: ``forward``, or ``_old_forward`` under accelerate.
+
+    accelerate's ``add_hook_to_module`` replaces ``module.forward`` by a wrapper that
+    loads offloaded (CPU/disk) weights, calls ``module._old_forward`` and offloads
+    them again. Patching ``_old_forward`` keeps the rule inside that wrapper, so it
+    reads the real weights instead of ``meta`` tensors.
+
+    Example:
+        >>> import torch
+        >>> forward_attribute(torch.nn.LayerNorm(2))
+        'forward'
+    """
+    if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__:
+        return "_old_forward"
+    return "forward"
+
+
 class ForwardPatchRule(Rule):
     """A rule that replaces ``module.forward`` by :meth:`patched_forward`.
 
     The replacement is an instance attribute, so hooks registered on the module
-    keep working; the undo function removes it again.
+    keep working; the undo function removes it again. On modules dispatched by
+    accelerate (``_hf_hook``) the wrapped ``_old_forward`` is replaced instead
+    (see ``forward_attribute``).
     """
 
     def patched_forward(
@@ -66,20 +86,21 @@ class ForwardPatchRule(Rule):
         return None
 
     def apply(self, module: nn.Module) -> UndoFn:
-        original = module.forward
-        had_instance_forward = "forward" in module.__dict__
-        previous = module.__dict__.get("forward")
+        attribute = forward_attribute(module)
+        original = getattr(module, attribute)
+        had_instance_forward = attribute in module.__dict__
+        previous = module.__dict__.get(attribute)
         state = self.prepare(module, original)
 
         def forward(*args: Any, **kwargs: Any):
             return self.patched_forward(module, original, state, *args, **kwargs)
 
-        module.forward = forward
+        setattr(module, attribute, forward)
 
         def undo() -> None:
             if had_instance_forward:
-                module.forward = previous
+                setattr(module, attribute, previous)
             else:
-                module.__dict__.pop("forward", None)
+                module.__dict__.pop(attribute, None)
 
         return undo

@@ -1,0 +1,197 @@
+"""Hook-based rules for models that compute in their own code (TransformerLens).
+
+TransformerLens' ``HookedTransformer`` (3.x) and ``TransformerBridge`` (4.x) compute
+normalisation, attention patterns and MLP activations in Python code rather than in
+modules a forward patch could replace, but every intermediate passes through a
+``HookPoint``. These rules act on those hook points of a module (its ``hook_scale``,
+``hook_pattern``, ``hook_pre``/``hook_post``), leaving the forward value unchanged:
+
+* :class:`DetachHookRule`: the hooked tensor is a constant in the backward pass —
+  on ``hook_scale`` the LN-rule, on ``hook_pattern`` the AH-rule;
+* :class:`HookIdentityRule`: ``hook_post = act(hook_pre)`` gets the Identity-rule's
+  backward ``grad * post / pre``;
+* :class:`HookGatedRule`: ``hook_post = act(hook_pre) * hook_pre_linear`` gets the
+  Half-rule on the product and the Identity-rule on ``act``.
+
+Hooks are added with TransformerLens' own ``add_hook`` when the hook point has it
+(its bridges check their hook lists to decide whether an edit must propagate) and
+removed one by one, so user hooks stay in place.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Rule, UndoFn
+from .functional import identity_ratio
+
+HookFn = Callable[[Tensor], Any]
+
+
+def _grad_through(value: Tensor, surrogate: Tensor) -> Tensor:
+    """``value`` in the forward pass, the gradient of ``surrogate`` (only) in the backward pass."""
+    return value.detach() + (surrogate - surrogate.detach()).to(value.dtype)
+
+
+def add_forward_hook(hook_point: nn.Module, fn: HookFn) -> UndoFn:
+    """Add ``fn(tensor) -> tensor or None`` as a forward hook of ``hook_point``; returns its undo.
+
+    Example:
+        >>> import torch
+        >>> undo = add_forward_hook(torch.nn.Identity(), lambda t: t * 2)
+        >>> undo()
+    """
+    fwd_hooks = getattr(hook_point, "fwd_hooks", None)
+    if hasattr(hook_point, "add_hook") and isinstance(fwd_hooks, list):
+        before = list(fwd_hooks)
+        hook_point.add_hook(lambda tensor, hook: fn(tensor), dir="fwd")
+        added = [h for h in fwd_hooks if all(h is not b for b in before)]
+
+        def undo() -> None:
+            for handle in added:
+                handle.hook.remove()
+                if handle in fwd_hooks:
+                    fwd_hooks.remove(handle)
+
+        return undo
+    handle = hook_point.register_forward_hook(lambda module, args, output: fn(output))
+    return handle.remove
+
+
+class HookPointRule(Rule):
+    """Base of the hook-based rules: the hook points named in ``hooks`` must exist.
+
+    Args:
+        hooks: Attribute names of the module's hook points the rule uses.
+    """
+
+    name = "hook"
+    hooks: Sequence[str] = ()
+
+    def hook_points(self, module: nn.Module) -> Dict[str, nn.Module]:
+        """The module's hook points by name; ValueError when one is missing (never a silent no-op)."""
+        found = {name: getattr(module, name, None) for name in self.hooks}
+        missing = [name for name, point in found.items() if not isinstance(point, nn.Module)]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs hook point(s) {missing} on "
+                             f"{type(module).__name__}, which has none")
+        return found  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.hooks))})"
+
+
+class DetachHookRule(HookPointRule):
+    """The hooked tensors are constants in the backward pass.
+
+    Args:
+        hooks: e.g. ``("hook_scale",)`` (LN-rule) or ``("hook_pattern",)`` (AH-rule).
+
+    Example:
+        >>> DetachHookRule("hook_scale")
+        DetachHookRule('hook_scale')
+    """
+
+    name = "detach"
+
+    def __init__(self, *hooks: str) -> None:
+        self.hooks = hooks
+
+    def apply(self, module: nn.Module) -> UndoFn:
+        undos = [add_forward_hook(point, lambda t: t.detach() if t.requires_grad else None)
+                 for point in self.hook_points(module).values()]
+        return lambda: [undo() for undo in reversed(undos)] and None
+
+
+class HookIdentityRule(HookPointRule):
+    """Identity-rule on an MLP's activation between ``hook_pre`` and ``hook_post``.
+
+    Example:
+        >>> HookIdentityRule().name
+        'identity'
+    """
+
+    name = "identity"
+    hooks = ("hook_pre", "hook_post")
+
+    def apply(self, module: nn.Module) -> UndoFn:
+        points = self.hook_points(module)
+        seen: List[Tensor] = []
+
+        def pre(tensor: Tensor) -> None:
+            seen[:] = [tensor]
+
+        def post(tensor: Tensor):
+            if not seen or not tensor.requires_grad:
+                return None
+            x = seen.pop()
+            ratio = identity_ratio(x.detach(), tensor.detach(), 0.5).to(x.dtype)
+            return _grad_through(tensor, x * ratio)
+
+        undos = [add_forward_hook(points["hook_pre"], pre), add_forward_hook(points["hook_post"], post)]
+        return lambda: [undo() for undo in reversed(undos)] and None
+
+
+class HookGatedRule(HookPointRule):
+    """Half-rule + Identity-rule for ``hook_post = act(hook_pre) * hook_pre_linear`` (gated MLPs).
+
+    The module must have ``act_fn`` (TransformerLens' ``GatedMLP``).
+
+    Example:
+        >>> HookGatedRule().name
+        'half'
+    """
+
+    name = "half"
+    hooks = ("hook_pre", "hook_pre_linear", "hook_post")
+
+    def apply(self, module: nn.Module) -> UndoFn:
+        points = self.hook_points(module)
+        act_fn = getattr(module, "act_fn", None)
+        if not callable(act_fn):
+            raise ValueError(f"HookGatedRule needs act_fn on {type(module).__name__}")
+        seen: Dict[str, Tensor] = {}
+
+        def keep(name: str) -> HookFn:
+            def fn(tensor: Tensor) -> None:
+                seen[name] = tensor
+            return fn
+
+        def post(tensor: Tensor):
+            if len(seen) < 2 or not tensor.requires_grad:
+                return None
+            gate, linear = seen.pop("hook_pre"), seen.pop("hook_pre_linear")
+            with torch.no_grad():
+                act = act_fn(gate)
+                ratio = identity_ratio(gate, act, 0.5).to(gate.dtype)
+            gate_branch = gate * ratio * linear.detach()
+            linear_branch = act * linear
+            return _grad_through(tensor, 0.5 * gate_branch + 0.5 * linear_branch)
+
+        undos = [add_forward_hook(points["hook_pre"], keep("hook_pre")),
+                 add_forward_hook(points["hook_pre_linear"], keep("hook_pre_linear")),
+                 add_forward_hook(points["hook_post"], post)]
+        return lambda: [undo() for undo in reversed(undos)] and None
+
+
+def has_hook_points(module: nn.Module) -> bool:
+    """Whether ``module`` computes through hook points a rule must act on.
+
+    True for modules with ``hook_scale`` (norms), ``hook_pattern`` (attention) or
+    ``hook_pre`` and ``hook_post`` (MLPs): strict mode needs a rule for them.
+
+    Example:
+        >>> import torch
+        >>> has_hook_points(torch.nn.Linear(2, 2))
+        False
+    """
+    def point(name: str) -> bool:
+        return isinstance(module.__dict__.get("_modules", {}).get(name), nn.Module)
+
+    return point("hook_scale") or point("hook_pattern") or (point("hook_pre") and point("hook_post"))
+
+
+__all__ = ["HookPointRule", "DetachHookRule", "HookIdentityRule", "HookGatedRule",
+           "add_forward_hook", "has_hook_points"]

@@ -1,0 +1,43 @@
+"""``captum-relp ioi`` under torchrun (2 CPU processes, gloo) equals a single process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captum_relp.integrations.distributed import DataParallelSweep, init_from_env
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["-m", "captum_relp.cli", "ioi", "--n-prompts", "6", "--batch-size", "2", "--no-plots",
+        "--quiet", "--device", "cpu", "--rules", "relp,relp-ah"]
+
+
+def _run(prefix, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, *prefix, *ARGS, "--out", str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "ioi_results.json").read_text())
+
+
+def test_single_process_sweep_is_the_whole_sweep():
+    sweep = DataParallelSweep()
+    assert (sweep.rank, sweep.world_size, sweep.is_main) == (0, 1, True)
+    assert sweep.gather(["a", "b"], 2) == ["a", "b"] and init_from_env() is False
+    assert list(DataParallelSweep(1, 2).shard(range(5))) == [1, 3]
+    with pytest.raises(ValueError, match="outside world size"):
+        DataParallelSweep(2, 2)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_torchrun_two_processes_equal_one(tmp_path):
+    single = _run([], tmp_path / "one")
+    sharded = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+                   tmp_path / "two")
+    for key in ("config", "pcc_per_prompt", "pcc_mean_map", "mean_maps", "position_labels"):
+        assert sharded[key] == single[key], key  # bit-identical: same batches, same padding

@@ -19,15 +19,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 from torch import nn
 
 from .rules import AHRule, EpsilonRule, GammaRule, HalfRule, IdentityRule, LayerNormRule, Rule
-from .rules.base import ZeroRule
 from .rules.gate import GATED_MLP_ATTRIBUTES
-from .rules.hookpoint import (
-    DetachHookRule,
-    HookGatedRule,
-    HookIdentityRule,
-    HookPointRule,
-    has_hook_points,
-)
+from .rules.hookpoint import TRANSFORMER_LENS_ENTRIES, HookPointRule, has_hook_points
 from .rules.norm import RMSNormRule
 
 RuleFactory = Callable[[], Rule]
@@ -74,28 +67,7 @@ for _name in (
 for _name in ("GELU", "SiLU", "ReLU", "Tanh", "Mish", "LeakyReLU"):
     _DEFAULT_ENTRIES[_TORCH_ACT + _name] = ("activation", IdentityRule)
 
-# TransformerLens computes in its own code, through HookPoints: hook-based rules, keyed by
-# TL class names (3.x HookedTransformer components; 4.x TransformerBridge components).
-_TL3 = "transformer_lens.components."
-_TL4 = "transformer_lens.model_bridge.generalized_components."
-for _name in ("layer_norm.LayerNorm", "layer_norm_pre.LayerNormPre", "rms_norm.RMSNorm",
-              "rms_norm_pre.RMSNormPre"):
-    _DEFAULT_ENTRIES[_TL3 + _name] = ("norm", lambda: DetachHookRule("hook_scale"))
-for _name in ("normalization.NormalizationBridge", "rms_normalization.RMSNormalizationBridge"):
-    _DEFAULT_ENTRIES[_TL4 + _name] = ("norm", lambda: DetachHookRule("hook_scale"))
-for _key in (_TL3 + "attention.Attention", _TL3 + "grouped_query_attention.GroupedQueryAttention",
-             _TL4 + "attention.AttentionBridge", _TL4 + "joint_qkv_attention.JointQKVAttentionBridge",
-             _TL4 + "position_embeddings_attention.PositionEmbeddingsAttentionBridge",
-             _TL4 + "joint_qkv_position_embeddings_attention.JointQKVPositionEmbeddingsAttentionBridge"):
-    _DEFAULT_ENTRIES[_key] = ("attention", lambda: DetachHookRule("hook_pattern"))
-_DEFAULT_ENTRIES[_TL3 + "mlps.mlp.MLP"] = ("activation", HookIdentityRule)
-_DEFAULT_ENTRIES[_TL3 + "mlps.gated_mlp.GatedMLP"] = ("gate", HookGatedRule)
-# hook points are identities (rules above act through them); TL 3.x embeddings/unembedding are linear
-for _key in ("transformer_lens.hook_points.HookPoint", _TL3 + "embed.Embed", _TL3 + "pos_embed.PosEmbed",
-             _TL3 + "unembed.Unembed", _TL3 + "token_typed_embed.TokenTypeEmbed"):
-    _DEFAULT_ENTRIES[_key] = ("structural", None)  # type: ignore[assignment]
-# the bridge's gated MLP runs the Hugging Face MLP inside, which carries the Half-rule
-_DEFAULT_ENTRIES[_TL4 + "gated_mlp.GatedMLPBridge"] = ("gate", ZeroRule)
+_DEFAULT_ENTRIES.update(TRANSFORMER_LENS_ENTRIES)  # type: ignore[arg-type]
 
 _REGISTRY: Dict[str, Tuple[str, Optional[RuleFactory]]] = dict(_DEFAULT_ENTRIES)
 _NOT_ACTIVATIONS = {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention"}

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Rule, UndoFn
+from .base import Rule, UndoFn, ZeroRule
 from .functional import identity_ratio
 
 HookFn = Callable[[Tensor], Any]
@@ -193,5 +193,31 @@ def has_hook_points(module: nn.Module) -> bool:
     return point("hook_scale") or point("hook_pattern") or (point("hook_pre") and point("hook_post"))
 
 
-__all__ = ["HookPointRule", "DetachHookRule", "HookIdentityRule", "HookGatedRule",
+TRANSFORMER_LENS_ENTRIES: dict = {}
+"""Registry entries ``{type key: (category, rule factory)}`` for TransformerLens classes."""
+# TransformerLens computes in its own code, through HookPoints: hook-based rules, keyed by
+# TL class names (3.x HookedTransformer components; 4.x TransformerBridge components).
+_TL3 = "transformer_lens.components."
+_TL4 = "transformer_lens.model_bridge.generalized_components."
+for _name in ("layer_norm.LayerNorm", "layer_norm_pre.LayerNormPre", "rms_norm.RMSNorm",
+              "rms_norm_pre.RMSNormPre"):
+    TRANSFORMER_LENS_ENTRIES[_TL3 + _name] = ("norm", lambda: DetachHookRule("hook_scale"))
+for _name in ("normalization.NormalizationBridge", "rms_normalization.RMSNormalizationBridge"):
+    TRANSFORMER_LENS_ENTRIES[_TL4 + _name] = ("norm", lambda: DetachHookRule("hook_scale"))
+for _key in (_TL3 + "attention.Attention", _TL3 + "grouped_query_attention.GroupedQueryAttention",
+             _TL4 + "attention.AttentionBridge", _TL4 + "joint_qkv_attention.JointQKVAttentionBridge",
+             _TL4 + "position_embeddings_attention.PositionEmbeddingsAttentionBridge",
+             _TL4 + "joint_qkv_position_embeddings_attention.JointQKVPositionEmbeddingsAttentionBridge"):
+    TRANSFORMER_LENS_ENTRIES[_key] = ("attention", lambda: DetachHookRule("hook_pattern"))
+TRANSFORMER_LENS_ENTRIES[_TL3 + "mlps.mlp.MLP"] = ("activation", HookIdentityRule)
+TRANSFORMER_LENS_ENTRIES[_TL3 + "mlps.gated_mlp.GatedMLP"] = ("gate", HookGatedRule)
+# hook points are identities (rules above act through them); TL 3.x embeddings/unembedding are linear
+for _key in ("transformer_lens.hook_points.HookPoint", _TL3 + "embed.Embed", _TL3 + "pos_embed.PosEmbed",
+             _TL3 + "unembed.Unembed", _TL3 + "token_typed_embed.TokenTypeEmbed"):
+    TRANSFORMER_LENS_ENTRIES[_key] = ("structural", None)
+# the bridge's gated MLP runs the Hugging Face MLP inside, which carries the Half-rule
+TRANSFORMER_LENS_ENTRIES[_TL4 + "gated_mlp.GatedMLPBridge"] = ("gate", ZeroRule)
+
+
+__all__ = ["TRANSFORMER_LENS_ENTRIES", "HookPointRule", "DetachHookRule", "HookIdentityRule", "HookGatedRule",
            "add_forward_hook", "has_hook_points"]

@@ -121,7 +121,9 @@ def main() -> None:
               "CPR and CMD are the areas under the faithfulness curve f and under |1 - f| over the "
               "fraction of edges kept (MIB grid, trapezoid rule; see [Edge-level RelP](edges.md)); PCC is "
               "over all edges against exact edge patching; times are the minimum over the repeats, "
-              "interleaved, in the same process, on a machine shared with other jobs: time ratios are noisy (ratios near 1 are within noise). Exact patching runs one patched forward per edge (batched, 22 forward passes over stacked copies).", ""]
+              "interleaved, in the same process, on a machine shared with other jobs: time ratios are noisy "
+              "(ratios near 1 are within noise). Exact patching runs one patched forward per edge (batched "
+              "over stacked copies of the prompts).", ""]
     PAGE.write_text("\n".join(header + body))
     print(f"wrote {PAGE}")
 

@@ -164,8 +164,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=40)
     args = parser.parse_args()
     torch.manual_seed(0)
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    for folder in list(OUT.glob("ioi-*")) + list(OUT.glob("circuit-*")):  # only this script's outputs
+        shutil.rmtree(folder)
     began = time.time()
     sections = ["## Measured on the embedded models", "",
                 f"Measured with `python scripts/make_results.py` (torch {torch.__version__}, "

@@ -17,6 +17,7 @@ from ._common import CLIError, add_model_options, check_out_dir, load_model_from
 OUTPUTS = {
     "circuit_results.json": "settings, faithfulness/completeness curves per setting and method, cost",
     "circuit_faithfulness.png": "Figure-3-style curves (unless --no-plots)",
+    "circuit_edges.json": "with --edges: top nodes and the edges between them, per setting and method",
 }
 """Files written to ``--out``."""
 
@@ -42,6 +43,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--n-steps", type=int, default=10, help="IG integration steps")
     parser.add_argument("--batch-size", type=int, default=50, help="pairs per attribution batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
+    parser.add_argument("--edges", action="store_true",
+                        help="also score edges between the top nodes (RelP rules or AtP gradients)")
+    parser.add_argument("--edge-nodes", type=int, default=30, help="top nodes kept for --edges")
     parser.add_argument("--out", default="relp-out", help="output directory")
     parser.add_argument("--no-plots", action="store_true", help="do not write the curve plot")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         exclude_first_third=not args.include_early_layers, n_steps=args.n_steps,
         batch_size=args.batch_size, heldout=heldout_words(args.model, args.task), show_progress=not args.quiet,
         report=None if args.quiet else _say,
+        edge_nodes=args.edge_nodes if args.edges else 0,
     )
     print(result.summary())
     written = result.save(Path(args.out), plots=not args.no_plots)

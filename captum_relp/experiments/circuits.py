@@ -15,6 +15,7 @@ from .._forward import call_model
 from ..attr import get_method
 from ..circuits.effects import mean_effects, node_effects
 from ..circuits.faithfulness import MIN_DENOMINATOR_SNR, CircuitCurve, evaluate_circuits
+from ..circuits.feature_edges import FeatureEdges, feature_edges
 from ..circuits.nodes import NodeSpace, node_means
 from ..models import model_name
 from ..tasks import task_splits
@@ -22,15 +23,19 @@ from ..tasks import task_splits
 CIRCUIT_METHODS = ("RelP", "AtP", "IG")
 """The methods compared in the paper's Figure 3 (any of RelP, RelP+AH, AtP, IG may be run)."""
 DEFAULT_BUDGETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+EDGE_RULES = {"RelP": "relp", "RelP+AH": "relp-ah", "AtP": "none"}
+"""Rules of the feature edges per method (IG has no one-backward edge estimate and gets none)."""
 
 
 @dataclass
 class CircuitExperimentResult:
-    """Curves ``{setting: {method: CircuitCurve}}`` and cost ``{method: {...}}``."""
+    """Curves ``{setting: {method: CircuitCurve}}``, cost ``{method: {...}}`` and, when
+    requested, edges between the top nodes ``{setting: {method: FeatureEdges}}``."""
 
     curves: Dict[str, Dict[str, CircuitCurve]]
     cost: Dict[str, Dict[str, float]]
     config: Dict[str, object] = field(default_factory=dict)
+    edges: Dict[str, Dict[str, FeatureEdges]] = field(default_factory=dict)
 
     def denominators(self) -> Dict[str, Dict[str, float]]:
         """``{setting: {"m_full", "m_empty", "denominator", "se", "reliable"}}`` (the same for every method)."""
@@ -75,6 +80,10 @@ class CircuitExperimentResult:
                    "curves": {s: {m: asdict(c) for m, c in by.items()} for s, by in self.curves.items()}}
         path.write_text(json.dumps(payload, indent=2))
         written = [path]
+        if self.edges:
+            written.append(out_dir / "circuit_edges.json")
+            written[-1].write_text(json.dumps({"config": self.config, "circuits": {
+                s: {m: e.to_dict() for m, e in by.items()} for s, by in self.edges.items()}}, indent=1))
         if plots:
             from ..plotting import plot_faithfulness
 
@@ -107,6 +116,7 @@ def run_circuit_experiment(
     show_progress: bool = True,
     name: Optional[str] = None,
     report: Optional[Callable[[str], None]] = None,
+    edge_nodes: int = 0,
 ) -> CircuitExperimentResult:
     """Discover circuits with each method on the training split and evaluate them on held-out data.
 
@@ -115,6 +125,10 @@ def run_circuit_experiment(
     setting whose denominator ``m(M) - m(empty)`` is under
     :data:`~captum_relp.circuits.faithfulness.MIN_DENOMINATOR_SNR` standard errors
     raises a :class:`UserWarning`: its ratios can overshoot 1 or fall far below 0.
+    With ``edge_nodes > 0`` the edges between the ``edge_nodes`` top nodes of each
+    setting and method (RelP, RelP+AH, AtP) are scored on the first training batch
+    with :func:`~captum_relp.circuits.feature_edges.feature_edges` (``result.edges``,
+    saved as ``circuit_edges.json``).
 
     Args:
         model: a Hugging Face causal LM.
@@ -135,6 +149,7 @@ def run_circuit_experiment(
         show_progress: a progress bar naming the current setting and method.
         name: the model's name in results and titles (default :func:`~captum_relp.models.model_name`).
         report: called with the cost plan and one line per finished (setting, method).
+        edge_nodes: top nodes between which edges are scored (0: no edges).
 
     Returns:
         CircuitExperimentResult
@@ -153,6 +168,7 @@ def run_circuit_experiment(
         raise ValueError("circuit discovery scores nodes with RelP, RelP+AH, AtP or IG, not AP")
     space = NodeSpace(model, nodes, saes)
     curves: Dict[str, Dict[str, CircuitCurve]] = {}
+    edges: Dict[str, Dict[str, FeatureEdges]] = {}
     cost = {m: {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0} for m in methods}
     settings = task_splits(task, tokenizer, n_train, n_test, seed, heldout)
     progress = tqdm(total=len(settings) * (len(methods) + 1), desc=f"{task} {nodes} circuits",
@@ -179,6 +195,10 @@ def run_circuit_experiment(
             effects = mean_effects({n: v / len(train) for n, v in totals.items()})
             curves[setting][method] = evaluate_circuits(space, effects, means, run_metric, budgets,
                                                         exclude_first_third, error_policy)
+            if edge_nodes > 0 and method in EDGE_RULES:
+                rows, clean, corrupt, mask = next(_batches(train, batch_size))
+                edges.setdefault(setting, {})[method] = feature_edges(
+                    space, clean, corrupt, train.select(rows).metric(), mask, EDGE_RULES[method], edge_nodes)
             progress.update()
             if report is not None:
                 report(f"{setting}: {method} done ({cost[method]['seconds']:.1f} s so far for {method})")
@@ -191,8 +211,8 @@ def run_circuit_experiment(
     progress.close()
     config = {"model": label, "task": task, "nodes": nodes, "methods": list(methods), "n_train": n_train, "n_test": n_test,
               "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
-              "n_steps": n_steps}
-    return CircuitExperimentResult(curves, cost, config)
+              "n_steps": n_steps, "edge_nodes": edge_nodes}
+    return CircuitExperimentResult(curves, cost, config, edges)
 
 
 def _warm_up(space: NodeSpace, methods: Sequence[str], train, n_steps: int) -> Dict[str, Dict[str, float]]:

@@ -104,6 +104,24 @@ nitpick_ignore = [
     # ForwardPatchRule's summary line in the API autosummary table (it resolves on the
     # class page itself, where the method is documented)
     ("py:meth", "patched_forward"),
+    # standard library / third-party types in signatures (no intersphinx offline)
+    ("py:class", "pathlib.Path"),
+    ("py:class", "Path"),
+    ("py:class", "numpy.ndarray"),
+    ("py:class", "torch.dtype"),
+    ("py:class", "torch.nn.modules.container.ModuleList"),
+    ("py:class", "argparse.ArgumentParser"),
+    ("py:class", "transformers.GPT2LMHeadModel"),
+    ("py:class", "transformers.LlamaForCausalLM"),
+    ("py:class", "Module"),
+    ("py:class", "sequence"),
+]
+# napoleon reads some "name (type): text" attribute lines and module constants as types
+nitpick_ignore_regex = [
+    ("py:class", r"(n_layers|n_heads|n_nodes|thresholds|faithfulness|model_name|Downstream inputs.*|"
+                 r"The standard component types.*|SparseAutoencoder)"),
+    ("py:(data|func|attr)", r"(NAMES|PLACES|OBJECTS|TEMPLATES|NOUNS|DEFAULT_FRACTIONS|tile_rows|"
+                            r"infer_groups|default_candidates|layout)"),
 ]
 
 # -- HTML ----------------------------------------------------------------------

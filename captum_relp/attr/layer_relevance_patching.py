@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from .._forward import MetricEvaluator, MetricType, TargetType, call_model
 from .._hooks import capture, frozen_model, layer_hooks
+from .._logits import metric_logits
 from ..registry import RuleSet, apply_rules, resolve_rules
 from ._base import LayerType, PatchingAttribution, TensorOrTuple
+from ._reduce import check_reduce, reduce_scores, streamed_scores
 
 
 class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
@@ -91,6 +93,8 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
         metric: MetricType = None,
         direction: str = "noising",
+        reduce: Optional[str] = None,
+        num_heads: Optional[int] = None,
     ) -> Union[Tensor, List[Tensor]]:
         r"""Relevance-patching scores of the layer activations.
 
@@ -111,11 +115,21 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
                 difference (:func:`captum_relp.metrics.logit_diff`). Replaces ``target``.
             direction (str): ``"noising"`` (coefficients on the ``inputs`` run) or
                 ``"denoising"`` (on the ``baselines`` run).
+            reduce (str, optional): ``None`` (full scores), ``"sum"`` (summed over the last
+                dimension, the hidden units: ``(B, T, d) -> (B, T)``) or ``"heads"`` (summed
+                per head, ``(B, T, H * D) -> (B, T, H)``; needs ``num_heads``). Reduced scores
+                are computed in the backward pass as each layer's coefficient arrives, and
+                each layer's activations and coefficient are freed right away.
+            num_heads (int, optional): heads per layer, for ``reduce="heads"``.
+
+        Logits are computed only at the positions the metric reads when the model is a
+        Hugging Face causal LM and the metric is ``target=`` or declares its positions
+        (:class:`~captum_relp.metrics.LogitDiff`); see :mod:`captum_relp._logits`.
 
         Returns:
             Tensor or list of Tensor: attributions of the layer activations, same shape
-            as the activations (first element of a tuple output); a list when the
-            instance was built with a list of layers.
+            as the activations (first element of a tuple output), or reduced as asked;
+            a list when the instance was built with a list of layers.
 
         Examples::
 
@@ -131,6 +145,7 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
         if direction == "denoising" and baselines is None:
             raise ValueError("direction='denoising' needs baselines")
+        check_reduce(reduce, num_heads)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
                              attribute_to_layer_input, metric, False)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
@@ -138,10 +153,15 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         if direction == "denoising":
             grad_run, reference_run = baselines, inputs
 
-        with frozen_model(self.model):
+        with frozen_model(self.model), metric_logits(self.forward_func, call.evaluator, self.layers):
             reference_acts = None
             if reference_run is not None:
                 reference_acts = self._collect(reference_run, flags, args, kwargs)
+            if reduce is not None:
+                combine = self._combiner(reference_acts, direction, reduce, num_heads)
+                results = streamed_scores(self.forward_func, self.layers, flags, grad_run, args, kwargs,
+                                          call.evaluator, combine, self._rules_applied, self._require)
+                return self._per_layer(results, call)
             grad_acts, coefficients = self._coefficients(grad_run, flags, args, kwargs, call.evaluator)
 
         results = []
@@ -156,6 +176,25 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
                 result = (reference_acts[index] - grad_acts[index]) * coefficient
             results.append(result)
         return self._per_layer(results, call)
+
+    def _combiner(self, reference_acts: Optional[List[Optional[Tensor]]], direction: str,
+                  reduce: Optional[str], num_heads: Optional[int]):
+        """``combine(i, act, coefficient)``: layer i's reduced score; drops its reference activation."""
+
+        def combine(index: int, act: Tensor, coefficient: Tensor) -> Tensor:
+            if not self.multiplies_by_inputs:
+                result = coefficient
+            elif reference_acts is None:
+                result = act * coefficient
+            elif direction == "noising":
+                result = (act - reference_acts[index]) * coefficient  # type: ignore[operator]
+            else:
+                result = (reference_acts[index] - act) * coefficient  # type: ignore[operator]
+            if reference_acts is not None:
+                reference_acts[index] = None
+            return reduce_scores(result, reduce, num_heads)
+
+        return combine
 
     def _collect(self, run, flags, args, kwargs) -> List[Tensor]:
         store: List[Optional[Tensor]] = [None] * len(self.layers)

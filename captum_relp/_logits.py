@@ -26,6 +26,8 @@ from ._forward import MetricEvaluator, is_hf_model, last_positions
 from .metrics import tile_rows
 
 _STATE = {"enabled": True}
+ROW_ALIGN = 8
+"""Gathered rows are padded to a multiple of this before the unembedding (BLAS row blocks)."""
 LAST_REAL = "last-real"
 """Position spec: the last real token of each row (from the attention mask)."""
 
@@ -156,11 +158,22 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
             return None
         mask = state.get("mask")
         full_len = mask.shape[1] if mask is not None else offset + hidden.shape[1]
-        return (gather_rows(hidden, spec, mask, offset, full_len),) + tuple(args[1:])
+        rows = gather_rows(hidden, spec, mask, offset, full_len)
+        state["rows"] = rows.shape[0]
+        pad = -rows.shape[0] % ROW_ALIGN
+        if pad:  # whole row blocks: each row's logits do not depend on the number of rows
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        return (rows,) + tuple(args[1:])
+
+    def after_head(module, args, output):
+        rows = state.pop("rows", None)
+        if rows is None or not isinstance(output, Tensor) or output.shape[0] == rows:
+            return None
+        return output[:rows]
 
     head = forward_func.get_output_embeddings()  # type: ignore[union-attr]
     handles = [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
-               head.register_forward_pre_hook(on_head)]
+               head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]
     try:
         yield True
     finally:

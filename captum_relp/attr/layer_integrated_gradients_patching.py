@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .._forward import MetricType, TargetType, call_model
 from .._hooks import captum_safe_outputs, frozen_model
+from .._logits import metric_logits
 from ._base import PatchingLayerAttribution, TensorOrTuple
 
 
@@ -81,7 +82,7 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
 
         extra = tuple(args) + tuple(kwargs[k] for k in kw_names)
         results: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
-        with frozen_model(self.model):
+        with frozen_model(self.model), metric_logits(self.forward_func, evaluator, self.layers):
             for index, (layer, flag) in enumerate(zip(self.layers, flags)):
                 # one layer at a time: Captum interpolates all listed layers at once,
                 # which is wrong when one layer feeds another (residual stream).

@@ -108,7 +108,8 @@ class PrefixCacheRunner:
         index = 0
         while index < len(cached):
             t0 = max(0, length - ALIGN * math.ceil((length - cached[index][0]) / ALIGN))
-            width = max(1, min(internal_batch_size, math.ceil((length - t0) / CHUNK_DIVISOR)))
+            same_start = sum(1 for loc in cached[index:] if loc[0] < t0 + ALIGN)
+            width = max(1, min(internal_batch_size, max(same_start, math.ceil((length - t0) / CHUNK_DIVISOR))))
             out.append((cached[index : index + width], t0))
             index += width
         for start in range(0, len(rest), internal_batch_size):

@@ -176,3 +176,22 @@ def test_ap_keeps_plain_path_for_bert_and_unknown_metrics(monkeypatch):
     gpt2 = build_model("gpt2")
     LayerActivationPatching(gpt2, model_components(gpt2).mlp).attribute(
         clean, baselines=corrupt, metric=lambda logits: logits[:, -1, 3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_paths_match_reference():
+    model = build_model("llama").double().cuda()
+    clean, corrupt = (t.cuda() for t in token_pair(seq=16))
+    layers, flags, _ = model_components(model).select()
+    kwargs = dict(baselines=corrupt, attribute_to_layer_input=flags, metric=logit_diff([3, 4, 5], [6, 7, 8]))
+    with full_logits():
+        ref = LayerRelevancePatching(model, layers).attribute(clean, **kwargs)
+    fast = LayerRelevancePatching(model, layers).attribute(clean, reduce="sum", **kwargs)
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r.sum(-1), rtol=1e-9, atol=1e-11)
+    ap = LayerActivationPatching(model, layers)
+    cached = ap.attribute(clean, **kwargs)
+    plain = ap.attribute(clean, use_cache=False, **kwargs)
+    for c, p in zip(cached, plain):
+        torch.testing.assert_close(c, p, rtol=1e-9, atol=1e-11)

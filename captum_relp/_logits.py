@@ -146,6 +146,7 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
     state: dict = {}
 
     def on_model(module, args, kwargs):
+        state["skip"] = bool(kwargs.get("logits_to_keep"))  # the caller already slices
         state["mask"] = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -154,7 +155,7 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
 
     def on_head(module, args):
         hidden = args[0]
-        if hidden.dim() != 3:
+        if hidden.dim() != 3 or state.get("skip"):
             return None
         mask = state.get("mask")
         full_len = mask.shape[1] if mask is not None else offset + hidden.shape[1]

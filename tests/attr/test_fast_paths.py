@@ -195,3 +195,10 @@ def test_cuda_fast_paths_match_reference():
     plain = ap.attribute(clean, use_cache=False, **kwargs)
     for c, p in zip(cached, plain):
         torch.testing.assert_close(c, p, rtol=1e-9, atol=1e-11)
+
+
+def test_caller_logits_to_keep_is_left_alone():
+    model = build_model("gpt2")
+    with metric_logits(model, MetricEvaluator(1, target=1)):
+        logits = model(torch.tensor([[1, 2, 3, 4]]), logits_to_keep=2).logits
+    torch.testing.assert_close(logits, model(torch.tensor([[1, 2, 3, 4]])).logits[:, -2:])

@@ -202,3 +202,17 @@ def test_caller_logits_to_keep_is_left_alone():
     with metric_logits(model, MetricEvaluator(1, target=1)):
         logits = model(torch.tensor([[1, 2, 3, 4]]), logits_to_keep=2).logits
     torch.testing.assert_close(logits, model(torch.tensor([[1, 2, 3, 4]])).logits[:, -2:])
+
+
+def test_ig_reduce_equals_reducing_afterwards():
+    model = build_model("gpt2").double()
+    clean, corrupt = token_pair()
+    parts = model_components(model)
+    ig = LayerIntegratedGradientsPatching(model, parts.attn)
+    kwargs = dict(baselines=corrupt, attribute_to_layer_input=True, metric=logit_diff(3, 4), n_steps=3)
+    full = ig.attribute(clean, **kwargs)
+    summed = ig.attribute(clean, reduce="sum", **kwargs)
+    heads = ig.attribute(clean, reduce="heads", num_heads=parts.num_heads, **kwargs)
+    for f, s, h in zip(full, summed, heads):
+        torch.testing.assert_close(s, f.sum(-1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(h, split_heads(f, parts.num_heads), rtol=1e-10, atol=1e-12)

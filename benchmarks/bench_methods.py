@@ -57,10 +57,20 @@ METHODS = ("AP", "IG", "AtP", "RelP")
 # ----------------------------------------------------------------------------- setup
 
 
-def build_model(small: bool, dtype: torch.dtype, device: str, seed: int = 0):
+def build_model(small: bool, dtype: torch.dtype, device: str, seed: int = 0, arch: str = "gpt2"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    if arch == "llama-1b":  # Llama-3.2-1B shapes: 16 layers, d=2048, 32 heads (8 KV), 128256 tokens, 1.2B params
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                             max_position_embeddings=4096, tie_word_embeddings=True)
+        config._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+        return model.to(dtype=dtype).eval()
     if small:
         config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=128,
                             bos_token_id=999, eos_token_id=999)
@@ -150,12 +160,15 @@ def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
 
     dtype = getattr(torch, opts.dtype)
     torch.set_num_threads(opts.threads) if opts.threads else None
-    model = build_model(opts.small, dtype, opts.device)
+    model = build_model(opts.small, dtype, opts.device, arch=opts.arch)
     n_prompts = {"AP": opts.ap_prompts, "IG": opts.ig_prompts}.get(method) or opts.n_prompts
     n_prompts = min(n_prompts, opts.n_prompts)
     clean, corrupt, correct, wrong = make_inputs(opts.n_prompts, opts.seq_len, model.config.vocab_size, opts.device)
     clean, corrupt = clean[:n_prompts], corrupt[:n_prompts]
     layers, flags, labels = model_components(model).select(["resid", "attn", "mlp"])
+    if opts.block_subset:  # only the components of these blocks (e.g. AP timings on one block)
+        keep = [i for i, (_, block) in enumerate(labels) if block in opts.block_subset]
+        layers, flags, labels = [layers[i] for i in keep], [flags[i] for i in keep], [labels[i] for i in keep]
     metric = logit_diff(correct, wrong)
     counter = PassCounter(model).__enter__()
     meter = MemoryMeter(opts.device)
@@ -164,6 +177,11 @@ def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"unknown method {method!r}")
     options = {"AP": dict(internal_batch_size=opts.ap_batch_size, reuse_prefix=opts.ap_reuse_prefix),
                "IG": dict(n_steps=opts.ig_steps)}.get(method, {})
+    if opts.impl == "current":  # options the baseline implementation (--baseline-ref) does not have
+        if method in ("AtP", "RelP") and opts.reduce != "none":
+            options["reduce"] = opts.reduce
+        if method == "AP":
+            options["use_cache"] = opts.ap_use_cache
     attribution = LIBRARY_METHODS[method].build(model, layers)
     call = lambda: attribution.attribute(  # noqa: E731
         clean, baselines=corrupt, attribute_to_layer_input=flags, metric=metric, **options)
@@ -181,6 +199,8 @@ def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
         passes = passes or counter.snapshot()
         # shape check: one (B, T, d) score tensor per component
         assert len(result) == len(layers) and tuple(result[0].shape[:2]) == (n_prompts, opts.seq_len)
+        if method in ("AtP", "RelP"):  # the layout the experiments use: summed over hidden units
+            result = [r.sum(-1) if r.dim() == 3 else r for r in result]
         del result
     peak = meter.peak_mib()
     counter.__exit__(None, None, None)
@@ -206,7 +226,9 @@ def _worker_args(opts: argparse.Namespace, method: str) -> List[str]:
             "--seq-len", str(opts.seq_len), "--repeats", str(opts.repeats), "--ig-steps", str(opts.ig_steps),
             "--ap-batch-size", str(opts.ap_batch_size),
             "--ap-reuse-prefix", "true" if opts.ap_reuse_prefix else "false",
-            "--threads", str(opts.threads)]
+            "--threads", str(opts.threads), "--reduce", opts.reduce, "--arch", opts.arch,
+            "--ap-use-cache", "true" if opts.ap_use_cache else "false", "--impl", opts.impl,
+            "--blocks", opts.blocks]
     if opts.small:
         argv.append("--small")
     if opts.ap_prompts:
@@ -216,8 +238,12 @@ def _worker_args(opts: argparse.Namespace, method: str) -> List[str]:
     return argv
 
 
-def run_in_subprocess(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
-    proc = subprocess.run(_worker_args(opts, method), capture_output=True, text=True)
+def run_in_subprocess(method: str, opts: argparse.Namespace, pythonpath: Optional[str] = None) -> Dict[str, Any]:
+    """Run one method in a fresh process; ``pythonpath`` selects the captum_relp it imports."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    proc = subprocess.run(_worker_args(opts, method), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise RuntimeError(f"worker {method} failed with exit code {proc.returncode}")
@@ -274,12 +300,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ap-sweep", action="store_true",
                    help="only time AP for internal_batch_size 16/64 x reuse_prefix True/False")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--reduce", choices=["none", "sum"], default="sum",
+                   help="AtP/RelP reduce= option (default sum: the experiments' layout, reduced in the backward)")
+    p.add_argument("--ap-use-cache", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+                   help="AP use_cache (key/value-cache suffix runs on causal LMs; true/false)")
+    p.add_argument("--arch", choices=["gpt2", "llama-1b"], default="gpt2",
+                   help="gpt2: GPT-2 small (or --small); llama-1b: Llama-3.2-1B shapes, random weights")
+    p.add_argument("--blocks", default="", help="comma-separated block indices: only their components")
+    p.add_argument("--impl", choices=["current", "baseline"], default="current", help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true",
                    help="run methods in this process (for tests; CPU memory then relies on the peak reset)")
     p.add_argument("--out", help="write results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     opts.methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
+    opts.block_subset = [int(b) for b in opts.blocks.split(",") if b.strip()]
     unknown = set(opts.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
@@ -311,12 +346,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return {}
 
     with torch.device("meta"):  # parameter count without allocating the weights
-        probe = build_model(opts.small, torch.float32, "meta")
+        probe = build_model(opts.small, torch.float32, "meta", arch=opts.arch)
     n_params = sum(p.numel() for p in probe.parameters())
-    n_layers = probe.config.n_layer
+    n_layers = probe.config.num_hidden_layers
     del probe
     setup = {
-        "model": "GPT2LMHeadModel(" + ("small smoke config: 2 layers, d=64" if opts.small else "GPT2Config()") + ")",
+        "model": ("LlamaForCausalLM(Llama-3.2-1B shapes)" if opts.arch == "llama-1b" else
+                  "GPT2LMHeadModel(" + ("small smoke config: 2 layers, d=64" if opts.small else "GPT2Config()") + ")"),
+        "reduce": opts.reduce, "ap_use_cache": opts.ap_use_cache,
         "n_params": n_params, "n_layers": n_layers, "components": 3 * n_layers,
         "n_prompts": opts.n_prompts, "seq_len": opts.seq_len, "device": opts.device, "dtype": opts.dtype,
         "torch_threads": opts.threads or torch.get_num_threads(), "repeats_atp_relp": opts.repeats,

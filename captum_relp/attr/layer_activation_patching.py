@@ -11,7 +11,10 @@ from tqdm.auto import tqdm
 
 from .._forward import MetricEvaluator, MetricType, TargetType, call_model, checked_metric
 from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
+from .._logits import metric_logits
+from ..metrics import tile_rows
 from ._base import PatchingLayerAttribution, TensorOrTuple
+from ._prefix_cache import PrefixCacheRunner
 
 GRANULARITIES = ("position", "layer", "head")
 
@@ -21,6 +24,9 @@ class _ExampleMetric:
 
     def __init__(self, metric: Callable[[Tensor], Tensor], index: int, batch_size: int) -> None:
         self.metric, self.index, self.batch_size = metric, index, batch_size
+        self.reads_final_logits = bool(getattr(metric, "reads_final_logits", False))
+        positions = getattr(metric, "positions", None) if self.reads_final_logits else None
+        self.positions = None if positions is None else int(tile_rows(positions, batch_size)[index])
 
     def __call__(self, output: Tensor) -> Tensor:
         return torch.stack([
@@ -73,6 +79,7 @@ class LayerActivationPatching(PatchingLayerAttribution):
         internal_batch_size: int = 32,
         reuse_prefix: bool = True,
         show_progress: bool = False,
+        use_cache: bool = True,
     ) -> Union[Tensor, List[Tensor]]:
         r"""Exact patching effects.
 
@@ -87,6 +94,11 @@ class LayerActivationPatching(PatchingLayerAttribution):
             internal_batch_size (int): patched copies per forward pass.
             reuse_prefix (bool): run the layers below the patch once per example.
             show_progress (bool): show a progress bar.
+            use_cache (bool): on Hugging Face causal LMs with ``reuse_prefix=True`` and
+                ``granularity="position"`` or ``"head"``, reuse each example's clean key/value
+                cache for the positions before the patched one and recompute only the suffix
+                (:mod:`captum_relp.attr._prefix_cache`); the effects are those of the plain path.
+                Bidirectional and unknown models always take the plain path.
 
         Returns:
             Tensor or list of Tensor: effects per layer, zero at padded positions.
@@ -115,15 +127,16 @@ class LayerActivationPatching(PatchingLayerAttribution):
         batch_size = inputs[0].shape[0]
 
         with frozen_model(self.model), torch.no_grad():
-            seen: List[Optional[Tensor]] = [None] * len(self.layers)
-            with layer_hooks(self.layers, flags, capture(seen)):  # each layer runs exactly once
-                output = call_model(self.forward_func, inputs, args, kwargs)
-            widths = [self._require(t, i).shape[-1] for i, t in enumerate(seen)]
-            if granularity == "head" and any(w % int(num_heads) for w in widths):
-                raise ValueError(f"num_heads={num_heads} does not divide the layer widths {widths}")
-            evaluator.check_target(output)
-            clean_values = evaluator(output, mask)
-            corrupt_acts = self._corrupt_activations(baselines, flags, args, kwargs)
+            with metric_logits(self.forward_func, evaluator, self.layers):
+                seen: List[Optional[Tensor]] = [None] * len(self.layers)
+                with layer_hooks(self.layers, flags, capture(seen)):  # each layer runs exactly once
+                    output = call_model(self.forward_func, inputs, args, kwargs)
+                widths = [self._require(t, i).shape[-1] for i, t in enumerate(seen)]
+                if granularity == "head" and any(w % int(num_heads) for w in widths):
+                    raise ValueError(f"num_heads={num_heads} does not divide the layer widths {widths}")
+                evaluator.check_target(output)
+                clean_values = evaluator(output, mask)
+                corrupt_acts = self._corrupt_activations(baselines, flags, args, kwargs)
             results = [
                 torch.zeros(self._result_shape(acts, granularity, num_heads), device=clean_values.device)
                 for acts in corrupt_acts
@@ -131,13 +144,26 @@ class LayerActivationPatching(PatchingLayerAttribution):
             jobs = self._jobs(corrupt_acts, granularity, num_heads, mask, reuse_prefix, batch_size)
             total = sum(len(locs) for _, _, locs in jobs)
             progress = tqdm(total=total, desc="activation patching", disable=not show_progress)
+            cached = None
+            if use_cache and PrefixCacheRunner.applies(self.forward_func, self.layers, inputs, args, kwargs,
+                                                       evaluator, granularity, reuse_prefix):
+                cached = PrefixCacheRunner(self.forward_func, self.layers, flags, inputs[0], mask, evaluator)
             for layer_index, rows, locations in jobs:
-                for start in range(0, len(locations), internal_batch_size):
-                    chunk = locations[start : start + internal_batch_size]
-                    patched = self._run_chunk(
-                        layer_index, flags, rows, chunk, corrupt_acts[layer_index], inputs, args,
-                        kwargs, evaluator, reuse_prefix, batch_size, num_heads,
-                    )
+                if cached is not None:
+                    chunks = cached.chunks(rows[0], locations, internal_batch_size)
+                else:
+                    chunks = [(locations[start : start + internal_batch_size], None)
+                              for start in range(0, len(locations), internal_batch_size)]
+                for chunk, t0 in chunks:
+                    if t0 is not None:
+                        patched = cached.run(  # type: ignore[union-attr]
+                            layer_index, rows[0], chunk, t0, corrupt_acts[layer_index],
+                            _example_evaluator(evaluator, rows[0], batch_size), num_heads)
+                    else:
+                        patched = self._run_chunk(
+                            layer_index, flags, rows, chunk, corrupt_acts[layer_index], inputs, args,
+                            kwargs, evaluator, reuse_prefix, batch_size, num_heads,
+                        )
                     effect = clean_values[rows].repeat(len(chunk)) - patched
                     for k, location in enumerate(chunk):
                         block = effect[k * len(rows) : (k + 1) * len(rows)]
@@ -215,7 +241,7 @@ class LayerActivationPatching(PatchingLayerAttribution):
             run_inputs = tuple(x.repeat(copies, *([1] * (x.dim() - 1))) for x in inputs)
             run_args, run_kwargs = _tile_batch(args, kwargs, copies, batch_size)
             sub_evaluator = evaluator
-        with layer_hooks(self.layers, flags, patch):
+        with layer_hooks(self.layers, flags, patch), metric_logits(self.forward_func, sub_evaluator, self.layers):
             output = call_model(self.forward_func, run_inputs, run_args, run_kwargs)
         return sub_evaluator(output, run_kwargs.get("attention_mask"))
 

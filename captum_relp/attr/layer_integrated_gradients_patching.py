@@ -9,7 +9,9 @@ from torch import Tensor
 
 from .._forward import MetricType, TargetType, call_model
 from .._hooks import captum_safe_outputs, frozen_model
+from .._logits import metric_logits
 from ._base import PatchingLayerAttribution, TensorOrTuple
+from ._reduce import check_reduce, reduce_scores
 
 
 class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
@@ -43,6 +45,8 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
         n_steps: int = 10,
         method: str = "gausslegendre",
         internal_batch_size: Optional[int] = None,
+        reduce: Optional[str] = None,
+        num_heads: Optional[int] = None,
     ) -> Union[Tensor, List[Tensor]]:
         """Integrated-gradients patching scores.
 
@@ -53,6 +57,9 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
             method (str): Captum's integration method (default ``gausslegendre``, whose weights sum
                 to 1; Captum's ``riemann_trapezoid`` weights sum to (n-1)/n and shrink the scores).
             internal_batch_size (int, optional): Captum's chunking of the ``n_steps * B`` rows.
+            reduce (str, optional), num_heads (int, optional): as in
+                :meth:`LayerRelevancePatching.attribute`; each layer's attribution is reduced
+                as soon as that layer is integrated (layers are integrated one at a time).
 
         Returns:
             Tensor or list of Tensor: attributions, same shape as the layer activations.
@@ -67,6 +74,7 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
             >>> ig.attribute(x, baselines=torch.zeros(1, 2)).sum().item() == (lin(x) - lin(0 * x)).item()
             True
         """
+        check_reduce(reduce, num_heads)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
                              attribute_to_layer_input, metric, True)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
@@ -82,7 +90,7 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
 
         extra = tuple(args) + tuple(kwargs[k] for k in kw_names)
         results: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
-        with frozen_model(self.model):
+        with frozen_model(self.model), metric_logits(self.forward_func, evaluator, self.layers):
             for index, (layer, flag) in enumerate(zip(self.layers, flags)):
                 # one layer at a time: Captum interpolates all listed layers at once,
                 # which is wrong when one layer feeds another (residual stream).
@@ -92,7 +100,8 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
                         n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
                         attribute_to_layer_input=flag,
                     )
-                results[index] = attribution[0] if isinstance(attribution, tuple) else attribution
+                attribution = attribution[0] if isinstance(attribution, tuple) else attribution
+                results[index] = reduce_scores(attribution, reduce, num_heads)
         return self._per_layer(results, call)
 
 

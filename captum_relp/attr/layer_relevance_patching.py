@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 from .._forward import MetricEvaluator, MetricType, TargetType, call_model
 from .._hooks import capture, frozen_model, layer_hooks
+from .._logits import metric_logits
 from ..calibrated_rules import CalibratedRules
 from ..registry import RuleSet, apply_rules, resolve_rules
 from ._base import LayerType, PatchingAttribution, TensorOrTuple
+from ._reduce import check_reduce, reduce_scores, streamed_scores
 
 
 class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
@@ -96,6 +98,8 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         metric: MetricType = None,
         direction: str = "noising",
         allow_unused: bool = False,
+        reduce: Optional[str] = None,
+        num_heads: Optional[int] = None,
     ) -> Union[Tensor, List[Tensor]]:
         r"""Relevance-patching scores of the layer activations.
 
@@ -119,6 +123,16 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             allow_unused (bool): give zero scores to a layer the metric does not depend on.
                 Default False: such a layer raises a ``ValueError`` naming it, because a
                 disconnected coefficient usually means a wrong layer or a wrapped graph.
+            reduce (str, optional): ``None`` (full scores), ``"sum"`` (summed over the last
+                dimension, the hidden units: ``(B, T, d) -> (B, T)``) or ``"heads"`` (summed
+                per head, ``(B, T, H * D) -> (B, T, H)``; needs ``num_heads``). Reduced scores
+                are computed in the backward pass as each layer's coefficient arrives, and
+                each layer's activations and coefficient are freed right away.
+            num_heads (int, optional): heads per layer, for ``reduce="heads"``.
+
+        Logits are computed only at the positions the metric reads when the model is a
+        Hugging Face causal LM and the metric is ``target=`` or declares its positions
+        (:class:`~captum_relp.metrics.LogitDiff`); see :mod:`captum_relp._logits`.
 
         Returns:
             Tensor or list of Tensor: attributions of the layer activations, same shape
@@ -139,6 +153,7 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
         if direction == "denoising" and baselines is None:
             raise ValueError("direction='denoising' needs baselines")
+        check_reduce(reduce, num_heads)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
                              attribute_to_layer_input, metric, False)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
@@ -146,10 +161,22 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
         if direction == "denoising":
             grad_run, reference_run = baselines, inputs
 
-        with frozen_model(self.model):
+        with frozen_model(self.model), metric_logits(self.forward_func, call.evaluator, self.layers):
             reference_acts = None
             if reference_run is not None:
                 reference_acts = self._collect(reference_run, flags, args, kwargs)
+            if reduce is not None:
+                combine = self._combiner(reference_acts, direction, reduce, num_heads)
+                results: List[Optional[Tensor]] = [None] * len(self.layers)
+                for ruleset, indices in self._rule_plan(flags):
+                    sub = streamed_scores(
+                        self.forward_func, [self.layers[i] for i in indices], [flags[i] for i in indices],
+                        grad_run, args, kwargs, call.evaluator, lambda j, a, c: combine(indices[j], a, c),
+                        lambda: self._rules_applied(ruleset), lambda t, j: self._require(t, indices[j]),
+                        lambda j: self._disconnected([indices[j]], allow_unused))
+                    for j, i in enumerate(indices):
+                        results[i] = sub[j]
+                return self._per_layer(results, call)  # type: ignore[arg-type]
             grad_acts, coefficients = [], []
             for ruleset, indices in self._rule_plan(flags):
                 sub_acts, sub_coefficients = self._coefficients(
@@ -198,17 +225,40 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             values = evaluator(output, kwargs.get("attention_mask"))
             acts = [self._require(t, i) for i, t in zip(indices, store)]
             grads = torch.autograd.grad(values.sum(), acts, allow_unused=True)
-        disconnected = [i for i, g in zip(indices, grads) if g is None]
-        if disconnected and not allow_unused:
-            names = ", ".join(f"layer[{i}] ({type(self.layers[i]).__name__})" for i in disconnected)
-            raise ValueError(
-                f"the metric does not depend on {names}: its coefficient is disconnected from the metric. "
-                "Is the layer downstream of the metric's inputs, or is the model wrapped in a graph that "
-                "bypasses module hooks (e.g. torch.compile of a submodule)? Pass allow_unused=True to "
-                "score such layers as zero."
-            )
+        self._disconnected([i for i, g in zip(indices, grads) if g is None], allow_unused)
         coefficients = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
         return [a.detach() for a in acts], coefficients
+
+    def _disconnected(self, indices: List[int], allow_unused: bool) -> None:
+        """Raise for layers whose coefficient is disconnected from the metric, unless allowed."""
+        if not indices or allow_unused:
+            return
+        names = ", ".join(f"layer[{i}] ({type(self.layers[i]).__name__})" for i in indices)
+        raise ValueError(
+            f"the metric does not depend on {names}: its coefficient is disconnected from the metric. "
+            "Is the layer downstream of the metric's inputs, or is the model wrapped in a graph that "
+            "bypasses module hooks (e.g. torch.compile of a submodule)? Pass allow_unused=True to "
+            "score such layers as zero."
+        )
+
+    def _combiner(self, reference_acts: Optional[List[Optional[Tensor]]], direction: str,
+                  reduce: Optional[str], num_heads: Optional[int]):
+        """``combine(i, act, coefficient)``: layer i's reduced score; drops its reference activation."""
+
+        def combine(index: int, act: Tensor, coefficient: Tensor) -> Tensor:
+            if not self.multiplies_by_inputs:
+                result = coefficient
+            elif reference_acts is None:
+                result = act * coefficient
+            elif direction == "noising":
+                result = (act - reference_acts[index]) * coefficient  # type: ignore[operator]
+            else:
+                result = (reference_acts[index] - act) * coefficient  # type: ignore[operator]
+            if reference_acts is not None:
+                reference_acts[index] = None
+            return reduce_scores(result, reduce, num_heads)
+
+        return combine
 
     def _rules_applied(self, rules: RuleSet):
         if self.model is None:

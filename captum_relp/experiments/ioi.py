@@ -224,9 +224,10 @@ def run_ioi_experiment(
         )
         for name, method in methods.items():
             began = time.perf_counter()
-            scores = method.attribute(model, layers, clean, internal_batch_size=ap_batch_size, **kwargs)
-            if name != "AP":  # AP is per position already; the others per hidden unit
-                scores = [s.sum(-1) for s in scores]
+            if name == "AP":  # per position already
+                scores = method.attribute(model, layers, clean, internal_batch_size=ap_batch_size, **kwargs)
+            else:  # summed over hidden units in the backward pass, layer by layer
+                scores = method.attribute(model, layers, clean, reduce="sum", **kwargs)
             seconds[name] += time.perf_counter() - began
             collected[name].append([s.float().cpu() for s in scores])
 

@@ -242,6 +242,7 @@ def test_bfloat16_model_runs_and_tracks_float32():
     assert torch.corrcoef(torch.stack([ref, got]))[0, 1] > 0.98
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     model = build_model("gpt2")

@@ -42,6 +42,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype")
 
 
+def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
+    """``--seed``, ``--out``, ``--no-plots``, ``--quiet`` (the same in every subcommand)."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
+    parser.add_argument("--out", default="relp-out", help="output directory")
+    parser.add_argument("--no-plots", action="store_true", help=f"do not write {plots}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def load_model_from_args(args: argparse.Namespace) -> Tuple[Any, Any]:
     """The model and tokenizer named by ``--model``/``--device``/``--dtype`` (exit code 2 if unloadable)."""
     from ..embedded import load_model

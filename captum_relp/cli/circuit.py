@@ -12,7 +12,14 @@ from ..circuits.sae import load_sae
 from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
 from ..experiments.circuits import run_circuit_experiment
 from ..tasks import TASKS
-from ._common import CLIError, add_model_options, check_out_dir, load_model_from_args, parse_list
+from ._common import (
+    CLIError,
+    add_model_options,
+    add_run_options,
+    check_out_dir,
+    load_model_from_args,
+    parse_list,
+)
 
 OUTPUTS = {
     "circuit_results.json": "settings, faithfulness/completeness curves per setting and method, cost",
@@ -42,13 +49,7 @@ def add_parser(sub) -> None:
                         help="also evaluate the first third of layers (excluded by default, appendix A.2)")
     parser.add_argument("--n-steps", type=int, default=10, help="IG integration steps")
     parser.add_argument("--batch-size", type=int, default=50, help="pairs per attribution batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
-    parser.add_argument("--edges", action="store_true",
-                        help="also score edges between the top nodes (RelP rules or AtP gradients)")
-    parser.add_argument("--edge-nodes", type=int, default=30, help="top nodes kept for --edges")
-    parser.add_argument("--out", default="relp-out", help="output directory")
-    parser.add_argument("--no-plots", action="store_true", help="do not write the curve plot")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(parser, "the curve plot")
     parser.set_defaults(func=run)
 
 

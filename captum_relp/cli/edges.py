@@ -12,6 +12,7 @@ from ._common import (
     EXIT_TASK,
     CLIError,
     add_model_options,
+    add_run_options,
     check_out_dir,
     load_model_from_args,
     parse_list,
@@ -56,10 +57,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--structure", default="across_pp", help="SVA structure")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per scoring method (min taken)")
     parser.add_argument("--top-k", type=int, default=20, help="edges drawn in the circuit PNGs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
-    parser.add_argument("--out", default="relp-out", help="output directory")
-    parser.add_argument("--no-plots", action="store_true", help="do not write PNGs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(parser, "PNGs")
     parser.set_defaults(func=run)
 
 

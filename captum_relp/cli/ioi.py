@@ -11,6 +11,7 @@ from ._common import (
     EXIT_TASK,
     CLIError,
     add_model_options,
+    add_run_options,
     check_out_dir,
     load_model_from_args,
     parse_list,
@@ -40,10 +41,7 @@ def add_parser(sub) -> None:
                         help="IOI pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=25, help="prompts per attribution batch")
     parser.add_argument("--ap-batch-size", type=int, default=64, help="patched copies per forward in AP")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
-    parser.add_argument("--out", default="relp-out", help="output directory")
-    parser.add_argument("--no-plots", action="store_true", help="do not write heatmaps")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(parser, "heatmaps")
     parser.set_defaults(func=run)
 
 

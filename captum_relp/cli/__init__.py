@@ -14,7 +14,7 @@ from . import circuit, edges, ioi
 from ._common import DTYPES, EXIT_ERROR, EXIT_OK, EXIT_TASK, EXIT_USAGE, CLIError
 
 SUBCOMMANDS = (ioi, circuit, edges)
-_POSITIVE = ("n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts",
+_POSITIVE = ("edge_nodes", "n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts",
              "n_eval", "repeats", "top_k")
 
 

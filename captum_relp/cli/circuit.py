@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         help="also evaluate the first third of layers (excluded by default, appendix A.2)")
     parser.add_argument("--n-steps", type=int, default=10, help="IG integration steps")
     parser.add_argument("--batch-size", type=int, default=50, help="pairs per attribution batch")
+    parser.add_argument("--edges", action="store_true",
+                        help="also score edges between the top nodes (RelP rules or AtP gradients)")
+    parser.add_argument("--edge-nodes", type=int, default=30, help="top nodes kept for --edges")
     add_run_options(parser, "the curve plot")
     parser.set_defaults(func=run)
 

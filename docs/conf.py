@@ -118,7 +118,7 @@ nitpick_ignore = [
 ]
 # napoleon reads some "name (type): text" attribute lines and module constants as types
 nitpick_ignore_regex = [
-    ("py:class", r"(n_layers|n_heads|n_nodes|thresholds|faithfulness|model_name|Downstream inputs.*|"
+    ("py:class", r"(n_forward|n_layers|n_heads|n_nodes|thresholds|faithfulness|model_name|Downstream inputs.*|"
                  r"The standard component types.*|SparseAutoencoder)"),
     ("py:(data|func|attr)", r"(NAMES|PLACES|OBJECTS|TEMPLATES|NOUNS|DEFAULT_FRACTIONS|tile_rows|"
                             r"infer_groups|default_candidates|layout)"),

@@ -12,7 +12,7 @@ to the copies when the copies reach them.
 
 Used by :class:`~captum_relp.LayerActivationPatching` for Hugging Face causal LMs
 (``granularity="position"`` or ``"head"``, ``reuse_prefix=True``) when the metric's
-read position is known (see :mod:`captum_relp._logits`); other models keep the
+read position is known (see ``captum_relp._logits``); other models keep the
 plain path.
 """
 from __future__ import annotations

@@ -97,7 +97,7 @@ class LayerActivationPatching(PatchingLayerAttribution):
             use_cache (bool): on Hugging Face causal LMs with ``reuse_prefix=True`` and
                 ``granularity="position"`` or ``"head"``, reuse each example's clean key/value
                 cache for the positions before the patched one and recompute only the suffix
-                (:mod:`captum_relp.attr._prefix_cache`); the effects are those of the plain path.
+                (``captum_relp.attr._prefix_cache``); the effects are those of the plain path.
                 Bidirectional and unknown models always take the plain path.
 
         Returns:

@@ -30,7 +30,7 @@ DEFAULT_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 
 
 @dataclass
 class FaithfulnessCurve:
-    """Faithfulness of top-|score| circuits at several sizes.
+    """Faithfulness of top-``|score|`` circuits at several sizes.
 
     Attributes:
         fractions: circuit sizes as fractions of all edges.
@@ -100,7 +100,7 @@ def faithfulness_curve(
     attention_mask: Optional[Tensor] = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
 ) -> FaithfulnessCurve:
-    """Faithfulness of top-|score| circuits; CPR and CMD.
+    """Faithfulness of top-``|score|`` circuits; CPR and CMD.
 
     Args:
         model (nn.Module): the model.

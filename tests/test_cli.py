@@ -80,7 +80,7 @@ def test_unknown_names_fail_fast_with_a_suggestion(tmp_path, capsys):
 
 
 def test_no_arguments_prints_help(capsys):
-    assert main([]) == 0
+    assert main([]) == EXIT_USAGE
     assert "usage: captum-relp" in capsys.readouterr().out
 
 

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = argparse.ArgumentParser(
-        prog="captum-relp", description="Relevance Patching (RelP) experiments: IOI and circuit discovery.",
+        prog="captum-relp", description="Relevance Patching (RelP) experiments: IOI, node circuits and edge circuits.",
         epilog="Exit codes: 0 success, 1 other error, 2 bad arguments or unloadable model, "
                "3 task cannot be built for this model.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -42,9 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``captum-relp`` with ``argv``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.command is None:  # a subcommand is required: show what there is (usage error)
         parser.print_help()
-        return EXIT_OK
+        return EXIT_USAGE
     for name in _POSITIVE:
         value = getattr(args, name, None)
         if value is not None and value < 1:

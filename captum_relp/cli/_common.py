@@ -54,6 +54,10 @@ def load_model_from_args(args: argparse.Namespace) -> Tuple[Any, Any]:
     """The model and tokenizer named by ``--model``/``--device``/``--dtype`` (exit code 2 if unloadable)."""
     from ..embedded import load_model
 
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bar too
     try:
         return load_model(args.model, resolve_device(args.device), args.dtype)
     except OSError as error:

@@ -47,12 +47,12 @@ def add_parser(sub) -> None:
                         help=f"comma-separated among {', '.join(METHOD_CHOICES)}")
     parser.add_argument("--no-exact", action="store_true", help="skip exact edge patching (one run per edge)")
     parser.add_argument("--n-prompts", type=int, default=50, help="prompt pairs used to score edges")
-    parser.add_argument("--n-eval", type=int, default=None, help="separate pairs for faithfulness (None: n-prompts)")
+    parser.add_argument("--n-eval", type=int, default=None, help="separate pairs for faithfulness; None: --n-prompts")
     parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG integration steps")
-    parser.add_argument("--fractions", default=None, help="comma-separated circuit sizes in [0, 1] (None: MIB grid)")
+    parser.add_argument("--fractions", default=None, help="comma-separated circuit sizes in [0, 1]; None: the MIB grid")
     parser.add_argument("--training-words", action="store_true",
-                        help="shipped models: prompts from the names/nouns seen in training (default: the "
-                             "held-out ones, as captum-relp ioi and circuit)")
+                        help="shipped models: prompts from the names/nouns seen in training instead of the "
+                             "held-out ones (which captum-relp ioi and circuit use too)")
     parser.add_argument("--heldout", action="store_true", help=argparse.SUPPRESS)  # held-out words are the default now
     parser.add_argument("--structure", default="across_pp", help="SVA structure")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per scoring method (min taken)")

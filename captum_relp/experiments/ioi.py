@@ -100,7 +100,7 @@ class IOIExperimentResult:
                              + "".join(f"{table[kind][m]:>{w}.3f}" for m, w in zip(methods, widths)))
             lines.append("")
         ratios = self.time_ratios()
-        lines.append("wall time (s) and ratio to AtP, measured in this run")
+        lines.append("wall time (s, summed over batches, one run) and ratio to AtP, measured in this run")
         for method, seconds in self.seconds.items():
             lines.append(f"{method:<20}{seconds:>10.2f}{ratios[method]:>9.2f}x")
         return "\n".join(lines)

@@ -11,6 +11,7 @@ from ..circuits.nodes import NODE_KINDS
 from ..circuits.sae import load_sae
 from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
 from ..experiments.circuits import run_circuit_experiment
+from ..integrations.distributed import DataParallelSweep, init_from_env, rank_device
 from ..tasks import TASKS
 from ._common import (
     CLIError,
@@ -19,6 +20,7 @@ from ._common import (
     check_out_dir,
     load_model_from_args,
     parse_list,
+    resolve_device,
 )
 
 OUTPUTS = {
@@ -68,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         _say(cost_notice(methods, args.nodes, args.n_steps))
     saes = _saes(args) if args.nodes == "features" else None
+    sharded = init_from_env()  # under torchrun: each rank scores a shard of the batches
+    if sharded:
+        args.device = rank_device(resolve_device(args.device))
     model, tokenizer = load_model_from_args(args)
     result = run_circuit_experiment(
         model, tokenizer, task=args.task, methods=methods, nodes=args.nodes, saes=saes,
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         report=None if args.quiet else _say,
         edge_nodes=args.edge_nodes if args.edges else 0,
     )
+    if sharded and not DataParallelSweep().is_main:
+        return 0
     print(result.summary())
     written = result.save(Path(args.out), plots=not args.no_plots)
     print("\nwrote " + ", ".join(str(p) for p in written))

@@ -17,6 +17,7 @@ from ..circuits.effects import mean_effects, node_effects
 from ..circuits.faithfulness import MIN_DENOMINATOR_SNR, CircuitCurve, evaluate_circuits
 from ..circuits.feature_edges import FeatureEdges, feature_edges
 from ..circuits.nodes import NodeSpace, node_means
+from ..integrations.distributed import DataParallelSweep
 from ..models import model_name
 from ..tasks import task_splits
 
@@ -167,6 +168,7 @@ def run_circuit_experiment(
     if "AP" in methods:
         raise ValueError("circuit discovery scores nodes with RelP, RelP+AH, AtP or IG, not AP")
     space = NodeSpace(model, nodes, saes)
+    sweep, device = DataParallelSweep(), next(model.parameters()).device  # torchrun: shard the batches
     curves: Dict[str, Dict[str, CircuitCurve]] = {}
     edges: Dict[str, Dict[str, FeatureEdges]] = {}
     cost = {m: {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0} for m in methods}
@@ -185,13 +187,18 @@ def run_circuit_experiment(
         for method in methods:
             progress.set_description(f"{setting}: {method}")
             totals: Dict[str, Tensor] = {}
-            for rows, clean, corrupt, mask in _batches(train, batch_size):
+            batches = list(_batches(train, batch_size))
+            mine, spent = [], {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0}
+            for rows, clean, corrupt, mask in sweep.shard(batches):  # torchrun: this rank's batches
                 run = node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=n_steps)
-                for name, values in run.effects.items():
-                    totals[name] = totals.get(name, 0) + values.sum(0, keepdim=True)
-                cost[method]["seconds"] += run.seconds
-                cost[method]["forward_passes"] += run.forward_passes
-                cost[method]["backward_passes"] += run.backward_passes
+                mine.append({name: values.sum(0, keepdim=True).cpu() for name, values in run.effects.items()})
+                for key in spent:
+                    spent[key] += getattr(run, key)
+            for batch_sums in sweep.gather(mine, len(batches)):  # summed in batch order on every rank
+                for name, values in batch_sums.items():
+                    totals[name] = totals.get(name, 0) + values.to(device)
+            for key, value in sweep.sum(spent).items():
+                cost[method][key] += value if key == "seconds" else int(value)
             effects = mean_effects({n: v / len(train) for n, v in totals.items()})
             curves[setting][method] = evaluate_circuits(space, effects, means, run_metric, budgets,
                                                         exclude_first_third, error_policy)

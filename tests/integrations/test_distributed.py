@@ -41,3 +41,27 @@ def test_torchrun_two_processes_equal_one(tmp_path):
                    tmp_path / "two")
     for key in ("config", "pcc_per_prompt", "pcc_mean_map", "mean_maps", "position_labels"):
         assert sharded[key] == single[key], key  # bit-identical: same batches, same padding
+
+
+CIRCUIT_ARGS = ["-m", "captum_relp.cli", "circuit", "--task", "ioi", "--nodes", "components", "--method",
+                "relp,atp", "--n-train", "6", "--n-test", "4", "--batch-size", "2", "--no-plots", "--quiet",
+                "--device", "cpu"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_torchrun_circuit_two_processes_equal_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(prefix, out):
+        done = subprocess.run([sys.executable, *prefix, *CIRCUIT_ARGS, "--out", str(out)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "circuit_results.json").read_text())
+
+    single = run([], tmp_path / "one")
+    sharded = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"],
+                  tmp_path / "two")
+    assert sharded["curves"] == single["curves"]  # same batches summed in the same order: identical
+    for method in ("RelP", "AtP"):  # every batch scored once, by one of the ranks
+        for key in ("forward_passes", "backward_passes"):
+            assert sharded["cost"][method][key] == single["cost"][method][key]

@@ -50,6 +50,18 @@ def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def join_ranks(args: argparse.Namespace) -> bool:
+    """Under ``torchrun``: join the process group and use this rank's GPU. True if this rank writes.
+
+    Outside ``torchrun`` nothing happens and the single process writes.
+    """
+    from ..integrations.distributed import DataParallelSweep, init_from_env, rank_device
+
+    if init_from_env():
+        args.device = rank_device(resolve_device(args.device))
+    return DataParallelSweep().is_main
+
+
 def load_model_from_args(args: argparse.Namespace) -> Tuple[Any, Any]:
     """The model and tokenizer named by ``--model``/``--device``/``--dtype`` (exit code 2 if unloadable)."""
     from ..embedded import load_model

@@ -11,16 +11,15 @@ from ..circuits.nodes import NODE_KINDS
 from ..circuits.sae import load_sae
 from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
 from ..experiments.circuits import run_circuit_experiment
-from ..integrations.distributed import DataParallelSweep, init_from_env, rank_device
 from ..tasks import TASKS
 from ._common import (
     CLIError,
     add_model_options,
     add_run_options,
     check_out_dir,
+    join_ranks,
     load_model_from_args,
     parse_list,
-    resolve_device,
 )
 
 OUTPUTS = {
@@ -70,9 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         _say(cost_notice(methods, args.nodes, args.n_steps))
     saes = _saes(args) if args.nodes == "features" else None
-    sharded = init_from_env()  # under torchrun: each rank scores a shard of the batches
-    if sharded:
-        args.device = rank_device(resolve_device(args.device))
+    writes = join_ranks(args)  # under torchrun: each rank scores a shard of the batches
     model, tokenizer = load_model_from_args(args)
     result = run_circuit_experiment(
         model, tokenizer, task=args.task, methods=methods, nodes=args.nodes, saes=saes,
@@ -82,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         report=None if args.quiet else _say,
         edge_nodes=args.edge_nodes if args.edges else 0,
     )
-    if sharded and not DataParallelSweep().is_main:
+    if not writes:
         return 0
     print(result.summary())
     written = result.save(Path(args.out), plots=not args.no_plots)

@@ -6,16 +6,15 @@ from pathlib import Path
 
 from ..embedded import heldout_words
 from ..experiments.ioi import run_ioi_experiment
-from ..integrations.distributed import DataParallelSweep, init_from_env, rank_device
 from ._common import (
     EXIT_TASK,
     CLIError,
     add_model_options,
     add_run_options,
     check_out_dir,
+    join_ranks,
     load_model_from_args,
     parse_list,
-    resolve_device,
 )
 
 RELP_PRESETS = ("relp", "relp-ah", "calibrated")
@@ -49,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the experiment, print the tables, write the outputs."""
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
     check_out_dir(args.out)
-    sharded = init_from_env()  # under torchrun: each rank a shard of the prompts
-    if sharded:
-        args.device = rank_device(resolve_device(args.device))
+    writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts
     model, tokenizer = load_model_from_args(args)
     try:
         result = run_ioi_experiment(
@@ -63,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error
         raise
-    if sharded and not DataParallelSweep().is_main:
+    if not writes:
         return 0
     print(result.format_table())
     if result.config.get("calibration"):

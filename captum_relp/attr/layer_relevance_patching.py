@@ -165,40 +165,22 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             reference_acts = None
             if reference_run is not None:
                 reference_acts = self._collect(reference_run, flags, args, kwargs)
-            if reduce is not None:
-                combine = self._combiner(reference_acts, direction, reduce, num_heads)
-                results: List[Optional[Tensor]] = [None] * len(self.layers)
-                for ruleset, indices in self._rule_plan(flags):
+            combine = self._combiner(reference_acts, direction, reduce, num_heads)
+            results: List[Optional[Tensor]] = [None] * len(self.layers)
+            for ruleset, indices in self._rule_plan(flags):
+                if reduce is not None:  # combined in the backward pass, layer by layer
                     sub = streamed_scores(
                         self.forward_func, [self.layers[i] for i in indices], [flags[i] for i in indices],
                         grad_run, args, kwargs, call.evaluator, lambda j, a, c: combine(indices[j], a, c),
                         lambda: self._rules_applied(ruleset), lambda t, j: self._require(t, indices[j]),
                         lambda j: self._disconnected([indices[j]], allow_unused))
-                    for j, i in enumerate(indices):
-                        results[i] = sub[j]
-                return self._per_layer(results, call)  # type: ignore[arg-type]
-            grad_acts, coefficients = [], []
-            for ruleset, indices in self._rule_plan(flags):
-                sub_acts, sub_coefficients = self._coefficients(
-                    grad_run, flags, args, kwargs, call.evaluator, allow_unused, indices, ruleset)
-                grad_acts += sub_acts
-                coefficients += sub_coefficients
-            order = [i for _, indices in self._rule_plan(flags) for i in indices]
-            grad_acts = [grad_acts[order.index(i)] for i in range(len(self.layers))]
-            coefficients = [coefficients[order.index(i)] for i in range(len(self.layers))]
-
-        results = []
-        for index, coefficient in enumerate(coefficients):
-            if not self.multiplies_by_inputs:
-                result = coefficient
-            elif reference_acts is None:
-                result = grad_acts[index] * coefficient
-            elif direction == "noising":
-                result = (grad_acts[index] - reference_acts[index]) * coefficient
-            else:
-                result = (reference_acts[index] - grad_acts[index]) * coefficient
-            results.append(result)
-        return self._per_layer(results, call)
+                else:
+                    acts, coefficients = self._coefficients(
+                        grad_run, flags, args, kwargs, call.evaluator, allow_unused, indices, ruleset)
+                    sub = [combine(i, a, c) for i, a, c in zip(indices, acts, coefficients)]
+                for j, i in enumerate(indices):
+                    results[i] = sub[j]
+        return self._per_layer(results, call)  # type: ignore[arg-type]
 
     def _collect(self, run, flags, args, kwargs) -> List[Tensor]:
         store: List[Optional[Tensor]] = [None] * len(self.layers)

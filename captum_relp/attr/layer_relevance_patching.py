@@ -9,7 +9,14 @@ from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model
+from .._forward import (
+    MetricEvaluator,
+    MetricType,
+    TargetType,
+    call_model,
+    disconnected_message,
+    metric_grads,
+)
 from .._hooks import capture, frozen_model, layer_hooks
 from .._logits import metric_logits
 from ..calibrated_rules import CalibratedRules
@@ -206,22 +213,16 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
             evaluator.check_target(output)
             values = evaluator(output, kwargs.get("attention_mask"))
             acts = [self._require(t, i) for i, t in zip(indices, store)]
-            grads = torch.autograd.grad(values.sum(), acts, allow_unused=True)
-        self._disconnected([i for i, g in zip(indices, grads) if g is None], allow_unused)
-        coefficients = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
+            coefficients = metric_grads(values, acts, [self._layer_name(i) for i in indices], allow_unused)
         return [a.detach() for a in acts], coefficients
+
+    def _layer_name(self, index: int) -> str:
+        return f"layer[{index}] ({type(self.layers[index]).__name__})"
 
     def _disconnected(self, indices: List[int], allow_unused: bool) -> None:
         """Raise for layers whose coefficient is disconnected from the metric, unless allowed."""
-        if not indices or allow_unused:
-            return
-        names = ", ".join(f"layer[{i}] ({type(self.layers[i]).__name__})" for i in indices)
-        raise ValueError(
-            f"the metric does not depend on {names}: its coefficient is disconnected from the metric. "
-            "Is the layer downstream of the metric's inputs, or is the model wrapped in a graph that "
-            "bypasses module hooks (e.g. torch.compile of a submodule)? Pass allow_unused=True to "
-            "score such layers as zero."
-        )
+        if indices and not allow_unused:
+            raise ValueError(disconnected_message([self._layer_name(i) for i in indices]))
 
     def _combiner(self, reference_acts: Optional[List[Optional[Tensor]]], direction: str,
                   reduce: Optional[str], num_heads: Optional[int]):

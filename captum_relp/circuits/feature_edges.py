@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._forward import call_model
+from .._forward import call_model, metric_grads
 from .._hooks import capture, frozen_model, layer_hooks
 from ..registry import RuleSet, apply_rules, resolve_rules
 from .nodes import NodeSpace
@@ -167,8 +167,7 @@ def _coefficients(space: NodeSpace, ids: Tensor, metric, extra: Dict) -> Tuple[L
     layers, flags = space.layers_and_flags()
     with torch.enable_grad(), space.active(), layer_hooks(layers, flags, capture(store, make_leaf=True)):
         values = metric(call_model(space.model, (ids,), (), extra))
-        grads = torch.autograd.grad(values.sum(), store, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(store, grads)]
+        grads = metric_grads(values, store, [f"node group {g.name}" for g in space.groups])
     return [t.detach() for t in store], [g.detach() for g in grads]
 
 

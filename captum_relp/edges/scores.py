@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._forward import metric_grads
 from .._hooks import frozen_model
 from ..registry import RuleSet, apply_rules, resolve_rules
 from .graph import ComponentGraph
@@ -59,6 +60,10 @@ class EdgeScores:
 def _contract(delta: Tensor, coefficients: Tensor, per_position: bool) -> Tensor:
     equation = "btud,btvd->tuv" if per_position else "btud,btvd->uv"
     return torch.einsum(equation, delta, coefficients) / delta.shape[0]
+
+
+def _input_names(run) -> List[str]:
+    return [f"downstream input block {i} of the component graph" for i in range(len(run.inputs))]
 
 
 def _masked(scores: Tensor, graph: ComponentGraph) -> Tensor:
@@ -143,8 +148,7 @@ def _coefficients(model, graph, clean_ids, metric, attention_mask, ruleset: Rule
     with torch.enable_grad(), apply_rules(model, ruleset, strict):
         run = graph_forward(model, graph, clean_ids, attention_mask, ah=ruleset.attention is not None)
         values = metric(run.logits)
-        grads = torch.autograd.grad(values.sum(), run.inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(run.inputs, grads)]
+        grads = metric_grads(values, run.inputs, _input_names(run))
     return run.outputs.detach(), torch.cat(grads, dim=2)
 
 
@@ -162,8 +166,7 @@ def _integrated(model, graph, clean_ids, metric, attention_mask, corrupt, per_po
                 clean_embeds = clean_outputs[:, :, 0]
                 embeds = corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)
             run = graph_forward(model, graph, clean_ids, attention_mask, input_embeds=embeds)
-            grads = torch.autograd.grad(metric(run.logits).sum(), run.inputs, allow_unused=True)
-        grads = torch.cat([torch.zeros_like(x) if g is None else g for x, g in zip(run.inputs, grads)], dim=2)
+            grads = torch.cat(metric_grads(metric(run.logits), run.inputs, _input_names(run)), dim=2)
         if clean_outputs is None:
             clean_outputs = run.outputs.detach()
         total = grads if total is None else total + grads

@@ -204,3 +204,13 @@ def test_small_input_errors():
             clean, baselines=corrupt, target=1, granularity="head", num_heads=5, attribute_to_layer_input=True)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         LayerRelevancePatching(model, parts.mlp[0]).attribute(clean, baselines=corrupt, target=1)
+
+
+def test_metric_grads_never_fills_zeros_silently():
+    from captum_relp._forward import metric_grads
+
+    x, unused = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="does not depend on node group b"):
+        metric_grads(2 * x, [x, unused], ["node group a", "node group b"])
+    grads = metric_grads(2 * x, [x, unused], ["a", "b"], allow_unused=True)
+    assert torch.equal(grads[0], torch.full((3,), 2.0)) and torch.equal(grads[1], torch.zeros(3))

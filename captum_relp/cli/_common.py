@@ -34,6 +34,13 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand parser (defaults shown in ``--help``) with the model options already added."""
+    parser = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_options(parser)
+    return parser
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device``, ``--dtype`` (the same in every subcommand)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,

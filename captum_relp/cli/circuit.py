@@ -14,7 +14,7 @@ from ..experiments.circuits import run_circuit_experiment
 from ..tasks import TASKS
 from ._common import (
     CLIError,
-    add_model_options,
+    add_command,
     add_run_options,
     check_out_dir,
     join_ranks,
@@ -32,9 +32,7 @@ OUTPUTS = {
 
 def add_parser(sub) -> None:
     """Register the ``circuit`` subcommand."""
-    parser = sub.add_parser("circuit", help="circuit discovery: faithfulness/completeness of RelP, AtP, IG",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_options(parser)
+    parser = add_command(sub, "circuit", "circuit discovery: faithfulness/completeness of RelP, AtP, IG")
     parser.add_argument("--task", choices=TASKS, default="sva", help="contrastive task")
     parser.add_argument("--method", default="RelP,AtP,IG",
                         help="comma-separated, case-insensitive: RelP, RelP+AH (or relp-ah), AtP, IG")

@@ -11,7 +11,7 @@ from ..tasks import TASKS
 from ._common import (
     EXIT_TASK,
     CLIError,
-    add_model_options,
+    add_command,
     add_run_options,
     check_out_dir,
     load_model_from_args,
@@ -39,9 +39,7 @@ def add_parser(sub) -> None:
         >>> parser.parse_args(["edges", "--method", "relp,eap"]).method
         'relp,eap'
     """
-    parser = sub.add_parser("edges", help="edge circuits: RelP / EAP / EAP-IG edge scores, CPR/CMD, PCC",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_options(parser)
+    parser = add_command(sub, "edges", "edge circuits: RelP / EAP / EAP-IG edge scores, CPR/CMD, PCC")
     parser.add_argument("--task", choices=TASKS, default="ioi", help="contrastive task")
     parser.add_argument("--method", default="relp,relp-ah,eap,eap-ig",
                         help=f"comma-separated among {', '.join(METHOD_CHOICES)}")

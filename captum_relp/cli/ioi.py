@@ -9,7 +9,7 @@ from ..experiments.ioi import run_ioi_experiment
 from ._common import (
     EXIT_TASK,
     CLIError,
-    add_model_options,
+    add_command,
     add_run_options,
     check_out_dir,
     join_ranks,
@@ -30,12 +30,11 @@ OUTPUTS = {
 
 def add_parser(sub) -> None:
     """Register the ``ioi`` subcommand."""
-    parser = sub.add_parser("ioi", help="IOI faithfulness experiment: AP vs AtP vs RelP",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_options(parser)
+    parser = add_command(sub, "ioi", "IOI faithfulness experiment: AP vs AtP vs RelP")
     parser.add_argument("--n-prompts", type=int, default=100, help="IOI prompt pairs (the paper uses 100)")
-    parser.add_argument("--rules", default="relp", help="RelP rule sets, comma-separated: relp, relp-ah, calibrated (chosen per component "
-                             "type on --calibration-prompts separate pairs)")
+    parser.add_argument("--rules", default="relp",
+                        help="RelP rule sets, comma-separated: relp, relp-ah, calibrated (chosen per "
+                             "component type on --calibration-prompts separate pairs)")
     parser.add_argument("--calibration-prompts", type=int, default=20,
                         help="IOI pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=25, help="prompts per attribution batch")

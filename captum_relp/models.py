@@ -160,6 +160,13 @@ def transformer_lens_components(model: nn.Module) -> ModelComponents:
 
     Raises:
         ValueError: When one of these hook points is missing.
+
+    Example:
+        >>> import torch
+        >>> transformer_lens_components(torch.nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        AttributeError: 'Linear' object has no attribute 'hook_dict'
     """
     hooks = model.hook_dict
     names = {kind: [f"blocks.{i}.{hook}" for i in range(len(model.blocks))]

@@ -55,6 +55,12 @@ class FeatureEdges:
         rules: the rule set (``"relp"``, ``"relp-ah"``; ``"none"`` is AtP).
         n_forward, n_backward: passes over the prompt batch.
         seconds: wall time.
+
+    Example:
+        >>> found = FeatureEdges([], [{"source": "a", "target": "metric", "score": -2.0},
+        ...                           {"source": "b", "target": "metric", "score": 1.0}], "relp", 3, 2, 0.0)
+        >>> found.top_edges(1)[0]["source"]
+        'a'
     """
 
     nodes: List[Dict[str, object]]

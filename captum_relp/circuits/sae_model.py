@@ -209,7 +209,17 @@ class SparseAutoencoder(nn.Module):
 
 
 def check_sae_tensors(t: Mapping[str, Tensor], source: str) -> None:
-    """Raise ValueError naming ``source`` unless ``W_enc, b_enc, W_dec, b_dec`` fit together."""
+    """Raise ValueError naming ``source`` unless ``W_enc, b_enc, W_dec, b_dec`` fit together.
+
+    Example:
+        >>> import torch
+        >>> t = {"W_enc": torch.zeros(2, 3), "b_enc": torch.zeros(3), "W_dec": torch.zeros(3, 2),
+        ...      "b_dec": torch.zeros(5)}
+        >>> check_sae_tensors(t, "my.safetensors")
+        Traceback (most recent call last):
+        ...
+        ValueError: my.safetensors: shape mismatch: b_dec has shape (5,), expected (2,) from W_enc (d_model=2, d_dict=3)
+    """
     for name, rank in (("W_enc", 2), ("b_enc", 1), ("W_dec", 2), ("b_dec", 1)):
         if not isinstance(t[name], Tensor):
             raise ValueError(f"{source}: {name} is not a tensor ({type(t[name]).__name__})")
@@ -227,7 +237,15 @@ def check_sae_tensors(t: Mapping[str, Tensor], source: str) -> None:
 
 
 def check_finite(t: Mapping[str, Tensor], source: str) -> None:
-    """Raise ValueError naming ``source`` for non-float or non-finite tensors."""
+    """Raise ValueError naming ``source`` for non-float or non-finite tensors.
+
+    Example:
+        >>> import torch
+        >>> check_finite({"b_dec": torch.tensor([float("nan")])}, "cfg")
+        Traceback (most recent call last):
+        ...
+        ValueError: cfg: b_dec contains non-finite values (NaN or inf)
+    """
     for name, value in t.items():
         if not value.is_floating_point():
             raise ValueError(f"{source}: {name} has non-float dtype {value.dtype}")

@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``captum-relp`` with ``argv``; returns the exit code."""
+    """Run ``captum-relp`` with ``argv``; returns the exit code.
+
+    Example:
+        >>> main(["ioi", "--n-prompts", "0"])  # the message goes to stderr
+        2
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # a subcommand is required: show what there is (usage error)

@@ -31,7 +31,15 @@ OUTPUTS = {
 
 
 def add_parser(sub) -> None:
-    """Register the ``circuit`` subcommand."""
+    """Register the ``circuit`` subcommand.
+
+    Example:
+        >>> import argparse
+        >>> sub = argparse.ArgumentParser().add_subparsers()
+        >>> add_parser(sub)
+        >>> sorted(sub.choices)
+        ['circuit']
+    """
     parser = add_command(sub, "circuit", "circuit discovery: faithfulness/completeness of RelP, AtP, IG")
     parser.add_argument("--task", choices=TASKS, default="sva", help="contrastive task")
     parser.add_argument("--method", default="RelP,AtP,IG",
@@ -56,7 +64,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the experiment, print the summary, write the outputs."""
+    """Run the experiment, print the summary, write the outputs.
+
+    Example:
+        >>> from captum_relp.cli import build_parser
+        >>> build_parser().parse_args(["circuit"]).func is run
+        True
+    """
     try:
         methods = [get_method(m).name for m in parse_list(args.method, "--method")]
     except ValueError as error:

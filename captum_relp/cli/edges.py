@@ -60,7 +60,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the edge experiment, print the table, write ``edges_results.json`` and PNGs."""
+    """Run the edge experiment, print the table, write ``edges_results.json`` and PNGs.
+
+    Example:
+        >>> from captum_relp.cli import build_parser
+        >>> build_parser().parse_args(["edges"]).func is run
+        True
+    """
     methods = parse_list(args.method, "--method", METHOD_CHOICES)
     if not args.no_exact and "exact" not in methods:
         methods.append("exact")

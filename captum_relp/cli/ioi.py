@@ -29,7 +29,15 @@ OUTPUTS = {
 
 
 def add_parser(sub) -> None:
-    """Register the ``ioi`` subcommand."""
+    """Register the ``ioi`` subcommand.
+
+    Example:
+        >>> import argparse
+        >>> sub = argparse.ArgumentParser().add_subparsers()
+        >>> add_parser(sub)
+        >>> sorted(sub.choices)
+        ['ioi']
+    """
     parser = add_command(sub, "ioi", "IOI faithfulness experiment: AP vs AtP vs RelP")
     parser.add_argument("--n-prompts", type=int, default=100, help="IOI prompt pairs (the paper uses 100)")
     parser.add_argument("--rules", default="relp",
@@ -44,7 +52,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the experiment, print the tables, write the outputs."""
+    """Run the experiment, print the tables, write the outputs.
+
+    Example:
+        >>> from captum_relp.cli import build_parser
+        >>> build_parser().parse_args(["ioi"]).func is run
+        True
+    """
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
     check_out_dir(args.out)
     writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts

@@ -40,6 +40,11 @@ class FaithfulnessCurve:
         cmd: area under ``|1 - f|``.
         m_full: metric of the full model (clean run), mean over prompts.
         m_empty: metric of the empty circuit (every edge patched: the corrupt run).
+
+    Example:
+        >>> curve = FaithfulnessCurve([0.0, 0.5, 1.0], [0, 5, 10], [0.0, 0.8, 1.0], 0.65, 0.35)
+        >>> curve.as_dict()["cpr"]
+        0.65
     """
 
     fractions: List[float]

@@ -39,6 +39,15 @@ class GraphRun:
         inputs: tensors whose concatenation along dim 2 is the ``(B, T, V, d)``
             downstream inputs (graph order), part of the autograd graph: the
             gradient of a metric with respect to them is the per-input coefficient.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from captum_relp.edges import build_graph
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)).eval()
+        >>> run = graph_forward(model, build_graph(model), torch.randint(10, (1, 3)))
+        >>> run.logits.shape
+        torch.Size([1, 3, 10])
     """
 
     logits: Tensor

@@ -43,6 +43,15 @@ class EdgeScores:
             several patched copies count once each).
         n_backward: backward passes.
         seconds: wall time.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from captum_relp.edges import build_graph
+        >>> graph = build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
+        >>> result = EdgeScores("eap", torch.ones(graph.edge_mask.shape), 2, 1, 0.0)
+        >>> int(result.edge_vector(graph).numel()) == graph.n_edges
+        True
     """
 
     method: str

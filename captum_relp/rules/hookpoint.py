@@ -65,6 +65,13 @@ class HookPointRule(Rule):
 
     Args:
         hooks: Attribute names of the module's hook points the rule uses.
+
+    Example:
+        >>> import torch
+        >>> DetachHookRule("hook_scale").hook_points(torch.nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: DetachHookRule needs hook point(s) ['hook_scale'] on Linear, which has none
     """
 
     name = "hook"

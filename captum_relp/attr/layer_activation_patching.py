@@ -14,9 +14,31 @@ from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
 from .._logits import metric_logits
 from ..metrics import tile_rows
 from ._base import PatchingLayerAttribution, TensorOrTuple
+from ._batched_patching import BatchedPatchRunner
 from ._prefix_cache import PrefixCacheRunner
 
 GRANULARITIES = ("position", "layer", "head")
+STRATEGIES = ("auto", "batched", "per-example", "plain")
+
+
+def choose_strategy(strategy: str = "auto", reuse_prefix: Optional[bool] = None) -> str:
+    """The batching strategy of one :class:`LayerActivationPatching` call.
+
+    ``reuse_prefix`` (the option of earlier versions) picks ``"per-example"`` (True) or
+    ``"plain"`` (False). ``"auto"`` is ``"batched"``: it does a subset of the plain path's
+    work (suffixes only, logits only at the read positions) in fewer, larger forward
+    passes, and measured fastest on every shape of ``benchmarks/bench_ap_strategies.py``
+    (short IOI prompts on 4- and 30-layer models, 1 to 25 prompts, T up to 128).
+
+    Example:
+        >>> choose_strategy(), choose_strategy(reuse_prefix=False)
+        ('batched', 'plain')
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto" and reuse_prefix is not None:
+        return "per-example" if reuse_prefix else "plain"
+    return "batched" if strategy == "auto" else strategy
 
 
 class _ExampleMetric:
@@ -77,9 +99,10 @@ class LayerActivationPatching(PatchingLayerAttribution):
         granularity: str = "position",
         num_heads: Optional[int] = None,
         internal_batch_size: int = 32,
-        reuse_prefix: bool = True,
+        reuse_prefix: Optional[bool] = None,
         show_progress: bool = False,
         use_cache: bool = True,
+        strategy: str = "auto",
     ) -> Union[Tensor, List[Tensor]]:
         r"""Exact patching effects.
 
@@ -91,14 +114,25 @@ class LayerActivationPatching(PatchingLayerAttribution):
                 ``"layer"`` (all positions at once, ``(B,)``) or ``"head"`` (one run per
                 position and head, ``(B, T, H)``; needs ``num_heads`` and a layer whose
                 activation concatenates heads, e.g. an attention output projection's input).
-            internal_batch_size (int): patched copies per forward pass.
-            reuse_prefix (bool): run the layers below the patch once per example.
-            show_progress (bool): show a progress bar.
-            use_cache (bool): on Hugging Face causal LMs with ``reuse_prefix=True`` and
-                ``granularity="position"`` or ``"head"``, reuse each example's clean key/value
-                cache for the positions before the patched one and recompute only the suffix
-                (``captum_relp.attr._prefix_cache``); the effects are those of the plain path.
-                Bidirectional and unknown models always take the plain path.
+            internal_batch_size (int): patched copies per forward pass (with
+                ``strategy="batched"`` or ``"plain"`` each copy holds all ``B`` examples).
+            reuse_prefix (bool, optional): ``True`` selects ``strategy="per-example"``,
+                ``False`` ``strategy="plain"`` (the options of earlier versions).
+            show_progress (bool): show a progress bar (one tick per patched location).
+            use_cache (bool): on Hugging Face causal LMs with ``granularity="position"`` or
+                ``"head"`` and a metric whose read positions are known, reuse the clean
+                key/value cache for the positions before the patched ones and recompute
+                only the suffix; the effects are those of the plain path.
+                Bidirectional and unknown models always run the full sequence.
+            strategy (str): how patched runs are batched (all give the same effects):
+
+                * ``"batched"``: all examples and several components per forward pass,
+                  suffixes on the clean cache (``captum_relp.attr._batched_patching``);
+                * ``"per-example"``: one example per forward, the patched copies created at
+                  the layer so the layers below it run once, with the cache
+                  (``captum_relp.attr._prefix_cache``) unless ``use_cache=False``;
+                * ``"plain"``: one component per forward, all examples, full sequence;
+                * ``"auto"`` (default): :func:`choose_strategy`.
 
         Returns:
             Tensor or list of Tensor: effects per layer, zero at padded positions.
@@ -120,6 +154,7 @@ class LayerActivationPatching(PatchingLayerAttribution):
             raise ValueError("granularity='head' needs num_heads")
         if internal_batch_size < 1:
             raise ValueError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
+        strategy = choose_strategy(strategy, reuse_prefix)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
                              attribute_to_layer_input, metric, True, needs_grad=False)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
@@ -137,10 +172,26 @@ class LayerActivationPatching(PatchingLayerAttribution):
                 evaluator.check_target(output)
                 clean_values = evaluator(output, mask)
                 corrupt_acts = self._corrupt_activations(baselines, flags, args, kwargs)
-            results = [
-                torch.zeros(self._result_shape(acts, granularity, num_heads), device=clean_values.device)
+            results = [  # in the metric's dtype (float64 models give float64 effects)
+                torch.zeros(self._result_shape(acts, granularity, num_heads), device=clean_values.device,
+                            dtype=clean_values.dtype)
                 for acts in corrupt_acts
             ]
+            if strategy == "batched":
+                runner = BatchedPatchRunner(self.forward_func, self.layers, flags, inputs, args, kwargs,
+                                            evaluator, use_cache, granularity, corrupt_acts[0].dtype)
+                copies = [(index, location) for index, rows, locations in
+                          self._jobs(corrupt_acts, granularity, num_heads, mask, False, batch_size)
+                          for location in locations if _any_real(mask, location)]
+                progress = tqdm(total=len(copies), desc="activation patching", disable=not show_progress)
+                for t0, chunk in runner.plan(copies, internal_batch_size, max(widths)):
+                    effect = clean_values.repeat(len(chunk)) - runner.run(t0, chunk, corrupt_acts, num_heads)
+                    for k, (index, location) in enumerate(chunk):
+                        results[index][(slice(None),) + location] = effect[k * batch_size : (k + 1) * batch_size]
+                    progress.update(len(chunk))
+                progress.close()
+                return self._per_layer(results, call)
+            reuse_prefix = strategy == "per-example"
             jobs = self._jobs(corrupt_acts, granularity, num_heads, mask, reuse_prefix, batch_size)
             total = sum(len(locs) for _, _, locs in jobs)
             progress = tqdm(total=total, desc="activation patching", disable=not show_progress)
@@ -244,6 +295,11 @@ class LayerActivationPatching(PatchingLayerAttribution):
         with layer_hooks(self.layers, flags, patch), metric_logits(self.forward_func, sub_evaluator, self.layers):
             output = call_model(self.forward_func, run_inputs, run_args, run_kwargs)
         return sub_evaluator(output, run_kwargs.get("attention_mask"))
+
+
+def _any_real(mask: Optional[Tensor], location: Tuple) -> bool:
+    """Whether some example has a real token at the location's position."""
+    return mask is None or not location or bool(mask[:, location[0]].any())
 
 
 def _write(patched: Tensor, block: slice, source: Tensor, location: Tuple, num_heads) -> None:

@@ -16,7 +16,7 @@ from captum_relp import (
 )
 from captum_relp._forward import MetricEvaluator
 from captum_relp._logits import full_logits, metric_logits
-from captum_relp.attr import _prefix_cache
+from captum_relp.attr import _batched_patching, _prefix_cache
 from captum_relp.models import split_heads
 
 CAUSAL = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2")
@@ -148,29 +148,77 @@ def _gemma2_wide_window():
 
 
 @pytest.mark.parametrize("family", CAUSAL)
-def test_ap_on_kv_cache_is_bitwise_the_plain_path(family, monkeypatch):
-    model = (_gemma2_wide_window() if family == "gemma2" else build_model(family)).double()
-    clean, corrupt = token_pair(seq=16)
+@pytest.mark.parametrize("strategy,dtype,seq", [("per-example", torch.float64, 16), ("batched", torch.float64, 16),
+                                                ("batched", torch.float32, 15)])
+def test_ap_on_kv_cache_is_bitwise_the_plain_path(family, strategy, dtype, seq, monkeypatch):
+    model = (_gemma2_wide_window() if family == "gemma2" else build_model(family)).to(dtype)
+    clean, corrupt = token_pair(seq=seq)
     parts = model_components(model)
     layers, flags, _ = parts.select()
     runs = []
-    original = _prefix_cache.PrefixCacheRunner.run
-    monkeypatch.setattr(_prefix_cache.PrefixCacheRunner, "run",
-                        lambda self, *a, **k: runs.append(a[3]) or original(self, *a, **k))
+    if strategy == "per-example":
+        original = _prefix_cache.PrefixCacheRunner.run
+        monkeypatch.setattr(_prefix_cache.PrefixCacheRunner, "run",
+                            lambda self, *a, **k: runs.append(a[3]) or original(self, *a, **k))
+    else:
+        original = _batched_patching.BatchedPatchRunner._run
+        monkeypatch.setattr(_batched_patching.BatchedPatchRunner, "_run",
+                            lambda self, *a, **k: runs.append(a[0]) or original(self, *a, **k))
     ap = LayerActivationPatching(model, layers)
-    for kwargs in _calls(clean, positions=(12, 15, 9)).values():
+    options = dict(attribute_to_layer_input=flags, internal_batch_size=4)
+    for kwargs in _calls(clean, positions=(12, seq - 1, 9)).values():
         runs.clear()
-        fast = ap.attribute(clean, baselines=corrupt, attribute_to_layer_input=flags, internal_batch_size=4, **kwargs)
+        fast = ap.attribute(clean, baselines=corrupt, strategy=strategy, **options, **kwargs)
         assert runs and max(runs) > 0  # suffix runs on a non-empty cache happened
-        ref = ap.attribute(clean, baselines=corrupt, attribute_to_layer_input=flags, internal_batch_size=4,
-                           use_cache=False, **kwargs)
+        ref = ap.attribute(clean, baselines=corrupt, strategy="plain", use_cache=False, **options, **kwargs)
         assert any(r.abs().max() > 1e-6 for r in ref)
         for f, r in zip(fast, ref):
-            assert torch.equal(f, r)
+            assert f.dtype == dtype
+            if dtype == torch.float64:
+                assert torch.equal(f, r)
+            else:  # float32 kernels (oneDNN) may block rows differently: equal to rounding
+                torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6)
     heads = dict(granularity="head", num_heads=parts.num_heads, metric=logit_diff(3, 4))
-    fast = ap.attribute(clean, baselines=corrupt, attribute_to_layer_input=flags, **heads)
-    ref = ap.attribute(clean, baselines=corrupt, attribute_to_layer_input=flags, use_cache=False, **heads)
-    assert all(torch.equal(f, r) for f, r in zip(fast, ref))
+    fast = ap.attribute(clean, baselines=corrupt, attribute_to_layer_input=flags, strategy=strategy, **heads)
+    ref = ap.attribute(clean, baselines=corrupt, attribute_to_layer_input=flags, strategy="plain", **heads)
+    for f, r in zip(fast, ref):
+        assert torch.equal(f, r) if dtype == torch.float64 else torch.allclose(f, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_ap_strategies_agree_on_layers_and_plain_metrics(family):
+    """Whole-layer patching and a metric without declared positions (no cache, full logits)."""
+    model = build_model(family).double()
+    clean, corrupt = token_pair(seq=16)
+    layers, flags, _ = model_components(model).select()
+    ap = LayerActivationPatching(model, layers)
+    for kwargs in (dict(granularity="layer", target=3), dict(metric=lambda logits: logits[:, -1, 3])):
+        runs = {s: ap.attribute(clean, baselines=corrupt, attribute_to_layer_input=flags, strategy=s, **kwargs)
+                for s in ("batched", "per-example", "plain")}
+        assert any(r.abs().max() > 1e-6 for r in runs["plain"])
+        for strategy in ("batched", "per-example"):
+            assert all(torch.equal(f, r) for f, r in zip(runs[strategy], runs["plain"])), strategy
+
+
+def test_ap_strategy_choice_and_cost_plan():
+    from captum_relp.attr.layer_activation_patching import choose_strategy
+
+    assert choose_strategy() == "batched"
+    assert choose_strategy(reuse_prefix=True) == "per-example" and choose_strategy(reuse_prefix=False) == "plain"
+    with pytest.raises(ValueError, match="strategy"):
+        choose_strategy("fastest")
+    # a deep block: merging positions into one chunk beats re-running the 29 blocks below per position
+    assert _batched_patching.chunk_cost(60, 4, 29, 30) < 4 * _batched_patching.chunk_cost(15, 1, 29, 30)
+    model = build_model("llama")
+    clean, corrupt = token_pair(seq=16)
+    layers = model_components(model).mlp
+    runner = _batched_patching.BatchedPatchRunner(model, layers, [False] * len(layers), (clean,), (), {},
+                                                  MetricEvaluator(clean.shape[0], target=3), True, "position")
+    copies = [(i, (t,)) for i in range(len(layers)) for t in range(16)]
+    plan = runner.plan(copies, internal_batch_size=64, width=16)
+    assert sorted(c for _, chunk in plan for c in chunk) == sorted(copies)  # every copy exactly once
+    assert all(t0 <= min(loc[0] for _, loc in chunk) for t0, chunk in plan)
+    assert all(len({runner.block_of[i] for i, _ in chunk}) == 1 for _, chunk in plan)  # one block per chunk
 
 
 def test_ap_keeps_plain_path_for_bert_and_unknown_metrics(monkeypatch):

@@ -12,9 +12,10 @@ from typing import Optional, Sequence
 
 from . import circuit, edges, ioi
 from ._common import DTYPES, EXIT_ERROR, EXIT_OK, EXIT_TASK, EXIT_USAGE, CLIError
+from ._threads import apply_threads
 
 SUBCOMMANDS = (ioi, circuit, edges)
-_POSITIVE = ("edge_nodes", "n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts",
+_POSITIVE = ("threads", "edge_nodes", "n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts",
              "n_eval", "repeats", "top_k")
 
 
@@ -55,6 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value is not None and value < 1:
             print(f"captum-relp: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return EXIT_USAGE
+    apply_threads(args)
     try:
         return int(args.func(args) or EXIT_OK)
     except CLIError as error:

@@ -5,6 +5,7 @@ import argparse
 from typing import Any, Optional, Tuple
 
 from ..embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+from ._threads import add_threads_option
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TASK = 0, 1, 2, 3
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,6 +39,7 @@ def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand parser (defaults shown in ``--help``) with the model options already added."""
     parser = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(parser)
+    add_threads_option(parser)
     return parser
 
 

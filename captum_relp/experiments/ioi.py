@@ -164,6 +164,7 @@ def run_ioi_experiment(
     show_progress: bool = True,
     calibration_prompts: int = 20,
     name: Optional[str] = None,
+    methods: Sequence[str] = ("AP", "AtP", "RelP"),
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -183,6 +184,8 @@ def run_ioi_experiment(
         calibration_prompts: calibration pairs for ``"calibrated"``.
         name: the model's name in the results and figures (default:
             :func:`~captum_relp.models.model_name`, e.g. ``tiny-gpt2-ioi``, never a local path).
+        methods: which of ``AP``, ``AtP``, ``RelP`` to run (``RelP``: the ``rules``).
+            Without ``AP`` there is no reference: the correlations are NaN.
 
     Returns:
         IOIExperimentResult
@@ -199,7 +202,11 @@ def run_ioi_experiment(
     pairs = generate_ioi_pairs(n_prompts, seed=seed, names=names, tokenizer=tokenizer)
     batch = encode_ioi(pairs, tokenizer, device=device)
     layers, flags, labels = model_components(model).select(KINDS)
-    method_names = ["AP", "AtP"] + [get_method(preset).name for preset in rules if preset != "calibrated"]
+    wanted = {m.lower() for m in methods}
+    method_names = [m for m in ("AP", "AtP") if m.lower() in wanted]
+    if "relp" not in wanted:
+        rules = ()
+    method_names += [get_method(preset).name for preset in rules if preset != "calibrated"]
     methods = {name: METHODS[name] for name in dict.fromkeys(method_names)}
     calibration = None
     if "calibrated" in rules:
@@ -225,7 +232,8 @@ def run_ioi_experiment(
         for name, method in methods.items():
             began = time.perf_counter()
             if name == "AP":  # per position already
-                scores = method.attribute(model, layers, clean, internal_batch_size=ap_batch_size, **kwargs)
+                scores = method.attribute(model, layers, clean, internal_batch_size=ap_batch_size,
+                                          show_progress=show_progress, **kwargs)
             else:  # summed over hidden units in the backward pass, layer by layer
                 scores = method.attribute(model, layers, clean, reduce="sum", **kwargs)
             seconds[name] += time.perf_counter() - began
@@ -248,6 +256,10 @@ def run_ioi_experiment(
         layout=layout,
     )
     mean_maps = result.mean_maps()
+    if "AP" not in by_method:  # no reference to correlate with
+        for table in (result.pcc_per_prompt, result.pcc_mean_map):
+            table.update({kind: {m: float("nan") for m in methods} for kind in KINDS})
+        return result
     mask = np.broadcast_to(valid[:, None, :], by_method["AP"]["mlp"].shape)
     for kind in KINDS:
         reference = by_method["AP"][kind]

@@ -77,6 +77,22 @@ class RuleSet:
             return factory()
         return None
 
+    def check_patterns(self, model: nn.Module) -> None:
+        """Raise a ``ValueError`` naming each ``name_map`` pattern that matches no module path.
+
+        Example:
+            >>> import torch
+            >>> RuleSet(name_map={"lm_head": None}).check_patterns(torch.nn.Sequential(torch.nn.Linear(1, 1)))
+            Traceback (most recent call last):
+            ...
+            ValueError: RuleSet 'relp': name_map pattern(s) ['lm_head'] match no module of Sequential (its paths look like ['', '0'])
+        """
+        paths = [path for path, _ in model.named_modules()]
+        unmatched = [p for p in self.name_map if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
+        if unmatched:
+            raise ValueError(f"RuleSet {self.name!r}: name_map pattern(s) {unmatched} match no module of "
+                             f"{type(model).__name__} (its paths look like {paths[:5]})")
+
     def uncovered(self, model: nn.Module) -> List[Tuple[str, str]]:
         """Normalisation, activation and gated-MLP modules of ``model`` with no rule."""
         if not self.categories:

@@ -217,3 +217,19 @@ def test_coefficients_never_fill_zeros_silently():
     result = layer_coefficients(lambda: 2 * x, sites, MetricEvaluator(3), allow_unused=True)
     assert torch.equal(result.coefficients[0], torch.full((3,), 2.0))
     assert torch.equal(result.coefficients[1], torch.zeros(3)) and result.unused == [1]
+
+
+@pytest.mark.parametrize("cls", ["LayerRelevancePatching", "LayerAttributionPatching",
+                                 "LayerIntegratedGradientsPatching", "LayerActivationPatching"])
+def test_token_ids_outside_the_vocabulary_are_named(cls):
+    import captum_relp
+
+    model = build_model("llama")
+    clean, corrupt = token_pair()
+    corrupt[0, 1] = 64
+    method = getattr(captum_relp, cls)(model, model.model.layers[0].mlp)
+    with pytest.raises(ValueError, match=r"token ids \[64\] are outside the vocabulary of LlamaForCausalLM "
+                                         r"\(size 64\): ids must be in \[0, 63\]"):
+        method.attribute(clean, baselines=corrupt, target=1)
+    with pytest.raises(ValueError, match=r"token ids \[-3\] are outside"):
+        method.attribute(torch.full_like(clean, -3), baselines=corrupt, target=1)

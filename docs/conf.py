@@ -93,6 +93,7 @@ nitpick_ignore = [
     ("py:class", "captum.attr.LayerIntegratedGradients"),
     ("py:class", "captum.attr.LLMGradientAttribution"),
     ("py:class", "captum.attr._utils.attribution.LayerAttribution"),
+    ("py:class", "captum.attr._utils.attribution.GradientAttribution"),
     ("py:class", "captum.attr._core.layer.layer_gradient_x_activation.LayerGradientXActivation"),
     ("py:class", "captum._utils.typing.ModuleOrModuleList"),
     # Google-style docstring type words ("int, optional", "callable")
@@ -100,6 +101,7 @@ nitpick_ignore = [
     ("py:class", "callable"),
     # private names that appear in signatures / bases
     ("py:class", "IdsType"),
+    ("py:class", "RulesLike"),
     ("py:class", "Callable"),
     # ForwardPatchRule's summary line in the API autosummary table (it resolves on the
     # class page itself, where the method is documented)
@@ -194,8 +196,8 @@ def _fix_viewcode_anchors(app, pagename, templatename, context, doctree):
 
     ``sphinx.ext.viewcode`` builds every anchor of a module from the module name under
     which the *first* of its objects was documented: objects of
-    ``captum_relp.registry`` re-exported at the package root are documented as
-    ``captum_relp.<name>``, so the links to ``captum_relp.registry.type_key`` (documented
+    ``captum_relp.rules`` re-exported at the package root are documented as
+    ``captum_relp.<name>``, so the links to ``captum_relp.rules.type_key`` (documented
     under its own module) got ``#captum_relp.type_key``, an anchor that does not exist.
     An autosummary page is named after the object it documents, so its name is the anchor.
     """

@@ -38,10 +38,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._forward import MetricEvaluator, call_model
+from .._forward import call_model
 from .._hooks import layer_hooks
 from .._logits import LAST_REAL, metric_logits, metric_positions
-from ..metrics import tile_rows
+from ..metrics import MetricEvaluator, tile_rows
 from ..models import find_blocks
 from ._prefix_cache import PrefixCacheRunner
 

@@ -9,11 +9,11 @@ from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model, checked_metric
+from .._forward import call_model
 from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
 from .._logits import metric_logits
-from ..metrics import tile_rows
-from ._base import PatchingLayerAttribution, TensorOrTuple
+from ..metrics import MetricEvaluator, MetricType, TargetType, checked_metric, tile_rows
+from ._base import PatchingAttribution, TensorOrTuple
 from ._batched_patching import BatchedPatchRunner
 from ._prefix_cache import PrefixCacheRunner
 
@@ -58,7 +58,7 @@ class _ExampleMetric:
         ])
 
 
-class LayerActivationPatching(PatchingLayerAttribution):
+class LayerActivationPatching(PatchingAttribution):
     r"""Activation patching: ``L(clean) - L(clean | do(layer[loc] <- corrupt[loc]))``.
 
     Corrupt activations are collected with Captum's :class:`~captum.attr.LayerActivation`;

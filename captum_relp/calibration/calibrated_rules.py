@@ -14,10 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from . import rules as _rules_module
-from .models import model_components
-from .registry import RuleSet, registered_rules
-from .rules import AHRule, EpsilonRule, Rule, ZeroRule
+from .. import rules as _rules_module
+from ..models import model_components
+from ..rules import AHRule, EpsilonRule, Rule, RuleSet, ZeroRule, registered_rules
 
 SCORES = ("pearson", "spearman", "topk")
 TOPK_FRACTION = 0.1
@@ -165,6 +164,11 @@ class CalibratedRules:
     score: str = "pearson"
     n_examples: int = 0
     info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        """Always False: the chosen rule sets make every category explicit (:func:`explicit_ruleset`)."""
+        return False
 
     def rules_for(self, group: str) -> RuleSet:
         """The chosen rule set of ``group`` (disabled categories made explicit)."""

@@ -1,0 +1,177 @@
+"""Rule sets (Zennit's composites) and the named presets ``relp``, ``relp-ah`` and ``none``.
+
+A :class:`RuleSet` says which registry categories apply, plus optional attention,
+linear, per-type and per-path rules. Presets are registered here and nowhere else.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+from torch import nn
+
+from .attention import AHRule
+from .base import Rule
+from .registry import needs_rule, registered_category, registry_entry, type_key
+
+@dataclass
+class RuleSet:
+    """A composite: the rule categories to apply, plus optional attention and linear rules.
+
+    Args:
+        name: a label.
+        categories: registry categories applied (``norm``, ``activation``, ``gate``, ``custom``).
+        attention: a model-level rule for attention, e.g. :class:`~captum_relp.rules.AHRule`.
+        linear: a rule for every ``nn.Linear``/``Conv1D`` (default: the 0-rule, i.e. none).
+        overrides: per-type rules (``{type key: rule}``) that take precedence over the registry.
+        name_map: per-module rules by path pattern (``fnmatch`` syntax on
+            ``model.named_modules()`` paths, e.g. ``{"lm_head": EpsilonRule()}`` or
+            ``{"*.mlp.c_fc": GammaRule()}``); the first matching pattern wins and takes
+            precedence over ``overrides`` and the registry. A rule of ``None`` leaves the
+            module to the 0-rule.
+
+    Example:
+        >>> from captum_relp import RuleSet
+        >>> from captum_relp.rules import EpsilonRule
+        >>> RuleSet("relp-eps", linear=EpsilonRule(1e-3)).categories
+        ('norm', 'activation', 'gate', 'custom')
+        >>> import torch
+        >>> RuleSet(name_map={"lm_head": EpsilonRule()}).rule_for(torch.nn.Linear(2, 2), "lm_head")
+        EpsilonRule(epsilon=1e-06)
+    """
+
+    name: str = "relp"
+    categories: Tuple[str, ...] = ("norm", "activation", "gate", "custom")
+    attention: Optional[Rule] = None
+    linear: Optional[Rule] = None
+    overrides: Dict[str, Rule] = field(default_factory=dict)
+    name_map: Dict[str, Optional[Rule]] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the rule set changes nothing (plain gradients everywhere)."""
+        return not (self.categories or self.attention or self.linear or self.overrides
+                    or any(r is not None for r in self.name_map.values()))
+
+    def plan(self, model: Optional[nn.Module], layers: Sequence[nn.Module],
+             flags: Sequence[bool]) -> List[Tuple["RuleSet", List[int]]]:
+        """This rule set for every layer (the :class:`RulePlan` protocol)."""
+        return [(self, list(range(len(layers))))]
+
+    def rule_for(self, module: nn.Module, path: Optional[str] = None) -> Optional[Rule]:
+        """The rule applied to ``module`` (at ``path`` in the model, for ``name_map``)."""
+        if path is not None:
+            for pattern, rule in self.name_map.items():
+                if fnmatch.fnmatchcase(path, pattern):
+                    return rule
+        key = type_key(type(module))
+        if key in self.overrides:
+            return self.overrides[key]
+        category, factory = registry_entry(key)
+        if category == "linear":
+            return self.linear
+        if category == "attention":  # per-module attention rules (TransformerLens): the AH-rule
+            return factory() if self.attention is not None and factory is not None else None
+        if category in self.categories and factory is not None:
+            return factory()
+        return None
+
+    def check_patterns(self, model: nn.Module) -> None:
+        """Raise a ``ValueError`` naming each ``name_map`` pattern that matches no module path.
+
+        Example:
+            >>> import torch
+            >>> RuleSet(name_map={"lm_head": None}).check_patterns(torch.nn.Sequential(torch.nn.Linear(1, 1)))
+            Traceback (most recent call last):
+            ...
+            ValueError: RuleSet 'relp': name_map pattern(s) ['lm_head'] match no module of Sequential (its paths look like ['', '0'])
+        """
+        paths = [path for path, _ in model.named_modules()]
+        unmatched = [p for p in self.name_map if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
+        if unmatched:
+            raise ValueError(f"RuleSet {self.name!r}: name_map pattern(s) {unmatched} match no module of "
+                             f"{type(model).__name__} (its paths look like {paths[:5]})")
+
+    def uncovered(self, model: nn.Module) -> List[Tuple[str, str]]:
+        """Normalisation, activation and gated-MLP modules of ``model`` with no rule."""
+        if not self.categories:
+            return []
+        missing, structural = [], []
+        for path, module in model.named_modules():
+            if any(path.startswith(prefix + ".") for prefix in structural):
+                continue  # inside a module declared structural: covered as a whole
+            if registered_category(type(module)) == "structural":
+                structural.append(path)
+            if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.name_map):
+                continue  # an explicit choice, also when it is None (the 0-rule)
+            if registered_category(type(module)) == "attention":
+                continue  # plain gradients through attention unless the rule set has the AH-rule
+            if self.rule_for(module, path) is None and needs_rule(module):
+                missing.append((path or "<root>", type_key(type(module))))
+        return missing
+
+
+PRESETS: Dict[str, Callable[[], RuleSet]] = {
+    "relp": lambda: RuleSet("relp"),
+    "relp-ah": lambda: RuleSet("relp-ah", attention=AHRule()),
+    "none": lambda: RuleSet("none", categories=()),
+}
+
+
+@runtime_checkable
+class RulePlan(Protocol):
+    """The one question every ``rules=`` value answers: which rule set applies to which
+    attributed layer (a :class:`RuleSet` answers "this one, for all of them";
+    :class:`~captum_relp.CalibratedRules` one per layer group). The rule set then says
+    which rule applies to which module (:meth:`RuleSet.rule_for`).
+    """
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no rule is applied anywhere (so no model is needed)."""
+
+    def plan(self, model: Optional[nn.Module], layers: Sequence[nn.Module],
+             flags: Sequence[bool]) -> List[Tuple[RuleSet, List[int]]]:
+        """``(rule set, layer indices)`` pairs covering every layer once; one pass each."""
+
+
+RulesLike = Union[str, RulePlan, None]
+
+
+def rule_plan(rules: RulesLike) -> RulePlan:
+    """What any ``rules=`` value stands for: a preset name (or ``None``, the ``"none"``
+    preset) becomes its :class:`RuleSet`; a :class:`RuleSet` or another :class:`RulePlan`
+    (:class:`~captum_relp.CalibratedRules`) is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU())
+        >>> [(rs.name, idx) for rs, idx in rule_plan("relp").plan(net, [net[0], net[1]], [False, False])]
+        [('relp', [0, 1])]
+    """
+    if rules is None:
+        return PRESETS["none"]()
+    if isinstance(rules, str) and rules in PRESETS:
+        return PRESETS[rules]()
+    if isinstance(rules, RulePlan) and not isinstance(rules, str):
+        return rules
+    raise ValueError(f"rules must be one of {sorted(PRESETS)}, a RuleSet or CalibratedRules, got {rules!r}")
+
+
+def resolve_rules(rules: RulesLike) -> RuleSet:
+    """The one :class:`RuleSet` a preset name (``'relp'``, ``'relp-ah'``, ``'none'``) or a
+    RuleSet stands for, where one rule set applies to the whole model (edges, feature edges,
+    :func:`~captum_relp.apply_rules`).
+
+    Example:
+        >>> resolve_rules("relp-ah").attention
+        AHRule()
+    """
+    resolved = rule_plan(rules)
+    if not isinstance(resolved, RuleSet):
+        raise ValueError(
+            f"{type(resolved).__name__} chooses a rule set per attributed layer; here one rule set applies "
+            "to the whole model: pass a preset name or a RuleSet (e.g. one of its candidates)"
+        )
+    return resolved

@@ -61,12 +61,17 @@ def build_model(small: bool, dtype: torch.dtype, device: str, seed: int = 0, arc
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    if arch == "llama-1b":  # Llama-3.2-1B shapes: 16 layers, d=2048, 32 heads (8 KV), 128256 tokens, 1.2B params
+    if arch in ("llama-1b", "smollm2-135m"):  # random weights, the shapes of the named model
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                             max_position_embeddings=4096, tie_word_embeddings=True)
+        if arch == "llama-1b":  # Llama-3.2-1B: 16 layers, d=2048, 32 heads (8 KV), 128256 tokens, 1.2B params
+            config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                 max_position_embeddings=4096, tie_word_embeddings=True)
+        else:  # SmolLM2-135M: 30 layers, d=576, 9 heads (3 KV), MLP 1536, 49152 tokens
+            config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                 max_position_embeddings=8192, tie_word_embeddings=True)
         config._attn_implementation = "sdpa"
         with torch.device(device):
             model = LlamaForCausalLM(config)
@@ -304,8 +309,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="AtP/RelP reduce= option (default sum: the experiments' layout, reduced in the backward)")
     p.add_argument("--ap-use-cache", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="AP use_cache (key/value-cache suffix runs on causal LMs; true/false)")
-    p.add_argument("--arch", choices=["gpt2", "llama-1b"], default="gpt2",
-                   help="gpt2: GPT-2 small (or --small); llama-1b: Llama-3.2-1B shapes, random weights")
+    p.add_argument("--arch", choices=["gpt2", "llama-1b", "smollm2-135m"], default="gpt2",
+                   help="gpt2: GPT-2 small (or --small); llama-1b / smollm2-135m: Llama-3.2-1B / "
+                        "SmolLM2-135M shapes, random weights")
     p.add_argument("--blocks", default="", help="comma-separated block indices: only their components")
     p.add_argument("--impl", choices=["current", "baseline"], default="current", help=argparse.SUPPRESS)
     p.add_argument("--in-process", action="store_true",
@@ -351,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     n_layers = probe.config.num_hidden_layers
     del probe
     setup = {
-        "model": ("LlamaForCausalLM(Llama-3.2-1B shapes)" if opts.arch == "llama-1b" else
+        "model": (f"LlamaForCausalLM({opts.arch} shapes)" if opts.arch != "gpt2" else
                   "GPT2LMHeadModel(" + ("small smoke config: 2 layers, d=64" if opts.small else "GPT2Config()") + ")"),
         "reduce": opts.reduce, "ap_use_cache": opts.ap_use_cache,
         "n_params": n_params, "n_layers": n_layers, "components": 3 * n_layers,

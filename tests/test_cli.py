@@ -113,3 +113,43 @@ def test_circuit_states_cost_up_front_and_progress_per_method(tmp_path, capsys):
 
     assert "warning: IG with --nodes features runs 10 steps" in cost_notice(["RelP", "IG"], "features", 10)
     assert "IG 3 interpolation steps per node group" in cost_notice(["IG"], "components", 3)
+
+
+def test_threads_option_and_default(monkeypatch):
+    import argparse
+    import os
+
+    import torch
+
+    from captum_relp.cli import build_parser
+    from captum_relp.cli._threads import apply_threads, free_cores
+
+    for command in ("ioi", "circuit", "edges"):
+        assert build_parser().parse_args([command, "--threads", "1"]).threads == 1
+    assert main(["ioi", "--threads", "0"]) == EXIT_USAGE
+    previous = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+        assert free_cores() == 1  # 4 usable cores, 2.6 busy: round(1.4)
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert free_cores() == 1  # never below one
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert free_cores() == 4  # never above the usable cores
+        assert apply_threads(argparse.Namespace(threads=None)) == 4 and torch.get_num_threads() == 4
+        assert apply_threads(argparse.Namespace(threads=2)) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_ioi_methods_skip_ap_and_cost_is_stated_first(tmp_path, capsys):
+    assert main(["ioi", "--methods", "atp,ap-fast"]) == EXIT_USAGE
+    out = tmp_path / "out"
+    assert main(["ioi", "--n-prompts", "2", "--methods", "atp,relp", "--no-plots", "--threads", "1",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.index("12 components") < captured.err.index("IOI batches")
+    assert "AP:" not in captured.err
+    results = json.loads((out / "ioi_results.json").read_text())
+    assert set(results["seconds"]) == {"AtP", "RelP"}
+    assert all(value != value for value in results["pcc_per_prompt"]["mlp"].values())  # NaN: no AP reference

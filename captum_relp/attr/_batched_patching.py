@@ -90,6 +90,8 @@ class BatchedPatchRunner:
     # planning ---------------------------------------------------------------------------------
     def read_limit(self) -> int:
         """The earliest position any example's metric reads (suffixes start at or before it)."""
+        if not self.cached:  # full sequences: no suffix starts
+            return 0
         spec, (rows, length) = metric_positions(self.evaluator), self.inputs[0].shape
         if spec == LAST_REAL and self.mask is not None:
             real = self.mask.long().sum(1)
@@ -115,7 +117,8 @@ class BatchedPatchRunner:
         copies, and at most as many as keep ``copies * B * (T - t0) * width`` within
         :data:`ELEMENT_BUDGET` (at least one).
         """
-        limit, length = self.read_limit(), self.inputs[0].shape[1]
+        limit, shape = self.read_limit(), self.inputs[0].shape
+        length = shape[1] if len(shape) > 1 else 1
         n_blocks = len(find_blocks(self.model)) if self.block_of is not None else 1
         groups: Dict[Any, List[Tuple[int, Copy]]] = {}
         for copy in copies:

@@ -18,7 +18,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from torch import nn
 
+from . import families
+from .families import registry_entries
 from .rules import AHRule, EpsilonRule, GammaRule, HalfRule, IdentityRule, LayerNormRule, Rule
+from .rules.fused_gate import LAYOUTS
 from .rules.gate import GATED_MLP_ATTRIBUTES
 from .rules.hookpoint import TRANSFORMER_LENS_ENTRIES, HookPointRule, has_hook_points
 from .rules.norm import RMSNormRule
@@ -26,34 +29,16 @@ from .rules.norm import RMSNormRule
 RuleFactory = Callable[[], Rule]
 CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")
 
-_HF = "transformers.models."
 _ACT = "transformers.activations."
 _TORCH_ACT = "torch.nn.modules.activation."
 
 _DEFAULT_ENTRIES: Dict[str, Tuple[str, RuleFactory]] = {
     "torch.nn.modules.normalization.LayerNorm": ("norm", LayerNormRule),
     "torch.nn.modules.normalization.RMSNorm": ("norm", RMSNormRule),
-    _HF + "llama.modeling_llama.LlamaRMSNorm": ("norm", RMSNormRule),
-    _HF + "qwen2.modeling_qwen2.Qwen2RMSNorm": ("norm", RMSNormRule),
-    _HF + "qwen3.modeling_qwen3.Qwen3RMSNorm": ("norm", RMSNormRule),
-    _HF + "mistral.modeling_mistral.MistralRMSNorm": ("norm", RMSNormRule),
-    _HF + "gemma2.modeling_gemma2.Gemma2RMSNorm": ("norm", lambda: RMSNormRule(weight_offset=1.0)),
-    _HF + "gemma.modeling_gemma.GemmaRMSNorm": ("norm", lambda: RMSNormRule(weight_offset=1.0)),
-    _HF + "llama.modeling_llama.LlamaMLP": ("gate", HalfRule),
-    _HF + "qwen2.modeling_qwen2.Qwen2MLP": ("gate", HalfRule),
-    _HF + "qwen3.modeling_qwen3.Qwen3MLP": ("gate", HalfRule),
-    _HF + "mistral.modeling_mistral.MistralMLP": ("gate", HalfRule),
-    _HF + "gemma2.modeling_gemma2.Gemma2MLP": ("gate", HalfRule),
-    _HF + "gemma.modeling_gemma.GemmaMLP": ("gate", HalfRule),
     "torch.nn.modules.linear.Linear": ("linear", None),  # type: ignore[dict-item]
     "transformers.pytorch_utils.Conv1D": ("linear", None),  # type: ignore[dict-item]
 }
-for _key in (  # leaves that scale embeddings: linear in the activations, no rule needed
-    "gemma2.modeling_gemma2.Gemma2TextScaledWordEmbedding",
-    "gemma.modeling_gemma.GemmaTextScaledWordEmbedding",
-    "gemma3.modeling_gemma3.Gemma3TextScaledWordEmbedding",
-):
-    _DEFAULT_ENTRIES[_HF + _key] = ("structural", None)  # type: ignore[assignment]
+_DEFAULT_ENTRIES.update(registry_entries())  # norms, gated MLPs, attention ... of the family table
 # the package's own SAE: ReLU (piecewise linear) encoder, so the Identity-rule equals its gradient;
 # an SAE splice runs the encoder without gradients and only its linear decoder on the gradient path,
 # so nothing below a splice needs a rule (whatever dictionary type it holds)
@@ -273,8 +258,8 @@ def needs_rule(module: nn.Module) -> bool:
         return True
     if has_hook_points(module):  # TransformerLens: norms, attention, MLPs computed in code
         return True
-    if all(hasattr(module, attr) for attr in GATED_MLP_ATTRIBUTES):
-        return True
+    if any(all(hasattr(module, attr) for attr in attrs) for attrs in (GATED_MLP_ATTRIBUTES, *LAYOUTS.values())):
+        return True  # gated MLPs, also with fused gate/up projections (Phi-3, ModernBERT)
     # a leaf module of unknown type computes something of its own (e.g. x * sigmoid(x))
     is_leaf = next(module.children(), None) is None
     return is_leaf and not _is_structural_leaf(cls)
@@ -323,21 +308,51 @@ def check_coverage(model: nn.Module, ruleset: RuleSet, strict: bool = True) -> N
         >>> import torch
         >>> check_coverage(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU()), RuleSet())
     """
+    problems = []
+    unknown = families.unknown_family_message(model) if ruleset.categories else None
+    if unknown is not None:
+        problems.append(unknown)
     missing = ruleset.uncovered(model)
-    if not missing:
+    if missing:
+        types = sorted({t for _, t in missing})
+        listing = ", ".join(f"{p} ({t.rsplit('.', 1)[-1]})" for p, t in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        examples = {t: model.get_submodule(p) if p != "<root>" else model for p, t in reversed(missing)}
+        fixes = "; ".join(f"{t.rsplit('.', 1)[-1]}: {suggested_fix(t, examples[t])}" for t in types[:4])
+        problems.append(
+            f"No LRP rule for {len(missing)} module(s) under rule set {ruleset.name!r}: {listing}{more}. "
+            f"Types: {types}. Suggested: {fixes}. Or pass strict=False to use plain gradients through them."
+        )
+    if not problems:
         return
-    types = sorted({t for _, t in missing})
-    listing = ", ".join(f"{p} ({t.rsplit('.', 1)[-1]})" for p, t in missing[:8])
-    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-    message = (
-        f"No LRP rule for {len(missing)} module(s) under rule set {ruleset.name!r}: {listing}{more}. "
-        f"Types: {types}. Register one, e.g. captum_relp.register_rule({types[0]!r}, "
-        f"LayerNormRule()) for a norm or IdentityRule() for an activation, or pass strict=False "
-        f"to use plain gradients through them."
-    )
+    message = " ".join(problems)
     if strict:
         raise UnsupportedModuleError(message)
     warnings.warn(message, stacklevel=3)
+
+
+def suggested_fix(key: str, module: nn.Module) -> str:
+    """The registration that fits a module strict mode flags (norm, activation, gate, linear-like).
+
+    Example:
+        >>> import torch
+        >>> suggested_fix("my.Conv", torch.nn.Conv2d(1, 1, 1))[:50]
+        "captum_relp.register_rule('my.Conv', None, catego"
+    """
+    name = type(module).__name__.lower()
+    if "norm" in name:
+        return (f"captum_relp.register_rule({key!r}, LayerNormRule()) (RMSNormRule() if it does not "
+                f"subtract the mean; weight_offset=1.0 if it scales by 1 + weight)")
+    if all(hasattr(module, attr) for attr in GATED_MLP_ATTRIBUTES):
+        return f"captum_relp.register_rule({key!r}, HalfRule())"
+    linear_like = (nn.Embedding, nn.EmbeddingBag, nn.Linear, nn.modules.conv._ConvNd)
+    if isinstance(module, linear_like) or "embed" in name or "conv" in name:
+        return (f"captum_relp.register_rule({key!r}, None, category='structural') if it is linear in "
+                f"the attributed activations (embeddings, convolutions, projections)")
+    if next(module.children(), None) is None:
+        return (f"captum_relp.register_rule({key!r}, IdentityRule()) if it is a pointwise activation "
+                f"with f(0) = 0, else a rule of its own (see {families.GUIDE})")
+    return f"a rule of its own for its nonlinearity (see {families.GUIDE})"
 
 
 _RULED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -365,6 +380,9 @@ def apply_rules(
     """
     ruleset = resolve_rules(rules)
     check_coverage(model, ruleset, strict)
+    refusal = families.ah_refusal(model) if ruleset.attention is not None else None
+    if refusal is not None:
+        raise UnsupportedModuleError(refusal)
     with _RULED_LOCK:
         if model in _RULED:
             raise RuntimeError(
@@ -382,8 +400,11 @@ def apply_rules(
                 undos.append(rule.apply(module))
                 per_module_attention |= registered_category(type(module)) == "attention"
         hf_config = hasattr(getattr(model, "config", None), "_attn_implementation")
-        if ruleset.attention is not None and (hf_config or not per_module_attention):
+        if ruleset.attention is not None and families.switches_attention_function(model) and (
+                hf_config or not per_module_attention):
             undos.append(ruleset.attention.apply(model))
+        for rule in families.model_rules(model, ruleset.categories):
+            undos.append(rule.apply(model))
         yield ruleset
     finally:
         try:

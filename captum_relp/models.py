@@ -6,8 +6,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
+from ._unwrap import unwrap_model
 from .families import Family, family_of
-from .integrations.wrappers import unwrap_model
 
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "bert.encoder.layer",
                 "encoder.layer", "layers", "h")

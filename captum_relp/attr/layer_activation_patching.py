@@ -8,11 +8,11 @@ from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model, checked_metric
+from .._forward import call_model
 from .._hooks import capture, frozen_model, layer_hooks
 from .._logits import metric_logits
 from ..families import reuse_prefix_allowed
-from ..metrics import tile_rows
+from ..metrics import MetricEvaluator, MetricType, TargetType, checked_metric, tile_rows
 from ._base import PatchingLayerAttribution, TensorOrTuple
 from ._prefix_cache import PrefixCacheRunner
 

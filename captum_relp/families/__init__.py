@@ -15,17 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..rules import HalfRule, IdentityRule, LayerNormRule, Rule
-from ..rules.detach_qk import DetachQKArgsRule, DetachQKColumnsRule, DetachQKOutputsRule
-from ..rules.fused_gate import FusedGateRule
-from ..rules.softcap import LogitSoftcapRule
 from ._spec import Attention, EdgeParts, Family, Norm, config_value
 from .table import FAMILY_TABLE
 
 GUIDE = "docs/new_architecture.md"
 """The guide an unknown-family error points to."""
-_AH_RULES = {"method-args": DetachQKArgsRule, "method-outputs": DetachQKOutputsRule,
-             "qkv-columns": DetachQKColumnsRule}
 
 
 def hf_config(model: Any) -> Optional[Any]:
@@ -44,42 +38,6 @@ def family_of(model: Any) -> Optional[Family]:
     """
     config = hf_config(model)
     return None if config is None else FAMILY_TABLE.get(config.model_type)
-
-
-def registry_entries() -> Dict[str, Tuple[str, Any]]:
-    """Rule-registry entries ``{type key: (category, rule factory)}`` generated from the table.
-
-    Example:
-        >>> registry_entries()["transformers.models.phi3.modeling_phi3.Phi3MLP"][1]()
-        FusedGateRule('gate_up_proj')
-    """
-    entries: Dict[str, Tuple[str, Any]] = {}
-    for family in FAMILY_TABLE.values():
-        for norm in family.norms:
-            entries[family.key(norm.cls)] = ("norm", _norm_factory(norm))
-        if family.gated_mlp is not None:
-            cls, layout = family.gated_mlp
-            entries[family.key(cls)] = ("gate", HalfRule if layout == "separate" else _fused(layout))
-        for cls in family.activations:
-            entries[family.key(cls)] = ("activation", IdentityRule)
-        for cls in family.structural:
-            linear = cls.startswith("linear:")
-            entries[family.key(cls.split(":")[-1])] = ("linear" if linear else "structural", None)
-        if family.attn.how in _AH_RULES:
-            entries[family.key(family.attn.cls)] = ("attention", _ah_factory(family.attn))
-    return entries
-
-
-def _norm_factory(norm: Norm):
-    return lambda: LayerNormRule(centered=not norm.rms, weight_offset=norm.weight_offset, eps=norm.eps)
-
-
-def _fused(layout: str):
-    return lambda: FusedGateRule(layout)
-
-
-def _ah_factory(attn: Attention):
-    return lambda: _AH_RULES[attn.how](attn.method)
 
 
 def unknown_family_message(model: nn.Module) -> Optional[str]:
@@ -137,7 +95,7 @@ def switches_attention_function(model: nn.Module) -> bool:
     return family is None or family.attn.how == "interface"
 
 
-def model_rules(model: nn.Module, categories: Sequence[str]) -> List[Rule]:
+def model_rules(model: nn.Module, categories: Sequence[str]) -> List[Any]:
     """Rules applied to the whole model: the Identity-rule on a final-logit soft-cap.
 
     The cap is a pointwise activation, so it follows the ``activation`` category.
@@ -153,6 +111,8 @@ def model_rules(model: nn.Module, categories: Sequence[str]) -> List[Rule]:
     if getattr(model.config, family.logit_softcap, None) is None or not callable(
             getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
         return []
+    from ..rules.softcap import LogitSoftcapRule  # the rules package reads this table
+
     return [LogitSoftcapRule()]
 
 
@@ -181,5 +141,5 @@ def layer_window(config: Any, family: Family, layer: int) -> Optional[int]:
 
 
 __all__ = ["FAMILY_TABLE", "GUIDE", "Attention", "EdgeParts", "Family", "Norm", "ah_refusal", "config_value",
-           "family_of", "hf_config", "layer_window", "model_rules", "reuse_prefix_allowed", "registry_entries",
+           "family_of", "hf_config", "layer_window", "model_rules", "reuse_prefix_allowed",
            "switches_attention_function", "unknown_family_message"]

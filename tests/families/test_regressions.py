@@ -114,3 +114,30 @@ def test_strict_mode_advice_fits_the_module():
         advice = message.split(f"{kind}: ")[1].split(";")[0]
         assert "category='structural'" in advice and "LayerNormRule" not in advice
     assert "LayerNormRule" in message.split("MyNorm: ")[1]
+
+
+def test_relp_ah_refused_rather_than_relabelled(monkeypatch):
+    import dataclasses
+    import warnings
+
+    import transformers
+
+    from captum_relp import UnsupportedModuleError
+    from captum_relp.families import FAMILY_TABLE, Attention
+
+    model = tiny_model("gpt2")  # a table entry whose AH-rule is declared impossible refuses relp-ah
+    monkeypatch.setitem(FAMILY_TABLE, "gpt2", dataclasses.replace(FAMILY_TABLE["gpt2"], attn=Attention("refused")))
+    with pytest.raises(UnsupportedModuleError, match="AH-rule.*'relp'"):
+        _relevance(model, "relp-ah")
+    _relevance(model, "relp")
+    torch.manual_seed(0)  # outside the table (strict=False): attention in the model's own code refuses too
+    gpt = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
+        vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)).eval()
+    ids = torch.randint(32, (1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnsupportedModuleError, match="own code"):
+            LayerRelevancePatching(gpt, gpt.transformer.h[0], rules="relp-ah", strict=False).attribute(
+                ids, target=3, attribute_to_layer_input=True)
+        LayerRelevancePatching(gpt, gpt.transformer.h[0], strict=False).attribute(
+            ids, target=3, attribute_to_layer_input=True)

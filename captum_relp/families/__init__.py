@@ -11,7 +11,7 @@ is not in the table is refused in strict mode (``docs/new_architecture.md`` show
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 from torch import nn
 

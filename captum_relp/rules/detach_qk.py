@@ -20,24 +20,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import Rule, UndoFn
+from .base import Rule, UndoFn, set_instance_attribute
 
 
 def _patch_method(module: nn.Module, method: str, make: Callable[[Callable], Callable]) -> UndoFn:
     original = getattr(module, method, None)
     if not callable(original):
         raise ValueError(f"{type(module).__name__} has no method {method!r} to apply the AH-rule to")
-    had_instance = method in module.__dict__
-    previous = module.__dict__.get(method)
-    setattr(module, method, make(original))
-
-    def undo() -> None:
-        if had_instance:
-            setattr(module, method, previous)
-        else:
-            module.__dict__.pop(method, None)
-
-    return undo
+    return set_instance_attribute(module, method, make(original))
 
 
 class DetachQKArgsRule(Rule):

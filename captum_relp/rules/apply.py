@@ -96,6 +96,7 @@ def apply_rules(
         True
     """
     ruleset = resolve_rules(rules)
+    ruleset.check_patterns(model)
     check_coverage(model, ruleset, strict)
     refusal = families.ah_refusal(model) if ruleset.attention is not None else None
     if refusal is not None:

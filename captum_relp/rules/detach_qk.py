@@ -43,6 +43,7 @@ class DetachQKArgsRule(Rule):
     """
 
     name = "ah"
+    category = "attention"
 
     def __init__(self, method: str) -> None:
         self.method = method

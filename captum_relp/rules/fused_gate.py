@@ -36,6 +36,7 @@ class FusedGateRule(ForwardPatchRule):
     """
 
     name = "half"
+    category = "gate"
 
     def __init__(self, layout: str) -> None:
         if layout not in LAYOUTS:
@@ -48,8 +49,6 @@ class FusedGateRule(ForwardPatchRule):
             raise ValueError(f"FusedGateRule({self.layout!r}): {type(module).__name__} lacks {missing}")
 
     def patched_forward(self, module: nn.Module, original: Callable, state: Any, x, *args: Any, **kwargs: Any):
-        if args or kwargs:
-            return original(x, *args, **kwargs)
         if self.layout == "gate_up_proj":
             gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
             return module.down_proj(half_product(up, module.activation_fn(gate)))

@@ -40,6 +40,7 @@ class LogitSoftcapRule(Rule):
     """
 
     name = "identity"
+    category = "activation"
 
     def apply(self, module: nn.Module) -> UndoFn:
         head = module.get_output_embeddings()

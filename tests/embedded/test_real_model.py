@@ -1,8 +1,11 @@
 """SmolLM2-135M (a real pretrained Llama, dequantized from GGUF Q4_1) on 4 IOI pairs, in float64.
 
-Skips only when the model was not fetched; ``.ci/run`` fetches it first, so CI runs it.
+Skips only when the model was not fetched; ``.ci/run`` fetches it first and sets
+``CAPTUM_RELP_REQUIRE_REAL_MODEL=1``, under which a missing model fails instead of skipping.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
 NAME = "smollm2-135m"
 
 pytestmark = pytest.mark.skipif(
-    not is_fetched(NAME),
+    not is_fetched(NAME) and not os.environ.get("CAPTUM_RELP_REQUIRE_REAL_MODEL"),
     reason=f"{NAME} is not fetched on this machine (run `{fetch_command(NAME)}`); .ci/run fetches it, "
            "so this test runs in CI")
 

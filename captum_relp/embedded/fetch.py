@@ -60,7 +60,8 @@ def cache_dir() -> Path:
     """``$CAPTUM_RELP_CACHE``, else ``~/.cache/captum-relp`` (not created here).
 
     Example:
-        >>> cache_dir().name in ("captum-relp", os.environ.get("CAPTUM_RELP_CACHE", "x").rstrip("/").split("/")[-1])
+        >>> cache_dir() == (Path(os.environ["CAPTUM_RELP_CACHE"]).expanduser() if "CAPTUM_RELP_CACHE" in os.environ
+        ...                 else Path.home() / ".cache" / "captum-relp")
         True
     """
     override = os.environ.get("CAPTUM_RELP_CACHE")
@@ -181,9 +182,10 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
+__all__ = ["FETCHABLE", "FetchableModel", "cache_dir", "fetch_command", "fetch_model", "fetched_model_path",
+           "is_fetched", "require_fetched"]
+
+
 if __name__ == "__main__":
     sys.exit(main())
 
-
-__all__ = ["FETCHABLE", "FetchableModel", "cache_dir", "fetch_command", "fetch_model", "fetched_model_path",
-           "is_fetched", "require_fetched"]

@@ -130,7 +130,7 @@ def test_activation_patching_equals_independent_hook_patching(smollm2):
     real = batch.attention_mask.bool()
     for (module, to_input, label), effect in zip(chosen, effects):
         corrupt = _corrupt_value(model, module, to_input, batch)
-        for position in range(batch.clean_ids.shape[1]):
+        for position in range(0, batch.clean_ids.shape[1], 3):  # every third position keeps CI short
             expected = clean_value - _independent_patching(model, module, to_input, batch, position, corrupt)
             rows = real[:, position]
             # AP stores its effects in float32 (whatever the model's dtype): compare at that precision

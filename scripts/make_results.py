@@ -173,11 +173,16 @@ def main() -> None:
                         help="measure SmolLM2-135M (docs/results_smollm2.md) instead of the embedded models")
     parser.add_argument("--n-ioi", type=int, default=12, help="IOI pairs for --real-model")
     parser.add_argument("--n-sva", type=int, default=10, help="SVA pairs for --real-model")
+    parser.add_argument("--render-only", action="store_true",
+                        help="with --real-model: redraw the page from the saved results, no measuring")
     args = parser.parse_args()
     if args.real_model:
-        from _real_model_page import write_real_model_page
+        from _real_model_page import render_real_model_page, write_real_model_page
 
-        write_real_model_page(ROOT, args.n_ioi, args.n_sva)
+        if args.render_only:
+            render_real_model_page(ROOT)
+        else:
+            write_real_model_page(ROOT, args.n_ioi, args.n_sva)
         return
     torch.manual_seed(0)
     for folder in list(OUT.glob("ioi-*")) + list(OUT.glob("circuit-*")):  # only this script's outputs

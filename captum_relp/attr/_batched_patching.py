@@ -73,19 +73,21 @@ class BatchedPatchRunner:
         use_cache (bool): allow suffix runs on the clean key/value cache (where exact).
         granularity (str): ``"position"``, ``"head"`` or ``"layer"``.
         dtype (torch.dtype): the activations' dtype (float64 aligns suffix starts to :data:`ALIGN`).
+        expand (bool): create the copies inside the model (at a block, or at the layer for one
+            example); False: tile the inputs (families whose copies must start at the input).
     """
 
     def __init__(self, model: Any, layers: Sequence[nn.Module], flags: Sequence[bool], inputs: Tuple[Tensor, ...],
                  args: Tuple, kwargs: Dict, evaluator: MetricEvaluator, use_cache: bool, granularity: str,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, expand: bool = True) -> None:
         self.model, self.layers, self.flags = model, list(layers), list(flags)
         self.inputs, self.args, self.kwargs, self.evaluator = inputs, args, kwargs, evaluator
-        self.batch_size, self.dtype = inputs[0].shape[0], dtype
+        self.batch_size, self.dtype, self.expand = inputs[0].shape[0], dtype, expand
         self.mask: Optional[Tensor] = kwargs.get("attention_mask")
         self.cached = use_cache and granularity != "layer" and PrefixCacheRunner.applies(
             model, layers, inputs, args, kwargs, evaluator, granularity, True)
         self._clean: Any = None
-        self.block_of = _block_of(model, self.layers)  # None: no block-level expansion
+        self.block_of = _block_of(model, self.layers) if expand else None  # None: no block-level expansion
 
     # planning ---------------------------------------------------------------------------------
     def read_limit(self) -> int:
@@ -125,7 +127,7 @@ class BatchedPatchRunner:
             if self.block_of is not None:
                 key = self.block_of[copy[0]]
             else:
-                key = copy[0] if self.batch_size == 1 else 0  # one example: copies made at the layer
+                key = copy[0] if self.batch_size == 1 and self.expand else 0  # one example: copies at the layer
             groups.setdefault(key, []).append((self.start(copy[1][0] if copy[1] else 0, limit), copy))
         chunks = []
         for key, items in sorted(groups.items()):
@@ -181,7 +183,7 @@ class BatchedPatchRunner:
     def _run(self, t0: int, chunk: List[Copy], corrupt: Sequence[Tensor], num_heads: Optional[int],
              expand_block: Optional[int]) -> Tensor:
         n, copies = self.batch_size, len(chunk)
-        expand_at_layer = expand_block is None and n == 1
+        expand_at_layer = expand_block is None and n == 1 and self.expand
         by_layer: Dict[int, List[Tuple[int, Tuple]]] = {}
         for k, (layer_index, location) in enumerate(chunk):
             by_layer.setdefault(layer_index, []).append((k, location))

@@ -26,7 +26,7 @@ OUTPUTS = {
     "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "
                           "meta.convention",
     "edges_faithfulness.png": "faithfulness against circuit size (fraction of edges) per method",
-    "edges_circuit_<method>.png": "the top-k edges of each method's circuit (unless --no-plots)",
+    "edges_circuit_<method>.png": "each method's greedy connected circuit of --top-k edges (unless --no-plots)",
 }
 """Files written to ``--out``."""
 

@@ -101,7 +101,7 @@ class EdgeExperimentResult:
 
     def save(self, out_dir: Path, plots: bool = True, top_k: int = 20) -> List[Path]:
         """Write ``edges_results.json`` and (``plots``) ``edges_faithfulness.png`` and
-        ``edges_circuit_<method>.png`` (top ``top_k`` edges)."""
+        ``edges_circuit_<method>.png`` (MIB's greedy connected circuit of ``top_k`` edges)."""
         from ..plotting import plot_edge_circuit, plot_faithfulness_curves
 
         out_dir = Path(out_dir)
@@ -114,8 +114,9 @@ class EdgeExperimentResult:
             plot_faithfulness_curves(self.curves, title, written[-1])
             for method, result in self.scores.items():
                 written.append(out_dir / f"edges_circuit_{method}.png")
-                plot_edge_circuit(result.scores, self.graph, top_k, f"{title}: top {top_k} edges, {method}",
-                                  written[-1])
+                plot_edge_circuit(result.scores, self.graph, top_k,
+                                  f"{title}: {method}, greedy connected circuit of {top_k} edges",
+                                  written[-1], method=method)
         return written
 
 

@@ -151,7 +151,9 @@ def section(cell: Dict) -> str:
     lines = [f"### {short}, {task.upper()}", "",
              f"{cell['n_prompts']} scoring and {cell['n_eval']} evaluation prompt pairs; "
              + "; ".join(f"{c}: {e['n_edges']} edges" + (" (key/value ungrouped)" if e["ungrouped_kv"] else "")
-                         for c, e in cell["conventions"].items()) + ".", "",
+                         for c, e in cell["conventions"].items())
+             + ("" if len({e["n_edges"] for e in cell["conventions"].values()}) > 1 else
+                ", the same graph (no grouped-query attention)") + ".", "",
              "| method | " + " | ".join(f"CPR {c} | CMD {c}" for c in cell["conventions"])
              + " | PCC vs exact (all / q / k / v) | time / EAP |",
              "|---|" + "---:|" * (2 * len(cell["conventions"]) + 2)]
@@ -164,7 +166,7 @@ def section(cell: Dict) -> str:
             row += [_ci(m["cpr"], ci["cpr"]), _ci(m["cmd"], ci["cmd"])]
         pcc = first["methods"][method]["pcc_vs_exact"]
         row.append("-" if pcc is None or method == "exact" else
-                   " / ".join(f"{pcc[k]:.2f}" for k in ("all", "q", "k", "v")))
+                   " / ".join("-" if pcc[k] != pcc[k] else f"{pcc[k]:.2f}" for k in ("all", "q", "k", "v")))
         row.append("-" if method == "exact" else f"{first['methods'][method]['time_vs_eap']:.1f}")
         lines.append("| " + " | ".join(row) + " |")
     folder = f"_static/results/edges-{short}-{task}"
@@ -199,6 +201,25 @@ def reading(cell: Dict) -> str:
     return " ".join(sentences)
 
 
+def summary(cells: List[Dict]) -> List[str]:
+    """One row per model, task and convention: CPR differences to EAP with intervals, EAP-IG's CPR."""
+    lines = ["| model | task | convention | relp - eap (CPR) | relp-ah+qk - eap (CPR) | relp-ah+qk - eap (CMD) "
+             "| CPR relp / relp-ah+qk / eap / eap-ig |", "|---|---|---|---:|---:|---:|---:|"]
+    for cell in cells:
+        for convention, entry in cell["conventions"].items():
+            m, ci = entry["methods"], entry["intervals"]
+
+            def diff(method, key):
+                lo, hi = ci[f"{method}-minus-eap"][key]
+                return f"{m[method][key] - m['eap'][key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+            lines.append(f"| {Path(cell['model']).name} | {cell['task']} | {convention} | {diff('relp', 'cpr')} | "
+                         f"{diff('relp-ah+qk', 'cpr')} | {diff('relp-ah+qk', 'cmd')} | "
+                         + " / ".join(f"{m[k]['cpr']:.3f}" for k in ("relp", "relp-ah+qk", "eap", "eap-ig"))
+                         + " |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="model name or directory (repeatable); default: shipped")
@@ -210,20 +231,26 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the evaluation prompts")
     parser.add_argument("--no-exact", dest="exact", action="store_false", help="skip exact edge patching")
     parser.add_argument("--page-section", default=None, help="write only this model's sections to this file")
+    parser.add_argument("--from-json", action="store_true", help="rewrite the page from the saved JSON files")
+    parser.add_argument("--minutes", type=float, default=None, help="with --from-json: the measured duration")
     args = parser.parse_args()
     args.conventions = args.conventions.split(",")
     torch.manual_seed(0)
     began = time.time()
-    cells = [run_cell(name, task, args) for name in (args.model or EMBEDDED_MODELS)
-             for task in (args.task or ("ioi", "sva"))]
-    body = [section(cell) for cell in cells]
+    pairs = [(name, task) for name in (args.model or EMBEDDED_MODELS) for task in (args.task or ("ioi", "sva"))]
+    if args.from_json:
+        cells = [json.loads((OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json").read_text()) for n, t in pairs]
+    else:
+        cells = [run_cell(name, task, args) for name, task in pairs]
+    body = summary(cells) + [section(cell) for cell in cells]
     if args.page_section:
         Path(args.page_section).write_text("\n".join(body))
         return
     header = [
         "## Edge circuits on the embedded models", "",
         f"Measured by `OMP_NUM_THREADS=1 python scripts/make_edge_results.py` (`--n-prompts {args.n_prompts} "
-        f"--n-eval {args.n_eval} --bootstrap {args.bootstrap}`) in {(time.time() - began) / 60:.1f} minutes on "
+        f"--n-eval {args.n_eval} --bootstrap {args.bootstrap}`) in {args.minutes or (time.time() - began) / 60:.1f} "
+        "minutes on "
         f"{platform.machine()} CPU (2 shared cores), torch {torch.__version__}. Held-out names/nouns. "
         "Both conventions of [Edge-level RelP](edges.md) on the same scoring prompts (EAP-IG: 5 steps, each "
         "convention's grid; other scores are the same in both when the model has no grouped-query attention). "

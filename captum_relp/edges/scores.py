@@ -21,9 +21,9 @@ from typing import Callable, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._forward import metric_grads
 from .._hooks import frozen_model
-from ..registry import RuleSet, apply_rules, resolve_rules
+from ..metrics import metric_grads
+from ..rules import RuleSet, apply_rules, resolve_rules
 from .graph import ComponentGraph
 from .patching import graph_forward
 
@@ -110,7 +110,7 @@ def edge_scores(
             (``"none"`` gives EAP).
         per_position (bool): return ``(T, U, V)`` scores instead of summing positions.
         n_steps (int): integration steps of ``eap-ig``.
-        strict (bool): as in :func:`~captum_relp.registry.apply_rules`.
+        strict (bool): as in :func:`~captum_relp.rules.apply_rules`.
         ig_grid (str): ``eap-ig``'s interpolation points ``alpha = k / n_steps``:
             ``"right"`` ``k = 1 .. n_steps`` (the paper's, and EAP-IG's before 2025) or
             ``"left"`` ``k = 0 .. n_steps - 1`` (current EAP-IG and the version MIB pins).

@@ -171,7 +171,10 @@ def method_color(method: str) -> str:
         >>> method_color("relp") == method_color("RelP"), method_color("eap") == method_color("AtP")
         (True, True)
     """
-    return METHOD_COLORS.get(EDGE_METHOD_NAMES.get(method, method), "tab:gray")
+    return METHOD_COLORS.get(EDGE_METHOD_NAMES.get(method, method), _OTHER_COLORS.get(method, "tab:gray"))
+
+
+_OTHER_COLORS = {"relp-ah+qk": "tab:brown"}  # a measured rule mix (scripts/make_edge_results.py)
 
 
 def plot_faithfulness_curves(curves: Dict[str, FaithfulnessCurve], title: str = "", path: Optional[Path] = None):

@@ -22,7 +22,15 @@ from typing import Dict, List
 
 import torch
 
-from captum_relp.edges import EdgeScores, build_graph, edge_scores, exact_edge_scores, faithfulness_curve, pearson
+from captum_relp.edges import (
+    EdgeScores,
+    FaithfulnessCurve,
+    build_graph,
+    edge_scores,
+    exact_edge_scores,
+    faithfulness_curve,
+    pearson,
+)
 from captum_relp.edges.conventions import CONVENTIONS
 from captum_relp.embedded import EMBEDDED_MODELS, heldout_words, load_model
 from captum_relp.experiments.edges import make_batch
@@ -220,6 +228,19 @@ def summary(cells: List[Dict]) -> List[str]:
     return lines + [""]
 
 
+def replot(cell: Dict) -> None:
+    """Redraw the faithfulness figures of a saved cell (no model runs)."""
+    folder = OUT / f"edges-{Path(cell['model']).name}-{cell['task']}"
+    for convention, entry in cell["conventions"].items():
+        curves = {}
+        for method, m in entry["methods"].items():
+            c = m["curve"]
+            curves[method] = FaithfulnessCurve(c["fractions"], c["n_edges"], c["faithfulness"], c["cpr"], c["cmd"],
+                                               faithfulness_cpr=c["faithfulness_cpr"])
+        plot_faithfulness_curves(curves, f"{cell['model']}, {cell['task']}, {convention} convention",
+                                 folder / f"edges_faithfulness_{convention}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="model name or directory (repeatable); default: shipped")
@@ -240,6 +261,8 @@ def main() -> None:
     pairs = [(name, task) for name in (args.model or EMBEDDED_MODELS) for task in (args.task or ("ioi", "sva"))]
     if args.from_json:
         cells = [json.loads((OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json").read_text()) for n, t in pairs]
+        for cell in cells:
+            replot(cell)
     else:
         cells = [run_cell(name, task, args) for name, task in pairs]
     body = summary(cells) + [section(cell) for cell in cells]

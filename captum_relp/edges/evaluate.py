@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._hooks import frozen_model
+from ..metrics import MetricEvaluator
 from .connected import greedy_circuit, prune_circuit
 from .conventions import DEFAULT_FRACTIONS, EdgeConvention, get_convention
 from .graph import ComponentGraph
@@ -193,11 +194,12 @@ def faithfulness_curve(
     convention = get_convention(convention)
     fractions = _check_fractions(convention.fractions if fractions is None else fractions)
     cache: Dict[bytes, Tensor] = {}
+    evaluate = MetricEvaluator(clean_ids.shape[0], metric=metric)  # one finite value per prompt
     with frozen_model(model), torch.no_grad():
         corrupt = graph_forward(model, graph, corrupt_ids, attention_mask)
         clean = graph_forward(model, graph, clean_ids, attention_mask)
-        empty = metric(corrupt.logits).double()
-        full = metric(clean.logits).double()
+        empty = evaluate(corrupt.logits).double()
+        full = evaluate(clean.logits).double()
 
         def run(keep: Tensor) -> Tensor:  # per-prompt metric of a circuit (runs shared between curves)
             key = keep.cpu().numpy().tobytes()
@@ -210,7 +212,7 @@ def faithfulness_curve(
                     patch = (graph.edge_mask.to(keep.device) & ~keep).to(clean.outputs.dtype)
                     patched = graph_forward(model, graph, clean_ids, attention_mask, patch=patch,
                                             corrupt_outputs=corrupt.outputs)
-                    cache[key] = metric(patched.logits).double()
+                    cache[key] = evaluate(patched.logits).double()
             return cache[key]
 
         sizes = [convention.circuit_size(fraction, graph.n_edges) for fraction in fractions]

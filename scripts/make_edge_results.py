@@ -9,6 +9,11 @@ resamples; circuits fixed) for CPR and CMD, and for RelP minus EAP (paired resam
 
     OMP_NUM_THREADS=1 python scripts/make_edge_results.py                    # shipped models
     python scripts/make_edge_results.py --model <dir> --task ioi --no-exact --page-section out.md
+
+Grouped-query models (SmolLM2-135M: 9 query heads, 3 key/value heads) get two graphs: the
+library convention's, with one key and one value input per key/value head, and MIB's, with
+one per query head (more edges, so a different ``n`` behind every fraction); each section
+states both edge counts. Exact edge patching is one run per edge: skip it there (``--no-exact``).
 """
 from __future__ import annotations
 

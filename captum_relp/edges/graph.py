@@ -70,7 +70,7 @@ class ComponentGraph:
 
     @property
     def n_kv_inputs(self) -> int:
-        """Key (and value) inputs per layer: ``H`` when ``ungrouped``, else ``H_kv``."""
+        """The number of key inputs per layer, and of value inputs (``H`` when ``ungrouped``, else ``H_kv``)."""
         return _kv_inputs(self.n_heads, self.n_kv_heads, self.ungrouped)
 
     @property

@@ -133,7 +133,8 @@ def faithfulness_curve(
         (0.0, 1.0)
     """
     fractions = [float(f) for f in fractions]
-    if fractions[0] != 0.0 or fractions[-1] != 1.0 or sorted(fractions) != fractions:
+    if (any(f != f for f in fractions) or fractions[0] != 0.0 or fractions[-1] != 1.0
+            or sorted(fractions) != fractions):  # f != f: NaN
         raise ValueError(f"fractions must increase from 0 to 1, got {fractions}")
     values, sizes = [], []
     with frozen_model(model), torch.no_grad():

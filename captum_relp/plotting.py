@@ -37,7 +37,7 @@ def plot_patching_heatmaps(
     xlabel: str = "position",
     note: Optional[str] = EFFECT_NOTE,
 ):
-    """One heatmap per method (shared, symmetric colour scale), layers on the y axis.
+    """One heatmap per method (shared, symmetric colour scale), layers on the y axis, two per row.
 
     Args:
         maps: ``{method: array (layers, positions)}``, e.g. ``{"AP": ..., "AtP": ..., "RelP": ...}``.
@@ -60,12 +60,16 @@ def plot_patching_heatmaps(
 
     limit = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
     n_layers, n_positions = next(iter(maps.values())).shape
+    ncols = min(len(maps), 2)  # two panels per row: each stays readable at page width
+    nrows = -(-len(maps) // ncols)
     fig, axes = plt.subplots(
-        1, len(maps), figsize=(1.8 + (0.8 + 0.24 * n_positions) * len(maps), 2.6 + 0.3 * n_layers),
+        nrows, ncols, figsize=(1.8 + (1.2 + 0.32 * n_positions) * ncols, 1.2 + (1.9 + 0.32 * n_layers) * nrows),
         squeeze=False, constrained_layout=True,
     )
+    for ax in axes.flat[len(maps):]:
+        ax.remove()
     image = None
-    for ax, (method, values) in zip(axes[0], maps.items()):
+    for ax, (method, values) in zip(axes.flat, maps.items()):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_title(method, fontsize=11)
         ax.set_yticks(range(n_layers))
@@ -77,7 +81,7 @@ def plot_patching_heatmaps(
             ax.set_xticklabels(position_labels, rotation=90, fontsize=9)
     details = [d for d in (model_name, f"mean of N={n_prompts} prompts" if n_prompts else None) if d]
     fig.suptitle(title + (" \u2014 " + ", ".join(details) if details else ""), fontsize=12)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.01).set_label("patching effect", fontsize=10)
+    fig.colorbar(image, ax=axes.flat[:len(maps)], shrink=0.9, pad=0.01).set_label("patching effect", fontsize=10)
     if note:
         width = max(40, int(fig.get_figwidth() * 13))
         fig.supxlabel(textwrap.fill(note, width), fontsize=8, color="0.3")

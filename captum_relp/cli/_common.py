@@ -55,7 +55,7 @@ def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
     """``--seed``, ``--out``, ``--overwrite``, ``--no-plots``, ``--quiet`` (the same in every subcommand)."""
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
     parser.add_argument("--out", default=None,
-                        help=f"output directory; None: {OUT_ROOT}/COMMAND-MODEL (plus -TASK where the command has one)")
+                        help=f"output directory; None: {OUT_ROOT}/COMMAND-TASK-MODEL ({OUT_ROOT}/ioi-MODEL for ioi)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier run in --out (its files this run does not "
                              "rewrite are removed); without it such a directory is refused")

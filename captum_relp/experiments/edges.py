@@ -16,6 +16,8 @@ from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
 
 SCORE_METHODS = ("relp", "relp-ah", "eap", "eap-ig", "exact")
+METHOD_NAMES = {"relp": "RelP", "relp-ah": "RelP+AH", "eap": "EAP", "eap-ig": "EAP-IG", "exact": "exact patching"}
+"""How figures and prose name each ``--method`` identifier."""
 INTEGRATION = "trapezoid rule over the edge fraction in [0, 1]; k = round(fraction * n_edges) top-|score| edges"
 
 
@@ -107,10 +109,10 @@ class EdgeExperimentResult:
         if plots:
             title = f"{self.model_name}, {self.task}"
             written.append(out_dir / "edges_faithfulness.png")
-            plot_faithfulness_curves(self.curves, title, written[-1])
+            plot_faithfulness_curves({METHOD_NAMES[m]: c for m, c in self.curves.items()}, title, written[-1])
             for method, result in self.scores.items():
                 written.append(out_dir / f"edges_circuit_{method}.png")
-                plot_edge_circuit(result.scores, self.graph, top_k, f"{title}: top {top_k} edges, {method}",
+                plot_edge_circuit(result.scores, self.graph, top_k, f"{title}: top {top_k} edges, {METHOD_NAMES[method]}",
                                   written[-1])
         return written
 
@@ -225,4 +227,4 @@ def run_edge_experiment(
     return result
 
 
-__all__ = ["SCORE_METHODS", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]
+__all__ = ["SCORE_METHODS", "METHOD_NAMES", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]

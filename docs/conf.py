@@ -69,6 +69,9 @@ templates_path = ["_templates"]
 autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# types go into the parameters a docstring documents, in the field list that documents them; with
+# "all", a field list after prose (Returns:) got a second, description-less copy of every parameter
+autodoc_typehints_description_target = "documented"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 autoclass_content = "class"
@@ -181,7 +184,7 @@ def _public_bases(app, name, obj, options, bases):
     public = []
     for base in bases:
         for cls in expand(base):
-            if cls not in public:
+            if cls not in public and cls is not object:  # "Bases: object" says nothing
                 public.append(cls)
     bases[:] = public
 

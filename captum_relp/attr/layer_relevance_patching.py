@@ -139,7 +139,7 @@ class LayerRelevancePatching(PatchingAttribution, LayerGradientXActivation):
 
         Logits are computed only at the positions the metric reads when the model is a
         Hugging Face causal LM and the metric is ``target=`` or declares its positions
-        (:class:`~captum_relp.metrics.LogitDiff`); see ``captum_relp._logits``.
+        (:class:`~captum_relp.metrics.LogitDiff`); other models and metrics get full logits.
 
         Returns:
             Tensor or list of Tensor: attributions of the layer activations, same shape

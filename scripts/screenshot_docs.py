@@ -158,8 +158,10 @@ def content_checks(html: Path) -> list[str]:
     trouble = _text(_read(html, "troubleshooting.html")).lower()
     need(all(w in trouble for w in ("threads", "memory", "prompt alignment", "unsupported modules")),
          "troubleshooting: missing page or section")
-    citing = _text(_read(html, "citing.html"))
-    need("@misc{" in citing and "@software{" in citing and "arxiv.org" in citing, "citing: paper link / BibTeX")
+    citing_page = _read(html, "citing.html")
+    citing = _text(citing_page)
+    need("@misc{" in citing and "@software{" in citing and 'href="https://arxiv.org' in citing_page,
+         "citing: paper link / BibTeX")
 
     api_pages = [p for p in [html / "api.html", *sorted((html / "api").rglob("*.html"))] if p.exists()]
     for path in api_pages:

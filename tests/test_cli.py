@@ -165,6 +165,16 @@ def test_overwrite_removes_the_earlier_runs_other_files(tmp_path, capsys):
     assert second["files"] == ["ioi_results.json", "ioi_pcc.csv"] and second["settings"]["no_plots"] is True
 
 
+def test_result_patterns_cover_every_output():
+    import re
+
+    from captum_relp.cli import SUBCOMMANDS
+    from captum_relp.cli._common import MANIFEST, RESULT_PATTERNS
+
+    derived = [re.sub(r"\{[^}]*\}|<[^>]*>", "*", name) for command in SUBCOMMANDS for name in command.OUTPUTS]
+    assert sorted(RESULT_PATTERNS) == sorted(derived + [MANIFEST])
+
+
 def test_default_out_names_the_command_task_and_model(monkeypatch, tmp_path, capsys):
     from captum_relp.cli._common import default_out
     from captum_relp.cli import build_parser

@@ -14,10 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from . import rules as _rules_module
-from .models import model_components
-from .registry import RuleSet, registered_rules
-from .rules import AHRule, EpsilonRule, Rule, ZeroRule
+from .. import rules as _rules_module
+from ..models import model_components
+from ..rules import AHRule, EpsilonRule, Rule, RuleSet, ZeroRule, registered_rules
 
 SCORES = ("pearson", "spearman", "topk")
 TOPK_FRACTION = 0.1

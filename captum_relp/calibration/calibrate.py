@@ -1,13 +1,4 @@
-"""Calibrated rules: choose the LRP rule set per component type from exact patching runs.
-
-Which LRP rules make RelP agree best with activation patching (AP) depends on the
-model and the task: the LN-rule may help on the residual stream and hurt on
-attention outputs. :func:`calibrate_rules` runs exact AP once on a few calibration
-pairs, runs RelP with every candidate :class:`~captum_relp.RuleSet`, and keeps, per
-group of layers (``resid``/``attn``/``mlp`` by default), the candidate whose scores
-agree best with AP. The result, :class:`CalibratedRules`, is saved as JSON and is
-accepted as ``rules=`` by :class:`~captum_relp.LayerRelevancePatching`.
-"""
+"""Running the calibration: exact patching once, RelP per candidate, the best candidate per group."""
 from __future__ import annotations
 
 import math
@@ -16,7 +7,6 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .attr import LayerActivationPatching, LayerRelevancePatching
 from .calibrated_rules import (
     SCORES,
     CalibratedRules,
@@ -25,8 +15,8 @@ from .calibrated_rules import (
     explicit_ruleset,
     infer_groups,
 )
-from .models import model_components
-from .registry import RuleSet
+from ..models import model_components
+from ..rules import RuleSet
 
 
 def calibrate_rules(
@@ -107,6 +97,8 @@ def calibrate_rules(
 
     kwargs = dict(baselines=baselines, target=target, additional_forward_args=additional_forward_args,
                   attribute_to_layer_input=flags, metric=metric)
+    from ..attr import LayerActivationPatching, LayerRelevancePatching  # attr imports this package
+
     reference = LayerActivationPatching(forward_func, layers, model=model).attribute(inputs, **kwargs)
     per_candidate = {}
     for candidate in candidates:
@@ -169,7 +161,7 @@ def calibrated_ioi_rules(
         >>> sorted(cal.choices)
         ['attn', 'mlp', 'resid']
     """
-    from .tasks.ioi import encode_ioi, generate_ioi_pairs
+    from ..tasks.ioi import encode_ioi, generate_ioi_pairs
 
     avoid = {getattr(p, "clean_prompt", p) for p in exclude}
     pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer)
@@ -184,5 +176,4 @@ def calibrated_ioi_rules(
     return cal
 
 
-__all__ = ["CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
-           "explicit_ruleset", "infer_groups", "agreement", "SCORES"]
+__all__ = ["calibrate_rules", "calibrated_ioi_rules"]

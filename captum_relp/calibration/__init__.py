@@ -1,0 +1,22 @@
+"""Calibrated rules: choose the LRP rule set per component type from exact patching runs.
+
+Which LRP rules make RelP agree best with activation patching (AP) depends on the
+model and the task: the LN-rule may help on the residual stream and hurt on
+attention outputs. :func:`calibrate_rules` runs exact AP once on a few calibration
+pairs, runs RelP with every candidate :class:`~captum_relp.RuleSet`, and keeps, per
+group of layers (``resid``/``attn``/``mlp`` by default), the candidate whose scores
+agree best with AP. The result, :class:`CalibratedRules`, is saved as JSON and is
+accepted as ``rules=`` by :class:`~captum_relp.LayerRelevancePatching`.
+"""
+from .calibrate import calibrate_rules, calibrated_ioi_rules
+from .calibrated_rules import (
+    SCORES,
+    CalibratedRules,
+    agreement,
+    default_candidates,
+    explicit_ruleset,
+    infer_groups,
+)
+
+__all__ = ["CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
+           "explicit_ruleset", "infer_groups", "agreement", "SCORES"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
@@ -102,5 +103,8 @@ def test_cli_reference_page_lists_every_option():
             if isinstance(action, argparse._HelpAction):
                 continue
             for flag in action.option_strings:
-                assert f"`{flag}`" in text, (name, flag)
+                hidden = action.help == argparse.SUPPRESS  # kept for old command lines, not documented
+                assert (f"`{flag}`" in text) != hidden, (name, flag)
     assert "| 3 |" in text
+    assert "SUPPRESS" not in text and not re.search("\u2013[a-z]", text)
+    assert "pip install captum-relp" not in text

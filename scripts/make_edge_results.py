@@ -110,7 +110,8 @@ def section(name: str, task: str, summary) -> str:
              f"{meta['n_edges']} edges; {meta['n_prompts']} scoring and {meta['n_eval']} evaluation prompt pairs "
              f"with held-out {'names' if task == 'ioi' else 'nouns'}: `captum-relp edges --model {name} "
              f"--task {task} --method relp,relp-ah,eap,eap-ig --n-prompts {meta['n_prompts']} --repeats 3`.", "",
-             "| method | CPR (higher better, unbounded) | CMD (lower better) | PCC vs exact | time / EAP | forward / backward |",
+             "| method | CPR (higher better, unbounded) | CMD (lower better) | PCC vs exact | time / EAP "
+             "| forward / backward |",
              "|---|---:|---:|---:|---:|---:|"]
     for method in SCORE_METHODS:
         entry = summary[method]

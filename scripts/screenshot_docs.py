@@ -184,7 +184,8 @@ def content_checks(html: Path) -> list[str]:
     for path in sorted(html.rglob("*.html")):
         if path.relative_to(html).parts[0] in SKIP_DIRS:
             continue
-        for tex in re.findall(r'<div class="math notranslate nohighlight">\s*\\\[(.*?)\\\]', path.read_text("utf-8"), re.S):
+        display = r'<div class="math notranslate nohighlight">\s*\\\[(.*?)\\\]'
+        for tex in re.findall(display, path.read_text("utf-8"), re.S):
             for line in re.split(r"\\\\", tex):
                 width = _visible_tex_width(line)
                 need(width <= MAX_EQUATION_CHARS,

@@ -225,7 +225,8 @@ def finish_out(args: argparse.Namespace, command: str, written: list, earlier: l
     removed = [p for p in earlier if p.resolve() not in kept and p.name != MANIFEST]
     for path in removed:
         path.unlink(missing_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, type(None)))}
+    plain = (str, int, float, bool, type(None))
+    settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, plain)}
     (out / MANIFEST).write_text(json.dumps({"command": command, "version": __version__, "settings": settings,
                                             "files": [Path(p).name for p in written]}, indent=2))
     return removed

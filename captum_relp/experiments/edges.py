@@ -112,7 +112,8 @@ class EdgeExperimentResult:
             plot_faithfulness_curves({METHOD_NAMES[m]: c for m, c in self.curves.items()}, title, written[-1])
             for method, result in self.scores.items():
                 written.append(out_dir / f"edges_circuit_{method}.png")
-                plot_edge_circuit(result.scores, self.graph, top_k, f"{title}: top {top_k} edges, {METHOD_NAMES[method]}",
+                name = METHOD_NAMES[method]
+                plot_edge_circuit(result.scores, self.graph, top_k, f"{title}: top {top_k} edges, {name}",
                                   written[-1])
         return written
 

@@ -20,7 +20,10 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-FAMILIES = {"gpt2": "gpt2", "gpt_neox": "neox", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
+from ..families import FAMILY_TABLE
+
+FAMILIES = {model_type: family.edges.qkv for model_type, family in FAMILY_TABLE.items() if family.edges}
+"""``{model_type: projection layout}`` of the families with edge-graph parts in the family table."""
 
 
 @dataclass
@@ -32,7 +35,7 @@ class ComponentGraph:
     logits`` (``<k>``/``<v>`` per key/value head).
 
     Attributes:
-        family: ``"gpt2"``, ``"neox"`` or ``"llama"`` (Llama, Qwen2, Mistral).
+        family: the model type (an entry of the family table with edge-graph parts).
         n_layers, n_heads, n_kv_heads: the model's shape.
         parallel: True when attention and MLP of a layer read the same residual
             stream (GPT-NeoX ``use_parallel_residual``); then ``a{l}.h* -> m{l}`` are no edges.
@@ -141,12 +144,12 @@ def _build(family: str, n_layers: int, n_heads: int, n_kv_heads: int, parallel: 
 def build_graph(model: nn.Module) -> ComponentGraph:
     """The component graph of a Hugging Face causal language model.
 
-    Supported: GPT-2, GPT-NeoX/Pythia (parallel or sequential residual), Llama,
-    Qwen2 and Mistral (grouped-query attention).
+    Supported: the families with edge-graph parts in the family table
+    (:data:`FAMILIES`: GPT-2, GPT-NeoX/Pythia with parallel or sequential residual, and the
+    Llama-style families with grouped-query attention and sliding windows).
 
     Args:
-        model (nn.Module): a ``GPT2LMHeadModel``, ``GPTNeoXForCausalLM``,
-            ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``MistralForCausalLM``.
+        model (nn.Module): a causal LM of one of :data:`FAMILIES`.
 
     Returns:
         ComponentGraph: the graph; ``graph.n_edges`` edges.
@@ -166,13 +169,11 @@ def build_graph(model: nn.Module) -> ComponentGraph:
     if model_type not in FAMILIES:
         raise ValueError(
             f"edge graphs support model types {sorted(FAMILIES)}, got {model_type!r} "
-            f"({type(model).__name__})"
+            f"({type(model).__name__}): its family has no edge-graph parts in the family table"
         )
-    family = FAMILIES[model_type]
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    parallel = family == "neox" and bool(getattr(config, "use_parallel_residual", True))
-    return _build(family, config.num_hidden_layers, heads, kv_heads, parallel)
+    family = FAMILY_TABLE[model_type]
+    return _build(model_type, config.num_hidden_layers, family.num_heads(config), family.num_kv_heads(config),
+                  family.is_parallel(config))
 
 
 __all__ = ["ComponentGraph", "build_graph", "FAMILIES"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 UndoFn = Callable[[], None]
@@ -27,6 +28,9 @@ class Rule:
     """
 
     name: str = "rule"
+    category: str = "custom"
+    """The registry category the rule belongs to (``norm``, ``activation``, ``gate``, ``linear``,
+    ``attention`` or ``custom``): :func:`~captum_relp.register_rule` files it there unless told."""
 
     def apply(self, module: nn.Module) -> UndoFn:
         raise NotImplementedError
@@ -74,7 +78,14 @@ class ForwardPatchRule(Rule):
     keep working; the undo function removes it again. On modules dispatched by
     accelerate (``_hf_hook``) the wrapped ``_old_forward`` is replaced instead
     (see ``forward_attribute``).
+
+    The guard every rule shares lives here: a call with more than the one input tensor
+    runs the original forward, and so does a call whose input carries no gradient when
+    :attr:`only_with_grad` is set (the rule would change nothing but the cost).
     """
+
+    only_with_grad: bool = True
+    """Run the original forward when gradients are off or the input does not require them."""
 
     def patched_forward(
         self, module: nn.Module, original: Callable, state: Any, *args: Any, **kwargs: Any
@@ -88,19 +99,35 @@ class ForwardPatchRule(Rule):
     def apply(self, module: nn.Module) -> UndoFn:
         attribute = forward_attribute(module)
         original = getattr(module, attribute)
-        had_instance_forward = attribute in module.__dict__
-        previous = module.__dict__.get(attribute)
         state = self.prepare(module, original)
 
         def forward(*args: Any, **kwargs: Any):
+            if args and (len(args) > 1 or kwargs or (self.only_with_grad and not (
+                    torch.is_grad_enabled() and getattr(args[0], "requires_grad", False)))):
+                return original(*args, **kwargs)
             return self.patched_forward(module, original, state, *args, **kwargs)
 
-        setattr(module, attribute, forward)
+        return set_instance_attribute(module, attribute, forward)
 
-        def undo() -> None:
-            if had_instance_forward:
-                setattr(module, attribute, previous)
-            else:
-                module.__dict__.pop(attribute, None)
 
-        return undo
+def set_instance_attribute(module: nn.Module, name: str, value: Any) -> UndoFn:
+    """Set ``module.<name>`` on the instance; the returned function restores what was there.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(1, 1)
+        >>> undo = set_instance_attribute(lin, "forward", lambda x: x); undo()
+        >>> "forward" in lin.__dict__
+        False
+    """
+    had_instance = name in module.__dict__
+    previous = module.__dict__.get(name)
+    setattr(module, name, value)
+
+    def undo() -> None:
+        if had_instance:
+            setattr(module, name, previous)
+        else:
+            module.__dict__.pop(name, None)
+
+    return undo

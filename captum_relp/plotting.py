@@ -37,7 +37,7 @@ def plot_patching_heatmaps(
     xlabel: str = "position",
     note: Optional[str] = EFFECT_NOTE,
 ):
-    """One heatmap per method (shared, symmetric colour scale), layers on the y axis.
+    """One heatmap per method (shared, symmetric colour scale), layers on the y axis, two per row.
 
     Args:
         maps: ``{method: array (layers, positions)}``, e.g. ``{"AP": ..., "AtP": ..., "RelP": ...}``.
@@ -60,12 +60,16 @@ def plot_patching_heatmaps(
 
     limit = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
     n_layers, n_positions = next(iter(maps.values())).shape
+    ncols = min(len(maps), 2)  # two panels per row: each stays readable at page width
+    nrows = -(-len(maps) // ncols)
     fig, axes = plt.subplots(
-        1, len(maps), figsize=(1.8 + (0.8 + 0.24 * n_positions) * len(maps), 2.6 + 0.3 * n_layers),
+        nrows, ncols, figsize=(1.8 + (1.2 + 0.32 * n_positions) * ncols, 1.2 + (1.9 + 0.32 * n_layers) * nrows),
         squeeze=False, constrained_layout=True,
     )
+    for ax in axes.flat[len(maps):]:
+        ax.remove()
     image = None
-    for ax, (method, values) in zip(axes[0], maps.items()):
+    for ax, (method, values) in zip(axes.flat, maps.items()):
         image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         ax.set_title(method, fontsize=11)
         ax.set_yticks(range(n_layers))
@@ -77,7 +81,7 @@ def plot_patching_heatmaps(
             ax.set_xticklabels(position_labels, rotation=90, fontsize=9)
     details = [d for d in (model_name, f"mean of N={n_prompts} prompts" if n_prompts else None) if d]
     fig.suptitle(title + (" \u2014 " + ", ".join(details) if details else ""), fontsize=12)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, pad=0.01).set_label("patching effect", fontsize=10)
+    fig.colorbar(image, ax=axes.flat[:len(maps)], shrink=0.9, pad=0.01).set_label("patching effect", fontsize=10)
     if note:
         width = max(40, int(fig.get_figwidth() * 13))
         fig.supxlabel(textwrap.fill(note, width), fontsize=8, color="0.3")
@@ -163,6 +167,11 @@ EDGE_METHOD_NAMES = {"relp": "RelP", "relp-ah": "RelP+AH", "eap": "AtP", "eap-ig
 edge patching is AP on edges)."""
 
 
+EDGE_METHOD_LABELS = {"relp": "RelP", "relp-ah": "RelP+AH", "eap": "EAP", "eap-ig": "EAP-IG",
+                      "exact": "exact patching"}
+"""How figures and prose name each edge ``--method`` identifier."""
+
+
 def method_color(method: str) -> str:
     """The colour of ``method`` (node-level name or edge method), the same in every figure.
 
@@ -196,7 +205,7 @@ def plot_faithfulness_curves(curves: Dict[str, FaithfulnessCurve], title: str = 
     for method, curve in curves.items():
         color = method_color(method)
         ax.plot(curve.fractions, curve.faithfulness, marker="o", markersize=3, color=color,
-                label=f"{method} (CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f})")
+                label=f"{EDGE_METHOD_LABELS.get(method, method)} (CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f})")
         signed = curve.faithfulness_cpr
         if signed is not None and signed != curve.faithfulness:
             ax.plot(curve.fractions, signed, ls=":", marker="^", markersize=3, color=color)
@@ -300,7 +309,7 @@ def plot_edge_circuit(scores: Tensor, graph: ComponentGraph, k: int = 20, title:
                 for f in (1.0, 0.5, 0.1)]
     handles.append(Line2D([], [], color="none", label="into a head: q left, k centre, v right"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
-              title=EDGE_METHOD_NAMES.get(method, method) if method else None, title_fontsize=8)
+              title=EDGE_METHOD_LABELS.get(method, method) if method else None, title_fontsize=8)
     ax.set_xlim(-1.8, graph.n_heads - 0.4)
     ax.set_ylim(-0.6, 2.0 * graph.n_layers + 1.6)
     ax.set_axis_off()

@@ -95,8 +95,8 @@ class LayerActivationPatching(PatchingAttribution):
             show_progress (bool): show a progress bar.
             use_cache (bool): on Hugging Face causal LMs with ``reuse_prefix=True`` and
                 ``granularity="position"`` or ``"head"``, reuse each example's clean key/value
-                cache for the positions before the patched one and recompute only the suffix
-                (``captum_relp.attr._prefix_cache``); the effects are those of the plain path.
+                cache for the positions before the patched one and recompute only the suffix;
+                the effects are those of the plain path.
                 Bidirectional and unknown models always take the plain path.
 
         Returns:

@@ -15,9 +15,12 @@ from ._common import (
     CLIError,
     add_command,
     add_run_options,
-    check_out_dir,
+    finish_out,
     load_model_from_args,
+    parse_fractions,
     parse_list,
+    prepare_out,
+    report_written,
 )
 
 METHOD_CHOICES = ("relp", "relp-ah", "eap", "eap-ig", "exact")
@@ -83,13 +86,8 @@ def run(args: argparse.Namespace) -> int:
         methods.append("exact")
     if "eap" not in methods:
         methods.insert(0, "eap")  # the cost reference
-    fractions = None
-    if args.fractions:
-        try:
-            fractions = [float(f) for f in args.fractions.split(",")]
-        except ValueError as error:
-            raise CLIError(f"--fractions takes comma-separated numbers, got {args.fractions!r}") from error
-    check_out_dir(args.out)
+    fractions = parse_fractions(args.fractions)
+    earlier = prepare_out(args, "edges")
     model, tokenizer = load_model_from_args(args)
     words = None if args.training_words else heldout_words(args.model, args.task)
     try:
@@ -112,5 +110,5 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(result.format_table())
     written = result.save(Path(args.out), plots=not args.no_plots, top_k=args.top_k)
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    report_written(written, finish_out(args, "edges", written, earlier))
     return 0

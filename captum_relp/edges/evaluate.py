@@ -139,7 +139,7 @@ def _circuit(scores: Tensor, graph: ComponentGraph, k: int, absolute: bool, gree
 
 def _check_fractions(fractions: Sequence[float]) -> List[float]:
     fractions = [float(f) for f in fractions]
-    if (len(fractions) < 2 or sorted(set(fractions)) != fractions or fractions[0] < 0.0
+    if (any(f != f for f in fractions) or len(fractions) < 2 or sorted(set(fractions)) != fractions or fractions[0] < 0.0
             or fractions[-1] != 1.0):
         raise ValueError(f"fractions must increase strictly within [0, 1] and end at 1, got {fractions}")
     return fractions

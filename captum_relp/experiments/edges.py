@@ -16,6 +16,7 @@ from ..edges.conventions import EdgeConvention, get_convention
 from ..edges.evaluate import FaithfulnessCurve, faithfulness_curve, pearson
 from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
+from ..plotting import EDGE_METHOD_LABELS as METHOD_NAMES
 
 SCORE_METHODS = ("relp", "relp-ah", "eap", "eap-ig", "exact")
 MIB_SCORE_SCALE = ("MIB stores scores divided by its batch size (the metric is averaged over each batch "
@@ -115,7 +116,7 @@ class EdgeExperimentResult:
             for method, result in self.scores.items():
                 written.append(out_dir / f"edges_circuit_{method}.png")
                 plot_edge_circuit(result.scores, self.graph, top_k,
-                                  f"{title}: {method}, greedy connected circuit of {top_k} edges",
+                                  f"{title}: {METHOD_NAMES[method]}, greedy connected circuit of {top_k} edges",
                                   written[-1], method=method)
         return written
 
@@ -244,4 +245,4 @@ def run_edge_experiment(
     return result
 
 
-__all__ = ["SCORE_METHODS", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]
+__all__ = ["SCORE_METHODS", "METHOD_NAMES", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]

@@ -78,7 +78,7 @@ class LogitDiff:
 
     reads_final_logits = True
     """Declares that only ``positions`` are read and ``(rows, V)`` logits are accepted, so the
-    attribution classes compute logits only there (see ``captum_relp._logits``)."""
+    attribution classes compute logits only there on Hugging Face causal LMs."""
 
     def __init__(self, correct_ids: IdsType, wrong_ids: IdsType, positions: Optional[IdsType] = None):
         self.correct_ids = correct_ids

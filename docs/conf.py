@@ -69,6 +69,9 @@ templates_path = ["_templates"]
 autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# types go into the parameters a docstring documents, in the field list that documents them; with
+# "all", a field list after prose (Returns:) got a second, description-less copy of every parameter
+autodoc_typehints_description_target = "documented"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 autoclass_content = "class"
@@ -183,7 +186,7 @@ def _public_bases(app, name, obj, options, bases):
     public = []
     for base in bases:
         for cls in expand(base):
-            if cls not in public:
+            if cls not in public and cls is not object:  # "Bases: object" says nothing
                 public.append(cls)
     bases[:] = public
 
@@ -213,7 +216,39 @@ def _fix_viewcode_anchors(app, pagename, templatename, context, doctree):
     context["body"] = _VIEWCODE_DOCS_LINK.sub(fix, context["body"])
 
 
+def _link_images_to_full_size(app, doctree, docname):
+    """Every figure opens at full size when clicked (notebook outputs included).
+
+    Sphinx links an image to its file only when it has a size option; ``scale: 100``
+    keeps the natural size (the CSS fits it to the column) and turns that link on.
+    """
+    from docutils import nodes
+
+    for image in doctree.findall(nodes.image):
+        if isinstance(image.parent, nodes.reference) or any(k in image for k in ("scale", "width", "height")):
+            continue
+        image["scale"] = 100
+
+
+def _copy_executed_notebooks(app, exception):
+    """Put each tutorial notebook, as executed by this build (outputs included), next to its page."""
+    import shutil
+
+    if exception is not None or app.builder.name != "html":
+        return
+    executed = os.path.join(os.path.dirname(app.outdir), "jupyter_execute", "tutorials")
+    for name in sorted(os.listdir(os.path.join(HERE, "tutorials"))):
+        if name.endswith(".ipynb"):
+            source = os.path.join(executed, name)
+            if not os.path.exists(source):
+                raise FileNotFoundError(f"{source}: the executed notebook is missing (nb_execution_mode?)")
+            os.makedirs(os.path.join(app.outdir, "tutorials"), exist_ok=True)
+            shutil.copyfile(source, os.path.join(app.outdir, "tutorials", name))
+
+
 def setup(app):
+    app.connect("doctree-resolved", _link_images_to_full_size)
+    app.connect("build-finished", _copy_executed_notebooks)
     app.connect("html-page-context", _fix_viewcode_anchors)
     app.connect("missing-reference", _resolve_reexports)
     app.connect("autodoc-process-bases", _public_bases)

@@ -198,7 +198,7 @@ def format_rows(results: List[Dict], n_cal: int, n_eval: int) -> str:
             scale = res["scale"]
             std = f"{scale['act_std']:.2f}/{scale['norm_std']:.2f}" if scale else "(trained)"
             lines.append(f"| {res['model']} | {res['task']} | {kind} | " + " | ".join(cells)
-                         + f" | {res['cal'].choices[kind]} | {std} |")
+                         + f" | `{res['cal'].choices[kind]}` | {std} |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_static" / "results"
 READ_AT = (10, 100)
 """Circuit sizes shown in the circuit tables."""
+TIE = 0.01
+"""Correlations closer than this to the best one are reported as a tie, not a win."""
 
 
 def figure(path: str, alt: str, caption: str) -> list:
@@ -60,15 +62,55 @@ def heatmap_reading(result, kind: str) -> str:
     ap = maps["AP"][kind]
     layer, role = np.unravel_index(np.abs(ap).argmax(), ap.shape)
     others = [m for m in maps if m != "AP"]
-    best = max(others, key=lambda m: result.pcc_mean_map[kind][m])
     spots = []
     for m in others:
         l2, r2 = np.unravel_index(np.abs(maps[m][kind]).argmax(), ap.shape)
         spots.append(f"{m}{' peaks' if not spots else ''} at {labels[r2]}, layer {l2}")
     return (f"Activation patching finds the largest effect at {labels[role]}, layer {layer} "
             f"({ap[layer, role]:+.2f} logit difference); " + "; ".join(spots) + ". "
-            f"Over the whole map {best} agrees best with AP (r = {result.pcc_mean_map[kind][best]:.2f}; "
-            + ", ".join(f"{m} {result.pcc_mean_map[kind][m]:.2f}" for m in others if m != best) + ").")
+            + agreement_reading({m: result.pcc_mean_map[kind][m] for m in others}))
+
+
+def join(names: list) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def agreement_reading(pcc: dict, tie: float = TIE) -> str:
+    """Which method's map agrees best with AP's; methods within ``tie`` of the best are a tie, not a win.
+
+    >>> agreement_reading({"AtP": 0.951, "RelP": 0.954, "RelP+AH": 0.955})
+    'Over the whole map AtP, RelP and RelP+AH agree with AP equally well (r = 0.95, 0.95 and 0.95: within 0.01, a tie).'
+    >>> agreement_reading({"AtP": 0.90, "RelP": 0.996, "RelP+AH": 0.999})
+    'Over the whole map RelP and RelP+AH agree with AP equally well (r = 1.00 and 1.00: within 0.01, a tie); AtP less (r = 0.90).'
+    >>> agreement_reading({"AtP": 0.80, "RelP": 0.95})
+    'Over the whole map RelP agrees best with AP (r = 0.95); AtP less (r = 0.80).'
+    """
+    top = max(pcc.values())
+    tied = [m for m, r in pcc.items() if top - r <= tie]
+    rest = [m for m in pcc if m not in tied]
+    values = join([f"{pcc[m]:.2f}" for m in tied])
+    if len(tied) == 1:
+        text = f"Over the whole map {tied[0]} agrees best with AP (r = {values})"
+    else:
+        text = (f"Over the whole map {join(tied)} agree with AP equally well "
+                f"(r = {values}: within {tie:g}, a tie)")
+    if rest:
+        text += "; " + join(rest) + " less (r = " + join([f"{pcc[m]:.2f}" for m in rest]) + ")"
+    return text + "."
+
+
+def model_row(name: str, model, result) -> list:
+    """One row of the models table: architecture, size and RelP's / AtP's per-prompt PCC with AP."""
+    config = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    pcc = result.pcc_per_prompt
+    return ([f"`{name}`", config.model_type, config.num_hidden_layers, f"{n_params / 1e6:.2f} M"]
+            + [f"{pcc[k]['RelP']:.3f} / {pcc[k]['AtP']:.3f}" for k in KINDS])
+
+
+MODEL_ROWS: list = []
+"""Filled by ioi_section: one row per model run."""
 
 
 def ioi_section(name: str, n_prompts: int) -> str:
@@ -78,6 +120,7 @@ def ioi_section(name: str, n_prompts: int) -> str:
                                 names=info["heldout_names"], show_progress=False)
     folder = OUT / f"ioi-{name}"
     result.save(folder)
+    MODEL_ROWS.append(model_row(name, model, result))
     methods = [m for m in result.scores if m != "AP"]
     counts = result.layout.counts()
     short = [label for label, n in zip(result.position_labels, counts) if n < n_prompts]
@@ -202,6 +245,12 @@ def main() -> None:
     for nodes in ("features", "neurons"):
         sections.append(circuit_section(EMBEDDED_MODELS[0], nodes, args.n_train, args.n_test))
     sections.append(f"Total time of this script: {time.time() - began:.0f} s.")
+    table_lines = ["## Models run", "",
+                   f"Every model this page measured, with the IOI correlation with activation patching "
+                   f"(per-prompt maps, {args.n_prompts} prompt pairs, RelP / AtP; details below).", ""]
+    table_lines += table(["model", "architecture", "layers", "parameters"]
+                         + [f"{KIND_TITLES[k]} RelP / AtP" for k in KINDS], MODEL_ROWS)
+    sections[0:0] = ["\n".join(table_lines)]
     (ROOT / "docs" / "results_measured.md").write_text("\n".join(sections) + "\n")
     (OUT / "settings.json").write_text(json.dumps(vars(args)))
 

@@ -153,3 +153,105 @@ def test_ioi_methods_skip_ap_and_cost_is_stated_first(tmp_path, capsys):
     results = json.loads((out / "ioi_results.json").read_text())
     assert set(results["seconds"]) == {"AtP", "RelP"}
     assert all(value != value for value in results["pcc_per_prompt"]["mlp"].values())  # NaN: no AP reference
+# --- where results go: --out checked before any work, earlier runs never silently mixed ------------------------
+
+def _fail_if_loaded(monkeypatch):
+    """Loading a model means work started: these checks must come first."""
+    import captum_relp.cli._common as common
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(common, "load_model", boom, raising=False)
+    monkeypatch.setattr("captum_relp.embedded.load_model", boom)
+
+
+@pytest.mark.parametrize("command", [["ioi"], ["circuit", "--nodes", "components"], ["edges"]])
+def test_out_that_cannot_be_created_fails_before_any_work(command, monkeypatch, capsys):
+    _fail_if_loaded(monkeypatch)
+    assert main(command + ["--out", "/proc/captum-relp-x", "--quiet"]) == EXIT_USAGE
+    assert "--out /proc/captum-relp-x cannot be written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["ioi"], ["circuit", "--nodes", "components"], ["edges"]])
+def test_directory_of_another_run_is_refused_without_overwrite(command, tmp_path, monkeypatch, capsys):
+    (tmp_path / "edges_circuit_eap.png").write_bytes(b"an earlier run's figure")
+    (tmp_path / "notes.txt").write_text("mine")
+    _fail_if_loaded(monkeypatch)
+    assert main(command + ["--out", str(tmp_path), "--quiet"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "holds the results of another run (edges_circuit_eap.png)" in err and "--overwrite" in err
+    assert (tmp_path / "edges_circuit_eap.png").read_bytes() == b"an earlier run's figure"
+
+
+def test_overwrite_removes_the_earlier_runs_other_files(tmp_path, capsys):
+    argv = ["ioi", "--n-prompts", "2", "--batch-size", "2", "--quiet", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "captum-relp-run.json").read_text())
+    assert first["command"] == "ioi" and "ioi_heatmap_mlp.png" in first["files"]
+    (tmp_path / "edges_circuit_eap.png").write_bytes(b"from another model")
+    (tmp_path / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(argv + ["--no-plots"]) == EXIT_USAGE  # a second run into the same directory is refused
+    assert main(argv + ["--no-plots", "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # the first run's heatmaps and the stray figure are gone, the user's own file stays
+    assert left == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json", "notes.txt"]
+    assert "removed the earlier run's" in out and "ioi_heatmap_resid.png" in out
+    second = json.loads((tmp_path / "captum-relp-run.json").read_text())
+    assert second["files"] == ["ioi_results.json", "ioi_pcc.csv"] and second["settings"]["no_plots"] is True
+
+
+def test_result_patterns_cover_every_output():
+    import re
+
+    from captum_relp.cli import SUBCOMMANDS
+    from captum_relp.cli._common import MANIFEST, RESULT_PATTERNS
+
+    derived = [re.sub(r"\{[^}]*\}|<[^>]*>", "*", name) for command in SUBCOMMANDS for name in command.OUTPUTS]
+    assert sorted(RESULT_PATTERNS) == sorted(derived + [MANIFEST])
+
+
+def test_default_out_names_the_command_task_and_model(monkeypatch, tmp_path, capsys):
+    from captum_relp.cli._common import default_out
+    from captum_relp.cli import build_parser
+
+    parser = build_parser()
+    assert default_out(parser.parse_args(["ioi"]), "ioi") == "relp-out/ioi-tiny-gpt2-ioi"
+    assert default_out(parser.parse_args(["edges", "--model", "tiny-llama-ioi"]), "edges") == \
+        "relp-out/edges-ioi-tiny-llama-ioi"
+    assert default_out(parser.parse_args(["circuit", "--model", "org/Some Model"]), "circuit") == \
+        "relp-out/circuit-sva-org--Some-Model"
+
+
+def test_readme_cli_lines_write_to_different_directories():
+    """Running the README's command-line block top to bottom loses no run's results."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from captum_relp.cli import build_parser
+    from captum_relp.cli._common import default_out
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Command line\s+```bash\n(.*?)```", readme, re.S).group(1)
+    outs = []
+    for line in block.strip().splitlines():
+        if not line.startswith("captum-relp "):  # e.g. the one-off fetch script
+            continue
+        argv = shlex.split(line.split("#")[0])[1:]
+        args = build_parser().parse_args(argv)
+        outs.append(args.out or default_out(args, argv[0]))
+    assert len(outs) >= 4 and len(set(outs)) == len(outs), outs
+
+
+@pytest.mark.parametrize("fractions, message", [("0,nan,1", "numbers in [0, 1], got 'nan'"),
+                                                ("0,1.5,1", "numbers in [0, 1], got '1.5'"),
+                                                ("0,x,1", "comma-separated numbers"),
+                                                ("0.5,0.1,1", "must increase from 0 to 1")])
+def test_edges_bad_fractions_are_a_clean_error(fractions, message, monkeypatch, capsys):
+    _fail_if_loaded(monkeypatch)
+    assert main(["edges", "--fractions", fractions, "--quiet"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("captum-relp: error: --fractions") and message in err and "Traceback" not in err

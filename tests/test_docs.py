@@ -70,7 +70,7 @@ def test_api_reference_covers_public_names():
     import captum_relp
     import captum_relp.rules
 
-    api = (DOCS / "api.rst").read_text(encoding="utf-8")
+    api = "\n".join(p.read_text(encoding="utf-8") for p in [DOCS / "api.rst", *sorted((DOCS / "api").glob("*.rst"))])
     for name in captum_relp.__all__ + captum_relp.rules.__all__:
         assert re.search(rf"^\s+{name}$|py:data:: {name}$", api, flags=re.M), name
 
@@ -117,3 +117,15 @@ def test_quickstart_examples_match_readme_and_hub_variant_runs(tmp_path, monkeyp
     assert tuple(namespace["heads"].shape) == (model.config.n_layer, model.config.n_head)
     assert namespace["batch"].attention_mask.min() == 0  # the variant exercises padding
     assert capsys.readouterr().out.count("head ") == 5
+
+
+def test_install_instructions_say_how_to_get_the_cpu_build():
+    """README and installation page: from the clone (not PyPI), and the CPU build of torch spelled out."""
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    installation = (DOCS / "installation.md").read_text(encoding="utf-8")
+    for text in (readme, installation):
+        assert "--index-url https://download.pytorch.org/whl/cpu" in text
+        assert "keeps the download small" not in text and "keep the\ndownload small" not in text
+    integrations = (DOCS / "integrations.md").read_text(encoding="utf-8")
+    assert '"captum-relp[integrations]"' not in integrations and '-e ".[integrations]"' in integrations
+    assert 'pip install -e ".[docs,integrations]"' in readme  # the docs build runs the integration examples

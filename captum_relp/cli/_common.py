@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from ..embedded import DEFAULT_MODEL, EMBEDDED_MODELS
@@ -10,6 +11,7 @@ from ..embedded.fetch import FETCHABLE
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TASK = 0, 1, 2, 3
 DTYPES = ("float32", "bfloat16", "float16")
+OUT_ROOT = "relp-out"
 
 
 class CLIError(Exception):
@@ -54,9 +56,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
-    """``--seed``, ``--out``, ``--no-plots``, ``--quiet`` (the same in every subcommand)."""
+    """``--seed``, ``--out``, ``--overwrite``, ``--no-plots``, ``--quiet`` (the same in every subcommand)."""
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
-    parser.add_argument("--out", default="relp-out", help="output directory")
+    parser.add_argument("--out", default=None,
+                        help=f"output directory; None: {OUT_ROOT}/COMMAND-TASK-MODEL ({OUT_ROOT}/ioi-MODEL for ioi)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --out (its files this run does not "
+                             "rewrite are removed); without it such a directory is refused")
     parser.add_argument("--no-plots", action="store_true", help=f"do not write {plots}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -89,8 +95,6 @@ def load_model_from_args(args: argparse.Namespace) -> Tuple[Any, Any]:
 
 def check_out_dir(path: str) -> None:
     """``--out`` must be a directory or a path that can become one (checked before any work)."""
-    from pathlib import Path
-
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
@@ -106,3 +110,168 @@ def parse_list(text: str, option: str, allowed: Optional[Tuple[str, ...]] = None
         choices = f" of {list(allowed)}" if allowed is not None else ""
         raise CLIError(f"{option} takes a comma-separated list{choices}, got {text!r}")
     return items
+
+
+MANIFEST = "captum-relp-run.json"
+"""Written last into ``--out``: the command, its settings and the files of the run."""
+
+
+def default_out(args: argparse.Namespace, command: str) -> str:
+    """``relp-out/COMMAND[-TASK]-MODEL``: runs that differ in command, task or model land apart.
+
+    Example:
+        >>> default_out(argparse.Namespace(model="tiny-llama-ioi", task="sva"), "circuit")
+        'relp-out/circuit-sva-tiny-llama-ioi'
+    """
+    import re
+
+    model = str(args.model).rstrip("/")
+    model = Path(model).name if Path(model).exists() else model.replace("/", "--")
+    parts = [command, getattr(args, "task", None), re.sub(r"[^A-Za-z0-9._-]+", "-", model)]
+    return f"{OUT_ROOT}/" + "-".join(p for p in parts if p)
+
+
+RESULT_PATTERNS = ("ioi_results.json", "ioi_pcc.csv", "ioi_heatmap_*.png",
+                   "circuit_results.json", "circuit_faithfulness.png", "circuit_edges.json",
+                   "edges_results.json", "edges_faithfulness.png", "edges_circuit_*.png", MANIFEST)
+"""Every file a subcommand writes (its ``OUTPUTS``, as glob patterns; a test keeps them in step)."""
+
+
+def earlier_run_files(out: Path) -> list:
+    """The files in ``out`` that an earlier captum-relp run wrote (its manifest's list and known names).
+
+    Example:
+        >>> earlier_run_files(Path("no-such-directory"))
+        []
+    """
+    import json
+
+    if not out.is_dir():
+        return []
+    found = {p for pattern in RESULT_PATTERNS for p in out.glob(pattern) if p.is_file()}
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text()).get("files", [])
+        except (ValueError, AttributeError):
+            listed = []
+        found.update(out / Path(name).name for name in listed if (out / Path(name).name).is_file())
+    return sorted(found)
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and a file in it (both removed again): an error, exit code 2, if that fails.
+
+    Example:
+        >>> check_writable(Path("/proc/no-such-dir"))
+        Traceback (most recent call last):
+        ...
+        captum_relp.cli._common.CLIError: --out /proc/no-such-dir cannot be written: No such file or directory
+    """
+    import tempfile
+
+    missing = [p for p in [out, *out.parents] if not p.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".captum-relp-probe-"):
+            pass
+    except OSError as error:
+        raise CLIError(f"--out {out} cannot be written: {error.strerror or error}") from error
+    finally:
+        for path in missing:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+
+
+def prepare_out(args: argparse.Namespace, command: str) -> list:
+    """Before any work: resolve ``--out`` (set on ``args``), check it can be written, and refuse a
+    directory that holds another run's results unless ``--overwrite``. Returns those earlier files.
+
+    Example:
+        >>> import tempfile
+        >>> args = argparse.Namespace(out=tempfile.mkdtemp(), overwrite=False)
+        >>> prepare_out(args, "ioi")
+        []
+    """
+    if args.out is None:
+        args.out = default_out(args, command)
+    check_out_dir(args.out)
+    out = Path(args.out)
+    check_writable(out)
+    earlier = earlier_run_files(out)
+    if earlier and not args.overwrite:
+        shown = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise CLIError(f"--out {out} holds the results of another run ({shown}); pass --overwrite to "
+                       "replace them, or choose another --out")
+    return earlier
+
+
+def finish_out(args: argparse.Namespace, command: str, written: list, earlier: list) -> list:
+    """After the run wrote ``written``: remove the earlier run's files it did not rewrite and write
+    the manifest. Returns the removed files.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()); (out / "edges_circuit_exact.png").write_bytes(b"old")
+        3
+        >>> args = argparse.Namespace(out=str(out), model="m", seed=0, overwrite=True, func=None)
+        >>> [p.name for p in finish_out(args, "edges", [], earlier_run_files(out))]
+        ['edges_circuit_exact.png']
+    """
+    import json
+
+    from .. import __version__
+
+    out = Path(args.out)
+    kept = {Path(p).resolve() for p in written}
+    removed = [p for p in earlier if p.resolve() not in kept and p.name != MANIFEST]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    plain = (str, int, float, bool, type(None))
+    settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, plain)}
+    (out / MANIFEST).write_text(json.dumps({"command": command, "version": __version__, "settings": settings,
+                                            "files": [Path(p).name for p in written]}, indent=2))
+    return removed
+
+
+def parse_fractions(text: Optional[str]) -> Optional[list]:
+    """``--fractions``: finite numbers increasing from 0 to 1 (checked before any work); None stays None.
+
+    Example:
+        >>> parse_fractions("0,0.5,1")
+        [0.0, 0.5, 1.0]
+        >>> parse_fractions("0,nan,1")
+        Traceback (most recent call last):
+        ...
+        captum_relp.cli._common.CLIError: --fractions takes numbers in [0, 1], got 'nan'
+    """
+    import math
+
+    if not text:
+        return None
+    try:
+        fractions = [float(f) for f in text.split(",")]
+    except ValueError as error:
+        raise CLIError(f"--fractions takes comma-separated numbers, got {text!r}") from error
+    bad = [item.strip() for item, f in zip(text.split(","), fractions) if not (math.isfinite(f) and 0.0 <= f <= 1.0)]
+    if bad:
+        raise CLIError(f"--fractions takes numbers in [0, 1], got {', '.join(map(repr, bad))}")
+    if fractions[0] != 0.0 or fractions[-1] != 1.0 or sorted(fractions) != fractions:
+        raise CLIError(f"--fractions must increase from 0 to 1, got {text!r}")
+    return fractions
+
+
+def report_written(written: list, removed: list) -> None:
+    """Print the files a run wrote and the earlier run's files it removed (``--overwrite``).
+
+    Example:
+        >>> report_written([Path("out/a.json")], [Path("out/b.png")])
+        <BLANKLINE>
+        wrote out/a.json
+        removed the earlier run's out/b.png
+    """
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    if removed:
+        print("removed the earlier run's " + ", ".join(str(p) for p in removed))

@@ -16,10 +16,12 @@ from ._common import (
     CLIError,
     add_command,
     add_run_options,
-    check_out_dir,
+    finish_out,
     join_ranks,
     load_model_from_args,
     parse_list,
+    prepare_out,
+    report_written,
 )
 
 OUTPUTS = {
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--method: {error}") from error
     if "AP" in methods:
         raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
-    check_out_dir(args.out)
+    earlier = prepare_out(args, "circuit")
     if not args.quiet:
         _say(cost_notice(methods, args.nodes, args.n_steps))
     saes = _saes(args) if args.nodes == "features" else None
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(result.summary())
     written = result.save(Path(args.out), plots=not args.no_plots)
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    report_written(written, finish_out(args, "circuit", written, earlier))
     return 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..edges.conventions import CONVENTIONS
 from ..edges.graph import build_graph
+from ..edges.scores import IG_GRIDS
 from ..embedded import heldout_words
 from ..experiments.edges import run_edge_experiment
 from ..tasks import TASKS
@@ -13,17 +15,21 @@ from ._common import (
     CLIError,
     add_command,
     add_run_options,
-    check_out_dir,
+    finish_out,
     load_model_from_args,
+    parse_fractions,
     parse_list,
+    prepare_out,
+    report_written,
 )
 
 METHOD_CHOICES = ("relp", "relp-ah", "eap", "eap-ig", "exact")
 
 OUTPUTS = {
-    "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts",
+    "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "
+                          "meta.convention",
     "edges_faithfulness.png": "faithfulness against circuit size (fraction of edges) per method",
-    "edges_circuit_<method>.png": "the top-k edges of each method's circuit (unless --no-plots)",
+    "edges_circuit_<method>.png": "each method's greedy connected circuit of --top-k edges (unless --no-plots)",
 }
 """Files written to ``--out``."""
 
@@ -47,7 +53,15 @@ def add_parser(sub) -> None:
     parser.add_argument("--n-prompts", type=int, default=50, help="prompt pairs used to score edges")
     parser.add_argument("--n-eval", type=int, default=None, help="separate pairs for faithfulness; None: --n-prompts")
     parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG integration steps")
-    parser.add_argument("--fractions", default=None, help="comma-separated circuit sizes in [0, 1]; None: the MIB grid")
+    parser.add_argument("--convention", choices=sorted(CONVENTIONS), default="library",
+                        help="circuit sizes, rounding, CPR ranking, key/value inputs and EAP-IG grid: the "
+                             "library's or MIB's circuit track (docs: Edge-level RelP)")
+    parser.add_argument("--ig-grid", choices=IG_GRIDS, default=None,
+                        help="EAP-IG points k/m: right k=1..m (paper), left k=0..m-1 (MIB); None: the convention's")
+    parser.add_argument("--greedy", action="store_true",
+                        help="MIB's greedy connected circuits (from the logits back) instead of global top-k")
+    parser.add_argument("--fractions", default=None,
+                        help="comma-separated circuit sizes in [0, 1]; None: the convention's grid")
     parser.add_argument("--training-words", action="store_true",
                         help="shipped models: prompts from the names/nouns seen in training instead of the "
                              "held-out ones (which captum-relp ioi and circuit use too)")
@@ -72,13 +86,8 @@ def run(args: argparse.Namespace) -> int:
         methods.append("exact")
     if "eap" not in methods:
         methods.insert(0, "eap")  # the cost reference
-    fractions = None
-    if args.fractions:
-        try:
-            fractions = [float(f) for f in args.fractions.split(",")]
-        except ValueError as error:
-            raise CLIError(f"--fractions takes comma-separated numbers, got {args.fractions!r}") from error
-    check_out_dir(args.out)
+    fractions = parse_fractions(args.fractions)
+    earlier = prepare_out(args, "edges")
     model, tokenizer = load_model_from_args(args)
     words = None if args.training_words else heldout_words(args.model, args.task)
     try:
@@ -90,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_edge_experiment(
             model, tokenizer, task=args.task, methods=methods, n_prompts=args.n_prompts, n_eval=args.n_eval,
             seed=args.seed, words=words, n_steps=args.n_steps, repeats=args.repeats, model_name=args.model,
-            structure=args.structure, show_progress=not args.quiet, **extra,
+            structure=args.structure, show_progress=not args.quiet, convention=args.convention,
+            ig_grid=args.ig_grid, greedy=args.greedy, **extra,
         )
     except ValueError as error:
         if "fractions" in str(error):
@@ -100,5 +110,5 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(result.format_table())
     written = result.save(Path(args.out), plots=not args.no_plots, top_k=args.top_k)
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    report_written(written, finish_out(args, "edges", written, earlier))
     return 0

@@ -13,10 +13,12 @@ from ._common import (
     CLIError,
     add_command,
     add_run_options,
-    check_out_dir,
+    finish_out,
     join_ranks,
     load_model_from_args,
     parse_list,
+    prepare_out,
+    report_written,
 )
 
 RELP_PRESETS = ("relp", "relp-ah", "calibrated")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     """
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
     methods = parse_list(args.methods.lower(), "--methods", METHOD_CHOICES)
-    check_out_dir(args.out)
+    earlier = prepare_out(args, "ioi")
     writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts
     model, tokenizer = load_model_from_args(args)
     if not args.quiet:
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, "
               f"{calibration['seconds']:.1f} s):\n{calibration['summary']}")
     written = result.save(Path(args.out), plots=not args.no_plots)
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    report_written(written, finish_out(args, "ioi", written, earlier))
     return 0
 
 

@@ -144,13 +144,24 @@ def _additive_mask(attention_mask: Optional[Tensor], batch: int, length: int, re
     return torch.where(keep, zero, torch.finfo(ref.dtype).min)
 
 
+def _ungroup(weight: Tensor, bias: Optional[Tensor], n_heads: int):
+    """Key or value weights ``(H_kv, d, D)`` repeated per query head ``(H, d, D)`` (ungrouped graphs)."""
+    repeat = n_heads // weight.shape[0]
+    if repeat == 1:
+        return weight, bias
+    return weight.repeat_interleave(repeat, 0), None if bias is None else bias.repeat_interleave(repeat, 0)
+
+
 def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tensor:
-    """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``."""
+    """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``,
+    ``K`` key/value inputs per layer (``graph.n_kv_inputs``)."""
     g = parts.graph
-    H, K = g.n_heads, g.n_kv_heads
+    H, K = g.n_heads, g.n_kv_inputs
     attn = parts.attention(layer)
     normed = parts.norms(layer)[0](x)
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = parts.weights(layer)
+    if g.ungrouped:  # one key/value input per query head, each through its group's weights
+        (w_k, b_k), (w_v, b_v) = _ungroup(w_k, b_k, H), _ungroup(w_v, b_v, H)
     q = _project(normed[:, :, :H], w_q, b_q)
     k = _project(normed[:, :, H:H + K], w_k, b_k)
     v = _project(normed[:, :, H + K:], w_v, b_v)

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+
+_OPTION = re.compile(r"(?<![`\w-])(--[a-z][a-z0-9-]*)")
 
 
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _prose(text: object) -> str:
+    """A description cell: option names in code font, so ``--no-plots`` is not typeset with an en-dash."""
+    return _OPTION.sub(r"`\1`", _cell(text))
 
 
 def cli_reference() -> str:
@@ -25,16 +33,17 @@ def cli_reference() -> str:
         subparser = sub.choices[name]
         rows = ["| Option | Default | Description |", "|---|---|---|"]
         for action in subparser._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue  # hidden options (kept for old command lines) are not documented
             flag = ", ".join(f"`{o}`" for o in action.option_strings)
             if action.choices:
                 flag += " {" + ", ".join(map(str, action.choices)) + "}"
             default = "off" if isinstance(action, argparse._StoreTrueAction) else f"`{action.default}`"
-            rows.append(f"| {_cell(flag)} | {_cell(default)} | {_cell(action.help or '')} |")
+            rows.append(f"| {_cell(flag)} | {_cell(default)} | {_prose(action.help or '')} |")
         outputs = ["| File | Contents |", "|---|---|"] + [
-            f"| `{_cell(path)}` | {_cell(what)} |" for path, what in command.OUTPUTS.items()]
-        chunks.append(f"## `captum-relp {name}`\n\n{_cell(command.__doc__.splitlines()[0].split(': ', 1)[-1])}\n\n"
+            f"| `{_cell(path)}` | {_prose(what)} |" for path, what in command.OUTPUTS.items()]
+        outputs.append(f"| `{cli._common.MANIFEST}` | the command, its settings and the files above (written last) |")
+        chunks.append(f"## `captum-relp {name}`\n\n{_prose(command.__doc__.splitlines()[0].split(': ', 1)[-1])}\n\n"
                       + "\n".join(rows) + "\n\nOutput files (in `--out`):\n\n" + "\n".join(outputs) + "\n")
     codes = [("0", "success"), ("1", "any other error"),
              ("2", "bad arguments, or a model that cannot be loaded"),

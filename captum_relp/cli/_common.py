@@ -115,7 +115,8 @@ MANIFEST = "captum-relp-run.json"
 
 
 def default_out(args: argparse.Namespace, command: str) -> str:
-    """``relp-out/COMMAND[-TASK]-MODEL``: runs that differ in command, task or model land apart.
+    """``relp-out/COMMAND[-TASK]-MODEL[-CONVENTION]``: runs that differ in command, task, model or
+    (edges) a non-default convention land apart.
 
     Example:
         >>> default_out(argparse.Namespace(model="tiny-llama-ioi", task="sva"), "circuit")
@@ -125,7 +126,9 @@ def default_out(args: argparse.Namespace, command: str) -> str:
 
     model = str(args.model).rstrip("/")
     model = Path(model).name if Path(model).exists() else model.replace("/", "--")
-    parts = [command, getattr(args, "task", None), re.sub(r"[^A-Za-z0-9._-]+", "-", model)]
+    convention = getattr(args, "convention", None)
+    parts = [command, getattr(args, "task", None), re.sub(r"[^A-Za-z0-9._-]+", "-", model),
+             convention if convention not in (None, "library") else None]
     return f"{OUT_ROOT}/" + "-".join(p for p in parts if p)
 
 

@@ -10,12 +10,15 @@ accepted as ``rules=`` by :class:`~captum_relp.LayerRelevancePatching`.
 """
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._calibration_schema import model_signature
+from ._calibration_select import group_data, select
+from ._forward import MetricEvaluator, call_model, split_forward_args
 from .attr import LayerActivationPatching, LayerRelevancePatching
 from .calibrated_rules import (
     SCORES,
@@ -43,6 +46,10 @@ def calibrate_rules(
     groups: Optional[Sequence[str]] = None,
     candidates: Optional[Sequence[RuleSet]] = None,
     score: str = "pearson",
+    default: Optional[str] = None,
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
 ) -> CalibratedRules:
     r"""Choose, per group of layers, the rule set whose RelP scores agree best with AP.
 
@@ -51,9 +58,22 @@ def calibrate_rules(
     :class:`~captum_relp.LayerRelevancePatching` pass per candidate. Scores are
     summed over the hidden dimension (one value per example and position), and the
     agreement of a group is computed over all its layers, examples and positions
-    (entries where AP and RelP are both exactly zero, i.e. padding, are dropped).
-    Ties go to the earlier candidate. Evaluate the choice on held-out pairs: a small
-    calibration set can overfit.
+    (entries where AP and every candidate are exactly zero, i.e. padding, are dropped).
+
+    The choice accounts for noise (a paired bootstrap over the calibration pairs, see
+    :mod:`captum_relp._calibration_select`): per group the ``default`` (the plain gradient,
+    i.e. AtP) is kept unless a candidate's margin over it is above zero over its whole
+    bootstrap interval (Bonferroni-corrected over the candidates); among those that pass,
+    the highest agreement wins. When a candidate looks better but not beyond the noise, the
+    default is kept with a warning. The intervals, margins and decisions are in
+    :meth:`CalibratedRules.summary` and in the saved file.
+
+    Raises a ``ValueError`` when the corruption has no effect (clean == corrupt, or AP
+    zero everywhere); a group whose AP is zero everywhere keeps the default with a warning
+    (its agreements are ``None``, never NaN).
+
+    Cost: AP once, then one RelP pass (2 forward + 1 backward) per candidate: up to 16 for
+    a transformer with norms, activations, gated MLPs and the AH-rule (:func:`default_candidates`).
 
     Args:
         forward_func (Callable or nn.Module): the model (Hugging Face: ``.logits``).
@@ -67,6 +87,11 @@ def calibrate_rules(
             else the layer's class name.
         candidates (list of RuleSet, optional): default :func:`default_candidates`.
         score (str): ``"pearson"`` (default), ``"spearman"`` or ``"topk"``.
+        default (str, optional): the candidate kept unless another beats it beyond the
+            noise (default ``"gradient"`` when it is a candidate, else the first candidate).
+        confidence (float): level of the reported intervals (default 0.95).
+        n_bootstrap (int): bootstrap resamples of the calibration pairs (default 1000).
+        seed (int): seed of the resampling.
 
     Returns:
         CalibratedRules
@@ -104,31 +129,65 @@ def calibrate_rules(
     names = [c.name for c in candidates]
     if not candidates or len(set(names)) != len(names):
         raise ValueError(f"candidates must be a non-empty list of RuleSets with distinct names, got {names}")
+    default = default if default is not None else ("gradient" if "gradient" in names else names[0])
+    if default not in names:
+        raise ValueError(f"default {default!r} is not one of the candidates {names}")
+    _check_effect(inputs, baselines)
 
     kwargs = dict(baselines=baselines, target=target, additional_forward_args=additional_forward_args,
                   attribute_to_layer_input=flags, metric=metric)
     reference = LayerActivationPatching(forward_func, layers, model=model).attribute(inputs, **kwargs)
+    tolerance = _effect_tolerance(forward_func, inputs, additional_forward_args, target, metric, model)
+    if not any(bool((r.abs() > tolerance).any()) for r in reference):
+        raise ValueError(f"activation patching is zero (|effect| <= {tolerance:.1e}, rounding) for every "
+                         "calibrated layer and position: the corruption has no effect on the metric, so no "
+                         "rule set can be calibrated on these pairs")
     per_candidate = {}
     for candidate in candidates:
         relp = LayerRelevancePatching(forward_func, layers, rules=explicit_ruleset(candidate), model=model)
         per_candidate[candidate.name] = [_per_position(s) for s in relp.attribute(inputs, **kwargs)]
 
-    table: Dict[str, Dict[str, float]] = {}
-    choices: Dict[str, str] = {}
-    for group in dict.fromkeys(groups):
-        idx = [i for i, g in enumerate(groups) if g == group]
-        ap = torch.cat([reference[i].flatten().float() for i in idx])
-        row = {}
-        for name, scores in per_candidate.items():
-            values = torch.cat([scores[i].flatten().float() for i in idx])
-            keep = (values != 0) | (ap != 0)
-            row[name] = agreement(values[keep], ap[keep], score)
-        table[group] = row
-        choices[group] = max(names, key=lambda n: -math.inf if math.isnan(row[n]) else row[n])
+    selection = {group: select(data, default, score, confidence, n_bootstrap, seed, group, tolerance)
+                 for group, data in group_data(reference, per_candidate, groups).items()}
+    for sel in selection.values():
+        if sel.decision in ("undecided", "no-effect"):
+            warnings.warn(sel.note, CalibrationWarning, stacklevel=2)
     n_examples = int((inputs[0] if isinstance(inputs, tuple) else inputs).shape[0])
-    info = {"relp_passes_per_batch": len({choices[g] for g in choices}), "candidates_run": len(candidates)}
-    return CalibratedRules({c.name: c for c in candidates}, choices, table, list(groups), auto_groups,
-                           score, n_examples, info)
+    choices = {g: sel.choice for g, sel in selection.items()}
+    info = {"relp_passes_per_batch": len(set(choices.values())), "candidates_run": len(candidates),
+            "cost": f"activation patching once, then one RelP pass (2 forward + 1 backward) per candidate "
+                    f"({len(candidates)})"}
+    return CalibratedRules({c.name: c for c in candidates}, choices,
+                           {g: sel.agreement for g, sel in selection.items()}, list(groups), auto_groups,
+                           score, n_examples, info, default=default, confidence=confidence,
+                           n_bootstrap=n_bootstrap, selection={g: s.to_dict() for g, s in selection.items()},
+                           model=model_signature(root))
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration data could not decide a group's rule set (the default was kept)."""
+
+
+def _effect_tolerance(forward_func: Callable, inputs: Any, additional_forward_args: Any, target: Any,
+                      metric: Any, model: Optional[nn.Module]) -> float:
+    """The size below which an AP effect is rounding: 100 ulps of the largest clean metric value."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    args, kw = split_forward_args(forward_func, additional_forward_args, model)
+    with torch.no_grad():
+        output = call_model(forward_func, inputs, args, kw)
+    values = MetricEvaluator(inputs[0].shape[0], target, metric)(output, kw.get("attention_mask"))
+    eps = torch.finfo(output.dtype).eps if output.is_floating_point() else torch.finfo(torch.float32).eps
+    return 100 * eps * max(float(values.abs().max()), 1e-30)
+
+
+def _check_effect(inputs: Any, baselines: Any) -> None:
+    """Clean == corrupt everywhere: no effect to calibrate on (raise before running AP)."""
+    pairs = zip(inputs, baselines) if isinstance(inputs, tuple) else [(inputs, baselines)]
+    if isinstance(inputs, tuple) and not isinstance(baselines, tuple):
+        return
+    if all(isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+           for a, b in pairs):
+        raise ValueError("the clean inputs equal the corrupt baselines: there is no effect to calibrate on")
 
 
 def _per_position(scores: Tensor) -> Tensor:
@@ -184,5 +243,5 @@ def calibrated_ioi_rules(
     return cal
 
 
-__all__ = ["CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
+__all__ = ["CalibrationWarning", "CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
            "explicit_ruleset", "infer_groups", "agreement", "SCORES"]

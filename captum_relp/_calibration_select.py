@@ -52,6 +52,10 @@ class GroupData:
     scores: Dict[str, Tensor]
     mask: Tensor
 
+    def rows(self, index: Tensor) -> "GroupData":
+        """The data of the calibration pairs ``index`` (e.g. a subset, or a resample)."""
+        return GroupData(self.reference[index], {n: s[index] for n, s in self.scores.items()}, self.mask[index])
+
 
 @dataclass
 class Selection:

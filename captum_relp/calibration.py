@@ -11,13 +11,14 @@ accepted as ``rules=`` by :class:`~captum_relp.LayerRelevancePatching`.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._calibration_schema import model_signature
-from ._calibration_select import group_data, select
+from ._calibration_select import GroupData, group_data, select
 from ._forward import MetricEvaluator, call_model, split_forward_args
 from .attr import LayerActivationPatching, LayerRelevancePatching
 from .calibrated_rules import (
@@ -115,6 +116,67 @@ def calibrate_rules(
 
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if candidates is not None and default is not None and default not in [c.name for c in candidates]:
+        raise ValueError(f"default {default!r} is not one of the candidates {[c.name for c in candidates]}")
+    scores = score_candidates(forward_func, layers, inputs, baselines, model=model, metric=metric, target=target,
+                              additional_forward_args=additional_forward_args, attribute_to_layer_input=attribute_to_layer_input,
+                              groups=groups, candidates=candidates)
+    return _choose(scores, score, default, confidence, n_bootstrap, seed)
+
+
+@dataclass
+class CandidateScores:
+    """AP and every candidate's RelP scores on the calibration pairs, by group (one row per pair).
+
+    Computed once by :func:`score_candidates`; :func:`choose_rules` picks the rules from it, so
+    a study of the calibration size can choose on subsets (:meth:`rows`) without rerunning AP.
+    """
+
+    candidates: List[RuleSet]
+    groups: List[str]
+    auto_groups: bool
+    data: Dict[str, GroupData]
+    tolerance: float
+    model: Optional[Dict[str, Any]] = None
+
+    @property
+    def n_examples(self) -> int:
+        """Number of calibration pairs."""
+        return int(next(iter(self.data.values())).reference.shape[0])
+
+    def rows(self, index: Any) -> "CandidateScores":
+        """The scores of the calibration pairs ``index`` only."""
+        index = torch.as_tensor(index)
+        return replace(self, data={g: d.rows(index) for g, d in self.data.items()})
+
+
+def score_candidates(
+    forward_func: Callable,
+    layers: Sequence[nn.Module],
+    inputs: Union[Tensor, Tuple[Tensor, ...]],
+    baselines: Union[Tensor, Tuple[Tensor, ...]],
+    *,
+    model: Optional[nn.Module] = None,
+    metric: Optional[Callable[[Tensor], Tensor]] = None,
+    target: Any = None,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
+    groups: Optional[Sequence[str]] = None,
+    candidates: Optional[Sequence[RuleSet]] = None,
+) -> CandidateScores:
+    """Run AP once and RelP once per candidate on the calibration pairs (arguments as in :func:`calibrate_rules`).
+
+    Raises a ``ValueError`` when the corruption has no effect (clean == corrupt, or AP zero
+    up to rounding everywhere).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+        >>> x, x_corrupt = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+        >>> scores = score_candidates(net, [net[0]], x, x_corrupt, metric=lambda out: out[:, -1, 0])
+        >>> [c.name for c in scores.candidates], scores.rows([0, 1]).n_examples
+        (['gradient', 'relp'], 2)
+    """
     layers = list(layers)
     flags = ([bool(attribute_to_layer_input)] * len(layers) if isinstance(attribute_to_layer_input, bool)
              else [bool(f) for f in attribute_to_layer_input])
@@ -129,11 +191,7 @@ def calibrate_rules(
     names = [c.name for c in candidates]
     if not candidates or len(set(names)) != len(names):
         raise ValueError(f"candidates must be a non-empty list of RuleSets with distinct names, got {names}")
-    default = default if default is not None else ("gradient" if "gradient" in names else names[0])
-    if default not in names:
-        raise ValueError(f"default {default!r} is not one of the candidates {names}")
     _check_effect(inputs, baselines)
-
     kwargs = dict(baselines=baselines, target=target, additional_forward_args=additional_forward_args,
                   attribute_to_layer_input=flags, metric=metric)
     reference = LayerActivationPatching(forward_func, layers, model=model).attribute(inputs, **kwargs)
@@ -146,22 +204,47 @@ def calibrate_rules(
     for candidate in candidates:
         relp = LayerRelevancePatching(forward_func, layers, rules=explicit_ruleset(candidate), model=model)
         per_candidate[candidate.name] = [_per_position(s) for s in relp.attribute(inputs, **kwargs)]
+    return CandidateScores(candidates, list(groups), auto_groups, group_data(reference, per_candidate, groups),
+                           tolerance, model_signature(root))
 
-    selection = {group: select(data, default, score, confidence, n_bootstrap, seed, group, tolerance)
-                 for group, data in group_data(reference, per_candidate, groups).items()}
+
+def choose_rules(scores: CandidateScores, score: str = "pearson", default: Optional[str] = None,
+                 confidence: float = 0.95, n_bootstrap: int = 1000, seed: int = 0) -> CalibratedRules:
+    """Choose the rules from :func:`score_candidates` output (the selection step of :func:`calibrate_rules`).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+        >>> x, x_corrupt = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+        >>> scores = score_candidates(net, [net[0]], x, x_corrupt, metric=lambda out: out[:, -1, 0])
+        >>> choose_rules(scores, n_bootstrap=100).n_examples
+        6
+    """
+    return _choose(scores, score, default, confidence, n_bootstrap, seed)
+
+
+def _choose(scores: CandidateScores, score: str, default: Optional[str], confidence: float, n_bootstrap: int,
+            seed: int) -> CalibratedRules:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    names = [c.name for c in scores.candidates]
+    default = default if default is not None else ("gradient" if "gradient" in names else names[0])
+    if default not in names:
+        raise ValueError(f"default {default!r} is not one of the candidates {names}")
+    selection = {group: select(data, default, score, confidence, n_bootstrap, seed, group, scores.tolerance)
+                 for group, data in scores.data.items()}
     for sel in selection.values():
         if sel.decision in ("undecided", "no-effect"):
-            warnings.warn(sel.note, CalibrationWarning, stacklevel=2)
-    n_examples = int((inputs[0] if isinstance(inputs, tuple) else inputs).shape[0])
+            warnings.warn(sel.note, CalibrationWarning, stacklevel=3)
     choices = {g: sel.choice for g, sel in selection.items()}
-    info = {"relp_passes_per_batch": len(set(choices.values())), "candidates_run": len(candidates),
+    info = {"relp_passes_per_batch": len(set(choices.values())), "candidates_run": len(names),
             "cost": f"activation patching once, then one RelP pass (2 forward + 1 backward) per candidate "
-                    f"({len(candidates)})"}
-    return CalibratedRules({c.name: c for c in candidates}, choices,
-                           {g: sel.agreement for g, sel in selection.items()}, list(groups), auto_groups,
-                           score, n_examples, info, default=default, confidence=confidence,
-                           n_bootstrap=n_bootstrap, selection={g: s.to_dict() for g, s in selection.items()},
-                           model=model_signature(root))
+                    f"({len(names)})"}
+    return CalibratedRules({c.name: c for c in scores.candidates}, choices,
+                           {g: sel.agreement for g, sel in selection.items()}, list(scores.groups),
+                           scores.auto_groups, score, scores.n_examples, info, default=default,
+                           confidence=confidence, n_bootstrap=n_bootstrap,
+                           selection={g: s.to_dict() for g, s in selection.items()}, model=scores.model)
 
 
 class CalibrationWarning(UserWarning):
@@ -243,5 +326,5 @@ def calibrated_ioi_rules(
     return cal
 
 
-__all__ = ["CalibrationWarning", "CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
+__all__ = ["CalibrationWarning", "CandidateScores", "score_candidates", "choose_rules", "CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
            "explicit_ruleset", "infer_groups", "agreement", "SCORES"]

@@ -277,6 +277,36 @@ def _per_position(scores: Tensor) -> Tensor:
     return scores.reshape(scores.shape[0], scores.shape[1], -1).sum(-1) if scores.dim() > 2 else scores
 
 
+def calibrate_on_batch(model: nn.Module, batch: Any, kinds: Sequence[str] = ("resid", "attn", "mlp"),
+                       **options: Any) -> CalibratedRules:
+    """Calibrate the rules of ``model`` per component kind on a task batch (``IOIBatch``, ``SVABatch``).
+
+    Args:
+        model: a Hugging Face causal LM.
+        batch: clean/corrupt ids, ``attention_mask`` and ``metric()`` of the calibration pairs.
+        kinds: component kinds calibrated.
+        **options: ``candidates``, ``score``, ``default``, ``confidence``, ``n_bootstrap``, ``seed``
+            as in :func:`calibrate_rules`.
+
+    Returns:
+        CalibratedRules
+
+    Example:
+        >>> from captum_relp.embedded import load_embedded
+        >>> from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
+        >>> model, tok = load_embedded("tiny-gpt2-ioi")
+        >>> batch = encode_ioi(generate_ioi_pairs(3, seed=5, tokenizer=tok), tok)
+        >>> sorted(calibrate_on_batch(model, batch, kinds=("mlp",), n_bootstrap=50).choices)
+        ['mlp']
+    """
+    device = next(model.parameters()).device
+    layers, flags, _ = model_components(model).select(kinds)
+    return calibrate_rules(model, layers, batch.clean_ids.to(device), batch.corrupt_ids.to(device),
+                           metric=batch.to(device).metric(),
+                           additional_forward_args={"attention_mask": batch.attention_mask.to(device)},
+                           attribute_to_layer_input=flags, **options)
+
+
 def calibrated_ioi_rules(
     model: nn.Module,
     tokenizer: Any,
@@ -286,6 +316,7 @@ def calibrated_ioi_rules(
     kinds: Sequence[str] = ("resid", "attn", "mlp"),
     candidates: Optional[Sequence[RuleSet]] = None,
     score: str = "pearson",
+    names: Optional[Sequence[str]] = None,
 ) -> CalibratedRules:
     """Calibrate rules on ``n_prompts`` IOI pairs disjoint from ``exclude`` (the evaluated pairs).
 
@@ -299,6 +330,7 @@ def calibrated_ioi_rules(
         exclude: :class:`~captum_relp.tasks.ioi.IOIPair` objects (or clean prompts) to avoid.
         kinds: component kinds calibrated.
         candidates, score: as in :func:`calibrate_rules`.
+        names: the names of the prompts (default: the generator's).
 
     Returns:
         CalibratedRules (``info["calibration_prompts"]`` lists the clean prompts used)
@@ -314,17 +346,12 @@ def calibrated_ioi_rules(
     from .tasks.ioi import encode_ioi, generate_ioi_pairs
 
     avoid = {getattr(p, "clean_prompt", p) for p in exclude}
-    pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer)
+    pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer, names=names)
     pairs = [p for p in pool if p.clean_prompt not in avoid][:n_prompts]
-    device = next(model.parameters()).device
-    batch = encode_ioi(pairs, tokenizer, device=device)
-    layers, flags, _ = model_components(model).select(kinds)
-    cal = calibrate_rules(model, layers, batch.clean_ids, batch.corrupt_ids, metric=batch.metric(),
-                          additional_forward_args={"attention_mask": batch.attention_mask},
-                          attribute_to_layer_input=flags, candidates=candidates, score=score)
+    cal = calibrate_on_batch(model, encode_ioi(pairs, tokenizer), kinds, candidates=candidates, score=score)
     cal.info["calibration_prompts"] = [p.clean_prompt for p in pairs]
     return cal
 
 
-__all__ = ["CalibrationWarning", "CandidateScores", "score_candidates", "choose_rules", "CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
+__all__ = ["CalibrationWarning", "CandidateScores", "score_candidates", "choose_rules", "CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "calibrate_on_batch", "default_candidates",
            "explicit_ruleset", "infer_groups", "agreement", "SCORES"]

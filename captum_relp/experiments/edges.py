@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..calibration import calibrate_on_batch
 from ..edges.evaluate import DEFAULT_FRACTIONS, FaithfulnessCurve, faithfulness_curve, pearson
 from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
 
-SCORE_METHODS = ("relp", "relp-ah", "eap", "eap-ig", "exact")
+SCORE_METHODS = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
 INTEGRATION = "trapezoid rule over the edge fraction in [0, 1]; k = round(fraction * n_edges) top-|score| edges"
 
 
@@ -157,6 +158,7 @@ def run_edge_experiment(
     model_name: str = "model",
     structure: str = "across_pp",
     show_progress: bool = False,
+    calibration_prompts: int = 20,
 ) -> EdgeExperimentResult:
     """Score all edges with each method and evaluate circuits MIB-style.
 
@@ -169,7 +171,11 @@ def run_edge_experiment(
         model (nn.Module): a supported Hugging Face causal LM.
         tokenizer: its tokenizer.
         task (str): ``"ioi"`` or ``"sva"``.
-        methods (sequence of str): among ``relp``, ``relp-ah``, ``eap``, ``eap-ig``, ``exact``.
+        methods (sequence of str): among ``relp``, ``relp-ah``, ``calibrated``, ``eap``, ``eap-ig``,
+            ``exact``. ``calibrated``: RelP with rules chosen per component kind by
+            :func:`~captum_relp.calibration.calibrate_on_batch` on ``calibration_prompts`` pairs
+            of seed ``seed + 2`` (neither the scored nor the evaluated pairs); the choice is in
+            ``info["calibration"]``.
         n_prompts, n_eval (int): scoring and evaluation prompt pairs.
         seed (int): prompt seed.
         words (sequence, optional): names (IOI) or (singular, plural) nouns (SVA).
@@ -179,6 +185,7 @@ def run_edge_experiment(
         model_name (str): label.
         structure (str): SVA structure.
         show_progress (bool): print a line per method.
+        calibration_prompts (int): calibration pairs for ``calibrated``.
 
     Returns:
         EdgeExperimentResult
@@ -205,11 +212,21 @@ def run_edge_experiment(
         "timing": f"min over {repeats} interleaved repeats after a warm-up (exact: one run)",
         "fractions": [float(f) for f in fractions], "scores": "mean over prompts, summed over positions",
     })
+    options = {m: {"method": m} for m in methods}
+    if "calibrated" in methods:
+        began = time.perf_counter()
+        calibration = make_batch(tokenizer, task, calibration_prompts, seed + 2, words, structure)
+        rules = calibrate_on_batch(model, calibration)
+        options["calibrated"] = {"method": "relp", "rules": rules}
+        result.info["calibration"] = {"n_prompts": calibration_prompts, "seed": seed + 2,
+                                      "seconds": time.perf_counter() - began, "choices": dict(rules.choices),
+                                      "summary": rules.summary()}
     timed = [m for m in methods if m != "exact"]
     runs: Dict[str, List[EdgeScores]] = {m: [] for m in timed}
     for _ in range(max(1, repeats)):  # interleaved, so that load from other processes hits all methods alike
         for method in timed:
-            runs[method].append(edge_scores(*args, method=method, n_steps=n_steps))
+            scores = edge_scores(*args, n_steps=n_steps, **options[method])
+            runs[method].append(replace(scores, method=method))
     for method in methods:
         start = time.perf_counter()
         if method == "exact":

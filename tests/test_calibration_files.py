@@ -18,7 +18,7 @@ def name_map_calibration():
                   RuleSet("mapped", categories=("activation",), name_map={"ln": LayerNormRule(weight_offset=0.5),
                                                                           "read_b": EpsilonRule(0.01)})]
     cal = calibrate_rules(net, [net.a, net.b], clean, corrupt, metric=metric, groups=["tanh", "ln"],
-                          candidates=candidates, default="mapped")
+                          candidates=candidates)
     return net, clean, corrupt, cal
 
 
@@ -38,6 +38,13 @@ def test_round_trip_is_faithful_with_name_map(tmp_path):
     first = LayerRelevancePatching(net, [net.a, net.b], rules=cal).attribute(clean, **kwargs)
     second = LayerRelevancePatching(net, [net.a, net.b], rules=loaded).attribute(clean, **kwargs)
     assert all(torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_name_map_survives_to_json():
+    mapped = RuleSet("mapped", name_map={"*.ln": LayerNormRule(weight_offset=0.5), "lm_head": None})
+    cal = CalibratedRules({"mapped": mapped}, {"mlp": "mapped"}, {"mlp": {"mapped": 0.5}}, ["mlp"])
+    loaded = CalibratedRules.from_json(cal.to_json())
+    assert repr(loaded.candidates["mapped"].name_map) == repr(mapped.name_map)
 
 
 def _edit(data, path, value):

@@ -23,6 +23,8 @@ _SIGNATURE_CATEGORIES = RULE_CATEGORIES + ("attention",)
 _RULESET_KEYS = ("name", "categories", "attention", "linear", "overrides", "name_map")
 _REQUIRED = ("version", "candidates", "choices", "agreement", "groups", "auto_groups", "score", "n_examples")
 _OPTIONAL = ("info", "default", "confidence", "n_bootstrap", "selection", "model")
+DECISIONS = ("default", "chosen", "undecided", "no-effect")
+"""How a group's rule set was decided (see :mod:`captum_relp._calibration_select`)."""
 _SELECTION_KEYS = ("choice", "decision", "note", "agreement", "interval", "margin", "margin_interval")
 
 
@@ -227,8 +229,6 @@ def _check_selection(row: Any, names: List[str], choice: str, where: str) -> Non
         _fail(where, f"a selection has the keys {list(_SELECTION_KEYS)}, got {sorted(row)}")
     if row["choice"] != choice:
         _fail(where + ".choice", f"{row['choice']!r} differs from choices: {choice!r}")
-    from ._calibration_select import DECISIONS
-
     if row["decision"] not in DECISIONS:
         _fail(where + ".decision", f"unknown decision {row['decision']!r} (decisions: {list(DECISIONS)})")
     _expect(row["note"], str, where + ".note", "a string")

@@ -30,13 +30,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._calibration_schema import DECISIONS  # noqa: F401  (re-exported: the decisions select makes)
+from .calibrated_rules import agreement
+
 # a candidate "looks better" than the default only above this difference (floating-point ties)
 _TIE = 1e-9
 # bootstrap resamples where the agreement is undefined (a constant side) may be dropped; with
 # fewer than this fraction left, the interval is not reported
 _MIN_DEFINED = 0.9
 
-DECISIONS = ("default", "chosen", "undecided", "no-effect")
 
 
 @dataclass
@@ -118,8 +120,6 @@ def bootstrap_weights(n_examples: int, n_bootstrap: int, seed: int = 0) -> Tenso
 
 def weighted_agreements(data: GroupData, name: str, weights: Tensor, score: str) -> Tensor:
     """The agreement of candidate ``name`` with AP under each row of example ``weights`` (NaN if undefined)."""
-    from .calibrated_rules import agreement
-
     x, y, m = data.scores[name], data.reference, data.mask
     if score == "pearson":  # weighted sufficient statistics: one matrix product for all resamples
         md = m.double()

@@ -33,8 +33,8 @@ from torch import Tensor
 from ._calibration_schema import DECISIONS  # noqa: F401  (re-exported: the decisions select makes)
 from .calibrated_rules import agreement
 
-# a candidate "looks better" than the default only above this difference (floating-point ties)
-_TIE = 1e-9
+# a candidate "looks better" than the default only above this difference (float32 scores: ties)
+_TIE = 1e-6
 # bootstrap resamples where the agreement is undefined (a constant side) may be dropped; with
 # fewer than this fraction left, the interval is not reported
 _MIN_DEFINED = 0.9

@@ -15,11 +15,10 @@ from .attr import (
     LayerIntegratedGradientsPatching,
     LayerRelevancePatching,
 )
-from .calibrated_rules import CalibratedRules
-from .calibration import calibrate_rules
+from .calibration import CalibratedRules, calibrate_rules
 from .metrics import LogitDiff, ProbDiff, logit_diff
 from .models import ModelComponents, model_components, split_heads
-from .registry import (
+from .rules import (
     PRESETS,
     RuleSet,
     UnsupportedModuleError,

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._forward import MetricEvaluator, is_hf_model, last_positions
+from ._unwrap import is_hf_model
+from .metrics import MetricEvaluator, last_positions
 from .metrics import tile_rows
 
 _STATE = {"enabled": True}

@@ -3,16 +3,21 @@
 Each metric maps model logits ``(B, T, V)`` to one value per example ``(B,)``,
 read at each row's final position (``positions``, default: the last one).
 This module also holds the package's only row-tiling code (:func:`tile_rows`):
-activation patching and IG run ``k`` tiled copies of a batch of ``N`` examples.
+activation patching and IG run ``k`` tiled copies of a batch of ``N`` examples,
+and the one metric contract every method evaluates through (:class:`MetricEvaluator`,
+:func:`checked_metric`: shape ``(rows,)``, finite, named in the error).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
+from captum._utils.common import _select_targets
 from torch import Tensor
 
 IdsType = Union[int, Sequence[int], Tensor]
+TargetType = Union[None, int, Sequence[int], Tensor]
+MetricType = Optional[Callable[[Tensor], Tensor]]
 
 
 def tile_rows(ids: IdsType, rows: int, device=None) -> Tensor:
@@ -134,3 +139,130 @@ def logit_diff(correct_ids: IdsType, wrong_ids: IdsType, positions: Optional[Ids
         tensor([-1.])
     """
     return LogitDiff(correct_ids, wrong_ids, positions)
+
+
+def last_positions(attention_mask: Optional[Tensor], n_rows: int, seq_len: int, device) -> Tensor:
+    """Index of the last real token of each row (right padding); ``seq_len - 1`` without mask."""
+    if attention_mask is None:
+        return torch.full((n_rows,), seq_len - 1, dtype=torch.long, device=device)
+    mask = attention_mask.to(device).long()
+    positions = torch.arange(mask.shape[1], device=device).expand_as(mask)
+    return (positions * mask).max(dim=1).values
+
+
+def disconnected_message(names: Sequence[str]) -> str:
+    """The error for tensors the metric does not depend on (shared by every gradient user)."""
+    return (
+        f"the metric does not depend on {', '.join(names)}: its coefficient is disconnected from the "
+        "metric. Is the layer downstream of the metric's inputs, or is the model wrapped in a graph "
+        "that bypasses module hooks (e.g. torch.compile of a submodule)? Pass allow_unused=True to "
+        "score such layers as zero."
+    )
+
+
+def metric_grads(values: Tensor, tensors: Sequence[Tensor], names: Sequence[str],
+                 allow_unused: bool = False) -> List[Tensor]:
+    """Gradients (or rule coefficients) of ``values.sum()`` w.r.t. ``tensors``.
+
+    A tensor the metric does not depend on raises a ``ValueError`` naming it (``names``),
+    unless ``allow_unused`` asks for zeros: never a silent zero.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+        >>> metric_grads((3 * x), [x, y], ["x", "y"], allow_unused=True)
+        [tensor([3., 3.]), tensor([0., 0.])]
+    """
+    grads = torch.autograd.grad(values.sum(), list(tensors), allow_unused=True)
+    missing = [name for name, grad in zip(names, grads) if grad is None]
+    if missing and not allow_unused:
+        raise ValueError(disconnected_message(missing))
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+
+def _metric_name(metric: Callable) -> str:
+    return getattr(metric, "__name__", None) or repr(metric)
+
+
+def _finite(values: Tensor, what: str) -> Tensor:
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{what} contain {bad} non-finite value(s) (NaN or inf): scores would be NaN")
+    return values
+
+
+def checked_metric(metric: Callable[[Tensor], Tensor], output: Tensor, rows: int) -> Tensor:
+    """``metric(output)``, checked to be a finite tensor of shape ``(rows,)``.
+
+    Raises:
+        ValueError: naming the metric and the shape it returned, e.g. for a metric
+            that averages over the batch (``.mean()``) or keeps the position axis.
+
+    Example:
+        >>> import torch
+        >>> checked_metric(lambda out: out[:, -1, 0], torch.zeros(2, 3, 4), 2)
+        tensor([0., 0.])
+    """
+    values = metric(output)
+    if not isinstance(values, Tensor) or tuple(values.shape) != (rows,):
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(
+            f"metric {_metric_name(metric)} returned shape {shape} for {rows} rows; it must return one "
+            f"value per row, shape ({rows},) (do not average over the batch)"
+        )
+    return _finite(values, f"the values of metric {_metric_name(metric)}")
+
+
+class MetricEvaluator:
+    """Maps a model output to one scalar per example, from ``target`` or ``metric``.
+
+    * ``metric``: a callable ``metric(output) -> Tensor[B]``. When the output has
+      ``k * B`` rows (tiled batches used by activation patching and IG), it is
+      called on each block of ``B`` rows.
+    * ``target``: for 3-D outputs ``(B, T, V)`` (language-model logits) the logit
+      of token ``target`` at each row's last real position; for 2-D outputs
+      Captum's target selection; 0-/1-D outputs are used as they are.
+    """
+
+    def __init__(self, batch_size: int, target: TargetType = None, metric: MetricType = None) -> None:
+        if target is not None and metric is not None:
+            raise ValueError("pass either target or metric, not both")
+        self.batch_size = batch_size
+        self.target = target
+        self.metric = metric
+
+    def check_target(self, output: Tensor) -> None:
+        if self.target is None or self.metric is not None or output.dim() < 2:
+            return
+        values = torch.as_tensor(self.target).flatten()
+        n_classes = output.shape[-1]
+        if values.numel() and (values.min() < 0 or values.max() >= n_classes):
+            raise ValueError(
+                f"target out of range: got values in [{int(values.min())}, {int(values.max())}], "
+                f"output has {n_classes} classes"
+            )
+        if values.numel() not in (1, self.batch_size):
+            raise ValueError(f"target must have 1 or {self.batch_size} entries, got {values.numel()}")
+
+    def __call__(self, output: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        rows = output.shape[0] if output.dim() else 1
+        if self.metric is not None:
+            if rows % self.batch_size:
+                raise ValueError(f"output has {rows} rows, not a multiple of batch size {self.batch_size}")
+            blocks = [
+                checked_metric(self.metric, output[i : i + self.batch_size], self.batch_size)
+                for i in range(0, rows, self.batch_size)
+            ]
+            return torch.cat(blocks)
+        if output.dim() <= 1 or (self.target is None and output.dim() == 2 and output.shape[1] == 1):
+            return output.reshape(-1)
+        if self.target is None:
+            raise ValueError(
+                f"target (or metric) is required for a model output of shape {tuple(output.shape)}"
+            )
+        target = tile_rows(self.target, rows, output.device)
+        if output.dim() == 2:
+            return _finite(_select_targets(output, target).reshape(-1), "the target outputs")
+        last = last_positions(attention_mask, rows, output.shape[1], output.device)
+        rows_idx = torch.arange(rows, device=output.device)
+        return _finite(output[rows_idx, last][rows_idx, target], "the target logits")

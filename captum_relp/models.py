@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from .integrations.wrappers import unwrap_model
+from ._unwrap import unwrap_model
 
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "bert.encoder.layer",
                 "encoder.layer", "layers", "h")

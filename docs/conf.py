@@ -194,8 +194,8 @@ def _fix_viewcode_anchors(app, pagename, templatename, context, doctree):
 
     ``sphinx.ext.viewcode`` builds every anchor of a module from the module name under
     which the *first* of its objects was documented: objects of
-    ``captum_relp.registry`` re-exported at the package root are documented as
-    ``captum_relp.<name>``, so the links to ``captum_relp.registry.type_key`` (documented
+    ``captum_relp.rules`` re-exported at the package root are documented as
+    ``captum_relp.<name>``, so the links to ``captum_relp.rules.type_key`` (documented
     under its own module) got ``#captum_relp.type_key``, an anchor that does not exist.
     An autosummary page is named after the object it documents, so its name is the anchor.
     """

@@ -31,7 +31,7 @@ import transformers
 from torch import nn
 
 from captum_relp import model_components
-from captum_relp._calibration_select import GroupData, _interval, bootstrap_weights, weighted_agreements
+from captum_relp.calibration._select import GroupData, _interval, bootstrap_weights, weighted_agreements
 from captum_relp.calibration import CandidateScores, choose_rules, score_candidates
 from captum_relp.embedded import heldout_words, load_embedded
 from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs

@@ -9,7 +9,7 @@ from conftest import build_model, token_pair
 from test_calibration import metric, two_branch_case
 
 from captum_relp import RuleSet, calibrate_rules, model_components
-from captum_relp._calibration_select import GroupData, bootstrap_weights, select, weighted_agreements
+from captum_relp.calibration._select import GroupData, bootstrap_weights, select, weighted_agreements
 from captum_relp.calibration import CalibrationWarning, agreement, default_candidates
 
 

@@ -20,7 +20,7 @@ def _tables_module():
 
 
 def test_registry_table_lists_every_registered_type():
-    from captum_relp.registry import registered_rules
+    from captum_relp.rules import registered_rules
 
     table = _tables_module().registry_table()
     for key in registered_rules():

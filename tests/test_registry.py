@@ -11,7 +11,7 @@ from captum_relp import (
     register_rule,
     unregister_rule,
 )
-from captum_relp.registry import registered_rules, resolve_rules
+from captum_relp.rules import registered_rules, resolve_rules
 from captum_relp.rules import IdentityRule, LayerNormRule, RMSNormRule
 
 

@@ -9,19 +9,10 @@ from captum._utils.common import _format_tensor_into_tuples
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from .._forward import (
-    MetricEvaluator,
-    MetricType,
-    TargetType,
-    is_compiled,
-    last_positions,
-    root_module,
-    split_forward_args,
-    unwrap,
-)
+from .._forward import split_forward_args
 from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
-from ..integrations.wrappers import unwrap_layers, unwrap_model
-from ..metrics import LogitDiff
+from .._unwrap import root_module, unwrap_layers, unwrap_model
+from ..metrics import LogitDiff, MetricEvaluator, MetricType, TargetType, last_positions
 
 LayerType = Union[nn.Module, Sequence[nn.Module]]
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -72,13 +63,10 @@ class PatchingAttribution:
     model: Optional[nn.Module]
 
     def _init_layers(self, forward_func: Callable, layer: "LayerType", model: Optional[nn.Module]) -> None:
-        # nnsight models/envoys and (Distributed)DataParallel: attribute the module inside
-        forward_func, layer, model = unwrap_model(forward_func), unwrap_layers(layer), unwrap_model(model)
-        self.forward_func, self.layer = forward_func, layer
-        if is_compiled(forward_func):
-            # layer hooks and rules act on the original modules; a compiled graph would bypass them
-            self.forward_func = unwrap(forward_func)
-        self.layers = as_layer_list(layer)
+        # nnsight, (Distributed)DataParallel, torch.compile: attribute the module inside
+        self.forward_func = unwrap_model(forward_func, keep_bound=True)
+        self.layer = unwrap_layers(layer)
+        self.layers = as_layer_list(self.layer)
         self.model = root_module(forward_func, model)
         check_layers_in_model(self.model, self.layers)
 

@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from .._forward import MetricEvaluator, call_model
+from .._forward import call_model
+from ..metrics import MetricEvaluator
 from .._hooks import layer_hooks
 from .._logits import LAST_REAL, can_slice_logits, metric_logits, metric_positions
 from ..metrics import tile_rows

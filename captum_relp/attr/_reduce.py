@@ -12,8 +12,9 @@ from typing import Callable, ContextManager, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._forward import MetricEvaluator, call_model
+from .._forward import call_model
 from .._hooks import capture, layer_hooks
+from ..metrics import MetricEvaluator
 from ..models import split_heads
 
 REDUCTIONS = (None, "sum", "heads")

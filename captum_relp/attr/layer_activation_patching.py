@@ -9,10 +9,10 @@ from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._forward import MetricEvaluator, MetricType, TargetType, call_model, checked_metric
+from .._forward import call_model
 from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
 from .._logits import metric_logits
-from ..metrics import tile_rows
+from ..metrics import MetricEvaluator, MetricType, TargetType, checked_metric, tile_rows
 from ._base import PatchingLayerAttribution, TensorOrTuple
 from ._prefix_cache import PrefixCacheRunner
 

@@ -7,9 +7,10 @@ from captum.attr import LayerIntegratedGradients
 from captum.log import log_usage
 from torch import Tensor
 
-from .._forward import MetricType, TargetType, call_model
+from .._forward import call_model
 from .._hooks import captum_safe_outputs, frozen_model
 from .._logits import metric_logits
+from ..metrics import MetricType, TargetType
 from ._base import PatchingLayerAttribution, TensorOrTuple
 from ._reduce import check_reduce, reduce_scores
 

@@ -9,18 +9,12 @@ from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._forward import (
-    MetricEvaluator,
-    MetricType,
-    TargetType,
-    call_model,
-    disconnected_message,
-    metric_grads,
-)
+from .._forward import call_model
 from .._hooks import capture, frozen_model, layer_hooks
 from .._logits import metric_logits
-from ..calibrated_rules import CalibratedRules
-from ..registry import RuleSet, apply_rules, resolve_rules
+from ..calibration.calibrated_rules import CalibratedRules
+from ..metrics import MetricEvaluator, MetricType, TargetType, disconnected_message, metric_grads
+from ..rules import RuleSet, apply_rules, resolve_rules
 from ._base import LayerType, PatchingAttribution, TensorOrTuple
 from ._reduce import check_reduce, reduce_scores, streamed_scores
 

@@ -35,9 +35,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._forward import call_model, metric_grads
+from .._forward import call_model
 from .._hooks import capture, frozen_model, layer_hooks
-from ..registry import RuleSet, apply_rules, resolve_rules
+from ..metrics import metric_grads
+from ..rules import RuleSet, apply_rules, resolve_rules
 from .nodes import NodeSpace
 
 METRIC_NODE = "metric"
@@ -114,7 +115,7 @@ def feature_edges(
         n_nodes (int, optional): keep the ``n_nodes`` nodes of largest ``|effect|``
             (all groups together, effects averaged over prompts at matching positions);
             ``None`` keeps every node.
-        strict (bool): as in :func:`~captum_relp.registry.apply_rules`.
+        strict (bool): as in :func:`~captum_relp.rules.apply_rules`.
 
     Returns:
         FeatureEdges: kept nodes with their effects and the edges among them (plus

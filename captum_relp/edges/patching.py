@@ -4,7 +4,7 @@
 modules, with the residual stream split into node outputs: the input of every
 query, key, value, MLP and logits is the sum of its upstream node outputs. Each
 attention head reads its own (possibly patched) residual stream. Norms, MLPs and
-activations are the model's modules, so :func:`captum_relp.registry.apply_rules`
+activations are the model's modules, so :func:`captum_relp.rules.apply_rules`
 changes the backward pass of this forward as it does the model's. Attention is
 computed here (softmax over scaled dot products); ``ah=True`` detaches queries and
 keys in it, which is the AH-rule. Linear projections use the 0-rule (plain gradient).

@@ -21,10 +21,10 @@ from typing import Callable, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._forward import metric_grads
 from .._hooks import frozen_model
-from ..calibrated_rules import CalibratedRules, explicit_ruleset
-from ..registry import RuleSet, apply_rules, resolve_rules
+from ..calibration.calibrated_rules import CalibratedRules, explicit_ruleset
+from ..metrics import metric_grads
+from ..rules import RuleSet, apply_rules, resolve_rules
 from .graph import ComponentGraph
 from .patching import graph_forward
 
@@ -113,7 +113,7 @@ def edge_scores(
             embeddings: ``resid``), one forward and backward pass per distinct rule set.
         per_position (bool): return ``(T, U, V)`` scores instead of summing positions.
         n_steps (int): integration steps of ``eap-ig``.
-        strict (bool): as in :func:`~captum_relp.registry.apply_rules`.
+        strict (bool): as in :func:`~captum_relp.rules.apply_rules`.
 
     Returns:
         EdgeScores: scores and pass counts (2 forwards, 1 backward except ``eap-ig``:

@@ -1,6 +1,6 @@
 """Integrations with the libraries people run their models and SAEs through.
 
-* :mod:`~captum_relp.integrations.wrappers`: nnsight models and envoys, and
+* :func:`unwrap_model`: nnsight models and envoys, and
   ``DistributedDataParallel``/``DataParallel`` wrappers, are unwrapped to the torch
   module wherever a model or layer is expected;
 * accelerate: rules run inside accelerate's offload hooks (they patch
@@ -11,6 +11,6 @@
 * TransformerLens: hook-based rules on HookPoints (:mod:`captum_relp.rules.hookpoint`),
   registered by TransformerLens class name in the rule registry.
 """
-from .wrappers import unwrap_layers, unwrap_model
+from .._unwrap import unwrap_layers, unwrap_model
 
 __all__ = ["unwrap_model", "unwrap_layers"]

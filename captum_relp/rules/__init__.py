@@ -1,10 +1,14 @@
-"""LRP rules: small objects that adapt one module's backward pass."""
+"""LRP rules: small objects that adapt one module's backward pass, the registry that maps
+module types to rules, and the rule sets (composites) and presets built on it."""
 from .activation import IdentityRule
+from .apply import UnsupportedModuleError, apply_rules, check_coverage
 from .attention import AHRule
 from .base import ForwardPatchRule, Rule, ZeroRule
 from .gate import HalfRule
 from .linear import EpsilonRule, GammaRule
 from .norm import LayerNormRule, RMSNormRule
+from .presets import PRESETS, RuleSet, resolve_rules
+from .registry import register_rule, registered_rules, type_key, unregister_rule
 
 __all__ = [
     "Rule",
@@ -17,4 +21,14 @@ __all__ = [
     "AHRule",
     "EpsilonRule",
     "GammaRule",
+    "RuleSet",
+    "PRESETS",
+    "resolve_rules",
+    "register_rule",
+    "unregister_rule",
+    "registered_rules",
+    "type_key",
+    "apply_rules",
+    "check_coverage",
+    "UnsupportedModuleError",
 ]

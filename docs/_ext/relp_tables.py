@@ -2,7 +2,7 @@
 
 At ``builder-inited`` it writes Markdown fragments into ``docs/_generated/``,
 which ``rules.md`` includes. The tables come from
-:func:`captum_relp.registry.registered_rules`, :data:`captum_relp.PRESETS` and
+:func:`captum_relp.rules.registered_rules`, :data:`captum_relp.PRESETS` and
 tiny randomly initialised Hugging Face models built from configs, so the docs
 cannot drift from the code.
 """
@@ -55,7 +55,7 @@ def _code(text: str) -> str:
 
 
 def registry_table() -> str:
-    from captum_relp.registry import registered_rules
+    from captum_relp.rules.registry import registered_rules
 
     rows = []
     for key, (category, rule) in sorted(registered_rules().items(), key=lambda kv: (kv[1][0], kv[0])):
@@ -78,7 +78,7 @@ def presets_table() -> str:
 
 
 def _rule_text(ruleset, module) -> Tuple[str, str]:
-    from captum_relp.registry import needs_rule, registered_category, type_key
+    from captum_relp.rules.registry import needs_rule, registered_category, type_key
 
     key = type_key(type(module))
     category = registered_category(key) or ""
@@ -95,7 +95,7 @@ def _rule_text(ruleset, module) -> Tuple[str, str]:
 def family_tables() -> str:
     import torch
     from captum_relp import PRESETS
-    from captum_relp.registry import needs_rule, registered_category, type_key
+    from captum_relp.rules.registry import needs_rule, registered_category, type_key
 
     ruleset = PRESETS["relp"]()
     chunks = []

@@ -207,7 +207,7 @@ def test_small_input_errors():
 
 
 def test_metric_grads_never_fills_zeros_silently():
-    from captum_relp._forward import metric_grads
+    from captum_relp.metrics import metric_grads
 
     x, unused = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     with pytest.raises(ValueError, match="does not depend on node group b"):

@@ -5,7 +5,7 @@ import torch
 
 from captum_relp.edges import build_graph, edge_scores, exact_edge_scores, graph_forward
 from captum_relp.metrics import LogitDiff
-from captum_relp.registry import apply_rules
+from captum_relp.rules import apply_rules
 from tests.conftest import build_model
 from tests.edges.test_graph import _inputs, _mlp_norm
 

@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from . import _calibration_schema as _schema
-from .models import model_components
-from .registry import RuleSet, registered_category, registered_rules
-from .rules import AHRule, ZeroRule
+from ..models import model_components
+from ..rules import AHRule, RuleSet, ZeroRule, registered_rules
+from ..rules.registry import registered_category
+from . import _schema
 
 SCORES = ("pearson", "spearman", "topk")
 TOPK_FRACTION = 0.1
@@ -183,7 +183,7 @@ class CalibratedRules:
         confidence, n_bootstrap: the level of the intervals and the bootstrap resamples.
         selection: ``{group: {"choice", "decision", "note", "agreement", "interval", "margin",
             "margin_interval"}}``, the evidence of each choice (see :func:`calibrate_rules`).
-        model: the signature of the calibrated model (:func:`~captum_relp._calibration_schema.model_signature`);
+        model: the signature of the calibrated model (:func:`~captum_relp.calibration._schema.model_signature`);
             when set, using the rules on a model with other module types raises.
 
     Examples::

@@ -1,27 +1,24 @@
-"""Rule registry and presets: which LRP rule applies to which module type.
+"""Rule registry: which LRP rule applies to which module type.
 
 Module types are keyed by their qualified name (``module.ClassName``), so the
 registry covers Hugging Face families without importing every modeling file;
 actual classes can be registered too. Each entry has a *category* (``norm``,
-``activation``, ``gate``, ``linear`` or ``custom``); a :class:`RuleSet` (Zennit
-calls it a composite) enables categories and adds an optional attention rule.
+``activation``, ``gate``, ``linear`` or ``custom``); a
+:class:`~captum_relp.rules.presets.RuleSet` (Zennit calls it a composite) enables
+categories and adds an optional attention rule.
 """
 from __future__ import annotations
 
-import fnmatch
-import threading
-import warnings
-import weakref
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from .rules import AHRule, EpsilonRule, GammaRule, HalfRule, IdentityRule, LayerNormRule, Rule
-from .rules.gate import GATED_MLP_ATTRIBUTES
-from .rules.hookpoint import TRANSFORMER_LENS_ENTRIES, HookPointRule, has_hook_points
-from .rules.norm import RMSNormRule
+from .activation import IdentityRule
+from .base import Rule
+from .gate import GATED_MLP_ATTRIBUTES, HalfRule
+from .hookpoint import TRANSFORMER_LENS_ENTRIES, HookPointRule, has_hook_points
+from .linear import EpsilonRule, GammaRule
+from .norm import LayerNormRule, RMSNormRule
 
 RuleFactory = Callable[[], Rule]
 CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")
@@ -94,7 +91,18 @@ def registered_category(module_type: Union[type, str]) -> Optional[str]:
         >>> registered_category(torch.nn.LayerNorm), registered_category("my.Unknown")
         ('norm', None)
     """
-    return _REGISTRY.get(type_key(module_type), (None, None))[0]
+    return registry_entry(module_type)[0]
+
+
+def registry_entry(module_type: Union[type, str]) -> Tuple[Optional[str], Optional[RuleFactory]]:
+    """``(category, rule factory)`` of a module type; ``(None, None)`` if it is not registered.
+
+    Example:
+        >>> import torch
+        >>> registry_entry(torch.nn.GELU)[0], registry_entry("my.Unknown")
+        ('activation', (None, None))
+    """
+    return _REGISTRY.get(type_key(module_type), (None, None))
 
 
 def _category_of(rule: Rule) -> str:
@@ -177,82 +185,6 @@ def registered_rules() -> Dict[str, Tuple[str, str]]:
     }
 
 
-@dataclass
-class RuleSet:
-    """A composite: the rule categories to apply, plus optional attention and linear rules.
-
-    Args:
-        name: a label.
-        categories: registry categories applied (``norm``, ``activation``, ``gate``, ``custom``).
-        attention: a model-level rule for attention, e.g. :class:`~captum_relp.rules.AHRule`.
-        linear: a rule for every ``nn.Linear``/``Conv1D`` (default: the 0-rule, i.e. none).
-        overrides: per-type rules (``{type key: rule}``) that take precedence over the registry.
-        name_map: per-module rules by path pattern (``fnmatch`` syntax on
-            ``model.named_modules()`` paths, e.g. ``{"lm_head": EpsilonRule()}`` or
-            ``{"*.mlp.c_fc": GammaRule()}``); the first matching pattern wins and takes
-            precedence over ``overrides`` and the registry. A rule of ``None`` leaves the
-            module to the 0-rule.
-
-    Example:
-        >>> from captum_relp import RuleSet
-        >>> from captum_relp.rules import EpsilonRule
-        >>> RuleSet("relp-eps", linear=EpsilonRule(1e-3)).categories
-        ('norm', 'activation', 'gate', 'custom')
-        >>> import torch
-        >>> RuleSet(name_map={"lm_head": EpsilonRule()}).rule_for(torch.nn.Linear(2, 2), "lm_head")
-        EpsilonRule(epsilon=1e-06)
-    """
-
-    name: str = "relp"
-    categories: Tuple[str, ...] = ("norm", "activation", "gate", "custom")
-    attention: Optional[Rule] = None
-    linear: Optional[Rule] = None
-    overrides: Dict[str, Rule] = field(default_factory=dict)
-    name_map: Dict[str, Optional[Rule]] = field(default_factory=dict)
-
-    @property
-    def is_empty(self) -> bool:
-        """True when the rule set changes nothing (plain gradients everywhere)."""
-        return not (self.categories or self.attention or self.linear or self.overrides
-                    or any(r is not None for r in self.name_map.values()))
-
-    def rule_for(self, module: nn.Module, path: Optional[str] = None) -> Optional[Rule]:
-        """The rule applied to ``module`` (at ``path`` in the model, for ``name_map``)."""
-        if path is not None:
-            for pattern, rule in self.name_map.items():
-                if fnmatch.fnmatchcase(path, pattern):
-                    return rule
-        key = type_key(type(module))
-        if key in self.overrides:
-            return self.overrides[key]
-        category, factory = _REGISTRY.get(key, (None, None))
-        if category == "linear":
-            return self.linear
-        if category == "attention":  # per-module attention rules (TransformerLens): the AH-rule
-            return factory() if self.attention is not None and factory is not None else None
-        if category in self.categories and factory is not None:
-            return factory()
-        return None
-
-    def uncovered(self, model: nn.Module) -> List[Tuple[str, str]]:
-        """Normalisation, activation and gated-MLP modules of ``model`` with no rule."""
-        if not self.categories:
-            return []
-        missing, structural = [], []
-        for path, module in model.named_modules():
-            if any(path.startswith(prefix + ".") for prefix in structural):
-                continue  # inside a module declared structural: covered as a whole
-            if registered_category(type(module)) == "structural":
-                structural.append(path)
-            if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.name_map):
-                continue  # an explicit choice, also when it is None (the 0-rule)
-            if registered_category(type(module)) == "attention":
-                continue  # plain gradients through attention unless the rule set has the AH-rule
-            if self.rule_for(module, path) is None and needs_rule(module):
-                missing.append((path or "<root>", type_key(type(module))))
-        return missing
-
-
 def needs_rule(module: nn.Module) -> bool:
     """Whether strict mode requires a rule for ``module`` (norms, activations, gated MLPs).
 
@@ -287,108 +219,3 @@ def _is_structural_leaf(cls: type) -> bool:
     return cls.__module__ in ("torch.nn.modules.dropout", "torch.nn.modules.sparse",
                               "torch.nn.modules.linear", "torch.nn.modules.flatten",
                               "torch.nn.modules.container", "torch.nn.modules.pooling")
-
-
-PRESETS: Dict[str, Callable[[], RuleSet]] = {
-    "relp": lambda: RuleSet("relp"),
-    "relp-ah": lambda: RuleSet("relp-ah", attention=AHRule()),
-    "none": lambda: RuleSet("none", categories=()),
-}
-
-
-def resolve_rules(rules: Union[str, RuleSet, None]) -> RuleSet:
-    """Turn a preset name (``'relp'``, ``'relp-ah'``, ``'none'``) or a RuleSet into a RuleSet.
-
-    Example:
-        >>> resolve_rules("relp-ah").attention
-        AHRule()
-    """
-    if rules is None:
-        return PRESETS["none"]()
-    if isinstance(rules, RuleSet):
-        return rules
-    if isinstance(rules, str) and rules in PRESETS:
-        return PRESETS[rules]()
-    raise ValueError(f"rules must be one of {sorted(PRESETS)} or a RuleSet, got {rules!r}")
-
-
-class UnsupportedModuleError(TypeError):
-    """Raised in strict mode when a model holds modules that no rule covers."""
-
-
-def check_coverage(model: nn.Module, ruleset: RuleSet, strict: bool = True) -> None:
-    """Raise (strict) or warn about normalisation/activation/gate modules with no rule.
-
-    Example:
-        >>> import torch
-        >>> check_coverage(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU()), RuleSet())
-    """
-    missing = ruleset.uncovered(model)
-    if not missing:
-        return
-    types = sorted({t for _, t in missing})
-    listing = ", ".join(f"{p} ({t.rsplit('.', 1)[-1]})" for p, t in missing[:8])
-    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-    message = (
-        f"No LRP rule for {len(missing)} module(s) under rule set {ruleset.name!r}: {listing}{more}. "
-        f"Types: {types}. Register one, e.g. captum_relp.register_rule({types[0]!r}, "
-        f"LayerNormRule()) for a norm or IdentityRule() for an activation, or pass strict=False "
-        f"to use plain gradients through them."
-    )
-    if strict:
-        raise UnsupportedModuleError(message)
-    warnings.warn(message, stacklevel=3)
-
-
-_RULED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_RULED_LOCK = threading.Lock()
-
-
-@contextmanager
-def apply_rules(
-    model: nn.Module, rules: Union[str, RuleSet, None] = "relp", strict: bool = True
-) -> Iterator[RuleSet]:
-    """Apply a rule set to ``model`` for the duration of the ``with`` block.
-
-    The forward output is unchanged; the backward pass follows the rules. Every
-    patch is undone on exit, also when an exception is raised.
-
-    Example:
-        >>> import torch
-        >>> from captum_relp import apply_rules
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.GELU())
-        >>> x = torch.randn(2, 3)
-        >>> with apply_rules(net, "relp"):
-        ...     y = net(x)
-        >>> torch.equal(y, net(x))
-        True
-    """
-    ruleset = resolve_rules(rules)
-    check_coverage(model, ruleset, strict)
-    with _RULED_LOCK:
-        if model in _RULED:
-            raise RuntimeError(
-                f"rules are already applied to this {type(model).__name__} (nested or concurrent "
-                "apply_rules on one model): the second set would wrap the first and contexts exited out "
-                "of order would leave modules patched"
-            )
-        _RULED.add(model)
-    undos = []
-    try:
-        per_module_attention = False
-        for path, module in model.named_modules():
-            rule = ruleset.rule_for(module, path)
-            if rule is not None:
-                undos.append(rule.apply(module))
-                per_module_attention |= registered_category(type(module)) == "attention"
-        hf_config = hasattr(getattr(model, "config", None), "_attn_implementation")
-        if ruleset.attention is not None and (hf_config or not per_module_attention):
-            undos.append(ruleset.attention.apply(model))
-        yield ruleset
-    finally:
-        try:
-            for undo in reversed(undos):
-                undo()
-        finally:
-            with _RULED_LOCK:
-                _RULED.discard(model)

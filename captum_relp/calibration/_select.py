@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._calibration_schema import DECISIONS  # noqa: F401  (re-exported: the decisions select makes)
+from ._schema import DECISIONS  # noqa: F401  (re-exported: the decisions select makes)
 from .calibrated_rules import agreement
 
 # a candidate "looks better" than the default only above this difference (float32 scores: ties)

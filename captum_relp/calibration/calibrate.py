@@ -17,10 +17,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._calibration_schema import model_signature
-from ._calibration_select import GroupData, group_data, select
-from ._forward import MetricEvaluator, call_model, split_forward_args
-from .attr import LayerActivationPatching, LayerRelevancePatching
+from .._forward import call_model, split_forward_args
+from ..metrics import MetricEvaluator
+from ..models import model_components
+from ..rules import RuleSet
+from ._schema import model_signature
+from ._select import GroupData, group_data, select
 from .calibrated_rules import (
     SCORES,
     CalibratedRules,
@@ -29,8 +31,6 @@ from .calibrated_rules import (
     explicit_ruleset,
     infer_groups,
 )
-from .models import model_components
-from .registry import RuleSet
 
 
 def calibrate_rules(
@@ -62,7 +62,7 @@ def calibrate_rules(
     (entries where AP and every candidate are exactly zero, i.e. padding, are dropped).
 
     The choice accounts for noise (a paired bootstrap over the calibration pairs, see
-    :mod:`captum_relp._calibration_select`): per group the ``default`` (the plain gradient,
+    :mod:`captum_relp.calibration._select`): per group the ``default`` (the plain gradient,
     i.e. AtP) is kept unless a candidate's margin over it is above zero over its whole
     bootstrap interval (Bonferroni-corrected over the candidates); among those that pass,
     the highest agreement wins. When a candidate looks better but not beyond the noise, the
@@ -192,6 +192,8 @@ def score_candidates(
     if not candidates or len(set(names)) != len(names):
         raise ValueError(f"candidates must be a non-empty list of RuleSets with distinct names, got {names}")
     _check_effect(inputs, baselines)
+    from ..attr import LayerActivationPatching  # attr imports this package
+
     kwargs = dict(baselines=baselines, target=target, additional_forward_args=additional_forward_args,
                   attribute_to_layer_input=flags, metric=metric)
     reference = LayerActivationPatching(forward_func, layers, model=model).attribute(inputs, **kwargs)
@@ -201,6 +203,7 @@ def score_candidates(
                          "calibrated layer and position: the corruption has no effect on the metric, so no "
                          "rule set can be calibrated on these pairs")
     per_candidate = {}
+    from ..attr import LayerRelevancePatching  # attr imports this package
     for candidate in candidates:
         relp = LayerRelevancePatching(forward_func, layers, rules=explicit_ruleset(candidate), model=model)
         per_candidate[candidate.name] = [_per_position(s) for s in relp.attribute(inputs, **kwargs)]
@@ -343,7 +346,7 @@ def calibrated_ioi_rules(
         >>> sorted(cal.choices)
         ['attn', 'mlp', 'resid']
     """
-    from .tasks.ioi import encode_ioi, generate_ioi_pairs
+    from ..tasks.ioi import encode_ioi, generate_ioi_pairs
 
     avoid = {getattr(p, "clean_prompt", p) for p in exclude}
     pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer, names=names)
@@ -353,5 +356,5 @@ def calibrated_ioi_rules(
     return cal
 
 
-__all__ = ["CalibrationWarning", "CandidateScores", "score_candidates", "choose_rules", "CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "calibrate_on_batch", "default_candidates",
-           "explicit_ruleset", "infer_groups", "agreement", "SCORES"]
+__all__ = ["calibrate_rules", "calibrated_ioi_rules", "calibrate_on_batch", "score_candidates", "choose_rules",
+           "CandidateScores", "CalibrationWarning"]

@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from . import rules as _rules_module
-from .registry import RuleSet, registered_category, type_key
-from .rules import Rule
+from .. import rules as _rules_module
+from ..rules import Rule, RuleSet, type_key
+from ..rules.registry import registered_category
 
 FORMAT_VERSION = 1
 RULE_CATEGORIES = ("norm", "activation", "gate", "custom")
@@ -24,7 +24,7 @@ _RULESET_KEYS = ("name", "categories", "attention", "linear", "overrides", "name
 _REQUIRED = ("version", "candidates", "choices", "agreement", "groups", "auto_groups", "score", "n_examples")
 _OPTIONAL = ("info", "default", "confidence", "n_bootstrap", "selection", "model")
 DECISIONS = ("default", "chosen", "undecided", "no-effect")
-"""How a group's rule set was decided (see :mod:`captum_relp._calibration_select`)."""
+"""How a group's rule set was decided (see :mod:`captum_relp.calibration._select`)."""
 _SELECTION_KEYS = ("choice", "decision", "note", "agreement", "interval", "margin", "margin_interval")
 
 
@@ -95,10 +95,11 @@ def rule_from_dict(data: Any, where: str) -> Optional[Rule]:
     _expect(data, dict, where, "a rule object or null")
     if set(data) != {"type", "params"}:
         _fail(where, f"a rule has exactly the keys 'type' and 'params', got {sorted(data)}")
-    cls = getattr(_rules_module, str(data["type"]), None)
-    if not (isinstance(data["type"], str) and data["type"] in _rules_module.__all__ and isinstance(cls, type)
-            and issubclass(cls, Rule)):
-        _fail(where + ".type", f"unknown rule {data['type']!r} (rules: {', '.join(_rules_module.__all__)})")
+    names = [n for n in _rules_module.__all__ if isinstance(getattr(_rules_module, n), type)
+             and issubclass(getattr(_rules_module, n), Rule)]
+    if not (isinstance(data["type"], str) and data["type"] in names):
+        _fail(where + ".type", f"unknown rule {data['type']!r} (rules: {', '.join(names)})")
+    cls = getattr(_rules_module, data["type"])
     defaults = vars(cls())
     params = _expect(data["params"], dict, where + ".params", "an object")
     if set(params) != set(defaults):

@@ -1,0 +1,94 @@
+"""Applying a rule set to a model for the duration of a ``with`` block, with strict coverage."""
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from contextlib import contextmanager
+from typing import Iterator, Union
+
+from torch import nn
+
+from .presets import RuleSet, resolve_rules
+from .registry import registered_category
+
+class UnsupportedModuleError(TypeError):
+    """Raised in strict mode when a model holds modules that no rule covers."""
+
+
+def check_coverage(model: nn.Module, ruleset: RuleSet, strict: bool = True) -> None:
+    """Raise (strict) or warn about normalisation/activation/gate modules with no rule.
+
+    Example:
+        >>> import torch
+        >>> check_coverage(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU()), RuleSet())
+    """
+    missing = ruleset.uncovered(model)
+    if not missing:
+        return
+    types = sorted({t for _, t in missing})
+    listing = ", ".join(f"{p} ({t.rsplit('.', 1)[-1]})" for p, t in missing[:8])
+    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+    message = (
+        f"No LRP rule for {len(missing)} module(s) under rule set {ruleset.name!r}: {listing}{more}. "
+        f"Types: {types}. Register one, e.g. captum_relp.register_rule({types[0]!r}, "
+        f"LayerNormRule()) for a norm or IdentityRule() for an activation, or pass strict=False "
+        f"to use plain gradients through them."
+    )
+    if strict:
+        raise UnsupportedModuleError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+_RULED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_RULED_LOCK = threading.Lock()
+
+
+@contextmanager
+def apply_rules(
+    model: nn.Module, rules: Union[str, RuleSet, None] = "relp", strict: bool = True
+) -> Iterator[RuleSet]:
+    """Apply a rule set to ``model`` for the duration of the ``with`` block.
+
+    The forward output is unchanged; the backward pass follows the rules. Every
+    patch is undone on exit, also when an exception is raised.
+
+    Example:
+        >>> import torch
+        >>> from captum_relp import apply_rules
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.GELU())
+        >>> x = torch.randn(2, 3)
+        >>> with apply_rules(net, "relp"):
+        ...     y = net(x)
+        >>> torch.equal(y, net(x))
+        True
+    """
+    ruleset = resolve_rules(rules)
+    check_coverage(model, ruleset, strict)
+    with _RULED_LOCK:
+        if model in _RULED:
+            raise RuntimeError(
+                f"rules are already applied to this {type(model).__name__} (nested or concurrent "
+                "apply_rules on one model): the second set would wrap the first and contexts exited out "
+                "of order would leave modules patched"
+            )
+        _RULED.add(model)
+    undos = []
+    try:
+        per_module_attention = False
+        for path, module in model.named_modules():
+            rule = ruleset.rule_for(module, path)
+            if rule is not None:
+                undos.append(rule.apply(module))
+                per_module_attention |= registered_category(type(module)) == "attention"
+        hf_config = hasattr(getattr(model, "config", None), "_attn_implementation")
+        if ruleset.attention is not None and (hf_config or not per_module_attention):
+            undos.append(ruleset.attention.apply(model))
+        yield ruleset
+    finally:
+        try:
+            for undo in reversed(undos):
+                undo()
+        finally:
+            with _RULED_LOCK:
+                _RULED.discard(model)

@@ -258,7 +258,16 @@ def main() -> None:
     parser.add_argument("--shipped", nargs="*", default=["tiny-gpt2-ioi", "tiny-llama-ioi"])
     parser.add_argument("--json", default=None, help="also write the results as JSON")
     parser.add_argument("--markdown", default=None, help="also write the page (docs/results_calibration.md)")
+    parser.add_argument("--from-json", default=None,
+                        help="write --markdown from the --json of an earlier run (same options) instead of measuring")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        table, sizes = main_table(results, args.table_size), size_table(results, args.sizes)
+        smollm = None if any(r["model"] == "SmolLM2-135M" for r in results) else \
+            f"SmolLM2-135M: no converted directory at {SMOLLM}; not measured."
+        Path(args.markdown).write_text(page(args, results, table, sizes, sum(r["seconds"] for r in results), smollm))
+        return
     torch.set_grad_enabled(True)
     began = time.perf_counter()
     kw = dict(sizes=args.sizes, draws=args.draws, n_bootstrap=args.n_bootstrap)
@@ -293,6 +302,14 @@ def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional
                f"--sizes {' '.join(map(str, args.sizes))} --table-size {args.table_size} --draws {args.draws} "
                f"--markdown {args.markdown}")
     cost = ", ".join(f"{r['model']} {r['seconds']:.0f} s ({len(r['candidates'])} candidates)" for r in results)
+    rows = [(r["model"], kind, row) for r in results for run in r["runs"] if run["size"] == args.table_size
+            and run["draw"] == 0 for kind, row in run["held_out"].items()]
+    below = [f"{m} {k}" for m, k, row in rows if row["diff_interval"] and row["diff_interval"][1] < 0]
+    worst = min(rows, key=lambda x: x[2]["diff"])
+    verdict = (f"**Verdict ({args.table_size} calibration pairs):** calibrated RelP is below AtP beyond the noise "
+               f"(its held-out interval of calibrated - AtP entirely below zero) in {len(below)} of {len(rows)} rows"
+               + (f" ({', '.join(below)})" if below else "")
+               + f"; the largest point deficit is {worst[2]['diff']:+.3f} ({worst[0]}, {worst[1]}).")
     return "\n".join([
         "## Calibrated rules (held-out)", "",
         f"Measured with `{command}` (torch {torch.__version__}, CPU, one thread, {seconds:.0f} s in all: {cost}). "
@@ -300,7 +317,7 @@ def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional
         "pairs; rules are chosen on calibration pairs only (noise-aware: the gradient is kept unless a candidate "
         "beats it beyond the bootstrap noise) and every method is compared with exact activation patching on the "
         "held-out pairs. Brackets: 95% paired-bootstrap intervals over the held-out pairs.", "",
-        f"### Held-out Pearson with AP, calibrated on {args.table_size} pairs", "", table, "",
+        f"### Held-out Pearson with AP, calibrated on {args.table_size} pairs", "", table, "", verdict, "",
         "### Calibration size: calibrated minus AtP on held-out pairs", "",
         f"Per size: mean over {args.draws} calibration subsets (one for the full pool) and the three component "
         "types of held-out PCC(calibrated) - PCC(AtP); the worst of them; how many groups left the gradient; how "

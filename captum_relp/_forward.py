@@ -5,8 +5,9 @@ model the same way; the metric they evaluate on its output is in :mod:`captum_re
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from ._unwrap import is_hf_model
@@ -51,3 +52,42 @@ def call_model(forward_func: Callable, inputs: Tuple[Tensor, ...], args: Tuple, 
     if not isinstance(output, Tensor):
         raise TypeError(f"forward_func must return a tensor or an output with .logits, got {type(output)}")
     return output
+
+
+def check_token_ids(model: Optional[nn.Module], tensors: Sequence[Any]) -> None:
+    """Raise a ``ValueError`` naming the token ids outside the vocabulary of ``model``.
+
+    Integer tensors among ``tensors`` are read as token ids when ``model`` has input
+    embeddings (``get_input_embeddings()``, as Hugging Face models do); otherwise nothing
+    is checked. An id outside the vocabulary would otherwise fail deep inside the
+    embedding lookup (or, on some devices, read memory it should not).
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10))
+        >>> check_token_ids(model, [torch.tensor([[1, 12, -1]])])
+        Traceback (most recent call last):
+        ...
+        ValueError: token ids [-1, 12] are outside the vocabulary of GPT2LMHeadModel (size 10): ids must be in [0, 9]
+    """
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if get_embeddings is None:
+        return
+    vocab = getattr(get_embeddings(), "num_embeddings", None)
+    if vocab is None:
+        return
+    for ids in tensors:
+        if not isinstance(ids, Tensor) or ids.dtype not in _ID_DTYPES or not ids.numel():
+            continue
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            values = sorted(set(bad.tolist()))
+            more = f" and {len(values) - 10} more" if len(values) > 10 else ""
+            raise ValueError(
+                f"token ids {values[:10]}{more} are outside the vocabulary of {type(model).__name__} "
+                f"(size {vocab}): ids must be in [0, {vocab - 1}]"
+            )
+
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

@@ -9,7 +9,7 @@ and the one metric contract every method evaluates through (:class:`MetricEvalua
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from captum._utils.common import _select_targets
@@ -148,36 +148,6 @@ def last_positions(attention_mask: Optional[Tensor], n_rows: int, seq_len: int, 
     mask = attention_mask.to(device).long()
     positions = torch.arange(mask.shape[1], device=device).expand_as(mask)
     return (positions * mask).max(dim=1).values
-
-
-def disconnected_message(names: Sequence[str]) -> str:
-    """The error for tensors the metric does not depend on (shared by every gradient user)."""
-    return (
-        f"the metric does not depend on {', '.join(names)}: its coefficient is disconnected from the "
-        "metric. Is the layer downstream of the metric's inputs, or is the model wrapped in a graph "
-        "that bypasses module hooks (e.g. torch.compile of a submodule)? Pass allow_unused=True to "
-        "score such layers as zero."
-    )
-
-
-def metric_grads(values: Tensor, tensors: Sequence[Tensor], names: Sequence[str],
-                 allow_unused: bool = False) -> List[Tensor]:
-    """Gradients (or rule coefficients) of ``values.sum()`` w.r.t. ``tensors``.
-
-    A tensor the metric does not depend on raises a ``ValueError`` naming it (``names``),
-    unless ``allow_unused`` asks for zeros: never a silent zero.
-
-    Example:
-        >>> import torch
-        >>> x, y = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
-        >>> metric_grads((3 * x), [x, y], ["x", "y"], allow_unused=True)
-        [tensor([3., 3.]), tensor([0., 0.])]
-    """
-    grads = torch.autograd.grad(values.sum(), list(tensors), allow_unused=True)
-    missing = [name for name, grad in zip(names, grads) if grad is None]
-    if missing and not allow_unused:
-        raise ValueError(disconnected_message(missing))
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
 
 def _metric_name(metric: Callable) -> str:

@@ -93,6 +93,7 @@ nitpick_ignore = [
     ("py:class", "captum.attr.LayerIntegratedGradients"),
     ("py:class", "captum.attr.LLMGradientAttribution"),
     ("py:class", "captum.attr._utils.attribution.LayerAttribution"),
+    ("py:class", "captum.attr._utils.attribution.GradientAttribution"),
     ("py:class", "captum.attr._core.layer.layer_gradient_x_activation.LayerGradientXActivation"),
     ("py:class", "captum._utils.typing.ModuleOrModuleList"),
     # Google-style docstring type words ("int, optional", "callable")
@@ -100,6 +101,7 @@ nitpick_ignore = [
     ("py:class", "callable"),
     # private names that appear in signatures / bases
     ("py:class", "IdsType"),
+    ("py:class", "RulesLike"),
     ("py:class", "Callable"),
     # ForwardPatchRule's summary line in the API autosummary table (it resolves on the
     # class page itself, where the method is documented)

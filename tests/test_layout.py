@@ -104,3 +104,27 @@ def test_cli_reference_page_lists_every_option():
             for flag in action.option_strings:
                 assert f"`{flag}`" in text, (name, flag)
     assert "| 3 |" in text
+
+def _callers(predicate) -> Set[str]:
+    return {name for name, path in _modules().items()
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and predicate(ast.unparse(node.func))}
+
+
+def test_one_coefficient_primitive():
+    """Only the coefficient pass applies rules or differentiates a metric (RelP with and without
+    ``reduce=``, AtP, IG's inner gradient, edge scores and feature edges all call it)."""
+    primitive = "captum_relp._coefficients"
+    assert _callers(lambda f: f.split(".")[-1] == "apply_rules") == {primitive}
+    # rules.functional: the slope of an activation function at 0, no metric involved
+    assert _callers(lambda f: f.endswith("autograd.grad")) == {primitive, "captum_relp.rules.functional"}
+    # sae_train: the SAE training loss, no metric involved
+    assert _callers(lambda f: f.endswith(".backward")) == {"captum_relp.circuits.sae_train"}
+    aliases = [name for name, path in _modules().items() for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch")
+               and any(a.name in ("grad", "backward") for a in node.names)]
+    assert not aliases, aliases
+    users = {name for name, path in _modules().items() if name != primitive
+             and any(m == primitive for m, _ in _imports(name, path, set(_modules())))}
+    assert users == {"captum_relp.attr._gradient_x_difference", "captum_relp.attr.layer_integrated_gradients_patching",
+                     "captum_relp.edges.scores", "captum_relp.circuits.feature_edges"}

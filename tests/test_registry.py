@@ -105,3 +105,78 @@ def test_rules_undone_when_body_raises():
             raise RuntimeError("boom")
     assert model_state(model) == before
     assert FAMILIES
+
+
+def test_name_map_pattern_matching_nothing_is_named():
+    model = build_model("gpt2")
+    rules = RuleSet("typo", name_map={"lm_head": None, "transformer.h.*.mlp.c_fcc": IdentityRule()})
+    with pytest.raises(ValueError, match=r"name_map pattern\(s\) \['transformer.h.\*.mlp.c_fcc'\] match no module"):
+        with apply_rules(model, rules):
+            pass
+    assert model_state(model)["forward_patches"] == []
+    with apply_rules(model, RuleSet("ok", name_map={"lm_head": None, "transformer.h.*.mlp.act": IdentityRule()})):
+        assert "forward" in model.transformer.h[1].mlp.act.__dict__
+
+
+def test_rules_declare_their_category():
+    from captum_relp.rules import AHRule, EpsilonRule, GammaRule, HalfRule
+    from captum_relp.rules.hookpoint import DetachHookRule, HookIdentityRule
+
+    rules = [LayerNormRule(), RMSNormRule(), IdentityRule(), HalfRule(), EpsilonRule(), GammaRule(), AHRule(),
+             DetachHookRule("hook_scale"), DetachHookRule("hook_pattern"), HookIdentityRule()]
+    assert [r.category for r in rules] == ["norm", "norm", "activation", "gate", "linear", "linear", "custom",
+                                           "norm", "attention", "custom"]
+    register_rule(_OddNorm, GammaRule())
+    try:
+        assert registered_rules()[f"{_OddNorm.__module__}._OddNorm"][0] == "linear"
+    finally:
+        unregister_rule(_OddNorm)
+
+
+def test_shared_guard_runs_the_original_forward():
+    """ForwardPatchRule's guard: extra arguments, no gradient mode or an input without gradient run the
+    original forward; the rule's own patched_forward sees only a single input that needs the rule."""
+    from captum_relp.rules import ForwardPatchRule
+
+    calls = []
+
+    class Recording(ForwardPatchRule):
+        def patched_forward(self, module, original, state, x):
+            calls.append(x.requires_grad)
+            return original(x)
+
+    class Scale(torch.nn.Module):
+        def forward(self, x, factor=1.0):
+            return x * factor
+
+    module = Scale()
+    undo = Recording().apply(module)
+    try:
+        x = torch.ones(2, requires_grad=True)
+        assert torch.equal(module(x, 3.0), 3 * x) and torch.equal(module(x, factor=2.0), 2 * x)
+        with torch.no_grad():
+            module(x)
+        module(torch.ones(2))
+        assert calls == []
+        module(x)
+        assert calls == [True]
+    finally:
+        undo()
+
+
+def test_one_rules_protocol():
+    """A preset name, a RuleSet and CalibratedRules all answer plan(model, layers, flags); only a
+    single rule set is accepted where one applies to the whole model."""
+    from captum_relp import CalibratedRules
+    from captum_relp.rules import RulePlan, rule_plan
+
+    model = build_model("gpt2")
+    layers = [model.transformer.h[0].mlp, model.transformer.h[1].attn.c_proj]
+    calibrated = CalibratedRules({"relp": RuleSet("relp"), "none": RuleSet("none", categories=())},
+                                 {"mlp": "relp", "attn": "none"}, {}, ["mlp", "attn"], auto_groups=False)
+    for rules in ("relp", RuleSet("relp"), calibrated):
+        assert isinstance(rule_plan(rules), RulePlan)
+    assert [(r.name, i) for r, i in rule_plan("relp").plan(model, layers, [False, False])] == [("relp", [0, 1])]
+    assert [(r.name, i) for r, i in calibrated.plan(model, layers, [False, False])] == [("relp", [0]), ("none", [1])]
+    with pytest.raises(ValueError, match="CalibratedRules chooses a rule set per attributed layer"):
+        resolve_rules(calibrated)

@@ -9,8 +9,8 @@ from captum._utils.common import _format_tensor_into_tuples
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from .._forward import split_forward_args
-from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
+from .._forward import call_model, check_token_ids, split_forward_args
+from .._hooks import as_layer_list, capture, check_layers_in_model, layer_hooks, pad_mask_like, per_layer_flags
 from .._unwrap import root_module, unwrap_layers, unwrap_model
 from ..metrics import LogitDiff, MetricEvaluator, MetricType, TargetType, last_positions
 
@@ -52,17 +52,24 @@ class PatchingCall:
         return self.kwargs.get("attention_mask")
 
 
-class PatchingAttribution:
-    """Mixin shared by every attribution class of the package.
+class PatchingAttribution(LayerAttribution):
+    """The base of every attribution class of the package: a Captum layer attribution over
+    one or several layers of a model.
 
     Holds the attributed layers (one module or a list, attributed in one call), the
     root module whose state is guarded, and the argument handling of ``attribute``.
+
+    Args:
+        forward_func (Callable or nn.Module): the model, or a function returning a tensor.
+        layer (nn.Module or list of nn.Module): the layer(s) attributed.
+        model (nn.Module, optional): the root module when ``forward_func`` is a plain function.
     """
 
     layers: List[nn.Module]
     model: Optional[nn.Module]
 
-    def _init_layers(self, forward_func: Callable, layer: "LayerType", model: Optional[nn.Module]) -> None:
+    def __init__(self, forward_func: Callable, layer: LayerType, model: Optional[nn.Module] = None) -> None:
+        LayerAttribution.__init__(self, forward_func, layer)
         # nnsight, (Distributed)DataParallel, torch.compile: attribute the module inside
         self.forward_func = unwrap_model(forward_func, keep_bound=True)
         self.layer = unwrap_layers(layer)
@@ -78,6 +85,7 @@ class PatchingAttribution:
             raise ValueError("baselines (the corrupt input) is required")
         if inputs[0].dim() == 0 or inputs[0].shape[0] == 0:
             raise ValueError(f"inputs is an empty batch (shape {tuple(inputs[0].shape)})")
+        check_token_ids(self.model, inputs + (baselines or ()))
         if needs_grad and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{type(self).__name__}.attribute needs autograd and cannot run under "
@@ -91,6 +99,16 @@ class PatchingAttribution:
             metric = metric.at_positions(last_positions(mask, mask.shape[0], mask.shape[1], mask.device))
         evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
         return PatchingCall(inputs, baselines, flags, args, kwargs, evaluator)
+
+    def _collect(self, run: Tuple[Tensor, ...], call: PatchingCall) -> List[Tensor]:
+        """The activations of every layer on ``run``, without gradients."""
+        store: List[Optional[Tensor]] = [None] * len(self.layers)
+        with torch.no_grad(), layer_hooks(self.layers, call.flags, capture(store)):
+            call_model(self.forward_func, run, call.args, call.kwargs)
+        return [self._require(t, i) for i, t in enumerate(store)]
+
+    def _layer_name(self, index: int) -> str:
+        return f"layer[{index}] ({type(self.layers[index]).__name__})"
 
     def _require(self, tensor: Optional[Tensor], index: int, what: str = "called") -> Tensor:
         """The captured tensor of layer ``index``; a clear error when the layer did not run."""
@@ -108,17 +126,3 @@ class PatchingAttribution:
             mask = pad_mask_like(call.attention_mask, result)
             out.append((result * mask if mask is not None else result).detach())
         return out[0] if isinstance(self.layer, nn.Module) else out  # type: ignore[attr-defined]
-
-
-class PatchingLayerAttribution(PatchingAttribution, LayerAttribution):
-    """A Captum layer attribution over one or several layers of a model.
-
-    Args:
-        forward_func (Callable or nn.Module): the model, or a function returning a tensor.
-        layer (nn.Module or list of nn.Module): the layer(s) attributed.
-        model (nn.Module, optional): the root module when ``forward_func`` is a plain function.
-    """
-
-    def __init__(self, forward_func: Callable, layer: LayerType, model: Optional[nn.Module] = None) -> None:
-        LayerAttribution.__init__(self, forward_func, layer)
-        self._init_layers(forward_func, layer, model)

@@ -13,7 +13,7 @@ from .._forward import call_model
 from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
 from .._logits import metric_logits
 from ..metrics import MetricEvaluator, MetricType, TargetType, checked_metric, tile_rows
-from ._base import PatchingLayerAttribution, TensorOrTuple
+from ._base import PatchingAttribution, TensorOrTuple
 from ._prefix_cache import PrefixCacheRunner
 
 GRANULARITIES = ("position", "layer", "head")
@@ -36,7 +36,7 @@ class _ExampleMetric:
         ])
 
 
-class LayerActivationPatching(PatchingLayerAttribution):
+class LayerActivationPatching(PatchingAttribution):
     r"""Activation patching: ``L(clean) - L(clean | do(layer[loc] <- corrupt[loc]))``.
 
     Corrupt activations are collected with Captum's :class:`~captum.attr.LayerActivation`;

@@ -1,4 +1,4 @@
-"""Attribution patching (AtP, Nanda 2022): RelP's machinery with plain gradients."""
+"""Attribution patching (AtP, Nanda 2022): the gradient preset of the gradient-times-difference class."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -6,13 +6,14 @@ from typing import Callable, Optional
 from torch import nn
 
 from ._base import LayerType
-from .layer_relevance_patching import LayerRelevancePatching
+from ._gradient_x_difference import LayerGradientXDifference
 
 
-class LayerAttributionPatching(LayerRelevancePatching):
+class LayerAttributionPatching(LayerGradientXDifference):
     r"""Attribution patching: ``(act(inputs) - act(baselines)) * dL/dact`` on the inputs run.
 
-    Identical to :class:`LayerRelevancePatching` with ``rules="none"``.
+    The same computation as :class:`LayerRelevancePatching` with ``rules="none"``: plain
+    gradients, no rule applied.
 
     Examples::
 

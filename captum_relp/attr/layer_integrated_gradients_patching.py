@@ -1,21 +1,55 @@
 """Integrated Gradients between corrupt and clean layer activations, via Captum."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
-from captum.attr import LayerIntegratedGradients
+from captum.attr import GradientAttribution, LayerIntegratedGradients
 from captum.log import log_usage
-from torch import Tensor
+from torch import Tensor, nn
 
+from .._coefficients import TensorSites, layer_coefficients
 from .._forward import call_model
 from .._hooks import captum_safe_outputs, frozen_model
 from .._logits import metric_logits
-from ..metrics import MetricType, TargetType
-from ._base import PatchingLayerAttribution, TensorOrTuple
+from ..metrics import MetricEvaluator, MetricType, TargetType
+from ._base import LayerType, PatchingAttribution, TensorOrTuple
 from ._reduce import check_reduce, reduce_scores
 
 
-class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
+class _CheckedLayerIntegratedGradients(LayerIntegratedGradients):
+    """Captum's :class:`~captum.attr.LayerIntegratedGradients` (interpolation, steps, weights)
+    whose inner gradient is the package's one coefficient pass: the interpolated layer values
+    replace the layer's output (or input) as Captum does, and the metric is checked and
+    differentiated by :func:`~captum_relp._coefficients.layer_coefficients`."""
+
+    def __init__(self, run: Callable[..., Any], layer: nn.Module, evaluator: MetricEvaluator,
+                 mask_of: Callable[[Tuple[Any, ...]], Optional[Tensor]], name: str) -> None:
+        super().__init__(run, layer)
+        self.evaluator, self.mask_of, self.name = evaluator, mask_of, name
+
+    def _make_gradient_func(self, num_outputs_cumsum, attribute_to_layer_input, grad_kwargs):
+        def gradient_func(forward_fn, inputs, target_ind=None, additional_forward_args=None):
+            def replace(module, hook_inputs, hook_outputs=None):
+                held = hook_outputs if hook_outputs is not None else hook_inputs
+                return tuple(inputs) if isinstance(held, tuple) else inputs[0]
+
+            def forward():
+                hook = (self.layer.register_forward_pre_hook(replace) if attribute_to_layer_input
+                        else self.layer.register_forward_hook(replace))
+                try:
+                    return forward_fn(*additional_forward_args)
+                finally:
+                    hook.remove()
+
+            sites = TensorSites(lambda output: inputs, f"{self.name}, interpolated value {{}}".format)
+            result = layer_coefficients(forward, sites, self.evaluator,
+                                        attention_mask=self.mask_of(additional_forward_args))
+            return tuple(result.coefficients)
+
+        return gradient_func
+
+
+class LayerIntegratedGradientsPatching(PatchingAttribution, GradientAttribution):
     r"""Captum's :class:`~captum.attr.LayerIntegratedGradients` with patching inputs and metrics.
 
     Integrates the gradient of the metric along the straight line from the corrupt
@@ -33,6 +67,10 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
         >>> ig.attribute(torch.ones(3, 2), baselines=torch.zeros(3, 2), n_steps=5).shape
         torch.Size([3, 2])
     """
+
+    def __init__(self, forward_func: Callable, layer: LayerType, model: Optional[nn.Module] = None) -> None:
+        PatchingAttribution.__init__(self, forward_func, layer, model)
+        GradientAttribution.__init__(self, self.forward_func)
 
     @log_usage()
     def attribute(  # type: ignore[override]
@@ -82,12 +120,15 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
         evaluator = call.evaluator
         n_inputs, kw_names = len(inputs), list(kwargs)
 
-        def forward(*flat: Any) -> Tensor:
+        def split(flat: Tuple[Any, ...]):
             run_inputs, rest = flat[:n_inputs], flat[n_inputs:]
-            run_args, run_kw = rest[: len(args)], dict(zip(kw_names, rest[len(args):]))
-            output = call_model(self.forward_func, run_inputs, run_args, run_kw)
-            evaluator.check_target(output)
-            return evaluator(output, run_kw.get("attention_mask"))
+            return run_inputs, rest[: len(args)], dict(zip(kw_names, rest[len(args):]))
+
+        def forward(*flat: Any) -> Tensor:
+            return call_model(self.forward_func, *split(flat))
+
+        def mask_of(flat: Tuple[Any, ...]) -> Optional[Tensor]:
+            return split(flat)[2].get("attention_mask")
 
         extra = tuple(args) + tuple(kwargs[k] for k in kw_names)
         results: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
@@ -96,7 +137,9 @@ class LayerIntegratedGradientsPatching(PatchingLayerAttribution):
                 # one layer at a time: Captum interpolates all listed layers at once,
                 # which is wrong when one layer feeds another (residual stream).
                 with captum_safe_outputs([layer]):
-                    attribution = LayerIntegratedGradients(forward, layer).attribute(
+                    integrated = _CheckedLayerIntegratedGradients(forward, layer, evaluator, mask_of,
+                                                                  self._layer_name(index))
+                    attribution = integrated.attribute(
                         inputs, baselines=baselines, additional_forward_args=extra or None,
                         n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
                         attribute_to_layer_input=flag,

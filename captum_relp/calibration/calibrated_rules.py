@@ -208,6 +208,11 @@ class CalibratedRules:
     selection: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     model: Optional[Dict[str, Any]] = None
 
+    @property
+    def is_empty(self) -> bool:
+        """Always False: the chosen rule sets make every category explicit (:func:`explicit_ruleset`)."""
+        return False
+
     def rules_for(self, group: str) -> RuleSet:
         """The chosen rule set of ``group`` (disabled categories made explicit)."""
         if group not in self.choices:

@@ -35,10 +35,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._forward import call_model
+from .._coefficients import Coefficients, ModuleSites, Sites, coefficient_pass, layer_coefficients
+from .._forward import call_model, check_token_ids
 from .._hooks import capture, frozen_model, layer_hooks
-from ..metrics import metric_grads
-from ..rules import RuleSet, apply_rules, resolve_rules
+from ..metrics import MetricEvaluator
+from ..rules import RuleSet, resolve_rules
 from .nodes import NodeSpace
 
 METRIC_NODE = "metric"
@@ -138,17 +139,24 @@ def feature_edges(
     rules_name = rules if isinstance(rules, str) else ("none" if rules is None else type(rules).__name__)
     extra = {} if attention_mask is None else {"attention_mask": attention_mask}
     model = space.model
+    check_token_ids(model, (clean, corrupt))
+    evaluator = MetricEvaluator(clean.shape[0], metric=metric)
+    options = dict(model=model, strict=strict)
     start = time.perf_counter()
-    with frozen_model(model), apply_rules(model, ruleset, strict):
-        with torch.no_grad():
+    with frozen_model(model):
+        with torch.no_grad():  # rules leave forward values bit-identical: none needed here
             corrupt_acts = _activations(space, corrupt, extra)
-        clean_acts, coefficients = _coefficients(space, clean, metric, extra)
-        deltas = [(c - k).float() for c, k in zip(clean_acts, corrupt_acts)]
+        layers, flags = space.layers_and_flags()
+        clean_run = layer_coefficients(lambda: _run(space, clean, extra), ModuleSites(
+            layers, flags, [f"node group {g.name}" for g in space.groups]), evaluator, ruleset, **options)
+        coefficients = [c.detach() for c in clean_run.coefficients]
+        deltas = [(c - k).float() for c, k in zip(clean_run.activations, corrupt_acts)]
         effects = [_per_node(space, i, d * r.float()).mean(0) for i, (d, r) in enumerate(zip(deltas, coefficients))]
         kept = _top_nodes(effects, n_nodes)
-        with torch.enable_grad(), _leaf_graph(space) as graph:
-            values = metric(call_model(model, (clean,), (), extra))
-            edges, backwards = _edges(space, graph, values, kept, deltas, coefficients)
+        leaves = _LeafSites(space, {g for g, _, _ in kept})
+        with coefficient_pass(lambda: call_model(model, (clean,), (), extra), leaves, evaluator, ruleset,
+                              allow_unused=True, keep_graph=True, **options) as direct:
+            edges, backwards = _edges(space, leaves, direct, kept, deltas, coefficients)
     names = [g.name for g in space.groups]
     nodes = [{"id": _node_id(names[g], t, u), "group": names[g], "position": t, "unit": u,
               "effect": float(effects[g][t, u])} for g, t, u in kept]
@@ -163,19 +171,14 @@ def _node_id(group: str, position: int, unit: int) -> str:
 def _activations(space: NodeSpace, ids: Tensor, extra: Dict) -> List[Tensor]:
     store: List[Optional[Tensor]] = [None] * len(space.groups)
     layers, flags = space.layers_and_flags()
-    with space.active(), layer_hooks(layers, flags, capture(store)):
-        call_model(space.model, (ids,), (), extra)
+    with layer_hooks(layers, flags, capture(store)):
+        _run(space, ids, extra)
     return [t.detach() for t in store]
 
 
-def _coefficients(space: NodeSpace, ids: Tensor, metric, extra: Dict) -> Tuple[List[Tensor], List[Tensor]]:
-    """Clean activations and the total coefficient (rules) or gradient of the metric for every group."""
-    store: List[Optional[Tensor]] = [None] * len(space.groups)
-    layers, flags = space.layers_and_flags()
-    with torch.enable_grad(), space.active(), layer_hooks(layers, flags, capture(store, make_leaf=True)):
-        values = metric(call_model(space.model, (ids,), (), extra))
-        grads = metric_grads(values, store, [f"node group {g.name}" for g in space.groups])
-    return [t.detach() for t in store], [g.detach() for g in grads]
+def _run(space: NodeSpace, ids: Tensor, extra: Dict) -> Tensor:
+    with space.active():
+        return call_model(space.model, (ids,), (), extra)
 
 
 def _per_node(space: NodeSpace, index: int, values: Tensor) -> Tensor:
@@ -242,17 +245,39 @@ def _leaf_graph(space: NodeSpace) -> Iterator[_Graph]:
             handle.remove()
 
 
-def _edges(space, graph: _Graph, values: Tensor, kept, deltas, coefficients) -> Tuple[List[Dict], int]:
+class _LeafSites(Sites):
+    """The kept node groups as leaves of the clean forward (:func:`_leaf_graph`), in forward order."""
+
+    def __init__(self, space: NodeSpace, kept_groups) -> None:
+        self.space, self.kept_groups = space, kept_groups
+        self.graph = _Graph()
+        self.sources: List[int] = []
+
+    @contextmanager
+    def capturing(self) -> Iterator[Callable[[object], List[Tensor]]]:
+        with _leaf_graph(self.space) as graph:
+            self.graph = graph
+
+            def read(output: object) -> List[Tensor]:
+                self.sources = [g for g in graph.order if g in self.kept_groups]
+                return [graph.leaves[g] for g in self.sources]
+
+            yield read
+
+    def name(self, index: int) -> str:
+        return f"node group {self.space.groups[self.sources[index]].name}"
+
+
+def _edges(space, leaves: _LeafSites, direct: Coefficients, kept, deltas, coefficients) -> Tuple[List[Dict], int]:
     names = [g.name for g in space.groups]
     by_group: Dict[int, List[Tuple[int, int]]] = {}
     for g, t, u in kept:
         by_group.setdefault(g, []).append((t, u))
     edges: List[Dict[str, object]] = []
-    sources = [g for g in graph.order if g in by_group]
-    direct = torch.autograd.grad(values.sum(), [graph.leaves[g] for g in sources], retain_graph=True,
-                                 allow_unused=True)
-    for g, grad in zip(sources, direct):
-        _append(edges, space, names, g, by_group[g], deltas[g], grad, METRIC_NODE, None)
+    graph = leaves.graph
+    for j, (g, grad) in enumerate(zip(leaves.sources, direct.coefficients)):
+        if j not in direct.unused:  # a group the metric does not depend on has no edge to it
+            _append(edges, space, names, g, by_group[g], deltas[g], grad, METRIC_NODE, None)
     backwards = 1
     for position, d in enumerate(graph.order):
         upstream = [g for g in graph.order[:position] if g in by_group]
@@ -261,8 +286,7 @@ def _edges(space, graph: _Graph, values: Tensor, kept, deltas, coefficients) -> 
         weighted = coefficients[d].to(graph.pre[d].dtype) * graph.pre[d]
         for t, u in by_group[d]:
             seed = weighted[:, t].sum() if space.groups[d].sum_hidden else weighted[:, t, u].sum()
-            grads = torch.autograd.grad(seed, [graph.leaves[g] for g in upstream], retain_graph=True,
-                                        allow_unused=True)
+            grads = direct.grad(seed, [graph.leaves[g] for g in upstream])
             backwards += 1
             for g, grad in zip(upstream, grads):
                 _append(edges, space, names, g, by_group[g], deltas[g], grad, _node_id(names[d], t, u), t)

@@ -125,6 +125,7 @@ class NodeSpace:
             key = f"{kind}_{layer}"
             if key not in saes:
                 raise ValueError(f"saes has no dictionary {key!r} (have: {sorted(saes)})")
+            _check_sae(key, saes[key], self.model)
             splice = SAESplice(saes[key])
             self.splices[key] = (host, splice)
             self.groups.append(NodeGroup(f"{key}.features", splice.feature_node, False, layer, kind))
@@ -151,6 +152,18 @@ class NodeSpace:
 
     def layers_and_flags(self) -> Tuple[List[nn.Module], List[bool]]:
         return [g.module for g in self.groups], [g.use_input for g in self.groups]
+
+
+def _check_sae(key: str, sae: nn.Module, model: nn.Module) -> None:
+    """A named error for a dictionary that does not fit its hook point or holds NaN/inf weights."""
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    sae_width = getattr(sae, "d_model", getattr(sae, "activation_dim", None))
+    if width is not None and sae_width is not None and int(sae_width) != int(width):
+        raise ValueError(f"SAE {key!r} reads {int(sae_width)}-wide activations, but hook point {key} of "
+                         f"{type(model).__name__} is {int(width)} wide")
+    bad = [name for name, param in sae.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise ValueError(f"SAE {key!r} has non-finite (NaN or inf) weights in {bad}: every score would be NaN")
 
 
 def _splice_hook(splice: SAESplice):

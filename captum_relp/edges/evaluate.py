@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._hooks import frozen_model
+from ..metrics import MetricEvaluator
 from .graph import ComponentGraph
 from .patching import graph_forward
 
@@ -136,11 +137,12 @@ def faithfulness_curve(
     if fractions[0] != 0.0 or fractions[-1] != 1.0 or sorted(fractions) != fractions:
         raise ValueError(f"fractions must increase from 0 to 1, got {fractions}")
     values, sizes = [], []
+    evaluate = MetricEvaluator(clean_ids.shape[0], metric=metric)  # one finite value per prompt
     with frozen_model(model), torch.no_grad():
         corrupt = graph_forward(model, graph, corrupt_ids, attention_mask)
         clean = graph_forward(model, graph, clean_ids, attention_mask)
-        m_empty = metric(corrupt.logits).double().mean().item()
-        m_full = metric(clean.logits).double().mean().item()
+        m_empty = evaluate(corrupt.logits).double().mean().item()
+        m_full = evaluate(clean.logits).double().mean().item()
         scale = m_full - m_empty
         for fraction in fractions:
             k = int(round(fraction * graph.n_edges))
@@ -152,7 +154,7 @@ def faithfulness_curve(
                 patch = (graph.edge_mask & ~top_edges(scores, graph, k)).to(clean.outputs.dtype)
                 run = graph_forward(model, graph, clean_ids, attention_mask, patch=patch,
                                     corrupt_outputs=corrupt.outputs)
-                value = metric(run.logits).double().mean().item()
+                value = evaluate(run.logits).double().mean().item()
             values.append((value - m_empty) / scale if scale != 0 else float("nan"))
             sizes.append(k)
     return FaithfulnessCurve(fractions, sizes, values, area(fractions, values),

@@ -26,6 +26,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
+from .._forward import check_token_ids
 from .graph import ComponentGraph
 
 
@@ -221,6 +222,7 @@ def graph_forward(
     """
     if patch is not None and corrupt_outputs is None:
         raise ValueError("patch needs corrupt_outputs (GraphRun.outputs of the reference run)")
+    check_token_ids(model, (input_ids,))
     parts = _Parts(model, graph)
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device)[None].expand(batch, length)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._coefficients import TensorSites, layer_coefficients
 from .._hooks import frozen_model
 from ..calibration.calibrated_rules import CalibratedRules, explicit_ruleset
-from ..metrics import metric_grads
-from ..rules import RuleSet, apply_rules, resolve_rules
+from ..metrics import MetricEvaluator
+from ..rules import RuleSet, resolve_rules
 from .graph import ComponentGraph
 from .patching import graph_forward
 
@@ -72,8 +73,15 @@ def _contract(delta: Tensor, coefficients: Tensor, per_position: bool) -> Tensor
     return torch.einsum(equation, delta, coefficients) / delta.shape[0]
 
 
-def _input_names(run) -> List[str]:
-    return [f"downstream input block {i} of the component graph" for i in range(len(run.inputs))]
+def _coefficients(model, graph, ids, metric, attention_mask, ruleset: Optional[RuleSet], strict: bool = True,
+                  input_embeds: Optional[Tensor] = None):
+    """Node outputs and the downstream-input coefficients ``(B, T, V, d)`` of one pass."""
+    result = layer_coefficients(
+        lambda: graph_forward(model, graph, ids, attention_mask, input_embeds=input_embeds,
+                              ah=ruleset is not None and ruleset.attention is not None),
+        TensorSites(lambda run: run.inputs, "downstream input block {} of the component graph".format),
+        MetricEvaluator(ids.shape[0], metric=metric), ruleset, model=model, strict=strict)
+    return result.output.outputs.detach(), torch.cat(result.coefficients, dim=2)
 
 
 def _masked(scores: Tensor, graph: ComponentGraph) -> Tensor:
@@ -161,14 +169,6 @@ def _pad_masked(scores: Tensor, attention_mask: Optional[Tensor], per_position: 
     return scores * real[:, None, None]
 
 
-def _coefficients(model, graph, clean_ids, metric, attention_mask, ruleset: RuleSet, strict: bool):
-    with torch.enable_grad(), apply_rules(model, ruleset, strict):
-        run = graph_forward(model, graph, clean_ids, attention_mask, ah=ruleset.attention is not None)
-        values = metric(run.logits)
-        grads = metric_grads(values, run.inputs, _input_names(run))
-    return run.outputs.detach(), torch.cat(grads, dim=2)
-
-
 def upstream_kinds(graph: ComponentGraph) -> List[str]:
     """The calibration group of each upstream node: ``resid`` (the input embeddings), ``attn``, ``mlp``.
 
@@ -214,15 +214,13 @@ def _integrated(model, graph, clean_ids, metric, attention_mask, corrupt, per_po
     corrupt_embeds = corrupt[:, :, 0]
     for step in range(n_steps, 0, -1):  # alpha = 1 first: the clean run gives the clean outputs
         alpha = step / n_steps
-        with torch.enable_grad():
-            embeds = None
-            if step != n_steps:
-                clean_embeds = clean_outputs[:, :, 0]
-                embeds = corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)
-            run = graph_forward(model, graph, clean_ids, attention_mask, input_embeds=embeds)
-            grads = torch.cat(metric_grads(metric(run.logits), run.inputs, _input_names(run)), dim=2)
+        embeds = None
+        if step != n_steps:
+            clean_embeds = clean_outputs[:, :, 0]
+            embeds = corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)
+        outputs, grads = _coefficients(model, graph, clean_ids, metric, attention_mask, None, input_embeds=embeds)
         if clean_outputs is None:
-            clean_outputs = run.outputs.detach()
+            clean_outputs = outputs
         total = grads if total is None else total + grads
     return _contract(clean_outputs - corrupt, total / n_steps, per_position), n_steps, n_steps
 
@@ -243,8 +241,7 @@ def exact_edge_scores(
 
     Args:
         model, graph, clean_ids, corrupt_ids, metric, attention_mask: as in :func:`edge_scores`;
-            ``metric`` must accept ``k * B`` rows (tiled copies), as
-            :class:`~captum_relp.metrics.LogitDiff` does.
+            ``metric`` is called on each ``B``-row copy of the batch.
         max_rows (int): rows per forward pass.
 
     Returns:
@@ -268,9 +265,10 @@ def exact_edge_scores(
     group = max(1, max_rows // batch)
     scores = torch.zeros(graph.edge_mask.shape, dtype=torch.float64)
     forwards = 0
+    evaluate = MetricEvaluator(batch, metric=metric)  # one value per prompt, finite, per tiled copy
     with frozen_model(model), torch.no_grad():
         corrupt = graph_forward(model, graph, corrupt_ids, attention_mask).outputs
-        clean_metric = metric(graph_forward(model, graph, clean_ids, attention_mask).logits).double().mean()
+        clean_metric = evaluate(graph_forward(model, graph, clean_ids, attention_mask).logits).double().mean()
         forwards += 2
         for first in range(0, len(edges), group):
             chunk = edges[first:first + group]
@@ -282,7 +280,7 @@ def exact_edge_scores(
             run = graph_forward(model, graph, clean_ids.repeat(k, 1), mask,
                                 patch=patch.reshape(k * batch, *graph.edge_mask.shape),
                                 corrupt_outputs=corrupt)
-            patched = metric(run.logits).double().reshape(k, batch).mean(1)
+            patched = evaluate(run.logits).double().reshape(k, batch).mean(1)
             for index, (u, v) in enumerate(chunk):
                 scores[u, v] = clean_metric - patched[index]
             forwards += 1

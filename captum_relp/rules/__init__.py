@@ -7,7 +7,7 @@ from .base import ForwardPatchRule, Rule, ZeroRule
 from .gate import HalfRule
 from .linear import EpsilonRule, GammaRule
 from .norm import LayerNormRule, RMSNormRule
-from .presets import PRESETS, RuleSet, resolve_rules
+from .presets import PRESETS, RulePlan, RuleSet, RulesLike, resolve_rules, rule_plan
 from .registry import register_rule, registered_rules, type_key, unregister_rule
 
 __all__ = [
@@ -24,6 +24,9 @@ __all__ = [
     "RuleSet",
     "PRESETS",
     "resolve_rules",
+    "rule_plan",
+    "RulePlan",
+    "RulesLike",
     "register_rule",
     "unregister_rule",
     "registered_rules",

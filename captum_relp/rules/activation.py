@@ -32,6 +32,7 @@ class IdentityRule(ForwardPatchRule):
     """
 
     name = "identity"
+    category = "activation"
 
     def prepare(self, module: nn.Module, original: Callable) -> float:
         with torch.no_grad():
@@ -42,9 +43,5 @@ class IdentityRule(ForwardPatchRule):
             )
         return slope_at_zero(original)
 
-    def patched_forward(
-        self, module: nn.Module, original: Callable, state: Any, x, *args: Any, **kwargs: Any
-    ):
-        if args or kwargs or not torch.is_grad_enabled() or not x.requires_grad:
-            return original(x, *args, **kwargs)
+    def patched_forward(self, module: nn.Module, original: Callable, state: Any, x):
         return identity_rule(original, x, state)

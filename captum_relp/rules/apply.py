@@ -64,6 +64,7 @@ def apply_rules(
         True
     """
     ruleset = resolve_rules(rules)
+    ruleset.check_patterns(model)
     check_coverage(model, ruleset, strict)
     with _RULED_LOCK:
         if model in _RULED:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 UndoFn = Callable[[], None]
@@ -27,6 +28,9 @@ class Rule:
     """
 
     name: str = "rule"
+    category: str = "custom"
+    """The registry category the rule belongs to (``norm``, ``activation``, ``gate``, ``linear``,
+    ``attention`` or ``custom``): :func:`~captum_relp.register_rule` files it there unless told."""
 
     def apply(self, module: nn.Module) -> UndoFn:
         raise NotImplementedError
@@ -74,7 +78,14 @@ class ForwardPatchRule(Rule):
     keep working; the undo function removes it again. On modules dispatched by
     accelerate (``_hf_hook``) the wrapped ``_old_forward`` is replaced instead
     (see ``forward_attribute``).
+
+    The guard every rule shares lives here: a call with more than the one input tensor
+    runs the original forward, and so does a call whose input carries no gradient when
+    :attr:`only_with_grad` is set (the rule would change nothing but the cost).
     """
+
+    only_with_grad: bool = True
+    """Run the original forward when gradients are off or the input does not require them."""
 
     def patched_forward(
         self, module: nn.Module, original: Callable, state: Any, *args: Any, **kwargs: Any
@@ -93,6 +104,9 @@ class ForwardPatchRule(Rule):
         state = self.prepare(module, original)
 
         def forward(*args: Any, **kwargs: Any):
+            if args and (len(args) > 1 or kwargs or (self.only_with_grad and not (
+                    torch.is_grad_enabled() and getattr(args[0], "requires_grad", False)))):
+                return original(*args, **kwargs)
             return self.patched_forward(module, original, state, *args, **kwargs)
 
         setattr(module, attribute, forward)

@@ -31,6 +31,8 @@ class HalfRule(ForwardPatchRule):
     """
 
     name = "half"
+    category = "gate"
+    only_with_grad = False  # the canonized forward runs whenever the module is called
 
     def prepare(self, module: nn.Module, original: Callable) -> None:
         missing = [a for a in GATED_MLP_ATTRIBUTES if not hasattr(module, a)]
@@ -40,10 +42,6 @@ class HalfRule(ForwardPatchRule):
                 f"{type(module).__name__} lacks {missing}"
             )
 
-    def patched_forward(
-        self, module: nn.Module, original: Callable, state: Any, x, *args: Any, **kwargs: Any
-    ):
-        if args or kwargs:
-            return original(x, *args, **kwargs)
+    def patched_forward(self, module: nn.Module, original: Callable, state: Any, x):
         gate = module.act_fn(module.gate_proj(x))
         return module.down_proj(half_product(gate, module.up_proj(x)))

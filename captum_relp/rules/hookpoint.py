@@ -77,6 +77,11 @@ class HookPointRule(Rule):
     name = "hook"
     hooks: Sequence[str] = ()
 
+    @property
+    def category(self) -> str:  # type: ignore[override]
+        """``attention`` on ``hook_pattern``, ``norm`` on ``hook_scale``, else ``custom``."""
+        return "attention" if "hook_pattern" in self.hooks else "norm" if "hook_scale" in self.hooks else "custom"
+
     def hook_points(self, module: nn.Module) -> Dict[str, nn.Module]:
         """The module's hook points by name; ValueError when one is missing (never a silent no-op)."""
         found = {name: getattr(module, name, None) for name in self.hooks}

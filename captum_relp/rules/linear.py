@@ -48,6 +48,8 @@ class _ModifiedLinear(torch.autograd.Function):
 
 
 class _LinearRule(ForwardPatchRule):
+    category = "linear"
+
     def prepare(self, module: nn.Module, original: Callable) -> None:
         if getattr(module, "weight", None) is None or module.weight.dim() != 2:
             raise ValueError(f"{type(self).__name__} needs a module with a 2-D weight, got {module}")
@@ -55,12 +57,7 @@ class _LinearRule(ForwardPatchRule):
     def scale(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor):
         raise NotImplementedError
 
-    def patched_forward(
-        self, module: nn.Module, original: Callable, state: Any, x, *args: Any, **kwargs: Any
-    ):
-        if args or kwargs or not torch.is_grad_enabled() or not x.requires_grad:
-            return original(x, *args, **kwargs)
-
+    def patched_forward(self, module: nn.Module, original: Callable, state: Any, x):
         def scale_fn(inp, out):
             return self.scale(module, inp, out)
 

@@ -38,6 +38,7 @@ class LayerNormRule(ForwardPatchRule):
     """
 
     name = "ln"
+    category = "norm"
 
     def __init__(self, centered: bool = True, weight_offset: float = 0.0) -> None:
         self.centered = centered
@@ -58,18 +59,11 @@ class LayerNormRule(ForwardPatchRule):
                 return float(value)
         return float(torch.finfo(dtype).eps)
 
-    def patched_forward(
-        self, module: nn.Module, original: Callable, state: Any, x, *args: Any, **kwargs: Any
-    ):
-        if args or kwargs:
-            return original(x, *args, **kwargs)
+    def patched_forward(self, module: nn.Module, original: Callable, state: Any, x):
         weight = getattr(module, "weight", None)
         if weight is not None:
             weight = weight.detach().to(compute_dtype(x.dtype)) + self.weight_offset
-        eps = self._eps(module, x.dtype)
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return original(x)
-        return ln_rule(original, x, weight, eps, self.centered)
+        return ln_rule(original, x, weight, self._eps(module, x.dtype), self.centered)
 
     def __repr__(self) -> str:
         return f"LayerNormRule(centered={self.centered}, weight_offset={self.weight_offset})"

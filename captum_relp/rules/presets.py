@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 from torch import nn
 
@@ -54,6 +54,11 @@ class RuleSet:
         return not (self.categories or self.attention or self.linear or self.overrides
                     or any(r is not None for r in self.name_map.values()))
 
+    def plan(self, model: Optional[nn.Module], layers: Sequence[nn.Module],
+             flags: Sequence[bool]) -> List[Tuple["RuleSet", List[int]]]:
+        """This rule set for every layer (the :class:`RulePlan` protocol)."""
+        return [(self, list(range(len(layers))))]
+
     def rule_for(self, module: nn.Module, path: Optional[str] = None) -> Optional[Rule]:
         """The rule applied to ``module`` (at ``path`` in the model, for ``name_map``)."""
         if path is not None:
@@ -71,6 +76,22 @@ class RuleSet:
         if category in self.categories and factory is not None:
             return factory()
         return None
+
+    def check_patterns(self, model: nn.Module) -> None:
+        """Raise a ``ValueError`` naming each ``name_map`` pattern that matches no module path.
+
+        Example:
+            >>> import torch
+            >>> RuleSet(name_map={"lm_head": None}).check_patterns(torch.nn.Sequential(torch.nn.Linear(1, 1)))
+            Traceback (most recent call last):
+            ...
+            ValueError: RuleSet 'relp': name_map pattern(s) ['lm_head'] match no module of Sequential (its paths look like ['', '0'])
+        """
+        paths = [path for path, _ in model.named_modules()]
+        unmatched = [p for p in self.name_map if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
+        if unmatched:
+            raise ValueError(f"RuleSet {self.name!r}: name_map pattern(s) {unmatched} match no module of "
+                             f"{type(model).__name__} (its paths look like {paths[:5]})")
 
     def uncovered(self, model: nn.Module) -> List[Tuple[str, str]]:
         """Normalisation, activation and gated-MLP modules of ``model`` with no rule."""
@@ -98,17 +119,59 @@ PRESETS: Dict[str, Callable[[], RuleSet]] = {
 }
 
 
-def resolve_rules(rules: Union[str, RuleSet, None]) -> RuleSet:
-    """Turn a preset name (``'relp'``, ``'relp-ah'``, ``'none'``) or a RuleSet into a RuleSet.
+@runtime_checkable
+class RulePlan(Protocol):
+    """The one question every ``rules=`` value answers: which rule set applies to which
+    attributed layer (a :class:`RuleSet` answers "this one, for all of them";
+    :class:`~captum_relp.CalibratedRules` one per layer group). The rule set then says
+    which rule applies to which module (:meth:`RuleSet.rule_for`).
+    """
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no rule is applied anywhere (so no model is needed)."""
+
+    def plan(self, model: Optional[nn.Module], layers: Sequence[nn.Module],
+             flags: Sequence[bool]) -> List[Tuple[RuleSet, List[int]]]:
+        """``(rule set, layer indices)`` pairs covering every layer once; one pass each."""
+
+
+RulesLike = Union[str, RulePlan, None]
+
+
+def rule_plan(rules: RulesLike) -> RulePlan:
+    """What any ``rules=`` value stands for: a preset name (or ``None``, the ``"none"``
+    preset) becomes its :class:`RuleSet`; a :class:`RuleSet` or another :class:`RulePlan`
+    (:class:`~captum_relp.CalibratedRules`) is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU())
+        >>> [(rs.name, idx) for rs, idx in rule_plan("relp").plan(net, [net[0], net[1]], [False, False])]
+        [('relp', [0, 1])]
+    """
+    if rules is None:
+        return PRESETS["none"]()
+    if isinstance(rules, str) and rules in PRESETS:
+        return PRESETS[rules]()
+    if isinstance(rules, RulePlan) and not isinstance(rules, str):
+        return rules
+    raise ValueError(f"rules must be one of {sorted(PRESETS)}, a RuleSet or CalibratedRules, got {rules!r}")
+
+
+def resolve_rules(rules: RulesLike) -> RuleSet:
+    """The one :class:`RuleSet` a preset name (``'relp'``, ``'relp-ah'``, ``'none'``) or a
+    RuleSet stands for, where one rule set applies to the whole model (edges, feature edges,
+    :func:`~captum_relp.apply_rules`).
 
     Example:
         >>> resolve_rules("relp-ah").attention
         AHRule()
     """
-    if rules is None:
-        return PRESETS["none"]()
-    if isinstance(rules, RuleSet):
-        return rules
-    if isinstance(rules, str) and rules in PRESETS:
-        return PRESETS[rules]()
-    raise ValueError(f"rules must be one of {sorted(PRESETS)} or a RuleSet, got {rules!r}")
+    resolved = rule_plan(rules)
+    if not isinstance(resolved, RuleSet):
+        raise ValueError(
+            f"{type(resolved).__name__} chooses a rule set per attributed layer; here one rule set applies "
+            "to the whole model: pass a preset name or a RuleSet (e.g. one of its candidates)"
+        )
+    return resolved

@@ -16,8 +16,7 @@ from torch import nn
 from .activation import IdentityRule
 from .base import Rule
 from .gate import GATED_MLP_ATTRIBUTES, HalfRule
-from .hookpoint import TRANSFORMER_LENS_ENTRIES, HookPointRule, has_hook_points
-from .linear import EpsilonRule, GammaRule
+from .hookpoint import TRANSFORMER_LENS_ENTRIES, has_hook_points
 from .norm import LayerNormRule, RMSNormRule
 
 RuleFactory = Callable[[], Rule]
@@ -105,20 +104,6 @@ def registry_entry(module_type: Union[type, str]) -> Tuple[Optional[str], Option
     return _REGISTRY.get(type_key(module_type), (None, None))
 
 
-def _category_of(rule: Rule) -> str:
-    if isinstance(rule, HookPointRule) and "hook_pattern" in rule.hooks:
-        return "attention"
-    if isinstance(rule, LayerNormRule) or (isinstance(rule, HookPointRule) and "hook_scale" in rule.hooks):
-        return "norm"
-    if isinstance(rule, IdentityRule):
-        return "activation"
-    if isinstance(rule, HalfRule):
-        return "gate"
-    if isinstance(rule, (EpsilonRule, GammaRule)):
-        return "linear"
-    return "custom"
-
-
 def register_rule(
     module_type: Union[type, str],
     rule: Union[Rule, RuleFactory, None],
@@ -130,7 +115,8 @@ def register_rule(
         module_type: the module class, or ``'package.module.ClassName'``.
         rule: a :class:`~captum_relp.rules.Rule` instance or a zero-argument factory.
         category: ``norm``, ``activation``, ``gate``, ``structural``, ``custom`` or ``attention``
-            (default: inferred from the rule). Presets apply ``norm``/``activation``/``gate``/``custom``;
+            (default: the rule's own :attr:`~captum_relp.rules.Rule.category`). Presets apply
+            ``norm``/``activation``/``gate``/``custom``;
             ``attention`` rules (per-module AH-rules, e.g. on TransformerLens attention) apply
             when the rule set has an ``attention`` rule. ``structural`` (with ``rule=None``)
             declares a module type that needs no rule (linear in the attributed activations, or
@@ -152,7 +138,7 @@ def register_rule(
         _REGISTRY[type_key(module_type)] = (category, None)
         return
     factory = rule if not isinstance(rule, Rule) else (lambda: rule)
-    category = category or _category_of(factory())
+    category = category or factory().category
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
     _REGISTRY[type_key(module_type)] = (category, factory)

@@ -206,11 +206,30 @@ def test_small_input_errors():
         LayerRelevancePatching(model, parts.mlp[0]).attribute(clean, baselines=corrupt, target=1)
 
 
-def test_metric_grads_never_fills_zeros_silently():
-    from captum_relp.metrics import metric_grads
+def test_coefficients_never_fill_zeros_silently():
+    from captum_relp._coefficients import TensorSites, layer_coefficients
+    from captum_relp.metrics import MetricEvaluator
 
     x, unused = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    sites = TensorSites(lambda output: [x, unused], ["node group a", "node group b"].__getitem__)
     with pytest.raises(ValueError, match="does not depend on node group b"):
-        metric_grads(2 * x, [x, unused], ["node group a", "node group b"])
-    grads = metric_grads(2 * x, [x, unused], ["a", "b"], allow_unused=True)
-    assert torch.equal(grads[0], torch.full((3,), 2.0)) and torch.equal(grads[1], torch.zeros(3))
+        layer_coefficients(lambda: 2 * x, sites, MetricEvaluator(3))
+    result = layer_coefficients(lambda: 2 * x, sites, MetricEvaluator(3), allow_unused=True)
+    assert torch.equal(result.coefficients[0], torch.full((3,), 2.0))
+    assert torch.equal(result.coefficients[1], torch.zeros(3)) and result.unused == [1]
+
+
+@pytest.mark.parametrize("cls", ["LayerRelevancePatching", "LayerAttributionPatching",
+                                 "LayerIntegratedGradientsPatching", "LayerActivationPatching"])
+def test_token_ids_outside_the_vocabulary_are_named(cls):
+    import captum_relp
+
+    model = build_model("llama")
+    clean, corrupt = token_pair()
+    corrupt[0, 1] = 64
+    method = getattr(captum_relp, cls)(model, model.model.layers[0].mlp)
+    with pytest.raises(ValueError, match=r"token ids \[64\] are outside the vocabulary of LlamaForCausalLM "
+                                         r"\(size 64\): ids must be in \[0, 63\]"):
+        method.attribute(clean, baselines=corrupt, target=1)
+    with pytest.raises(ValueError, match=r"token ids \[-3\] are outside"):
+        method.attribute(torch.full_like(clean, -3), baselines=corrupt, target=1)

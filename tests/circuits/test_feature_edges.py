@@ -118,3 +118,40 @@ def test_circuit_cli_writes_edges(tmp_path):
     assert set(by_method) == {"RelP", "AtP"}  # IG has no one-backward edge estimate
     assert by_method["RelP"]["rules"] == "relp" and by_method["AtP"]["rules"] == "none"
     assert len(by_method["RelP"]["nodes"]) == 6 and by_method["RelP"]["edges"]
+
+
+def _batch_mean(logits):
+    return (logits[:, -1, 1] - logits[:, -1, 2]).mean()
+
+
+def _per_position(logits):
+    return logits[:, :, 1] - logits[:, :, 2]
+
+
+def _nan(logits):
+    return logits[:, -1, 1] * float("nan")
+
+
+@pytest.mark.parametrize("metric,message", [(_batch_mean, r"_batch_mean returned shape \(\) for 3 rows"),
+                                            (_per_position, r"_per_position returned shape \(3, 4\) for 3 rows"),
+                                            (_nan, r"_nan contain 3 non-finite")])
+def test_metric_contract(tiny, metric, message):
+    model, _, clean, corrupt, _ = tiny
+    with pytest.raises(ValueError, match=message):
+        feature_edges(NodeSpace(model, "components"), clean, corrupt, metric, n_nodes=4)
+
+
+def test_bad_saes_and_token_ids_are_named(tiny):
+    model, saes, clean, corrupt, metric = tiny
+    broken = dict(saes)
+    broken["mlp_1"] = SparseAutoencoder(16, 6, dtype=torch.float64)
+    with torch.no_grad():
+        broken["mlp_1"].W_dec[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"SAE 'mlp_1' has non-finite \(NaN or inf\) weights in \['W_dec'\]"):
+        feature_edges(NodeSpace(model, "features", broken), clean, corrupt, metric)
+    broken["mlp_1"] = SparseAutoencoder(12, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"SAE 'mlp_1' reads 12-wide activations, but hook point mlp_1 of "
+                                         r"GPT2LMHeadModel is 16 wide"):
+        NodeSpace(model, "features", broken)
+    with pytest.raises(ValueError, match=r"token ids \[20\] are outside the vocabulary of GPT2LMHeadModel \(size 20\)"):
+        feature_edges(NodeSpace(model, "components"), clean, torch.full_like(corrupt, 20), metric)

@@ -1,0 +1,263 @@
+"""The one coefficient pass: every method that needs :math:`\\rho` computes it here.
+
+:func:`coefficient_pass` applies a rule set, runs the forward, captures the *sites*
+(layer inputs/outputs through hooks, or tensors the forward returns), evaluates the
+metric through the one metric contract (:class:`~captum_relp.metrics.MetricEvaluator`:
+shape ``(rows,)``, finite, named in the error) and takes the coefficients of the metric
+at every site, all at once or streamed to ``on_coefficient`` as each arrives in the
+backward pass. RelP (with and without ``reduce=``), AtP, IG's inner gradient, edge scores
+(RelP, EAP, EAP-IG) and feature edges call it; nothing else in the package applies rules
+or differentiates a metric (``tests/test_layout.py`` checks this). It plays the part of
+Captum's ``compute_layer_gradients_and_eval`` with rules and a checked metric.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._hooks import capture, layer_hooks
+from .metrics import MetricEvaluator
+from .rules import RuleSet, apply_rules
+
+OnCoefficient = Callable[[int, Tensor, Tensor], None]
+
+
+def disconnected_message(names: Sequence[str]) -> str:
+    """The error for sites the metric does not depend on.
+
+    Example:
+        >>> disconnected_message(["layer[0] (Linear)"]).split(":")[0]
+        'the metric does not depend on layer[0] (Linear)'
+    """
+    return (
+        f"the metric does not depend on {', '.join(names)}: its coefficient is disconnected from the "
+        "metric. Is the layer downstream of the metric's inputs, or is the model wrapped in a graph "
+        "that bypasses module hooks (e.g. torch.compile of a submodule)? Pass allow_unused=True to "
+        "score such layers as zero."
+    )
+
+
+class Sites(ABC):
+    """Where coefficients are taken. :meth:`capturing` is entered around the forward and
+    yields ``read(output) -> tensors``, one per site, called after the forward."""
+
+    @abstractmethod
+    def capturing(self) -> ContextManager[Callable[[Any], List[Tensor]]]:
+        """A context around the forward that yields ``read(output)``."""
+
+    @abstractmethod
+    def name(self, index: int) -> str:
+        """How errors name site ``index``."""
+
+
+class ModuleSites(Sites):
+    """The outputs (or, per ``flags``, first inputs) of ``layers``, captured as gradient leaves.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+        >>> with ModuleSites([net[0]], [False]).capturing() as read:
+        ...     out = net(torch.ones(1, 2))
+        >>> read(out)[0].shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], flags: Sequence[bool],
+                 names: Optional[Sequence[str]] = None) -> None:
+        self.layers, self.flags = list(layers), list(flags)
+        self.names = list(names) if names is not None else [
+            f"layer[{i}] ({type(m).__name__})" for i, m in enumerate(self.layers)]
+
+    @contextmanager
+    def capturing(self) -> Iterator[Callable[[Any], List[Tensor]]]:
+        store: List[Optional[Tensor]] = [None] * len(self.layers)
+        with layer_hooks(self.layers, self.flags, capture(store, make_leaf=True)):
+            yield lambda output: [self.require(t, i) for i, t in enumerate(store)]
+
+    def name(self, index: int) -> str:
+        return self.names[index]
+
+    def require(self, tensor: Optional[Tensor], index: int) -> Tensor:
+        """``tensor``; a named error when site ``index`` did not run in the forward pass."""
+        if tensor is None:
+            raise ValueError(f"{self.names[index]} was not called in the forward pass: is it part of "
+                             "the model's computation?")
+        return tensor
+
+
+class TensorSites(Sites):
+    """Tensors the forward itself returns or records: ``read(output)``; site ``i`` is called
+    ``describe(i)`` in errors.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> with TensorSites(lambda out: [x], "x {}".format).capturing() as read:
+        ...     pass
+        >>> read(None)[0] is x
+        True
+    """
+
+    def __init__(self, read: Callable[[Any], Sequence[Tensor]],
+                 describe: Callable[[int], str] = "tensor {}".format) -> None:
+        self.read, self.describe = read, describe
+
+    def name(self, index: int) -> str:
+        return self.describe(index)
+
+    @contextmanager
+    def capturing(self) -> Iterator[Callable[[Any], List[Tensor]]]:
+        yield lambda output: list(self.read(output))
+
+
+@dataclass
+class Coefficients:
+    """What one pass gives.
+
+    Attributes:
+        activations: the site tensors of the pass (empty when streamed: each is dropped once
+            its coefficient has been handed to ``on_coefficient``).
+        coefficients: ``d metric / d site`` under the rules, one per site (``None`` for every
+            site when streamed to ``on_coefficient``).
+        unused: indices of sites the metric does not depend on (zero coefficients; only
+            with ``allow_unused``).
+        values: the checked metric values, ``(rows,)``.
+        output: what the forward returned.
+    """
+
+    activations: List[Tensor]
+    coefficients: List[Optional[Tensor]]
+    unused: List[int]
+    values: Tensor
+    output: Any
+
+    def grad(self, seed: Tensor, tensors: Sequence[Tensor]) -> List[Optional[Tensor]]:
+        """Gradients of ``seed`` (a function of the site tensors) w.r.t. ``tensors`` through the
+        rules-applied graph of this pass (``None`` where disconnected). Only inside
+        :func:`coefficient_pass`, which keeps the graph."""
+        return list(torch.autograd.grad(seed, list(tensors), retain_graph=True, allow_unused=True))
+
+
+def _rules_applied(model: Optional[nn.Module], rules: Optional[RuleSet], strict: bool):
+    if rules is None or model is None:
+        return nullcontext()
+    return apply_rules(model, rules, strict)
+
+
+@contextmanager
+def coefficient_pass(
+    forward: Callable[[], Any],
+    sites: Sites,
+    evaluator: MetricEvaluator,
+    rules: Optional[RuleSet] = None,
+    *,
+    model: Optional[nn.Module] = None,
+    strict: bool = True,
+    attention_mask: Optional[Tensor] = None,
+    allow_unused: bool = False,
+    on_coefficient: Optional[OnCoefficient] = None,
+    keep_graph: bool = False,
+) -> Iterator[Coefficients]:
+    """One rules-applied forward and backward pass; the rules and the graph stay until exit.
+
+    Args:
+        forward: runs the model and returns its output (a tensor, an output with ``.logits``
+            or an object whose ``.logits`` the metric reads, e.g. ``GraphRun``).
+        sites: where coefficients are taken (:class:`ModuleSites`, :class:`TensorSites`).
+        evaluator: the metric, checked (shape ``(rows,)``, finite).
+        rules: the rule set applied to ``model`` for the pass (``None``: no rules context).
+        model: the module the rules apply to.
+        strict: as in :func:`~captum_relp.rules.apply_rules`.
+        attention_mask: read by ``target=`` metrics (last real position).
+        allow_unused: zeros (listed in ``unused``) instead of a ``ValueError`` for sites the
+            metric does not depend on.
+        on_coefficient: ``on_coefficient(i, activation, coefficient)`` runs for site ``i`` in the
+            backward pass, as its coefficient arrives; that site's tensors are dropped right
+            after (for disconnected sites it runs after the pass with zeros).
+        keep_graph: keep the graph for :meth:`Coefficients.grad` inside the ``with`` block.
+
+    Yields:
+        Coefficients
+    """
+    with torch.enable_grad(), _rules_applied(model, rules, strict), sites.capturing() as read:
+        output = forward()
+        logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
+        evaluator.check_target(logits)
+        values = evaluator(logits, attention_mask)
+        acts = read(output)
+        if on_coefficient is None:
+            grads = torch.autograd.grad(values.sum(), acts, allow_unused=True, retain_graph=keep_graph)
+            unused = _unused(sites, grads, allow_unused)
+            coefficients = [torch.zeros_like(t) if g is None else g for t, g in zip(acts, grads)]
+        else:  # nothing but the graph keeps the output and the activations alive
+            output = logits = None
+            n_sites = len(acts)
+            unused = _streamed(sites, acts, values, on_coefficient, allow_unused, keep_graph)
+            coefficients = [None] * n_sites
+        yield Coefficients(acts, coefficients, unused, values, output)
+
+
+def layer_coefficients(
+    forward: Callable[[], Any],
+    sites: Sites,
+    evaluator: MetricEvaluator,
+    rules: Optional[RuleSet] = None,
+    **options: Any,
+) -> Coefficients:
+    """:func:`coefficient_pass` for a caller that needs only its result (activations detached).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        >>> x = torch.randn(4, 2)
+        >>> result = layer_coefficients(lambda: net(x), ModuleSites([net[1]], [False]), MetricEvaluator(4),
+        ...                             "relp", model=net)
+        >>> [c.shape for c in result.coefficients]
+        [torch.Size([4, 3])]
+    """
+    with coefficient_pass(forward, sites, evaluator, rules, **options) as result:
+        result.activations = [a.detach() for a in result.activations]
+        result.values = result.values.detach()
+    return result
+
+
+def _unused(sites: Sites, grads: Sequence[Optional[Tensor]], allow_unused: bool) -> List[int]:
+    unused = [i for i, g in enumerate(grads) if g is None]
+    if unused and not allow_unused:
+        raise ValueError(disconnected_message([sites.name(i) for i in unused]))
+    return unused
+
+
+def _streamed(sites: Sites, acts: List[Tensor], values: Tensor, on_coefficient: OnCoefficient,
+              allow_unused: bool, keep_graph: bool) -> List[int]:
+    """The backward pass with ``on_coefficient`` run per site as its coefficient arrives."""
+    arrived = [False] * len(acts)
+    shapes = [(a.shape, a.dtype, a.device) for a in acts]
+    store: List[Optional[Tensor]] = list(acts)
+
+    def on_grad(index: int):
+        def hook(grad: Tensor) -> None:
+            on_coefficient(index, store[index].detach(), grad)  # type: ignore[union-attr]
+            arrived[index], store[index] = True, None
+
+        return hook
+
+    for index, act in enumerate(acts):
+        act.register_hook(on_grad(index))
+    leaves = [a for a in acts if a.is_leaf] or acts
+    acts.clear()
+    torch.autograd.grad(values.sum(), leaves, allow_unused=True, retain_graph=keep_graph)
+    del leaves
+    unused = [i for i, done in enumerate(arrived) if not done]
+    if unused and not allow_unused:
+        raise ValueError(disconnected_message([sites.name(i) for i in unused]))
+    for index in unused:  # the metric does not depend on these sites: zero scores
+        shape, dtype, device = shapes[index]
+        zero = torch.zeros(shape, dtype=dtype, device=device)
+        on_coefficient(index, zero, zero)
+    return unused

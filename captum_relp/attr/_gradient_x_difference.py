@@ -1,0 +1,182 @@
+"""The attribution RelP and AtP share: activation difference times the metric's coefficient."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from .._coefficients import ModuleSites, layer_coefficients
+from .._forward import call_model
+from .._hooks import frozen_model
+from .._logits import metric_logits
+from ..metrics import MetricType, TargetType
+from ..rules import RulesLike, rule_plan
+from ._base import LayerType, PatchingAttribution, TensorOrTuple
+from ._reduce import check_reduce, reduce_scores
+
+DIRECTIONS = ("noising", "denoising")
+
+
+class LayerGradientXDifference(PatchingAttribution, GradientAttribution):
+    r"""``(act(inputs) - act(baselines)) * coefficient``, coefficients under a rule set.
+
+    The coefficient of each layer activation is the derivative of the metric taken
+    through the rules (:mod:`captum_relp.rules`) on the ``inputs`` run: the LRP
+    propagation coefficient :math:`\rho` for :class:`~captum_relp.LayerRelevancePatching`,
+    the plain gradient for :class:`~captum_relp.LayerAttributionPatching` (its preset).
+
+    Args:
+        forward_func (Callable or nn.Module): the model, or a function returning a tensor.
+        layer (nn.Module or list of nn.Module): the layer(s) attributed.
+        rules (str, RuleSet or CalibratedRules): anything :func:`~captum_relp.rules.rule_plan`
+            accepts: a preset name, a :class:`~captum_relp.RuleSet` or the outcome of
+            :func:`~captum_relp.calibrate_rules` (one pass per distinct chosen rule set).
+        multiply_by_inputs (bool): if False, return the coefficients only.
+        model (nn.Module, optional): the module rules apply to, for a plain ``forward_func``.
+        strict (bool): raise if a normalisation/activation module has no rule.
+
+    Examples::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1))
+        >>> gxd = LayerGradientXDifference(net, net[1], "none")
+        >>> gxd.attribute(torch.ones(1, 2), baselines=torch.zeros(1, 2)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: LayerType,
+        rules: RulesLike,
+        *,
+        multiply_by_inputs: bool = True,
+        model: Optional[nn.Module] = None,
+        strict: bool = True,
+    ) -> None:
+        PatchingAttribution.__init__(self, forward_func, layer, model)
+        GradientAttribution.__init__(self, self.forward_func)
+        self.rules = rule_plan(rules)
+        self.strict = strict
+        self._multiply_by_inputs = multiply_by_inputs
+        if self.model is None and not self.rules.is_empty:
+            raise ValueError(
+                "rules need a model: pass model=<nn.Module> when forward_func is a plain function"
+            )
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: TensorOrTuple,
+        baselines: Optional[TensorOrTuple] = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
+        metric: MetricType = None,
+        direction: str = "noising",
+        allow_unused: bool = False,
+        reduce: Optional[str] = None,
+        num_heads: Optional[int] = None,
+    ) -> Union[Tensor, List[Tensor]]:
+        r"""Scores of the layer activations.
+
+        Args:
+            inputs (Tensor or tuple of Tensor): the clean (original) input, e.g. token ids ``(B, T)``.
+            baselines (Tensor or tuple of Tensor, optional): the corrupt (patch) input,
+                same shape as ``inputs``. None gives plain LRP relevance ``act * coefficient``.
+            target (int, list or Tensor, optional): as in Captum. For language-model
+                logits ``(B, T, V)`` it is the token id whose logit at the last real
+                position is explained.
+            additional_forward_args (tuple or dict, optional): extra model arguments;
+                for Hugging Face models ``(attention_mask,)`` or ``{"attention_mask": m}``.
+                Scores at padded positions are zero.
+            attribute_to_layer_input (bool or list of bool): attribute the layer's input
+                instead of its output (e.g. the residual stream entering a block); one
+                flag per layer allowed.
+            metric (callable, optional): ``metric(output) -> Tensor[B]``, e.g. a logit
+                difference (:func:`captum_relp.metrics.logit_diff`). Replaces ``target``.
+            direction (str): ``"noising"`` (coefficients on the ``inputs`` run) or
+                ``"denoising"`` (on the ``baselines`` run).
+            allow_unused (bool): give zero scores to a layer the metric does not depend on.
+                Default False: such a layer raises a ``ValueError`` naming it, because a
+                disconnected coefficient usually means a wrong layer or a wrapped graph.
+            reduce (str, optional): ``None`` (full scores), ``"sum"`` (summed over the last
+                dimension, the hidden units: ``(B, T, d) -> (B, T)``) or ``"heads"`` (summed
+                per head, ``(B, T, H * D) -> (B, T, H)``; needs ``num_heads``). Reduced scores
+                are computed in the backward pass as each layer's coefficient arrives, and
+                each layer's activations and coefficient are freed right away.
+            num_heads (int, optional): heads per layer, for ``reduce="heads"``.
+
+        Logits are computed only at the positions the metric reads when the model is a
+        Hugging Face causal LM and the metric is ``target=`` or declares its positions
+        (:class:`~captum_relp.metrics.LogitDiff`); see ``captum_relp._logits``.
+
+        Returns:
+            Tensor or list of Tensor: attributions of the layer activations, same shape
+            as the activations (first element of a tuple output); a list when the
+            instance was built with a list of layers.
+
+        Examples::
+
+            >>> import torch
+            >>> from captum_relp import LayerRelevancePatching
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+            >>> relp = LayerRelevancePatching(net, [net[0], net[1]])
+            >>> scores = relp.attribute(torch.randn(1, 3), baselines=torch.zeros(1, 3), target=1)
+            >>> len(scores), scores[0].shape
+            (2, torch.Size([1, 3]))
+        """
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if direction == "denoising" and baselines is None:
+            raise ValueError("direction='denoising' needs baselines")
+        check_reduce(reduce, num_heads)
+        call = self._prepare(inputs, baselines, target, additional_forward_args,
+                             attribute_to_layer_input, metric, False)
+        run, reference_run = call.inputs, call.baselines
+        if direction == "denoising":
+            run, reference_run = reference_run, run
+        results: List[Optional[Tensor]] = [None] * len(self.layers)
+        with frozen_model(self.model), metric_logits(self.forward_func, call.evaluator, self.layers):
+            reference = None if reference_run is None else self._collect(reference_run, call)
+            for ruleset, indices in self.rules.plan(self.model, self.layers, call.flags):
+                sites = ModuleSites([self.layers[i] for i in indices], [call.flags[i] for i in indices],
+                                    [self._layer_name(i) for i in indices])
+
+                def score(j: int, act: Tensor, coefficient: Tensor, indices=indices) -> None:
+                    results[indices[j]] = reduce_scores(
+                        self._times_difference(indices[j], act, coefficient, reference, direction),
+                        reduce, num_heads)
+
+                result = layer_coefficients(
+                    lambda: call_model(self.forward_func, run, call.args, call.kwargs), sites,
+                    call.evaluator, ruleset, model=self.model, strict=self.strict,
+                    attention_mask=call.attention_mask, allow_unused=allow_unused,
+                    on_coefficient=score if reduce is not None else None)
+                for j, (act, coefficient) in enumerate(zip(result.activations, result.coefficients)):
+                    score(j, act, coefficient)  # type: ignore[arg-type]
+        return self._per_layer(results, call)  # type: ignore[arg-type]
+
+    def _times_difference(self, index: int, act: Tensor, coefficient: Tensor,
+                          reference: Optional[List[Optional[Tensor]]], direction: str) -> Tensor:
+        """Layer ``index``'s score before reduction; drops its reference activation."""
+        if not self.multiplies_by_inputs:
+            result = coefficient
+        elif reference is None:
+            result = act * coefficient
+        elif direction == "noising":
+            result = (act - reference[index]) * coefficient  # type: ignore[operator]
+        else:
+            result = (reference[index] - act) * coefficient  # type: ignore[operator]
+        if reference is not None:
+            reference[index] = None
+        return result
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+
+__all__ = ["LayerGradientXDifference", "DIRECTIONS"]

@@ -213,10 +213,10 @@ def capture(store: List[Optional[Tensor]], make_leaf: bool = False) -> TensorFn:
             )
         if make_leaf and not tensor.requires_grad:
             tensor = tensor.detach().requires_grad_(True)
-            store[index] = tensor
-            return tensor
         store[index] = tensor
-        return None
+        # the model goes on with a copy: a block may add to this tensor in place (Falcon adds the
+        # attention output to the MLP output), which would change the stored activation
+        return tensor.clone()
 
     return fn
 

@@ -1,12 +1,13 @@
 """Standard components of a transformer by family: residual stream, attention and MLP outputs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
 from ._unwrap import unwrap_model
+from .families import Family, family_of
 
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "bert.encoder.layer",
                 "encoder.layer", "layers", "h")
@@ -31,12 +32,20 @@ class ModelComponents:
             attention module's output in eval mode), their *input* holds the heads.
         mlp: modules whose output is the MLP output (before the residual add).
         num_heads: attention heads per layer.
+        missing: ``{kind: reason}`` for kinds the model has no module for (OPT runs its MLP on
+            flattened ``(B * T, d)`` rows); selecting them raises with the reason.
     """
 
     blocks: List[nn.Module]
     attn: List[nn.Module]
     mlp: List[nn.Module]
     num_heads: Optional[int] = None
+    missing: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> Tuple[str, ...]:
+        """The component kinds this model has."""
+        return tuple(kind for kind in self.KINDS if kind not in self.missing)
 
     KINDS = COMPONENT_KINDS
 
@@ -54,6 +63,8 @@ class ModelComponents:
         for kind in kinds:
             if kind not in self.KINDS:
                 raise ValueError(f"component kind must be one of {self.KINDS}, got {kind!r}")
+            if kind in self.missing:
+                raise ValueError(f"no {kind!r} components: {self.missing[kind]} (available: {self.kinds})")
             modules = {"resid": self.blocks, "attn": self.attn, "mlp": self.mlp}[kind]
             layers += modules
             flags += [kind == "resid"] * len(modules)
@@ -100,8 +111,8 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 def model_components(model: nn.Module) -> ModelComponents:
     """Residual-stream, attention-output and MLP-output modules of a Hugging Face model.
 
-    Supports GPT-2, GPT-NeoX/Pythia, Llama, Qwen2, Gemma2, Mistral and BERT, and
-    falls back to attribute names for similar architectures.
+    Hugging Face families of the family table (:mod:`captum_relp.families`) use the paths
+    of their entry; other models fall back to common attribute names.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -113,6 +124,9 @@ def model_components(model: nn.Module) -> ModelComponents:
     model = unwrap_model(model)  # nnsight models, (Distributed)DataParallel
     if type(model).__module__.startswith("transformer_lens") and hasattr(model, "hook_dict"):
         return transformer_lens_components(model)
+    family = family_of(model)
+    if family is not None:
+        return table_components(model, family)
     blocks = list(find_blocks(model))
     attn, mlp = [], []
     for index, block in enumerate(blocks):
@@ -132,6 +146,33 @@ def model_components(model: nn.Module) -> ModelComponents:
     config = getattr(model, "config", None)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     return ModelComponents(blocks, attn, mlp, heads)
+
+
+def table_components(model: nn.Module, family: Family) -> ModelComponents:
+    """Components of a Hugging Face model at the paths of its family table entry.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from captum_relp.families import FAMILY_TABLE
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2))
+        >>> len(table_components(model, FAMILY_TABLE["gpt2"]).mlp)
+        2
+    """
+    base = getattr(model, "base_model", model)
+    blocks = _get(base, family.blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no block list at {family.blocks!r} (family {family.model_type!r})")
+    attn, mlp = [], []
+    for index, block in enumerate(blocks):
+        projection = _get(block, family.o_proj)
+        feed_forward = _get(block, family.mlp) if family.mlp is not None else block
+        if projection is None or feed_forward is None:
+            raise ValueError(f"block {index} ({type(block).__name__}) has no {family.o_proj!r} or "
+                             f"{family.mlp!r} (family {family.model_type!r})")
+        attn.append(projection)
+        mlp.append(feed_forward)
+    missing = {"mlp": family.no_mlp} if family.mlp is None else {}
+    return ModelComponents(list(blocks), attn, [] if missing else mlp, family.num_heads(model.config), missing)
 
 
 def model_name(model: nn.Module) -> str:
@@ -198,4 +239,4 @@ def split_heads(attributions: Tensor, num_heads: int) -> Tensor:
 
 
 __all__ = ["COMPONENT_KINDS", "COMPONENT_TITLES", "ModelComponents", "model_components", "model_name",
-           "transformer_lens_components", "find_blocks", "split_heads"]
+           "table_components", "transformer_lens_components", "find_blocks", "split_heads"]

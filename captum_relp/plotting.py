@@ -158,11 +158,30 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
     return Path(path)
 
 
-EDGE_INPUT_COLOURS = {"q": "tab:blue", "k": "tab:green", "v": "tab:orange", "mlp": "tab:purple", "logits": "tab:red"}
+EDGE_METHOD_NAMES = {"relp": "RelP", "relp-ah": "RelP+AH", "eap": "AtP", "eap-ig": "IG", "exact": "AP"}
+"""Edge methods and the node-level method whose colour they share (EAP is AtP on edges, exact
+edge patching is AP on edges)."""
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method`` (node-level name or edge method), the same in every figure.
+
+    Examples::
+
+        >>> method_color("relp") == method_color("RelP"), method_color("eap") == method_color("AtP")
+        (True, True)
+    """
+    return METHOD_COLORS.get(EDGE_METHOD_NAMES.get(method, method), _OTHER_COLORS.get(method, "tab:gray"))
+
+
+_OTHER_COLORS = {"relp-ah+qk": "tab:brown"}  # a measured rule mix (scripts/make_edge_results.py)
 
 
 def plot_faithfulness_curves(curves: Dict[str, FaithfulnessCurve], title: str = "", path: Optional[Path] = None):
-    """Faithfulness ``f(C)`` against circuit size (fraction of edges, symlog axis), one line per method.
+    """Faithfulness ``f(C)`` against circuit size (fraction of edges, symlog axis), one colour per method.
+
+    Solid: circuits of the largest ``|score|`` (CMD's, and CPR's under the library convention);
+    dotted: circuits of the largest signed score, when CPR uses them (``convention="mib"``).
 
     Examples::
 
@@ -173,10 +192,16 @@ def plot_faithfulness_curves(curves: Dict[str, FaithfulnessCurve], title: str = 
     """
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
     for method, curve in curves.items():
-        ax.plot(curve.fractions, curve.faithfulness, marker="o", markersize=3,
+        color = method_color(method)
+        ax.plot(curve.fractions, curve.faithfulness, marker="o", markersize=3, color=color,
                 label=f"{method} (CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f})")
+        signed = curve.faithfulness_cpr
+        if signed is not None and signed != curve.faithfulness:
+            ax.plot(curve.fractions, signed, ls=":", marker="^", markersize=3, color=color)
+    if any(c.faithfulness_cpr not in (None, c.faithfulness) for c in curves.values()):
+        ax.plot([], [], color="0.3", ls=":", marker="^", markersize=3, label="dotted: top signed score (CPR)")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlim(0, 1)
@@ -190,6 +215,9 @@ def plot_faithfulness_curves(curves: Dict[str, FaithfulnessCurve], title: str = 
     return fig
 
 
+_ATTACH = {"q": -0.13, "k": 0.0, "v": 0.13}  # where an edge meets a head: q left, k centre, v right
+
+
 def _position(graph: ComponentGraph, name: str) -> Tuple[float, float]:
     width = graph.n_heads
     if name == "input":
@@ -197,7 +225,7 @@ def _position(graph: ComponentGraph, name: str) -> Tuple[float, float]:
     if name == "logits":
         return (width - 1) / 2, 2.0 * graph.n_layers + 1
     if name.startswith("m"):
-        return -1.0, 2.0 * int(name[1:]) + 2  # MLPs in a column left of the heads
+        return -1.2, 2.0 * int(name[1:]) + 2  # MLPs in a column left of the heads
     layer, head = name[1:].split(".h")
     return float(head), 2.0 * int(layer) + 1
 
@@ -208,12 +236,24 @@ def _input_kind(name: str) -> str:
     return "logits" if name == "logits" else "mlp"
 
 
-def plot_edge_circuit(scores: Tensor, graph: ComponentGraph, k: int = 20, title: str = "",
-                      path: Optional[Path] = None):
-    """Draw the ``k`` edges with the largest ``|score|`` over the graph's nodes (layers bottom to top).
+def _input_position(graph: ComponentGraph, v: int) -> Tuple[float, float]:
+    """Where an edge into downstream input ``v`` ends (a grouped key/value input: centre of its group)."""
+    x, y = _position(graph, graph.node_of_input(v))
+    kind = _input_kind(graph.downstream[v])
+    group = graph.n_heads // graph.n_kv_inputs
+    if kind in ("k", "v") and group > 1:
+        return x * group + (group - 1) / 2, y
+    return x + _ATTACH.get(kind, 0.0), y
 
-    Line width is proportional to ``|score|``; colour gives the input read (q, k, v, MLP,
-    logits); dashed lines are negative scores.
+
+def plot_edge_circuit(scores: Tensor, graph: ComponentGraph, k: int = 20, title: str = "",
+                      path: Optional[Path] = None, method: Optional[str] = None):
+    """Draw the connected circuit of ``k`` edges that MIB's greedy search picks from ``scores``.
+
+    Every edge has the colour of ``method`` (:func:`method_color`); solid lines are positive
+    scores, dashed lines negative; line width is proportional to ``|score|`` (legend). Lines
+    are opaque and drawn weakest first. An edge into an attention head meets it at the
+    left (q), centre (k) or right (v) of its box.
 
     Examples::
 
@@ -221,34 +261,51 @@ def plot_edge_circuit(scores: Tensor, graph: ComponentGraph, k: int = 20, title:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> from captum_relp.edges import build_graph
         >>> g = build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=9)))
-        >>> fig = plot_edge_circuit(torch.rand(g.edge_mask.shape), g, k=3)
-        >>> len(fig.axes[0].lines) >= 3
+        >>> fig = plot_edge_circuit(torch.rand(g.edge_mask.shape), g, k=g.n_edges, method="relp")
+        >>> len(fig.axes[0].lines) == g.n_edges  # every edge (the whole graph is connected)
         True
     """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    from .edges.evaluate import top_edges
+    from .edges.connected import greedy_circuit
 
-    keep = top_edges(scores, graph, k)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * graph.n_heads, 1.5 + 0.9 * graph.n_layers), constrained_layout=True)
-    largest = float(scores[keep].abs().max()) if keep.any() else 1.0
-    for u, v in keep.nonzero().tolist():
-        value = float(scores[u, v])
-        start, end = _position(graph, graph.upstream[u]), _position(graph, graph.node_of_input(v))
-        kind = _input_kind(graph.downstream[v])
-        ax.plot([start[0], end[0]], [start[1], end[1]], color=EDGE_INPUT_COLOURS[kind],
-                lw=0.5 + 4 * abs(value) / (largest or 1.0), ls="-" if value >= 0 else "--", alpha=0.8)
-    names = graph.upstream + ["logits"]
-    for name in names:
+    keep = greedy_circuit(scores.detach().cpu(), graph, min(k, graph.n_edges))
+    color = method_color(method) if method else "black"
+    fig, ax = plt.subplots(figsize=(2.6 + 1.25 * graph.n_heads, 1.6 + 0.95 * graph.n_layers),
+                           constrained_layout=True)
+    values = scores.detach().cpu().double()
+    largest = float(values[keep].abs().max()) if keep.any() else 1.0
+    largest = largest or 1.0
+
+    def width(value: float) -> float:
+        return 0.6 + 4.4 * abs(value) / largest
+
+    edges = sorted(keep.nonzero().tolist(), key=lambda e: abs(float(values[e[0], e[1]])))
+    for u, v in edges:
+        value = float(values[u, v])
+        x0, y0 = _position(graph, graph.upstream[u])
+        x1, y1 = _input_position(graph, v)
+        ax.plot([x0, x1], [y0 + 0.17, y1 - 0.17], color=color, lw=width(value),
+                ls="-" if value >= 0 else (0, (3, 2)), solid_capstyle="butt", zorder=2)
+    used = {graph.upstream[u] for u, _ in edges} | {graph.node_of_input(v) for _, v in edges}
+    for name in graph.upstream + ["logits"]:
         x, y = _position(graph, name)
-        ax.scatter([x], [y], s=250, color="white", edgecolors="black", zorder=3)
-        ax.annotate(name, (x, y), ha="center", va="center", fontsize=6, zorder=4)
-    for kind, colour in EDGE_INPUT_COLOURS.items():
-        ax.plot([], [], color=colour, label=kind)
-    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, 1.0))
+        ax.text(x, y, name, ha="center", va="center", fontsize=7, zorder=4,
+                color="black" if name in used else "0.6",
+                bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="black" if name in used else "0.75", lw=0.8))
+    handles = [Line2D([], [], color=color, lw=2, ls="-", label="positive score"),
+               Line2D([], [], color=color, lw=2, ls=(0, (3, 2)), label="negative score")]
+    handles += [Line2D([], [], color=color, lw=width(largest * f), label=f"|score| {largest * f:.3g}")
+                for f in (1.0, 0.5, 0.1)]
+    handles.append(Line2D([], [], color="none", label="into a head: q left, k centre, v right"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
+              title=EDGE_METHOD_NAMES.get(method, method) if method else None, title_fontsize=8)
+    ax.set_xlim(-1.8, graph.n_heads - 0.4)
+    ax.set_ylim(-0.6, 2.0 * graph.n_layers + 1.6)
     ax.set_axis_off()
-    ax.set_title(title or f"top {k} edges")
+    ax.set_title(title or f"top {k} edges", fontsize=9)
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=130)
         plt.close(fig)
     return fig

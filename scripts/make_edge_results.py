@@ -1,129 +1,291 @@
-"""Measure the edge-level results on the embedded models and write ``docs/results_edges.md``.
+"""Measure edge circuits under the library's and MIB's conventions and write ``docs/results_edges.md``.
 
-Runs the edge experiment (RelP, RelP-AH, EAP, EAP-IG and exact edge patching) for
-both embedded models on IOI and SVA, with held-out names/nouns, writes
-``docs/_static/results/edges-<model>-<task>/`` (JSON, PNGs) and the markdown
-section that ``docs/results.md`` includes.
+For each model and task: edge scores of RelP, RelP-AH, RelP-AH with RelP's q/k edges
+(``relp-ah+qk``, both rule sets' passes), EAP, EAP-IG (each convention's grid) and exact edge
+patching on ``--n-prompts`` pairs; circuits evaluated on ``--n-eval`` other pairs under both
+conventions; 95% percentile-bootstrap intervals over the evaluation prompts (``--bootstrap``
+resamples; circuits fixed) for CPR and CMD, and for RelP minus EAP (paired resamples). Writes
+``docs/_static/results/edges-<model>-<task>/`` (JSON, PNGs) and the page.
 
-    OMP_NUM_THREADS=1 python scripts/make_edge_results.py       # a few minutes on 2 cores
+    OMP_NUM_THREADS=1 python scripts/make_edge_results.py                    # shipped models
+    python scripts/make_edge_results.py --model <dir> --task ioi --no-exact --page-section out.md
+
+Grouped-query models (SmolLM2-135M: 9 query heads, 3 key/value heads) get two graphs: the
+library convention's, with one key and one value input per key/value head, and MIB's, with
+one per query head (more edges, so a different ``n`` behind every fraction); each section
+states both edge counts. Exact edge patching is one run per edge: skip it there (``--no-exact``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import torch
 
-from captum_relp.embedded import EMBEDDED_MODELS, heldout_words, load_embedded
-from captum_relp.experiments.edges import SCORE_METHODS, run_edge_experiment
+from captum_relp.edges import (
+    EdgeScores,
+    FaithfulnessCurve,
+    build_graph,
+    edge_scores,
+    exact_edge_scores,
+    faithfulness_curve,
+    pearson,
+)
+from captum_relp.edges.conventions import CONVENTIONS
+from captum_relp.embedded import EMBEDDED_MODELS, heldout_words, load_model
+from captum_relp.experiments.edges import make_batch
+from captum_relp.plotting import plot_edge_circuit, plot_faithfulness_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_static" / "results"
 PAGE = ROOT / "docs" / "results_edges.md"
-TASKS = ("ioi", "sva")
+METHODS = ("relp", "relp-ah", "relp-ah+qk", "eap", "eap-ig")
+KINDS = ("q", "k", "v", "mlp", "logits")
 
 
-def run_one(name: str, task: str, n_prompts: int, n_eval: int, repeats: int):
-    model, tokenizer = load_embedded(name)
-    began = time.time()
-    result = run_edge_experiment(model, tokenizer, task=task, methods=SCORE_METHODS, n_prompts=n_prompts,
-                                 n_eval=n_eval, words=heldout_words(name, task), repeats=repeats,
-                                 model_name=name)
-    folder = OUT / f"edges-{name}-{task}"
+def _kind(name: str) -> str:
+    return name.split("<")[1].rstrip(">") if "<" in name else ("logits" if name == "logits" else "mlp")
+
+
+def qk_from(base: EdgeScores, qk: EdgeScores, graph) -> EdgeScores:
+    """``base``'s scores with the q and k edges taken from ``qk`` (a per-edge-type rule choice)."""
+    columns = torch.tensor([_kind(n) in ("q", "k") for n in graph.downstream])
+    scores = torch.where(columns[None, :], qk.scores, base.scores)
+    return EdgeScores("relp-ah+qk", scores, base.n_forward + qk.n_forward - 1, base.n_backward + qk.n_backward,
+                      base.seconds + qk.seconds)
+
+
+def score(model, graph, batch, grid: str, n_steps: int, exact: bool) -> Dict[str, EdgeScores]:
+    args = (model, graph, batch.clean_ids, batch.corrupt_ids, batch.metric(), batch.attention_mask)
+    edge_scores(*args, method="eap")  # warm-up
+    out = {m: edge_scores(*args, method=m) for m in ("relp", "relp-ah", "eap")}
+    out["eap-ig"] = edge_scores(*args, method="eap-ig", n_steps=n_steps, ig_grid=grid)
+    out["relp-ah+qk"] = qk_from(out["relp-ah"], out["relp"], graph)
+    if exact:
+        out["exact"] = exact_edge_scores(*args)
+    return out
+
+
+def intervals(curves, n_boot: int, seed: int = 0) -> Dict[str, Dict[str, List[float]]]:
+    """95% percentile intervals of CPR, CMD per method and of RelP - EAP (paired resamples)."""
+    n = len(next(iter(curves.values())).prompt_metrics["full"])
+    gen = torch.Generator().manual_seed(seed)
+    draws: Dict[str, Dict[str, List[float]]] = {m: {"cpr": [], "cmd": []} for m in curves}
+    for _ in range(n_boot):
+        index = torch.randint(n, (n,), generator=gen)
+        for method, curve in curves.items():
+            for key, value in curve.resample(index).items():
+                draws[method][key].append(value)
+    out = {}
+    for method in curves:
+        out[method] = {key: _percentiles(values) for key, values in draws[method].items()}
+    for other in ("relp-ah+qk", "relp"):
+        if other in curves and "eap" in curves:
+            out[f"{other}-minus-eap"] = {
+                key: _percentiles([a - b for a, b in zip(draws[other][key], draws["eap"][key])])
+                for key in ("cpr", "cmd")}
+    return out
+
+
+def _percentiles(values: List[float]) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return [float(t.quantile(0.025)), float(t.quantile(0.975))]
+
+
+def pcc_by_kind(graph, mine: EdgeScores, exact: EdgeScores) -> Dict[str, float]:
+    kinds = [_kind(graph.downstream[v]) for _, v in graph.edges()]
+    a, b = mine.edge_vector(graph), exact.edge_vector(graph)
+    out = {"all": pearson(a, b)}
+    for kind in KINDS:
+        rows = torch.tensor([k == kind for k in kinds])
+        out[kind] = pearson(a[rows], b[rows])
+    return out
+
+
+def run_cell(name: str, task: str, args) -> Dict:
+    model, tokenizer = load_model(name)
+    model.eval()
+    words = heldout_words(name, task)
+    batch = make_batch(tokenizer, task, args.n_prompts, 0, words)
+    held = make_batch(tokenizer, task, args.n_eval, 1, words)
+    folder = OUT / f"edges-{Path(name).name}-{task}"
     if folder.exists():
         shutil.rmtree(folder)
-    result.save(folder, plots=True)
-    for png in folder.glob("edges_circuit_*.png"):  # the page shows RelP's circuit only
-        if png.name != "edges_circuit_relp.png":
-            png.unlink()
-    print(f"{name} {task}: {time.time() - began:.0f}s\n{result.format_table()}", flush=True)
-    return result
+    folder.mkdir(parents=True)
+    cell: Dict = {"model": name, "task": task, "n_prompts": len(batch), "n_eval": len(held), "conventions": {}}
+    exact_scores = None
+    for convention_name in args.conventions:
+        convention = CONVENTIONS[convention_name]
+        began = time.time()
+        graph = build_graph(model, ungroup_kv=convention.ungroup_kv)
+        reuse = exact_scores is not None and exact_scores[0].n_edges == graph.n_edges
+        scores = score(model, graph, batch, convention.ig_grid, args.n_steps, args.exact and not reuse)
+        if reuse:
+            scores["exact"] = exact_scores[1]
+        elif "exact" in scores:
+            exact_scores = (graph, scores["exact"])
+        curves = {m: faithfulness_curve(model, graph, s.scores, held.clean_ids, held.corrupt_ids, held.metric(),
+                                        held.attention_mask, convention=convention) for m, s in scores.items()}
+        eap_seconds = scores["eap"].seconds
+        entry = {"convention": convention.as_dict(), "n_edges": graph.n_edges, "ungrouped_kv": graph.ungrouped,
+                 "intervals": intervals(curves, args.bootstrap), "methods": {}}
+        for method, result in scores.items():
+            entry["methods"][method] = {
+                "cpr": curves[method].cpr, "cmd": curves[method].cmd, "curve": curves[method].as_dict(),
+                "seconds": result.seconds, "time_vs_eap": result.seconds / eap_seconds,
+                "n_forward": result.n_forward, "n_backward": result.n_backward,
+                "pcc_vs_exact": pcc_by_kind(graph, result, scores["exact"]) if "exact" in scores else None}
+        cell["conventions"][convention_name] = entry
+        plot_faithfulness_curves(curves, f"{name}, {task}, {convention_name} convention",
+                                 folder / f"edges_faithfulness_{convention_name}.png")
+        if convention_name == args.conventions[0]:
+            for method in ("relp", "eap-ig"):
+                plot_edge_circuit(scores[method].scores, graph, 20, f"{name}, {task}: {method}, greedy connected "
+                                  "circuit of 20 edges", folder / f"edges_circuit_{method}.png", method=method)
+        print(f"{name} {task} {convention_name}: {time.time() - began:.0f}s " + ", ".join(
+            f"{m} {curves[m].cpr:.3f}/{curves[m].cmd:.3f}" for m in curves), flush=True)
+    (folder / "edges_results.json").write_text(json.dumps(cell, indent=1))
+    return cell
 
 
-def fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _ci(value: float, interval: List[float]) -> str:
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def interpretation(summary) -> str:
-    relp, eap, ig = summary["relp"], summary["eap"], summary["eap-ig"]
-    wins = []
-    wins.append("higher CPR" if relp["cpr"] > eap["cpr"] else "lower CPR")
-    wins.append("lower CMD" if relp["cmd"] < eap["cmd"] else "higher CMD")
-    wins.append("higher PCC with exact patching" if relp["pcc_vs_exact"] > eap["pcc_vs_exact"]
-                else "lower PCC with exact patching")
-    first = (f"RelP has {', '.join(wins[:2])} and {wins[2]} than EAP "
-             f"(CPR {relp['cpr']:.3f} vs {eap['cpr']:.3f}, CMD {relp['cmd']:.3f} vs {eap['cmd']:.3f}, "
-             f"PCC {relp['pcc_vs_exact']:.3f} vs {eap['pcc_vs_exact']:.3f}); EAP-IG reaches CPR {ig['cpr']:.3f} "
-             f"and PCC {ig['pcc_vs_exact']:.3f} at {ig['time_vs_eap']:.1f}x EAP's time.")
-    by_relp, by_eap = relp["pcc_vs_exact_by_input"], eap["pcc_vs_exact_by_input"]
-    kinds = [k for k in by_relp if by_relp[k] is not None and by_eap.get(k) is not None]
-    losses = [k for k in kinds if by_relp[k] < by_eap[k]]
-    if losses:
-        second = ("By downstream input, RelP's edge scores correlate less with exact patching than EAP's on "
-                  + ", ".join(f"{k} ({by_relp[k]:.3f} vs {by_eap[k]:.3f})" for k in losses)
-                  + "; on the other inputs they correlate at least as well.")
-    else:
-        second = "By downstream input (q, k, v, MLP, logits), RelP's PCC is at least EAP's on every kind."
-    return first + " " + second
-
-
-def section(name: str, task: str, result) -> str:
-    summary = result.summary()
-    meta = summary["meta"]
-    folder = f"_static/results/edges-{name}-{task}"
-    lines = [f"### {name}, {task.upper()}", "",
-             f"{meta['n_edges']} edges; {meta['n_prompts']} scoring and {meta['n_eval']} evaluation prompt pairs "
-             f"with held-out {'names' if task == 'ioi' else 'nouns'}: `captum-relp edges --model {name} "
-             f"--task {task} --method relp,relp-ah,eap,eap-ig --n-prompts {meta['n_prompts']} --repeats 3`.", "",
-             "| method | CPR (higher better) | CMD (lower better) | PCC vs exact | time / EAP | forward / backward |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for method in SCORE_METHODS:
-        entry = summary[method]
-        ratio = "-" if method == "exact" else fmt(entry["time_vs_eap"], 2)
-        lines.append(f"| {method} | {entry['cpr']:.3f} | {entry['cmd']:.3f} | {fmt(entry['pcc_vs_exact'])} | "
-                     f"{ratio} | {entry['n_forward']} / {entry['n_backward']} |")
-    lines += ["", f"![faithfulness curves]({folder}/edges_faithfulness.png)", "", interpretation(summary), "",
-              f"![top edges, RelP]({folder}/edges_circuit_relp.png)", "",
-              _circuit_note(summary), ""]
+def section(cell: Dict) -> str:
+    name, task = cell["model"], cell["task"]
+    short = Path(name).name
+    first = next(iter(cell["conventions"].values()))
+    lines = [f"### {short}, {task.upper()}", "",
+             f"{cell['n_prompts']} scoring and {cell['n_eval']} evaluation prompt pairs; "
+             + "; ".join(f"{c}: {e['n_edges']} edges" + (" (key/value ungrouped)" if e["ungrouped_kv"] else "")
+                         for c, e in cell["conventions"].items())
+             + ("" if len({e["n_edges"] for e in cell["conventions"].values()}) > 1 else
+                ", the same graph (no grouped-query attention)") + ".", "",
+             "| method | " + " | ".join(f"CPR {c} | CMD {c}" for c in cell["conventions"])
+             + " | PCC vs exact (all / q / k / v) | time / EAP |",
+             "|---|" + "---:|" * (2 * len(cell["conventions"]) + 2)]
+    for method in (*METHODS, "exact"):
+        if method not in first["methods"]:
+            continue
+        row = [method]
+        for entry in cell["conventions"].values():
+            m, ci = entry["methods"][method], entry["intervals"][method]
+            row += [_ci(m["cpr"], ci["cpr"]), _ci(m["cmd"], ci["cmd"])]
+        pcc = first["methods"][method]["pcc_vs_exact"]
+        row.append("-" if pcc is None or method == "exact" else
+                   " / ".join("-" if pcc[k] != pcc[k] else f"{pcc[k]:.2f}" for k in ("all", "q", "k", "v")))
+        row.append("-" if method == "exact" else f"{first['methods'][method]['time_vs_eap']:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    folder = f"_static/results/edges-{short}-{task}"
+    lines += ["", reading(cell), ""]
+    lines += [f"![faithfulness, {c}]({folder}/edges_faithfulness_{c}.png)" for c in cell["conventions"]]
+    lines += ["", f"![RelP circuit]({folder}/edges_circuit_relp.png) "
+              f"![EAP-IG circuit]({folder}/edges_circuit_eap-ig.png)", ""]
     return "\n".join(lines)
 
 
-def _circuit_note(summary) -> str:
-    relp = {e for e, _ in summary["relp"]["top_edges"]}
-    eap = {e for e, _ in summary["eap"]["top_edges"]}
-    exact = {e for e, _ in summary["exact"]["top_edges"]}
-    return (f"The 20 top-|score| edges of RelP share {len(relp & exact)} edges with the 20 top edges of exact "
-            f"patching, EAP's share {len(eap & exact)}. "
-            + ("RelP's top circuit is no closer to exact patching's than EAP's here."
-               if len(relp & exact) <= len(eap & exact) else
-               "RelP's top circuit is closer to exact patching's than EAP's here."))
+def reading(cell: Dict) -> str:
+    """Where RelP (and the q/k hybrid) beat or lose to EAP and EAP-IG, judged by the intervals."""
+    sentences = []
+    for convention, entry in cell["conventions"].items():
+        parts = []
+        for method in ("relp", "relp-ah+qk"):
+            diff = entry["intervals"].get(f"{method}-minus-eap")
+            if diff is None:
+                continue
+            verdicts = []
+            for key in ("cpr", "cmd"):
+                lo, hi = diff[key]
+                better, worse = (lo > 0, hi < 0) if key == "cpr" else (hi < 0, lo > 0)
+                delta = entry["methods"][method][key] - entry["methods"]["eap"][key]
+                verdicts.append(f"{'better' if better else 'worse' if worse else 'same within noise:'} "
+                                f"{key.upper()} ({delta:+.3f}, interval [{lo:+.3f}, {hi:+.3f}])")
+            ig = entry["intervals"]["eap-ig"]["cpr"]
+            mine = entry["methods"][method]["cpr"]
+            position = "inside" if ig[0] <= mine <= ig[1] else ("above" if mine > ig[1] else "below")
+            parts.append(f"{method} vs EAP: {', '.join(verdicts)}; its CPR is {position} EAP-IG's interval")
+        sentences.append(f"{convention}: " + "; ".join(parts) + ".")
+    return " ".join(sentences)
+
+
+def summary(cells: List[Dict]) -> List[str]:
+    """One row per model, task and convention: CPR differences to EAP with intervals, EAP-IG's CPR."""
+    lines = ["| model | task | convention | relp - eap (CPR) | relp-ah+qk - eap (CPR) | relp-ah+qk - eap (CMD) "
+             "| CPR relp / relp-ah+qk / eap / eap-ig |", "|---|---|---|---:|---:|---:|---:|"]
+    for cell in cells:
+        for convention, entry in cell["conventions"].items():
+            m, ci = entry["methods"], entry["intervals"]
+
+            def diff(method, key):
+                lo, hi = ci[f"{method}-minus-eap"][key]
+                return f"{m[method][key] - m['eap'][key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+            lines.append(f"| {Path(cell['model']).name} | {cell['task']} | {convention} | {diff('relp', 'cpr')} | "
+                         f"{diff('relp-ah+qk', 'cpr')} | {diff('relp-ah+qk', 'cmd')} | "
+                         + " / ".join(f"{m[k]['cpr']:.3f}" for k in ("relp", "relp-ah+qk", "eap", "eap-ig"))
+                         + " |")
+    return lines + [""]
+
+
+def replot(cell: Dict) -> None:
+    """Redraw the faithfulness figures of a saved cell (no model runs)."""
+    folder = OUT / f"edges-{Path(cell['model']).name}-{cell['task']}"
+    for convention, entry in cell["conventions"].items():
+        curves = {}
+        for method, m in entry["methods"].items():
+            c = m["curve"]
+            curves[method] = FaithfulnessCurve(c["fractions"], c["n_edges"], c["faithfulness"], c["cpr"], c["cmd"],
+                                               faithfulness_cpr=c["faithfulness_cpr"])
+        plot_faithfulness_curves(curves, f"{cell['model']}, {cell['task']}, {convention} convention",
+                                 folder / f"edges_faithfulness_{convention}.png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="model name or directory (repeatable); default: shipped")
+    parser.add_argument("--task", action="append", choices=("ioi", "sva"), help="default: ioi and sva")
+    parser.add_argument("--conventions", default="library,mib")
     parser.add_argument("--n-prompts", type=int, default=20)
     parser.add_argument("--n-eval", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG steps")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the evaluation prompts")
+    parser.add_argument("--no-exact", dest="exact", action="store_false", help="skip exact edge patching")
+    parser.add_argument("--page-section", default=None, help="write only this model's sections to this file")
+    parser.add_argument("--from-json", action="store_true", help="rewrite the page from the saved JSON files")
+    parser.add_argument("--minutes", type=float, default=None, help="with --from-json: the measured duration")
     args = parser.parse_args()
+    args.conventions = args.conventions.split(",")
     torch.manual_seed(0)
     began = time.time()
-    body = []
-    for name in EMBEDDED_MODELS:
-        for task in TASKS:
-            body.append(section(name, task, run_one(name, task, args.n_prompts, args.n_eval, args.repeats)))
-    header = ["## Edge circuits on the embedded models", "",
-              "Measured by `python scripts/make_edge_results.py` "
-              f"(`--n-prompts {args.n_prompts} --n-eval {args.n_eval} --repeats {args.repeats}`) in "
-              f"{(time.time() - began) / 60:.1f} minutes on {platform.machine()} CPU, torch {torch.__version__}. "
-              "CPR and CMD are the areas under the faithfulness curve f and under |1 - f| over the "
-              "fraction of edges kept (MIB grid, trapezoid rule; see [Edge-level RelP](edges.md)); PCC is "
-              "over all edges against exact edge patching; times are the minimum over the repeats, "
-              "interleaved, in the same process, on a machine shared with other jobs: time ratios are noisy "
-              "(ratios near 1 are within noise). Exact patching runs one patched forward per edge (batched "
-              "over stacked copies of the prompts).", ""]
+    pairs = [(name, task) for name in (args.model or EMBEDDED_MODELS) for task in (args.task or ("ioi", "sva"))]
+    if args.from_json:
+        cells = [json.loads((OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json").read_text()) for n, t in pairs]
+        for cell in cells:
+            replot(cell)
+    else:
+        cells = [run_cell(name, task, args) for name, task in pairs]
+    body = summary(cells) + [section(cell) for cell in cells]
+    if args.page_section:
+        Path(args.page_section).write_text("\n".join(body))
+        return
+    header = [
+        "## Edge circuits on the embedded models", "",
+        f"Measured by `OMP_NUM_THREADS=1 python scripts/make_edge_results.py` (`--n-prompts {args.n_prompts} "
+        f"--n-eval {args.n_eval} --bootstrap {args.bootstrap}`) in {args.minutes or (time.time() - began) / 60:.1f} "
+        "minutes on "
+        f"{platform.machine()} CPU (2 shared cores), torch {torch.__version__}. Held-out names/nouns. "
+        "Both conventions of [Edge-level RelP](edges.md) on the same scoring prompts (EAP-IG: 5 steps, each "
+        "convention's grid; other scores are the same in both when the model has no grouped-query attention). "
+        "Brackets: 95% percentile bootstrap over the evaluation prompts, circuits fixed (it does not include "
+        "the variation from the scoring prompts). `relp-ah+qk` takes its q and k edges from RelP and all other "
+        "edges from RelP-AH (one rule set per edge type; two backward passes). Times are single runs on a "
+        "shared machine: ratios are rough.", ""]
     PAGE.write_text("\n".join(header + body))
     print(f"wrote {PAGE}")
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from captum.attr import LayerActivation
 from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._forward import call_model
-from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
+from .._hooks import capture, frozen_model, layer_hooks
 from .._logits import metric_logits
+from ..families import reuse_prefix_allowed
 from ..metrics import MetricEvaluator, MetricType, TargetType, checked_metric, tile_rows
 from ._base import PatchingAttribution, TensorOrTuple
 from ._prefix_cache import PrefixCacheRunner
@@ -39,8 +39,7 @@ class _ExampleMetric:
 class LayerActivationPatching(PatchingAttribution):
     r"""Activation patching: ``L(clean) - L(clean | do(layer[loc] <- corrupt[loc]))``.
 
-    Corrupt activations are collected with Captum's :class:`~captum.attr.LayerActivation`;
-    then each location (a position, a whole layer, or a (position, head) pair) is
+    Corrupt activations are collected in one corrupt forward pass; then each location (a position, a whole layer, or a (position, head) pair) is
     patched in its own run. Runs are batched (``internal_batch_size`` patched copies
     per forward) and, with ``reuse_prefix=True``, each example is processed alone so
     the network below the patched layer runs once per example: the patched copies are
@@ -125,6 +124,7 @@ class LayerActivationPatching(PatchingAttribution):
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
         mask, evaluator = call.attention_mask, call.evaluator
         batch_size = inputs[0].shape[0]
+        reuse_prefix = reuse_prefix and reuse_prefix_allowed(self.forward_func)  # family table: same numbers
 
         with frozen_model(self.model), torch.no_grad():
             with metric_logits(self.forward_func, evaluator, self.layers):
@@ -138,7 +138,8 @@ class LayerActivationPatching(PatchingAttribution):
                 clean_values = evaluator(output, mask)
                 corrupt_acts = self._corrupt_activations(baselines, flags, args, kwargs)
             results = [
-                torch.zeros(self._result_shape(acts, granularity, num_heads), device=clean_values.device)
+                torch.zeros(self._result_shape(acts, granularity, num_heads), device=clean_values.device,
+                            dtype=clean_values.dtype)  # the model's dtype: float64 stays float64
                 for acts in corrupt_acts
             ]
             jobs = self._jobs(corrupt_acts, granularity, num_heads, mask, reuse_prefix, batch_size)
@@ -173,22 +174,15 @@ class LayerActivationPatching(PatchingAttribution):
         return self._per_layer(results, call)
 
     def _corrupt_activations(self, baselines, flags, args, kwargs) -> List[Tensor]:
-        """Corrupt activations via Captum's LayerActivation (first entry of tuple outputs)."""
+        """Corrupt activations (first entry of tuple outputs), copied before the model goes on.
 
-        def forward(*inputs: Tensor) -> Tensor:
-            return call_model(self.forward_func, inputs, args, kwargs)
-
+        Not Captum's ``LayerActivation``: it keeps the layer's output tensor itself, which a block
+        may change in place afterwards (Falcon adds the attention output to the MLP output).
+        """
         acts: List[Optional[Tensor]] = [None] * len(self.layers)
-        for flag in (False, True):
-            indices = [i for i, f in enumerate(flags) if f == flag]
-            if not indices:
-                continue
-            group = [self.layers[i] for i in indices]
-            with captum_safe_outputs(group):
-                layer_acts = LayerActivation(forward, group).attribute(baselines, attribute_to_layer_input=flag)
-            for i, act in zip(indices, layer_acts):
-                acts[i] = act[0] if isinstance(act, tuple) else act
-        return acts  # type: ignore[return-value]
+        with layer_hooks(self.layers, flags, capture(acts)):
+            call_model(self.forward_func, baselines, args, kwargs)
+        return [self._require(t, i) for i, t in enumerate(acts)]
 
     @staticmethod
     def _result_shape(acts: Tensor, granularity: str, num_heads: Optional[int]) -> Tuple[int, ...]:

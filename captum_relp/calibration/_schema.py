@@ -105,6 +105,8 @@ def rule_from_dict(data: Any, where: str) -> Optional[Rule]:
     if set(params) != set(defaults):
         _fail(where + ".params", f"{cls.__name__} takes {sorted(defaults)}, got {sorted(params)}")
     for key, value in params.items():
+        if defaults[key] is None and value is None:
+            continue  # an optional parameter left unset
         kinds = bool if isinstance(defaults[key], bool) else (int, float)
         _expect(value, kinds, f"{where}.params.{key}", kinds.__name__ if kinds is bool else "a number")
     rule = cls.__new__(cls)

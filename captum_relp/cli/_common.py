@@ -5,6 +5,7 @@ import argparse
 from typing import Any, Optional, Tuple
 
 from ..embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+from ..embedded.fetch import FETCHABLE
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TASK = 0, 1, 2, 3
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,7 +45,8 @@ def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device``, ``--dtype`` (the same in every subcommand)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"shipped model ({', '.join(EMBEDDED_MODELS)}), local directory, or hub name")
+                        help=f"shipped model ({', '.join(EMBEDDED_MODELS)}), fetched model ({', '.join(FETCHABLE)}), "
+                             "GGUF file (.gguf), local directory, or hub name")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights dtype")
 

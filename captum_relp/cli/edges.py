@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..edges.conventions import CONVENTIONS
 from ..edges.graph import build_graph
+from ..edges.scores import IG_GRIDS
 from ..embedded import heldout_words
 from ..experiments.edges import run_edge_experiment
 from ..tasks import TASKS
@@ -22,9 +24,10 @@ from ._common import (
 METHOD_CHOICES = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
 
 OUTPUTS = {
-    "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts",
+    "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "
+                          "meta.convention",
     "edges_faithfulness.png": "faithfulness against circuit size (fraction of edges) per method",
-    "edges_circuit_<method>.png": "the top-k edges of each method's circuit (unless --no-plots)",
+    "edges_circuit_<method>.png": "each method's greedy connected circuit of --top-k edges (unless --no-plots)",
 }
 """Files written to ``--out``."""
 
@@ -48,7 +51,15 @@ def add_parser(sub) -> None:
     parser.add_argument("--n-prompts", type=int, default=50, help="prompt pairs used to score edges")
     parser.add_argument("--n-eval", type=int, default=None, help="separate pairs for faithfulness; None: --n-prompts")
     parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG integration steps")
-    parser.add_argument("--fractions", default=None, help="comma-separated circuit sizes in [0, 1]; None: the MIB grid")
+    parser.add_argument("--convention", choices=sorted(CONVENTIONS), default="library",
+                        help="circuit sizes, rounding, CPR ranking, key/value inputs and EAP-IG grid: the "
+                             "library's or MIB's circuit track (docs: Edge-level RelP)")
+    parser.add_argument("--ig-grid", choices=IG_GRIDS, default=None,
+                        help="EAP-IG points k/m: right k=1..m (paper), left k=0..m-1 (MIB); None: the convention's")
+    parser.add_argument("--greedy", action="store_true",
+                        help="MIB's greedy connected circuits (from the logits back) instead of global top-k")
+    parser.add_argument("--fractions", default=None,
+                        help="comma-separated circuit sizes in [0, 1]; None: the convention's grid")
     parser.add_argument("--training-words", action="store_true",
                         help="shipped models: prompts from the names/nouns seen in training instead of the "
                              "held-out ones (which captum-relp ioi and circuit use too)")
@@ -95,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_edge_experiment(
             model, tokenizer, task=args.task, methods=methods, n_prompts=args.n_prompts, n_eval=args.n_eval,
             seed=args.seed, words=words, n_steps=args.n_steps, repeats=args.repeats, model_name=args.model,
-            structure=args.structure, show_progress=not args.quiet,
+            structure=args.structure, show_progress=not args.quiet, convention=args.convention,
+            ig_grid=args.ig_grid, greedy=args.greedy,
             calibration_prompts=args.calibration_prompts, **extra,
         )
     except ValueError as error:

@@ -6,6 +6,8 @@ __all__ = ["ComponentGraph", "build_graph", "GraphRun", "graph_forward"]
 from .scores import METHODS, EdgeScores, edge_scores, exact_edge_scores
 
 __all__ += ["METHODS", "EdgeScores", "edge_scores", "exact_edge_scores"]
+from .connected import greedy_circuit, prune_circuit
+from .conventions import CONVENTIONS, MIB_FRACTIONS, EdgeConvention, get_convention
 from .evaluate import (
     DEFAULT_FRACTIONS,
     FaithfulnessCurve,
@@ -16,3 +18,4 @@ from .evaluate import (
 )
 
 __all__ += ["DEFAULT_FRACTIONS", "FaithfulnessCurve", "area", "faithfulness_curve", "pearson", "top_edges"]
+__all__ += ["CONVENTIONS", "MIB_FRACTIONS", "EdgeConvention", "get_convention", "greedy_circuit", "prune_circuit"]

@@ -1,46 +1,55 @@
-r"""MIB-style evaluation of edge scores: faithfulness curves, CPR, CMD and PCC.
+r"""Evaluation of edge scores as circuits: faithfulness curves, CPR, CMD and PCC.
 
-A circuit of size ``k`` keeps the ``k`` edges with the largest ``|score|``; every
-other edge is patched with its corrupt value (exact edge patching, see
-:func:`~captum_relp.edges.graph_forward`). Faithfulness
+A circuit of size ``k`` keeps ``k`` edges chosen by score; every other edge is patched
+with its corrupt value (exact edge patching, see :func:`~captum_relp.edges.graph_forward`).
+Faithfulness
 
 .. math:: f(C) = \frac{m(C) - m(\emptyset)}{m(M) - m(\emptyset)},
 
 with :math:`m` the metric averaged over prompts, :math:`m(M)` the clean run and
-:math:`m(\emptyset)` the run with every edge patched (the corrupt run).
-Sizes are fractions of all edges, :data:`DEFAULT_FRACTIONS` (MIB's grid plus
-0.3/0.7/0.9), ``k = round(fraction * n_edges)``. CPR is the area under
-:math:`f` and CMD the area under :math:`|1 - f|`, both by the trapezoid rule
-over the fraction axis in ``[0, 1]`` (higher CPR and lower CMD are better).
+:math:`m(\emptyset)` the run with every edge patched (the corrupt run). CPR is the area
+under :math:`f` and CMD the area under :math:`|1 - f|`, by the trapezoid rule over the
+fraction axis (higher CPR and lower CMD are better). Which sizes, how ``k`` is rounded and
+whether CPR's circuits rank edges by signed score or by ``|score|`` is the *convention*
+(:mod:`captum_relp.edges.conventions`): ``"library"`` (default) or ``"mib"``, MIB's
+``evaluate_area_under_curve``. Circuits are pruned to connected graphs before they are
+run (:func:`~captum_relp.edges.prune_circuit`, which does not change ``f``); ``greedy=True``
+selects them with MIB's greedy search from the logits instead of by global top-k.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .._hooks import frozen_model
 from ..metrics import MetricEvaluator
+from .connected import greedy_circuit, prune_circuit
+from .conventions import DEFAULT_FRACTIONS, EdgeConvention, get_convention
 from .graph import ComponentGraph
 from .patching import graph_forward
-
-DEFAULT_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
 @dataclass
 class FaithfulnessCurve:
-    """Faithfulness of top-``|score|`` circuits at several sizes.
+    """Faithfulness of circuits at several sizes; CPR and CMD.
 
     Attributes:
         fractions: circuit sizes as fractions of all edges.
-        n_edges: circuit sizes in edges.
-        faithfulness: ``f(C)`` per size.
-        cpr: area under ``f`` (trapezoid over fractions).
-        cmd: area under ``|1 - f|``.
+        n_edges: circuit sizes in edges (before pruning).
+        faithfulness: ``f(C)`` per size, circuits of the largest ``|score|`` (CMD's curve).
+        cpr: area under CPR's curve (``faithfulness_cpr``).
+        cmd: area under ``|1 - f|`` of ``faithfulness``.
         m_full: metric of the full model (clean run), mean over prompts.
         m_empty: metric of the empty circuit (every edge patched: the corrupt run).
+        faithfulness_cpr: the curve CPR integrates: ``faithfulness`` itself, or under
+            ``convention="mib"`` the curve of the largest *signed* scores.
+        n_connected: edges left in each ``|score|`` circuit after pruning (MIB's edge counts).
+        convention: the name of the convention that built the curve.
+        prompt_metrics: per-prompt metric values (``full``, ``empty``: ``(B,)``; ``abs``,
+            ``cpr``: ``(sizes, B)``) for resampling, see :meth:`resample`; not in :meth:`as_dict`.
 
     Example:
         >>> curve = FaithfulnessCurve([0.0, 0.5, 1.0], [0, 5, 10], [0.0, 0.8, 1.0], 0.65, 0.35)
@@ -55,12 +64,36 @@ class FaithfulnessCurve:
     cmd: float
     m_full: float = float("nan")
     m_empty: float = float("nan")
+    faithfulness_cpr: Optional[List[float]] = None
+    n_connected: Optional[List[int]] = None
+    convention: str = "library"
+    prompt_metrics: Dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> Dict[str, object]:
         """JSON-friendly dictionary."""
-        return {"fractions": self.fractions, "n_edges": self.n_edges,
-                "faithfulness": self.faithfulness, "cpr": self.cpr, "cmd": self.cmd,
+        return {"convention": self.convention, "fractions": self.fractions, "n_edges": self.n_edges,
+                "n_connected": self.n_connected, "faithfulness": self.faithfulness,
+                "faithfulness_cpr": self.faithfulness_cpr if self.faithfulness_cpr is not None
+                else self.faithfulness, "cpr": self.cpr, "cmd": self.cmd,
                 "m_full": self.m_full, "m_empty": self.m_empty}
+
+    def resample(self, index: Tensor) -> Dict[str, float]:
+        """CPR and CMD recomputed on the evaluation prompts ``index`` (a bootstrap resample).
+
+        Example:
+            >>> import torch
+            >>> c = FaithfulnessCurve([0.0, 1.0], [0, 4], [0.0, 1.0], 0.5, 0.5, prompt_metrics={
+            ...     "full": torch.tensor([2.0, 4.0]), "empty": torch.zeros(2),
+            ...     "abs": torch.tensor([[0.0, 0.0], [2.0, 4.0]]), "cpr": torch.tensor([[0.0, 0.0], [2.0, 4.0]])})
+            >>> c.resample(torch.tensor([1, 1]))
+            {'cpr': 0.5, 'cmd': 0.5}
+        """
+        metrics = self.prompt_metrics
+        full, empty = metrics["full"][index].mean(), metrics["empty"][index].mean()
+        scale = full - empty
+        f_abs = ((metrics["abs"][:, index].mean(1) - empty) / scale).tolist()
+        f_cpr = ((metrics["cpr"][:, index].mean(1) - empty) / scale).tolist()
+        return {"cpr": area(self.fractions, f_cpr), "cmd": area(self.fractions, [abs(1 - v) for v in f_abs])}
 
 
 def area(fractions: Sequence[float], values: Sequence[float]) -> float:
@@ -76,24 +109,40 @@ def area(fractions: Sequence[float], values: Sequence[float]) -> float:
     return float(torch.trapezoid(y, x))
 
 
-def top_edges(scores: Tensor, graph: ComponentGraph, k: int) -> Tensor:
-    """Bool ``(U, V)`` mask of the ``k`` edges with the largest ``|score|``.
+def top_edges(scores: Tensor, graph: ComponentGraph, k: int, absolute: bool = True) -> Tensor:
+    """Bool ``(U, V)`` mask of the ``k`` edges with the largest ``|score|`` (``absolute=False``:
+    the largest signed score). Ties keep the earlier edge of ``graph.edges()``.
 
     Examples::
 
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> from captum_relp.edges import build_graph
         >>> g = build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=9)))
-        >>> s = torch.zeros(g.edge_mask.shape); s[0, 3] = -5.0
-        >>> top_edges(s, g, 1).nonzero().tolist()
-        [[0, 3]]
+        >>> s = torch.zeros(g.edge_mask.shape); s[0, 3] = -5.0; s[0, 4] = 1.0
+        >>> top_edges(s, g, 1).nonzero().tolist(), top_edges(s, g, 1, absolute=False).nonzero().tolist()
+        ([[0, 3]], [[0, 4]])
     """
     edge_mask = graph.edge_mask.to(scores.device)
-    magnitude = scores.abs().double().masked_fill(~edge_mask, -1.0).flatten()
-    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    values = (scores.abs() if absolute else scores).double().masked_fill(~edge_mask, float("-inf")).flatten()
+    keep = torch.zeros_like(values, dtype=torch.bool)
     if k > 0:
-        keep[torch.topk(magnitude, min(k, graph.n_edges)).indices] = True
+        order = torch.sort(values, descending=True, stable=True).indices
+        keep[order[:min(k, graph.n_edges)]] = True
     return keep.reshape(edge_mask.shape) & edge_mask
+
+
+def _circuit(scores: Tensor, graph: ComponentGraph, k: int, absolute: bool, greedy: bool) -> Tensor:
+    if greedy:
+        return greedy_circuit(scores, graph, k, absolute)
+    return prune_circuit(top_edges(scores, graph, k, absolute), graph)
+
+
+def _check_fractions(fractions: Sequence[float]) -> List[float]:
+    fractions = [float(f) for f in fractions]
+    if (len(fractions) < 2 or sorted(set(fractions)) != fractions or fractions[0] < 0.0
+            or fractions[-1] != 1.0):
+        raise ValueError(f"fractions must increase strictly within [0, 1] and end at 1, got {fractions}")
+    return fractions
 
 
 def faithfulness_curve(
@@ -104,18 +153,24 @@ def faithfulness_curve(
     corrupt_ids: Tensor,
     metric: Callable[[Tensor], Tensor],
     attention_mask: Optional[Tensor] = None,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Optional[Sequence[float]] = None,
+    convention: Union[str, EdgeConvention] = "library",
+    greedy: bool = False,
 ) -> FaithfulnessCurve:
-    """Faithfulness of top-``|score|`` circuits; CPR and CMD.
+    """Faithfulness of circuits chosen by ``scores``; CPR and CMD.
 
     Args:
         model (nn.Module): the model.
-        graph (ComponentGraph): its graph.
+        graph (ComponentGraph): its graph (``build_graph(model, ungroup_kv=True)`` for ``"mib"``
+            on grouped-query models).
         scores (Tensor): ``(U, V)`` edge scores (``EdgeScores.scores``).
         clean_ids, corrupt_ids (Tensor): ``(B, T)`` prompts.
         metric (callable): ``metric(logits) -> Tensor[B]``.
         attention_mask (Tensor, optional): ``(B, T)``.
-        fractions (sequence of float): sizes in ``[0, 1]``, increasing, starting at 0 and ending at 1.
+        fractions (sequence of float, optional): sizes, increasing in ``[0, 1]`` and ending at 1;
+            default: the convention's.
+        convention (str or EdgeConvention): ``"library"`` or ``"mib"`` (sizes, rounding, signed CPR).
+        greedy (bool): MIB's greedy connected selection instead of global top-k.
 
     Returns:
         FaithfulnessCurve: ``f`` per size, CPR and CMD.
@@ -132,33 +187,49 @@ def faithfulness_curve(
         >>> curve = faithfulness_curve(model, g, torch.rand(g.edge_mask.shape), clean, corrupt, metric)
         >>> abs(round(curve.faithfulness[0], 6)), round(curve.faithfulness[-1], 6)
         (0.0, 1.0)
+        >>> faithfulness_curve(model, g, torch.rand(g.edge_mask.shape), clean, corrupt, metric,
+        ...                    convention="mib").n_edges[-4:]  # int(p * 13) at p = .1, .2, .5, 1
+        [1, 2, 6, 13]
     """
-    fractions = [float(f) for f in fractions]
-    if fractions[0] != 0.0 or fractions[-1] != 1.0 or sorted(fractions) != fractions:
-        raise ValueError(f"fractions must increase from 0 to 1, got {fractions}")
-    values, sizes = [], []
+    convention = get_convention(convention)
+    fractions = _check_fractions(convention.fractions if fractions is None else fractions)
+    cache: Dict[bytes, Tensor] = {}
     evaluate = MetricEvaluator(clean_ids.shape[0], metric=metric)  # one finite value per prompt
     with frozen_model(model), torch.no_grad():
         corrupt = graph_forward(model, graph, corrupt_ids, attention_mask)
         clean = graph_forward(model, graph, clean_ids, attention_mask)
-        m_empty = evaluate(corrupt.logits).double().mean().item()
-        m_full = evaluate(clean.logits).double().mean().item()
-        scale = m_full - m_empty
-        for fraction in fractions:
-            k = int(round(fraction * graph.n_edges))
-            if k == graph.n_edges:
-                value = m_full
-            elif k == 0:
-                value = m_empty
-            else:
-                patch = (graph.edge_mask & ~top_edges(scores, graph, k)).to(clean.outputs.dtype)
-                run = graph_forward(model, graph, clean_ids, attention_mask, patch=patch,
-                                    corrupt_outputs=corrupt.outputs)
-                value = evaluate(run.logits).double().mean().item()
-            values.append((value - m_empty) / scale if scale != 0 else float("nan"))
-            sizes.append(k)
-    return FaithfulnessCurve(fractions, sizes, values, area(fractions, values),
-                             area(fractions, [abs(1 - v) for v in values]), m_full, m_empty)
+        empty = evaluate(corrupt.logits).double()
+        full = evaluate(clean.logits).double()
+
+        def run(keep: Tensor) -> Tensor:  # per-prompt metric of a circuit (runs shared between curves)
+            key = keep.cpu().numpy().tobytes()
+            if key not in cache:
+                if bool(keep.sum() == 0):
+                    cache[key] = empty
+                elif torch.equal(keep, graph.edge_mask.to(keep.device)):
+                    cache[key] = full
+                else:
+                    patch = (graph.edge_mask.to(keep.device) & ~keep).to(clean.outputs.dtype)
+                    patched = graph_forward(model, graph, clean_ids, attention_mask, patch=patch,
+                                            corrupt_outputs=corrupt.outputs)
+                    cache[key] = evaluate(patched.logits).double()
+            return cache[key]
+
+        sizes = [convention.circuit_size(fraction, graph.n_edges) for fraction in fractions]
+        circuits = [_circuit(scores, graph, k, True, greedy) for k in sizes]
+        by_abs = torch.stack([run(keep) for keep in circuits])
+        by_cpr = by_abs
+        if convention.cpr_signed:
+            by_cpr = torch.stack([run(_circuit(scores, graph, k, False, greedy)) for k in sizes])
+    metrics = {"full": full.cpu(), "empty": empty.cpu(), "abs": by_abs.cpu(), "cpr": by_cpr.cpu()}
+    m_full, m_empty = full.mean().item(), empty.mean().item()
+    scale = m_full - m_empty
+    values = ((by_abs.mean(1) - m_empty) / scale).tolist() if scale != 0 else [float("nan")] * len(sizes)
+    values_cpr = ((by_cpr.mean(1) - m_empty) / scale).tolist() if scale != 0 else values
+    return FaithfulnessCurve(fractions, sizes, values, area(fractions, values_cpr),
+                             area(fractions, [abs(1 - v) for v in values]), m_full, m_empty,
+                             faithfulness_cpr=values_cpr, n_connected=[int(c.sum()) for c in circuits],
+                             convention=convention.name, prompt_metrics=metrics)
 
 
 def pearson(a: Tensor, b: Tensor) -> float:

@@ -3,7 +3,8 @@
 Nodes that *write* to the residual stream (upstream nodes): the input embeddings,
 every attention head, every MLP. Inputs that *read* from it (downstream inputs):
 the query, key and value input of every attention head (key and value per
-key/value head under grouped-query attention), every MLP input, and the logits.
+key/value head under grouped-query attention, or per query head when the graph
+is *ungrouped*, as EAP-IG and MIB build it), every MLP input, and the logits.
 An edge joins an upstream node to every downstream input that runs after it.
 The residual stream entering a downstream input is the sum of the outputs of
 its upstream nodes, so patching any set of edges is an exact intervention (see
@@ -20,7 +21,10 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-FAMILIES = {"gpt2": "gpt2", "gpt_neox": "neox", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
+from ..families import FAMILY_TABLE
+
+FAMILIES = {model_type: family.edges.qkv for model_type, family in FAMILY_TABLE.items() if family.edges}
+"""``{model_type: projection layout}`` of the families with edge-graph parts in the family table."""
 
 
 @dataclass
@@ -29,11 +33,14 @@ class ComponentGraph:
 
     Upstream nodes are ordered ``input, a0.h0 .. a0.h{H-1}, m0, a1.h0, ..., m{L-1}``;
     downstream inputs ``a0.h0<q> .. a0.h{H-1}<q>, a0.h0<k> .., a0.h0<v> .., m0, ...,
-    logits`` (``<k>``/``<v>`` per key/value head).
+    logits`` (``<k>``/``<v>`` per key/value head, or per query head when ``ungrouped``).
 
     Attributes:
-        family: ``"gpt2"``, ``"neox"`` or ``"llama"`` (Llama, Qwen2, Mistral).
+        family: the model type (an entry of the family table with edge-graph parts).
         n_layers, n_heads, n_kv_heads: the model's shape.
+        ungrouped: one key and one value input per *query* head (EAP-IG / MIB), each
+            projected with its group's key/value weights; otherwise one per key/value head.
+            The same as grouped when ``n_kv_heads == n_heads``.
         parallel: True when attention and MLP of a layer read the same residual
             stream (GPT-NeoX ``use_parallel_residual``); then ``a{l}.h* -> m{l}`` are no edges.
         upstream: names of the upstream nodes.
@@ -57,6 +64,7 @@ class ComponentGraph:
     upstream: List[str] = field(default_factory=list)
     downstream: List[str] = field(default_factory=list)
     edge_mask: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
+    ungrouped: bool = False
 
     @property
     def n_edges(self) -> int:
@@ -64,9 +72,14 @@ class ComponentGraph:
         return int(self.edge_mask.sum())
 
     @property
+    def n_kv_inputs(self) -> int:
+        """The number of key inputs per layer, and of value inputs (``H`` when ``ungrouped``, else ``H_kv``)."""
+        return _kv_inputs(self.n_heads, self.n_kv_heads, self.ungrouped)
+
+    @property
     def slots_per_layer(self) -> int:
-        """Downstream inputs per layer: ``H`` queries, ``2 * H_kv`` keys/values, one MLP."""
-        return self.n_heads + 2 * self.n_kv_heads + 1
+        """Downstream inputs per layer: ``H`` queries, ``2 * n_kv_inputs`` keys/values, one MLP."""
+        return self.n_heads + 2 * self.n_kv_inputs + 1
 
     def head_node(self, layer: int, head: int) -> int:
         """Upstream index of head ``head`` of layer ``layer``."""
@@ -79,7 +92,7 @@ class ComponentGraph:
     def attn_slots(self, layer: int) -> slice:
         """Downstream indices of layer ``layer``'s q, k and v inputs."""
         start = layer * self.slots_per_layer
-        return slice(start, start + self.n_heads + 2 * self.n_kv_heads)
+        return slice(start, start + self.n_heads + 2 * self.n_kv_inputs)
 
     def mlp_slot(self, layer: int) -> int:
         """Downstream index of layer ``layer``'s MLP input."""
@@ -113,17 +126,27 @@ class ComponentGraph:
         return name.split("<")[0]
 
 
-def _build(family: str, n_layers: int, n_heads: int, n_kv_heads: int, parallel: bool) -> ComponentGraph:
+def _kv_inputs(n_heads: int, n_kv_heads: int, ungrouped: bool) -> int:
+    """Key/value inputs per layer: ungrouped graphs read one per query head (EAP-IG, MIB)."""
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads do not split into {n_kv_heads} key/value groups")
+    return n_heads if ungrouped else n_kv_heads
+
+
+def _build(family: str, n_layers: int, n_heads: int, n_kv_heads: int, parallel: bool,
+           ungrouped: bool = False) -> ComponentGraph:
+    kv_inputs = _kv_inputs(n_heads, n_kv_heads, ungrouped)
     upstream = ["input"]
     downstream: List[str] = []
     for layer in range(n_layers):
         upstream += [f"a{layer}.h{h}" for h in range(n_heads)] + [f"m{layer}"]
         downstream += [f"a{layer}.h{h}<q>" for h in range(n_heads)]
-        downstream += [f"a{layer}.h{h}<k>" for h in range(n_kv_heads)]
-        downstream += [f"a{layer}.h{h}<v>" for h in range(n_kv_heads)]
+        downstream += [f"a{layer}.h{h}<k>" for h in range(kv_inputs)]
+        downstream += [f"a{layer}.h{h}<v>" for h in range(kv_inputs)]
         downstream.append(f"m{layer}")
     downstream.append("logits")
-    graph = ComponentGraph(family, n_layers, n_heads, n_kv_heads, parallel, upstream, downstream)
+    graph = ComponentGraph(family, n_layers, n_heads, n_kv_heads, parallel, upstream, downstream,
+                           ungrouped=ungrouped)
     mask = torch.zeros(len(upstream), len(downstream), dtype=torch.bool)
     mask[0, :] = True
     for layer in range(n_layers):
@@ -138,15 +161,18 @@ def _build(family: str, n_layers: int, n_heads: int, n_kv_heads: int, parallel: 
     return graph
 
 
-def build_graph(model: nn.Module) -> ComponentGraph:
+def build_graph(model: nn.Module, ungroup_kv: bool = False) -> ComponentGraph:
     """The component graph of a Hugging Face causal language model.
 
-    Supported: GPT-2, GPT-NeoX/Pythia (parallel or sequential residual), Llama,
-    Qwen2 and Mistral (grouped-query attention).
+    Supported: the families with edge-graph parts in the family table
+    (:data:`FAMILIES`: GPT-2, GPT-NeoX/Pythia with parallel or sequential residual, and the
+    Llama-style families with grouped-query attention and sliding windows).
 
     Args:
-        model (nn.Module): a ``GPT2LMHeadModel``, ``GPTNeoXForCausalLM``,
-            ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``MistralForCausalLM``.
+        model (nn.Module): a causal LM of one of :data:`FAMILIES`.
+        ungroup_kv (bool): one key and one value input per query head (EAP-IG / MIB,
+            ``convention="mib"``) instead of one per key/value head. Changes nothing
+            without grouped-query attention.
 
     Returns:
         ComponentGraph: the graph; ``graph.n_edges`` edges.
@@ -160,19 +186,19 @@ def build_graph(model: nn.Module) -> ComponentGraph:
         >>> g = build_graph(LlamaForCausalLM(cfg))
         >>> g.downstream[4:8]
         ['a0.h0<k>', 'a0.h1<k>', 'a0.h0<v>', 'a0.h1<v>']
+        >>> build_graph(LlamaForCausalLM(cfg), ungroup_kv=True).downstream[4:8]
+        ['a0.h0<k>', 'a0.h1<k>', 'a0.h2<k>', 'a0.h3<k>']
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(
             f"edge graphs support model types {sorted(FAMILIES)}, got {model_type!r} "
-            f"({type(model).__name__})"
+            f"({type(model).__name__}): its family has no edge-graph parts in the family table"
         )
-    family = FAMILIES[model_type]
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    parallel = family == "neox" and bool(getattr(config, "use_parallel_residual", True))
-    return _build(family, config.num_hidden_layers, heads, kv_heads, parallel)
+    family = FAMILY_TABLE[model_type]
+    return _build(model_type, config.num_hidden_layers, family.num_heads(config), family.num_kv_heads(config),
+                  family.is_parallel(config), ungroup_kv)
 
 
 __all__ = ["ComponentGraph", "build_graph", "FAMILIES"]

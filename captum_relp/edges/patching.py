@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._forward import check_token_ids
+from ..families import FAMILY_TABLE, layer_window
 from .graph import ComponentGraph
 
 
@@ -57,60 +58,49 @@ class GraphRun:
 
 
 class _Parts:
-    """Modules and per-head weights of one supported family."""
+    """Modules and per-head weights of a model, at the paths of its family's edge-graph parts."""
 
     def __init__(self, model: nn.Module, graph: ComponentGraph) -> None:
         self.graph = graph
-        family = graph.family
-        if family == "gpt2":
-            base = model.transformer
-            self.blocks = list(base.h)
-            self.final_norm = base.ln_f
-            self.rotary = None
-        elif family == "neox":
-            base = model.gpt_neox
-            self.blocks = list(base.layers)
-            self.final_norm = base.final_layer_norm
-            self.rotary = base.rotary_emb
-        else:
-            base = model.model
-            self.blocks = list(base.layers)
-            self.final_norm = base.norm
-            self.rotary = base.rotary_emb
-            if getattr(self.blocks[0].self_attn, "q_norm", None) is not None:
-                raise ValueError("attention with q/k norms (Qwen3) is not supported by edge graphs")
+        self.family = FAMILY_TABLE[graph.family]
+        self.spec = self.family.edges
+        self.config = model.config
+        base = model.base_model
+        self.blocks = list(_path(base, self.family.blocks))
+        self.final_norm = _path(base, self.spec.final_norm)
+        self.rotary = _path(base, self.spec.rotary) if self.spec.rotary else None
+        if not self.spec.qk_norm and getattr(self.attention(0), "q_norm", None) is not None:
+            raise ValueError(f"{graph.family}: attention with q/k norms needs qk_norm in its edge-graph parts")
         self.base = base
         self.lm_head = model.get_output_embeddings()
 
     def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
-        if self.graph.family == "gpt2":
-            return self.base.wte(ids) + self.base.wpe(positions)
-        if self.graph.family == "neox":
-            return self.base.embed_in(ids)
-        return self.base.embed_tokens(ids)
+        token, *position = self.spec.embed
+        out = _path(self.base, token)(ids)
+        return out + _path(self.base, position[0])(positions) if position else out
 
     def attention(self, layer: int) -> nn.Module:
-        name = {"gpt2": "attn", "neox": "attention", "llama": "self_attn"}[self.graph.family]
-        return getattr(self.blocks[layer], name)
+        return _path(self.blocks[layer], self.family.attention)
 
     def norms(self, layer: int):
-        block = self.blocks[layer]
-        if self.graph.family == "gpt2":
-            return block.ln_1, block.ln_2
-        return block.input_layernorm, block.post_attention_layernorm
+        return tuple(_path(self.blocks[layer], name) for name in self.spec.norms)
+
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of layer ``layer`` (None: full causal attention)."""
+        return layer_window(self.config, self.family, layer)
 
     def weights(self, layer: int):
         """``W_q (H, d, D), b_q, W_k (Hkv, d, D), b_k, W_v, b_v, W_o (H, D, d), b_o (d)``."""
         g, attn = self.graph, self.attention(layer)
         H, K = g.n_heads, g.n_kv_heads
-        if g.family == "gpt2":
+        if self.spec.qkv == "conv1d":
             w, b = attn.c_attn.weight, attn.c_attn.bias  # (d, 3d), (3d,)
             d = w.shape[0]
             D = d // H
             ws = [w[:, i * d:(i + 1) * d].reshape(d, H, D).permute(1, 0, 2) for i in range(3)]
             bs = [b[i * d:(i + 1) * d].reshape(H, D) for i in range(3)]
             w_o, b_o = attn.c_proj.weight.reshape(H, D, d), attn.c_proj.bias
-        elif g.family == "neox":
+        elif self.spec.qkv == "neox":
             w, b = attn.query_key_value.weight, attn.query_key_value.bias  # (3d, d)
             d = w.shape[1]
             D = d // H
@@ -130,13 +120,23 @@ class _Parts:
         return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], w_o, b_o
 
 
+def _path(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     out = torch.einsum("bthd,hde->bhte", x, weight)
     return out if bias is None else out + bias[None, :, None, :]
 
 
-def _additive_mask(attention_mask: Optional[Tensor], batch: int, length: int, ref: Tensor) -> Tensor:
+def _additive_mask(attention_mask: Optional[Tensor], batch: int, length: int, ref: Tensor,
+                   window: Optional[int] = None) -> Tensor:
     keep = torch.ones(length, length, dtype=torch.bool, device=ref.device).tril()[None, None]
+    if window is not None:  # sliding window: query t sees keys t - window < s <= t
+        keep = keep & torch.ones_like(keep).triu(1 - window)
     if attention_mask is not None:
         keep = keep & attention_mask.bool()[:, None, None, :]
     keep = keep.expand(batch, 1, length, length)
@@ -144,16 +144,29 @@ def _additive_mask(attention_mask: Optional[Tensor], batch: int, length: int, re
     return torch.where(keep, zero, torch.finfo(ref.dtype).min)
 
 
-def _heads(parts: _Parts, layer: int, x: Tensor, mask: Tensor, rotary, ah: bool) -> Tensor:
-    """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``."""
+def _ungroup(weight: Tensor, bias: Optional[Tensor], n_heads: int):
+    """Key or value weights ``(H_kv, d, D)`` repeated per query head ``(H, d, D)`` (ungrouped graphs)."""
+    repeat = n_heads // weight.shape[0]
+    if repeat == 1:
+        return weight, bias
+    return weight.repeat_interleave(repeat, 0), None if bias is None else bias.repeat_interleave(repeat, 0)
+
+
+def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tensor:
+    """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``,
+    ``K`` key/value inputs per layer (``graph.n_kv_inputs``)."""
     g = parts.graph
-    H, K = g.n_heads, g.n_kv_heads
+    H, K = g.n_heads, g.n_kv_inputs
     attn = parts.attention(layer)
     normed = parts.norms(layer)[0](x)
     w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = parts.weights(layer)
+    if g.ungrouped:  # one key/value input per query head, each through its group's weights
+        (w_k, b_k), (w_v, b_v) = _ungroup(w_k, b_k, H), _ungroup(w_v, b_v, H)
     q = _project(normed[:, :, :H], w_q, b_q)
     k = _project(normed[:, :, H:H + K], w_k, b_k)
     v = _project(normed[:, :, H + K:], w_v, b_v)
+    if parts.spec.qk_norm:  # per-head norms of queries and keys (Qwen3), before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rotary is not None:
         apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         q, k = apply(q, k, *rotary)
@@ -162,7 +175,7 @@ def _heads(parts: _Parts, layer: int, x: Tensor, mask: Tensor, rotary, ah: bool)
         v = v.repeat_interleave(H // K, dim=1)
     if ah:
         q, k = q.detach(), k.detach()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + mask
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + masks(parts.window(layer))
     upcast = scores.dtype in (torch.float16, torch.bfloat16)
     probs = torch.softmax(scores.float() if upcast else scores, dim=-1).to(v.dtype)
     z = torch.matmul(probs, v)  # (B, H, T, D)
@@ -229,7 +242,13 @@ def graph_forward(
     embeds = parts.embed(input_ids, positions) if input_embeds is None else input_embeds
     if torch.is_grad_enabled() and not embeds.requires_grad:
         embeds = embeds.detach().requires_grad_(True)  # frozen parameters: start the autograd graph here
-    mask = _additive_mask(attention_mask, batch, length, embeds)
+    windows: dict = {}
+
+    def masks(window: Optional[int]) -> Tensor:
+        if window not in windows:
+            windows[window] = _additive_mask(attention_mask, batch, length, embeds, window)
+        return windows[window]
+
     rotary = parts.rotary(embeds, positions) if parts.rotary is not None else None
     edge_mask = graph.edge_mask.to(embeds.device)
     if patch is not None:
@@ -268,7 +287,7 @@ def graph_forward(
     for layer in range(graph.n_layers):
         attn_in = read(graph.attn_slots(layer))
         mlp_in = read(graph.mlp_slot(layer)) if graph.parallel else None
-        write(_heads(parts, layer, attn_in, mask, rotary, ah))
+        write(_heads(parts, layer, attn_in, masks, rotary, ah))
         if mlp_in is None:
             mlp_in = read(graph.mlp_slot(layer))
         mlp_out = parts.blocks[layer].mlp(parts.norms(layer)[1](mlp_in[:, :, 0]))

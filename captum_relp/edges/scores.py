@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +100,7 @@ def edge_scores(
     per_position: bool = False,
     n_steps: int = 5,
     strict: bool = True,
+    ig_grid: str = "right",
 ) -> EdgeScores:
     r"""Score every edge with RelP, RelP-AH, EAP or EAP-IG-inputs.
 
@@ -112,7 +113,7 @@ def edge_scores(
         attention_mask (Tensor, optional): ``(B, T)`` mask shared by both runs.
         method (str): ``"relp"`` (rules ``relp``), ``"relp-ah"``, ``"eap"`` (gradients)
             or ``"eap-ig"`` (integrated gradients over the input embeddings between
-            corrupt and clean, ``n_steps`` right-Riemann steps ``k / n_steps``).
+            corrupt and clean, ``n_steps`` Riemann steps, see ``ig_grid``).
             Use :func:`exact_edge_scores` for exact patching.
         rules (str, RuleSet or CalibratedRules, optional): overrides the rule set of
             ``relp``/``relp-ah`` (``"none"`` gives EAP). With
@@ -122,10 +123,14 @@ def edge_scores(
         per_position (bool): return ``(T, U, V)`` scores instead of summing positions.
         n_steps (int): integration steps of ``eap-ig``.
         strict (bool): as in :func:`~captum_relp.rules.apply_rules`.
+        ig_grid (str): ``eap-ig``'s interpolation points ``alpha = k / n_steps``:
+            ``"right"`` ``k = 1 .. n_steps`` (the paper's, and EAP-IG's before 2025) or
+            ``"left"`` ``k = 0 .. n_steps - 1`` (current EAP-IG and the version MIB pins).
 
     Returns:
         EdgeScores: scores and pass counts (2 forwards, 1 backward except ``eap-ig``:
-        ``n_steps + 1`` forwards, ``n_steps`` backwards).
+        ``n_steps + 1`` forwards (``"left"``: ``n_steps + 2``, the clean run is extra),
+        ``n_steps`` backwards).
 
     Examples::
 
@@ -147,7 +152,7 @@ def edge_scores(
             corrupt = graph_forward(model, graph, corrupt_ids, attention_mask).outputs
         if method == "eap-ig":
             scores, forwards, backwards = _integrated(model, graph, clean_ids, metric, attention_mask,
-                                                      corrupt, per_position, n_steps)
+                                                      corrupt, per_position, _ig_alphas(n_steps, ig_grid))
         elif isinstance(rules, CalibratedRules):
             scores, backwards = _calibrated(model, graph, clean_ids, metric, attention_mask, corrupt, rules,
                                             per_position, strict)
@@ -206,23 +211,37 @@ def _calibrated(model, graph, clean_ids, metric, attention_mask, corrupt, rules:
     return scores, len(rows)
 
 
-def _integrated(model, graph, clean_ids, metric, attention_mask, corrupt, per_position, n_steps):
+IG_GRIDS = ("right", "left")
+
+
+def _ig_alphas(n_steps: int, grid: str) -> List[float]:
+    """EAP-IG's interpolation points, largest first (``"right"``: the clean run comes first)."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    total: Optional[Tensor] = None
-    clean_outputs = None
+    if grid not in IG_GRIDS:
+        raise ValueError(f"ig_grid must be one of {IG_GRIDS}, got {grid!r}")
+    first = n_steps if grid == "right" else n_steps - 1
+    return [k / n_steps for k in range(first, first - n_steps, -1)]
+
+
+def _integrated(model, graph, clean_ids, metric, attention_mask, corrupt, per_position, alphas: List[float]):
     corrupt_embeds = corrupt[:, :, 0]
-    for step in range(n_steps, 0, -1):  # alpha = 1 first: the clean run gives the clean outputs
-        alpha = step / n_steps
+    clean_outputs, forwards = None, len(alphas)
+    if alphas[0] != 1.0:  # the left grid never runs the clean prompts: one more forward for their outputs
+        with torch.no_grad():
+            clean_outputs = graph_forward(model, graph, clean_ids, attention_mask).outputs
+        forwards += 1
+    total: Optional[Tensor] = None
+    for alpha in alphas:
         embeds = None
-        if step != n_steps:
+        if alpha != 1.0:
             clean_embeds = clean_outputs[:, :, 0]
             embeds = corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)
         outputs, grads = _coefficients(model, graph, clean_ids, metric, attention_mask, None, input_embeds=embeds)
         if clean_outputs is None:
             clean_outputs = outputs
         total = grads if total is None else total + grads
-    return _contract(clean_outputs - corrupt, total / n_steps, per_position), n_steps, n_steps
+    return _contract(clean_outputs - corrupt, total / len(alphas), per_position), forwards, len(alphas)
 
 
 def exact_edge_scores(
@@ -287,4 +306,4 @@ def exact_edge_scores(
     return EdgeScores("exact", scores.to(corrupt.dtype), forwards, 0, time.perf_counter() - start)
 
 
-__all__ = ["METHODS", "EdgeScores", "edge_scores", "exact_edge_scores"]
+__all__ = ["METHODS", "IG_GRIDS", "EdgeScores", "edge_scores", "exact_edge_scores"]

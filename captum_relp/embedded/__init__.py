@@ -13,8 +13,10 @@ records the measured accuracies (e.g. held-out IOI 1.00 for ``tiny-gpt2-ioi`` an
 0.985 for ``tiny-llama-ioi``). Each model ships sparse autoencoders for its residual,
 attention and MLP outputs (:func:`load_embedded_saes`).
 
-This module is the one place that resolves shipped model names: :func:`load_model`
-takes a shipped name, a local ``save_pretrained`` directory or a hub name.
+This module is the one place that resolves model names: :func:`load_model` takes a
+shipped name, a fetched real model's name (``smollm2-135m``, see
+:mod:`captum_relp.embedded.fetch`), a ``.gguf`` file (:mod:`captum_relp.embedded.gguf`),
+a local ``save_pretrained`` directory or a hub name.
 
 Example:
     >>> model, tok = load_embedded("tiny-gpt2-ioi")
@@ -90,17 +92,22 @@ def heldout_words(name: Optional[str], task: str = "ioi") -> Optional[list]:
 
 
 def load_model(name: Optional[str] = None, device: Any = "cpu", dtype: Any = "float32") -> Tuple[Any, Any]:
-    """Model (eval mode) and tokenizer by shipped name, local directory or hub name.
+    """Model (eval mode) and tokenizer by shipped name, fetched name, GGUF file, local directory or hub name.
 
     Args:
-        name: a shipped model (default: :data:`DEFAULT_MODEL`), a folder written by
-            ``save_pretrained``, or a Hugging Face hub name (needs network access).
+        name: a shipped model (default: :data:`DEFAULT_MODEL`), a fetched model
+            (:data:`~captum_relp.embedded.fetch.FETCHABLE`, e.g. ``"smollm2-135m"``, after
+            its one fetch command), a ``.gguf`` file (dequantized to ``dtype``, tokenizer
+            from the file), a folder written by ``save_pretrained``, or a Hugging Face hub
+            name (needs network access).
         device: where to put the model.
         dtype: a torch dtype or its name (``"float32"``, ``"bfloat16"``, ``"float16"``).
 
     Raises:
         OSError: when the model cannot be loaded (the message says whether ``name``
-            was a local directory).
+            was a local directory; for a fetchable model not fetched yet, it gives the
+            command that fetches it; for a GGUF file whose architecture transformers cannot
+            dequantize, it names the architecture).
 
     Example:
         >>> model, tokenizer = load_model(None, "cpu", "float32")
@@ -110,8 +117,21 @@ def load_model(name: Optional[str] = None, device: Any = "cpu", dtype: Any = "fl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .fetch import FETCHABLE, require_fetched
+    from .gguf import is_gguf, load_gguf
+
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    path = str(embedded_model_path(name or DEFAULT_MODEL)) if is_embedded(name) else str(name)
+    if is_gguf(name) and Path(str(name)).is_file():
+        try:
+            return load_gguf(name, device, torch_dtype)
+        except ValueError as error:  # an architecture transformers cannot dequantize
+            raise OSError(f"cannot load model {name!r}: {error}") from error
+    if name in FETCHABLE:
+        path = str(require_fetched(str(name)))
+    elif is_embedded(name):
+        path = str(embedded_model_path(name or DEFAULT_MODEL))
+    else:
+        path = str(name)
     if not is_embedded(name) and not Path(path).exists():
         _check_hub_name(str(name))
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
@@ -134,7 +154,12 @@ def _check_hub_name(name: str) -> None:
     import os
     import socket
 
-    close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1, cutoff=0.7)
+    from .fetch import FETCHABLE
+    from .gguf import is_gguf
+
+    if is_gguf(name):
+        raise OSError(f"cannot load model {name!r}: no such GGUF file")
+    close = difflib.get_close_matches(name, EMBEDDED_MODELS + tuple(FETCHABLE), n=1, cutoff=0.7)
     if close:
         raise OSError(f"cannot load model {name!r}: not a shipped model or a local directory; "
                       f"did you mean {close[0]!r}?")

@@ -18,6 +18,7 @@ from ..circuits.effects import mean_effects, node_effects
 from ..circuits.faithfulness import MIN_DENOMINATOR_SNR, CircuitCurve, evaluate_circuits
 from ..circuits.feature_edges import FeatureEdges, feature_edges
 from ..circuits.nodes import NodeSpace, node_means
+from ..embedded.gguf import model_card
 from ..integrations.distributed import DataParallelSweep
 from ..models import model_name
 from ..tasks import task_splits
@@ -230,7 +231,8 @@ def run_circuit_experiment(
                           f"{MIN_DENOMINATOR_SNR:g} standard errors ({curve.denominator_se:.3g}); its "
                           "faithfulness/completeness ratios are unreliable (more --n-test pairs help)")
     progress.close()
-    config = {"model": label, "task": task, "nodes": nodes, "methods": list(methods), "n_train": n_train, "n_test": n_test,
+    config = {"model": label, "model_card": model_card(model), "task": task, "nodes": nodes,
+              "methods": list(methods), "n_train": n_train, "n_test": n_test,
               "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
               "n_steps": n_steps, "edge_nodes": edge_nodes, "calibration": calibration}
     return CircuitExperimentResult(curves, cost, config, edges)

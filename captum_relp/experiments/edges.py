@@ -1,23 +1,27 @@
 """Edge-level experiment: RelP / RelP-AH / EAP / EAP-IG edge scores against exact edge patching,
-evaluated MIB-style (faithfulness curves, CPR, CMD, PCC with exact patching)."""
+evaluated as circuits (faithfulness curves, CPR, CMD under the library's or MIB's convention)
+and by PCC with exact patching."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..calibration import calibrate_on_batch
-from ..edges.evaluate import DEFAULT_FRACTIONS, FaithfulnessCurve, faithfulness_curve, pearson
+from ..edges.conventions import EdgeConvention, get_convention
+from ..edges.evaluate import FaithfulnessCurve, faithfulness_curve, pearson
 from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
 
 SCORE_METHODS = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
-INTEGRATION = "trapezoid rule over the edge fraction in [0, 1]; k = round(fraction * n_edges) top-|score| edges"
+MIB_SCORE_SCALE = ("MIB stores scores divided by its batch size (the metric is averaged over each batch "
+                   "before the backward pass, and the summed scores are divided by the number of prompts); "
+                   "these scores are means over prompts: MIB's = these / batch size, the same ranking")
 
 
 @dataclass
@@ -80,7 +84,7 @@ class EdgeExperimentResult:
         out["meta"] = {"model": self.model_name, "task": self.task, "n_edges": self.graph.n_edges,
                        "n_layers": self.graph.n_layers, "n_heads": self.graph.n_heads,
                        "n_kv_heads": self.graph.n_kv_heads, "parallel_residual": self.graph.parallel,
-                       "integration": INTEGRATION, **self.info,
+                       **self.info,
                        "edges": [self.graph.edge_name(u, v) for u, v in self.graph.edges()]}
         return out
 
@@ -98,7 +102,7 @@ class EdgeExperimentResult:
 
     def save(self, out_dir: Path, plots: bool = True, top_k: int = 20) -> List[Path]:
         """Write ``edges_results.json`` and (``plots``) ``edges_faithfulness.png`` and
-        ``edges_circuit_<method>.png`` (top ``top_k`` edges)."""
+        ``edges_circuit_<method>.png`` (MIB's greedy connected circuit of ``top_k`` edges)."""
         from ..plotting import plot_edge_circuit, plot_faithfulness_curves
 
         out_dir = Path(out_dir)
@@ -111,8 +115,9 @@ class EdgeExperimentResult:
             plot_faithfulness_curves(self.curves, title, written[-1])
             for method, result in self.scores.items():
                 written.append(out_dir / f"edges_circuit_{method}.png")
-                plot_edge_circuit(result.scores, self.graph, top_k, f"{title}: top {top_k} edges, {method}",
-                                  written[-1])
+                plot_edge_circuit(result.scores, self.graph, top_k,
+                                  f"{title}: {method}, greedy connected circuit of {top_k} edges",
+                                  written[-1], method=method)
         return written
 
 
@@ -152,15 +157,18 @@ def run_edge_experiment(
     n_eval: Optional[int] = None,
     seed: int = 0,
     words: Optional[Sequence] = None,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Optional[Sequence[float]] = None,
     n_steps: int = 5,
     repeats: int = 5,
     model_name: str = "model",
     structure: str = "across_pp",
     show_progress: bool = False,
     calibration_prompts: int = 20,
+    convention: Union[str, EdgeConvention] = "library",
+    ig_grid: Optional[str] = None,
+    greedy: bool = False,
 ) -> EdgeExperimentResult:
-    """Score all edges with each method and evaluate circuits MIB-style.
+    """Score all edges with each method and evaluate circuits under ``convention``.
 
     Scores are computed on ``n_prompts`` pairs (seed ``seed``), faithfulness on
     ``n_eval`` other pairs (seed ``seed + 1``; default ``n_prompts``). Wall times
@@ -179,13 +187,18 @@ def run_edge_experiment(
         n_prompts, n_eval (int): scoring and evaluation prompt pairs.
         seed (int): prompt seed.
         words (sequence, optional): names (IOI) or (singular, plural) nouns (SVA).
-        fractions (sequence of float): circuit sizes (see :mod:`captum_relp.edges.evaluate`).
+        fractions (sequence of float, optional): circuit sizes; default: the convention's.
         n_steps (int): EAP-IG steps.
         repeats (int): timing repeats for the non-exact methods.
         model_name (str): label.
         structure (str): SVA structure.
         show_progress (bool): print a line per method.
         calibration_prompts (int): calibration pairs for ``calibrated``.
+        convention (str or EdgeConvention): ``"library"`` or ``"mib"``
+            (:mod:`captum_relp.edges.conventions`): circuit sizes, rounding, signed CPR,
+            ungrouped key/value inputs and the default EAP-IG grid.
+        ig_grid (str, optional): ``"right"`` or ``"left"``; default: the convention's.
+        greedy (bool): MIB's greedy connected circuits instead of global top-k.
 
     Returns:
         EdgeExperimentResult
@@ -201,14 +214,19 @@ def run_edge_experiment(
     unknown = [m for m in methods if m not in SCORE_METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be among {SCORE_METHODS}, got {list(methods)}")
+    convention = get_convention(convention)
+    ig_grid = ig_grid or convention.ig_grid
     device = next(model.parameters()).device
-    graph = build_graph(model)
+    graph = build_graph(model, ungroup_kv=convention.ungroup_kv)
     batch = make_batch(tokenizer, task, n_prompts, seed, words, structure).to(device)
     held = make_batch(tokenizer, task, n_eval or n_prompts, seed + 1, words, structure).to(device)
     args = (model, graph, batch.clean_ids, batch.corrupt_ids, batch.metric(), batch.attention_mask)
     edge_scores(*args, method="eap")  # warm-up
+    fractions = list(convention.fractions if fractions is None else fractions)
     result = EdgeExperimentResult(model_name, task, graph, info={
         "n_prompts": len(batch), "n_eval": len(held), "seed": seed, "eap_ig_steps": n_steps,
+        "convention": {**convention.as_dict(), "ig_grid": ig_grid, "greedy": greedy,
+                       "ungrouped_kv": graph.ungrouped, "score_scale": MIB_SCORE_SCALE},
         "timing": f"min over {repeats} interleaved repeats after a warm-up (exact: one run)",
         "fractions": [float(f) for f in fractions], "scores": "mean over prompts, summed over positions",
     })
@@ -225,7 +243,7 @@ def run_edge_experiment(
     runs: Dict[str, List[EdgeScores]] = {m: [] for m in timed}
     for _ in range(max(1, repeats)):  # interleaved, so that load from other processes hits all methods alike
         for method in timed:
-            scores = edge_scores(*args, n_steps=n_steps, **options[method])
+            scores = edge_scores(*args, n_steps=n_steps, ig_grid=ig_grid, **options[method])
             runs[method].append(replace(scores, method=method))
     for method in methods:
         start = time.perf_counter()
@@ -235,7 +253,8 @@ def run_edge_experiment(
             scores = min(runs[method], key=lambda r: r.seconds)
         result.scores[method] = scores
         result.curves[method] = faithfulness_curve(model, graph, scores.scores, held.clean_ids, held.corrupt_ids,
-                                                   held.metric(), held.attention_mask, fractions)
+                                                   held.metric(), held.attention_mask, fractions,
+                                                   convention=convention, greedy=greedy)
         if show_progress:
             print(f"{method}: scored in {scores.seconds:.2f}s, CPR {result.curves[method].cpr:.3f} "
                   f"({time.perf_counter() - start:.1f}s evaluation)", flush=True)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..attr import METHODS, LayerRelevancePatching, Method, get_method
 from ..calibration import calibrated_ioi_rules
+from ..embedded.gguf import model_card
 from ..integrations.distributed import DataParallelSweep
 from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
@@ -45,7 +46,9 @@ class IOIExperimentResult:
         pcc_mean_map: ``{kind: {method: r}}`` over the prompt-averaged, role-aligned
             (layer x role) maps of :meth:`mean_maps`.
         seconds: wall time per method, measured in the same run.
-        config: the run's settings (``model`` is the model's name, not a path).
+        config: the run's settings (``model`` is the model's name, not a path; ``model_card``
+            the architecture, quantization, source and sha256 of a model loaded from a GGUF
+            file or fetched, else ``None``).
         layout: the token role of every position of every prompt; ``None`` averages
             position by position (only right for prompts of one layout).
     """
@@ -241,7 +244,7 @@ def run_ioi_experiment(
     result = IOIExperimentResult(
         scores=by_method, valid=valid, pcc_per_prompt={}, pcc_mean_map={}, seconds=seconds,
         config={"n_prompts": len(pairs), "rules": list(rules), "seed": seed, "batch_size": batch_size,
-                "model": label,
+                "model": label, "model_card": model_card(model),
                 "templates": sorted({pair.template_id for pair in pairs}),
                 "dtype": str(next(model.parameters()).dtype), "device": str(device),
                 "n_layers": len(layers) // len(KINDS), "calibration": calibration},

@@ -99,8 +99,6 @@ class ForwardPatchRule(Rule):
     def apply(self, module: nn.Module) -> UndoFn:
         attribute = forward_attribute(module)
         original = getattr(module, attribute)
-        had_instance_forward = attribute in module.__dict__
-        previous = module.__dict__.get(attribute)
         state = self.prepare(module, original)
 
         def forward(*args: Any, **kwargs: Any):
@@ -109,12 +107,27 @@ class ForwardPatchRule(Rule):
                 return original(*args, **kwargs)
             return self.patched_forward(module, original, state, *args, **kwargs)
 
-        setattr(module, attribute, forward)
+        return set_instance_attribute(module, attribute, forward)
 
-        def undo() -> None:
-            if had_instance_forward:
-                setattr(module, attribute, previous)
-            else:
-                module.__dict__.pop(attribute, None)
 
-        return undo
+def set_instance_attribute(module: nn.Module, name: str, value: Any) -> UndoFn:
+    """Set ``module.<name>`` on the instance; the returned function restores what was there.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(1, 1)
+        >>> undo = set_instance_attribute(lin, "forward", lambda x: x); undo()
+        >>> "forward" in lin.__dict__
+        False
+    """
+    had_instance = name in module.__dict__
+    previous = module.__dict__.get(name)
+    setattr(module, name, value)
+
+    def undo() -> None:
+        if had_instance:
+            setattr(module, name, previous)
+        else:
+            module.__dict__.pop(name, None)
+
+    return undo

@@ -6,7 +6,7 @@ computed by the module's own forward and therefore unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ class LayerNormRule(ForwardPatchRule):
         centered (bool): ``True`` for LayerNorm (mean subtracted), ``False`` for RMSNorm.
         weight_offset (float): added to the module's ``weight``; Gemma's RMSNorm
             multiplies by ``1 + weight`` and needs ``weight_offset=1.0``.
+        eps (float, optional): the norm's epsilon, for modules that do not store it
+            (default: the module's ``eps`` / ``variance_epsilon``).
 
     The module must normalise over its last dimension and expose ``weight``
     (or none) and ``eps`` / ``variance_epsilon``.
@@ -40,9 +42,10 @@ class LayerNormRule(ForwardPatchRule):
     name = "ln"
     category = "norm"
 
-    def __init__(self, centered: bool = True, weight_offset: float = 0.0) -> None:
+    def __init__(self, centered: bool = True, weight_offset: float = 0.0, eps: Optional[float] = None) -> None:
         self.centered = centered
         self.weight_offset = weight_offset
+        self.eps = eps
 
     def prepare(self, module: nn.Module, original: Callable) -> None:
         shape = getattr(module, "normalized_shape", None)
@@ -53,6 +56,8 @@ class LayerNormRule(ForwardPatchRule):
             )
 
     def _eps(self, module: nn.Module, dtype: torch.dtype) -> float:
+        if self.eps is not None:
+            return self.eps
         for attr in ("eps", "variance_epsilon", "epsilon"):
             value = getattr(module, attr, None)
             if value is not None:
@@ -66,7 +71,8 @@ class LayerNormRule(ForwardPatchRule):
         return ln_rule(original, x, weight, self._eps(module, x.dtype), self.centered)
 
     def __repr__(self) -> str:
-        return f"LayerNormRule(centered={self.centered}, weight_offset={self.weight_offset})"
+        eps = "" if self.eps is None else f", eps={self.eps}"
+        return f"LayerNormRule(centered={self.centered}, weight_offset={self.weight_offset}{eps})"
 
 
 def RMSNormRule(weight_offset: float = 0.0) -> LayerNormRule:

@@ -15,6 +15,8 @@ from torch import nn
 
 from .activation import IdentityRule
 from .base import Rule
+from .family_entries import registry_entries
+from .fused_gate import LAYOUTS
 from .gate import GATED_MLP_ATTRIBUTES, HalfRule
 from .hookpoint import TRANSFORMER_LENS_ENTRIES, has_hook_points
 from .norm import LayerNormRule, RMSNormRule
@@ -22,34 +24,16 @@ from .norm import LayerNormRule, RMSNormRule
 RuleFactory = Callable[[], Rule]
 CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")
 
-_HF = "transformers.models."
 _ACT = "transformers.activations."
 _TORCH_ACT = "torch.nn.modules.activation."
 
 _DEFAULT_ENTRIES: Dict[str, Tuple[str, RuleFactory]] = {
     "torch.nn.modules.normalization.LayerNorm": ("norm", LayerNormRule),
     "torch.nn.modules.normalization.RMSNorm": ("norm", RMSNormRule),
-    _HF + "llama.modeling_llama.LlamaRMSNorm": ("norm", RMSNormRule),
-    _HF + "qwen2.modeling_qwen2.Qwen2RMSNorm": ("norm", RMSNormRule),
-    _HF + "qwen3.modeling_qwen3.Qwen3RMSNorm": ("norm", RMSNormRule),
-    _HF + "mistral.modeling_mistral.MistralRMSNorm": ("norm", RMSNormRule),
-    _HF + "gemma2.modeling_gemma2.Gemma2RMSNorm": ("norm", lambda: RMSNormRule(weight_offset=1.0)),
-    _HF + "gemma.modeling_gemma.GemmaRMSNorm": ("norm", lambda: RMSNormRule(weight_offset=1.0)),
-    _HF + "llama.modeling_llama.LlamaMLP": ("gate", HalfRule),
-    _HF + "qwen2.modeling_qwen2.Qwen2MLP": ("gate", HalfRule),
-    _HF + "qwen3.modeling_qwen3.Qwen3MLP": ("gate", HalfRule),
-    _HF + "mistral.modeling_mistral.MistralMLP": ("gate", HalfRule),
-    _HF + "gemma2.modeling_gemma2.Gemma2MLP": ("gate", HalfRule),
-    _HF + "gemma.modeling_gemma.GemmaMLP": ("gate", HalfRule),
     "torch.nn.modules.linear.Linear": ("linear", None),  # type: ignore[dict-item]
     "transformers.pytorch_utils.Conv1D": ("linear", None),  # type: ignore[dict-item]
 }
-for _key in (  # leaves that scale embeddings: linear in the activations, no rule needed
-    "gemma2.modeling_gemma2.Gemma2TextScaledWordEmbedding",
-    "gemma.modeling_gemma.GemmaTextScaledWordEmbedding",
-    "gemma3.modeling_gemma3.Gemma3TextScaledWordEmbedding",
-):
-    _DEFAULT_ENTRIES[_HF + _key] = ("structural", None)  # type: ignore[assignment]
+_DEFAULT_ENTRIES.update(registry_entries())  # norms, gated MLPs, attention ... of the family table
 # the package's own SAE: ReLU (piecewise linear) encoder, so the Identity-rule equals its gradient;
 # an SAE splice runs the encoder without gradients and only its linear decoder on the gradient path,
 # so nothing below a splice needs a rule (whatever dictionary type it holds)
@@ -191,8 +175,8 @@ def needs_rule(module: nn.Module) -> bool:
         return True
     if has_hook_points(module):  # TransformerLens: norms, attention, MLPs computed in code
         return True
-    if all(hasattr(module, attr) for attr in GATED_MLP_ATTRIBUTES):
-        return True
+    if any(all(hasattr(module, attr) for attr in attrs) for attrs in (GATED_MLP_ATTRIBUTES, *LAYOUTS.values())):
+        return True  # gated MLPs, also with fused gate/up projections (Phi-3, ModernBERT)
     # a leaf module of unknown type computes something of its own (e.g. x * sigmoid(x))
     is_leaf = next(module.children(), None) is None
     return is_leaf and not _is_structural_leaf(cls)

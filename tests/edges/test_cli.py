@@ -14,6 +14,8 @@ def test_edges_cli_end_to_end(tmp_path, capsys):
     data = json.loads((tmp_path / "edges_results.json").read_text())
     assert set(data) == {"relp", "eap", "eap-ig", "exact", "meta"}
     assert data["meta"]["n_edges"] == 479  # 4 layers x 4 heads, GPT-2 (sequential residual)
+    assert data["meta"]["convention"]["name"] == "library" and data["meta"]["convention"]["ig_grid"] == "right"
+    assert not data["meta"]["convention"]["cpr_signed"]
     for method in ("relp", "eap", "eap-ig", "exact"):
         entry = data[method]
         curve = entry["curve"]

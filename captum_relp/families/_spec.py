@@ -1,0 +1,183 @@
+"""The fields of a family entry: what the library knows about one Hugging Face ``model_type``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple, Union
+
+ConfigValue = Union[None, bool, int, str, Callable[[Any], Any]]
+"""A value read from the model config: a constant, a config field name (``"@field"``) or a function."""
+
+
+def config_value(config: Any, value: ConfigValue) -> Any:
+    """Resolve a :data:`ConfigValue` on ``config``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config_value(SimpleNamespace(n=3), "@n"), config_value(None, 2)
+        (3, 2)
+    """
+    if isinstance(value, str) and value.startswith("@"):
+        return getattr(config, value[1:], None)
+    if callable(value):
+        return value(config)
+    return value
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation class of a family and its LN-rule.
+
+    Attributes:
+        cls: class name in the family's modeling module (or a full ``module.Class`` key).
+        rms: True for RMSNorm (no centering), False for LayerNorm.
+        weight_offset: added to the weight (Gemma multiplies by ``1 + weight``).
+        float32: the norm computes internally in float32 (conservation then holds to ~1e-7
+            in a float64 model, not 1e-15).
+        eps: the epsilon, where the module does not store it (``OlmoLayerNorm``).
+    """
+
+    cls: str
+    rms: bool = True
+    weight_offset: float = 0.0
+    float32: bool = True
+    eps: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Attention:
+    """How a family computes attention, which decides how the AH-rule is applied.
+
+    Attributes:
+        how: ``"interface"`` (transformers' ``AttentionInterface``: the AH-rule switches
+            ``config._attn_implementation`` to a wrapper), ``"method-args"`` /
+            ``"method-outputs"`` (queries and keys are detached in the arguments / outputs of
+            ``method`` of ``cls``), ``"qkv-columns"`` (the fused projection ``method`` of ``cls``
+            outputs ``[q | k | v]``; the q and k columns are detached) or ``"refused"``
+            (``relp-ah`` raises).
+        cls: the attention class (for the ``method*`` and ``qkv-columns`` kinds).
+        method: the method or child module name.
+        softcap: config field of attention-score soft-capping (inside the probabilities the
+            AH-rule holds constant; under ``relp`` attention takes the plain gradient).
+        sliding_window: config field of a sliding window / local attention size, if any.
+        alibi: position bias added to the scores (constant under the AH-rule).
+    """
+
+    how: str = "interface"
+    cls: Optional[str] = None
+    method: Optional[str] = None
+    softcap: Optional[str] = None
+    sliding_window: ConfigValue = None
+    alibi: ConfigValue = False
+
+
+@dataclass(frozen=True)
+class EdgeParts:
+    """What :mod:`captum_relp.edges` needs to recompute a family over its component graph.
+
+    Attributes:
+        qkv: projection layout: ``"conv1d"`` (GPT-2 ``c_attn``), ``"neox"`` (per-head fused
+            ``query_key_value``) or ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
+        embed: embedding modules (relative to the base model) whose outputs are summed; a
+            second entry is indexed by positions.
+        norms: pre-attention and pre-MLP norm of a block.
+        final_norm: the final norm (relative to the base model).
+        rotary: the rotary embedding (relative to the base model), if any.
+        qk_norm: per-head norms of queries and keys (``q_norm``, ``k_norm``; Qwen3).
+    """
+
+    qkv: str
+    embed: Tuple[str, ...]
+    norms: Tuple[str, str]
+    final_norm: str
+    rotary: Optional[str] = None
+    qk_norm: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the library knows about one Hugging Face ``model_type``.
+
+    Paths are attribute paths; ``blocks`` and ``final_norm`` are relative to the base model
+    (``model.base_model``), the others relative to a block.
+
+    Attributes:
+        model_type: the config's ``model_type``.
+        modeling: the modeling module under ``transformers.models`` (default
+            ``<model_type>.modeling_<model_type>``).
+        blocks: the ModuleList of blocks.
+        attention: the attention module of a block.
+        o_proj: the attention output projection (its input holds the heads).
+        mlp: the module whose output is the MLP output (before the residual add); None when no
+            module outputs it per position (then ``no_mlp`` says why).
+        norms: the family's own norm classes (``torch.nn.LayerNorm`` is known already).
+        gated_mlp: ``(class name, layout)``: ``"separate"`` (``gate_proj``/``up_proj``),
+            ``"gate_up_proj"`` (fused, Phi-3) or ``"wi"`` (fused ``Wi``, ModernBERT).
+        activations: the family's own pointwise activation classes (Identity-rule).
+        structural: own classes linear in the activations (scaled embeddings, position
+            embeddings, linear layers; ``"linear:"`` prefix: they take the linear rule).
+        attn: how attention is computed (:class:`Attention`).
+        logit_softcap: config field of final-logit soft-capping ``c * tanh(z / c)``
+            (Identity-rule on the cap).
+        embed_scale: token embeddings multiplied by ``sqrt(d)`` (linear: no rule needed).
+        parallel_residual: attention and MLP read the same residual stream.
+        heads: query heads; kv_heads: key/value heads.
+        post_norms: norms applied to attention/MLP outputs before the residual add.
+        edges: the edge-graph parts (``None``: edges refused for this family).
+        reuse_prefix: activation patching may run the layers below a patch once per example, with
+            the patched copies created at the layer (batch-1 masks and position tensors must
+            broadcast), and reuse the clean key/value cache. False: AP tiles whole inputs instead
+            (the same numbers).
+        encoder: bidirectional encoder (masked LM).
+    """
+
+    model_type: str
+    blocks: str
+    attention: str
+    o_proj: str
+    mlp: Optional[str]
+    modeling: Optional[str] = None
+    no_mlp: str = ""
+    norms: Tuple[Norm, ...] = ()
+    gated_mlp: Optional[Tuple[str, str]] = None
+    activations: Tuple[str, ...] = ()
+    structural: Tuple[str, ...] = ()
+    attn: Attention = Attention()
+    logit_softcap: Optional[str] = None
+    embed_scale: bool = False
+    parallel_residual: ConfigValue = False
+    heads: ConfigValue = "@num_attention_heads"
+    kv_heads: ConfigValue = None
+    post_norms: bool = False
+    edges: Optional[EdgeParts] = None
+    reuse_prefix: bool = True
+    encoder: bool = False
+
+    @property
+    def module(self) -> str:
+        """The full name of the modeling module."""
+        return "transformers.models." + (self.modeling or f"{self.model_type}.modeling_{self.model_type}")
+
+    def key(self, cls: str) -> str:
+        """The registry key of a class named in this entry."""
+        return cls if "." in cls else f"{self.module}.{cls}"
+
+    def num_heads(self, config: Any) -> int:
+        """Query heads of a model with this ``config``."""
+        return int(config_value(config, self.heads))
+
+    def num_kv_heads(self, config: Any) -> int:
+        """Key/value heads (the query heads when the family has no grouped-query attention)."""
+        value = config_value(config, self.kv_heads)
+        return self.num_heads(config) if value is None else int(value)
+
+    def is_parallel(self, config: Any) -> bool:
+        """Whether attention and MLP of a block read the same residual stream."""
+        return bool(config_value(config, self.parallel_residual))
+
+    def window(self, config: Any) -> Optional[int]:
+        """The sliding-window / local-attention size of the model, if any layer has one."""
+        value = config_value(config, self.attn.sliding_window)
+        return int(value) if value else None
+
+
+__all__ = ["Attention", "ConfigValue", "EdgeParts", "Family", "Norm", "config_value"]

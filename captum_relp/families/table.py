@@ -1,0 +1,93 @@
+"""The family table: one entry per Hugging Face ``model_type`` the library computes exactly.
+
+Adding a family means adding one :class:`~captum_relp.families.Family` entry here and its
+tiny config in ``tests/families/configs.py`` (see ``docs/new_architecture.md``). Every
+model type not listed is refused in strict mode.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from ._spec import Attention, EdgeParts, Family, Norm
+
+_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _llama_edges(qk_norm: bool = False) -> EdgeParts:
+    return EdgeParts("separate", ("embed_tokens",), _LLAMA_NORMS, "norm", "rotary_emb", qk_norm)
+
+
+def _llama_like(model_type: str, prefix: str, **extra) -> Family:
+    """A Llama-style decoder: RMSNorm, separate gated MLP, grouped-query attention."""
+    fields = dict(norms=(Norm(f"{prefix}RMSNorm"),), gated_mlp=(f"{prefix}MLP", "separate"),
+                  kv_heads="@num_key_value_heads")
+    fields.update(extra)
+    return Family(model_type, "layers", "self_attn", "self_attn.o_proj", "mlp", **fields)
+
+
+def _falcon_kv(config) -> int:
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+_SLIDING = Attention(sliding_window="@sliding_window")
+_GEMMA2_ATTN = Attention(softcap="attn_logit_softcapping", sliding_window="@sliding_window")
+
+_ENTRIES = (
+    Family("gpt2", "h", "attn", "attn.c_proj", "mlp",
+           edges=EdgeParts("conv1d", ("wte", "wpe"), ("ln_1", "ln_2"), "ln_f")),
+    Family("gpt_neox", "layers", "attention", "attention.dense", "mlp",
+           parallel_residual="@use_parallel_residual",
+           edges=EdgeParts("neox", ("embed_in",), _LLAMA_NORMS, "final_layer_norm", "rotary_emb")),
+    Family("gpt_neo", "h", "attn", "attn.attention.out_proj", "mlp",
+           attn=Attention("method-args", "GPTNeoSelfAttention", "_attn", sliding_window="@window_size")),
+    Family("gptj", "h", "attn", "attn.out_proj", "mlp", parallel_residual=True),
+    _llama_like("llama", "Llama", edges=_llama_edges()),
+    _llama_like("mistral", "Mistral", attn=_SLIDING, edges=_llama_edges()),
+    _llama_like("qwen2", "Qwen2", attn=_SLIDING, edges=_llama_edges()),
+    _llama_like("qwen3", "Qwen3", attn=_SLIDING, edges=_llama_edges(qk_norm=True)),
+    _llama_like("gemma", "Gemma", norms=(Norm("GemmaRMSNorm", weight_offset=1.0),),
+                structural=("GemmaTextScaledWordEmbedding",), embed_scale=True, edges=_llama_edges()),
+    _llama_like("gemma2", "Gemma2", norms=(Norm("Gemma2RMSNorm", weight_offset=1.0),),
+                structural=("Gemma2TextScaledWordEmbedding",), embed_scale=True, attn=_GEMMA2_ATTN,
+                logit_softcap="final_logit_softcapping", post_norms=True),
+    _llama_like("gemma3_text", "Gemma3", modeling="gemma3.modeling_gemma3",
+                norms=(Norm("Gemma3RMSNorm", weight_offset=1.0),),
+                structural=("Gemma3TextScaledWordEmbedding",), embed_scale=True, attn=_GEMMA2_ATTN,
+                logit_softcap="final_logit_softcapping", post_norms=True),
+    Family("phi", "layers", "self_attn", "self_attn.dense", "mlp", parallel_residual=True,
+           kv_heads="@num_key_value_heads"),
+    _llama_like("phi3", "Phi3", gated_mlp=("Phi3MLP", "gate_up_proj"), attn=_SLIDING),
+    _llama_like("olmo", "Olmo", norms=(Norm("OlmoLayerNorm", rms=False, eps=1e-5),)),
+    _llama_like("olmo2", "Olmo2", post_norms=True),
+    Family("starcoder2", "layers", "self_attn", "self_attn.o_proj", "mlp", attn=_SLIDING,
+           kv_heads="@num_key_value_heads"),
+    Family("gpt_bigcode", "h", "attn", "attn.c_proj", "mlp",
+           kv_heads=lambda c: 1 if c.multi_query else c.num_attention_heads,
+           reuse_prefix=False),  # batch-1 prefix: its attention reshapes with the batch of the input
+    Family("codegen", "h", "attn", "attn.out_proj", "mlp", parallel_residual=True),
+    _llama_like("stablelm", "StableLm", norms=(), structural=("StableLmLayerNormPerHead",),
+                parallel_residual="@use_parallel_residual"),
+    Family("opt", "decoder.layers", "self_attn", "self_attn.out_proj", None,
+           no_mlp="OPT runs fc1/fc2 on flattened (batch * positions, d) rows, so no module outputs "
+                  "the per-position MLP output",
+           structural=("OPTLearnedPositionalEmbedding",)),
+    Family("bloom", "h", "self_attention", "self_attention.dense", "mlp.dense_4h_to_h",
+           activations=("BloomGelu",), attn=Attention("method-outputs", "BloomAttention", "_reshape", alibi=True),
+           reuse_prefix=False),  # batch-1 prefix: its alibi bias (B * H, 1, T) does not broadcast
+    Family("falcon", "h", "self_attention", "self_attention.dense", "mlp", structural=("linear:FalconLinear",),
+           attn=Attention("method-outputs", "FalconAttention", "_split_heads", alibi="@alibi"),
+           parallel_residual=lambda c: c.new_decoder_architecture or c.parallel_attn, kv_heads=_falcon_kv,
+           reuse_prefix=False),  # blocks add attention to the MLP output in place: batch 1 cannot grow
+    Family("mpt", "blocks", "attn", "attn.out_proj", "ffn.down_proj",
+           attn=Attention("qkv-columns", "MptAttention", "Wqkv", alibi=True)),
+    Family("bert", "encoder.layer", "attention", "attention.output.dense", "output.dense", encoder=True),
+    Family("modernbert", "layers", "attn", "attn.Wo", "mlp", gated_mlp=("ModernBertMLP", "wi"),
+           attn=Attention(sliding_window="@sliding_window"), encoder=True),
+)
+
+FAMILY_TABLE: Dict[str, Family] = {family.model_type: family for family in _ENTRIES}
+"""``{model_type: Family}`` for every family the library computes exactly."""
+
+__all__ = ["FAMILY_TABLE"]

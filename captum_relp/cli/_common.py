@@ -65,6 +65,13 @@ def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_rules_options(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--rules preset|calibrated`` and ``--calibration-prompts`` (circuit and edges)."""
+    parser.add_argument("--rules", default="preset", choices=("preset", "calibrated"), help=help)
+    parser.add_argument("--calibration-prompts", type=int, default=20,
+                        help="pairs used to calibrate rules for --rules calibrated")
+
+
 def join_ranks(args: argparse.Namespace) -> bool:
     """Under ``torchrun``: join the process group and use this rank's GPU. True if this rank writes.
 

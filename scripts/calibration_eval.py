@@ -1,39 +1,46 @@
-"""Held-out evaluation of calibrated rules (issue 14, item 3).
+"""Held-out evaluation of calibrated rules, and of the calibration size (issues 14 and 23).
 
-For each model: calibrate the rule sets per component type (resid / attn / mlp) on a
-few pairs, then measure on *held-out* pairs the Pearson correlation with exact
-activation patching (per example, layer and real position; scores summed over the
-hidden dimension) of AtP, RelP with the paper preset, and RelP with the calibrated
-rules.
+For each model, AP and every default candidate rule set are run once on a pool of
+``--n-pool`` calibration pairs plus ``--n-eval`` held-out pairs. For each calibration size
+(10, 20, 50, 100 by default) the rules are chosen (noise-aware, :func:`choose_rules`) on a
+subset of the pool (draw 0: the first pairs; further draws: random subsets), then compared on
+the held-out pairs: the Pearson correlation with exact activation patching (per example,
+layer and real position; scores summed over the hidden dimension) of AtP, RelP with the paper
+preset and RelP with the calibrated rules, and a paired bootstrap interval over the held-out
+pairs of "calibrated minus AtP". A calibrated RelP score of a layer is its chosen candidate's
+score (RelP scores of a layer do not depend on the other layers attributed in the same pass).
 
 Models: the two shipped models on IOI, and tiny random-weight models of several
 families whose weights are rescaled so that the inputs of normalisation and
 activation modules have std ~2 (strong nonlinearities, where presets disagree),
 on random token pairs with a logit-difference metric.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/calibration_eval.py             # a few minutes on 2 cores
-    OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/calibration_eval.py --n-cal 20 --n-eval 60 --json out.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/calibration_eval.py --markdown docs/results_calibration.md
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from typing import Dict, List
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 import transformers
 from torch import nn
 
-from captum_relp import (LayerActivationPatching, LayerAttributionPatching, LayerRelevancePatching,
-                         calibrate_rules, model_components)
-from captum_relp.calibration import agreement, calibrated_ioi_rules
-from captum_relp.embedded import load_embedded
+from captum_relp import model_components
+from captum_relp.calibration._select import GroupData, _interval, bootstrap_weights, weighted_agreements
+from captum_relp.calibration import CandidateScores, choose_rules, score_candidates
+from captum_relp.embedded import heldout_words, load_embedded
 from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
 
 KINDS = ("resid", "attn", "mlp")
 VOCAB = 64
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
+METHODS = ("AtP", "RelP (preset)", "RelP (calibrated)")
+SMOLLM = Path.home() / ".cache" / "captum-relp" / "SmolLM2-135M"
 
 
 def random_model(family: str, seed: int, n_layers: int = 3, hidden: int = 32) -> nn.Module:
@@ -141,103 +148,181 @@ def logit_diff(out: torch.Tensor) -> torch.Tensor:
     return out[:, -1, 1] - out[:, -1, 2]
 
 
-def held_out(model, layers, flags, labels, cal, clean, corrupt, metric, mask=None) -> Dict[str, Dict[str, float]]:
-    kwargs = dict(baselines=corrupt, metric=metric, attribute_to_layer_input=flags)
-    if mask is not None:
-        kwargs["additional_forward_args"] = {"attention_mask": mask}
-    ap = LayerActivationPatching(model, layers).attribute(clean, **kwargs)
-    methods = {"AtP": LayerAttributionPatching(model, layers),
-               "RelP (preset)": LayerRelevancePatching(model, layers, rules="relp"),
-               "RelP (calibrated)": LayerRelevancePatching(model, layers, rules=cal)}
-    valid = (mask if mask is not None else torch.ones_like(clean)).bool()
-    table = {}
-    for name, method in methods.items():
-        scores = [s.sum(-1) for s in method.attribute(clean, **kwargs)]
-        table[name] = {}
-        for kind in KINDS:
-            idx = [i for i, (k, _) in enumerate(labels) if k == kind]
-            x = torch.cat([scores[i][valid] for i in idx])
-            y = torch.cat([ap[i][valid] for i in idx])
-            table[name][kind] = agreement(x, y)
-    return table
+def held_out(data: Dict[str, GroupData], choices: Dict[str, str], n_bootstrap: int) -> Dict[str, Dict]:
+    """Held-out PCC per group of AtP, the preset and the calibrated choice, and calibrated - AtP with interval."""
+    out = {}
+    for group, d in data.items():
+        picked = GroupData(d.reference, {"AtP": d.scores["gradient"], "RelP (preset)": d.scores["relp"],
+                                         "RelP (calibrated)": d.scores[choices[group]]}, d.mask)
+        weights = bootstrap_weights(d.reference.shape[0], n_bootstrap, seed=1)
+        boot = {m: weighted_agreements(picked, m, weights, "pearson") for m in METHODS}
+        diff = boot["RelP (calibrated)"] - boot["AtP"]
+        out[group] = {m: float(boot[m][0]) for m in METHODS}
+        out[group].update(interval={m: _interval(boot[m][1:], 0.95) for m in METHODS}, diff=float(diff[0]),
+                          diff_interval=_interval(diff[1:], 0.95), choice=choices[group])
+    return out
 
 
-def evaluate_shipped(name: str, n_cal: int, n_eval: int) -> Dict:
-    model, tok = load_embedded(name)
-    pairs = generate_ioi_pairs(n_eval, seed=0, tokenizer=tok)
-    cal = calibrated_ioi_rules(model, tok, n_prompts=n_cal, seed=0, exclude=pairs)
-    batch = encode_ioi(pairs, tok)
-    layers, flags, labels = model_components(model).select(KINDS)
-    table = held_out(model, layers, flags, labels, cal, batch.clean_ids, batch.corrupt_ids,
-                     batch.metric(), batch.attention_mask)
-    return {"model": name, "task": "IOI", "cal": cal, "table": table, "scale": None}
+def study(name: str, task: str, scores: CandidateScores, n_pool: int, sizes: List[int], draws: int,
+          n_bootstrap: int, seconds: float, scale: Optional[Dict] = None) -> Dict:
+    """Choose on subsets of the pool for every size; evaluate each choice on the held-out pairs."""
+    n_total = scores.n_examples
+    held = scores.rows(torch.arange(n_pool, n_total)).data
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for size in sizes:
+        for draw in range(draws if size < n_pool else 1):
+            rows = torch.arange(size) if draw == 0 else torch.randperm(n_pool, generator=gen)[:size]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cal = choose_rules(scores.rows(rows), n_bootstrap=n_bootstrap)
+            runs.append({"size": size, "draw": draw, "choices": dict(cal.choices),
+                         "decisions": {g: s["decision"] for g, s in cal.selection.items()},
+                         "summary": cal.summary(), "held_out": held_out(held, cal.choices, n_bootstrap)})
+    return {"model": name, "task": task, "n_pool": n_pool, "n_eval": n_total - n_pool, "runs": runs,
+            "candidates": [c.name for c in scores.candidates], "seconds": seconds, "scale": scale}
 
 
-def evaluate_random(family: str, seed: int, n_cal: int, n_eval: int, seq: int = 8) -> Dict:
+def evaluate_ioi(name: str, model, tok, n_pool: int, n_eval: int, **kw) -> Dict:
+    began = time.perf_counter()
+    words = heldout_words(name, "ioi")
+    held = generate_ioi_pairs(n_eval, seed=0, tokenizer=tok, names=words)
+    avoid = {p.clean_prompt for p in held}
+    pool = [p for p in generate_ioi_pairs(n_pool + n_eval, seed=1, tokenizer=tok, names=words)
+            if p.clean_prompt not in avoid][:n_pool]
+    batch = encode_ioi(pool + held, tok)
+    layers, flags, _ = model_components(model).select(KINDS)
+    scores = score_candidates(model, layers, batch.clean_ids, batch.corrupt_ids, metric=batch.metric(),
+                              additional_forward_args={"attention_mask": batch.attention_mask},
+                              attribute_to_layer_input=flags)
+    return study(name, "IOI", scores, len(pool), seconds=time.perf_counter() - began, **kw)
+
+
+def evaluate_random(family: str, seed: int, n_pool: int, n_eval: int, seq: int = 8, **kw) -> Dict:
+    began = time.perf_counter()
     model = random_model(family, seed)
-    clean, corrupt = random_pairs(n_cal + n_eval, seq, seed + 100)
+    clean, corrupt = random_pairs(n_pool + n_eval, seq, seed + 100)
     scale = strengthen(model, clean)
-    layers, flags, labels = model_components(model).select(KINDS)
-    cal = calibrate_rules(model, layers, clean[:n_cal], corrupt[:n_cal], metric=logit_diff,
-                          attribute_to_layer_input=flags)
-    table = held_out(model, layers, flags, labels, cal, clean[n_cal:], corrupt[n_cal:], logit_diff)
-    return {"model": f"random {family} (seed {seed})", "task": "random tokens", "cal": cal, "table": table,
-            "scale": scale}
+    layers, flags, _ = model_components(model).select(KINDS)
+    scores = score_candidates(model, layers, clean, corrupt, metric=logit_diff, attribute_to_layer_input=flags)
+    return study(f"random {family} (seed {seed})", "random tokens", scores, n_pool,
+                 seconds=time.perf_counter() - began, scale=scale, **kw)
 
 
-def format_rows(results: List[Dict], n_cal: int, n_eval: int) -> str:
-    methods = ("AtP", "RelP (preset)", "RelP (calibrated)")
-    head = "| model | task | component | " + " | ".join(methods) + " | calibrated choice | act/norm input std |"
-    lines = [f"Held-out Pearson with AP (calibration: {n_cal} pairs, held-out: {n_eval} pairs)", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
+def _cell(value: float, interval: Optional[List[float]]) -> str:
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def main_table(results: List[Dict], size: int) -> str:
+    """Calibrated RelP vs AtP on held-out pairs, calibrated on the first ``size`` pairs."""
+    head = ("| model | component | AtP | RelP (preset) | RelP (calibrated) | calibrated - AtP | choice (decision) |"
+            " below AtP beyond noise? |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for res in results:
-        for kind in KINDS:
-            vals = [res["table"][m][kind] for m in methods]
-            best = max(v for v in vals)
-            cells = [f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in vals]
-            scale = res["scale"]
-            std = f"{scale['act_std']:.2f}/{scale['norm_std']:.2f}" if scale else "(trained)"
-            lines.append(f"| {res['model']} | {res['task']} | {kind} | " + " | ".join(cells)
-                         + f" | `{res['cal'].choices[kind]}` | {std} |")
+        run = next(r for r in res["runs"] if r["size"] == size and r["draw"] == 0)
+        for kind, row in run["held_out"].items():
+            lo_hi = row["diff_interval"]
+            below = "**yes**" if lo_hi and lo_hi[1] < 0 else "no"
+            lines.append(f"| {res['model']} | {kind} | " + " | ".join(_cell(row[m], row["interval"][m]) for m in METHODS)
+                         + f" | {_cell(row['diff'], lo_hi)} | {row['choice']} ({run['decisions'][kind]}) | {below} |")
+    return "\n".join(lines)
+
+
+def size_table(results: List[Dict], sizes: List[int]) -> str:
+    """Per model and size: mean over draws and groups of calibrated - AtP, the worst, and the count below AtP."""
+    head = "| model | " + " | ".join(f"n = {s}" for s in sizes) + " |"
+    lines = [head, "|" + "---|" * (len(sizes) + 1)]
+    for res in results:
+        cells = []
+        for size in sizes:
+            rows = [row for r in res["runs"] if r["size"] == size for row in r["held_out"].values()]
+            diffs = [row["diff"] for row in rows]
+            below = sum(1 for row in rows if row["diff_interval"] and row["diff_interval"][1] < 0)
+            moved = sum(1 for r in res["runs"] if r["size"] == size for d in r["decisions"].values() if d == "chosen")
+            cells.append(f"{sum(diffs) / len(diffs):+.3f} (min {min(diffs):+.3f}; {moved}/{len(rows)} chosen; "
+                         f"{below} below)")
+        lines.append(f"| {res['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-cal", type=int, default=8)
-    parser.add_argument("--n-eval", type=int, default=32)
+    parser.add_argument("--n-pool", type=int, default=100, help="calibration pool (the largest size)")
+    parser.add_argument("--n-eval", type=int, default=60, help="held-out pairs")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10, 20, 50, 100])
+    parser.add_argument("--table-size", type=int, default=20, help="calibration size of the main table")
+    parser.add_argument("--draws", type=int, default=5, help="subsets per size below the pool size")
+    parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--shipped", nargs="*", default=["tiny-gpt2-ioi", "tiny-llama-ioi"])
     parser.add_argument("--json", default=None, help="also write the results as JSON")
-    parser.add_argument("--markdown", default=None,
-                        help="also write the table as a docs fragment (docs/results_calibration.md)")
+    parser.add_argument("--markdown", default=None, help="also write the page (docs/results_calibration.md)")
+    parser.add_argument("--from-json", default=None,
+                        help="write --markdown from the --json of an earlier run (same options) instead of measuring")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        table, sizes = main_table(results, args.table_size), size_table(results, args.sizes)
+        smollm = None if any(r["model"] == "SmolLM2-135M" for r in results) else \
+            f"SmolLM2-135M: no converted directory at {SMOLLM}; not measured."
+        Path(args.markdown).write_text(page(args, results, table, sizes, sum(r["seconds"] for r in results), smollm))
+        return
     torch.set_grad_enabled(True)
     began = time.perf_counter()
-    results = [evaluate_shipped(name, args.n_cal, args.n_eval) for name in args.shipped]
-    results += [evaluate_random(f, s, args.n_cal, args.n_eval) for f in args.families for s in args.seeds]
-    table = format_rows(results, args.n_cal, args.n_eval)
+    kw = dict(sizes=args.sizes, draws=args.draws, n_bootstrap=args.n_bootstrap)
+    results = []
+    for name in args.shipped:
+        model, tok = load_embedded(name)
+        results.append(evaluate_ioi(name, model, tok, args.n_pool, args.n_eval, **kw))
+        print(f"{name}: {results[-1]['seconds']:.0f} s", flush=True)
+    smollm = None
+    if SMOLLM.is_dir():
+        from captum_relp.embedded import load_model
+
+        model, tok = load_model(str(SMOLLM), "cpu", "float32")
+        results.append(evaluate_ioi("SmolLM2-135M", model, tok, args.n_pool, args.n_eval, **kw))
+    else:
+        smollm = f"SmolLM2-135M: no converted directory at {SMOLLM}; not measured."
+    for family in args.families:
+        for seed in args.seeds:
+            results.append(evaluate_random(family, seed, args.n_pool, args.n_eval, **kw))
+            print(f"{results[-1]['model']}: {results[-1]['seconds']:.0f} s", flush=True)
     seconds = time.perf_counter() - began
-    print(table)
-    print(f"\n(total {seconds:.0f} s)")
+    table, sizes = main_table(results, args.table_size), size_table(results, args.sizes)
+    print(table + "\n\n" + sizes + f"\n\n(total {seconds:.0f} s)")
     if args.markdown:
-        command = (f"python scripts/calibration_eval.py --n-cal {args.n_cal} --n-eval {args.n_eval} "
-                   f"--markdown {args.markdown}")
-        text = ["## Calibrated rules (held-out)", "",
-                f"Measured with `{command}` (torch {torch.__version__}, CPU, {seconds:.0f} s). "
-                "Rules are chosen per component type on the calibration pairs, then all three methods are "
-                "compared with exact activation patching on separate held-out pairs; bold marks the best per "
-                "row.", "", table, "",
-                ""]
-        with open(args.markdown, "w") as handle:
-            handle.write("\n".join(text))
-    for res in results:
-        print(f"\n{res['model']}: calibration agreement\n{res['cal'].summary()}")
+        Path(args.markdown).write_text(page(args, results, table, sizes, seconds, smollm))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([{k: (v.to_json() if k == "cal" else v) for k, v in r.items()} for r in results],
-                      handle, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional[str]) -> str:
+    command = (f"OMP_NUM_THREADS=1 python scripts/calibration_eval.py --n-pool {args.n_pool} --n-eval {args.n_eval} "
+               f"--sizes {' '.join(map(str, args.sizes))} --table-size {args.table_size} --draws {args.draws} "
+               f"--markdown {args.markdown}")
+    cost = ", ".join(f"{r['model']} {r['seconds']:.0f} s ({len(r['candidates'])} candidates)" for r in results)
+    rows = [(r["model"], kind, row) for r in results for run in r["runs"] if run["size"] == args.table_size
+            and run["draw"] == 0 for kind, row in run["held_out"].items()]
+    below = [f"{m} {k}" for m, k, row in rows if row["diff_interval"] and row["diff_interval"][1] < 0]
+    worst = min(rows, key=lambda x: x[2]["diff"])
+    verdict = (f"**Verdict ({args.table_size} calibration pairs):** calibrated RelP is below AtP beyond the noise "
+               f"(its held-out interval of calibrated - AtP entirely below zero) in {len(below)} of {len(rows)} rows"
+               + (f" ({', '.join(below)})" if below else "")
+               + f"; the largest point deficit is {worst[2]['diff']:+.3f} ({worst[0]}, {worst[1]}).")
+    return "\n".join([
+        "## Calibrated rules (held-out)", "",
+        f"Measured with `{command}` (torch {torch.__version__}, CPU, one thread, {seconds:.0f} s in all: {cost}). "
+        f"AP and every default candidate run once on {args.n_pool} calibration pairs plus {args.n_eval} held-out "
+        "pairs; rules are chosen on calibration pairs only (noise-aware: the gradient is kept unless a candidate "
+        "beats it beyond the bootstrap noise) and every method is compared with exact activation patching on the "
+        "held-out pairs. Brackets: 95% paired-bootstrap intervals over the held-out pairs.", "",
+        f"### Held-out Pearson with AP, calibrated on {args.table_size} pairs", "", table, "", verdict, "",
+        "### Calibration size: calibrated minus AtP on held-out pairs", "",
+        f"Per size: mean over {args.draws} calibration subsets (one for the full pool) and the three component "
+        "types of held-out PCC(calibrated) - PCC(AtP); the worst of them; how many groups left the gradient; how "
+        "many were below AtP beyond the noise (interval entirely below zero).", "", sizes, "",
+        *([smollm, ""] if smollm else []), ""])
 
 
 if __name__ == "__main__":

@@ -77,15 +77,19 @@ def test_constructed_case_picks_the_exact_rules():
         assert torch.allclose(a, r.sum(-1), atol=1e-5)
 
 
-def test_gradient_exact_case_ties_go_to_the_first_candidate():
+def test_gradient_exact_case_keeps_the_gradient_without_warning(recwarn):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     clean, corrupt = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    cal = calibrate_rules(net, [net[0]], clean, corrupt, metric=metric)
+    candidates = [RuleSet("relp"), RuleSet("gradient", categories=()), RuleSet("ln", categories=("norm",))]
+    cal = calibrate_rules(net, [net[0]], clean, corrupt, metric=metric, candidates=candidates)
     row = cal.agreement["Linear"]
-    assert all(row[n] == pytest.approx(1.0) for n in ("relp", "gradient", "ln", "identity"))
-    assert row["relp-eps"] <= 1.0  # LRP-epsilon on the linear readout is not exact
-    assert cal.choices == {"Linear": "relp"}
+    assert all(row[n] == pytest.approx(1.0) for n in ("relp", "gradient", "ln"))
+    assert cal.default == "gradient" and cal.choices == {"Linear": "gradient"}
+    assert cal.selection["Linear"]["decision"] == "default"
+    assert not [w for w in recwarn if "cannot decide" in str(w.message)]
+    # a linear-only model has no rule category: the only default candidate is the gradient
+    assert list(calibrate_rules(net, [net[0]], clean, corrupt, metric=metric).candidates) == ["gradient"]
 
 
 def test_json_round_trip(tmp_path):
@@ -170,7 +174,8 @@ def test_families(family):
     before, state = model(clean).logits, model_state(model)
     cal = calibrate_rules(model, layers, clean, corrupt, metric=met, attribute_to_layer_input=flags)
     assert set(cal.choices) == {"resid", "attn", "mlp"}
-    assert "relp-ah" in cal.candidates
+    assert "relp-ah" in cal.candidates and "gradient" in cal.candidates
+    assert all(v is None or math.isfinite(v) for row in cal.agreement.values() for v in row.values())
     assert infer_groups(model, layers, flags) == cal.groups
     scores = LayerRelevancePatching(model, layers, rules=cal).attribute(
         clean, baselines=corrupt, metric=met, attribute_to_layer_input=flags)

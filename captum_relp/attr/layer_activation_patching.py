@@ -4,12 +4,13 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from captum.attr import LayerActivation
 from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._forward import call_model
-from .._hooks import capture, frozen_model, layer_hooks
+from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
 from .._logits import metric_logits
 from ..families import reuse_prefix_allowed
 from ..metrics import MetricEvaluator, MetricType, TargetType, checked_metric, tile_rows
@@ -227,15 +228,27 @@ class LayerActivationPatching(PatchingAttribution):
         return self._per_layer(results, call)
 
     def _corrupt_activations(self, baselines, flags, args, kwargs) -> List[Tensor]:
-        """Corrupt activations (first entry of tuple outputs), copied before the model goes on.
+        """Corrupt activations via Captum's LayerActivation (first entry of tuple outputs).
 
-        Not Captum's ``LayerActivation``: it keeps the layer's output tensor itself, which a block
-        may change in place afterwards (Falcon adds the attention output to the MLP output).
+        Captum's forward hook stores a clone of each output, so a block that changes the
+        output in place afterwards (Falcon adds the attention output to the MLP output) does
+        not alter what is patched in.
         """
+
+        def forward(*inputs: Tensor) -> Tensor:
+            return call_model(self.forward_func, inputs, args, kwargs)
+
         acts: List[Optional[Tensor]] = [None] * len(self.layers)
-        with layer_hooks(self.layers, flags, capture(acts)):
-            call_model(self.forward_func, baselines, args, kwargs)
-        return [self._require(t, i) for i, t in enumerate(acts)]
+        for flag in (False, True):
+            indices = [i for i, f in enumerate(flags) if f == flag]
+            if not indices:
+                continue
+            group = [self.layers[i] for i in indices]
+            with captum_safe_outputs(group):
+                layer_acts = LayerActivation(forward, group).attribute(baselines, attribute_to_layer_input=flag)
+            for i, act in zip(indices, layer_acts):
+                acts[i] = self._require(act[0] if isinstance(act, tuple) else act, i)
+        return acts  # type: ignore[return-value]
 
     @staticmethod
     def _result_shape(acts: Tensor, granularity: str, num_heads: Optional[int]) -> Tuple[int, ...]:

@@ -5,10 +5,21 @@ model and the task: the LN-rule may help on the residual stream and hurt on
 attention outputs. :func:`calibrate_rules` runs exact AP once on a few calibration
 pairs, runs RelP with every candidate :class:`~captum_relp.RuleSet`, and keeps, per
 group of layers (``resid``/``attn``/``mlp`` by default), the candidate whose scores
-agree best with AP. The result, :class:`CalibratedRules`, is saved as JSON and is
-accepted as ``rules=`` by :class:`~captum_relp.LayerRelevancePatching`.
+agree best with AP unless the gradient (AtP) is not beaten beyond the noise (a paired
+bootstrap over the calibration pairs, the selection in ``calibration._select``). The result,
+:class:`CalibratedRules`, is saved as versioned, validated JSON
+(the file schema in ``calibration._schema``) and is accepted as ``rules=`` by
+:class:`~captum_relp.LayerRelevancePatching`.
 """
-from .calibrate import calibrate_rules, calibrated_ioi_rules
+from .calibrate import (
+    CalibrationWarning,
+    CandidateScores,
+    calibrate_on_batch,
+    calibrate_rules,
+    calibrated_ioi_rules,
+    choose_rules,
+    score_candidates,
+)
 from .calibrated_rules import (
     SCORES,
     CalibratedRules,
@@ -16,7 +27,9 @@ from .calibrated_rules import (
     default_candidates,
     explicit_ruleset,
     infer_groups,
+    model_categories,
 )
 
-__all__ = ["CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "default_candidates",
+__all__ = ["CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "calibrate_on_batch", "score_candidates",
+           "choose_rules", "CandidateScores", "CalibrationWarning", "default_candidates", "model_categories",
            "explicit_ruleset", "infer_groups", "agreement", "SCORES"]

@@ -1,12 +1,28 @@
-"""Running the calibration: exact patching once, RelP per candidate, the best candidate per group."""
+"""Calibrated rules: choose the LRP rule set per component type from exact patching runs.
+
+Which LRP rules make RelP agree best with activation patching (AP) depends on the
+model and the task: the LN-rule may help on the residual stream and hurt on
+attention outputs. :func:`calibrate_rules` runs exact AP once on a few calibration
+pairs, runs RelP with every candidate :class:`~captum_relp.RuleSet`, and keeps, per
+group of layers (``resid``/``attn``/``mlp`` by default), the candidate whose scores
+agree best with AP. The result, :class:`CalibratedRules`, is saved as JSON and is
+accepted as ``rules=`` by :class:`~captum_relp.LayerRelevancePatching`.
+"""
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._forward import call_model, split_forward_args
+from ..metrics import MetricEvaluator
+from ..models import model_components
+from ..rules import RuleSet
+from ._schema import model_signature
+from ._select import GroupData, group_data, select
 from .calibrated_rules import (
     SCORES,
     CalibratedRules,
@@ -15,8 +31,6 @@ from .calibrated_rules import (
     explicit_ruleset,
     infer_groups,
 )
-from ..models import model_components
-from ..rules import RuleSet
 
 
 def calibrate_rules(
@@ -33,6 +47,10 @@ def calibrate_rules(
     groups: Optional[Sequence[str]] = None,
     candidates: Optional[Sequence[RuleSet]] = None,
     score: str = "pearson",
+    default: Optional[str] = None,
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
 ) -> CalibratedRules:
     r"""Choose, per group of layers, the rule set whose RelP scores agree best with AP.
 
@@ -41,9 +59,22 @@ def calibrate_rules(
     :class:`~captum_relp.LayerRelevancePatching` pass per candidate. Scores are
     summed over the hidden dimension (one value per example and position), and the
     agreement of a group is computed over all its layers, examples and positions
-    (entries where AP and RelP are both exactly zero, i.e. padding, are dropped).
-    Ties go to the earlier candidate. Evaluate the choice on held-out pairs: a small
-    calibration set can overfit.
+    (entries where AP and every candidate are exactly zero, i.e. padding, are dropped).
+
+    The choice accounts for noise (a paired bootstrap over the calibration pairs, see
+    the selection in ``calibration._select``): per group the ``default`` (the plain gradient,
+    i.e. AtP) is kept unless a candidate's margin over it is above zero over its whole
+    bootstrap interval (Bonferroni-corrected over the candidates); among those that pass,
+    the highest agreement wins. When a candidate looks better but not beyond the noise, the
+    default is kept with a warning. The intervals, margins and decisions are in
+    :meth:`CalibratedRules.summary` and in the saved file.
+
+    Raises a ``ValueError`` when the corruption has no effect (clean == corrupt, or AP
+    zero everywhere); a group whose AP is zero everywhere keeps the default with a warning
+    (its agreements are ``None``, never NaN).
+
+    Cost: AP once, then one RelP pass (2 forward + 1 backward) per candidate: up to 16 for
+    a transformer with norms, activations, gated MLPs and the AH-rule (:func:`default_candidates`).
 
     Args:
         forward_func (Callable or nn.Module): the model (Hugging Face: ``.logits``).
@@ -57,6 +88,11 @@ def calibrate_rules(
             else the layer's class name.
         candidates (list of RuleSet, optional): default :func:`default_candidates`.
         score (str): ``"pearson"`` (default), ``"spearman"`` or ``"topk"``.
+        default (str, optional): the candidate kept unless another beats it beyond the
+            noise (default ``"gradient"`` when it is a candidate, else the first candidate).
+        confidence (float): level of the reported intervals (default 0.95).
+        n_bootstrap (int): bootstrap resamples of the calibration pairs (default 1000).
+        seed (int): seed of the resampling.
 
     Returns:
         CalibratedRules
@@ -80,6 +116,67 @@ def calibrate_rules(
 
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if candidates is not None and default is not None and default not in [c.name for c in candidates]:
+        raise ValueError(f"default {default!r} is not one of the candidates {[c.name for c in candidates]}")
+    scores = score_candidates(forward_func, layers, inputs, baselines, model=model, metric=metric, target=target,
+                              additional_forward_args=additional_forward_args, attribute_to_layer_input=attribute_to_layer_input,
+                              groups=groups, candidates=candidates)
+    return _choose(scores, score, default, confidence, n_bootstrap, seed)
+
+
+@dataclass
+class CandidateScores:
+    """AP and every candidate's RelP scores on the calibration pairs, by group (one row per pair).
+
+    Computed once by :func:`score_candidates`; :func:`choose_rules` picks the rules from it, so
+    a study of the calibration size can choose on subsets (:meth:`rows`) without rerunning AP.
+    """
+
+    candidates: List[RuleSet]
+    groups: List[str]
+    auto_groups: bool
+    data: Dict[str, GroupData]
+    tolerance: float
+    model: Optional[Dict[str, Any]] = None
+
+    @property
+    def n_examples(self) -> int:
+        """Number of calibration pairs."""
+        return int(next(iter(self.data.values())).reference.shape[0])
+
+    def rows(self, index: Any) -> "CandidateScores":
+        """The scores of the calibration pairs ``index`` only."""
+        index = torch.as_tensor(index)
+        return replace(self, data={g: d.rows(index) for g, d in self.data.items()})
+
+
+def score_candidates(
+    forward_func: Callable,
+    layers: Sequence[nn.Module],
+    inputs: Union[Tensor, Tuple[Tensor, ...]],
+    baselines: Union[Tensor, Tuple[Tensor, ...]],
+    *,
+    model: Optional[nn.Module] = None,
+    metric: Optional[Callable[[Tensor], Tensor]] = None,
+    target: Any = None,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
+    groups: Optional[Sequence[str]] = None,
+    candidates: Optional[Sequence[RuleSet]] = None,
+) -> CandidateScores:
+    """Run AP once and RelP once per candidate on the calibration pairs (arguments as in :func:`calibrate_rules`).
+
+    Raises a ``ValueError`` when the corruption has no effect (clean == corrupt, or AP zero
+    up to rounding everywhere).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+        >>> x, x_corrupt = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+        >>> scores = score_candidates(net, [net[0]], x, x_corrupt, metric=lambda out: out[:, -1, 0])
+        >>> [c.name for c in scores.candidates], scores.rows([0, 1]).n_examples
+        (['gradient', 'relp'], 2)
+    """
     layers = list(layers)
     flags = ([bool(attribute_to_layer_input)] * len(layers) if isinstance(attribute_to_layer_input, bool)
              else [bool(f) for f in attribute_to_layer_input])
@@ -94,37 +191,123 @@ def calibrate_rules(
     names = [c.name for c in candidates]
     if not candidates or len(set(names)) != len(names):
         raise ValueError(f"candidates must be a non-empty list of RuleSets with distinct names, got {names}")
+    _check_effect(inputs, baselines)
+    from ..attr import LayerActivationPatching  # attr imports this package
 
     kwargs = dict(baselines=baselines, target=target, additional_forward_args=additional_forward_args,
                   attribute_to_layer_input=flags, metric=metric)
-    from ..attr import LayerActivationPatching, LayerRelevancePatching  # attr imports this package
-
     reference = LayerActivationPatching(forward_func, layers, model=model).attribute(inputs, **kwargs)
+    tolerance = _effect_tolerance(forward_func, inputs, additional_forward_args, target, metric, model)
+    if not any(bool((r.abs() > tolerance).any()) for r in reference):
+        raise ValueError(f"activation patching is zero (|effect| <= {tolerance:.1e}, rounding) for every "
+                         "calibrated layer and position: the corruption has no effect on the metric, so no "
+                         "rule set can be calibrated on these pairs")
     per_candidate = {}
+    from ..attr import LayerRelevancePatching  # attr imports this package
     for candidate in candidates:
         relp = LayerRelevancePatching(forward_func, layers, rules=explicit_ruleset(candidate), model=model)
         per_candidate[candidate.name] = [_per_position(s) for s in relp.attribute(inputs, **kwargs)]
+    return CandidateScores(candidates, list(groups), auto_groups, group_data(reference, per_candidate, groups),
+                           tolerance, model_signature(root))
 
-    table: Dict[str, Dict[str, float]] = {}
-    choices: Dict[str, str] = {}
-    for group in dict.fromkeys(groups):
-        idx = [i for i, g in enumerate(groups) if g == group]
-        ap = torch.cat([reference[i].flatten().float() for i in idx])
-        row = {}
-        for name, scores in per_candidate.items():
-            values = torch.cat([scores[i].flatten().float() for i in idx])
-            keep = (values != 0) | (ap != 0)
-            row[name] = agreement(values[keep], ap[keep], score)
-        table[group] = row
-        choices[group] = max(names, key=lambda n: -math.inf if math.isnan(row[n]) else row[n])
-    n_examples = int((inputs[0] if isinstance(inputs, tuple) else inputs).shape[0])
-    info = {"relp_passes_per_batch": len({choices[g] for g in choices}), "candidates_run": len(candidates)}
-    return CalibratedRules({c.name: c for c in candidates}, choices, table, list(groups), auto_groups,
-                           score, n_examples, info)
+
+def choose_rules(scores: CandidateScores, score: str = "pearson", default: Optional[str] = None,
+                 confidence: float = 0.95, n_bootstrap: int = 1000, seed: int = 0) -> CalibratedRules:
+    """Choose the rules from :func:`score_candidates` output (the selection step of :func:`calibrate_rules`).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+        >>> x, x_corrupt = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+        >>> scores = score_candidates(net, [net[0]], x, x_corrupt, metric=lambda out: out[:, -1, 0])
+        >>> choose_rules(scores, n_bootstrap=100).n_examples
+        6
+    """
+    return _choose(scores, score, default, confidence, n_bootstrap, seed)
+
+
+def _choose(scores: CandidateScores, score: str, default: Optional[str], confidence: float, n_bootstrap: int,
+            seed: int) -> CalibratedRules:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    names = [c.name for c in scores.candidates]
+    default = default if default is not None else ("gradient" if "gradient" in names else names[0])
+    if default not in names:
+        raise ValueError(f"default {default!r} is not one of the candidates {names}")
+    selection = {group: select(data, default, score, confidence, n_bootstrap, seed, group, scores.tolerance)
+                 for group, data in scores.data.items()}
+    for sel in selection.values():
+        if sel.decision in ("undecided", "no-effect"):
+            warnings.warn(sel.note, CalibrationWarning, stacklevel=3)
+    choices = {g: sel.choice for g, sel in selection.items()}
+    info = {"relp_passes_per_batch": len(set(choices.values())), "candidates_run": len(names),
+            "cost": f"activation patching once, then one RelP pass (2 forward + 1 backward) per candidate "
+                    f"({len(names)})"}
+    return CalibratedRules({c.name: c for c in scores.candidates}, choices,
+                           {g: sel.agreement for g, sel in selection.items()}, list(scores.groups),
+                           scores.auto_groups, score, scores.n_examples, info, default=default,
+                           confidence=confidence, n_bootstrap=n_bootstrap,
+                           selection={g: s.to_dict() for g, s in selection.items()}, model=scores.model)
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration data could not decide a group's rule set (the default was kept)."""
+
+
+def _effect_tolerance(forward_func: Callable, inputs: Any, additional_forward_args: Any, target: Any,
+                      metric: Any, model: Optional[nn.Module]) -> float:
+    """The size below which an AP effect is rounding: 100 ulps of the largest clean metric value."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    args, kw = split_forward_args(forward_func, additional_forward_args, model)
+    with torch.no_grad():
+        output = call_model(forward_func, inputs, args, kw)
+    values = MetricEvaluator(inputs[0].shape[0], target, metric)(output, kw.get("attention_mask"))
+    eps = torch.finfo(output.dtype).eps if output.is_floating_point() else torch.finfo(torch.float32).eps
+    return 100 * eps * max(float(values.abs().max()), 1e-30)
+
+
+def _check_effect(inputs: Any, baselines: Any) -> None:
+    """Clean == corrupt everywhere: no effect to calibrate on (raise before running AP)."""
+    pairs = zip(inputs, baselines) if isinstance(inputs, tuple) else [(inputs, baselines)]
+    if isinstance(inputs, tuple) and not isinstance(baselines, tuple):
+        return
+    if all(isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+           for a, b in pairs):
+        raise ValueError("the clean inputs equal the corrupt baselines: there is no effect to calibrate on")
 
 
 def _per_position(scores: Tensor) -> Tensor:
     return scores.reshape(scores.shape[0], scores.shape[1], -1).sum(-1) if scores.dim() > 2 else scores
+
+
+def calibrate_on_batch(model: nn.Module, batch: Any, kinds: Sequence[str] = ("resid", "attn", "mlp"),
+                       **options: Any) -> CalibratedRules:
+    """Calibrate the rules of ``model`` per component kind on a task batch (``IOIBatch``, ``SVABatch``).
+
+    Args:
+        model: a Hugging Face causal LM.
+        batch: clean/corrupt ids, ``attention_mask`` and ``metric()`` of the calibration pairs.
+        kinds: component kinds calibrated.
+        **options: ``candidates``, ``score``, ``default``, ``confidence``, ``n_bootstrap``, ``seed``
+            as in :func:`calibrate_rules`.
+
+    Returns:
+        CalibratedRules
+
+    Example:
+        >>> from captum_relp.embedded import load_embedded
+        >>> from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
+        >>> model, tok = load_embedded("tiny-gpt2-ioi")
+        >>> batch = encode_ioi(generate_ioi_pairs(3, seed=5, tokenizer=tok), tok)
+        >>> sorted(calibrate_on_batch(model, batch, kinds=("mlp",), n_bootstrap=50).choices)
+        ['mlp']
+    """
+    device = next(model.parameters()).device
+    layers, flags, _ = model_components(model).select(kinds)
+    return calibrate_rules(model, layers, batch.clean_ids.to(device), batch.corrupt_ids.to(device),
+                           metric=batch.to(device).metric(),
+                           additional_forward_args={"attention_mask": batch.attention_mask.to(device)},
+                           attribute_to_layer_input=flags, **options)
 
 
 def calibrated_ioi_rules(
@@ -136,6 +319,7 @@ def calibrated_ioi_rules(
     kinds: Sequence[str] = ("resid", "attn", "mlp"),
     candidates: Optional[Sequence[RuleSet]] = None,
     score: str = "pearson",
+    names: Optional[Sequence[str]] = None,
 ) -> CalibratedRules:
     """Calibrate rules on ``n_prompts`` IOI pairs disjoint from ``exclude`` (the evaluated pairs).
 
@@ -149,6 +333,7 @@ def calibrated_ioi_rules(
         exclude: :class:`~captum_relp.tasks.ioi.IOIPair` objects (or clean prompts) to avoid.
         kinds: component kinds calibrated.
         candidates, score: as in :func:`calibrate_rules`.
+        names: the names of the prompts (default: the generator's).
 
     Returns:
         CalibratedRules (``info["calibration_prompts"]`` lists the clean prompts used)
@@ -164,16 +349,12 @@ def calibrated_ioi_rules(
     from ..tasks.ioi import encode_ioi, generate_ioi_pairs
 
     avoid = {getattr(p, "clean_prompt", p) for p in exclude}
-    pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer)
+    pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer, names=names)
     pairs = [p for p in pool if p.clean_prompt not in avoid][:n_prompts]
-    device = next(model.parameters()).device
-    batch = encode_ioi(pairs, tokenizer, device=device)
-    layers, flags, _ = model_components(model).select(kinds)
-    cal = calibrate_rules(model, layers, batch.clean_ids, batch.corrupt_ids, metric=batch.metric(),
-                          additional_forward_args={"attention_mask": batch.attention_mask},
-                          attribute_to_layer_input=flags, candidates=candidates, score=score)
+    cal = calibrate_on_batch(model, encode_ioi(pairs, tokenizer), kinds, candidates=candidates, score=score)
     cal.info["calibration_prompts"] = [p.clean_prompt for p in pairs]
     return cal
 
 
-__all__ = ["calibrate_rules", "calibrated_ioi_rules"]
+__all__ = ["calibrate_rules", "calibrated_ioi_rules", "calibrate_on_batch", "score_candidates", "choose_rules",
+           "CandidateScores", "CalibrationWarning"]

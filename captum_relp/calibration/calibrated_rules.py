@@ -14,26 +14,52 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from .. import rules as _rules_module
 from ..models import model_components
-from ..rules import AHRule, EpsilonRule, Rule, RuleSet, ZeroRule, registered_rules
+from ..rules import AHRule, RuleSet, ZeroRule, registered_rules
+from ..rules.registry import registered_category
+from . import _schema
 
 SCORES = ("pearson", "spearman", "topk")
 TOPK_FRACTION = 0.1
-_RULE_CATEGORIES = ("norm", "activation", "gate", "custom")
+_RULE_CATEGORIES = _schema.RULE_CATEGORIES
 
 
-def default_candidates(model: Optional[nn.Module] = None, epsilon: float = 0.1) -> List[RuleSet]:
-    """The default candidate rule sets of :func:`calibrate_rules`.
+_SHORT = {"norm": "ln", "activation": "identity", "gate": "half", "custom": "custom"}
 
-    ``gradient`` (no rules: attribution patching), ``ln`` (LN-rule only), ``identity``
-    (Identity-rule only), ``relp`` (the paper preset: LN + Identity, Half-rule on gated
-    MLPs), ``relp-ah`` (plus the AH-rule; only for Hugging Face models) and ``relp-eps``
-    (the preset plus LRP-epsilon on every linear layer).
+
+def model_categories(model: Optional[nn.Module]) -> Tuple[Tuple[str, ...], bool]:
+    """The rule categories ``model`` has modules of, and whether the AH-rule applies to it.
+
+    Without a model: ``norm``, ``activation`` and ``gate``, no AH-rule.
+
+    Example:
+        >>> import torch
+        >>> model_categories(torch.nn.Sequential(torch.nn.LayerNorm(2), torch.nn.GELU()))
+        (('norm', 'activation'), False)
+    """
+    if model is None:
+        return ("norm", "activation", "gate"), False
+    found = {registered_category(type(m)) for m in model.modules()}
+    categories = tuple(c for c in _RULE_CATEGORIES if c in found)
+    has_ah = hasattr(getattr(model, "config", None), "_attn_implementation") or "attention" in found
+    return categories, has_ah
+
+
+def default_candidates(model: Optional[nn.Module] = None) -> List[RuleSet]:
+    """The default candidates of :func:`calibrate_rules`: every subset of the model's rule categories.
+
+    The categories are those ``model`` has modules of (``norm``: LN-rule, ``activation``:
+    Identity-rule, ``gate``: Half-rule, ``custom``: registered custom rules), each subset
+    with and without the AH-rule when it applies (Hugging Face or TransformerLens
+    attention): at most 16 rule sets for the usual transformer (32 with custom rules), one
+    RelP pass each. ``gradient`` is the empty set (attribution patching) and comes first:
+    it is the default that calibration keeps unless a candidate beats it beyond the noise.
+    The full set is called ``relp`` (the paper preset) and ``relp-ah`` with the AH-rule;
+    the others are named by their rules (``ln``, ``identity``, ``ln+identity``, ``ln+half``, ...;
+    ``+ah`` for the AH-rule).
 
     Args:
-        model (nn.Module, optional): the model; the AH candidate needs a Hugging Face config.
-        epsilon (float): the stabiliser of the ``relp-eps`` candidate.
+        model (nn.Module, optional): the model (default: norm, activation and gate, no AH-rule).
 
     Returns:
         list of RuleSet
@@ -41,17 +67,21 @@ def default_candidates(model: Optional[nn.Module] = None, epsilon: float = 0.1) 
     Examples::
 
         >>> [c.name for c in default_candidates()]
-        ['relp', 'gradient', 'ln', 'identity', 'relp-eps']
+        ['gradient', 'ln', 'identity', 'half', 'ln+identity', 'ln+half', 'identity+half', 'relp']
     """
-    candidates = [
-        RuleSet("relp"),
-        RuleSet("gradient", categories=()),
-        RuleSet("ln", categories=("norm",)),
-        RuleSet("identity", categories=("activation",)),
-    ]
-    if model is not None and hasattr(getattr(model, "config", None), "_attn_implementation"):
-        candidates.append(RuleSet("relp-ah", attention=AHRule()))
-    candidates.append(RuleSet("relp-eps", linear=EpsilonRule(epsilon)))
+    categories, has_ah = model_categories(model)
+    subsets = [tuple(c for i, c in enumerate(categories) if mask >> i & 1) for mask in range(2 ** len(categories))]
+    subsets.sort(key=len)
+    candidates = []
+    for attention in ((None, AHRule()) if has_ah else (None,)):
+        for subset in subsets:
+            if len(subset) == len(categories) and subset:
+                name = "relp" if attention is None else "relp-ah"
+                chosen = ("norm", "activation", "gate", "custom")
+            else:
+                name = "+".join([_SHORT[c] for c in subset] + (["ah"] if attention is not None else [])) or "gradient"
+                chosen = subset
+            candidates.append(RuleSet(name, categories=chosen, attention=attention))
     return candidates
 
 
@@ -142,11 +172,19 @@ class CalibratedRules:
     Attributes:
         candidates: ``{name: RuleSet}`` of all candidates, in order.
         choices: ``{group: candidate name}``.
-        agreement: ``{group: {candidate name: score}}`` on the calibration pairs.
+        agreement: ``{group: {candidate name: score}}`` on the calibration pairs (``None``
+            where undefined, e.g. a candidate with constant scores).
         groups: the group of every calibrated layer.
         auto_groups: groups were inferred (:func:`infer_groups`), not given.
         score: ``pearson``, ``spearman`` or ``topk``.
         n_examples: number of calibration pairs.
+        info: free-form notes (cost, prompts used).
+        default: the candidate kept unless another beats it beyond the noise.
+        confidence, n_bootstrap: the level of the intervals and the bootstrap resamples.
+        selection: ``{group: {"choice", "decision", "note", "agreement", "interval", "margin",
+            "margin_interval"}}``, the evidence of each choice (see :func:`calibrate_rules`).
+        model: the signature of the calibrated model (root class and ruled module types);
+            when set, using the rules on a model with other module types raises.
 
     Examples::
 
@@ -158,12 +196,17 @@ class CalibratedRules:
 
     candidates: Dict[str, RuleSet]
     choices: Dict[str, str]
-    agreement: Dict[str, Dict[str, float]]
+    agreement: Dict[str, Dict[str, Optional[float]]]
     groups: List[str]
     auto_groups: bool = True
     score: str = "pearson"
     n_examples: int = 0
     info: Dict[str, Any] = field(default_factory=dict)
+    default: Optional[str] = None
+    confidence: Optional[float] = None
+    n_bootstrap: Optional[int] = None
+    selection: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    model: Optional[Dict[str, Any]] = None
 
     @property
     def is_empty(self) -> bool:
@@ -191,9 +234,15 @@ class CalibratedRules:
         """A copy that maps layers to ``groups`` by position."""
         return replace(self, groups=list(groups), auto_groups=False)
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a ``ValueError`` if ``model`` does not have the module types the rules were calibrated on."""
+        _schema.check_model(self.model, self.candidates, model)
+
     def plan(self, model: Optional[nn.Module], layers: Sequence[nn.Module],
              flags: Sequence[bool]) -> List[Tuple[RuleSet, List[int]]]:
         """``(rule set, layer indices)`` per distinct chosen rule set, in first-use order."""
+        if model is not None:
+            self.check_model(model)
         by_name: Dict[str, List[int]] = {}
         for index, group in enumerate(self.groups_for(model, layers, flags)):
             self.rules_for(group)  # validates the group
@@ -201,70 +250,74 @@ class CalibratedRules:
         return [(explicit_ruleset(self.candidates[name]), idx) for name, idx in by_name.items()]
 
     def summary(self) -> str:
-        """A table of the agreement of every candidate per group; ``*`` marks the choice."""
-        names = list(self.candidates)
-        lines = [f"{self.score} agreement with AP on {self.n_examples} calibration pairs",
-                 f"{'group':<14}" + "".join(f"{n:>11}" for n in names)]
-        for group, row in self.agreement.items():
-            cells = [f"{row.get(n, float('nan')):.3f}" + ("*" if self.choices[group] == n else " ")
-                     for n in names]
-            lines.append(f"{group:<14}" + "".join(f"{c:>11}" for c in cells))
-        return "\n".join(lines)
+        """The choice per group with its evidence, then the agreement of every candidate.
+
+        With a noise-aware calibration: per group the decision, the margin of the choice
+        over the default and its interval; per candidate the agreement and its interval.
+        ``*`` marks the choice.
+        """
+        return _format_summary(self)
 
     def to_json(self) -> str:
-        """JSON text (candidate rule sets by rule class name and parameters)."""
-        data = {"candidates": {n: _ruleset_to_dict(r) for n, r in self.candidates.items()},
+        """JSON text (versioned; candidate rule sets by rule class name and parameters)."""
+        data = {"version": _schema.FORMAT_VERSION,
+                "candidates": {n: _schema.ruleset_to_dict(r) for n, r in self.candidates.items()},
                 "choices": self.choices, "agreement": self.agreement, "groups": self.groups,
                 "auto_groups": self.auto_groups, "score": self.score, "n_examples": self.n_examples,
-                "info": self.info}
-        return json.dumps(data, indent=2)
+                "info": self.info, "default": self.default, "confidence": self.confidence,
+                "n_bootstrap": self.n_bootstrap, "selection": self.selection, "model": self.model}
+        return json.dumps(data, indent=2, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "CalibratedRules":
-        """Inverse of :meth:`to_json`."""
-        data = json.loads(text)
-        data["candidates"] = {n: _ruleset_from_dict(d) for n, d in data["candidates"].items()}
-        return cls(**data)
+    def from_json(cls, text: str, model: Optional[nn.Module] = None) -> "CalibratedRules":
+        """Inverse of :meth:`to_json`; every field is validated (a ``ValueError`` names a bad one).
+
+        Args:
+            text: the JSON text.
+            model: when given, the rules must match its modules (:meth:`check_model`).
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"calibrated rules: not valid JSON: {error}") from error
+        cal = cls(**_schema.validate(data, SCORES))
+        if model is not None:
+            cal.check_model(model)
+        return cal
 
     def save(self, path: Union[str, Path]) -> None:
         """Write :meth:`to_json` to ``path``."""
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "CalibratedRules":
-        """Read a file written by :meth:`save`."""
-        return cls.from_json(Path(path).read_text())
+    def load(cls, path: Union[str, Path], model: Optional[nn.Module] = None) -> "CalibratedRules":
+        """Read a file written by :meth:`save` (validated; checked against ``model`` when given)."""
+        try:
+            return cls.from_json(Path(path).read_text(), model=model)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
 
 
-def _rule_to_dict(rule: Optional[Rule]) -> Optional[Dict[str, Any]]:
-    if rule is None:
-        return None
-    name = type(rule).__name__
-    if getattr(_rules_module, name, None) is not type(rule):
-        raise ValueError(f"cannot save {rule!r}: only the rules of captum_relp.rules are serialisable")
-    return {"type": name, "params": dict(vars(rule))}
+def _format_summary(cal: CalibratedRules) -> str:
+    names = list(cal.candidates)
+    lines = [f"{cal.score} agreement with AP on {cal.n_examples} calibration pairs"]
+    if cal.selection:
+        lines[0] += (f"; default {cal.default!r}, kept unless a candidate beats it beyond the noise "
+                     f"({cal.n_bootstrap} bootstrap resamples of the pairs, {cal.confidence:.0%} intervals)")
+        for group, sel in cal.selection.items():
+            lines.append(f"  {group}: {sel['choice']} ({sel['decision']}): {sel['note']}")
+    width = max(11, 2 + max(len(n) for n in names))
+    lines.append(f"{'group':<14}" + "".join(f"{n:>{width}}" for n in names))
+    for group, row in cal.agreement.items():
+        cells = [_cell(row.get(n)) + ("*" if cal.choices[group] == n else " ") for n in names]
+        lines.append(f"{group:<14}" + "".join(f"{c:>{width}}" for c in cells))
+        intervals = cal.selection.get(group, {}).get("interval")
+        if intervals:
+            cells = ["[" + ",".join(f"{v:.2f}" for v in intervals[n]) + "] " if intervals.get(n) else "n/a "
+                     for n in names]
+            lines.append(f"{'  interval':<14}" + "".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
 
 
-def _rule_from_dict(data: Optional[Dict[str, Any]]) -> Optional[Rule]:
-    if data is None:
-        return None
-    cls = getattr(_rules_module, data["type"], None)
-    if not (isinstance(cls, type) and issubclass(cls, Rule)):
-        raise ValueError(f"unknown rule type {data['type']!r}")
-    rule = cls.__new__(cls)
-    rule.__dict__.update(data["params"])
-    return rule
-
-
-def _ruleset_to_dict(ruleset: RuleSet) -> Dict[str, Any]:
-    return {"name": ruleset.name, "categories": list(ruleset.categories),
-            "attention": _rule_to_dict(ruleset.attention), "linear": _rule_to_dict(ruleset.linear),
-            "overrides": {k: _rule_to_dict(r) for k, r in ruleset.overrides.items()}}
-
-
-def _ruleset_from_dict(data: Dict[str, Any]) -> RuleSet:
-    return RuleSet(data["name"], tuple(data["categories"]), _rule_from_dict(data["attention"]),
-                   _rule_from_dict(data["linear"]),
-                   {k: _rule_from_dict(r) for k, r in data["overrides"].items()})
-
-
+def _cell(value: Optional[float]) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

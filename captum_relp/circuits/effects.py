@@ -33,11 +33,15 @@ def node_effects(
     metric,
     attention_mask: Tensor = None,
     n_steps: int = 10,
+    rules=None,
 ) -> EffectRun:
     """Score every node of ``space`` by patching ``corrupt`` into ``clean`` with ``method``.
 
     ``method`` is a name of :data:`captum_relp.attr.METHODS` other than ``AP``
     (``RelP``, ``RelP+AH``, ``AtP``, ``IG``; case-insensitive).
+
+    ``rules`` (RelP only): a :class:`~captum_relp.CalibratedRules` calibrated per component kind;
+    each node group gets the rule set chosen for its kind (``attn``, ``mlp``, ``resid``).
 
     Sign as in :class:`~captum_relp.LayerRelevancePatching`: positive = patching the
     node lowers the metric. Groups with one node per position are summed over the
@@ -61,9 +65,15 @@ def node_effects(
     began = time.perf_counter()
     with PassCounter(space.model) as counter, space.active():
         layers, flags = space.layers_and_flags()
-        scores = runner.attribute(space.model, layers, clean, baselines=corrupt, metric=metric,
-                                  additional_forward_args=extra, attribute_to_layer_input=flags,
-                                  n_steps=n_steps)
+        kwargs = dict(baselines=corrupt, metric=metric, additional_forward_args=extra,
+                      attribute_to_layer_input=flags)
+        if rules is None:
+            scores = runner.attribute(space.model, layers, clean, n_steps=n_steps, **kwargs)
+        elif runner.name != "RelP":
+            raise ValueError(f"calibrated rules apply to RelP, not {runner.name}")
+        else:
+            by_kind = rules.with_groups([group.kind for group in space.groups])
+            scores = runner.build(space.model, layers, rules=by_kind).attribute(clean, **kwargs)
     seconds = time.perf_counter() - began
     effects = {
         group.name: (score.sum(-1, keepdim=True) if group.sum_hidden else score).float()

@@ -67,6 +67,13 @@ def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_rules_options(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--rules preset|calibrated`` and ``--calibration-prompts`` (circuit and edges)."""
+    parser.add_argument("--rules", default="preset", choices=("preset", "calibrated"), help=help)
+    parser.add_argument("--calibration-prompts", type=int, default=20,
+                        help="pairs used to calibrate rules for --rules calibrated")
+
+
 def join_ranks(args: argparse.Namespace) -> bool:
     """Under ``torchrun``: join the process group and use this rank's GPU. True if this rank writes.
 
@@ -117,7 +124,8 @@ MANIFEST = "captum-relp-run.json"
 
 
 def default_out(args: argparse.Namespace, command: str) -> str:
-    """``relp-out/COMMAND[-TASK]-MODEL``: runs that differ in command, task or model land apart.
+    """``relp-out/COMMAND[-TASK]-MODEL[-CONVENTION]``: runs that differ in command, task, model or
+    (edges) a non-default convention land apart.
 
     Example:
         >>> default_out(argparse.Namespace(model="tiny-llama-ioi", task="sva"), "circuit")
@@ -127,7 +135,9 @@ def default_out(args: argparse.Namespace, command: str) -> str:
 
     model = str(args.model).rstrip("/")
     model = Path(model).name if Path(model).exists() else model.replace("/", "--")
-    parts = [command, getattr(args, "task", None), re.sub(r"[^A-Za-z0-9._-]+", "-", model)]
+    convention = getattr(args, "convention", None)
+    parts = [command, getattr(args, "task", None), re.sub(r"[^A-Za-z0-9._-]+", "-", model),
+             convention if convention not in (None, "library") else None]
     return f"{OUT_ROOT}/" + "-".join(p for p in parts if p)
 
 

@@ -15,6 +15,7 @@ from ..tasks import TASKS
 from ._common import (
     CLIError,
     add_command,
+    add_rules_options,
     add_run_options,
     finish_out,
     join_ranks,
@@ -61,6 +62,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--edges", action="store_true",
                         help="also score edges between the top nodes (RelP rules or AtP gradients)")
     parser.add_argument("--edge-nodes", type=int, default=30, help="top nodes kept for --edges")
+    add_rules_options(parser, "preset: the paper's (RelP+AH adds the AH-rule); calibrated: RelP uses rules chosen "
+                              "per component type on the first --calibration-prompts training pairs of each setting")
     add_run_options(parser, "the curve plot")
     parser.set_defaults(func=run)
 
@@ -92,10 +95,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, heldout=heldout_words(args.model, args.task), show_progress=not args.quiet,
         report=None if args.quiet else _say,
         edge_nodes=args.edge_nodes if args.edges else 0,
+        calibration_prompts=args.calibration_prompts if args.rules == "calibrated" else 0,
     )
     if not writes:
         return 0
     print(result.summary())
+    for setting, calibration in result.config.get("calibration", {}).items():
+        print(f"\ncalibrated rules for RelP, {setting} ({calibration['n_prompts']} training pairs):\n"
+              f"{calibration['summary']}")
     written = result.save(Path(args.out), plots=not args.no_plots)
     report_written(written, finish_out(args, "circuit", written, earlier))
     return 0

@@ -14,6 +14,7 @@ from ._common import (
     EXIT_TASK,
     CLIError,
     add_command,
+    add_rules_options,
     add_run_options,
     finish_out,
     load_model_from_args,
@@ -23,7 +24,7 @@ from ._common import (
     report_written,
 )
 
-METHOD_CHOICES = ("relp", "relp-ah", "eap", "eap-ig", "exact")
+METHOD_CHOICES = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
 
 OUTPUTS = {
     "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "
@@ -69,6 +70,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--structure", default="across_pp", help="SVA structure")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per scoring method (min taken)")
     parser.add_argument("--top-k", type=int, default=20, help="edges drawn in the circuit PNGs")
+    add_rules_options(parser, "calibrated: also score edges with RelP under rules chosen per component type on "
+                              "--calibration-prompts separate pairs (method 'calibrated')")
     add_run_options(parser, "PNGs")
     parser.set_defaults(func=run)
 
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         True
     """
     methods = parse_list(args.method, "--method", METHOD_CHOICES)
+    if args.rules == "calibrated" and "calibrated" not in methods:
+        methods.append("calibrated")
     if not args.no_exact and "exact" not in methods:
         methods.append("exact")
     if "eap" not in methods:
@@ -100,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, task=args.task, methods=methods, n_prompts=args.n_prompts, n_eval=args.n_eval,
             seed=args.seed, words=words, n_steps=args.n_steps, repeats=args.repeats, model_name=args.model,
             structure=args.structure, show_progress=not args.quiet, convention=args.convention,
-            ig_grid=args.ig_grid, greedy=args.greedy, **extra,
+            ig_grid=args.ig_grid, greedy=args.greedy,
+            calibration_prompts=args.calibration_prompts, **extra,
         )
     except ValueError as error:
         if "fractions" in str(error):
@@ -109,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot build {args.task} prompts for this model: {error}", EXIT_TASK) from error
         raise
     print(result.format_table())
+    if "calibration" in result.info:
+        calibration = result.info["calibration"]
+        print(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, {calibration['seconds']:.1f} s):\n"
+              f"{calibration['summary']}")
     written = result.save(Path(args.out), plots=not args.no_plots, top_k=args.top_k)
     report_written(written, finish_out(args, "edges", written, earlier))
     return 0

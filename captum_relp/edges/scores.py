@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._coefficients import TensorSites, layer_coefficients
 from .._hooks import frozen_model
+from ..calibration.calibrated_rules import CalibratedRules, explicit_ruleset
 from ..metrics import MetricEvaluator
 from ..rules import RuleSet, resolve_rules
 from .graph import ComponentGraph
@@ -95,7 +96,7 @@ def edge_scores(
     metric: Metric,
     attention_mask: Optional[Tensor] = None,
     method: str = "relp",
-    rules: Union[str, RuleSet, None] = None,
+    rules: Union[str, RuleSet, CalibratedRules, None] = None,
     per_position: bool = False,
     n_steps: int = 5,
     strict: bool = True,
@@ -114,8 +115,11 @@ def edge_scores(
             or ``"eap-ig"`` (integrated gradients over the input embeddings between
             corrupt and clean, ``n_steps`` Riemann steps, see ``ig_grid``).
             Use :func:`exact_edge_scores` for exact patching.
-        rules (str or RuleSet, optional): overrides the rule set of ``relp``/``relp-ah``
-            (``"none"`` gives EAP).
+        rules (str, RuleSet or CalibratedRules, optional): overrides the rule set of
+            ``relp``/``relp-ah`` (``"none"`` gives EAP). With
+            :class:`~captum_relp.CalibratedRules` (calibrated per component kind), the edges
+            out of each upstream node use the rule set chosen for its kind (the input
+            embeddings: ``resid``), one forward and backward pass per distinct rule set.
         per_position (bool): return ``(T, U, V)`` scores instead of summing positions.
         n_steps (int): integration steps of ``eap-ig``.
         strict (bool): as in :func:`~captum_relp.rules.apply_rules`.
@@ -149,6 +153,10 @@ def edge_scores(
         if method == "eap-ig":
             scores, forwards, backwards = _integrated(model, graph, clean_ids, metric, attention_mask,
                                                       corrupt, per_position, _ig_alphas(n_steps, ig_grid))
+        elif isinstance(rules, CalibratedRules):
+            scores, backwards = _calibrated(model, graph, clean_ids, metric, attention_mask, corrupt, rules,
+                                            per_position, strict)
+            forwards = backwards
         else:
             ruleset = resolve_rules(rules if rules is not None else
                                     {"relp": "relp", "relp-ah": "relp-ah", "eap": "none"}[method])
@@ -164,6 +172,43 @@ def _pad_masked(scores: Tensor, attention_mask: Optional[Tensor], per_position: 
         return scores
     real = attention_mask.any(0).to(scores.dtype)
     return scores * real[:, None, None]
+
+
+def upstream_kinds(graph: ComponentGraph) -> List[str]:
+    """The calibration group of each upstream node: ``resid`` (the input embeddings), ``attn``, ``mlp``.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from captum_relp.edges import build_graph
+        >>> upstream_kinds(build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2))))
+        ['resid', 'attn', 'attn', 'mlp']
+    """
+    return ["resid" if n == "input" else "mlp" if n.startswith("m") else "attn" for n in graph.upstream]
+
+
+def _calibrated(model, graph, clean_ids, metric, attention_mask, corrupt, rules: CalibratedRules,
+                per_position: bool, strict: bool):
+    """Edges out of each upstream node get the coefficients of the rule set calibrated for its kind.
+
+    With these coefficients, the edges out of a node sum to that node's calibrated RelP
+    score. One rules-applied forward and backward pass per distinct chosen rule set.
+    """
+    if not rules.auto_groups:
+        raise ValueError("edge scores need rules calibrated per component kind (resid/attn/mlp), "
+                         "not with explicit groups")
+    rules.check_model(model)
+    rows: dict = {}
+    for u, kind in enumerate(upstream_kinds(graph)):
+        rules.rules_for(kind)  # raises for a kind that was not calibrated
+        rows.setdefault(rules.choices[kind], []).append(u)
+    scores = None
+    for name, upstream in rows.items():
+        outputs, coefficients = _coefficients(model, graph, clean_ids, metric, attention_mask,
+                                              explicit_ruleset(rules.candidates[name]), strict)
+        part = _contract(outputs - corrupt, coefficients, per_position)
+        scores = torch.zeros_like(part) if scores is None else scores
+        scores[..., upstream, :] = part[..., upstream, :]
+    return scores, len(rows)
 
 
 IG_GRIDS = ("right", "left")

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .._forward import call_model
 from ..attr import get_method
+from ..calibration import calibrate_on_batch
 from ..circuits.effects import mean_effects, node_effects
 from ..circuits.faithfulness import MIN_DENOMINATOR_SNR, CircuitCurve, evaluate_circuits
 from ..circuits.feature_edges import FeatureEdges, feature_edges
@@ -119,6 +120,7 @@ def run_circuit_experiment(
     name: Optional[str] = None,
     report: Optional[Callable[[str], None]] = None,
     edge_nodes: int = 0,
+    calibration_prompts: int = 0,
 ) -> CircuitExperimentResult:
     """Discover circuits with each method on the training split and evaluate them on held-out data.
 
@@ -152,6 +154,11 @@ def run_circuit_experiment(
         name: the model's name in results and titles (default :func:`~captum_relp.models.model_name`).
         report: called with the cost plan and one line per finished (setting, method).
         edge_nodes: top nodes between which edges are scored (0: no edges).
+        calibration_prompts: when > 0, RelP uses rules calibrated per component kind
+            (:func:`~captum_relp.calibration.calibrate_on_batch`) on the first
+            ``calibration_prompts`` training pairs of each setting (never the test pairs);
+            each node group gets the rule set chosen for its kind. The choices and their
+            evidence are in ``config["calibration"]``.
 
     Returns:
         CircuitExperimentResult
@@ -174,6 +181,7 @@ def run_circuit_experiment(
     edges: Dict[str, Dict[str, FeatureEdges]] = {}
     cost = {m: {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0} for m in methods}
     settings = task_splits(task, tokenizer, n_train, n_test, seed, heldout)
+    calibration: Dict[str, Dict] = {}
     progress = tqdm(total=len(settings) * (len(methods) + 1), desc=f"{task} {nodes} circuits",
                     disable=not show_progress)
     plan = _warm_up(space, methods, settings[0][1], n_steps)
@@ -182,6 +190,11 @@ def run_circuit_experiment(
     for setting, train, test in settings:
         if train.clean_ids.shape[1] != test.clean_ids.shape[1]:
             raise ValueError(f"{setting}: train and test prompts differ in length; positions must align")
+        rules = None
+        if calibration_prompts > 0 and "RelP" in methods:
+            rules = calibrate_on_batch(model, train.select(slice(0, calibration_prompts)))
+            calibration[setting] = {"n_prompts": min(calibration_prompts, len(train)),
+                                    "choices": dict(rules.choices), "summary": rules.summary()}
         means = _train_means(space, model, train, batch_size)
         run_metric = _metric_runner(model, test, batch_size)
         curves[setting] = {}
@@ -191,7 +204,8 @@ def run_circuit_experiment(
             batches = list(_batches(train, batch_size))
             mine, spent = [], {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0}
             for rows, clean, corrupt, mask in sweep.shard(batches):  # torchrun: this rank's batches
-                run = node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=n_steps)
+                run = node_effects(space, method, clean, corrupt, train.select(rows).metric(), mask, n_steps=n_steps,
+                                   rules=rules if method == "RelP" else None)
                 mine.append({name: values.sum(0, keepdim=True).cpu() for name, values in run.effects.items()})
                 for key in spent:
                     spent[key] += getattr(run, key)
@@ -220,7 +234,7 @@ def run_circuit_experiment(
     config = {"model": label, "model_card": model_card(model), "task": task, "nodes": nodes,
               "methods": list(methods), "n_train": n_train, "n_test": n_test,
               "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
-              "n_steps": n_steps, "edge_nodes": edge_nodes}
+              "n_steps": n_steps, "edge_nodes": edge_nodes, "calibration": calibration}
     return CircuitExperimentResult(curves, cost, config, edges)
 
 

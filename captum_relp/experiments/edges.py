@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..calibration import calibrate_on_batch
 from ..edges.conventions import EdgeConvention, get_convention
 from ..edges.evaluate import FaithfulnessCurve, faithfulness_curve, pearson
 from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
 from ..plotting import EDGE_METHOD_LABELS as METHOD_NAMES
 
-SCORE_METHODS = ("relp", "relp-ah", "eap", "eap-ig", "exact")
+SCORE_METHODS = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
 MIB_SCORE_SCALE = ("MIB stores scores divided by its batch size (the metric is averaged over each batch "
                    "before the backward pass, and the summed scores are divided by the number of prompts); "
                    "these scores are means over prompts: MIB's = these / batch size, the same ranking")
@@ -163,6 +164,7 @@ def run_edge_experiment(
     model_name: str = "model",
     structure: str = "across_pp",
     show_progress: bool = False,
+    calibration_prompts: int = 20,
     convention: Union[str, EdgeConvention] = "library",
     ig_grid: Optional[str] = None,
     greedy: bool = False,
@@ -178,7 +180,11 @@ def run_edge_experiment(
         model (nn.Module): a supported Hugging Face causal LM.
         tokenizer: its tokenizer.
         task (str): ``"ioi"`` or ``"sva"``.
-        methods (sequence of str): among ``relp``, ``relp-ah``, ``eap``, ``eap-ig``, ``exact``.
+        methods (sequence of str): among ``relp``, ``relp-ah``, ``calibrated``, ``eap``, ``eap-ig``,
+            ``exact``. ``calibrated``: RelP with rules chosen per component kind by
+            :func:`~captum_relp.calibration.calibrate_on_batch` on ``calibration_prompts`` pairs
+            of seed ``seed + 2`` (neither the scored nor the evaluated pairs); the choice is in
+            ``info["calibration"]``.
         n_prompts, n_eval (int): scoring and evaluation prompt pairs.
         seed (int): prompt seed.
         words (sequence, optional): names (IOI) or (singular, plural) nouns (SVA).
@@ -188,6 +194,7 @@ def run_edge_experiment(
         model_name (str): label.
         structure (str): SVA structure.
         show_progress (bool): print a line per method.
+        calibration_prompts (int): calibration pairs for ``calibrated``.
         convention (str or EdgeConvention): ``"library"`` or ``"mib"``
             (:mod:`captum_relp.edges.conventions`): circuit sizes, rounding, signed CPR,
             ungrouped key/value inputs and the default EAP-IG grid.
@@ -224,11 +231,21 @@ def run_edge_experiment(
         "timing": f"min over {repeats} interleaved repeats after a warm-up (exact: one run)",
         "fractions": [float(f) for f in fractions], "scores": "mean over prompts, summed over positions",
     })
+    options = {m: {"method": m} for m in methods}
+    if "calibrated" in methods:
+        began = time.perf_counter()
+        calibration = make_batch(tokenizer, task, calibration_prompts, seed + 2, words, structure)
+        rules = calibrate_on_batch(model, calibration)
+        options["calibrated"] = {"method": "relp", "rules": rules}
+        result.info["calibration"] = {"n_prompts": calibration_prompts, "seed": seed + 2,
+                                      "seconds": time.perf_counter() - began, "choices": dict(rules.choices),
+                                      "summary": rules.summary()}
     timed = [m for m in methods if m != "exact"]
     runs: Dict[str, List[EdgeScores]] = {m: [] for m in timed}
     for _ in range(max(1, repeats)):  # interleaved, so that load from other processes hits all methods alike
         for method in timed:
-            runs[method].append(edge_scores(*args, method=method, n_steps=n_steps, ig_grid=ig_grid))
+            scores = edge_scores(*args, n_steps=n_steps, ig_grid=ig_grid, **options[method])
+            runs[method].append(replace(scores, method=method))
     for method in methods:
         start = time.perf_counter()
         if method == "exact":

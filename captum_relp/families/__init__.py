@@ -1,6 +1,6 @@
 """Model families as data: what the library knows about each Hugging Face ``model_type``.
 
-:data:`FAMILY_TABLE` (in :mod:`captum_relp.families.table`) holds one
+:data:`FAMILY_TABLE` (in ``captum_relp/families/table.py``) holds one
 :class:`Family` per supported ``model_type``: where blocks, attention, its output projection
 and the MLP are, each norm and its rule, the gated-MLP layout, how attention is computed (so
 the AH-rule is applied or refused), soft-capping, residual layout, sliding windows and head

@@ -17,7 +17,7 @@ from .activation import IdentityRule
 from .base import Rule
 from .family_entries import registry_entries
 from .fused_gate import LAYOUTS
-from .gate import GATED_MLP_ATTRIBUTES, HalfRule
+from .gate import GATED_MLP_ATTRIBUTES
 from .hookpoint import TRANSFORMER_LENS_ENTRIES, has_hook_points
 from .norm import LayerNormRule, RMSNormRule
 

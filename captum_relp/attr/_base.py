@@ -10,7 +10,8 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from .._forward import call_model, check_token_ids, split_forward_args
-from .._hooks import as_layer_list, capture, check_layers_in_model, layer_hooks, pad_mask_like, per_layer_flags
+from .._coefficients import ModuleSites
+from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
 from .._unwrap import root_module, unwrap_layers, unwrap_model
 from ..metrics import LogitDiff, MetricEvaluator, MetricType, TargetType, last_positions
 
@@ -102,10 +103,9 @@ class PatchingAttribution(LayerAttribution):
 
     def _collect(self, run: Tuple[Tensor, ...], call: PatchingCall) -> List[Tensor]:
         """The activations of every layer on ``run``, without gradients."""
-        store: List[Optional[Tensor]] = [None] * len(self.layers)
-        with torch.no_grad(), layer_hooks(self.layers, call.flags, capture(store)):
-            call_model(self.forward_func, run, call.args, call.kwargs)
-        return [self._require(t, i) for i, t in enumerate(store)]
+        sites = ModuleSites(self.layers, call.flags, make_leaf=False)
+        with torch.no_grad(), sites.capturing() as read:
+            return read(call_model(self.forward_func, run, call.args, call.kwargs))
 
     def _layer_name(self, index: int) -> str:
         return f"layer[{index}] ({type(self.layers[index]).__name__})"

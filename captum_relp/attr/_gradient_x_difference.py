@@ -150,13 +150,14 @@ class LayerGradientXDifference(PatchingAttribution, GradientAttribution):
                         self._times_difference(indices[j], act, coefficient, reference, direction),
                         reduce, num_heads)
 
-                result = layer_coefficients(
+                with layer_coefficients(
                     lambda: call_model(self.forward_func, run, call.args, call.kwargs), sites,
                     call.evaluator, ruleset, model=self.model, strict=self.strict,
                     attention_mask=call.attention_mask, allow_unused=allow_unused,
-                    on_coefficient=score if reduce is not None else None)
-                for j, (act, coefficient) in enumerate(zip(result.activations, result.coefficients)):
-                    score(j, act, coefficient)  # type: ignore[arg-type]
+                    on_coefficient=score if reduce is not None else None,
+                ) as result:
+                    for j, (act, coefficient) in enumerate(zip(result.activations, result.coefficients)):
+                        score(j, act.detach(), coefficient)  # type: ignore[arg-type]
         return self._per_layer(results, call)  # type: ignore[arg-type]
 
     def _times_difference(self, index: int, act: Tensor, coefficient: Tensor,

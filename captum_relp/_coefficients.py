@@ -1,6 +1,6 @@
 """The one coefficient pass: every method that needs :math:`\\rho` computes it here.
 
-:func:`coefficient_pass` applies a rule set, runs the forward, captures the *sites*
+:func:`layer_coefficients` applies a rule set, runs the forward, captures the *sites*
 (layer inputs/outputs through hooks, or tensors the forward returns), evaluates the
 metric through the one metric contract (:class:`~captum_relp.metrics.MetricEvaluator`:
 shape ``(rows,)``, finite, named in the error) and takes the coefficients of the metric
@@ -12,10 +12,9 @@ Captum's ``compute_layer_gradients_and_eval`` with rules and a checked metric.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,21 +41,20 @@ def disconnected_message(names: Sequence[str]) -> str:
     )
 
 
-class Sites(ABC):
-    """Where coefficients are taken. :meth:`capturing` is entered around the forward and
-    yields ``read(output) -> tensors``, one per site, called after the forward."""
+class Sites:
+    """Where coefficients are taken: :meth:`capturing` is entered around the forward and yields
+    ``read(output)``, the site tensors (one per site); errors call site ``i`` ``describe(i)``."""
 
-    @abstractmethod
+    def __init__(self, describe: Callable[[int], str]) -> None:
+        self.name = describe
+
     def capturing(self) -> ContextManager[Callable[[Any], List[Tensor]]]:
-        """A context around the forward that yields ``read(output)``."""
-
-    @abstractmethod
-    def name(self, index: int) -> str:
-        """How errors name site ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} must define capturing()")
 
 
 class ModuleSites(Sites):
-    """The outputs (or, per ``flags``, first inputs) of ``layers``, captured as gradient leaves.
+    """The outputs (or, per ``flags``, first inputs) of ``layers``, captured as gradient leaves
+    (``make_leaf``) or as they are.
 
     Example:
         >>> import torch
@@ -68,31 +66,26 @@ class ModuleSites(Sites):
     """
 
     def __init__(self, layers: Sequence[nn.Module], flags: Sequence[bool],
-                 names: Optional[Sequence[str]] = None) -> None:
-        self.layers, self.flags = list(layers), list(flags)
-        self.names = list(names) if names is not None else [
-            f"layer[{i}] ({type(m).__name__})" for i, m in enumerate(self.layers)]
+                 names: Optional[Sequence[str]] = None, make_leaf: bool = True) -> None:
+        names = list(names or (f"layer[{i}] ({type(m).__name__})" for i, m in enumerate(layers)))
+        super().__init__(names.__getitem__)
+        self.layers, self.flags, self.make_leaf = list(layers), list(flags), make_leaf
 
     @contextmanager
     def capturing(self) -> Iterator[Callable[[Any], List[Tensor]]]:
         store: List[Optional[Tensor]] = [None] * len(self.layers)
-        with layer_hooks(self.layers, self.flags, capture(store, make_leaf=True)):
-            yield lambda output: [self.require(t, i) for i, t in enumerate(store)]
+        with layer_hooks(self.layers, self.flags, capture(store, make_leaf=self.make_leaf)):
+            yield lambda output: [self._require(t, i) for i, t in enumerate(store)]
 
-    def name(self, index: int) -> str:
-        return self.names[index]
-
-    def require(self, tensor: Optional[Tensor], index: int) -> Tensor:
-        """``tensor``; a named error when site ``index`` did not run in the forward pass."""
+    def _require(self, tensor: Optional[Tensor], index: int) -> Tensor:
         if tensor is None:
-            raise ValueError(f"{self.names[index]} was not called in the forward pass: is it part of "
+            raise ValueError(f"{self.name(index)} was not called in the forward pass: is it part of "
                              "the model's computation?")
         return tensor
 
 
 class TensorSites(Sites):
-    """Tensors the forward itself returns or records: ``read(output)``; site ``i`` is called
-    ``describe(i)`` in errors.
+    """Tensors the forward itself returns or records, ``read(output)``.
 
     Example:
         >>> import torch
@@ -105,10 +98,8 @@ class TensorSites(Sites):
 
     def __init__(self, read: Callable[[Any], Sequence[Tensor]],
                  describe: Callable[[int], str] = "tensor {}".format) -> None:
-        self.read, self.describe = read, describe
-
-    def name(self, index: int) -> str:
-        return self.describe(index)
+        super().__init__(describe)
+        self.read = read
 
     @contextmanager
     def capturing(self) -> Iterator[Callable[[Any], List[Tensor]]]:
@@ -138,23 +129,22 @@ class Coefficients:
 
     def grad(self, seed: Tensor, tensors: Sequence[Tensor]) -> List[Optional[Tensor]]:
         """Gradients of ``seed`` (a function of the site tensors) w.r.t. ``tensors`` through the
-        rules-applied graph of this pass (``None`` where disconnected). Only inside
-        :func:`coefficient_pass`, which keeps the graph."""
+        rules-applied graph of this pass (``None`` where disconnected); needs ``keep_graph``."""
         return list(torch.autograd.grad(seed, list(tensors), retain_graph=True, allow_unused=True))
 
 
-def _rules_applied(model: Optional[nn.Module], rules: Optional[RuleSet], strict: bool):
+def _rules_applied(model: Optional[nn.Module], rules: Union[str, RuleSet, None], strict: bool):
     if rules is None or model is None:
         return nullcontext()
     return apply_rules(model, rules, strict)
 
 
 @contextmanager
-def coefficient_pass(
+def layer_coefficients(
     forward: Callable[[], Any],
     sites: Sites,
     evaluator: MetricEvaluator,
-    rules: Optional[RuleSet] = None,
+    rules: Union[str, RuleSet, None] = None,
     *,
     model: Optional[nn.Module] = None,
     strict: bool = True,
@@ -163,7 +153,8 @@ def coefficient_pass(
     on_coefficient: Optional[OnCoefficient] = None,
     keep_graph: bool = False,
 ) -> Iterator[Coefficients]:
-    """One rules-applied forward and backward pass; the rules and the graph stay until exit.
+    """One rules-applied forward and backward pass; the rules (and, with ``keep_graph``, the
+    graph) stay until the ``with`` block exits.
 
     Args:
         forward: runs the model and returns its output (a tensor, an output with ``.logits``
@@ -183,6 +174,15 @@ def coefficient_pass(
 
     Yields:
         Coefficients
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        >>> x = torch.randn(4, 2)
+        >>> with layer_coefficients(lambda: net(x), ModuleSites([net[1]], [False]), MetricEvaluator(4),
+        ...                         "relp", model=net) as result:
+        ...     [c.shape for c in result.coefficients]
+        [torch.Size([4, 3])]
     """
     with torch.enable_grad(), _rules_applied(model, rules, strict), sites.capturing() as read:
         output = forward()
@@ -200,30 +200,6 @@ def coefficient_pass(
             unused = _streamed(sites, acts, values, on_coefficient, allow_unused, keep_graph)
             coefficients = [None] * n_sites
         yield Coefficients(acts, coefficients, unused, values, output)
-
-
-def layer_coefficients(
-    forward: Callable[[], Any],
-    sites: Sites,
-    evaluator: MetricEvaluator,
-    rules: Optional[RuleSet] = None,
-    **options: Any,
-) -> Coefficients:
-    """:func:`coefficient_pass` for a caller that needs only its result (activations detached).
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
-        >>> x = torch.randn(4, 2)
-        >>> result = layer_coefficients(lambda: net(x), ModuleSites([net[1]], [False]), MetricEvaluator(4),
-        ...                             "relp", model=net)
-        >>> [c.shape for c in result.coefficients]
-        [torch.Size([4, 3])]
-    """
-    with coefficient_pass(forward, sites, evaluator, rules, **options) as result:
-        result.activations = [a.detach() for a in result.activations]
-        result.values = result.values.detach()
-    return result
 
 
 def _unused(sites: Sites, grads: Sequence[Optional[Tensor]], allow_unused: bool) -> List[int]:

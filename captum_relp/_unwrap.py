@@ -9,23 +9,11 @@ neither nnsight nor a process group is needed.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import nn
 
 WRAPPER_TYPES = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-
-
-def is_compiled(forward_func: Any) -> bool:
-    """Whether ``forward_func`` is a ``torch.compile``\\ d module (or its bound ``forward``).
-
-    Example:
-        >>> import torch
-        >>> is_compiled(torch.nn.Linear(1, 1))
-        False
-    """
-    module = getattr(forward_func, "__self__", forward_func)
-    return isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
 def unwrap_model(obj: Any, keep_bound: bool = False) -> Any:
@@ -62,7 +50,7 @@ def unwrap_model(obj: Any, keep_bound: bool = False) -> Any:
         elif isinstance(getattr(obj, "_orig_mod", None), nn.Module):
             obj = obj._orig_mod
         elif not isinstance(obj, nn.Module) and isinstance(owner, nn.Module) and (
-                not keep_bound or is_compiled(obj)):
+                not keep_bound or isinstance(getattr(owner, "_orig_mod", None), nn.Module)):
             obj = owner
         else:
             return obj
@@ -84,19 +72,6 @@ def unwrap_layers(layer: Any) -> Any:
     if isinstance(layer, (list, tuple)):
         return type(layer)(unwrap_model(entry) for entry in layer)
     return layer
-
-
-def root_module(forward_func: Callable, model: Optional[nn.Module] = None) -> Optional[nn.Module]:
-    """The module whose submodules get rules: ``model``, else ``forward_func``'s module (if any).
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Linear(1, 1)
-        >>> root_module(net.forward) is net, root_module(lambda x: x)
-        (True, None)
-    """
-    owner = unwrap_model(model if model is not None else forward_func)
-    return owner if isinstance(owner, nn.Module) else None
 
 
 def is_hf_model(module: Any) -> bool:

@@ -131,5 +131,7 @@ def test_one_coefficient_primitive():
     assert not aliases, aliases
     users = {name for name, path in _modules().items() if name != primitive
              and any(m == primitive for m, _ in _imports(name, path, set(_modules())))}
-    assert users == {"captum_relp.attr._gradient_x_difference", "captum_relp.attr.layer_integrated_gradients_patching",
-                     "captum_relp.edges.scores", "captum_relp.circuits.feature_edges"}
+    # attr._base reads reference activations through the same site capture (ModuleSites), without gradients
+    assert users == {"captum_relp.attr._base", "captum_relp.attr._gradient_x_difference",
+                     "captum_relp.attr.layer_integrated_gradients_patching", "captum_relp.edges.scores",
+                     "captum_relp.circuits.feature_edges"}

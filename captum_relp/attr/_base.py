@@ -10,8 +10,9 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from .._forward import call_model, check_token_ids, split_forward_args
-from .._hooks import as_layer_list, capture, check_layers_in_model, layer_hooks, pad_mask_like, per_layer_flags
-from .._unwrap import root_module, unwrap_layers, unwrap_model
+from .._coefficients import ModuleSites
+from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
+from .._unwrap import unwrap_layers, unwrap_model
 from ..metrics import LogitDiff, MetricEvaluator, MetricType, TargetType, last_positions
 
 LayerType = Union[nn.Module, Sequence[nn.Module]]
@@ -74,7 +75,8 @@ class PatchingAttribution(LayerAttribution):
         self.forward_func = unwrap_model(forward_func, keep_bound=True)
         self.layer = unwrap_layers(layer)
         self.layers = as_layer_list(self.layer)
-        self.model = root_module(forward_func, model)
+        root = unwrap_model(model if model is not None else forward_func)  # the module rules apply to
+        self.model = root if isinstance(root, nn.Module) else None
         check_layers_in_model(self.model, self.layers)
 
     def _prepare(self, inputs, baselines, target: TargetType, additional_forward_args: Any,
@@ -102,10 +104,9 @@ class PatchingAttribution(LayerAttribution):
 
     def _collect(self, run: Tuple[Tensor, ...], call: PatchingCall) -> List[Tensor]:
         """The activations of every layer on ``run``, without gradients."""
-        store: List[Optional[Tensor]] = [None] * len(self.layers)
-        with torch.no_grad(), layer_hooks(self.layers, call.flags, capture(store)):
-            call_model(self.forward_func, run, call.args, call.kwargs)
-        return [self._require(t, i) for i, t in enumerate(store)]
+        sites = ModuleSites(self.layers, call.flags, make_leaf=False)
+        with torch.no_grad(), sites.capturing() as read:
+            return read(call_model(self.forward_func, run, call.args, call.kwargs))
 
     def _layer_name(self, index: int) -> str:
         return f"layer[{index}] ({type(self.layers[index]).__name__})"

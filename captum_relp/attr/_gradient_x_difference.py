@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Sequence, Union
 
-from captum.attr import GradientAttribution
+from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
@@ -19,13 +19,17 @@ from ._reduce import check_reduce, reduce_scores
 DIRECTIONS = ("noising", "denoising")
 
 
-class LayerGradientXDifference(PatchingAttribution, GradientAttribution):
+class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
     r"""``(act(inputs) - act(baselines)) * coefficient``, coefficients under a rule set.
 
     The coefficient of each layer activation is the derivative of the metric taken
     through the rules (:mod:`captum_relp.rules`) on the ``inputs`` run: the LRP
     propagation coefficient :math:`\rho` for :class:`~captum_relp.LayerRelevancePatching`,
     the plain gradient for :class:`~captum_relp.LayerAttributionPatching` (its preset).
+
+    It is a Captum ``LayerGradientXActivation`` (a ``LayerAttribution`` and
+    ``GradientAttribution``) by type, because Captum's ``LLMGradientAttribution`` accepts
+    only the gradient methods it lists; none of that class's code runs.
 
     Args:
         forward_func (Callable or nn.Module): the model, or a function returning a tensor.
@@ -56,11 +60,10 @@ class LayerGradientXDifference(PatchingAttribution, GradientAttribution):
         model: Optional[nn.Module] = None,
         strict: bool = True,
     ) -> None:
+        LayerGradientXActivation.__init__(self, forward_func, layer, None, multiply_by_inputs)
         PatchingAttribution.__init__(self, forward_func, layer, model)
-        GradientAttribution.__init__(self, self.forward_func)
         self.rules = rule_plan(rules)
         self.strict = strict
-        self._multiply_by_inputs = multiply_by_inputs
         if self.model is None and not self.rules.is_empty:
             raise ValueError(
                 "rules need a model: pass model=<nn.Module> when forward_func is a plain function"
@@ -150,13 +153,14 @@ class LayerGradientXDifference(PatchingAttribution, GradientAttribution):
                         self._times_difference(indices[j], act, coefficient, reference, direction),
                         reduce, num_heads)
 
-                result = layer_coefficients(
+                with layer_coefficients(
                     lambda: call_model(self.forward_func, run, call.args, call.kwargs), sites,
                     call.evaluator, ruleset, model=self.model, strict=self.strict,
                     attention_mask=call.attention_mask, allow_unused=allow_unused,
-                    on_coefficient=score if reduce is not None else None)
-                for j, (act, coefficient) in enumerate(zip(result.activations, result.coefficients)):
-                    score(j, act, coefficient)  # type: ignore[arg-type]
+                    on_coefficient=score if reduce is not None else None,
+                ) as result:
+                    for j, (act, coefficient) in enumerate(zip(result.activations, result.coefficients)):
+                        score(j, act.detach(), coefficient)  # type: ignore[arg-type]
         return self._per_layer(results, call)  # type: ignore[arg-type]
 
     def _times_difference(self, index: int, act: Tensor, coefficient: Tensor,
@@ -173,10 +177,6 @@ class LayerGradientXDifference(PatchingAttribution, GradientAttribution):
         if reference is not None:
             reference[index] = None
         return result
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs
 
 
 __all__ = ["LayerGradientXDifference", "DIRECTIONS"]

@@ -42,9 +42,9 @@ class _CheckedLayerIntegratedGradients(LayerIntegratedGradients):
                     hook.remove()
 
             sites = TensorSites(lambda output: inputs, f"{self.name}, interpolated value {{}}".format)
-            result = layer_coefficients(forward, sites, self.evaluator,
-                                        attention_mask=self.mask_of(additional_forward_args))
-            return tuple(result.coefficients)
+            with layer_coefficients(forward, sites, self.evaluator,
+                                    attention_mask=self.mask_of(additional_forward_args)) as result:
+                return tuple(result.coefficients)
 
         return gradient_func
 

@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._coefficients import Coefficients, ModuleSites, Sites, coefficient_pass, layer_coefficients
+from .._coefficients import Coefficients, ModuleSites, Sites, layer_coefficients
 from .._forward import call_model, check_token_ids
 from .._hooks import capture, frozen_model, layer_hooks
 from ..metrics import MetricEvaluator
@@ -147,15 +147,15 @@ def feature_edges(
         with torch.no_grad():  # rules leave forward values bit-identical: none needed here
             corrupt_acts = _activations(space, corrupt, extra)
         layers, flags = space.layers_and_flags()
-        clean_run = layer_coefficients(lambda: _run(space, clean, extra), ModuleSites(
-            layers, flags, [f"node group {g.name}" for g in space.groups]), evaluator, ruleset, **options)
-        coefficients = [c.detach() for c in clean_run.coefficients]
-        deltas = [(c - k).float() for c, k in zip(clean_run.activations, corrupt_acts)]
+        with layer_coefficients(lambda: _run(space, clean, extra), ModuleSites(
+                layers, flags, [f"node group {g.name}" for g in space.groups]), evaluator, ruleset, **options) as run:
+            coefficients = [c.detach() for c in run.coefficients]
+            deltas = [(c.detach() - k).float() for c, k in zip(run.activations, corrupt_acts)]
         effects = [_per_node(space, i, d * r.float()).mean(0) for i, (d, r) in enumerate(zip(deltas, coefficients))]
         kept = _top_nodes(effects, n_nodes)
         leaves = _LeafSites(space, {g for g, _, _ in kept})
-        with coefficient_pass(lambda: call_model(model, (clean,), (), extra), leaves, evaluator, ruleset,
-                              allow_unused=True, keep_graph=True, **options) as direct:
+        with layer_coefficients(lambda: call_model(model, (clean,), (), extra), leaves, evaluator, ruleset,
+                                allow_unused=True, keep_graph=True, **options) as direct:
             edges, backwards = _edges(space, leaves, direct, kept, deltas, coefficients)
     names = [g.name for g in space.groups]
     nodes = [{"id": _node_id(names[g], t, u), "group": names[g], "position": t, "unit": u,
@@ -249,6 +249,7 @@ class _LeafSites(Sites):
     """The kept node groups as leaves of the clean forward (:func:`_leaf_graph`), in forward order."""
 
     def __init__(self, space: NodeSpace, kept_groups) -> None:
+        super().__init__(lambda index: f"node group {space.groups[self.sources[index]].name}")
         self.space, self.kept_groups = space, kept_groups
         self.graph = _Graph()
         self.sources: List[int] = []
@@ -263,9 +264,6 @@ class _LeafSites(Sites):
                 return [graph.leaves[g] for g in self.sources]
 
             yield read
-
-    def name(self, index: int) -> str:
-        return f"node group {self.space.groups[self.sources[index]].name}"
 
 
 def _edges(space, leaves: _LeafSites, direct: Coefficients, kept, deltas, coefficients) -> Tuple[List[Dict], int]:

@@ -76,12 +76,13 @@ def _contract(delta: Tensor, coefficients: Tensor, per_position: bool) -> Tensor
 def _coefficients(model, graph, ids, metric, attention_mask, ruleset: Optional[RuleSet], strict: bool = True,
                   input_embeds: Optional[Tensor] = None):
     """Node outputs and the downstream-input coefficients ``(B, T, V, d)`` of one pass."""
-    result = layer_coefficients(
+    with layer_coefficients(
         lambda: graph_forward(model, graph, ids, attention_mask, input_embeds=input_embeds,
                               ah=ruleset is not None and ruleset.attention is not None),
         TensorSites(lambda run: run.inputs, "downstream input block {} of the component graph".format),
-        MetricEvaluator(ids.shape[0], metric=metric), ruleset, model=model, strict=strict)
-    return result.output.outputs.detach(), torch.cat(result.coefficients, dim=2)
+        MetricEvaluator(ids.shape[0], metric=metric), ruleset, model=model, strict=strict,
+    ) as result:
+        return result.output.outputs.detach(), torch.cat(result.coefficients, dim=2)
 
 
 def _masked(scores: Tensor, graph: ComponentGraph) -> Tensor:

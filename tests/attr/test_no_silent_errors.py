@@ -213,8 +213,10 @@ def test_coefficients_never_fill_zeros_silently():
     x, unused = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
     sites = TensorSites(lambda output: [x, unused], ["node group a", "node group b"].__getitem__)
     with pytest.raises(ValueError, match="does not depend on node group b"):
-        layer_coefficients(lambda: 2 * x, sites, MetricEvaluator(3))
-    result = layer_coefficients(lambda: 2 * x, sites, MetricEvaluator(3), allow_unused=True)
+        with layer_coefficients(lambda: 2 * x, sites, MetricEvaluator(3)):
+            pass
+    with layer_coefficients(lambda: 2 * x, sites, MetricEvaluator(3), allow_unused=True) as result:
+        pass
     assert torch.equal(result.coefficients[0], torch.full((3,), 2.0))
     assert torch.equal(result.coefficients[1], torch.zeros(3)) and result.unused == [1]
 

@@ -85,6 +85,7 @@ napoleon_use_ivar = True  # dataclass fields are documented once, by autodoc
 # names without an inventory are listed here explicitly.
 nitpicky = True
 nitpick_ignore = [
+    ("py:class", "captum_relp.calibration._select.GroupData"),  # private type in a public signature
     # PyTorch (type hints and docstrings)
     ("py:class", "torch.Tensor"),
     ("py:class", "Tensor"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch  # noqa: F401  (the doctests run in this module's namespace)
 from torch import Tensor
 
 from ..models import split_heads

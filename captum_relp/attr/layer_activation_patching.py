@@ -109,7 +109,7 @@ class LayerActivationPatching(PatchingAttribution):
         Args:
             inputs, baselines: clean and corrupt inputs of equal shape.
             target, metric, additional_forward_args, attribute_to_layer_input: as in
-                :meth:`LayerRelevancePatching.attribute`.
+                ``LayerRelevancePatching.attribute``.
             granularity (str): ``"position"`` (one run per position, result ``(B, T)``),
                 ``"layer"`` (all positions at once, ``(B,)``) or ``"head"`` (one run per
                 position and head, ``(B, T, H)``; needs ``num_heads`` and a layer whose
@@ -132,7 +132,7 @@ class LayerActivationPatching(PatchingAttribution):
                   the layer so the layers below it run once, with the cache
                   (``captum_relp.attr._prefix_cache``) unless ``use_cache=False``;
                 * ``"plain"``: one component per forward, all examples, full sequence;
-                * ``"auto"`` (default): :func:`choose_strategy`.
+                * ``"auto"`` (default): ``choose_strategy``.
 
         Returns:
             Tensor or list of Tensor: effects per layer, zero at padded positions.

@@ -91,13 +91,13 @@ class LayerIntegratedGradientsPatching(PatchingAttribution, GradientAttribution)
 
         Args:
             inputs, baselines, target, additional_forward_args, attribute_to_layer_input, metric:
-                as in :meth:`LayerRelevancePatching.attribute`.
+                as in ``LayerRelevancePatching.attribute``.
             n_steps (int): integration points (default 10, as in the paper).
             method (str): Captum's integration method (default ``gausslegendre``, whose weights sum
                 to 1; Captum's ``riemann_trapezoid`` weights sum to (n-1)/n and shrink the scores).
             internal_batch_size (int, optional): Captum's chunking of the ``n_steps * B`` rows.
             reduce (str, optional), num_heads (int, optional): as in
-                :meth:`LayerRelevancePatching.attribute`; each layer's attribution is reduced
+                ``LayerRelevancePatching.attribute``; each layer's attribution is reduced
                 as soon as that layer is integrated (layers are integrated one at a time).
 
         Returns:

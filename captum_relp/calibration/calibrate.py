@@ -82,7 +82,7 @@ def calibrate_rules(
         inputs, baselines: clean and corrupt inputs of equal shape.
         model (nn.Module, optional): the root module when ``forward_func`` is a function.
         metric, target, additional_forward_args, attribute_to_layer_input: as in
-            :meth:`~captum_relp.LayerRelevancePatching.attribute`.
+            ``LayerRelevancePatching.attribute``.
         groups (list of str, optional): one group label per layer. Default:
             ``resid``/``attn``/``mlp`` for :func:`~captum_relp.model_components` layers,
             else the layer's class name.

@@ -210,7 +210,7 @@ class CalibratedRules:
 
     @property
     def is_empty(self) -> bool:
-        """Always False: the chosen rule sets make every category explicit (:func:`explicit_ruleset`)."""
+        """False, always; the chosen rule sets make every category explicit (:func:`explicit_ruleset`)."""
         return False
 
     def rules_for(self, group: str) -> RuleSet:

@@ -4,7 +4,7 @@ Both conventions score the same graph with the same attribution methods; they di
 how a faithfulness curve is built from the scores (see ``docs/edges.md``):
 
 ========================  ==================================  ==================================
-                          ``"library"`` (default)             ``"mib"`` (MIB circuit track)
+aspect                    ``"library"`` (default)             ``"mib"`` (MIB circuit track)
 ========================  ==================================  ==================================
 circuit sizes             0, .001, .002, .005, .01, .02, .05, .001, .002, .005, .01, .02, .05,
                           .1, .2, .3, .5, .7, .9, 1           .1, .2, .5, 1 (no 0)

@@ -124,7 +124,7 @@ class RulePlan(Protocol):
     """The one question every ``rules=`` value answers: which rule set applies to which
     attributed layer (a :class:`RuleSet` answers "this one, for all of them";
     :class:`~captum_relp.CalibratedRules` one per layer group). The rule set then says
-    which rule applies to which module (:meth:`RuleSet.rule_for`).
+    which rule applies to which module (``RuleSet.rule_for``).
     """
 
     @property

@@ -45,12 +45,16 @@ def test_bench_small_in_process(bench, tmp_path):
     assert ig["backward_calls"] == components
     assert ig["backward_rows"] == components * n_steps * n_prompts
 
-    # AP (reuse_prefix=True): clean forward + one corrupt forward (all layers' activations,
-    # copied) + per component and example, ceil(T / internal_batch_size) patched batches.
+    # AP (reuse_prefix=True): clean forward + corrupt forwards through Captum's LayerActivation
+    # (one per attribute_to_layer_input value: the residual stream is a block input, attention
+    # and MLP outputs are outputs, so two) + per component and example,
+    # ceil(T / internal_batch_size) patched batches.
     ap = results["AP"]
     chunks = math.ceil(seq_len / ap_batch)
-    assert ap["forward_calls"] == 1 + 1 + components * n_prompts * chunks
-    assert ap["forward_rows"] == n_prompts + n_prompts + components * n_prompts * seq_len
+    corrupt_forwards = 2
+    assert ap["forward_calls"] == 1 + corrupt_forwards + components * n_prompts * chunks
+    assert ap["forward_rows"] == (n_prompts + corrupt_forwards * n_prompts
+                                  + components * n_prompts * seq_len)
     assert ap["backward_calls"] == 0
 
     for r in results.values():

@@ -6,8 +6,8 @@ how a faithfulness curve is built from the scores (see ``docs/edges.md``):
 ========================  ==================================  ==================================
 aspect                    ``"library"`` (default)             ``"mib"`` (MIB circuit track)
 ========================  ==================================  ==================================
-circuit sizes             0, .001, .002, .005, .01, .02, .05, .001, .002, .005, .01, .02, .05,
-                          .1, .2, .3, .5, .7, .9, 1           .1, .2, .5, 1 (no 0)
+circuit sizes             0, .001, .002, .005, .01, .02,      .001, .002, .005, .01, .02, .05,
+                          .05, .1, .2, .3, .5, .7, .9, 1      .1, .2, .5, 1 (no 0)
 edges kept, size ``p``    ``round(p * n)``                    ``int(p * n)`` (floor)
 CPR circuits              top ``|score|``                     top signed score
 CMD circuits              top ``|score|``                     top ``|score|``

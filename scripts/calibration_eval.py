@@ -13,9 +13,23 @@ score (RelP scores of a layer do not depend on the other layers attributed in th
 Models: the two shipped models on IOI, and tiny random-weight models of several
 families whose weights are rescaled so that the inputs of normalisation and
 activation modules have std ~2 (strong nonlinearities, where presets disagree),
-on random token pairs with a logit-difference metric.
+on random token pairs with a logit-difference metric at the last position (encoders too:
+their masked-LM logits there). ``--families`` builds the script's own 3-layer configs;
+``--tiny-families`` (``rest``: every family-table family without a script config) builds the
+family tests' tiny configs (``tests/families/configs.py``), every component type the family
+has (OPT: no MLP output, refused by the table and listed so on the page).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/calibration_eval.py --markdown docs/results_calibration.md
+Rows: with ``--rows-dir``, every measured model is written as one JSON row file there, and the
+page (``--markdown``) shows every row file of the directory, combined by model name (see
+``_calibration_rows.py``). E.g. the tiny-config rows, then the page from every row file:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/calibration_eval.py --shipped --families
+        --tiny-families rest --no-smollm --rows-dir docs/_static/results/calibration
+    PYTHONPATH=. python scripts/calibration_eval.py --from-json docs/_static/results/calibration
+        --markdown docs/results_calibration.md
+
+(one command each). SmolLM2-135M is measured when its converted directory exists (``--no-smollm``
+skips it); its row joins the others the same way (``--shipped --families --rows-dir ...``).
 """
 from __future__ import annotations
 
@@ -34,7 +48,10 @@ from captum_relp import model_components
 from captum_relp.calibration._select import GroupData, _interval, bootstrap_weights, weighted_agreements
 from captum_relp.calibration import CandidateScores, choose_rules, score_candidates
 from captum_relp.embedded import heldout_words, load_embedded
+from captum_relp.families import FAMILY_TABLE
 from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
+
+import _calibration_rows as rows_io
 
 KINDS = ("resid", "attn", "mlp")
 VOCAB = 64
@@ -78,14 +95,23 @@ def random_model(family: str, seed: int, n_layers: int = 3, hidden: int = 32) ->
     return model
 
 
+def tiny_family_model(family: str, seed: int) -> nn.Module:
+    """The family tests' tiny random model of ``family`` (float32, this script's vocabulary)."""
+    from tests.families.configs import tiny_model
+
+    return tiny_model(family, dtype=torch.float32, seed=seed, vocab_size=VOCAB)
+
+
 def _input_stds(model: nn.Module, ids: torch.Tensor, kind: str) -> List[float]:
     """Std of the inputs of every normalisation (kind='norm') or activation module."""
     stds, handles = [], []
+    family = FAMILY_TABLE.get(getattr(getattr(model, "config", None), "model_type", None))
+    own_activations = family.activations if family is not None else ()
     for module in model.modules():
         name = type(module).__name__
         is_norm = "Norm" in name and "Normal" not in name
-        is_act = type(module).__module__ in ("transformers.activations", "torch.nn.modules.activation") \
-            and name not in ("Softmax", "Tanh")
+        is_act = (type(module).__module__ in ("transformers.activations", "torch.nn.modules.activation")
+                  and name not in ("Softmax", "Tanh")) or name in own_activations
         if (kind == "norm" and is_norm) or (kind == "act" and is_act):
             handles.append(module.register_forward_pre_hook(lambda m, a: stds.append(float(a[0].std()))))
     with torch.no_grad():
@@ -95,11 +121,14 @@ def _input_stds(model: nn.Module, ids: torch.Tensor, kind: str) -> List[float]:
     return stds
 
 
-def strengthen(model: nn.Module, ids: torch.Tensor, target: float = 2.0, rounds: int = 3) -> Dict[str, float]:
+def strengthen(model: nn.Module, ids: torch.Tensor, target: float = 2.0, rounds: int = 3,
+               norms: bool = True) -> Dict[str, float]:
     """Rescale weights so that norm and activation inputs have std ~``target``.
 
     Activation inputs: every linear weight inside the MLPs is scaled. Norm inputs (the
-    residual stream): the embeddings and the attention / MLP output projections are scaled.
+    residual stream): the embeddings and the attention / MLP output projections are scaled
+    (not with ``norms=False``: models whose norms only act on sublayer outputs, where these
+    factors do not reach the norm inputs and the iteration collapses to zero).
     """
     comps = model_components(model)
     mlp_linears = [m for block in comps.blocks for m in block.modules()
@@ -113,6 +142,8 @@ def strengthen(model: nn.Module, ids: torch.Tensor, target: float = 2.0, rounds:
                 for lin in mlp_linears:
                     lin.weight.mul_(factor)
         norm = _input_stds(model, ids, "norm")
+        if not norms:
+            continue
         factor = target / (sum(norm) / len(norm))
         with torch.no_grad():
             for module in model.modules():
@@ -131,7 +162,8 @@ def _output_linear(module: nn.Module) -> nn.Module:
 
 
 def _mlp_modules(block: nn.Module) -> List[nn.Module]:
-    return [m for name, m in block.named_children() if name in ("mlp", "feed_forward", "intermediate", "output")]
+    return [m for name, m in block.named_children()
+            if name in ("mlp", "feed_forward", "intermediate", "output", "ffn", "fc1", "fc2")]
 
 
 def random_pairs(n: int, seq: int, seed: int, n_diff: int = 2):
@@ -198,15 +230,23 @@ def evaluate_ioi(name: str, model, tok, n_pool: int, n_eval: int, **kw) -> Dict:
     return study(name, "IOI", scores, len(pool), seconds=time.perf_counter() - began, **kw)
 
 
-def evaluate_random(family: str, seed: int, n_pool: int, n_eval: int, seq: int = 8, **kw) -> Dict:
+def evaluate_random(family: str, seed: int, n_pool: int, n_eval: int, seq: int = 8, tiny: bool = False,
+                    **kw) -> Dict:
+    """A random-weight row: the script's 3-layer config, or (``tiny``) the family tests' tiny config."""
     began = time.perf_counter()
-    model = random_model(family, seed)
+    model = tiny_family_model(family, seed) if tiny else random_model(family, seed)
     clean, corrupt = random_pairs(n_pool + n_eval, seq, seed + 100)
-    scale = strengthen(model, clean)
-    layers, flags, _ = model_components(model).select(KINDS)
+    family_entry = FAMILY_TABLE[family]
+    post_only = family_entry.post_norms and not any(n.endswith("input_layernorm") for n, _ in model.named_modules())
+    scale = strengthen(model, clean, norms=not post_only)  # Olmo2: norms on sublayer outputs only
+    components = model_components(model)
+    layers, flags, _ = components.select(components.kinds if tiny else KINDS)
     scores = score_candidates(model, layers, clean, corrupt, metric=logit_diff, attribute_to_layer_input=flags)
-    return study(f"random {family} (seed {seed})", "random tokens", scores, n_pool,
-                 seconds=time.perf_counter() - began, scale=scale, **kw)
+    name = f"random {family} ({'tiny, ' if tiny else ''}seed {seed})"
+    result = study(name, "random tokens", scores, n_pool, seconds=time.perf_counter() - began, scale=scale, **kw)
+    result.update(family=family, config=rows_io.TINY_CONFIG if tiny else rows_io.SCRIPT_CONFIG,
+                  refused=dict(components.missing))
+    return result
 
 
 def _cell(value: float, interval: Optional[List[float]]) -> str:
@@ -236,6 +276,9 @@ def size_table(results: List[Dict], sizes: List[int]) -> str:
         cells = []
         for size in sizes:
             rows = [row for r in res["runs"] if r["size"] == size for row in r["held_out"].values()]
+            if not rows:
+                cells.append("not measured")
+                continue
             diffs = [row["diff"] for row in rows]
             below = sum(1 for row in rows if row["diff_interval"] and row["diff_interval"][1] < 0)
             moved = sum(1 for r in res["runs"] if r["size"] == size for d in r["decisions"].values() if d == "chosen")
@@ -253,55 +296,77 @@ def main() -> None:
     parser.add_argument("--table-size", type=int, default=20, help="calibration size of the main table")
     parser.add_argument("--draws", type=int, default=5, help="subsets per size below the pool size")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
-    parser.add_argument("--families", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES), help="random rows, 3-layer script configs")
+    parser.add_argument("--tiny-families", nargs="*", default=[],
+                        help="random rows, the family tests' tiny configs ('rest': every table family without a script config)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--shipped", nargs="*", default=["tiny-gpt2-ioi", "tiny-llama-ioi"])
-    parser.add_argument("--json", default=None, help="also write the results as JSON")
+    parser.add_argument("--no-smollm", action="store_true", help=f"do not measure SmolLM2-135M (at {SMOLLM})")
+    parser.add_argument("--json", default=None, help="also write the measured results as one JSON list")
+    parser.add_argument("--rows-dir", default=None,
+                        help="write one JSON row file per model there; the page then shows every row file there")
     parser.add_argument("--markdown", default=None, help="also write the page (docs/results_calibration.md)")
-    parser.add_argument("--from-json", default=None,
-                        help="write --markdown from the --json of an earlier run (same options) instead of measuring")
+    parser.add_argument("--from-json", nargs="*", default=None,
+                        help="instead of measuring, take the rows of earlier --json outputs, row files or --rows-dir "
+                             "directories (combined by model name, later sources win)")
     args = parser.parse_args()
-    if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
-        table, sizes = main_table(results, args.table_size), size_table(results, args.sizes)
+    if args.from_json is not None:
+        results = rows_io.load_rows(args.from_json)
+    else:
+        results = measure(args)
+        print(main_table(results, args.table_size) + "\n\n" + size_table(results, args.sizes)
+              + f"\n\n(total {sum(r['seconds'] for r in results):.0f} s)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.rows_dir:
+        rows_io.write_rows(results, args.rows_dir, measure_command(args), args.table_size)
+        results = rows_io.load_rows([args.rows_dir])
+    if args.markdown:
         smollm = None if any(r["model"] == "SmolLM2-135M" for r in results) else \
             f"SmolLM2-135M: no converted directory at {SMOLLM}; not measured."
+        table, sizes = main_table(results, args.table_size), size_table(results, args.sizes)
         Path(args.markdown).write_text(page(args, results, table, sizes, sum(r["seconds"] for r in results), smollm))
-        return
+
+
+def measure(args) -> List[Dict]:
+    """Measure the rows the options name (shipped, SmolLM2, script-config and tiny-config families)."""
     torch.set_grad_enabled(True)
-    began = time.perf_counter()
     kw = dict(sizes=args.sizes, draws=args.draws, n_bootstrap=args.n_bootstrap)
     results = []
     for name in args.shipped:
         model, tok = load_embedded(name)
         results.append(evaluate_ioi(name, model, tok, args.n_pool, args.n_eval, **kw))
         print(f"{name}: {results[-1]['seconds']:.0f} s", flush=True)
-    smollm = None
-    if SMOLLM.is_dir():
+    if SMOLLM.is_dir() and not args.no_smollm:
         from captum_relp.embedded import load_model
 
         model, tok = load_model(str(SMOLLM), "cpu", "float32")
         results.append(evaluate_ioi("SmolLM2-135M", model, tok, args.n_pool, args.n_eval, **kw))
-    else:
-        smollm = f"SmolLM2-135M: no converted directory at {SMOLLM}; not measured."
-    for family in args.families:
+    tiny = [f for f in FAMILY_TABLE if f not in FAMILIES] if args.tiny_families == ["rest"] else args.tiny_families
+    for family, is_tiny in [(f, False) for f in args.families] + [(f, True) for f in tiny]:
         for seed in args.seeds:
-            results.append(evaluate_random(family, seed, args.n_pool, args.n_eval, **kw))
+            results.append(evaluate_random(family, seed, args.n_pool, args.n_eval, tiny=is_tiny, **kw))
             print(f"{results[-1]['model']}: {results[-1]['seconds']:.0f} s", flush=True)
-    seconds = time.perf_counter() - began
-    table, sizes = main_table(results, args.table_size), size_table(results, args.sizes)
-    print(table + "\n\n" + sizes + f"\n\n(total {seconds:.0f} s)")
-    if args.markdown:
-        Path(args.markdown).write_text(page(args, results, table, sizes, seconds, smollm))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def measure_command(args) -> str:
+    """The command that measures the rows of this invocation (recorded in every row file)."""
+    parts = ["OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/calibration_eval.py", "--n-pool", args.n_pool,
+             "--n-eval", args.n_eval, "--sizes", *args.sizes, "--draws", args.draws, "--n-bootstrap", args.n_bootstrap,
+             "--shipped", *args.shipped, "--families", *args.families]
+    parts += (["--tiny-families", *args.tiny_families] if args.tiny_families else []) + ["--seeds", *args.seeds]
+    return " ".join(map(str, parts + (["--no-smollm"] if args.no_smollm else [])))
 
 
 def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional[str]) -> str:
-    command = (f"OMP_NUM_THREADS=1 python scripts/calibration_eval.py --n-pool {args.n_pool} --n-eval {args.n_eval} "
-               f"--sizes {' '.join(map(str, args.sizes))} --table-size {args.table_size} --draws {args.draws} "
-               f"--markdown {args.markdown}")
-    cost = ", ".join(f"{r['model']} {r['seconds']:.0f} s ({len(r['candidates'])} candidates)" for r in results)
+    if args.from_json is not None or args.rows_dir:
+        sources = args.rows_dir or " ".join(args.from_json)
+        written = f"`PYTHONPATH=. python scripts/calibration_eval.py --from-json {sources} --markdown {args.markdown}`"
+    else:
+        written = "the measuring command with `--markdown " + args.markdown + "`"
+    cost = ", ".join(f"{r['model']} {r['seconds']:.0f} s ({len(r['candidates'])} candidates, "
+                     f"{r['n_pool']} + {r['n_eval']} pairs)" for r in results)
     rows = [(r["model"], kind, row) for r in results for run in r["runs"] if run["size"] == args.table_size
             and run["draw"] == 0 for kind, row in run["held_out"].items()]
     below = [f"{m} {k}" for m, k, row in rows if row["diff_interval"] and row["diff_interval"][1] < 0]
@@ -312,16 +377,26 @@ def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional
                + f"; the largest point deficit is {worst[2]['diff']:+.3f} ({worst[0]}, {worst[1]}).")
     return "\n".join([
         "## Calibrated rules (held-out)", "",
-        f"Measured with `{command}` (torch {torch.__version__}, CPU, one thread, {seconds:.0f} s in all: {cost}). "
-        f"AP and every default candidate run once on {args.n_pool} calibration pairs plus {args.n_eval} held-out "
-        "pairs; rules are chosen on calibration pairs only (noise-aware: the gradient is kept unless a candidate "
-        "beats it beyond the bootstrap noise) and every method is compared with exact activation patching on the "
-        "held-out pairs. Brackets: 95% paired-bootstrap intervals over the held-out pairs.", "",
+        f"Rows measured with (torch {torch.__version__}, CPU, one thread):", "",
+        *rows_io.commands(results, measure_command(args)), "",
+        f"and this page written from the row files with {written}. Time, {seconds:.0f} s in all: {cost}. "
+        "Per model, AP and every default candidate run once on a pool of calibration pairs plus held-out pairs "
+        "(pair counts above); rules are chosen on calibration pairs only (noise-aware: the gradient is kept unless "
+        "a candidate beats it beyond the bootstrap noise) and every method is compared with exact activation "
+        "patching on the held-out pairs. Random-weight models: random token pairs differing at two positions, "
+        "metric the logit difference of tokens 1 and 2 at the last position (encoders: their masked-LM logits "
+        "there). Brackets: 95% paired-bootstrap intervals over the held-out pairs.", "",
         f"### Held-out Pearson with AP, calibrated on {args.table_size} pairs", "", table, "", verdict, "",
+        "### Family table coverage", "",
+        "Every family of the family table (`captum_relp/families/table.py`), the rows measuring it and the "
+        "component types the table refuses (not measured, with the table's reason).", "",
+        rows_io.coverage_table(results, args.table_size), "",
         "### Calibration size: calibrated minus AtP on held-out pairs", "",
-        f"Per size: mean over {args.draws} calibration subsets (one for the full pool) and the three component "
-        "types of held-out PCC(calibrated) - PCC(AtP); the worst of them; how many groups left the gradient; how "
-        "many were below AtP beyond the noise (interval entirely below zero).", "", sizes, "",
+        "Per size: mean over the calibration subsets of that size (the first pairs and random subsets; one for "
+        "the full pool) and the component types of held-out PCC(calibrated) - PCC(AtP); the worst of them; how "
+        "many groups left the gradient; how many were below AtP beyond the noise (interval entirely below zero). "
+        "Rows measured at one calibration size only show the others as not measured.", "", sizes, "",
+        rows_io.below_in_size_study(results), "",
         *([smollm, ""] if smollm else []), ""])
 
 

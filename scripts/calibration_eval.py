@@ -308,7 +308,9 @@ def main() -> None:
     parser.add_argument("--markdown", default=None, help="also write the page (docs/results_calibration.md)")
     parser.add_argument("--from-json", nargs="*", default=None,
                         help="instead of measuring, take the rows of earlier --json outputs, row files or --rows-dir "
-                             "directories (combined by model name, later sources win)")
+                             "directories (combined by model name, later sources win); with --rows-dir, rows "
+                             "without a recorded command get the one these options make (give the options they "
+                             "were measured with)")
     args = parser.parse_args()
     if args.from_json is not None:
         results = rows_io.load_rows(args.from_json)

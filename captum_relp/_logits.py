@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._unwrap import is_hf_model
+from ._forward import is_hf_model
 from .metrics import MetricEvaluator, last_positions
 from .metrics import tile_rows
 

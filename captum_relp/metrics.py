@@ -154,9 +154,10 @@ def _metric_name(metric: Callable) -> str:
     return getattr(metric, "__name__", None) or repr(metric)
 
 
-def _finite(values: Tensor, what: str) -> Tensor:
+def _finite(values: Tensor, what: Union[str, Callable[[], str]]) -> Tensor:
     if not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
+        what = what() if callable(what) else what  # a metric's repr only when it is needed
         raise ValueError(f"{what} contain {bad} non-finite value(s) (NaN or inf): scores would be NaN")
     return values
 
@@ -180,7 +181,7 @@ def checked_metric(metric: Callable[[Tensor], Tensor], output: Tensor, rows: int
             f"metric {_metric_name(metric)} returned shape {shape} for {rows} rows; it must return one "
             f"value per row, shape ({rows},) (do not average over the batch)"
         )
-    return _finite(values, f"the values of metric {_metric_name(metric)}")
+    return _finite(values, lambda: f"the values of metric {_metric_name(metric)}")
 
 
 class MetricEvaluator:

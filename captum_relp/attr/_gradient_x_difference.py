@@ -13,8 +13,7 @@ from .._hooks import frozen_model
 from .._logits import metric_logits
 from ..metrics import MetricType, TargetType
 from ..rules import RulesLike, rule_plan
-from ._base import LayerType, PatchingAttribution, TensorOrTuple
-from ._reduce import check_reduce, reduce_scores
+from ._base import LayerType, PatchingAttribution, TensorOrTuple, check_reduce, reduce_scores
 
 DIRECTIONS = ("noising", "denoising")
 

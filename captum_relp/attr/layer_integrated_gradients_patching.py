@@ -12,8 +12,7 @@ from .._forward import call_model
 from .._hooks import captum_safe_outputs, frozen_model
 from .._logits import metric_logits
 from ..metrics import MetricEvaluator, MetricType, TargetType
-from ._base import LayerType, PatchingAttribution, TensorOrTuple
-from ._reduce import check_reduce, reduce_scores
+from ._base import LayerType, PatchingAttribution, TensorOrTuple, check_reduce, reduce_scores
 
 
 class _CheckedLayerIntegratedGradients(LayerIntegratedGradients):

@@ -188,23 +188,6 @@ class HookGatedRule(HookPointRule):
         return lambda: [undo() for undo in reversed(undos)] and None
 
 
-def has_hook_points(module: nn.Module) -> bool:
-    """Whether ``module`` computes through hook points a rule must act on.
-
-    True for modules with ``hook_scale`` (norms), ``hook_pattern`` (attention) or
-    ``hook_pre`` and ``hook_post`` (MLPs): strict mode needs a rule for them.
-
-    Example:
-        >>> import torch
-        >>> has_hook_points(torch.nn.Linear(2, 2))
-        False
-    """
-    def point(name: str) -> bool:
-        return isinstance(module.__dict__.get("_modules", {}).get(name), nn.Module)
-
-    return point("hook_scale") or point("hook_pattern") or (point("hook_pre") and point("hook_post"))
-
-
 TRANSFORMER_LENS_ENTRIES: dict = {}
 """Registry entries ``{type key: (category, rule factory)}`` for TransformerLens classes."""
 # TransformerLens computes in its own code, through HookPoints: hook-based rules, keyed by
@@ -232,4 +215,4 @@ TRANSFORMER_LENS_ENTRIES[_TL4 + "gated_mlp.GatedMLPBridge"] = ("gate", ZeroRule)
 
 
 __all__ = ["TRANSFORMER_LENS_ENTRIES", "HookPointRule", "DetachHookRule", "HookIdentityRule", "HookGatedRule",
-           "add_forward_hook", "has_hook_points"]
+           "add_forward_hook"]

@@ -4,7 +4,7 @@ Module types are keyed by their qualified name (``module.ClassName``), so the
 registry covers Hugging Face families without importing every modeling file;
 actual classes can be registered too. Each entry has a *category* (``norm``,
 ``activation``, ``gate``, ``linear`` or ``custom``); a
-:class:`~captum_relp.rules.presets.RuleSet` (Zennit calls it a composite) enables
+:class:`~captum_relp.rules.RuleSet` (Zennit calls it a composite) enables
 categories and adds an optional attention rule.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .base import Rule
 from .family_entries import registry_entries
 from .fused_gate import LAYOUTS
 from .gate import GATED_MLP_ATTRIBUTES
-from .hookpoint import TRANSFORMER_LENS_ENTRIES, has_hook_points
+from .hookpoint import TRANSFORMER_LENS_ENTRIES
 from .norm import LayerNormRule, RMSNormRule
 
 RuleFactory = Callable[[], Rule]
@@ -180,6 +180,23 @@ def needs_rule(module: nn.Module) -> bool:
     # a leaf module of unknown type computes something of its own (e.g. x * sigmoid(x))
     is_leaf = next(module.children(), None) is None
     return is_leaf and not _is_structural_leaf(cls)
+
+
+def has_hook_points(module: nn.Module) -> bool:
+    """Whether ``module`` computes through hook points a rule must act on.
+
+    True for modules with ``hook_scale`` (norms), ``hook_pattern`` (attention) or
+    ``hook_pre`` and ``hook_post`` (MLPs): strict mode needs a rule for them.
+
+    Example:
+        >>> import torch
+        >>> has_hook_points(torch.nn.Linear(2, 2))
+        False
+    """
+    def point(name: str) -> bool:
+        return isinstance(module.__dict__.get("_modules", {}).get(name), nn.Module)
+
+    return point("hook_scale") or point("hook_pattern") or (point("hook_pre") and point("hook_post"))
 
 
 def _is_structural_leaf(cls: type) -> bool:

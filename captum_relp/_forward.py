@@ -89,10 +89,8 @@ def is_hf_model(module: Any) -> bool:
         >>> is_hf_model(torch.nn.Linear(1, 1))
         False
     """
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
+    from transformers import PreTrainedModel  # a dependency; imported when first needed
+
     return isinstance(unwrap_model(module), PreTrainedModel)
 
 

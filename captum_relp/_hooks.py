@@ -56,8 +56,7 @@ def layer_hooks(
     def output_hook(index: int):
         def hook(module, args, output):
             if isinstance(output, Tensor):
-                new = fn(index, output)
-                return None if new is None else new
+                return fn(index, output)
             if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
                 new = fn(index, output[0])
                 if new is None:
@@ -74,9 +73,7 @@ def layer_hooks(
                 return None if new is None else ((new, *args[1:]), kwargs)
             if "hidden_states" in kwargs and isinstance(kwargs["hidden_states"], Tensor):
                 new = fn(index, kwargs["hidden_states"])
-                if new is None:
-                    return None
-                return args, {**kwargs, "hidden_states": new}
+                return None if new is None else (args, {**kwargs, "hidden_states": new})
             raise TypeError(f"layer[{index}] ({type(module).__name__}) received no tensor input")
 
         return hook
@@ -105,7 +102,8 @@ def captum_safe_outputs(layers: Sequence[nn.Module]) -> Iterator[None]:
 
     def output_hook(module, args, output):
         if isinstance(output, tuple) and any(o is None for o in output):
-            return tuple(_empty_like(output, o) for o in output)
+            reference = next(o for o in output if isinstance(o, Tensor))
+            return tuple(reference.new_zeros(0) if o is None else o for o in output)
         return None
 
     def input_hook(module, args, kwargs):
@@ -124,13 +122,6 @@ def captum_safe_outputs(layers: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _empty_like(output: tuple, entry):
-    if entry is not None:
-        return entry
-    reference = next(o for o in output if isinstance(o, Tensor))
-    return reference.new_zeros(0)
 
 
 class _Owner:
@@ -228,16 +219,3 @@ def pad_mask_like(attention_mask: Optional[Tensor], tensor: Tensor) -> Optional[
     shape = tuple(attention_mask.shape[:2]) + (1,) * (tensor.dim() - 2)
     return attention_mask.to(tensor.device).reshape(shape).to(tensor.dtype)
 
-
-__all__ = [
-    "as_layer_list",
-    "per_layer_flags",
-    "check_layers_in_model",
-    "layer_hooks",
-    "frozen_model",
-    "model_owned",
-    "NestedAttributionError",
-    "captum_safe_outputs",
-    "capture",
-    "pad_mask_like",
-]

@@ -77,10 +77,8 @@ def is_causal_lm(model: Any) -> bool:
     """
     if not is_hf_model(model):
         return False
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:  # pragma: no cover
-        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return False
@@ -182,6 +180,3 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         for handle in handles:
             handle.remove()
 
-
-__all__ = ["LAST_REAL", "full_logits", "metric_positions", "is_causal_lm", "can_slice_logits",
-           "gather_rows", "metric_logits"]

@@ -36,6 +36,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
         rules (str, RuleSet or CalibratedRules): anything :func:`~captum_relp.rules.rule_plan`
             accepts: a preset name, a :class:`~captum_relp.RuleSet` or the outcome of
             :func:`~captum_relp.calibrate_rules` (one pass per distinct chosen rule set).
+            Default ``"relp"``.
         multiply_by_inputs (bool): if False, return the coefficients only.
         model (nn.Module, optional): the module rules apply to, for a plain ``forward_func``.
         strict (bool): raise if a normalisation/activation module has no rule.
@@ -53,7 +54,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
         self,
         forward_func: Callable,
         layer: LayerType,
-        rules: RulesLike,
+        rules: RulesLike = "relp",
         *,
         multiply_by_inputs: bool = True,
         model: Optional[nn.Module] = None,

@@ -19,7 +19,7 @@ from torch import nn
 from .. import families
 from .attention import AHRule
 from .base import Rule
-from .gate import GATED_MLP_ATTRIBUTES
+from .nonlinear import GATED_MLP_ATTRIBUTES
 from .registry import needs_rule, registered_category, registry_entry, type_key
 
 @dataclass

@@ -4,11 +4,9 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from ..families import FAMILY_TABLE, Attention, Norm
-from .activation import IdentityRule
 from .detach_qk import DetachQKArgsRule, DetachQKColumnsRule, DetachQKOutputsRule
 from .fused_gate import FusedGateRule
-from .gate import HalfRule
-from .norm import LayerNormRule
+from .nonlinear import HalfRule, IdentityRule, LayerNormRule
 
 _AH_RULES = {"method-args": DetachQKArgsRule, "method-outputs": DetachQKOutputsRule,
              "qkv-columns": DetachQKColumnsRule}

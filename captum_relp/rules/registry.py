@@ -13,13 +13,11 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from .activation import IdentityRule
 from .base import Rule
 from .family_entries import registry_entries
 from .fused_gate import LAYOUTS
-from .gate import GATED_MLP_ATTRIBUTES
 from .hookpoint import TRANSFORMER_LENS_ENTRIES
-from .norm import LayerNormRule, RMSNormRule
+from .nonlinear import GATED_MLP_ATTRIBUTES, IdentityRule, LayerNormRule, RMSNormRule
 
 RuleFactory = Callable[[], Rule]
 CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")

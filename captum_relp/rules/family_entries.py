@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from ..families import FAMILY_TABLE, Attention, Norm
-from .detach_qk import DetachQKArgsRule, DetachQKColumnsRule, DetachQKOutputsRule
-from .fused_gate import FusedGateRule
-from .nonlinear import HalfRule, IdentityRule, LayerNormRule
+from .attention import DetachQKArgsRule, DetachQKColumnsRule, DetachQKOutputsRule
+from .nonlinear import FusedGateRule, HalfRule, IdentityRule, LayerNormRule
 
 _AH_RULES = {"method-args": DetachQKArgsRule, "method-outputs": DetachQKOutputsRule,
              "qkv-columns": DetachQKColumnsRule}

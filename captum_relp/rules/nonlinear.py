@@ -13,17 +13,27 @@
   re-expresses that forward with the product routed through
   :func:`~captum_relp.rules.functional.half_product`, whose forward is the same product and
   whose backward gives each factor half of the product's gradient, so relevance is split
-  equally instead of doubled.
+  equally instead of doubled. Where the gate and up projections are one fused linear layer
+  (:class:`FusedGateRule`: Phi-3 computes ``down_proj(up * act(gate))`` with
+  ``gate, up = gate_up_proj(x).chunk(2)``; ModernBERT ``Wo(drop(act(input) * gate))`` with
+  ``input, gate = Wi(x).chunk(2)``) the product is routed the same way, same operands in the
+  same order, so the forward is bit-identical.
+* Final-logit soft-capping ``c * tanh(z / c)`` (Gemma 2 and 3, :class:`LogitSoftcapRule`) is a
+  pointwise function with ``f(0) = 0``, computed inline after the unembedding: the
+  Identity-rule multiplies the logits' gradient by ``f(z) / z`` (1 at ``z = 0``), so the
+  relevance of the capped logit flows unchanged to the uncapped one. The rule is applied to
+  the whole model: it records the unembedding output ``z`` and re-attaches the model's own
+  capped logits to it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .base import ForwardPatchRule
-from .functional import compute_dtype, half_product, identity_rule, ln_rule, slope_at_zero
+from .base import ForwardPatchRule, Rule, UndoFn
+from .functional import compute_dtype, half_product, identity_ratio, identity_rule, ln_rule, slope_at_zero
 
 GATED_MLP_ATTRIBUTES = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -158,3 +168,96 @@ class HalfRule(ForwardPatchRule):
     def patched_forward(self, module: nn.Module, original: Callable, state: Any, x):
         gate = module.act_fn(module.gate_proj(x))
         return module.down_proj(half_product(gate, module.up_proj(x)))
+
+
+LAYOUTS: Dict[str, Tuple[str, str, str]] = {
+    "gate_up_proj": ("gate_up_proj", "activation_fn", "down_proj"),
+    "wi": ("Wi", "act", "Wo"),
+}
+"""``layout: (fused projection, activation, output projection)`` attribute names."""
+
+
+class FusedGateRule(ForwardPatchRule):
+    """Half-rule on a fused gated MLP (``layout`` one of :data:`LAYOUTS`).
+
+    Example:
+        >>> import torch
+        >>> from captum_relp.rules.nonlinear import FusedGateRule
+        >>> mlp = torch.nn.Module()
+        >>> mlp.gate_up_proj, mlp.down_proj = torch.nn.Linear(2, 4), torch.nn.Linear(2, 2)
+        >>> mlp.activation_fn = torch.nn.SiLU()
+        >>> mlp.forward = lambda x: mlp.down_proj(torch.mul(*mlp.gate_up_proj(x).chunk(2, -1)[::-1]))
+        >>> undo = FusedGateRule("gate_up_proj").apply(mlp); undo()
+    """
+
+    name = "half"
+    category = "gate"
+
+    def __init__(self, layout: str) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+        self.layout = layout
+
+    def prepare(self, module: nn.Module, original: Callable) -> None:
+        missing = [a for a in LAYOUTS[self.layout] if not hasattr(module, a)]
+        if missing:
+            raise ValueError(f"FusedGateRule({self.layout!r}): {type(module).__name__} lacks {missing}")
+
+    def patched_forward(self, module: nn.Module, original: Callable, state: Any, x, *args: Any, **kwargs: Any):
+        if self.layout == "gate_up_proj":
+            gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
+            return module.down_proj(half_product(up, module.activation_fn(gate)))
+        inputs, gate = module.Wi(x).chunk(2, dim=-1)
+        return module.Wo(module.drop(half_product(module.act(inputs), gate)))
+
+    def __repr__(self) -> str:
+        return f"FusedGateRule({self.layout!r})"
+
+
+class _Recapped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, capped):  # type: ignore[override]
+        ctx.save_for_backward(identity_ratio(z, capped, 1.0).to(z.dtype))
+        return capped.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (ratio,) = ctx.saved_tensors
+        return grad_output * ratio, None
+
+
+class LogitSoftcapRule(Rule):
+    """Identity-rule on the final-logit soft-cap of a causal LM (``config.final_logit_softcapping``).
+
+    Example:
+        >>> from transformers import Gemma2Config, Gemma2ForCausalLM
+        >>> model = Gemma2ForCausalLM(Gemma2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...     num_key_value_heads=1, head_dim=4, intermediate_size=8, vocab_size=16)).eval()
+        >>> undo = LogitSoftcapRule().apply(model); undo()
+    """
+
+    name = "identity"
+    category = "activation"
+
+    def apply(self, module: nn.Module) -> UndoFn:
+        head = module.get_output_embeddings()
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"LogitSoftcapRule: {type(module).__name__} has no output embeddings")
+        seen: dict = {}
+
+        def on_head(mod: nn.Module, args: Any, output: Tensor) -> None:
+            seen["z"] = output
+
+        def on_model(mod: nn.Module, args: Any, output: Any):
+            z = seen.pop("z", None)
+            logits = getattr(output, "logits", None)
+            if z is None or logits is None or not torch.is_grad_enabled() or not z.requires_grad:
+                return None
+            if z.shape != logits.shape:
+                raise RuntimeError(f"LogitSoftcapRule: unembedding output {tuple(z.shape)} is not the shape "
+                                   f"of the logits {tuple(logits.shape)}")
+            output.logits = _Recapped.apply(z, logits)
+            return output
+
+        handles = [head.register_forward_hook(on_head), module.register_forward_hook(on_model)]
+        return lambda: [handle.remove() for handle in handles] and None

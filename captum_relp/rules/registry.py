@@ -15,9 +15,8 @@ from torch import nn
 
 from .base import Rule
 from .family_entries import registry_entries
-from .fused_gate import LAYOUTS
 from .hookpoint import TRANSFORMER_LENS_ENTRIES
-from .nonlinear import GATED_MLP_ATTRIBUTES, IdentityRule, LayerNormRule, RMSNormRule
+from .nonlinear import GATED_MLP_ATTRIBUTES, LAYOUTS, IdentityRule, LayerNormRule, RMSNormRule
 
 RuleFactory = Callable[[], Rule]
 CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")

@@ -5,11 +5,31 @@ import inspect
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 TensorFn = Callable[[int, Tensor], Optional[Tensor]]
+
+
+@contextmanager
+def hooks_removed() -> Iterator[List[Any]]:
+    """A list to put hook handles in; every handle in it is removed when the block exits.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(1, 1)
+        >>> with hooks_removed() as handles:
+        ...     handles.append(net.register_forward_hook(lambda *args: None))
+        >>> len(net._forward_hooks)
+        0
+    """
+    handles: List[Any] = []
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def as_layer_list(layer: Union[nn.Module, Sequence[nn.Module]]) -> List[nn.Module]:
@@ -51,8 +71,6 @@ def layer_hooks(
     For modules returning tuples (Hugging Face attention and decoder layers) the
     first element is used.
     """
-    handles = []
-
     def output_hook(index: int):
         def hook(module, args, output):
             if isinstance(output, Tensor):
@@ -78,16 +96,13 @@ def layer_hooks(
 
         return hook
 
-    try:
+    with hooks_removed() as handles:
         for index, (layer, use_input) in enumerate(zip(layers, to_input)):
             if use_input:
                 handles.append(layer.register_forward_pre_hook(input_hook(index), with_kwargs=True))
             else:
                 handles.append(layer.register_forward_hook(output_hook(index)))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -113,15 +128,11 @@ def captum_safe_outputs(layers: Sequence[nn.Module]) -> Iterator[None]:
         moved = dict(zip(names[1:], args[1:]))
         return args[:1], {**kwargs, **moved}
 
-    handles = []
-    try:
+    with hooks_removed() as handles:
         for layer in layers:
             handles.append(layer.register_forward_pre_hook(input_hook, with_kwargs=True))
             handles.append(layer.register_forward_hook(output_hook))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class _Owner:

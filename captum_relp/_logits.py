@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._forward import is_hf_model
+from ._hooks import hooks_removed
 from .metrics import MetricEvaluator, last_positions
 from .metrics import tile_rows
 
@@ -147,10 +148,6 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
     def on_model(module, args, kwargs):
         state["skip"] = bool(kwargs.get("logits_to_keep"))  # the caller already slices
         state["mask"] = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        state["length"] = None if ids is None else ids.shape[1]
 
     def on_head(module, args):
         hidden = args[0]
@@ -172,11 +169,8 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         return output[:rows]
 
     head = forward_func.get_output_embeddings()  # type: ignore[union-attr]
-    handles = [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
-               head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]
-    try:
+    with hooks_removed() as handles:
+        handles += [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
+                    head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]
         yield True
-    finally:
-        for handle in handles:
-            handle.remove()
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .._coefficients import Coefficients, ModuleSites, Sites, layer_coefficients
 from .._forward import call_model, check_token_ids
-from .._hooks import capture, frozen_model, layer_hooks
+from .._hooks import capture, frozen_model, hooks_removed, layer_hooks
 from ..metrics import MetricEvaluator
 from ..rules import RuleSet, resolve_rules
 from .nodes import NodeSpace
@@ -218,7 +218,6 @@ def _leaf_graph(space: NodeSpace) -> Iterator[_Graph]:
     graph = _Graph()
     index = {g.name: i for i, g in enumerate(space.groups)}
     plain = [i for i, g in enumerate(space.groups) if not any(g.name.startswith(k + ".") for k in space.splices)]
-    handles = []
 
     def splice_hook(key: str, sae):
         def hook(module, args, output):
@@ -233,16 +232,13 @@ def _leaf_graph(space: NodeSpace) -> Iterator[_Graph]:
 
         return hook
 
-    try:
+    with hooks_removed() as handles:
         for key, (host, splice) in space.splices.items():
             splice.to(next(host.parameters(), torch.empty(0)).device)
             handles.append(host.register_forward_hook(splice_hook(key, splice.sae)))
         with layer_hooks([space.groups[i].module for i in plain], [space.groups[i].use_input for i in plain],
                          lambda j, t: graph.record(plain[j], t)):
             yield graph
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class _LeafSites(Sites):

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._hooks import layer_hooks
+from .._hooks import hooks_removed, layer_hooks
 from ..models import find_blocks, model_components
 
 NODE_KINDS = ("components", "neurons", "features")
@@ -134,19 +134,17 @@ class NodeSpace:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Splice the SAEs into the model (no-op for components and neurons); undone on exit."""
-        handles, added = [], []
+        added = []
         try:
-            for key, (host, splice) in self.splices.items():
-                device = next(host.parameters(), torch.empty(0)).device
-                splice.to(device)
-                name = f"relp_sae_{key}"
-                host.add_module(name, splice)
-                added.append((host, name))
-                handles.append(host.register_forward_hook(_splice_hook(splice)))
-            yield
+            with hooks_removed() as handles:
+                for key, (host, splice) in self.splices.items():
+                    splice.to(next(host.parameters(), torch.empty(0)).device)
+                    name = f"relp_sae_{key}"
+                    host.add_module(name, splice)
+                    added.append((host, name))
+                    handles.append(host.register_forward_hook(_splice_hook(splice)))
+                yield
         finally:
-            for handle in handles:
-                handle.remove()
             for host, name in added:
                 delattr(host, name)
 

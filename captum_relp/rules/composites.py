@@ -292,8 +292,7 @@ def apply_rules(
         if ruleset.attention is not None and families.switches_attention_function(model) and (
                 hf_config or not per_module_attention):
             undos.append(ruleset.attention.apply(model))
-        for rule in families.model_rules(model, ruleset.categories):
-            undos.append(rule.apply(model))
+        undos += [rule.apply(model) for rule in families.model_rules(model, ruleset.categories)]
         yield ruleset
     finally:
         try:

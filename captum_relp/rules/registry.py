@@ -164,14 +164,9 @@ def needs_rule(module: nn.Module) -> bool:
     name = cls.__name__
     if name in _NOT_ACTIVATIONS or registered_category(cls) in ("linear", "structural"):
         return False
-    if "norm" in name.lower():
-        return True
-    if cls.__module__ in ("torch.nn.modules.activation", "transformers.activations"):
-        return True
-    if name.endswith("Activation"):
-        return True
-    if has_hook_points(module):  # TransformerLens: norms, attention, MLPs computed in code
-        return True
+    if ("norm" in name.lower() or name.endswith("Activation") or has_hook_points(module)
+            or cls.__module__ in ("torch.nn.modules.activation", "transformers.activations")):
+        return True  # norms, activations; TransformerLens modules computing through hook points
     if any(all(hasattr(module, attr) for attr in attrs) for attrs in (GATED_MLP_ATTRIBUTES, *LAYOUTS.values())):
         return True  # gated MLPs, also with fused gate/up projections (Phi-3, ModernBERT)
     # a leaf module of unknown type computes something of its own (e.g. x * sigmoid(x))

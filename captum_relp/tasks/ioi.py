@@ -269,10 +269,6 @@ class IOIBatch(PairBatch):
         1
     """
 
-    clean_ids: torch.Tensor
-    corrupt_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    last_pos: torch.Tensor
     io_ids: torch.Tensor
     s_ids: torch.Tensor
     positions: list[str] = field(default_factory=list)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .._coefficients import Coefficients, ModuleSites, Sites, layer_coefficients
 from .._forward import call_model, check_token_ids
-from .._hooks import capture, frozen_model, hooks_removed, layer_hooks
+from .._hooks import frozen_model, hooks_removed, layer_hooks
 from ..metrics import MetricEvaluator
 from ..rules import RuleSet, resolve_rules
 from .nodes import NodeSpace
@@ -144,8 +144,8 @@ def feature_edges(
     options = dict(model=model, strict=strict)
     start = time.perf_counter()
     with frozen_model(model):
-        with torch.no_grad():  # rules leave forward values bit-identical: none needed here
-            corrupt_acts = _activations(space, corrupt, extra)
+        # rules leave forward values bit-identical: none needed here
+        corrupt_acts = space.activations(lambda: call_model(model, (corrupt,), (), extra))
         layers, flags = space.layers_and_flags()
         with layer_coefficients(lambda: _run(space, clean, extra), ModuleSites(
                 layers, flags, [f"node group {g.name}" for g in space.groups]), evaluator, ruleset, **options) as run:
@@ -166,14 +166,6 @@ def feature_edges(
 
 def _node_id(group: str, position: int, unit: int) -> str:
     return f"{group}/{position}/{unit}"
-
-
-def _activations(space: NodeSpace, ids: Tensor, extra: Dict) -> List[Tensor]:
-    store: List[Optional[Tensor]] = [None] * len(space.groups)
-    layers, flags = space.layers_and_flags()
-    with layer_hooks(layers, flags, capture(store)):
-        _run(space, ids, extra)
-    return [t.detach() for t in store]
 
 
 def _run(space: NodeSpace, ids: Tensor, extra: Dict) -> Tensor:

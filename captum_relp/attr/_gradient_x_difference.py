@@ -8,9 +8,8 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._coefficients import ModuleSites, layer_coefficients
-from .._forward import call_model
+from .._forward import call_model, metric_logits
 from .._hooks import frozen_model
-from .._logits import metric_logits
 from ..metrics import MetricType, TargetType
 from ..rules import RulesLike, rule_plan
 from ._base import LayerType, PatchingAttribution, TensorOrTuple, check_reduce, reduce_scores
@@ -114,7 +113,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
 
         Logits are computed only at the positions the metric reads when the model is a
         Hugging Face causal LM and the metric is ``target=`` or declares its positions
-        (:class:`~captum_relp.metrics.LogitDiff`); see ``captum_relp._logits``.
+        (:class:`~captum_relp.metrics.LogitDiff`); see ``captum_relp._forward``.
 
         Returns:
             Tensor or list of Tensor: attributions of the layer activations, same shape

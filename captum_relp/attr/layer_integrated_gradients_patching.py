@@ -8,9 +8,8 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._coefficients import TensorSites, layer_coefficients
-from .._forward import call_model
+from .._forward import call_model, metric_logits
 from .._hooks import captum_safe_outputs, frozen_model
-from .._logits import metric_logits
 from ..metrics import MetricEvaluator, MetricType, TargetType
 from ._base import LayerType, PatchingAttribution, TensorOrTuple, check_reduce, reduce_scores
 

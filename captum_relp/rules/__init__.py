@@ -2,8 +2,8 @@
 module types to rules, and the rule sets (composites) and presets built on it."""
 from .attention import AHRule
 from .base import ForwardPatchRule, Rule, ZeroRule
-from .composites import (PRESETS, RulePlan, RuleSet, RulesLike, UnsupportedModuleError, apply_rules, check_coverage,
-                         resolve_rules, rule_plan)
+from .composites import (PRESETS, RulePlan, RuleSet, RulesLike, UnsupportedModuleError, apply_rules,
+                         check_coverage, resolve_rules, rule_plan)
 from .linear import EpsilonRule, GammaRule
 from .nonlinear import HalfRule, IdentityRule, LayerNormRule, RMSNormRule
 from .registry import register_rule, registered_rules, type_key, unregister_rule

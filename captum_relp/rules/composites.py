@@ -12,7 +12,8 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import (Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union,
+                    runtime_checkable)
 
 from torch import nn
 
@@ -21,6 +22,7 @@ from .attention import AHRule
 from .base import Rule
 from .nonlinear import GATED_MLP_ATTRIBUTES
 from .registry import needs_rule, registered_category, registry_entry, type_key
+
 
 @dataclass
 class RuleSet:

@@ -9,20 +9,53 @@ categories and adds an optional attention rule.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
+from ..families import FAMILY_TABLE
+from .attention import DetachQKArgsRule, DetachQKColumnsRule, DetachQKOutputsRule
 from .base import Rule
-from .family_entries import registry_entries
 from .hookpoint import TRANSFORMER_LENS_ENTRIES
-from .nonlinear import GATED_MLP_ATTRIBUTES, LAYOUTS, IdentityRule, LayerNormRule, RMSNormRule
+from .nonlinear import (GATED_MLP_ATTRIBUTES, LAYOUTS, FusedGateRule, HalfRule, IdentityRule, LayerNormRule,
+                        RMSNormRule)
 
 RuleFactory = Callable[[], Rule]
 CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")
 
 _ACT = "transformers.activations."
 _TORCH_ACT = "torch.nn.modules.activation."
+
+_AH_RULES = {"method-args": DetachQKArgsRule, "method-outputs": DetachQKOutputsRule,
+             "qkv-columns": DetachQKColumnsRule}
+
+
+def registry_entries() -> Dict[str, Tuple[str, Any]]:
+    """Rule-registry entries ``{type key: (category, rule factory)}`` generated from the table.
+
+    Example:
+        >>> registry_entries()["transformers.models.phi3.modeling_phi3.Phi3MLP"][1]()
+        FusedGateRule('gate_up_proj')
+    """
+    entries: Dict[str, Tuple[str, Any]] = {}
+    for family in FAMILY_TABLE.values():
+        for norm in family.norms:
+            entries[family.key(norm.cls)] = ("norm", partial(LayerNormRule, centered=not norm.rms,
+                                                             weight_offset=norm.weight_offset, eps=norm.eps))
+        if family.gated_mlp is not None:
+            cls, layout = family.gated_mlp
+            entries[family.key(cls)] = ("gate", HalfRule if layout == "separate" else partial(FusedGateRule, layout))
+        for cls in family.activations:
+            entries[family.key(cls)] = ("activation", IdentityRule)
+        for cls in family.structural:
+            linear = cls.startswith("linear:")
+            entries[family.key(cls.split(":")[-1])] = ("linear" if linear else "structural", None)
+        if family.attn.how in _AH_RULES:
+            rule = partial(_AH_RULES[family.attn.how], family.attn.method)
+            entries[family.key(family.attn.cls)] = ("attention", rule)
+    return entries
+
 
 _DEFAULT_ENTRIES: Dict[str, Tuple[str, RuleFactory]] = {
     "torch.nn.modules.normalization.LayerNorm": ("norm", LayerNormRule),

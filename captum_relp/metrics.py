@@ -85,9 +85,6 @@ class LogitDiff:
         self.wrong_ids = wrong_ids
         self.positions = positions
 
-    def _final_logits(self, logits: Tensor) -> Tensor:
-        return final_logits(logits, self.positions)
-
     def at_positions(self, positions: IdsType) -> "LogitDiff":
         """A copy of this metric that reads ``positions`` (one per example).
 
@@ -103,16 +100,16 @@ class LogitDiff:
         metric.positions = positions
         return metric
 
-    def _pair(self, final: Tensor):
+    def _difference(self, final: Tensor) -> Tensor:
+        """``final[correct] - final[wrong]`` per row of ``(rows, V)`` final-position values."""
         rows = final.shape[0]
         index = torch.arange(rows, device=final.device)
         correct = tile_rows(self.correct_ids, rows, final.device)
         wrong = tile_rows(self.wrong_ids, rows, final.device)
-        return final[index, correct], final[index, wrong]
+        return final[index, correct] - final[index, wrong]
 
     def __call__(self, logits: Tensor) -> Tensor:
-        correct, wrong = self._pair(self._final_logits(logits))
-        return correct - wrong
+        return self._difference(final_logits(logits, self.positions))
 
 
 class ProbDiff(LogitDiff):
@@ -125,9 +122,7 @@ class ProbDiff(LogitDiff):
     """
 
     def __call__(self, logits: Tensor) -> Tensor:
-        probs = torch.softmax(self._final_logits(logits).float(), dim=-1)
-        correct, wrong = self._pair(probs)
-        return correct - wrong
+        return self._difference(torch.softmax(final_logits(logits, self.positions).float(), dim=-1))
 
 
 def logit_diff(correct_ids: IdsType, wrong_ids: IdsType, positions: Optional[IdsType] = None) -> LogitDiff:

@@ -208,7 +208,7 @@ def _streamed(sites: Sites, acts: List[Tensor], values: Tensor, on_coefficient: 
               allow_unused: bool, keep_graph: bool) -> List[int]:
     """The backward pass with ``on_coefficient`` run per site as its coefficient arrives."""
     arrived = [False] * len(acts)
-    shapes = [(a.shape, a.dtype, a.device) for a in acts]
+    empty = [(a.shape, a.new_empty(0)) for a in acts]  # shape, dtype and device, not the values
     store: List[Optional[Tensor]] = list(acts)
 
     def on_grad(index: int):
@@ -226,7 +226,6 @@ def _streamed(sites: Sites, acts: List[Tensor], values: Tensor, on_coefficient: 
     del leaves
     unused = _unused(sites, arrived, allow_unused)
     for index in unused:  # the metric does not depend on these sites: zero scores
-        shape, dtype, device = shapes[index]
-        zero = torch.zeros(shape, dtype=dtype, device=device)
+        zero = empty[index][1].new_zeros(empty[index][0])
         on_coefficient(index, zero, zero)
     return unused

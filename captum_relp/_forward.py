@@ -144,8 +144,7 @@ def split_forward_args(
 def call_model(forward_func: Callable, inputs: Tuple[Tensor, ...], args: Tuple, kwargs: Dict) -> Tensor:
     """Run the model; a Hugging Face model's ``.logits`` is returned."""
     if is_hf_model(forward_func):
-        kwargs = dict(kwargs)
-        kwargs.setdefault("use_cache", False)
+        kwargs = {"use_cache": False, **kwargs}
     output = forward_func(*inputs, *args, **kwargs)
     if hasattr(output, "logits"):
         output = output.logits

@@ -24,6 +24,7 @@ queries and keys only, then get no gradient.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -99,11 +100,7 @@ class AHRule(Rule):
         if original is not None and original.startswith(_PREFIX):
             return lambda: None
         config._attn_implementation = register_ah_attention(str(original or "eager"))
-
-        def undo() -> None:
-            config._attn_implementation = original
-
-        return undo
+        return partial(setattr, config, "_attn_implementation", original)
 
 
 def _patch_method(module: nn.Module, method: str, make: Callable[[Callable], Callable]) -> UndoFn:

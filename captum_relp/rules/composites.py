@@ -198,10 +198,8 @@ def check_coverage(model: nn.Module, ruleset: RuleSet, strict: bool = True) -> N
         >>> import torch
         >>> check_coverage(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU()), RuleSet())
     """
-    problems = []
     unknown = families.unknown_family_message(model) if ruleset.categories else None
-    if unknown is not None:
-        problems.append(unknown)
+    problems = [] if unknown is None else [unknown]
     missing = ruleset.uncovered(model)
     if missing:
         types = sorted({t for _, t in missing})

@@ -19,6 +19,7 @@ removed one by one, so user hooks stay in place.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
@@ -166,11 +167,6 @@ class HookGatedRule(HookPointRule):
             raise ValueError(f"HookGatedRule needs act_fn on {type(module).__name__}")
         seen: Dict[str, Tensor] = {}
 
-        def keep(name: str) -> HookFn:
-            def fn(tensor: Tensor) -> None:
-                seen[name] = tensor
-            return fn
-
         def post(tensor: Tensor):
             if len(seen) < 2 or not tensor.requires_grad:
                 return None
@@ -182,8 +178,8 @@ class HookGatedRule(HookPointRule):
             linear_branch = act * linear
             return _grad_through(tensor, 0.5 * gate_branch + 0.5 * linear_branch)
 
-        undos = [add_forward_hook(points["hook_pre"], keep("hook_pre")),
-                 add_forward_hook(points["hook_pre_linear"], keep("hook_pre_linear")),
+        undos = [add_forward_hook(points["hook_pre"], partial(seen.__setitem__, "hook_pre")),
+                 add_forward_hook(points["hook_pre_linear"], partial(seen.__setitem__, "hook_pre_linear")),
                  add_forward_hook(points["hook_post"], post)]
         return lambda: [undo() for undo in reversed(undos)] and None
 

@@ -236,13 +236,10 @@ def is_causal_lm(model: Any) -> bool:
         >>> is_causal_lm(torch.nn.Linear(2, 2))
         False
     """
-    if not is_hf_model(model):
+    if not is_hf_model(model) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return False
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        return False
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 

@@ -133,12 +133,6 @@ class Coefficients:
         return list(torch.autograd.grad(seed, list(tensors), retain_graph=True, allow_unused=True))
 
 
-def _rules_applied(model: Optional[nn.Module], rules: Union[str, RuleSet, None], strict: bool):
-    if rules is None or model is None:
-        return nullcontext()
-    return apply_rules(model, rules, strict)
-
-
 @contextmanager
 def layer_coefficients(
     forward: Callable[[], Any],
@@ -184,7 +178,8 @@ def layer_coefficients(
         ...     [c.shape for c in result.coefficients]
         [torch.Size([4, 3])]
     """
-    with torch.enable_grad(), _rules_applied(model, rules, strict), sites.capturing() as read:
+    rules_applied = nullcontext() if rules is None or model is None else apply_rules(model, rules, strict)
+    with torch.enable_grad(), rules_applied, sites.capturing() as read:
         output = forward()
         logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
         evaluator.check_target(logits)
@@ -192,7 +187,7 @@ def layer_coefficients(
         acts = read(output)
         if on_coefficient is None:
             grads = torch.autograd.grad(values.sum(), acts, allow_unused=True, retain_graph=keep_graph)
-            unused = _unused(sites, grads, allow_unused)
+            unused = _unused(sites, [g is not None for g in grads], allow_unused)
             coefficients = [torch.zeros_like(t) if g is None else g for t, g in zip(acts, grads)]
         else:  # nothing but the graph keeps the output and the activations alive
             output = logits = None
@@ -202,8 +197,8 @@ def layer_coefficients(
         yield Coefficients(acts, coefficients, unused, values, output)
 
 
-def _unused(sites: Sites, grads: Sequence[Optional[Tensor]], allow_unused: bool) -> List[int]:
-    unused = [i for i, g in enumerate(grads) if g is None]
+def _unused(sites: Sites, arrived: Sequence[bool], allow_unused: bool) -> List[int]:
+    unused = [i for i, done in enumerate(arrived) if not done]
     if unused and not allow_unused:
         raise ValueError(disconnected_message([sites.name(i) for i in unused]))
     return unused
@@ -213,7 +208,7 @@ def _streamed(sites: Sites, acts: List[Tensor], values: Tensor, on_coefficient: 
               allow_unused: bool, keep_graph: bool) -> List[int]:
     """The backward pass with ``on_coefficient`` run per site as its coefficient arrives."""
     arrived = [False] * len(acts)
-    shapes = [(a.shape, a.dtype, a.device) for a in acts]
+    empty = [(a.shape, a.new_empty(0)) for a in acts]  # shape, dtype and device, not the values
     store: List[Optional[Tensor]] = list(acts)
 
     def on_grad(index: int):
@@ -229,11 +224,8 @@ def _streamed(sites: Sites, acts: List[Tensor], values: Tensor, on_coefficient: 
     acts.clear()
     torch.autograd.grad(values.sum(), leaves, allow_unused=True, retain_graph=keep_graph)
     del leaves
-    unused = [i for i, done in enumerate(arrived) if not done]
-    if unused and not allow_unused:
-        raise ValueError(disconnected_message([sites.name(i) for i in unused]))
+    unused = _unused(sites, arrived, allow_unused)
     for index in unused:  # the metric does not depend on these sites: zero scores
-        shape, dtype, device = shapes[index]
-        zero = torch.zeros(shape, dtype=dtype, device=device)
+        zero = empty[index][1].new_zeros(empty[index][0])
         on_coefficient(index, zero, zero)
     return unused

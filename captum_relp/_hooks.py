@@ -5,11 +5,31 @@ import inspect
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 TensorFn = Callable[[int, Tensor], Optional[Tensor]]
+
+
+@contextmanager
+def hooks_removed() -> Iterator[List[Any]]:
+    """A list to put hook handles in; every handle in it is removed when the block exits.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(1, 1)
+        >>> with hooks_removed() as handles:
+        ...     handles.append(net.register_forward_hook(lambda *args: None))
+        >>> len(net._forward_hooks)
+        0
+    """
+    handles: List[Any] = []
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def as_layer_list(layer: Union[nn.Module, Sequence[nn.Module]]) -> List[nn.Module]:
@@ -51,13 +71,10 @@ def layer_hooks(
     For modules returning tuples (Hugging Face attention and decoder layers) the
     first element is used.
     """
-    handles = []
-
     def output_hook(index: int):
         def hook(module, args, output):
             if isinstance(output, Tensor):
-                new = fn(index, output)
-                return None if new is None else new
+                return fn(index, output)
             if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
                 new = fn(index, output[0])
                 if new is None:
@@ -74,23 +91,18 @@ def layer_hooks(
                 return None if new is None else ((new, *args[1:]), kwargs)
             if "hidden_states" in kwargs and isinstance(kwargs["hidden_states"], Tensor):
                 new = fn(index, kwargs["hidden_states"])
-                if new is None:
-                    return None
-                return args, {**kwargs, "hidden_states": new}
+                return None if new is None else (args, {**kwargs, "hidden_states": new})
             raise TypeError(f"layer[{index}] ({type(module).__name__}) received no tensor input")
 
         return hook
 
-    try:
+    with hooks_removed() as handles:
         for index, (layer, use_input) in enumerate(zip(layers, to_input)):
             if use_input:
                 handles.append(layer.register_forward_pre_hook(input_hook(index), with_kwargs=True))
             else:
                 handles.append(layer.register_forward_hook(output_hook(index)))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -105,7 +117,8 @@ def captum_safe_outputs(layers: Sequence[nn.Module]) -> Iterator[None]:
 
     def output_hook(module, args, output):
         if isinstance(output, tuple) and any(o is None for o in output):
-            return tuple(_empty_like(output, o) for o in output)
+            reference = next(o for o in output if isinstance(o, Tensor))
+            return tuple(reference.new_zeros(0) if o is None else o for o in output)
         return None
 
     def input_hook(module, args, kwargs):
@@ -115,22 +128,11 @@ def captum_safe_outputs(layers: Sequence[nn.Module]) -> Iterator[None]:
         moved = dict(zip(names[1:], args[1:]))
         return args[:1], {**kwargs, **moved}
 
-    handles = []
-    try:
+    with hooks_removed() as handles:
         for layer in layers:
             handles.append(layer.register_forward_pre_hook(input_hook, with_kwargs=True))
             handles.append(layer.register_forward_hook(output_hook))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _empty_like(output: tuple, entry):
-    if entry is not None:
-        return entry
-    reference = next(o for o in output if isinstance(o, Tensor))
-    return reference.new_zeros(0)
 
 
 class _Owner:
@@ -228,16 +230,3 @@ def pad_mask_like(attention_mask: Optional[Tensor], tensor: Tensor) -> Optional[
     shape = tuple(attention_mask.shape[:2]) + (1,) * (tensor.dim() - 2)
     return attention_mask.to(tensor.device).reshape(shape).to(tensor.dtype)
 
-
-__all__ = [
-    "as_layer_list",
-    "per_layer_flags",
-    "check_layers_in_model",
-    "layer_hooks",
-    "frozen_model",
-    "model_owned",
-    "NestedAttributionError",
-    "captum_safe_outputs",
-    "capture",
-    "pad_mask_like",
-]

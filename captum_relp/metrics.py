@@ -85,9 +85,6 @@ class LogitDiff:
         self.wrong_ids = wrong_ids
         self.positions = positions
 
-    def _final_logits(self, logits: Tensor) -> Tensor:
-        return final_logits(logits, self.positions)
-
     def at_positions(self, positions: IdsType) -> "LogitDiff":
         """A copy of this metric that reads ``positions`` (one per example).
 
@@ -103,16 +100,16 @@ class LogitDiff:
         metric.positions = positions
         return metric
 
-    def _pair(self, final: Tensor):
+    def _difference(self, final: Tensor) -> Tensor:
+        """``final[correct] - final[wrong]`` per row of ``(rows, V)`` final-position values."""
         rows = final.shape[0]
         index = torch.arange(rows, device=final.device)
         correct = tile_rows(self.correct_ids, rows, final.device)
         wrong = tile_rows(self.wrong_ids, rows, final.device)
-        return final[index, correct], final[index, wrong]
+        return final[index, correct] - final[index, wrong]
 
     def __call__(self, logits: Tensor) -> Tensor:
-        correct, wrong = self._pair(self._final_logits(logits))
-        return correct - wrong
+        return self._difference(final_logits(logits, self.positions))
 
 
 class ProbDiff(LogitDiff):
@@ -125,9 +122,7 @@ class ProbDiff(LogitDiff):
     """
 
     def __call__(self, logits: Tensor) -> Tensor:
-        probs = torch.softmax(self._final_logits(logits).float(), dim=-1)
-        correct, wrong = self._pair(probs)
-        return correct - wrong
+        return self._difference(torch.softmax(final_logits(logits, self.positions).float(), dim=-1))
 
 
 def logit_diff(correct_ids: IdsType, wrong_ids: IdsType, positions: Optional[IdsType] = None) -> LogitDiff:
@@ -154,9 +149,10 @@ def _metric_name(metric: Callable) -> str:
     return getattr(metric, "__name__", None) or repr(metric)
 
 
-def _finite(values: Tensor, what: str) -> Tensor:
+def _finite(values: Tensor, what: Union[str, Callable[[], str]]) -> Tensor:
     if not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
+        what = what() if callable(what) else what  # a metric's repr only when it is needed
         raise ValueError(f"{what} contain {bad} non-finite value(s) (NaN or inf): scores would be NaN")
     return values
 
@@ -180,7 +176,7 @@ def checked_metric(metric: Callable[[Tensor], Tensor], output: Tensor, rows: int
             f"metric {_metric_name(metric)} returned shape {shape} for {rows} rows; it must return one "
             f"value per row, shape ({rows},) (do not average over the batch)"
         )
-    return _finite(values, f"the values of metric {_metric_name(metric)}")
+    return _finite(values, lambda: f"the values of metric {_metric_name(metric)}")
 
 
 class MetricEvaluator:

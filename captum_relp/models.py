@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ._unwrap import unwrap_model
+from ._forward import unwrap_model
 from .families import Family, family_of
 
 _BLOCK_PATHS = ("transformer.h", "gpt_neox.layers", "model.layers", "bert.encoder.layer",

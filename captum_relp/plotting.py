@@ -85,8 +85,15 @@ def plot_patching_heatmaps(
     if note:
         width = max(40, int(fig.get_figwidth() * 13))
         fig.supxlabel(textwrap.fill(note, width), fontsize=8, color="0.3")
+    return _saved(fig, path, 150)
+
+
+def _saved(fig, path: Optional[Path], dpi: int):
+    """Write ``fig`` to ``path`` and close it (when a path is given); returns ``fig``."""
     if path is not None:
-        fig.savefig(path, dpi=150)
+        import matplotlib.pyplot as plt
+
+        fig.savefig(path, dpi=dpi)
         plt.close(fig)
     return fig
 
@@ -157,8 +164,7 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
     fig.legend(handles=handles, loc="outside right center", fontsize=9, title="bold: mean; faint: setting",
                title_fontsize=9)
     fig.suptitle(title, fontsize=12)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _saved(fig, path, 150)
     return Path(path)
 
 
@@ -218,10 +224,7 @@ def plot_faithfulness_curves(curves: Dict[str, FaithfulnessCurve], title: str = 
     ax.set_ylabel("faithfulness f(C)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _saved(fig, path, 120)
 
 
 _ATTACH = {"q": -0.13, "k": 0.0, "v": 0.13}  # where an edge meets a head: q left, k centre, v right
@@ -314,7 +317,4 @@ def plot_edge_circuit(scores: Tensor, graph: ComponentGraph, k: int = 20, title:
     ax.set_ylim(-0.6, 2.0 * graph.n_layers + 1.6)
     ax.set_axis_off()
     ax.set_title(title or f"top {k} edges", fontsize=9)
-    if path is not None:
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
-    return fig
+    return _saved(fig, path, 130)

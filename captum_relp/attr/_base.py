@@ -1,4 +1,12 @@
-"""Shared plumbing of the four patching attribution classes (RelP, AtP, AP, IG)."""
+"""Shared plumbing of the four patching attribution classes (RelP, AtP, AP, IG).
+
+It includes the reduction of scores as they are computed (``reduce=``): with
+``reduce="sum"`` (over hidden units) or ``reduce="heads"`` (per attention head), RelP
+and AtP turn each layer's ``(act - act_ref) * coefficient`` into its reduced score the
+moment the coefficient arrives in the backward pass (``on_coefficient`` of
+:func:`~captum_relp._coefficients.layer_coefficients`) and drop that layer's reference
+activation right away: no full ``(B, T, d)`` coefficient is kept.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,14 +17,42 @@ from captum._utils.common import _format_tensor_into_tuples
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from .._forward import call_model, check_token_ids, split_forward_args
 from .._coefficients import ModuleSites
+from .._forward import call_model, check_token_ids, split_forward_args, unwrap_layers, unwrap_model
 from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
-from .._unwrap import unwrap_layers, unwrap_model
 from ..metrics import LogitDiff, MetricEvaluator, MetricType, TargetType, last_positions
+from ..models import split_heads
 
 LayerType = Union[nn.Module, Sequence[nn.Module]]
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
+REDUCTIONS = (None, "sum", "heads")
+
+
+def check_reduce(reduce: Optional[str], num_heads: Optional[int]) -> None:
+    """Raise on an unknown reduction, or ``"heads"`` without ``num_heads``.
+
+    Example:
+        >>> check_reduce("sum", None)
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if reduce == "heads" and not num_heads:
+        raise ValueError("reduce='heads' needs num_heads")
+
+
+def reduce_scores(scores: Tensor, reduce: Optional[str], num_heads: Optional[int] = None) -> Tensor:
+    """Sum over the last dimension (hidden units), per head (``(..., H*D) -> (..., H)``), or nothing.
+
+    Example:
+        >>> reduce_scores(torch.ones(1, 2, 4), "heads", 2)
+        tensor([[[2., 2.],
+                 [2., 2.]]])
+    """
+    if reduce is None:
+        return scores
+    if reduce == "sum":
+        return scores.sum(-1)
+    return split_heads(scores, int(num_heads))  # type: ignore[arg-type]
 
 
 def format_pair(inputs: TensorOrTuple, baselines: Optional[TensorOrTuple]):

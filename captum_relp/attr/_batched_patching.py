@@ -9,7 +9,7 @@ drawn from several components ("components batched into the batch dimension"), a
 :class:`~captum_relp._forward.MetricEvaluator` reads).
 
 On a Hugging Face causal LM whose metric reads known positions (``target=`` or a
-metric declaring ``positions``, see ``captum_relp._logits``), a copy patching position
+metric declaring ``positions``, see ``captum_relp._forward``), a copy patching position
 ``t`` cannot change positions ``< t``: the copies whose positions are ``>= t0`` run
 only the suffix ``x[t0:]`` on the clean key/value cache of positions ``< t0``, and the
 model's unembedding sees only the read positions. ``t0`` is at most the earliest
@@ -38,9 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._forward import call_model
+from .._forward import LAST_REAL, call_model, metric_logits, metric_positions
 from .._hooks import layer_hooks
-from .._logits import LAST_REAL, metric_logits, metric_positions
 from ..metrics import MetricEvaluator, tile_rows
 from ..models import find_blocks
 from ._prefix_cache import PrefixCacheRunner

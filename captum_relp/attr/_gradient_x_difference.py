@@ -8,13 +8,11 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._coefficients import ModuleSites, layer_coefficients
-from .._forward import call_model
+from .._forward import call_model, metric_logits
 from .._hooks import frozen_model
-from .._logits import metric_logits
 from ..metrics import MetricType, TargetType
 from ..rules import RulesLike, rule_plan
-from ._base import LayerType, PatchingAttribution, TensorOrTuple
-from ._reduce import check_reduce, reduce_scores
+from ._base import LayerType, PatchingAttribution, TensorOrTuple, check_reduce, reduce_scores
 
 DIRECTIONS = ("noising", "denoising")
 
@@ -37,6 +35,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
         rules (str, RuleSet or CalibratedRules): anything :func:`~captum_relp.rules.rule_plan`
             accepts: a preset name, a :class:`~captum_relp.RuleSet` or the outcome of
             :func:`~captum_relp.calibrate_rules` (one pass per distinct chosen rule set).
+            Default ``"relp"``.
         multiply_by_inputs (bool): if False, return the coefficients only.
         model (nn.Module, optional): the module rules apply to, for a plain ``forward_func``.
         strict (bool): raise if a normalisation/activation module has no rule.
@@ -54,7 +53,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
         self,
         forward_func: Callable,
         layer: LayerType,
-        rules: RulesLike,
+        rules: RulesLike = "relp",
         *,
         multiply_by_inputs: bool = True,
         model: Optional[nn.Module] = None,
@@ -114,7 +113,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
 
         Logits are computed only at the positions the metric reads when the model is a
         Hugging Face causal LM and the metric is ``target=`` or declares its positions
-        (:class:`~captum_relp.metrics.LogitDiff`); see ``captum_relp._logits``.
+        (:class:`~captum_relp.metrics.LogitDiff`); see ``captum_relp._forward``.
 
         Returns:
             Tensor or list of Tensor: attributions of the layer activations, same shape

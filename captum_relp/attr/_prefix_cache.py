@@ -12,7 +12,7 @@ to the copies when the copies reach them.
 
 Used by :class:`~captum_relp.LayerActivationPatching` for Hugging Face causal LMs
 (``granularity="position"`` or ``"head"``, ``reuse_prefix=True``) when the metric's
-read position is known (see ``captum_relp._logits``); other models keep the
+read position is known (see ``captum_relp._forward``); other models keep the
 plain path.
 """
 from __future__ import annotations
@@ -23,11 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from .._forward import call_model
-from ..metrics import MetricEvaluator
+from .._forward import LAST_REAL, call_model, can_slice_logits, metric_logits, metric_positions
 from .._hooks import layer_hooks
-from .._logits import LAST_REAL, can_slice_logits, metric_logits, metric_positions
-from ..metrics import tile_rows
+from ..metrics import MetricEvaluator, tile_rows
 
 CHUNK_DIVISOR = 8
 """A chunk starting at ``t0`` patches at most ``ceil((T - t0) / CHUNK_DIVISOR)`` positions."""

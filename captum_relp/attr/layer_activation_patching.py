@@ -9,9 +9,8 @@ from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._forward import call_model
+from .._forward import call_model, metric_logits
 from .._hooks import captum_safe_outputs, capture, frozen_model, layer_hooks
-from .._logits import metric_logits
 from ..families import reuse_prefix_allowed
 from ..metrics import MetricEvaluator, MetricType, TargetType, checked_metric, tile_rows
 from ._base import PatchingAttribution, TensorOrTuple

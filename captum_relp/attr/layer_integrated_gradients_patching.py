@@ -8,12 +8,10 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._coefficients import TensorSites, layer_coefficients
-from .._forward import call_model
+from .._forward import call_model, metric_logits
 from .._hooks import captum_safe_outputs, frozen_model
-from .._logits import metric_logits
 from ..metrics import MetricEvaluator, MetricType, TargetType
-from ._base import LayerType, PatchingAttribution, TensorOrTuple
-from ._reduce import check_reduce, reduce_scores
+from ._base import LayerType, PatchingAttribution, TensorOrTuple, check_reduce, reduce_scores
 
 
 class _CheckedLayerIntegratedGradients(LayerIntegratedGradients):
@@ -116,9 +114,8 @@ class LayerIntegratedGradientsPatching(PatchingAttribution, GradientAttribution)
         check_reduce(reduce, num_heads)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
                              attribute_to_layer_input, metric, True)
-        inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
-        evaluator = call.evaluator
-        n_inputs, kw_names = len(inputs), list(kwargs)
+        args, kwargs = call.args, call.kwargs
+        n_inputs, kw_names = len(call.inputs), list(kwargs)
 
         def split(flat: Tuple[Any, ...]):
             run_inputs, rest = flat[:n_inputs], flat[n_inputs:]
@@ -132,15 +129,15 @@ class LayerIntegratedGradientsPatching(PatchingAttribution, GradientAttribution)
 
         extra = tuple(args) + tuple(kwargs[k] for k in kw_names)
         results: List[Tensor] = [None] * len(self.layers)  # type: ignore[list-item]
-        with frozen_model(self.model), metric_logits(self.forward_func, evaluator, self.layers):
-            for index, (layer, flag) in enumerate(zip(self.layers, flags)):
+        with frozen_model(self.model), metric_logits(self.forward_func, call.evaluator, self.layers):
+            for index, (layer, flag) in enumerate(zip(self.layers, call.flags)):
                 # one layer at a time: Captum interpolates all listed layers at once,
                 # which is wrong when one layer feeds another (residual stream).
                 with captum_safe_outputs([layer]):
-                    integrated = _CheckedLayerIntegratedGradients(forward, layer, evaluator, mask_of,
+                    integrated = _CheckedLayerIntegratedGradients(forward, layer, call.evaluator, mask_of,
                                                                   self._layer_name(index))
                     attribution = integrated.attribute(
-                        inputs, baselines=baselines, additional_forward_args=extra or None,
+                        call.inputs, baselines=call.baselines, additional_forward_args=extra or None,
                         n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
                         attribute_to_layer_input=flag,
                     )

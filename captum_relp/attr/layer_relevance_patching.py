@@ -1,12 +1,6 @@
 """Relevance Patching (RelP) as a Captum layer attribution method."""
 from __future__ import annotations
 
-from typing import Callable, Optional
-
-from torch import nn
-
-from ..rules import RulesLike
-from ._base import LayerType
 from ._gradient_x_difference import LayerGradientXDifference
 
 
@@ -58,19 +52,6 @@ class LayerRelevancePatching(LayerGradientXDifference):
         >>> relp.attribute(clean, baselines=corrupt, target=0).shape
         torch.Size([2, 8])
     """
-
-    def __init__(
-        self,
-        forward_func: Callable,
-        layer: LayerType,
-        rules: RulesLike = "relp",
-        *,
-        multiply_by_inputs: bool = True,
-        model: Optional[nn.Module] = None,
-        strict: bool = True,
-    ) -> None:
-        super().__init__(forward_func, layer, rules, multiply_by_inputs=multiply_by_inputs, model=model,
-                         strict=strict)
 
 
 __all__ = ["LayerRelevancePatching"]

@@ -80,15 +80,9 @@ def evaluated_groups(space: NodeSpace, exclude_first_third: bool) -> List[str]:
 def _circuit_candidates(space: NodeSpace, evaluated: Sequence[str], error_policy: str) -> List[str]:
     if error_policy not in ERROR_POLICIES:
         raise ValueError(f"error_policy must be one of {ERROR_POLICIES}, got {error_policy!r}")
-    groups = {g.name: g for g in space.groups}
-    out = []
-    for name in evaluated:
-        group = groups[name]
-        if group.is_error and (error_policy == "drop-all" or
-                               (error_policy == "drop-attn-mlp" and group.kind in ("attn", "mlp"))):
-            continue
-        out.append(name)
-    return out
+    dropped = {g.name for g in space.groups if g.is_error and (
+        error_policy == "drop-all" or (error_policy == "drop-attn-mlp" and g.kind in ("attn", "mlp")))}
+    return [name for name in evaluated if name not in dropped]
 
 
 def evaluate_circuits(

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .._coefficients import Coefficients, ModuleSites, Sites, layer_coefficients
 from .._forward import call_model, check_token_ids
-from .._hooks import capture, frozen_model, layer_hooks
+from .._hooks import frozen_model, hooks_removed, layer_hooks
 from ..metrics import MetricEvaluator
 from ..rules import RuleSet, resolve_rules
 from .nodes import NodeSpace
@@ -144,8 +144,8 @@ def feature_edges(
     options = dict(model=model, strict=strict)
     start = time.perf_counter()
     with frozen_model(model):
-        with torch.no_grad():  # rules leave forward values bit-identical: none needed here
-            corrupt_acts = _activations(space, corrupt, extra)
+        # rules leave forward values bit-identical: none needed here
+        corrupt_acts = space.activations(lambda: call_model(model, (corrupt,), (), extra))
         layers, flags = space.layers_and_flags()
         with layer_coefficients(lambda: _run(space, clean, extra), ModuleSites(
                 layers, flags, [f"node group {g.name}" for g in space.groups]), evaluator, ruleset, **options) as run:
@@ -166,14 +166,6 @@ def feature_edges(
 
 def _node_id(group: str, position: int, unit: int) -> str:
     return f"{group}/{position}/{unit}"
-
-
-def _activations(space: NodeSpace, ids: Tensor, extra: Dict) -> List[Tensor]:
-    store: List[Optional[Tensor]] = [None] * len(space.groups)
-    layers, flags = space.layers_and_flags()
-    with layer_hooks(layers, flags, capture(store)):
-        _run(space, ids, extra)
-    return [t.detach() for t in store]
 
 
 def _run(space: NodeSpace, ids: Tensor, extra: Dict) -> Tensor:
@@ -218,7 +210,6 @@ def _leaf_graph(space: NodeSpace) -> Iterator[_Graph]:
     graph = _Graph()
     index = {g.name: i for i, g in enumerate(space.groups)}
     plain = [i for i, g in enumerate(space.groups) if not any(g.name.startswith(k + ".") for k in space.splices)]
-    handles = []
 
     def splice_hook(key: str, sae):
         def hook(module, args, output):
@@ -233,16 +224,13 @@ def _leaf_graph(space: NodeSpace) -> Iterator[_Graph]:
 
         return hook
 
-    try:
+    with hooks_removed() as handles:
         for key, (host, splice) in space.splices.items():
             splice.to(next(host.parameters(), torch.empty(0)).device)
             handles.append(host.register_forward_hook(splice_hook(key, splice.sae)))
         with layer_hooks([space.groups[i].module for i in plain], [space.groups[i].use_input for i in plain],
                          lambda j, t: graph.record(plain[j], t)):
             yield graph
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class _LeafSites(Sites):

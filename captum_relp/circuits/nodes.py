@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .._hooks import layer_hooks
+from .._hooks import capture, hooks_removed, layer_hooks
 from ..models import find_blocks, model_components
 
 NODE_KINDS = ("components", "neurons", "features")
@@ -134,24 +134,29 @@ class NodeSpace:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Splice the SAEs into the model (no-op for components and neurons); undone on exit."""
-        handles, added = [], []
+        added = []
         try:
-            for key, (host, splice) in self.splices.items():
-                device = next(host.parameters(), torch.empty(0)).device
-                splice.to(device)
-                name = f"relp_sae_{key}"
-                host.add_module(name, splice)
-                added.append((host, name))
-                handles.append(host.register_forward_hook(_splice_hook(splice)))
-            yield
+            with hooks_removed() as handles:
+                for key, (host, splice) in self.splices.items():
+                    splice.to(next(host.parameters(), torch.empty(0)).device)
+                    name = f"relp_sae_{key}"
+                    host.add_module(name, splice)
+                    added.append((host, name))
+                    handles.append(host.register_forward_hook(_splice_hook(splice)))
+                yield
         finally:
-            for handle in handles:
-                handle.remove()
             for host, name in added:
                 delattr(host, name)
 
     def layers_and_flags(self) -> Tuple[List[nn.Module], List[bool]]:
         return [g.module for g in self.groups], [g.use_input for g in self.groups]
+
+    def activations(self, forward: Callable[[], object]) -> List[Tensor]:
+        """Every group's activation on one call of ``forward`` (SAEs spliced in), without gradients."""
+        store: List[Optional[Tensor]] = [None] * len(self.groups)
+        with torch.no_grad(), self.active(), layer_hooks(*self.layers_and_flags(), capture(store)):
+            forward()
+        return [t.detach() for t in store]  # type: ignore[union-attr]
 
 
 def _check_sae(key: str, sae: nn.Module, model: nn.Module) -> None:
@@ -205,10 +210,4 @@ def ablated(space: NodeSpace, keep: Mapping[str, Tensor], means: Mapping[str, Te
 
 def node_means(space: NodeSpace, forward, inputs: Sequence[Tensor]) -> Dict[str, Tensor]:
     """Mean activation of every group per position ``(T, width)`` over a batch of inputs."""
-    from .._hooks import capture
-
-    store: List[Optional[Tensor]] = [None] * len(space.groups)
-    layers, flags = space.layers_and_flags()
-    with torch.no_grad(), space.active(), layer_hooks(layers, flags, capture(store)):
-        forward(*inputs)
-    return {g.name: t.float().mean(0) for g, t in zip(space.groups, store)}
+    return {g.name: t.float().mean(0) for g, t in zip(space.groups, space.activations(lambda: forward(*inputs)))}

@@ -30,7 +30,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from .sae_model import SparseAutoencoder
+from .sae_model import SparseAutoencoder, read_state_dict
 from .saelens import SAELENS_CFG, load_saelens, save_saelens
 
 PathLike = Union[str, Path]
@@ -59,23 +59,6 @@ def _dl_file(path: PathLike) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file or folder")
     return path
-
-
-def _read_state(file: Path) -> Dict[str, Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(file))
-        except Exception as err:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{file}: not a readable torch state dict ({err})") from err
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{file}: expected a state dict, got {type(state).__name__}")
-    return dict(state)
 
 
 def dictionary_learning_class(state: Mapping[str, Tensor]) -> str:
@@ -122,7 +105,7 @@ def load_dictionary_learning(path: PathLike, normalize_decoder: bool = False) ->
         8
     """
     file = _dl_file(path)
-    state = _read_state(file)
+    state = read_state_dict(file)
     try:
         kind = dictionary_learning_class(state)
     except ValueError as err:

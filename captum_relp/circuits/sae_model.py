@@ -16,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -206,6 +207,24 @@ class SparseAutoencoder(nn.Module):
             for name, value in tensors.items():
                 getattr(sae, name).copy_(value)
         return sae
+
+
+def read_state_dict(file: Path) -> Dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file or a torch state dict; a ``ValueError`` naming the file."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{file}: not a readable torch state dict ({err})") from err
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{file}: expected a state dict, got {type(state).__name__}")
+    return dict(state)
 
 
 def check_sae_tensors(t: Mapping[str, Tensor], source: str) -> None:

@@ -154,15 +154,11 @@ def train_sae(
         sae.W_enc *= scale
         sae.W_dec /= scale
         sae.b_dec /= scale
-    sae.eval()
-    for p in sae.parameters():
-        p.requires_grad_(False)
+    sae.eval().requires_grad_(False)
     held_stats = sae_stats(sae, held) if n_held else {}
     all_stats = sae_stats(sae, data)
     stats = {
-        "fve": held_stats.get("fve", all_stats["fve"]),
-        "l0": held_stats.get("l0", all_stats["l0"]),
-        "mse": held_stats.get("mse", all_stats["mse"]),
+        **{key: held_stats.get(key, all_stats[key]) for key in ("fve", "l0", "mse")},
         "dead_fraction": all_stats["dead_fraction"],
         "fve_train": sae_stats(sae, train)["fve"],
         "n_train": len(train), "n_heldout": n_held, "d_model": d_model, "d_dict": d_dict,

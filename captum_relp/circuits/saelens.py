@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from .sae_model import ARCHITECTURES, EXTRA_PARAMETERS, NORMALIZATIONS, SparseAutoencoder
+from .sae_model import ARCHITECTURES, EXTRA_PARAMETERS, NORMALIZATIONS, SparseAutoencoder, read_state_dict
 
 PathLike = Union[str, Path]
 
@@ -91,8 +91,6 @@ def load_saelens(folder: PathLike) -> SparseAutoencoder:
         >>> load_saelens(folder).architecture
         'standard'
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg_file, weights_file = folder / SAELENS_CFG, folder / SAELENS_WEIGHTS
     for file in (cfg_file, weights_file):
@@ -108,10 +106,7 @@ def load_saelens(folder: PathLike) -> SparseAutoencoder:
     if missing:
         raise ValueError(f"{cfg_file}: missing cfg field(s) {missing}")
     options = saelens_options(cfg, str(cfg_file))
-    try:
-        state = load_file(str(weights_file))
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{weights_file}: not a readable safetensors file ({err})") from err
+    state = read_state_dict(weights_file)
     needed = [k for k in SAELENS_KEYS if not (k == "b_enc" and options["architecture"] == "gated")]
     absent = [k for k in needed if k not in state]
     if absent:

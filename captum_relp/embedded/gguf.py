@@ -109,21 +109,11 @@ def gguf_card(path: Any, source: Optional[str] = None, sha256: Optional[str] = N
             file_type = LlamaFileType(int(file_type)).name.replace("MOSTLY_", "")
         except ValueError:
             file_type = str(file_type)
+    card = {"format": "gguf", "file": path.name, "source": source or str(path), "sha256": sha256 or file_sha256(path)}
+    for key in ("architecture", "name", "organization", "license", "size_label"):
+        card[key] = _field(reader, f"general.{key}")
     counts = Counter(t.tensor_type.name for t in reader.tensors)
-    return {
-        "format": "gguf",
-        "file": path.name,
-        "source": source or str(path),
-        "sha256": sha256 or file_sha256(path),
-        "architecture": _field(reader, "general.architecture"),
-        "name": _field(reader, "general.name"),
-        "organization": _field(reader, "general.organization"),
-        "license": _field(reader, "general.license"),
-        "size_label": _field(reader, "general.size_label"),
-        "file_type": file_type,
-        "tensor_types": dict(counts.most_common()),
-        "dequantized": True,
-    }
+    return {**card, "file_type": file_type, "tensor_types": dict(counts.most_common()), "dequantized": True}
 
 
 def check_gguf_architecture(card: Dict[str, Any]) -> None:

@@ -111,7 +111,7 @@ def model_rules(model: nn.Module, categories: Sequence[str]) -> List[Any]:
     if getattr(model.config, family.logit_softcap, None) is None or not callable(
             getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
         return []
-    from ..rules.softcap import LogitSoftcapRule  # the rules package reads this table
+    from ..rules.nonlinear import LogitSoftcapRule  # the rules package reads this table
 
     return [LogitSoftcapRule()]
 

@@ -11,6 +11,6 @@
 * TransformerLens: hook-based rules on HookPoints (:mod:`captum_relp.rules.hookpoint`),
   registered by TransformerLens class name in the rule registry.
 """
-from .._unwrap import unwrap_layers, unwrap_model
+from .._forward import unwrap_layers, unwrap_model
 
 __all__ = ["unwrap_model", "unwrap_layers"]

@@ -1,13 +1,11 @@
 """LRP rules: small objects that adapt one module's backward pass, the registry that maps
 module types to rules, and the rule sets (composites) and presets built on it."""
-from .activation import IdentityRule
-from .apply import UnsupportedModuleError, apply_rules, check_coverage
 from .attention import AHRule
 from .base import ForwardPatchRule, Rule, ZeroRule
-from .gate import HalfRule
+from .composites import (PRESETS, RulePlan, RuleSet, RulesLike, UnsupportedModuleError, apply_rules,
+                         check_coverage, resolve_rules, rule_plan)
 from .linear import EpsilonRule, GammaRule
-from .norm import LayerNormRule, RMSNormRule
-from .presets import PRESETS, RulePlan, RuleSet, RulesLike, resolve_rules, rule_plan
+from .nonlinear import HalfRule, IdentityRule, LayerNormRule, RMSNormRule
 from .registry import register_rule, registered_rules, type_key, unregister_rule
 
 __all__ = [

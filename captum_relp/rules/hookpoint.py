@@ -19,6 +19,7 @@ removed one by one, so user hooks stay in place.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
@@ -166,11 +167,6 @@ class HookGatedRule(HookPointRule):
             raise ValueError(f"HookGatedRule needs act_fn on {type(module).__name__}")
         seen: Dict[str, Tensor] = {}
 
-        def keep(name: str) -> HookFn:
-            def fn(tensor: Tensor) -> None:
-                seen[name] = tensor
-            return fn
-
         def post(tensor: Tensor):
             if len(seen) < 2 or not tensor.requires_grad:
                 return None
@@ -182,27 +178,10 @@ class HookGatedRule(HookPointRule):
             linear_branch = act * linear
             return _grad_through(tensor, 0.5 * gate_branch + 0.5 * linear_branch)
 
-        undos = [add_forward_hook(points["hook_pre"], keep("hook_pre")),
-                 add_forward_hook(points["hook_pre_linear"], keep("hook_pre_linear")),
+        undos = [add_forward_hook(points["hook_pre"], partial(seen.__setitem__, "hook_pre")),
+                 add_forward_hook(points["hook_pre_linear"], partial(seen.__setitem__, "hook_pre_linear")),
                  add_forward_hook(points["hook_post"], post)]
         return lambda: [undo() for undo in reversed(undos)] and None
-
-
-def has_hook_points(module: nn.Module) -> bool:
-    """Whether ``module`` computes through hook points a rule must act on.
-
-    True for modules with ``hook_scale`` (norms), ``hook_pattern`` (attention) or
-    ``hook_pre`` and ``hook_post`` (MLPs): strict mode needs a rule for them.
-
-    Example:
-        >>> import torch
-        >>> has_hook_points(torch.nn.Linear(2, 2))
-        False
-    """
-    def point(name: str) -> bool:
-        return isinstance(module.__dict__.get("_modules", {}).get(name), nn.Module)
-
-    return point("hook_scale") or point("hook_pattern") or (point("hook_pre") and point("hook_post"))
 
 
 TRANSFORMER_LENS_ENTRIES: dict = {}
@@ -232,4 +211,4 @@ TRANSFORMER_LENS_ENTRIES[_TL4 + "gated_mlp.GatedMLPBridge"] = ("gate", ZeroRule)
 
 
 __all__ = ["TRANSFORMER_LENS_ENTRIES", "HookPointRule", "DetachHookRule", "HookIdentityRule", "HookGatedRule",
-           "add_forward_hook", "has_hook_points"]
+           "add_forward_hook"]

@@ -11,6 +11,7 @@ as ``(in, out)``). The forward output is the module's own.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -22,9 +23,7 @@ from .functional import compute_dtype
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
     weight = module.weight.detach()
-    if type(module).__name__ == "Conv1D":
-        return weight.t()
-    return weight
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
 def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,10 +57,7 @@ class _LinearRule(ForwardPatchRule):
         raise NotImplementedError
 
     def patched_forward(self, module: nn.Module, original: Callable, state: Any, x):
-        def scale_fn(inp, out):
-            return self.scale(module, inp, out)
-
-        return _ModifiedLinear.apply(x, original, scale_fn)
+        return _ModifiedLinear.apply(x, original, partial(self.scale, module))
 
 
 class EpsilonRule(_LinearRule):

@@ -4,28 +4,58 @@ Module types are keyed by their qualified name (``module.ClassName``), so the
 registry covers Hugging Face families without importing every modeling file;
 actual classes can be registered too. Each entry has a *category* (``norm``,
 ``activation``, ``gate``, ``linear`` or ``custom``); a
-:class:`~captum_relp.rules.presets.RuleSet` (Zennit calls it a composite) enables
+:class:`~captum_relp.rules.RuleSet` (Zennit calls it a composite) enables
 categories and adds an optional attention rule.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from .activation import IdentityRule
+from ..families import FAMILY_TABLE
+from .attention import DetachQKArgsRule, DetachQKColumnsRule, DetachQKOutputsRule
 from .base import Rule
-from .family_entries import registry_entries
-from .fused_gate import LAYOUTS
-from .gate import GATED_MLP_ATTRIBUTES
-from .hookpoint import TRANSFORMER_LENS_ENTRIES, has_hook_points
-from .norm import LayerNormRule, RMSNormRule
+from .hookpoint import TRANSFORMER_LENS_ENTRIES
+from .nonlinear import (GATED_MLP_ATTRIBUTES, LAYOUTS, FusedGateRule, HalfRule, IdentityRule, LayerNormRule,
+                        RMSNormRule)
 
 RuleFactory = Callable[[], Rule]
 CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "attention")
 
 _ACT = "transformers.activations."
 _TORCH_ACT = "torch.nn.modules.activation."
+
+_AH_RULES = {"method-args": DetachQKArgsRule, "method-outputs": DetachQKOutputsRule,
+             "qkv-columns": DetachQKColumnsRule}
+
+
+def registry_entries() -> Dict[str, Tuple[str, Any]]:
+    """Rule-registry entries ``{type key: (category, rule factory)}`` generated from the table.
+
+    Example:
+        >>> registry_entries()["transformers.models.phi3.modeling_phi3.Phi3MLP"][1]()
+        FusedGateRule('gate_up_proj')
+    """
+    entries: Dict[str, Tuple[str, Any]] = {}
+    for family in FAMILY_TABLE.values():
+        for norm in family.norms:
+            entries[family.key(norm.cls)] = ("norm", partial(LayerNormRule, centered=not norm.rms,
+                                                             weight_offset=norm.weight_offset, eps=norm.eps))
+        if family.gated_mlp is not None:
+            cls, layout = family.gated_mlp
+            entries[family.key(cls)] = ("gate", HalfRule if layout == "separate" else partial(FusedGateRule, layout))
+        for cls in family.activations:
+            entries[family.key(cls)] = ("activation", IdentityRule)
+        for cls in family.structural:
+            linear = cls.startswith("linear:")
+            entries[family.key(cls.split(":")[-1])] = ("linear" if linear else "structural", None)
+        if family.attn.how in _AH_RULES:
+            rule = partial(_AH_RULES[family.attn.how], family.attn.method)
+            entries[family.key(family.attn.cls)] = ("attention", rule)
+    return entries
+
 
 _DEFAULT_ENTRIES: Dict[str, Tuple[str, RuleFactory]] = {
     "torch.nn.modules.normalization.LayerNorm": ("norm", LayerNormRule),
@@ -167,19 +197,31 @@ def needs_rule(module: nn.Module) -> bool:
     name = cls.__name__
     if name in _NOT_ACTIVATIONS or registered_category(cls) in ("linear", "structural"):
         return False
-    if "norm" in name.lower():
-        return True
-    if cls.__module__ in ("torch.nn.modules.activation", "transformers.activations"):
-        return True
-    if name.endswith("Activation"):
-        return True
-    if has_hook_points(module):  # TransformerLens: norms, attention, MLPs computed in code
-        return True
+    if ("norm" in name.lower() or name.endswith("Activation") or has_hook_points(module)
+            or cls.__module__ in ("torch.nn.modules.activation", "transformers.activations")):
+        return True  # norms, activations; TransformerLens modules computing through hook points
     if any(all(hasattr(module, attr) for attr in attrs) for attrs in (GATED_MLP_ATTRIBUTES, *LAYOUTS.values())):
         return True  # gated MLPs, also with fused gate/up projections (Phi-3, ModernBERT)
     # a leaf module of unknown type computes something of its own (e.g. x * sigmoid(x))
     is_leaf = next(module.children(), None) is None
     return is_leaf and not _is_structural_leaf(cls)
+
+
+def has_hook_points(module: nn.Module) -> bool:
+    """Whether ``module`` computes through hook points a rule must act on.
+
+    True for modules with ``hook_scale`` (norms), ``hook_pattern`` (attention) or
+    ``hook_pre`` and ``hook_post`` (MLPs): strict mode needs a rule for them.
+
+    Example:
+        >>> import torch
+        >>> has_hook_points(torch.nn.Linear(2, 2))
+        False
+    """
+    def point(name: str) -> bool:
+        return isinstance(module.__dict__.get("_modules", {}).get(name), nn.Module)
+
+    return point("hook_scale") or point("hook_pattern") or (point("hook_pre") and point("hook_post"))
 
 
 def _is_structural_leaf(cls: type) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -31,10 +32,14 @@ def single_token_words(words: Sequence[str], tokenizer: Any) -> list[str]:
     return [w for w in words if is_single_token(w, tokenizer)]
 
 
+@dataclass
 class PairBatch:
-    """Shared behaviour of tokenized contrastive batches (:class:`IOIBatch`, ``SVABatch``)."""
+    """Shared fields and behaviour of tokenized contrastive batches (:class:`IOIBatch`, ``SVABatch``)."""
 
     clean_ids: torch.Tensor
+    corrupt_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last_pos: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.clean_ids.shape[0])

@@ -181,9 +181,8 @@ def _slot_spans(pair: IOIPair) -> tuple[str, list[tuple[str, int, int]]]:
     return text + template[at:], spans
 
 
-def _token_spans(tokenizer: Any, ids: Sequence[int]) -> list[tuple[int, int]]:
+def _token_spans(tokenizer: Any, ids: Sequence[int], special: set) -> list[tuple[int, int]]:
     """Character span of each token, by decoding growing prefixes (exact for any tokenizer)."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     spans, end, kept = [], 0, []
     for token in ids:
         if token in special:
@@ -227,7 +226,7 @@ def ioi_token_roles(pair: IOIPair, tokenizer: Any) -> list[str]:
         raise ValueError("pair.clean_prompt does not follow its template")
     ids = tokenizer(text)["input_ids"]
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    spans = _token_spans(tokenizer, ids)
+    spans = _token_spans(tokenizer, ids, special)
     roles, previous, counts = [], "START", {}
     for index, (token, (start, end)) in enumerate(zip(ids, spans)):
         if token in special:
@@ -269,10 +268,6 @@ class IOIBatch(PairBatch):
         1
     """
 
-    clean_ids: torch.Tensor
-    corrupt_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    last_pos: torch.Tensor
     io_ids: torch.Tensor
     s_ids: torch.Tensor
     positions: list[str] = field(default_factory=list)

@@ -180,16 +180,11 @@ def generate_sva_pairs(
         target = rng.choice(rc_verbs if structure == "within_rc" else main_verbs)
         if structure == "within_rc":
             # the RC noun carries the agreement; the head noun is the distractor
-            args = (other_noun, other_plural, agree_noun)
-            clean = sva_sentence(structure, *args, plural, rc_verb, prep)
-            corrupt = sva_sentence(structure, *args, not plural, rc_verb, prep)
+            clean, corrupt = (sva_sentence(structure, other_noun, other_plural, agree_noun, p, rc_verb, prep)
+                              for p in (plural, not plural))
         else:
-            clean = sva_sentence(
-                structure, agree_noun, plural, other_noun, other_plural, rc_verb, prep
-            )
-            corrupt = sva_sentence(
-                structure, agree_noun, not plural, other_noun, other_plural, rc_verb, prep
-            )
+            clean, corrupt = (sva_sentence(structure, agree_noun, p, other_noun, other_plural, rc_verb, prep)
+                              for p in (plural, not plural))
         out.append(SVAPair(clean, corrupt, target[int(plural)], target[int(not plural)], structure))
     return out
 
@@ -204,10 +199,6 @@ class SVABatch(PairBatch):
         1
     """
 
-    clean_ids: torch.Tensor
-    corrupt_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    last_pos: torch.Tensor
     correct_ids: torch.Tensor
     wrong_ids: torch.Tensor
     positions: list[str] = field(default_factory=list)

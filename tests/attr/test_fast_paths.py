@@ -15,7 +15,7 @@ from captum_relp import (
     model_components,
 )
 from captum_relp.metrics import MetricEvaluator
-from captum_relp._logits import full_logits, metric_logits
+from captum_relp._forward import full_logits, metric_logits
 from captum_relp.attr import _batched_patching, _prefix_cache
 from captum_relp.models import split_heads
 

@@ -11,7 +11,7 @@ from captum_relp import LayerActivationPatching, LayerRelevancePatching, RuleSet
 from captum_relp.edges import build_graph, graph_forward
 from captum_relp.rules import check_coverage
 from captum_relp.rules.registry import needs_rule
-from captum_relp.rules.fused_gate import FusedGateRule
+from captum_relp.rules.nonlinear import FusedGateRule
 from tests.families.configs import tiny_model, token_pair
 from tests.families.test_families import ap_error, conservation_error, conservation_tolerance
 

@@ -136,6 +136,11 @@ def test_threads_option_and_default(monkeypatch):
         assert free_cores() == 1  # never below one
         monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
         assert free_cores() == 4  # never above the usable cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun, 2 processes here: half each
+        assert free_cores() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        assert free_cores() == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
         assert apply_threads(argparse.Namespace(threads=None)) == 4 and torch.get_num_threads() == 4
         assert apply_threads(argparse.Namespace(threads=2)) == 2 and torch.get_num_threads() == 2
     finally:

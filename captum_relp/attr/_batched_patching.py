@@ -42,7 +42,7 @@ from .._forward import LAST_REAL, call_model, metric_logits, metric_positions
 from .._hooks import layer_hooks
 from ..metrics import MetricEvaluator, tile_rows
 from ..models import find_blocks
-from ._prefix_cache import PrefixCacheRunner
+from ._prefix_cache import PrefixCacheRunner, cache_argument
 
 ALIGN = 4
 """In float64, suffixes start at multiples of this position (MKL's float64 row block)."""
@@ -54,7 +54,7 @@ ELEMENT_BUDGET = 1 << 20
 batches measured slower on CPUs (``benchmarks/bench_ap_strategies.py``), smaller ones pay the
 per-call overhead of the model more often."""
 
-OVERHEAD_ROWS = 16
+OVERHEAD_ROWS = 128
 """The fixed cost of running one block in a forward pass, in token rows of that block."""
 
 Copy = Tuple[int, Tuple]
@@ -86,6 +86,7 @@ class BatchedPatchRunner:
         self.cached = use_cache and granularity != "layer" and PrefixCacheRunner.applies(
             model, layers, inputs, args, kwargs, evaluator, granularity, True)
         self._clean: Any = None
+        self._outputs: Dict[int, Any] = {}  # clean outputs of the blocks under patched ones (cached path)
         self.block_of = _block_of(model, self.layers) if expand else None  # None: no block-level expansion
 
     # planning ---------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class BatchedPatchRunner:
         chunks = []
         for key, items in sorted(groups.items()):
             items.sort(key=lambda item: item[0])
-            below = key if self.block_of is not None else 0
+            below = key if self.block_of is not None and not self.cached else 0  # cached: skipped
             best = [0.0] + [math.inf] * len(items)
             cut = [0] * (len(items) + 1)
             for end in range(1, len(items) + 1):
@@ -154,11 +155,17 @@ class BatchedPatchRunner:
     # running ----------------------------------------------------------------------------------
     def _clean_cache(self):
         if self._clean is None:
-            runner = PrefixCacheRunner(self.model, self.layers, self.flags, self.inputs[0], self.mask, self.evaluator)
-            self._arg = runner._cache_arg()
+            self._arg = cache_argument(self.model)
             cache = _TilingCache(config=self.model.config)
             extra = {} if self.mask is None else {"attention_mask": self.mask}
-            self.model(self.inputs[0], logits_to_keep=1, use_cache=True, **{self._arg: cache}, **extra)
+            blocks = find_blocks(self.model) if self.block_of is not None else []
+            below = sorted({b - 1 for b in self.block_of or [] if b > 0})  # the blocks under a patched one
+            handles = [blocks[i].register_forward_hook(_record(self._outputs, i)) for i in below]
+            try:
+                self.model(self.inputs[0], logits_to_keep=1, use_cache=True, **{self._arg: cache}, **extra)
+            finally:
+                for handle in handles:
+                    handle.remove()
             self._clean = cache
         return self._clean
 
@@ -203,6 +210,7 @@ class BatchedPatchRunner:
 
         repeats = 1 if expand_at_layer or expand_block is not None else copies
         if self.cached:
+            self._clean_cache()  # also records the clean outputs of the blocks that are skipped
             kwargs: Dict[str, Any] = {}
             if t0:
                 cache = self._prefix(t0, repeats)
@@ -214,7 +222,10 @@ class BatchedPatchRunner:
             run_inputs = tuple(_tile(x, repeats) for x in self.inputs)
             run_args = tuple(_tile_if_batched(a, repeats, n) for a in self.args)
             kwargs = {k: _tile_if_batched(v, repeats, n) for k, v in self.kwargs.items()}
-        handles = [] if expand_block is None else _expand_blocks(find_blocks(self.model), expand_block, n, copies)
+        blocks = find_blocks(self.model) if expand_block is not None else []
+        handles = [] if expand_block is None else _expand_blocks(blocks, expand_block, n, copies)
+        skipped = _skip_blocks(blocks[:expand_block], self._outputs.get((expand_block or 0) - 1), t0) \
+            if self.cached and expand_block else []
         try:
             with layer_hooks(self.layers, self.flags, patch), metric_logits(
                     self.model, self.evaluator, self.layers, offset=t0):
@@ -222,6 +233,7 @@ class BatchedPatchRunner:
         finally:
             for handle in handles:
                 handle.remove()
+            _restore_forwards(skipped)
         mask = kwargs.get("attention_mask")
         return self.evaluator(output, None if self.cached or mask is None else _tile(mask, copies // repeats))
 
@@ -280,6 +292,44 @@ def _expand_blocks(blocks: Sequence[nn.Module], first: int, batch_size: int, cop
     if copies == 1:
         return []
     return [block.register_forward_pre_hook(hook, with_kwargs=True) for block in list(blocks)[first:]]
+
+
+def _record(store: Dict[int, Any], index: int):
+    """A forward hook keeping block ``index``'s output in ``store`` (a tensor, or a tuple of it and Nones)."""
+    def hook(module, args, output):
+        parts = output if isinstance(output, (tuple, list)) else (output,)
+        if isinstance(parts[0], Tensor) and all(p is None for p in parts[1:]):
+            store[index] = output
+    return hook
+
+
+def _skip_blocks(blocks: Sequence[nn.Module], clean: Any, t0: int) -> List[Tuple[nn.Module, Any]]:
+    """Blocks under the patched ones see clean activations only: instead of recomputing them, each
+    returns the clean output of the last of them at positions ``>= t0`` (the suffix the run
+    feeds; recorded in the full clean run, whose rows fall in the same BLAS row blocks). Their
+    hooks still run. Returns what :func:`_restore_forwards` needs; nothing without ``clean``."""
+    if clean is None:
+        return []
+    if isinstance(clean, Tensor):
+        output: Any = clean[:, t0:]
+    else:
+        output = type(clean)([clean[0][:, t0:], *clean[1:]])
+    skipped = []
+    for block in blocks:
+        skipped.append((block, block.__dict__.get("forward", _NO_FORWARD)))
+        block.forward = lambda *args, **kwargs: output  # an instance attribute, removed afterwards
+    return skipped
+
+
+_NO_FORWARD = object()
+
+
+def _restore_forwards(skipped: List[Tuple[nn.Module, Any]]) -> None:
+    for block, forward in skipped:
+        if forward is _NO_FORWARD:
+            del block.forward
+        else:
+            block.forward = forward
 
 
 def _tiling_cache_class():

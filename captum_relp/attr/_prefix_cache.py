@@ -53,6 +53,18 @@ def _cache_class():
     return ExpandingCache
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword that passes a key/value cache to ``model``: ``cache`` where its forward takes
+    it (newer transformers), else ``past_key_values``.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> cache_argument(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2)))
+        'cache'
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class PrefixCacheRunner:
     """Runs patched suffixes of one example on its clean key/value cache.
 
@@ -115,8 +127,7 @@ class PrefixCacheRunner:
         return out
 
     def _cache_arg(self) -> str:
-        """``cache`` where the model's forward takes it (newer transformers), else ``past_key_values``."""
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return cache_argument(self.model)
 
     def _clean_cache(self, row: int):
         if row not in self._clean:
@@ -170,4 +181,4 @@ class PrefixCacheRunner:
         return sub_evaluator(output, None)
 
 
-__all__ = ["CHUNK_DIVISOR", "PrefixCacheRunner"]
+__all__ = ["CHUNK_DIVISOR", "PrefixCacheRunner", "cache_argument"]

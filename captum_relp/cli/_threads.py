@@ -6,7 +6,8 @@ import os
 
 
 def free_cores() -> int:
-    """Cores this process may use minus the current load (1-minute average), at least 1.
+    """Cores this process may use minus the current load (1-minute average), at least 1; under
+    ``torchrun`` shared among the processes of this machine (``LOCAL_WORLD_SIZE``).
 
     Example:
         >>> free_cores() >= 1
@@ -17,7 +18,8 @@ def free_cores() -> int:
         load = os.getloadavg()[0]
     except OSError:  # pragma: no cover - no load average on this platform
         load = 0.0
-    return max(1, min(usable, int(usable - load + 0.5)))
+    free = max(1, min(usable, int(usable - load + 0.5)))
+    return max(1, free // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from ._common import (
     add_rules_options,
     add_run_options,
     finish_out,
+    join_ranks,
     load_model_from_args,
     parse_fractions,
     parse_list,
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         methods.insert(0, "eap")  # the cost reference
     fractions = parse_fractions(args.fractions)
     earlier = prepare_out(args, "edges")
+    writes = join_ranks(args)  # under torchrun: each rank a share of exact patching and of the curves
     model, tokenizer = load_model_from_args(args)
     words = None if args.training_words else heldout_words(args.model, args.task)
     try:
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         if any(w in str(error).lower() for w in ("name", "token", "noun")):
             raise CLIError(f"cannot build {args.task} prompts for this model: {error}", EXIT_TASK) from error
         raise
+    if not writes:
+        return 0
     print(result.format_table())
     if "calibration" in result.info:
         calibration = result.info["calibration"]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .._coefficients import TensorSites, layer_coefficients
 from .._hooks import frozen_model
 from ..calibration.calibrated_rules import CalibratedRules, explicit_ruleset
+from ..integrations.distributed import DataParallelSweep
 from ..metrics import MetricEvaluator
 from ..rules import RuleSet, resolve_rules
 from .graph import ComponentGraph
@@ -253,6 +254,7 @@ def exact_edge_scores(
     metric: Metric,
     attention_mask: Optional[Tensor] = None,
     max_rows: int = 512,
+    sweep: Optional[DataParallelSweep] = None,
 ) -> EdgeScores:
     r"""Exact edge patching: ``m(clean) - m(clean with edge u -> v patched)`` per edge.
 
@@ -263,6 +265,9 @@ def exact_edge_scores(
         model, graph, clean_ids, corrupt_ids, metric, attention_mask: as in :func:`edge_scores`;
             ``metric`` is called on each ``B``-row copy of the batch.
         max_rows (int): rows per forward pass.
+        sweep (DataParallelSweep, optional): under ``torchrun``, this rank runs the groups of
+            edges ``rank, rank + world_size, ...`` and every rank gets all scores (identical to
+            one process: the same groups, gathered in order); ``n_forward`` counts all ranks.
 
     Returns:
         EdgeScores: ``(U, V)`` exact effects, mean over prompts.
@@ -290,7 +295,10 @@ def exact_edge_scores(
         corrupt = graph_forward(model, graph, corrupt_ids, attention_mask).outputs
         clean_metric = evaluate(graph_forward(model, graph, clean_ids, attention_mask).logits).double().mean()
         forwards += 2
-        for first in range(0, len(edges), group):
+        firsts = list(range(0, len(edges), group))
+        sweep = sweep or DataParallelSweep(0, 1)
+        mine = []
+        for first in sweep.shard(firsts):  # under torchrun: this rank's groups of edges
             chunk = edges[first:first + group]
             k = len(chunk)
             patch = corrupt.new_zeros(k, batch, *graph.edge_mask.shape)
@@ -300,10 +308,11 @@ def exact_edge_scores(
             run = graph_forward(model, graph, clean_ids.repeat(k, 1), mask,
                                 patch=patch.reshape(k * batch, *graph.edge_mask.shape),
                                 corrupt_outputs=corrupt)
-            patched = evaluate(run.logits).double().reshape(k, batch).mean(1)
-            for index, (u, v) in enumerate(chunk):
+            mine.append(evaluate(run.logits).double().reshape(k, batch).mean(1).cpu())
+        for first, patched in zip(firsts, sweep.gather(mine, len(firsts))):
+            for index, (u, v) in enumerate(edges[first:first + group]):
                 scores[u, v] = clean_metric - patched[index]
-            forwards += 1
+        forwards += len(firsts)
     return EdgeScores("exact", scores.to(corrupt.dtype), forwards, 0, time.perf_counter() - start)
 
 

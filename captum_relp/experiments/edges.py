@@ -17,6 +17,7 @@ from ..edges.conventions import EdgeConvention, get_convention
 from ..edges.evaluate import FaithfulnessCurve, faithfulness_curve, pearson
 from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
+from ..integrations.distributed import DataParallelSweep
 from ..plotting import EDGE_METHOD_LABELS as METHOD_NAMES
 
 SCORE_METHODS = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
@@ -246,19 +247,22 @@ def run_edge_experiment(
         for method in timed:
             scores = edge_scores(*args, n_steps=n_steps, ig_grid=ig_grid, **options[method])
             runs[method].append(replace(scores, method=method))
+    sweep = DataParallelSweep()  # under torchrun: exact's edge groups and the curves are sharded
     for method in methods:
-        start = time.perf_counter()
         if method == "exact":
-            scores = exact_edge_scores(*args)
+            result.scores[method] = exact_edge_scores(*args, sweep=sweep)
         else:
-            scores = min(runs[method], key=lambda r: r.seconds)
-        result.scores[method] = scores
-        result.curves[method] = faithfulness_curve(model, graph, scores.scores, held.clean_ids, held.corrupt_ids,
-                                                   held.metric(), held.attention_mask, fractions,
-                                                   convention=convention, greedy=greedy)
+            result.scores[method] = min(runs[method], key=lambda r: r.seconds)
+    curves = []
+    for method in sweep.shard(list(methods)):  # this rank's methods, gathered in order below
+        start = time.perf_counter()
+        curves.append(faithfulness_curve(model, graph, result.scores[method].scores, held.clean_ids,
+                                         held.corrupt_ids, held.metric(), held.attention_mask, fractions,
+                                         convention=convention, greedy=greedy))
         if show_progress:
-            print(f"{method}: scored in {scores.seconds:.2f}s, CPR {result.curves[method].cpr:.3f} "
+            print(f"{method}: scored in {result.scores[method].seconds:.2f}s, CPR {curves[-1].cpr:.3f} "
                   f"({time.perf_counter() - start:.1f}s evaluation)", flush=True)
+    result.curves = dict(zip(methods, sweep.gather(curves, len(methods))))
     return result
 
 

@@ -65,3 +65,29 @@ def test_torchrun_circuit_two_processes_equal_one(tmp_path):
     for method in ("RelP", "AtP"):  # every batch scored once, by one of the ranks
         for key in ("forward_passes", "backward_passes"):
             assert sharded["cost"][method][key] == single["cost"][method][key]
+
+
+EDGES_ARGS = ["-m", "captum_relp.cli", "edges", "--method", "relp,eap,eap-ig", "--n-prompts", "3", "--n-eval", "2",
+              "--repeats", "1", "--n-steps", "2", "--no-plots", "--quiet", "--device", "cpu"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_torchrun_edges_two_processes_equal_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(prefix, out):
+        done = subprocess.run([sys.executable, *prefix, *EDGES_ARGS, "--out", str(out)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "edges_results.json").read_text()), done.stdout
+
+    single, _ = run([], tmp_path / "one")
+    sharded, stdout = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"],
+                          tmp_path / "two")
+    assert stdout.count("wrote") == 1  # rank 0 writes, rank 1 only computes its share
+    timings = ("seconds", "time_vs_eap")  # wall times differ between runs; everything else is identical
+    for method in ("relp", "eap", "eap-ig", "exact"):
+        assert {k: v for k, v in sharded[method].items() if k not in timings} == \
+            {k: v for k, v in single[method].items() if k not in timings}, method
+    assert sharded["meta"] == single["meta"]
+    assert single["exact"]["n_forward"] > 3  # several groups of edges, so both ranks patched some

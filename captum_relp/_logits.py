@@ -16,12 +16,14 @@ position), such as :class:`~captum_relp.metrics.LogitDiff` and
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ._read_positions import read_positions
 from ._unwrap import is_hf_model
 from .metrics import MetricEvaluator, last_positions
 from .metrics import tile_rows
@@ -90,14 +92,20 @@ def is_causal_lm(model: Any) -> bool:
 def can_slice_logits(forward_func: Callable, evaluator: MetricEvaluator,
                      layers: Sequence[nn.Module] = ()) -> bool:
     """Whether :func:`metric_logits` would slice: causal LM, known positions, head not attributed."""
+    return metric_positions(evaluator) is not False and _free_head(forward_func, layers) is not None
+
+
+def _free_head(forward_func: Callable, layers: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """The unembedding of a causal LM when slicing is on and no attributed layer is (in) it."""
     if not _STATE["enabled"] or not is_causal_lm(forward_func):
-        return False
+        return None
     head = forward_func.get_output_embeddings()  # type: ignore[union-attr]
-    if not isinstance(head, nn.Module) or metric_positions(evaluator) is False:
-        return False
+    if not isinstance(head, nn.Module):
+        return None
     inside = {id(m) for m in head.modules()}
-    return not any(id(layer) in inside or any(id(m) == id(head) for m in layer.modules())
-                   for layer in layers)
+    attributed = any(id(layer) in inside or any(id(m) == id(head) for m in layer.modules())
+                     for layer in layers)
+    return None if attributed else head
 
 
 def gather_rows(hidden: Tensor, spec: Any, mask: Optional[Tensor], offset: int = 0,
@@ -141,7 +149,8 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         (True, (1, 11))
     """
     if not can_slice_logits(forward_func, evaluator, layers):
-        yield False
+        with _plain_metric_logits(forward_func, evaluator, layers, offset) as active:
+            yield active
         return
     spec = metric_positions(evaluator)
     state: dict = {}
@@ -183,5 +192,91 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
             handle.remove()
 
 
+def _head_rows(hidden: Tensor) -> Tuple[Tensor, int]:
+    """``(n, d)`` rows padded to whole :data:`ROW_ALIGN` blocks, and ``n``."""
+    count = hidden.shape[0]
+    pad = -count % ROW_ALIGN
+    if pad:  # whole row blocks: each row's logits do not depend on the number of rows
+        hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+    return hidden, count
+
+
+@contextmanager
+def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
+                         layers: Sequence[nn.Module], offset: int) -> Iterator[bool]:
+    """For a plain callable metric: logits only at the positions it reads (``logit_positions``
+    or found on a probe, :mod:`captum_relp._read_positions`), handed to it as ``(rows, T, V)``
+    whose other positions repeat the single read position or are NaN. Full logits when the
+    positions are unknown."""
+    head = _free_head(forward_func, layers)
+    if head is None or evaluator.metric is None or not isinstance(getattr(head, "weight", None), Tensor):
+        yield False
+        return
+    state: dict = {}
+
+    def on_model(module, args, kwargs):
+        state["skip"] = bool(kwargs.get("logits_to_keep"))
+
+    def on_head(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or state.get("skip") or not hidden.shape[0]:
+            return None
+        weight = head.weight
+        positions = read_positions(evaluator, offset + hidden.shape[1], weight.shape[0], weight.dtype,
+                                   weight.device)
+        if positions is None or positions[0] < offset:
+            return None
+        local = [p - offset for p in positions]
+        rows, index = _head_rows(hidden[:, local].reshape(-1, hidden.shape[2]))
+        state["layout"] = (hidden.shape[0], hidden.shape[1], local, index)
+        return (rows,) + tuple(args[1:])
+
+    def after_head(module, args, output):
+        layout = state.pop("layout", None)
+        if layout is None or not isinstance(output, Tensor) or not output.shape[0]:
+            return None
+        rows, length, local, count = layout
+        picked = output[:count].reshape(rows, len(local), output.shape[-1])
+        if len(local) == 1:  # a view: no (rows, T, V) tensor is allocated
+            return picked.expand(rows, length, output.shape[-1])
+        filled = torch.cat([picked, picked.new_full((rows, 1, output.shape[-1]), math.nan)], dim=1)
+        where = torch.full((length,), len(local), dtype=torch.long, device=output.device)
+        where[local] = torch.arange(len(local), device=output.device)
+        return filled[:, where]
+
+    handles = [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
+               head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]
+    try:
+        yield True
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def without_logits(forward_func: Callable, layers: Sequence[nn.Module] = ()) -> Iterator[bool]:
+    """Inside the block, a causal LM computes no logits (its unembedding gets zero rows): for
+    passes that only record activations, such as the corrupt run of RelP and AtP. Yields
+    whether it is active (a Hugging Face causal LM whose head is not attributed).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11)).eval()
+        >>> with without_logits(model) as active:
+        ...     logits = model(torch.tensor([[1, 2, 3]])).logits
+        >>> active, tuple(logits.shape)
+        (True, (0, 3, 11))
+    """
+    head = _free_head(forward_func, layers)
+    if head is None:
+        yield False
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:0],) + tuple(args[1:]))
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 __all__ = ["LAST_REAL", "full_logits", "metric_positions", "is_causal_lm", "can_slice_logits",
-           "gather_rows", "metric_logits"]
+           "gather_rows", "metric_logits", "without_logits"]

@@ -205,9 +205,10 @@ def _head_rows(hidden: Tensor) -> Tuple[Tensor, int]:
 def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
                          layers: Sequence[nn.Module], offset: int) -> Iterator[bool]:
     """For a plain callable metric: logits only at the positions it reads (``logit_positions``
-    or found on a probe, :mod:`captum_relp._read_positions`), handed to it as ``(rows, T, V)``
-    whose other positions repeat the single read position or are NaN. Full logits when the
-    positions are unknown."""
+    or found on a probe, :mod:`captum_relp._read_positions`), handed to it as ``(rows, T', V)``
+    (``T' = T``, or the suffix from its first read position when the probes show it gives the
+    same values there) whose other positions repeat the single read position or are NaN. Full
+    logits when the positions are unknown."""
     head = _free_head(forward_func, layers)
     if head is None or evaluator.metric is None or not isinstance(getattr(head, "weight", None), Tensor):
         yield False
@@ -222,13 +223,13 @@ def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         if hidden.dim() != 3 or state.get("skip") or not hidden.shape[0]:
             return None
         weight = head.weight
-        positions = read_positions(evaluator, offset + hidden.shape[1], weight.shape[0], weight.dtype,
-                                   weight.device)
-        if positions is None or positions[0] < offset:
+        found = read_positions(evaluator, offset + hidden.shape[1], weight.shape[0], weight.dtype, weight.device)
+        if found is None or found[1] < offset:  # a suffix run shows the metric no earlier position
             return None
-        local = [p - offset for p in positions]
-        rows, index = _head_rows(hidden[:, local].reshape(-1, hidden.shape[2]))
-        state["layout"] = (hidden.shape[0], hidden.shape[1], local, index)
+        positions, begin = found
+        local = [p - begin for p in positions]  # positions in the logits the metric is shown
+        rows, index = _head_rows(hidden[:, [p - offset for p in positions]].reshape(-1, hidden.shape[2]))
+        state["layout"] = (hidden.shape[0], offset + hidden.shape[1] - begin, local, index)
         return (rows,) + tuple(args[1:])
 
     def after_head(module, args, output):
@@ -237,6 +238,8 @@ def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
             return None
         rows, length, local, count = layout
         picked = output[:count].reshape(rows, len(local), output.shape[-1])
+        if len(local) == length:  # the metric is shown exactly the positions computed
+            return picked
         if len(local) == 1:  # a view: no (rows, T, V) tensor is allocated
             return picked.expand(rows, length, output.shape[-1])
         filled = torch.cat([picked, picked.new_full((rows, 1, output.shape[-1]), math.nan)], dim=1)

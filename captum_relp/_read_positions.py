@@ -51,6 +51,9 @@ def normalize_positions(positions: Any, length: int) -> Tuple[int, ...]:
                          f"(valid: {-length} ... {length - 1})")
     return tuple(sorted({v % length for v in values}))
 
+FILLS = (math.nan, math.inf, -math.inf, -3.5, 1e4)
+"""Values put at the positions a metric must not read, when checking that it does not."""
+
 
 def _probe(values: Tensor, rows: int, vocab: int) -> Tensor:
     return values.view(1, -1, 1).expand(rows, values.shape[0], vocab)
@@ -79,19 +82,33 @@ class _Prober:
             return None
         return out.detach().clone()
 
-    def unchanged(self, marked: Sequence[int], fill: float) -> bool:
+    def marked(self, positions: Sequence[int], fill: float) -> Tensor:
         values = self.base.clone()
-        values[list(marked)] = fill
-        out = self(values)
+        values[list(positions)] = fill
+        return values
+
+    def unchanged(self, positions: Sequence[int], fill: float) -> bool:
+        out = self(self.marked(positions, fill))
         return out is not None and _same(out, self.reference)
+
+    def same_on_suffix(self, positions: Sequence[int]) -> bool:
+        """The metric gives the same values on the last ``T - min(positions)`` positions alone."""
+        others = sorted(set(range(self.base.shape[0])) - set(positions))
+        start = min(positions)
+        probes = [self.base] + [self.marked(others, fill) for fill in FILLS if others]
+        probes += [self.marked([p], fill) for p in positions for fill in (math.nan, 1e4)]
+        for values in probes:
+            full, suffix = self(values), self(values[start:])
+            if full is None or suffix is None or not _same(full, suffix):
+                return False
+        return True
 
     def verified(self, positions: Sequence[int]) -> bool:
         """The metric's values do not move when every position outside ``positions`` changes."""
         others = sorted(set(range(self.base.shape[0])) - set(positions))
         if not others:
             return True
-        fills = (math.nan, math.inf, -math.inf, -3.5, 1e4)
-        return all(self.unchanged(others, fill) for fill in fills)
+        return all(self.unchanged(others, fill) for fill in FILLS)
 
 
 def search_positions(metric: Callable, rows: int, length: int, vocab: int, dtype=torch.float32,
@@ -144,18 +161,37 @@ def check_positions(metric: Callable, positions: Tuple[int, ...], rows: int, len
     )
 
 
-def read_positions(evaluator: Any, length: int, vocab: int, dtype, device) -> Optional[Tuple[int, ...]]:
-    """The positions a plain metric of ``evaluator`` reads at sequence length ``length``, cached
-    on the evaluator: its ``logit_positions`` (checked), or :func:`search_positions`."""
-    cache: Dict[int, Optional[Tuple[int, ...]]] = evaluator.__dict__.setdefault("_read_positions", {})
+def read_positions(evaluator: Any, length: int, vocab: int, dtype,
+                   device) -> Optional[Tuple[Tuple[int, ...], int]]:
+    """The positions a plain metric of ``evaluator`` reads at sequence length ``length``, and
+    the first position it must be shown, cached on the evaluator; ``None``: unknown.
+
+    The positions are its ``logit_positions`` (checked) or :func:`search_positions`. When the
+    metric gives bitwise the same values on the logits from its first read position on (it
+    indexes from the end, as ``logits[:, -1]`` does; checked on the probes), only that suffix is
+    shown to it, so its backward pass allocates ``(rows, T - start, V)`` instead of
+    ``(rows, T, V)``; otherwise ``start`` is 0.
+
+    Example:
+        >>> from captum_relp.metrics import MetricEvaluator
+        >>> read_positions(MetricEvaluator(2, metric=lambda l: l[:, -1, 0]), 6, 3, torch.float32, None)
+        ((5,), 5)
+        >>> read_positions(MetricEvaluator(2, metric=lambda l: l[:, 4, 0]), 6, 3, torch.float32, None)
+        ((4,), 0)
+    """
+    cache: Dict[int, Any] = evaluator.__dict__.setdefault("_read_positions", {})
     if length not in cache:
         rows, explicit = evaluator.batch_size, getattr(evaluator, "logit_positions", None)
         if explicit is not None:
-            positions = normalize_positions(explicit, length)
+            positions: Optional[Tuple[int, ...]] = normalize_positions(explicit, length)
             check_positions(evaluator.metric, positions, rows, length, vocab, dtype, device, explicit)
-            cache[length] = positions
         else:
-            cache[length] = search_positions(evaluator.metric, rows, length, vocab, dtype, device)
+            positions = search_positions(evaluator.metric, rows, length, vocab, dtype, device)
+        if positions is None:
+            cache[length] = None
+        else:
+            prober = _Prober(evaluator.metric, rows, length, vocab, dtype, device)
+            cache[length] = (positions, positions[0] if prober.same_on_suffix(positions) else 0)
     return cache[length]
 
 

@@ -127,7 +127,7 @@ def worker_ours(data: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def worker_fork(data: Dict[str, Any], variant: str, fork_path: str) -> Dict[str, Any]:
+def worker_fork(data: Dict[str, Any], variant: str, fork_path: str, exact_identity: bool = False) -> Dict[str, Any]:
     sys.path.insert(0, fork_path)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
@@ -142,6 +142,10 @@ def worker_fork(data: Dict[str, Any], variant: str, fork_path: str) -> Dict[str,
         init_weights=False,  # every weight is loaded below
     )
     cfg.LRP_rules = list(RULES)
+    if exact_identity:  # diagnostic: the Identity-rule ratio act(x) / x without the fork's 1e-6 shift
+        from transformer_lens.utilities import activation_functions
+
+        activation_functions.stabilize = lambda z: torch.where(z == 0, torch.full_like(z, 1e-6), z)
     model = HookedTransformer(cfg)  # use_lrp is read when the MLPs are built (Identity-rule)
     model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
                                       center_unembed=False, fold_value_biases=False)
@@ -192,7 +196,7 @@ def worker_main(opts: argparse.Namespace) -> None:
     if opts.worker == "ours":
         result = worker_ours(data)
     else:
-        result = worker_fork(data, opts.worker, opts.fork_path)
+        result = worker_fork(data, opts.worker, opts.fork_path, opts.fork_exact_identity)
     scores = result.pop("scores")
     if opts.scores_out:
         torch.save([s.detach().contiguous() for s in scores], opts.scores_out)
@@ -223,6 +227,7 @@ def run_side(side: str, opts: argparse.Namespace, data: str, scores_out: Optiona
     python = sys.executable if side == "ours" else opts.fork_python
     cmd = [python, os.path.abspath(__file__), "--worker", side, "--data", data, "--threads", str(opts.threads),
            "--fork-path", opts.fork_path] + (["--small"] if opts.small else [])
+    cmd += ["--fork-exact-identity"] if opts.fork_exact_identity else []
     if scores_out:
         cmd += ["--scores-out", scores_out]
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
@@ -275,6 +280,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of every worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small", action="store_true", help="2-layer d=64 smoke configuration")
+    p.add_argument("--fork-exact-identity", action="store_true",
+                   help="diagnostic: drop the fork's 1e-6 shift of x in the Identity-rule ratio act(x) / x "
+                        "(stabilize), to check that the remaining score difference is float32 rounding")
     p.add_argument("--out", help="write all runs and the summary as JSON here")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)

@@ -81,6 +81,24 @@ def test_plain_metric_ap_and_ig_equal_to_full_logits(family):
         assert all(torch.equal(f, r) for f, r in zip(fast, ref)), cls
 
 
+def test_metric_reading_from_the_end_is_shown_only_that_suffix():
+    model = build_model("gpt2")
+    clean, corrupt = token_pair()
+    seen = []
+
+    def metric(logits):
+        seen.append(tuple(logits.shape))
+        return logits[:, -1, 3] - logits[:, -2, 4]
+
+    layers = model_components(model).mlp
+    fast = LayerRelevancePatching(model, layers).attribute(clean, baselines=corrupt, metric=metric)
+    assert seen[-1] == (3, 2, VOCAB)  # probes first, then the clean run: positions 5 and 6 only
+    with full_logits():
+        ref = LayerRelevancePatching(model, layers).attribute(clean, baselines=corrupt, metric=metric)
+    assert seen[-1] == (3, 7, VOCAB)
+    assert all(torch.equal(f, r) for f, r in zip(fast, ref))
+
+
 def test_wrong_logit_positions_raise_naming_the_argument():
     model = build_model("gpt2")
     clean, corrupt = token_pair()

@@ -12,7 +12,10 @@ Positions are known when the metric is ``target=`` (the last real position of ea
 from the ``attention_mask`` under right padding) or a metric that declares them: an
 object with ``reads_final_logits = True`` and a ``positions`` attribute (None: the last
 position), such as :class:`~captum_relp.metrics.LogitDiff` and
-:class:`~captum_relp.metrics.ProbDiff`. Anything else keeps the full logits.
+:class:`~captum_relp.metrics.ProbDiff`. A plain callable metric gets ``(rows, T', V)`` logits
+computed only at the positions it reads, given as ``logit_positions`` or found on probes
+(:mod:`captum_relp._read_positions`); when they cannot be found exactly it gets the full
+logits. :func:`without_logits` skips the unembedding in passes that evaluate no metric.
 """
 from __future__ import annotations
 

@@ -193,7 +193,7 @@ class MetricEvaluator:
       of token ``target`` at each row's last real position; for 2-D outputs
       Captum's target selection; 0-/1-D outputs are used as they are.
     * ``logit_positions``: the sequence positions a plain callable ``metric`` reads from
-      language-model logits (see :mod:`captum_relp._read_positions`).
+      language-model logits (see ``captum_relp._read_positions``).
     """
 
     def __init__(self, batch_size: int, target: TargetType = None, metric: MetricType = None,

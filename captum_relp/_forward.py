@@ -1,32 +1,29 @@
 """Calling the model, shared by every attribution class so RelP, AtP, AP and IG all call it the
 same way (the metric they evaluate on its output is in :mod:`captum_relp.metrics`).
 
-**The module behind what a user passes** (the one place that finds it). nnsight's
-``NNsight``/``LanguageModel`` and its ``Envoy`` objects (``lm.transformer.h[0]``) are not
-``nn.Module``\\ s; they hold the module in ``_module``. ``DistributedDataParallel`` and
-``DataParallel`` hold it in ``module``, a ``torch.compile``\\ d module in ``_orig_mod``, a
-bound ``forward`` in ``__self__``. Attribution needs the module itself: its hooks, its
-submodules and (for the AH-rule) its Hugging Face config. Everything is duck-typed, so
-neither nnsight nor a process group is needed.
+**The module behind what a user passes** (the one place that finds it): nnsight objects
+hold it in ``_module``, ``DistributedDataParallel``/``DataParallel`` in ``module``, a
+``torch.compile``\\ d module in ``_orig_mod``, a bound ``forward`` in ``__self__``; hooks,
+submodules and the Hugging Face config come from it. Duck-typed: neither nnsight nor a
+process group is needed.
 
 **Arguments and output**: extra forward arguments, the output tensor (``.logits`` of a
 Hugging Face model) and token ids checked against the vocabulary.
 
-**Logits only where the metric reads them.** A causal language model's unembedding maps
-every position to ``V`` logits, although a ``target=`` or
-:class:`~captum_relp.metrics.LogitDiff` metric reads one position per row.
-:func:`metric_logits` hooks the unembedding of a Hugging Face causal LM and feeds it only
-the final hidden state of each row at the position the metric reads, so the model returns
-logits of shape ``(rows, V)`` instead of ``(rows, T, V)``; the metrics accept such 2-D
-logits as they are. The values are those of the full-logits path (the same per-position
-computation on fewer rows). Positions are known when the metric is ``target=`` (the last
-real position of each row, from the ``attention_mask`` under right padding) or a metric
-that declares them: an object with ``reads_final_logits = True`` and a ``positions``
-attribute (None: the last position), such as :class:`~captum_relp.metrics.LogitDiff` and
-:class:`~captum_relp.metrics.ProbDiff`. Anything else keeps the full logits.
+**Logits only where the metric reads them.** :func:`metric_logits` hooks the unembedding
+of a Hugging Face causal LM and feeds it only the final hidden states at the positions the
+metric reads: ``(rows, V)`` logits for ``target=`` (the last real position of each row,
+from the ``attention_mask`` under right padding) or a metric that declares its positions
+(``reads_final_logits = True`` and ``positions``, None: the last one), such as
+:class:`~captum_relp.metrics.LogitDiff`; ``(rows, T', V)`` for a plain callable, at the
+positions given as ``logit_positions`` or found on probes (:mod:`captum_relp._read_positions`),
+full logits when they cannot be found exactly. The values are those of the full-logits
+path (the same per-position computation on fewer rows). :func:`without_logits` skips the
+unembedding in passes that evaluate no metric.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -34,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ._hooks import hooks_removed
+from ._read_positions import read_positions
 from .metrics import MetricEvaluator, last_positions, tile_rows
 
 WRAPPER_TYPES = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -246,14 +244,20 @@ def is_causal_lm(model: Any) -> bool:
 def can_slice_logits(forward_func: Callable, evaluator: MetricEvaluator,
                      layers: Sequence[nn.Module] = ()) -> bool:
     """Whether :func:`metric_logits` would slice: causal LM, known positions, head not attributed."""
+    return metric_positions(evaluator) is not False and _free_head(forward_func, layers) is not None
+
+
+def _free_head(forward_func: Callable, layers: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """The unembedding of a causal LM when slicing is on and no attributed layer is (in) it."""
     if not _STATE["enabled"] or not is_causal_lm(forward_func):
-        return False
+        return None
     head = forward_func.get_output_embeddings()  # type: ignore[union-attr]
-    if not isinstance(head, nn.Module) or metric_positions(evaluator) is False:
-        return False
+    if not isinstance(head, nn.Module):
+        return None
     inside = {id(m) for m in head.modules()}
-    return not any(id(layer) in inside or any(id(m) == id(head) for m in layer.modules())
-                   for layer in layers)
+    attributed = any(id(layer) in inside or any(id(m) == id(head) for m in layer.modules())
+                     for layer in layers)
+    return None if attributed else head
 
 
 def gather_rows(hidden: Tensor, spec: Any, mask: Optional[Tensor], offset: int = 0,
@@ -297,7 +301,8 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         (True, (1, 11))
     """
     if not can_slice_logits(forward_func, evaluator, layers):
-        yield False
+        with _plain_metric_logits(forward_func, evaluator, layers, offset) as active:
+            yield active
         return
     spec = metric_positions(evaluator)
     state: dict = {}
@@ -312,11 +317,7 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
             return None
         mask = state.get("mask")
         full_len = mask.shape[1] if mask is not None else offset + hidden.shape[1]
-        rows = gather_rows(hidden, spec, mask, offset, full_len)
-        state["rows"] = rows.shape[0]
-        pad = -rows.shape[0] % ROW_ALIGN
-        if pad:  # whole row blocks: each row's logits do not depend on the number of rows
-            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        rows, state["rows"] = _head_rows(gather_rows(hidden, spec, mask, offset, full_len))
         return (rows,) + tuple(args[1:])
 
     def after_head(module, args, output):
@@ -329,4 +330,88 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
     with hooks_removed() as handles:
         handles += [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
                     head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]
+        yield True
+
+
+def _head_rows(hidden: Tensor) -> Tuple[Tensor, int]:
+    """``(n, d)`` rows padded to whole :data:`ROW_ALIGN` blocks, and ``n``."""
+    count = hidden.shape[0]
+    pad = -count % ROW_ALIGN
+    if pad:  # whole row blocks: each row's logits do not depend on the number of rows
+        hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+    return hidden, count
+
+
+@contextmanager
+def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
+                         layers: Sequence[nn.Module], offset: int) -> Iterator[bool]:
+    """For a plain callable metric: logits only at the positions it reads (``logit_positions``
+    or found on a probe, :mod:`captum_relp._read_positions`), handed to it as ``(rows, T', V)``
+    (``T' = T``, or the suffix from its first read position when the probes show it gives the
+    same values there) whose other positions repeat the single read position or are NaN. Full
+    logits when the positions are unknown."""
+    head = _free_head(forward_func, layers)
+    if head is None or evaluator.metric is None or not isinstance(getattr(head, "weight", None), Tensor):
+        yield False
+        return
+    state: dict = {}
+
+    def on_model(module, args, kwargs):
+        state["skip"] = bool(kwargs.get("logits_to_keep"))
+
+    def on_head(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or state.get("skip") or not hidden.shape[0]:
+            return None
+        weight = head.weight
+        found = read_positions(evaluator, offset + hidden.shape[1], weight.shape[0], weight.dtype, weight.device)
+        if found is None or found[1] < offset:  # a suffix run shows the metric no earlier position
+            return None
+        positions, begin = found
+        local = [p - begin for p in positions]  # positions in the logits the metric is shown
+        rows, index = _head_rows(hidden[:, [p - offset for p in positions]].reshape(-1, hidden.shape[2]))
+        state["layout"] = (hidden.shape[0], offset + hidden.shape[1] - begin, local, index)
+        return (rows,) + tuple(args[1:])
+
+    def after_head(module, args, output):
+        layout = state.pop("layout", None)
+        if layout is None or not isinstance(output, Tensor) or not output.shape[0]:
+            return None
+        rows, length, local, count = layout
+        picked = output[:count].reshape(rows, len(local), output.shape[-1])
+        if len(local) == length:  # the metric is shown exactly the positions computed
+            return picked
+        if len(local) == 1:  # a view: no (rows, T, V) tensor is allocated
+            return picked.expand(rows, length, output.shape[-1])
+        filled = torch.cat([picked, picked.new_full((rows, 1, output.shape[-1]), math.nan)], dim=1)
+        where = torch.full((length,), len(local), dtype=torch.long, device=output.device)
+        where[local] = torch.arange(len(local), device=output.device)
+        return filled[:, where]
+
+    with hooks_removed() as handles:
+        handles += [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
+                    head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]
+        yield True
+
+
+@contextmanager
+def without_logits(forward_func: Callable, layers: Sequence[nn.Module] = ()) -> Iterator[bool]:
+    """Inside the block, a causal LM computes no logits (its unembedding gets zero rows): for
+    passes that only record activations, such as the corrupt run of RelP and AtP. Yields
+    whether it is active (a Hugging Face causal LM whose head is not attributed).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11)).eval()
+        >>> with without_logits(model) as active:
+        ...     logits = model(torch.tensor([[1, 2, 3]])).logits
+        >>> active, tuple(logits.shape)
+        (True, (0, 3, 11))
+    """
+    head = _free_head(forward_func, layers)
+    if head is None:
+        yield False
+        return
+    with hooks_removed() as handles:
+        handles.append(head.register_forward_pre_hook(lambda module, args: (args[0][:0],) + tuple(args[1:])))
         yield True

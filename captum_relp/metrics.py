@@ -9,7 +9,7 @@ and the one metric contract every method evaluates through (:class:`MetricEvalua
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from captum._utils.common import _select_targets
@@ -188,14 +188,23 @@ class MetricEvaluator:
     * ``target``: for 3-D outputs ``(B, T, V)`` (language-model logits) the logit
       of token ``target`` at each row's last real position; for 2-D outputs
       Captum's target selection; 0-/1-D outputs are used as they are.
+    * ``logit_positions``: the sequence positions a plain callable ``metric`` reads from
+      language-model logits (see ``captum_relp._read_positions``).
     """
 
-    def __init__(self, batch_size: int, target: TargetType = None, metric: MetricType = None) -> None:
+    def __init__(self, batch_size: int, target: TargetType = None, metric: MetricType = None,
+                 logit_positions: Any = None) -> None:
         if target is not None and metric is not None:
             raise ValueError("pass either target or metric, not both")
+        if logit_positions is not None and (metric is None or getattr(metric, "reads_final_logits", False)):
+            raise ValueError(
+                "logit_positions is for a plain callable metric; target= and metrics that declare "
+                "their positions (LogitDiff(positions=...), ProbDiff) already read only those"
+            )
         self.batch_size = batch_size
         self.target = target
         self.metric = metric
+        self.logit_positions = logit_positions
 
     def check_target(self, output: Tensor) -> None:
         if self.target is None or self.metric is not None or output.dim() < 2:

@@ -18,7 +18,9 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from .._coefficients import ModuleSites
-from .._forward import call_model, check_token_ids, split_forward_args, unwrap_layers, unwrap_model
+from .._forward import (call_model, check_token_ids, is_causal_lm, split_forward_args, unwrap_layers,
+                       unwrap_model, without_logits)
+from .._read_positions import normalize_positions
 from .._hooks import as_layer_list, check_layers_in_model, pad_mask_like, per_layer_flags
 from ..metrics import LogitDiff, MetricEvaluator, MetricType, TargetType, last_positions
 from ..models import split_heads
@@ -89,6 +91,14 @@ class PatchingCall:
         return self.kwargs.get("attention_mask")
 
 
+def check_logit_positions(forward_func: Callable, input_ids: Tensor, logit_positions: Any) -> None:
+    """``logit_positions`` needs a Hugging Face causal LM and positions inside ``input_ids``."""
+    if not is_causal_lm(forward_func):
+        raise ValueError("logit_positions applies to Hugging Face causal language models (the logits "
+                         f"of a {type(forward_func).__name__} are not computed by position)")
+    normalize_positions(logit_positions, input_ids.shape[-1])
+
+
 class PatchingAttribution(LayerAttribution):
     """The base of every attribution class of the package: a Captum layer attribution over
     one or several layers of a model.
@@ -117,7 +127,7 @@ class PatchingAttribution(LayerAttribution):
 
     def _prepare(self, inputs, baselines, target: TargetType, additional_forward_args: Any,
                  attribute_to_layer_input, metric: MetricType, require_baselines: bool,
-                 needs_grad: bool = True) -> PatchingCall:
+                 needs_grad: bool = True, logit_positions: Any = None) -> PatchingCall:
         inputs, baselines = format_pair(inputs, baselines)
         if require_baselines and baselines is None:
             raise ValueError("baselines (the corrupt input) is required")
@@ -135,13 +145,15 @@ class PatchingAttribution(LayerAttribution):
         if isinstance(metric, LogitDiff) and metric.positions is None and isinstance(mask, Tensor):
             # read each row's last real token, as target= does, not the padding at position -1
             metric = metric.at_positions(last_positions(mask, mask.shape[0], mask.shape[1], mask.device))
-        evaluator = MetricEvaluator(inputs[0].shape[0], target, metric)
+        evaluator = MetricEvaluator(inputs[0].shape[0], target, metric, logit_positions)
+        if logit_positions is not None:
+            check_logit_positions(self.forward_func, inputs[0], logit_positions)
         return PatchingCall(inputs, baselines, flags, args, kwargs, evaluator)
 
     def _collect(self, run: Tuple[Tensor, ...], call: PatchingCall) -> List[Tensor]:
         """The activations of every layer on ``run``, without gradients."""
         sites = ModuleSites(self.layers, call.flags, make_leaf=False)
-        with torch.no_grad(), sites.capturing() as read:
+        with torch.no_grad(), sites.capturing() as read, without_logits(self.forward_func, self.layers):
             return read(call_model(self.forward_func, run, call.args, call.kwargs))
 
     def _layer_name(self, index: int) -> str:

@@ -81,6 +81,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
         allow_unused: bool = False,
         reduce: Optional[str] = None,
         num_heads: Optional[int] = None,
+        logit_positions: Optional[Union[int, Sequence[int]]] = None,
     ) -> Union[Tensor, List[Tensor]]:
         r"""Scores of the layer activations.
 
@@ -110,10 +111,20 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
                 are computed in the backward pass as each layer's coefficient arrives, and
                 each layer's activations and coefficient are freed right away.
             num_heads (int, optional): heads per layer, for ``reduce="heads"``.
+            logit_positions (int or list of int, optional): the sequence positions a plain
+                callable ``metric`` reads from the ``(B, T, V)`` logits, e.g. ``[-1]`` for
+                ``lambda logits: logits[:, -1, 5] - logits[:, -1, 7]``. Logits are then
+                computed only there (the metric still receives a ``(B, T, V)`` tensor; other
+                positions repeat a read one or are NaN). Checked on a probe: a ``ValueError``
+                names this argument when the metric reads other positions. Default None: the
+                positions are found on a probe (see ``captum_relp._read_positions``), and the
+                full logits are computed when they cannot be found exactly.
 
         Logits are computed only at the positions the metric reads when the model is a
-        Hugging Face causal LM and the metric is ``target=`` or declares its positions
-        (:class:`~captum_relp.metrics.LogitDiff`); see ``captum_relp._forward``.
+        Hugging Face causal LM: ``target=`` (the last real position), a metric that declares
+        its positions (:class:`~captum_relp.metrics.LogitDiff`), or a plain callable
+        (``logit_positions`` or the probe). The corrupt run (the clean run for
+        ``direction="denoising"``) computes no logits.
 
         Returns:
             Tensor or list of Tensor: attributions of the layer activations, same shape
@@ -136,7 +147,7 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
             raise ValueError("direction='denoising' needs baselines")
         check_reduce(reduce, num_heads)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
-                             attribute_to_layer_input, metric, False)
+                             attribute_to_layer_input, metric, False, logit_positions=logit_positions)
         run, reference_run = call.inputs, call.baselines
         if direction == "denoising":
             run, reference_run = reference_run, run

@@ -102,6 +102,7 @@ class LayerActivationPatching(PatchingAttribution):
         show_progress: bool = False,
         use_cache: bool = True,
         strategy: str = "auto",
+        logit_positions: Optional[Union[int, Sequence[int]]] = None,
     ) -> Union[Tensor, List[Tensor]]:
         r"""Exact patching effects.
 
@@ -132,6 +133,8 @@ class LayerActivationPatching(PatchingAttribution):
                   (``captum_relp.attr._prefix_cache``) unless ``use_cache=False``;
                 * ``"plain"``: one component per forward, all examples, full sequence;
                 * ``"auto"`` (default): ``choose_strategy``.
+            logit_positions (int or list of int, optional): the positions a plain callable
+                ``metric`` reads, as in ``LayerRelevancePatching.attribute``.
 
         Returns:
             Tensor or list of Tensor: effects per layer, zero at padded positions.
@@ -155,7 +158,8 @@ class LayerActivationPatching(PatchingAttribution):
             raise ValueError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
         strategy = choose_strategy(strategy, reuse_prefix)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
-                             attribute_to_layer_input, metric, True, needs_grad=False)
+                             attribute_to_layer_input, metric, True, needs_grad=False,
+                             logit_positions=logit_positions)
         inputs, baselines, flags, args, kwargs = call.inputs, call.baselines, call.flags, call.args, call.kwargs
         mask, evaluator = call.attention_mask, call.evaluator
         batch_size = inputs[0].shape[0]
@@ -342,7 +346,8 @@ def _tile_batch(args: Tuple, kwargs: Dict, copies: int, batch_size: int):
 
 def _example_evaluator(evaluator: MetricEvaluator, row: int, batch_size: int) -> MetricEvaluator:
     if evaluator.metric is not None:
-        return MetricEvaluator(1, metric=_ExampleMetric(evaluator.metric, row, batch_size))
+        return MetricEvaluator(1, metric=_ExampleMetric(evaluator.metric, row, batch_size),
+                               logit_positions=evaluator.logit_positions)
     target = evaluator.target
     if target is not None:
         values = torch.as_tensor(target).reshape(-1)

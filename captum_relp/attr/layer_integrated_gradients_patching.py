@@ -84,6 +84,7 @@ class LayerIntegratedGradientsPatching(PatchingAttribution, GradientAttribution)
         internal_batch_size: Optional[int] = None,
         reduce: Optional[str] = None,
         num_heads: Optional[int] = None,
+        logit_positions: Optional[Union[int, Sequence[int]]] = None,
     ) -> Union[Tensor, List[Tensor]]:
         """Integrated-gradients patching scores.
 
@@ -97,6 +98,8 @@ class LayerIntegratedGradientsPatching(PatchingAttribution, GradientAttribution)
             reduce (str, optional), num_heads (int, optional): as in
                 ``LayerRelevancePatching.attribute``; each layer's attribution is reduced
                 as soon as that layer is integrated (layers are integrated one at a time).
+            logit_positions (int or list of int, optional): the positions a plain callable
+                ``metric`` reads, as in ``LayerRelevancePatching.attribute``.
 
         Returns:
             Tensor or list of Tensor: attributions, same shape as the layer activations.
@@ -113,7 +116,7 @@ class LayerIntegratedGradientsPatching(PatchingAttribution, GradientAttribution)
         """
         check_reduce(reduce, num_heads)
         call = self._prepare(inputs, baselines, target, additional_forward_args,
-                             attribute_to_layer_input, metric, True)
+                             attribute_to_layer_input, metric, True, logit_positions=logit_positions)
         args, kwargs = call.args, call.kwargs
         n_inputs, kw_names = len(call.inputs), list(kwargs)
 

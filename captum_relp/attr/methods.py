@@ -76,7 +76,8 @@ class PassCounter:
     """Counts forward calls/rows (hook on the model output) and backward passes through it.
 
     Use as a context manager; rows are summed so that a forward over ``k * B``
-    tiled rows counts ``k * B``.
+    tiled rows counts ``k * B`` (the larger of the input's and the output's rows, so a pass
+    that computes no logits still counts its input rows).
 
     Example:
         >>> import torch
@@ -92,11 +93,14 @@ class PassCounter:
         self.handle = None
         self.reset()
 
-    def _hook(self, module, args, output) -> None:
+    def _hook(self, module, args, kwargs, output) -> None:
         logits = getattr(output, "logits", output)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
         rows = int(logits.shape[0]) if logits.dim() else 1
+        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if isinstance(first, Tensor) and first.dim():  # a pass without logits still counts
+            rows = max(rows, int(first.shape[0]))
         self.forward_calls += 1
         self.forward_rows += rows
         if logits.requires_grad:
@@ -116,7 +120,7 @@ class PassCounter:
                 "backward_calls": self.backward_calls, "backward_rows": self.backward_rows}
 
     def __enter__(self) -> "PassCounter":
-        self.handle = self.model.register_forward_hook(self._hook)
+        self.handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -78,14 +78,14 @@ def test_sliced_logits_equal_full_logits_ap_ig(family):
                 torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
 
 
-def test_unknown_metric_keeps_full_logits():
+def test_metric_reading_every_position_keeps_full_logits():
     model = build_model("gpt2")
     clean, corrupt = token_pair()
     shapes, handle = _head_shapes(model)
     LayerRelevancePatching(model, model_components(model).mlp).attribute(
-        clean, baselines=corrupt, metric=lambda logits: logits[:, -1, 3] - logits[:, 2, 4])
+        clean, baselines=corrupt, metric=lambda logits: logits[:, :, 3].sum(1))
     handle.remove()
-    assert all(s == (3, 7, VOCAB) for s in shapes)
+    assert shapes == [(0, 7, VOCAB), (3, 7, VOCAB)]  # corrupt run: no logits; clean run: all
 
 
 def test_metric_logits_reads_last_real_position_per_row():

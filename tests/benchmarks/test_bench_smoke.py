@@ -60,3 +60,16 @@ def test_bench_small_in_process(bench, tmp_path):
     for r in results.values():
         assert r["wall_s"] > 0 and r["peak_mem_mib"] >= 0
         assert r["time_vs_atp"] is not None
+
+
+def test_bench_fork_ours_side_small(tmp_path):
+    """bench_fork.py's driver and library worker on the 2-layer model (the fork side needs its venv)."""
+    spec = importlib.util.spec_from_file_location("bench_fork", SCRIPT.parent / "bench_fork.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "fork.json"
+    module.main(["--small", "--repeats", "2", "--sides", "ours", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert len(report["runs"]["ours"]) == 2
+    best = report["best"]["ours"]
+    assert best["cpu_s"] == min(r["cpu_s"] for r in report["runs"]["ours"]) and best["peak_mib"] >= 0

@@ -7,7 +7,9 @@ attention head reads its own (possibly patched) residual stream. Norms, MLPs and
 activations are the model's modules, so :func:`captum_relp.rules.apply_rules`
 changes the backward pass of this forward as it does the model's. Attention is
 computed here (softmax over scaled dot products); ``ah=True`` detaches queries and
-keys in it, which is the AH-rule. Linear projections use the 0-rule (plain gradient).
+keys in it, which is the AH-rule; ``ah="qk-local"`` keeps the AH-rule for the residual
+stream and gives the query and key inputs the local attention-pattern gradient (the
+``relp-ah-qk`` edge scores). Linear projections use the 0-rule (plain gradient).
 
 Patching an edge ``u -> v`` replaces ``u``'s output in ``v``'s input by ``u``'s
 output in a reference (corrupt) run:
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -152,9 +154,17 @@ def _ungroup(weight: Tensor, bias: Optional[Tensor], n_heads: int):
     return weight.repeat_interleave(repeat, 0), None if bias is None else bias.repeat_interleave(repeat, 0)
 
 
+def _qk_leaf(x: Tensor, n_qk: int) -> Tensor:
+    """``x`` with its first ``n_qk`` slots (the q and k inputs) replaced by a gradient leaf of the same
+    values: the attention-pattern gradient stops there and never reaches the residual stream."""
+    leaf = x[:, :, :n_qk].detach().requires_grad_(torch.is_grad_enabled())
+    return torch.cat([leaf, x[:, :, n_qk:]], dim=2)
+
+
 def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tensor:
     """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``,
-    ``K`` key/value inputs per layer (``graph.n_kv_inputs``)."""
+    ``K`` key/value inputs per layer (``graph.n_kv_inputs``). ``ah="qk-local"``: ``x`` comes from
+    :func:`_qk_leaf`, and queries and keys stay differentiable (the pattern gradient ends at the leaf)."""
     g = parts.graph
     H, K = g.n_heads, g.n_kv_inputs
     attn = parts.attention(layer)
@@ -173,7 +183,7 @@ def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Ten
     if K != H:
         k = k.repeat_interleave(H // K, dim=1)
         v = v.repeat_interleave(H // K, dim=1)
-    if ah:
+    if ah is True:
         q, k = q.detach(), k.detach()
     scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + masks(parts.window(layer))
     upcast = scores.dtype in (torch.float16, torch.bfloat16)
@@ -199,7 +209,7 @@ def graph_forward(
     patch: Optional[Tensor] = None,
     corrupt_outputs: Optional[Tensor] = None,
     input_embeds: Optional[Tensor] = None,
-    ah: bool = False,
+    ah: Union[bool, str] = False,
 ) -> GraphRun:
     r"""Run ``model`` over its component graph, optionally patching edges.
 
@@ -217,7 +227,12 @@ def graph_forward(
             divide the batch, for tiled copies ``[row0..rowB-1, row0..]`` of the prompts.
         input_embeds (Tensor, optional): ``(B, T, d)`` replaces the output of the
             ``input`` node (used by EAP-IG-inputs).
-        ah (bool): apply the AH-rule (attention probabilities constant in backward).
+        ah (bool or str): ``True`` applies the AH-rule (attention probabilities constant in
+            backward). ``"qk-local"``: the AH-rule for the residual stream, and the query and
+            key inputs (``GraphRun.inputs``) get the *local* pattern gradient: they enter the
+            attention scores through a gradient leaf of their own, so the coefficient there is
+            the softmax gradient at that head, driven by the AH coefficient of its output, and
+            nothing of it flows on into earlier nodes. The forward values are the same.
 
     Returns:
         GraphRun: logits, node outputs and downstream inputs.
@@ -283,9 +298,13 @@ def graph_forward(
             correction = term if correction is None else correction + term
         return total if correction is None else total - correction
 
+    if ah not in (False, True, "qk-local"):
+        raise ValueError(f"ah must be False, True or 'qk-local', got {ah!r}")
     write(embeds[:, :, None])
     for layer in range(graph.n_layers):
         attn_in = read(graph.attn_slots(layer))
+        if ah == "qk-local":
+            attn_in = _qk_leaf(attn_in, graph.n_heads + graph.n_kv_inputs)
         mlp_in = read(graph.mlp_slot(layer)) if graph.parallel else None
         write(_heads(parts, layer, attn_in, masks, rotary, ah))
         if mlp_in is None:

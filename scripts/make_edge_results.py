@@ -1,8 +1,9 @@
 """Measure edge circuits under the library's and MIB's conventions and write ``docs/results_edges.md``.
 
-For each model and task: edge scores of RelP, RelP-AH, RelP-AH with RelP's q/k edges
-(``relp-ah+qk``, both rule sets' passes), EAP, EAP-IG (each convention's grid) and exact edge
-patching on ``--n-prompts`` pairs; circuits evaluated on ``--n-eval`` other pairs under both
+For each model and task: edge scores of RelP, RelP-AH, RelP-AH with local q/k pattern
+gradients (``relp-ah-qk``, one pass), RelP-AH with RelP's q/k edges (``relp-ah+qk``, two
+passes), EAP, EAP-IG (each convention's grid) and exact edge patching on ``--n-prompts`` pairs
+(scoring times: minimum over ``--repeats`` interleaved runs, so ratios are side by side); circuits evaluated on ``--n-eval`` other pairs under both
 conventions; 95% percentile-bootstrap intervals over the evaluation prompts (``--bootstrap``
 resamples; circuits fixed) for CPR and CMD, and for RelP minus EAP (paired resamples). Writes
 ``docs/_static/results/edges-<model>-<task>/`` (JSON, PNGs) and the page.
@@ -44,7 +45,8 @@ from captum_relp.plotting import plot_edge_circuit, plot_faithfulness_curves
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_static" / "results"
 PAGE = ROOT / "docs" / "results_edges.md"
-METHODS = ("relp", "relp-ah", "relp-ah+qk", "eap", "eap-ig")
+METHODS = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "eap", "eap-ig")
+COMPARED = ("relp", "relp-ah-qk", "relp-ah+qk")  # differences to EAP with paired intervals
 KINDS = ("q", "k", "v", "mlp", "logits")
 
 
@@ -52,20 +54,15 @@ def _kind(name: str) -> str:
     return name.split("<")[1].rstrip(">") if "<" in name else ("logits" if name == "logits" else "mlp")
 
 
-def qk_from(base: EdgeScores, qk: EdgeScores, graph) -> EdgeScores:
-    """``base``'s scores with the q and k edges taken from ``qk`` (a per-edge-type rule choice)."""
-    columns = torch.tensor([_kind(n) in ("q", "k") for n in graph.downstream])
-    scores = torch.where(columns[None, :], qk.scores, base.scores)
-    return EdgeScores("relp-ah+qk", scores, base.n_forward + qk.n_forward - 1, base.n_backward + qk.n_backward,
-                      base.seconds + qk.seconds)
-
-
-def score(model, graph, batch, grid: str, n_steps: int, exact: bool) -> Dict[str, EdgeScores]:
+def score(model, graph, batch, grid: str, n_steps: int, exact: bool, repeats: int) -> Dict[str, EdgeScores]:
+    """Every method's scores; times are the minimum over ``repeats`` interleaved runs after a warm-up."""
     args = (model, graph, batch.clean_ids, batch.corrupt_ids, batch.metric(), batch.attention_mask)
     edge_scores(*args, method="eap")  # warm-up
-    out = {m: edge_scores(*args, method=m) for m in ("relp", "relp-ah", "eap")}
-    out["eap-ig"] = edge_scores(*args, method="eap-ig", n_steps=n_steps, ig_grid=grid)
-    out["relp-ah+qk"] = qk_from(out["relp-ah"], out["relp"], graph)
+    runs: Dict[str, List[EdgeScores]] = {m: [] for m in METHODS}
+    for _ in range(repeats):
+        for method in METHODS:
+            runs[method].append(edge_scores(*args, method=method, n_steps=n_steps, ig_grid=grid))
+    out = {m: min(r, key=lambda result: result.seconds) for m, r in runs.items()}
     if exact:
         out["exact"] = exact_edge_scores(*args)
     return out
@@ -84,7 +81,7 @@ def intervals(curves, n_boot: int, seed: int = 0) -> Dict[str, Dict[str, List[fl
     out = {}
     for method in curves:
         out[method] = {key: _percentiles(values) for key, values in draws[method].items()}
-    for other in ("relp-ah+qk", "relp"):
+    for other in COMPARED:
         if other in curves and "eap" in curves:
             out[f"{other}-minus-eap"] = {
                 key: _percentiles([a - b for a, b in zip(draws[other][key], draws["eap"][key])])
@@ -124,7 +121,8 @@ def run_cell(name: str, task: str, args) -> Dict:
         began = time.time()
         graph = build_graph(model, ungroup_kv=convention.ungroup_kv)
         reuse = exact_scores is not None and exact_scores[0].n_edges == graph.n_edges
-        scores = score(model, graph, batch, convention.ig_grid, args.n_steps, args.exact and not reuse)
+        scores = score(model, graph, batch, convention.ig_grid, args.n_steps, args.exact and not reuse,
+                       args.repeats)
         if reuse:
             scores["exact"] = exact_scores[1]
         elif "exact" in scores:
@@ -195,7 +193,7 @@ def reading(cell: Dict) -> str:
     sentences = []
     for convention, entry in cell["conventions"].items():
         parts = []
-        for method in ("relp", "relp-ah+qk"):
+        for method in COMPARED:
             diff = entry["intervals"].get(f"{method}-minus-eap")
             if diff is None:
                 continue
@@ -215,9 +213,10 @@ def reading(cell: Dict) -> str:
 
 
 def summary(cells: List[Dict]) -> List[str]:
-    """One row per model, task and convention: CPR differences to EAP with intervals, EAP-IG's CPR."""
-    lines = ["| model | task | convention | relp - eap (CPR) | relp-ah+qk - eap (CPR) | relp-ah+qk - eap (CMD) "
-             "| CPR relp / relp-ah+qk / eap / eap-ig |", "|---|---|---|---:|---:|---:|---:|"]
+    """One row per model, task and convention: CPR/CMD differences to EAP with intervals, CPRs, cost."""
+    lines = ["| model | task | convention | relp - eap (CPR) | relp-ah-qk - eap (CPR) | relp-ah-qk - eap (CMD) "
+             "| relp-ah+qk - eap (CPR) | CPR relp / relp-ah-qk / relp-ah+qk / eap / eap-ig "
+             "| time / EAP: relp-ah-qk, relp-ah+qk |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for cell in cells:
         for convention, entry in cell["conventions"].items():
             m, ci = entry["methods"], entry["intervals"]
@@ -227,9 +226,10 @@ def summary(cells: List[Dict]) -> List[str]:
                 return f"{m[method][key] - m['eap'][key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
             lines.append(f"| {Path(cell['model']).name} | {cell['task']} | {convention} | {diff('relp', 'cpr')} | "
-                         f"{diff('relp-ah+qk', 'cpr')} | {diff('relp-ah+qk', 'cmd')} | "
-                         + " / ".join(f"{m[k]['cpr']:.3f}" for k in ("relp", "relp-ah+qk", "eap", "eap-ig"))
-                         + " |")
+                         f"{diff('relp-ah-qk', 'cpr')} | {diff('relp-ah-qk', 'cmd')} | {diff('relp-ah+qk', 'cpr')} | "
+                         + " / ".join(f"{m[k]['cpr']:.3f}" for k in ("relp", "relp-ah-qk", "relp-ah+qk", "eap",
+                                                                      "eap-ig"))
+                         + f" | {m['relp-ah-qk']['time_vs_eap']:.2f}, {m['relp-ah+qk']['time_vs_eap']:.2f} |")
     return lines + [""]
 
 
@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--n-prompts", type=int, default=20)
     parser.add_argument("--n-eval", type=int, default=20)
     parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG steps")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing runs per method (min taken)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the evaluation prompts")
     parser.add_argument("--no-exact", dest="exact", action="store_false", help="skip exact edge patching")
     parser.add_argument("--page-section", default=None, help="write only this model's sections to this file")

@@ -164,7 +164,10 @@ def section(cell: Dict) -> str:
              + "; ".join(f"{c}: {e['n_edges']} edges" + (" (key/value ungrouped)" if e["ungrouped_kv"] else "")
                          for c, e in cell["conventions"].items())
              + ("" if len({e["n_edges"] for e in cell["conventions"].values()}) > 1 else
-                ", the same graph (no grouped-query attention)") + ".", "",
+                ", the same graph (no grouped-query attention)") + "."
+             + ("" if "exact" in first["methods"] else
+                " Exact edge patching not run: one patched run per edge is too costly at this size, so no "
+                "PCC column."), "",
              "| method | " + " | ".join(f"CPR {c} | CMD {c}" for c in cell["conventions"])
              + " | PCC vs exact (all / q / k / v) | time / EAP |",
              "|---|" + "---:|" * (2 * len(cell["conventions"]) + 2)]
@@ -260,6 +263,7 @@ def main() -> None:
     parser.add_argument("--page-section", default=None, help="write only this model's sections to this file")
     parser.add_argument("--from-json", action="store_true", help="rewrite the page from the saved JSON files")
     parser.add_argument("--minutes", type=float, default=None, help="with --from-json: the measured duration")
+    parser.add_argument("--header-note", default=None, help="a paragraph added under the page header")
     args = parser.parse_args()
     args.conventions = args.conventions.split(",")
     torch.manual_seed(0)
@@ -278,15 +282,18 @@ def main() -> None:
     header = [
         "## Edge circuits on the embedded models", "",
         f"Measured by `OMP_NUM_THREADS=1 python scripts/make_edge_results.py` (`--n-prompts {args.n_prompts} "
-        f"--n-eval {args.n_eval} --bootstrap {args.bootstrap}`) in {args.minutes or (time.time() - began) / 60:.1f} "
-        "minutes on "
+        f"--n-eval {args.n_eval} --bootstrap {args.bootstrap} --repeats {args.repeats}`) in "
+        f"{args.minutes or (time.time() - began) / 60:.1f} minutes on "
         f"{platform.machine()} CPU (2 shared cores), torch {torch.__version__}. Held-out names/nouns. "
         "Both conventions of [Edge-level RelP](edges.md) on the same scoring prompts (EAP-IG: 5 steps, each "
         "convention's grid; other scores are the same in both when the model has no grouped-query attention). "
         "Brackets: 95% percentile bootstrap over the evaluation prompts, circuits fixed (it does not include "
-        "the variation from the scoring prompts). `relp-ah+qk` takes its q and k edges from RelP and all other "
-        "edges from RelP-AH (one rule set per edge type; two backward passes). Times are single runs on a "
-        "shared machine: ratios are rough.", ""]
+        "the variation from the scoring prompts). `relp-ah-qk` is RelP-AH whose query and key inputs get each "
+        "head's local attention-pattern gradient in the same pass (one backward); `relp-ah+qk` takes its q and "
+        "k edges from a second, RelP pass (two backwards). Times: the minimum over `--repeats` interleaved "
+        "runs of each method in one process, on a shared machine.", ""]
+    if args.header_note:
+        header += [args.header_note, ""]
     PAGE.write_text("\n".join(header + body))
     print(f"wrote {PAGE}")
 

@@ -24,7 +24,7 @@ from ._common import (
     report_written,
 )
 
-METHOD_CHOICES = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
+METHOD_CHOICES = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
 
 OUTPUTS = {
     "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "

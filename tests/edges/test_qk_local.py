@@ -115,3 +115,20 @@ def _heads_by_hand(model, graph, x, mask):
         return patching._additive_mask(mask, batch, length, x, window)
 
     return patching._heads(parts, 0, x, masks, rotary, False)
+
+
+def test_cli_scores_both_qk_methods(tmp_path):
+    from captum_relp.cli import main
+
+    code = main(["edges", "--model", "tiny-gpt2-ioi", "--method", "relp-ah-qk,relp-ah+qk", "--no-exact",
+                 "--n-prompts", "3", "--repeats", "1", "--fractions", "0,0.1,1", "--no-plots", "--quiet",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    import json
+
+    data = json.loads((tmp_path / "edges_results.json").read_text())
+    assert (data["relp-ah-qk"]["n_forward"], data["relp-ah-qk"]["n_backward"]) == (2, 1)
+    assert (data["relp-ah+qk"]["n_forward"], data["relp-ah+qk"]["n_backward"]) == (3, 2)
+    names, one, two = data["meta"]["edges"], data["relp-ah-qk"]["scores"], data["relp-ah+qk"]["scores"]
+    last = [i for i, name in enumerate(names) if name.endswith(("a3.h0<q>", "a3.h1<k>"))]
+    assert last and all(one[i] == pytest.approx(two[i], rel=1e-5, abs=1e-7) for i in last)

@@ -280,7 +280,7 @@ def main() -> None:
         Path(args.page_section).write_text("\n".join(body))
         return
     header = [
-        "## Edge circuits on the embedded models", "",
+        "## Edge circuits", "",
         f"Measured by `OMP_NUM_THREADS=1 python scripts/make_edge_results.py` (`--n-prompts {args.n_prompts} "
         f"--n-eval {args.n_eval} --bootstrap {args.bootstrap} --repeats {args.repeats}`) in "
         f"{args.minutes or (time.time() - began) / 60:.1f} minutes on "

@@ -193,6 +193,18 @@ def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Ten
     return out if b_o is None else out + (b_o / H)
 
 
+def _shared_correction(diffs: List[Tensor], patch: Tensor, slots) -> Tensor:
+    """``sum_u P[u, v] (a_u - a_u^corrupt)`` for the inputs ``slots`` under a ``(U, V)`` patch, as one
+    contraction over every node written so far (a per-node loop costs a pass over the
+    ``(B, T, V, d)`` result per node: the dominant cost of circuit evaluation on deep models)."""
+    p = patch[:sum(diff.shape[2] for diff in diffs), slots]
+    p = p.unsqueeze(-1) if isinstance(slots, int) else p
+    if not bool(p.any()):
+        return None
+    stacked = torch.cat(diffs, dim=2) if len(diffs) > 1 else diffs[0]
+    return torch.einsum("btud,uv->btvd", stacked, p)
+
+
 def _minus_reference(out: Tensor, reference: Tensor) -> Tensor:
     """``out - reference``; ``reference`` may hold ``B`` rows for ``k * B`` rows of ``out`` (tiled)."""
     if reference.shape[0] == out.shape[0]:
@@ -288,6 +300,9 @@ def graph_forward(
         total = state["total"][:, :, None].expand(-1, -1, width, -1)
         if patch is None:
             return total
+        if patch.dim() == 2:  # one patch for all rows (circuit evaluation): one contraction
+            correction = _shared_correction(diffs, patch, slots)
+            return total if correction is None else total - correction
         correction = None
         for start, diff in zip(starts, diffs):
             p = patch[..., start:start + diff.shape[2], slots]

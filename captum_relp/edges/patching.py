@@ -193,16 +193,36 @@ def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Ten
     return out if b_o is None else out + (b_o / H)
 
 
-def _shared_correction(diffs: List[Tensor], patch: Tensor, slots) -> Tensor:
-    """``sum_u P[u, v] (a_u - a_u^corrupt)`` for the inputs ``slots`` under a ``(U, V)`` patch, as one
-    contraction over every node written so far (a per-node loop costs a pass over the
-    ``(B, T, V, d)`` result per node: the dominant cost of circuit evaluation on deep models)."""
-    p = patch[:sum(diff.shape[2] for diff in diffs), slots]
-    p = p.unsqueeze(-1) if isinstance(slots, int) else p
+def _shared_correction(diffs: List[Tensor], starts: List[int], diff_sum: Tensor, patch: Tensor,
+                       edge_mask: Tensor, slots) -> Optional[Tensor]:
+    """``sum_u P[u, v] (a_u - a_u^corrupt)`` for the inputs ``slots`` under a ``(U, V)`` patch.
+
+    One contraction over the nodes with a patched edge into ``slots`` or, when fewer edges are
+    kept than patched (small circuits), ``diff_sum`` (the sum over every node written so far,
+    all of which feed these inputs) minus the contraction over the kept edges. A per-node
+    loop costs a pass over the ``(B, T, V, d)`` result per node: on deep models that was the
+    dominant cost of circuit evaluation.
+    """
+    n = starts[-1] + diffs[-1].shape[2]
+    p = patch[:n, slots]
+    block = edge_mask[:n, slots]
+    p, block = (p.unsqueeze(-1), block.unsqueeze(-1)) if isinstance(slots, int) else (p, block)
     if not bool(p.any()):
         return None
-    stacked = torch.cat(diffs, dim=2) if len(diffs) > 1 else diffs[0]
-    return torch.einsum("btud,uv->btvd", stacked, p)
+    kept = block.to(p.dtype) - p
+    complement = bool(block.all()) and int(kept.count_nonzero()) < int(p.count_nonzero())
+    weights = kept if complement else p
+    active = weights.any(1).tolist()
+    nodes = [i for i, (start, diff) in enumerate(zip(starts, diffs)) if any(active[start:start + diff.shape[2]])]
+    part = None
+    if nodes:
+        stacked = torch.cat([diffs[i] for i in nodes], dim=2) if len(nodes) > 1 else diffs[nodes[0]]
+        w = torch.cat([weights[starts[i]:starts[i] + diffs[i].shape[2]] for i in nodes], dim=0)
+        part = torch.einsum("btud,uv->btvd", stacked, w)
+    if not complement:
+        return part
+    everything = diff_sum[:, :, None].expand(-1, -1, p.shape[1], -1)
+    return everything if part is None else everything - part
 
 
 def _minus_reference(out: Tensor, reference: Tensor) -> Tensor:
@@ -284,7 +304,7 @@ def graph_forward(
     diffs: List[Tensor] = []
     starts: List[int] = []
     inputs: List[Tensor] = []
-    state = {"total": None}
+    state = {"total": None, "diff_sum": None}
 
     def write(out: Tensor) -> None:
         starts.append(sum(o.shape[2] for o in outputs))
@@ -294,6 +314,8 @@ def graph_forward(
         if patch is not None:
             reference = corrupt_outputs[:, :, starts[-1]:starts[-1] + out.shape[2]]
             diffs.append(_minus_reference(out, reference))
+            summed_diff = diffs[-1].sum(dim=2)
+            state["diff_sum"] = summed_diff if state["diff_sum"] is None else state["diff_sum"] + summed_diff
 
     def read(slots) -> Tensor:
         width = 1 if isinstance(slots, int) else slots.stop - slots.start
@@ -301,7 +323,7 @@ def graph_forward(
         if patch is None:
             return total
         if patch.dim() == 2:  # one patch for all rows (circuit evaluation): one contraction
-            correction = _shared_correction(diffs, patch, slots)
+            correction = _shared_correction(diffs, starts, state["diff_sum"], patch, edge_mask, slots)
             return total if correction is None else total - correction
         correction = None
         for start, diff in zip(starts, diffs):

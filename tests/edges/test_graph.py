@@ -146,12 +146,15 @@ def test_shared_patch_equals_per_row_patch(case):
     graph = build_graph(model, ungroup_kv=case == "llama")
     clean, corrupt, mask = _inputs()
     gen = torch.Generator().manual_seed(2)
-    patch = (torch.rand(graph.edge_mask.shape, generator=gen) < 0.5).double()
+    tol = 1e-6 if case == "llama" else 1e-12  # LlamaRMSNorm computes in float32 even for float64 inputs
     with torch.no_grad():
         reference = graph_forward(model, graph, corrupt, mask).outputs
-        shared = graph_forward(model, graph, clean, mask, patch=patch, corrupt_outputs=reference)
-        rows = patch.expand(clean.shape[0], *patch.shape).contiguous()
-        per_row = graph_forward(model, graph, clean, mask, patch=rows, corrupt_outputs=reference)
-    tol = 1e-6 if case == "llama" else 1e-12  # LlamaRMSNorm computes in float32 even for float64 inputs
-    torch.testing.assert_close(shared.logits, per_row.logits, rtol=tol, atol=tol)
-    assert not torch.allclose(shared.logits, graph_forward(model, graph, clean, mask).logits)
+        clean_logits = graph_forward(model, graph, clean, mask).logits
+        # mostly kept, half, mostly patched (the kept-edge complement), and a fractional patch
+        for patch in [(torch.rand(graph.edge_mask.shape, generator=gen) < share).double() for share in (.05, .5, .95)] \
+                + [torch.rand(graph.edge_mask.shape, generator=gen)]:
+            shared = graph_forward(model, graph, clean, mask, patch=patch, corrupt_outputs=reference)
+            rows = patch.expand(clean.shape[0], *patch.shape).contiguous()
+            per_row = graph_forward(model, graph, clean, mask, patch=rows, corrupt_outputs=reference)
+            torch.testing.assert_close(shared.logits, per_row.logits, rtol=tol, atol=tol)
+            assert not torch.allclose(shared.logits, clean_logits)

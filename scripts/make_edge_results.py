@@ -163,8 +163,7 @@ def section(cell: Dict) -> str:
              f"{cell['n_prompts']} scoring and {cell['n_eval']} evaluation prompt pairs; "
              + "; ".join(f"{c}: {e['n_edges']} edges" + (" (key/value ungrouped)" if e["ungrouped_kv"] else "")
                          for c, e in cell["conventions"].items())
-             + ("" if len({e["n_edges"] for e in cell["conventions"].values()}) > 1 else
-                ", the same graph (no grouped-query attention)") + "."
+             + _graph_note(cell) + "."
              + ("" if "exact" in first["methods"] else
                 " Exact edge patching not run: one patched run per edge is too costly at this size, so no "
                 "PCC column."), "",
@@ -189,6 +188,15 @@ def section(cell: Dict) -> str:
     lines += ["", f"![RelP circuit]({folder}/edges_circuit_relp.png) "
               f"![EAP-IG circuit]({folder}/edges_circuit_eap-ig.png)", ""]
     return "\n".join(lines)
+
+
+def _graph_note(cell: Dict) -> str:
+    entries = cell["conventions"]
+    if len(entries) == 1:
+        entry = next(iter(entries.values()))
+        return (" (one key and one value input per key/value head)" if not entry["ungrouped_kv"] else "") + \
+            f"; only the {next(iter(entries))} convention was run"
+    return "" if len({e["n_edges"] for e in entries.values()}) > 1 else ", the same graph (no grouped-query attention)"
 
 
 def reading(cell: Dict) -> str:
@@ -270,7 +278,11 @@ def main() -> None:
     began = time.time()
     pairs = [(name, task) for name in (args.model or EMBEDDED_MODELS) for task in (args.task or ("ioi", "sva"))]
     if args.from_json:
-        cells = [json.loads((OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json").read_text()) for n, t in pairs]
+        files = [OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json" for n, t in pairs]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            print("not measured, left off the page: " + ", ".join(missing))
+        cells = [json.loads(f.read_text()) for f in files if f.exists()]
         for cell in cells:
             replot(cell)
     else:

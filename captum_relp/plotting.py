@@ -173,7 +173,8 @@ EDGE_METHOD_NAMES = {"relp": "RelP", "relp-ah": "RelP+AH", "eap": "AtP", "eap-ig
 edge patching is AP on edges)."""
 
 
-EDGE_METHOD_LABELS = {"relp": "RelP", "relp-ah": "RelP+AH", "eap": "EAP", "eap-ig": "EAP-IG",
+EDGE_METHOD_LABELS = {"relp": "RelP", "relp-ah": "RelP+AH", "relp-ah-qk": "RelP+AH, local q/k",
+                      "relp-ah+qk": "RelP+AH, q/k from RelP", "eap": "EAP", "eap-ig": "EAP-IG",
                       "exact": "exact patching"}
 """How figures and prose name each edge ``--method`` identifier."""
 
@@ -189,7 +190,7 @@ def method_color(method: str) -> str:
     return METHOD_COLORS.get(EDGE_METHOD_NAMES.get(method, method), _OTHER_COLORS.get(method, "tab:gray"))
 
 
-_OTHER_COLORS = {"relp-ah+qk": "tab:brown"}  # a measured rule mix (scripts/make_edge_results.py)
+_OTHER_COLORS = {"relp-ah-qk": "tab:orange", "relp-ah+qk": "tab:brown"}  # edge methods without a node-level twin
 
 
 def plot_faithfulness_curves(curves: Dict[str, FaithfulnessCurve], title: str = "", path: Optional[Path] = None):

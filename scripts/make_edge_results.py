@@ -1,8 +1,9 @@
 """Measure edge circuits under the library's and MIB's conventions and write ``docs/results_edges.md``.
 
-For each model and task: edge scores of RelP, RelP-AH, RelP-AH with RelP's q/k edges
-(``relp-ah+qk``, both rule sets' passes), EAP, EAP-IG (each convention's grid) and exact edge
-patching on ``--n-prompts`` pairs; circuits evaluated on ``--n-eval`` other pairs under both
+For each model and task: edge scores of RelP, RelP-AH, RelP-AH with local q/k pattern
+gradients (``relp-ah-qk``, one pass), RelP-AH with RelP's q/k edges (``relp-ah+qk``, two
+passes), EAP, EAP-IG (each convention's grid) and exact edge patching on ``--n-prompts`` pairs
+(scoring times: minimum over ``--repeats`` interleaved runs, so ratios are side by side); circuits evaluated on ``--n-eval`` other pairs under both
 conventions; 95% percentile-bootstrap intervals over the evaluation prompts (``--bootstrap``
 resamples; circuits fixed) for CPR and CMD, and for RelP minus EAP (paired resamples). Writes
 ``docs/_static/results/edges-<model>-<task>/`` (JSON, PNGs) and the page.
@@ -44,7 +45,8 @@ from captum_relp.plotting import plot_edge_circuit, plot_faithfulness_curves
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_static" / "results"
 PAGE = ROOT / "docs" / "results_edges.md"
-METHODS = ("relp", "relp-ah", "relp-ah+qk", "eap", "eap-ig")
+METHODS = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "eap", "eap-ig")
+COMPARED = ("relp", "relp-ah-qk", "relp-ah+qk")  # differences to EAP with paired intervals
 KINDS = ("q", "k", "v", "mlp", "logits")
 
 
@@ -52,20 +54,15 @@ def _kind(name: str) -> str:
     return name.split("<")[1].rstrip(">") if "<" in name else ("logits" if name == "logits" else "mlp")
 
 
-def qk_from(base: EdgeScores, qk: EdgeScores, graph) -> EdgeScores:
-    """``base``'s scores with the q and k edges taken from ``qk`` (a per-edge-type rule choice)."""
-    columns = torch.tensor([_kind(n) in ("q", "k") for n in graph.downstream])
-    scores = torch.where(columns[None, :], qk.scores, base.scores)
-    return EdgeScores("relp-ah+qk", scores, base.n_forward + qk.n_forward - 1, base.n_backward + qk.n_backward,
-                      base.seconds + qk.seconds)
-
-
-def score(model, graph, batch, grid: str, n_steps: int, exact: bool) -> Dict[str, EdgeScores]:
+def score(model, graph, batch, grid: str, n_steps: int, exact: bool, repeats: int) -> Dict[str, EdgeScores]:
+    """Every method's scores; times are the minimum over ``repeats`` interleaved runs after a warm-up."""
     args = (model, graph, batch.clean_ids, batch.corrupt_ids, batch.metric(), batch.attention_mask)
     edge_scores(*args, method="eap")  # warm-up
-    out = {m: edge_scores(*args, method=m) for m in ("relp", "relp-ah", "eap")}
-    out["eap-ig"] = edge_scores(*args, method="eap-ig", n_steps=n_steps, ig_grid=grid)
-    out["relp-ah+qk"] = qk_from(out["relp-ah"], out["relp"], graph)
+    runs: Dict[str, List[EdgeScores]] = {m: [] for m in METHODS}
+    for _ in range(repeats):
+        for method in METHODS:
+            runs[method].append(edge_scores(*args, method=method, n_steps=n_steps, ig_grid=grid))
+    out = {m: min(r, key=lambda result: result.seconds) for m, r in runs.items()}
     if exact:
         out["exact"] = exact_edge_scores(*args)
     return out
@@ -84,7 +81,7 @@ def intervals(curves, n_boot: int, seed: int = 0) -> Dict[str, Dict[str, List[fl
     out = {}
     for method in curves:
         out[method] = {key: _percentiles(values) for key, values in draws[method].items()}
-    for other in ("relp-ah+qk", "relp"):
+    for other in COMPARED:
         if other in curves and "eap" in curves:
             out[f"{other}-minus-eap"] = {
                 key: _percentiles([a - b for a, b in zip(draws[other][key], draws["eap"][key])])
@@ -124,7 +121,8 @@ def run_cell(name: str, task: str, args) -> Dict:
         began = time.time()
         graph = build_graph(model, ungroup_kv=convention.ungroup_kv)
         reuse = exact_scores is not None and exact_scores[0].n_edges == graph.n_edges
-        scores = score(model, graph, batch, convention.ig_grid, args.n_steps, args.exact and not reuse)
+        scores = score(model, graph, batch, convention.ig_grid, args.n_steps, args.exact and not reuse,
+                       args.repeats)
         if reuse:
             scores["exact"] = exact_scores[1]
         elif "exact" in scores:
@@ -165,8 +163,10 @@ def section(cell: Dict) -> str:
              f"{cell['n_prompts']} scoring and {cell['n_eval']} evaluation prompt pairs; "
              + "; ".join(f"{c}: {e['n_edges']} edges" + (" (key/value ungrouped)" if e["ungrouped_kv"] else "")
                          for c, e in cell["conventions"].items())
-             + ("" if len({e["n_edges"] for e in cell["conventions"].values()}) > 1 else
-                ", the same graph (no grouped-query attention)") + ".", "",
+             + _graph_note(cell) + "."
+             + ("" if "exact" in first["methods"] else
+                " Exact edge patching not run: one patched run per edge is too costly at this size, so no "
+                "PCC column."), "",
              "| method | " + " | ".join(f"CPR {c} | CMD {c}" for c in cell["conventions"])
              + " | PCC vs exact (all / q / k / v) | time / EAP |",
              "|---|" + "---:|" * (2 * len(cell["conventions"]) + 2)]
@@ -190,12 +190,21 @@ def section(cell: Dict) -> str:
     return "\n".join(lines)
 
 
+def _graph_note(cell: Dict) -> str:
+    entries = cell["conventions"]
+    if len(entries) == 1:
+        entry = next(iter(entries.values()))
+        return (" (one key and one value input per key/value head)" if not entry["ungrouped_kv"] else "") + \
+            f"; only the {next(iter(entries))} convention was run"
+    return "" if len({e["n_edges"] for e in entries.values()}) > 1 else ", the same graph (no grouped-query attention)"
+
+
 def reading(cell: Dict) -> str:
     """Where RelP (and the q/k hybrid) beat or lose to EAP and EAP-IG, judged by the intervals."""
     sentences = []
     for convention, entry in cell["conventions"].items():
         parts = []
-        for method in ("relp", "relp-ah+qk"):
+        for method in COMPARED:
             diff = entry["intervals"].get(f"{method}-minus-eap")
             if diff is None:
                 continue
@@ -215,9 +224,10 @@ def reading(cell: Dict) -> str:
 
 
 def summary(cells: List[Dict]) -> List[str]:
-    """One row per model, task and convention: CPR differences to EAP with intervals, EAP-IG's CPR."""
-    lines = ["| model | task | convention | relp - eap (CPR) | relp-ah+qk - eap (CPR) | relp-ah+qk - eap (CMD) "
-             "| CPR relp / relp-ah+qk / eap / eap-ig |", "|---|---|---|---:|---:|---:|---:|"]
+    """One row per model, task and convention: CPR/CMD differences to EAP with intervals, CPRs, cost."""
+    lines = ["| model | task | convention | relp - eap (CPR) | relp-ah-qk - eap (CPR) | relp-ah-qk - eap (CMD) "
+             "| relp-ah+qk - eap (CPR) | CPR relp / relp-ah-qk / relp-ah+qk / eap / eap-ig "
+             "| time / EAP: relp-ah-qk, relp-ah+qk |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for cell in cells:
         for convention, entry in cell["conventions"].items():
             m, ci = entry["methods"], entry["intervals"]
@@ -227,9 +237,10 @@ def summary(cells: List[Dict]) -> List[str]:
                 return f"{m[method][key] - m['eap'][key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
             lines.append(f"| {Path(cell['model']).name} | {cell['task']} | {convention} | {diff('relp', 'cpr')} | "
-                         f"{diff('relp-ah+qk', 'cpr')} | {diff('relp-ah+qk', 'cmd')} | "
-                         + " / ".join(f"{m[k]['cpr']:.3f}" for k in ("relp", "relp-ah+qk", "eap", "eap-ig"))
-                         + " |")
+                         f"{diff('relp-ah-qk', 'cpr')} | {diff('relp-ah-qk', 'cmd')} | {diff('relp-ah+qk', 'cpr')} | "
+                         + " / ".join(f"{m[k]['cpr']:.3f}" for k in ("relp", "relp-ah-qk", "relp-ah+qk", "eap",
+                                                                      "eap-ig"))
+                         + f" | {m['relp-ah-qk']['time_vs_eap']:.2f}, {m['relp-ah+qk']['time_vs_eap']:.2f} |")
     return lines + [""]
 
 
@@ -254,18 +265,24 @@ def main() -> None:
     parser.add_argument("--n-prompts", type=int, default=20)
     parser.add_argument("--n-eval", type=int, default=20)
     parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG steps")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing runs per method (min taken)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the evaluation prompts")
     parser.add_argument("--no-exact", dest="exact", action="store_false", help="skip exact edge patching")
     parser.add_argument("--page-section", default=None, help="write only this model's sections to this file")
     parser.add_argument("--from-json", action="store_true", help="rewrite the page from the saved JSON files")
     parser.add_argument("--minutes", type=float, default=None, help="with --from-json: the measured duration")
+    parser.add_argument("--header-note", default=None, help="a paragraph added under the page header")
     args = parser.parse_args()
     args.conventions = args.conventions.split(",")
     torch.manual_seed(0)
     began = time.time()
     pairs = [(name, task) for name in (args.model or EMBEDDED_MODELS) for task in (args.task or ("ioi", "sva"))]
     if args.from_json:
-        cells = [json.loads((OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json").read_text()) for n, t in pairs]
+        files = [OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json" for n, t in pairs]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            print("not measured, left off the page: " + ", ".join(missing))
+        cells = [json.loads(f.read_text()) for f in files if f.exists()]
         for cell in cells:
             replot(cell)
     else:
@@ -275,17 +292,20 @@ def main() -> None:
         Path(args.page_section).write_text("\n".join(body))
         return
     header = [
-        "## Edge circuits on the embedded models", "",
+        "## Edge circuits", "",
         f"Measured by `OMP_NUM_THREADS=1 python scripts/make_edge_results.py` (`--n-prompts {args.n_prompts} "
-        f"--n-eval {args.n_eval} --bootstrap {args.bootstrap}`) in {args.minutes or (time.time() - began) / 60:.1f} "
-        "minutes on "
+        f"--n-eval {args.n_eval} --bootstrap {args.bootstrap} --repeats {args.repeats}`) in "
+        f"{args.minutes or (time.time() - began) / 60:.1f} minutes on "
         f"{platform.machine()} CPU (2 shared cores), torch {torch.__version__}. Held-out names/nouns. "
         "Both conventions of [Edge-level RelP](edges.md) on the same scoring prompts (EAP-IG: 5 steps, each "
         "convention's grid; other scores are the same in both when the model has no grouped-query attention). "
         "Brackets: 95% percentile bootstrap over the evaluation prompts, circuits fixed (it does not include "
-        "the variation from the scoring prompts). `relp-ah+qk` takes its q and k edges from RelP and all other "
-        "edges from RelP-AH (one rule set per edge type; two backward passes). Times are single runs on a "
-        "shared machine: ratios are rough.", ""]
+        "the variation from the scoring prompts). `relp-ah-qk` is RelP-AH whose query and key inputs get each "
+        "head's local attention-pattern gradient in the same pass (one backward); `relp-ah+qk` takes its q and "
+        "k edges from a second, RelP pass (two backwards). Times: the minimum over `--repeats` interleaved "
+        "runs of each method in one process, on a shared machine.", ""]
+    if args.header_note:
+        header += [args.header_note, ""]
     PAGE.write_text("\n".join(header + body))
     print(f"wrote {PAGE}")
 

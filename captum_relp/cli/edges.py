@@ -1,4 +1,4 @@
-"""``captum-relp edges``: edge-level circuits (RelP, RelP-AH, EAP, EAP-IG, exact edge patching)."""
+"""``captum-relp edges``: edge-level circuits (RelP, RelP-AH with local q/k, RelP-AH, EAP, EAP-IG, exact patching)."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,7 @@ from ._common import (
     report_written,
 )
 
-METHOD_CHOICES = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
+METHOD_CHOICES = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
 
 OUTPUTS = {
     "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "
@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     """
     parser = add_command(sub, "edges", "edge circuits: RelP / EAP / EAP-IG edge scores, CPR/CMD, PCC")
     parser.add_argument("--task", choices=TASKS, default="ioi", help="contrastive task")
-    parser.add_argument("--method", default="relp,relp-ah,eap,eap-ig",
+    parser.add_argument("--method", default="relp-ah-qk,relp,relp-ah,eap,eap-ig",
                         help=f"comma-separated among {', '.join(METHOD_CHOICES)}")
     parser.add_argument("--no-exact", action="store_true", help="skip exact edge patching (one run per edge)")
     parser.add_argument("--n-prompts", type=int, default=50, help="prompt pairs used to score edges")

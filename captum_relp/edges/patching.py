@@ -7,7 +7,9 @@ attention head reads its own (possibly patched) residual stream. Norms, MLPs and
 activations are the model's modules, so :func:`captum_relp.rules.apply_rules`
 changes the backward pass of this forward as it does the model's. Attention is
 computed here (softmax over scaled dot products); ``ah=True`` detaches queries and
-keys in it, which is the AH-rule. Linear projections use the 0-rule (plain gradient).
+keys in it, which is the AH-rule; ``ah="qk-local"`` keeps the AH-rule for the residual
+stream and gives the query and key inputs the local attention-pattern gradient (the
+``relp-ah-qk`` edge scores). Linear projections use the 0-rule (plain gradient).
 
 Patching an edge ``u -> v`` replaces ``u``'s output in ``v``'s input by ``u``'s
 output in a reference (corrupt) run:
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -152,9 +154,17 @@ def _ungroup(weight: Tensor, bias: Optional[Tensor], n_heads: int):
     return weight.repeat_interleave(repeat, 0), None if bias is None else bias.repeat_interleave(repeat, 0)
 
 
+def _qk_leaf(x: Tensor, n_qk: int) -> Tensor:
+    """``x`` with its first ``n_qk`` slots (the q and k inputs) replaced by a gradient leaf of the same
+    values: the attention-pattern gradient stops there and never reaches the residual stream."""
+    leaf = x[:, :, :n_qk].detach().requires_grad_(torch.is_grad_enabled())
+    return torch.cat([leaf, x[:, :, n_qk:]], dim=2)
+
+
 def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tensor:
     """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``,
-    ``K`` key/value inputs per layer (``graph.n_kv_inputs``)."""
+    ``K`` key/value inputs per layer (``graph.n_kv_inputs``). ``ah="qk-local"``: ``x`` comes from
+    :func:`_qk_leaf`, and queries and keys stay differentiable (the pattern gradient ends at the leaf)."""
     g = parts.graph
     H, K = g.n_heads, g.n_kv_inputs
     attn = parts.attention(layer)
@@ -173,7 +183,7 @@ def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Ten
     if K != H:
         k = k.repeat_interleave(H // K, dim=1)
         v = v.repeat_interleave(H // K, dim=1)
-    if ah:
+    if ah is True:
         q, k = q.detach(), k.detach()
     scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + masks(parts.window(layer))
     upcast = scores.dtype in (torch.float16, torch.bfloat16)
@@ -181,6 +191,38 @@ def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Ten
     z = torch.matmul(probs, v)  # (B, H, T, D)
     out = torch.einsum("bhte,hed->bthd", z, w_o)
     return out if b_o is None else out + (b_o / H)
+
+
+def _shared_correction(diffs: List[Tensor], starts: List[int], diff_sum: Tensor, patch: Tensor,
+                       edge_mask: Tensor, slots) -> Optional[Tensor]:
+    """``sum_u P[u, v] (a_u - a_u^corrupt)`` for the inputs ``slots`` under a ``(U, V)`` patch.
+
+    One contraction over the nodes with a patched edge into ``slots`` or, when fewer edges are
+    kept than patched (small circuits), ``diff_sum`` (the sum over every node written so far,
+    all of which feed these inputs) minus the contraction over the kept edges. A per-node
+    loop costs a pass over the ``(B, T, V, d)`` result per node: on deep models that was the
+    dominant cost of circuit evaluation.
+    """
+    n = starts[-1] + diffs[-1].shape[2]
+    p = patch[:n, slots]
+    block = edge_mask[:n, slots]
+    p, block = (p.unsqueeze(-1), block.unsqueeze(-1)) if isinstance(slots, int) else (p, block)
+    if not bool(p.any()):
+        return None
+    kept = block.to(p.dtype) - p
+    complement = bool(block.all()) and int(kept.count_nonzero()) < int(p.count_nonzero())
+    weights = kept if complement else p
+    active = weights.any(1).tolist()
+    nodes = [i for i, (start, diff) in enumerate(zip(starts, diffs)) if any(active[start:start + diff.shape[2]])]
+    part = None
+    if nodes:
+        stacked = torch.cat([diffs[i] for i in nodes], dim=2) if len(nodes) > 1 else diffs[nodes[0]]
+        w = torch.cat([weights[starts[i]:starts[i] + diffs[i].shape[2]] for i in nodes], dim=0)
+        part = torch.einsum("btud,uv->btvd", stacked, w)
+    if not complement:
+        return part
+    everything = diff_sum[:, :, None].expand(-1, -1, p.shape[1], -1)
+    return everything if part is None else everything - part
 
 
 def _minus_reference(out: Tensor, reference: Tensor) -> Tensor:
@@ -199,7 +241,7 @@ def graph_forward(
     patch: Optional[Tensor] = None,
     corrupt_outputs: Optional[Tensor] = None,
     input_embeds: Optional[Tensor] = None,
-    ah: bool = False,
+    ah: Union[bool, str] = False,
 ) -> GraphRun:
     r"""Run ``model`` over its component graph, optionally patching edges.
 
@@ -217,7 +259,12 @@ def graph_forward(
             divide the batch, for tiled copies ``[row0..rowB-1, row0..]`` of the prompts.
         input_embeds (Tensor, optional): ``(B, T, d)`` replaces the output of the
             ``input`` node (used by EAP-IG-inputs).
-        ah (bool): apply the AH-rule (attention probabilities constant in backward).
+        ah (bool or str): ``True`` applies the AH-rule (attention probabilities constant in
+            backward). ``"qk-local"``: the AH-rule for the residual stream, and the query and
+            key inputs (``GraphRun.inputs``) get the *local* pattern gradient: they enter the
+            attention scores through a gradient leaf of their own, so the coefficient there is
+            the softmax gradient at that head, driven by the AH coefficient of its output, and
+            nothing of it flows on into earlier nodes. The forward values are the same.
 
     Returns:
         GraphRun: logits, node outputs and downstream inputs.
@@ -257,7 +304,7 @@ def graph_forward(
     diffs: List[Tensor] = []
     starts: List[int] = []
     inputs: List[Tensor] = []
-    state = {"total": None}
+    state = {"total": None, "diff_sum": None}
 
     def write(out: Tensor) -> None:
         starts.append(sum(o.shape[2] for o in outputs))
@@ -267,12 +314,17 @@ def graph_forward(
         if patch is not None:
             reference = corrupt_outputs[:, :, starts[-1]:starts[-1] + out.shape[2]]
             diffs.append(_minus_reference(out, reference))
+            summed_diff = diffs[-1].sum(dim=2)
+            state["diff_sum"] = summed_diff if state["diff_sum"] is None else state["diff_sum"] + summed_diff
 
     def read(slots) -> Tensor:
         width = 1 if isinstance(slots, int) else slots.stop - slots.start
         total = state["total"][:, :, None].expand(-1, -1, width, -1)
         if patch is None:
             return total
+        if patch.dim() == 2:  # one patch for all rows (circuit evaluation): one contraction
+            correction = _shared_correction(diffs, starts, state["diff_sum"], patch, edge_mask, slots)
+            return total if correction is None else total - correction
         correction = None
         for start, diff in zip(starts, diffs):
             p = patch[..., start:start + diff.shape[2], slots]
@@ -283,9 +335,13 @@ def graph_forward(
             correction = term if correction is None else correction + term
         return total if correction is None else total - correction
 
+    if ah not in (False, True, "qk-local"):
+        raise ValueError(f"ah must be False, True or 'qk-local', got {ah!r}")
     write(embeds[:, :, None])
     for layer in range(graph.n_layers):
         attn_in = read(graph.attn_slots(layer))
+        if ah == "qk-local":
+            attn_in = _qk_leaf(attn_in, graph.n_heads + graph.n_kv_inputs)
         mlp_in = read(graph.mlp_slot(layer)) if graph.parallel else None
         write(_heads(parts, layer, attn_in, masks, rotary, ah))
         if mlp_in is None:

@@ -30,7 +30,8 @@ from ..rules import RuleSet, resolve_rules
 from .graph import ComponentGraph
 from .patching import graph_forward
 
-METHODS = ("relp", "relp-ah", "eap", "eap-ig", "exact")
+METHODS = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "eap", "eap-ig", "exact")
+_RULES = {"relp": "relp", "relp-ah": "relp-ah", "relp-ah-qk": "relp-ah", "relp-ah+qk": "relp-ah", "eap": "none"}
 Metric = Callable[[Tensor], Tensor]
 
 
@@ -39,7 +40,8 @@ class EdgeScores:
     """Scores of all edges of a graph.
 
     Attributes:
-        method: ``relp``, ``relp-ah``, ``eap``, ``eap-ig`` or ``exact``.
+        method: one of :data:`METHODS` (``relp``, ``relp-ah``, ``relp-ah-qk``, ``relp-ah+qk``,
+            ``eap``, ``eap-ig``, ``exact``).
         scores: ``(U, V)`` scores (``(T, U, V)`` per position), mean over prompts;
             zero where ``graph.edge_mask`` has no edge.
         n_forward: forward passes over the prompt batch (``exact``: batched runs of
@@ -75,11 +77,12 @@ def _contract(delta: Tensor, coefficients: Tensor, per_position: bool) -> Tensor
 
 
 def _coefficients(model, graph, ids, metric, attention_mask, ruleset: Optional[RuleSet], strict: bool = True,
-                  input_embeds: Optional[Tensor] = None):
-    """Node outputs and the downstream-input coefficients ``(B, T, V, d)`` of one pass."""
+                  input_embeds: Optional[Tensor] = None, qk_local: bool = False):
+    """Node outputs and the downstream-input coefficients ``(B, T, V, d)`` of one pass
+    (``qk_local``: ``graph_forward(ah="qk-local")``)."""
+    ah = "qk-local" if qk_local else ruleset is not None and ruleset.attention is not None
     with layer_coefficients(
-        lambda: graph_forward(model, graph, ids, attention_mask, input_embeds=input_embeds,
-                              ah=ruleset is not None and ruleset.attention is not None),
+        lambda: graph_forward(model, graph, ids, attention_mask, input_embeds=input_embeds, ah=ah),
         TensorSites(lambda run: run.inputs, "downstream input block {} of the component graph".format),
         MetricEvaluator(ids.shape[0], metric=metric), ruleset, model=model, strict=strict,
     ) as result:
@@ -104,7 +107,7 @@ def edge_scores(
     strict: bool = True,
     ig_grid: str = "right",
 ) -> EdgeScores:
-    r"""Score every edge with RelP, RelP-AH, EAP or EAP-IG-inputs.
+    r"""Score every edge with RelP, RelP-AH (also with q/k edges), EAP or EAP-IG-inputs.
 
     Args:
         model (nn.Module): a supported Hugging Face causal LM.
@@ -113,12 +116,20 @@ def edge_scores(
         corrupt_ids (Tensor): ``(B, T)`` corrupt prompts, aligned with ``clean_ids``.
         metric (callable): ``metric(logits) -> Tensor[B]``, e.g. ``IOIBatch.metric()``.
         attention_mask (Tensor, optional): ``(B, T)`` mask shared by both runs.
-        method (str): ``"relp"`` (rules ``relp``), ``"relp-ah"``, ``"eap"`` (gradients)
-            or ``"eap-ig"`` (integrated gradients over the input embeddings between
-            corrupt and clean, ``n_steps`` Riemann steps, see ``ig_grid``).
+        method (str): ``"relp"`` (rules ``relp``), ``"relp-ah"``, ``"relp-ah-qk"``,
+            ``"relp-ah+qk"``, ``"eap"`` (gradients) or ``"eap-ig"`` (integrated gradients over
+            the input embeddings between corrupt and clean, ``n_steps`` Riemann steps, see
+            ``ig_grid``). ``relp-ah`` gives query and key edges zero scores (the AH-rule holds
+            the attention pattern constant). ``relp-ah-qk`` scores them in the same single
+            pass: each head's query and key inputs get the local pattern gradient, driven by
+            the RelP-AH coefficient of the head's output, and the residual stream keeps
+            RelP-AH's coefficients (``graph_forward(ah="qk-local")``); all non-q/k edges
+            score as with ``relp-ah``. ``relp-ah+qk`` takes the q/k edges from a second,
+            full ``relp`` pass (two backward passes; equal to ``relp-ah-qk`` in the last
+            layer, where no later attention pattern exists).
             Use :func:`exact_edge_scores` for exact patching.
         rules (str, RuleSet or CalibratedRules, optional): overrides the rule set of
-            ``relp``/``relp-ah`` (``"none"`` gives EAP). With
+            ``relp``/``relp-ah``/``relp-ah-qk`` (``"none"`` gives EAP). With
             :class:`~captum_relp.CalibratedRules` (calibrated per component kind), the edges
             out of each upstream node use the rule set chosen for its kind (the input
             embeddings: ``resid``), one forward and backward pass per distinct rule set.
@@ -155,15 +166,21 @@ def edge_scores(
         if method == "eap-ig":
             scores, forwards, backwards = _integrated(model, graph, clean_ids, metric, attention_mask,
                                                       corrupt, per_position, _ig_alphas(n_steps, ig_grid))
+        elif method == "relp-ah+qk":
+            if rules is not None:
+                raise ValueError("relp-ah+qk combines the relp and relp-ah presets: rules= does not apply")
+            scores, forwards, backwards = _two_pass_qk(model, graph, clean_ids, metric, attention_mask, corrupt,
+                                                       per_position, strict)
         elif isinstance(rules, CalibratedRules):
+            if method != "relp":
+                raise ValueError(f"calibrated rules score edges with method='relp', got {method!r}")
             scores, backwards = _calibrated(model, graph, clean_ids, metric, attention_mask, corrupt, rules,
                                             per_position, strict)
             forwards = backwards
         else:
-            ruleset = resolve_rules(rules if rules is not None else
-                                    {"relp": "relp", "relp-ah": "relp-ah", "eap": "none"}[method])
+            ruleset = resolve_rules(rules if rules is not None else _RULES[method])
             outputs, coefficients = _coefficients(model, graph, clean_ids, metric, attention_mask,
-                                                  ruleset, strict)
+                                                  ruleset, strict, qk_local=method == "relp-ah-qk")
             scores, forwards, backwards = _contract(outputs - corrupt, coefficients, per_position), 1, 1
     scores = _masked(_pad_masked(scores, attention_mask, per_position), graph)
     return EdgeScores(method, scores.detach(), forwards + 1, backwards, time.perf_counter() - start)
@@ -211,6 +228,29 @@ def _calibrated(model, graph, clean_ids, metric, attention_mask, corrupt, rules:
         scores = torch.zeros_like(part) if scores is None else scores
         scores[..., upstream, :] = part[..., upstream, :]
     return scores, len(rows)
+
+
+def qk_columns(graph: ComponentGraph) -> Tensor:
+    """``(V,)`` bool: True at the query and key inputs of ``graph.downstream``.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from captum_relp.edges import build_graph
+        >>> qk_columns(build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2)))).tolist()
+        [True, True, True, True, False, False, False, False]
+    """
+    return torch.tensor([name.endswith(("<q>", "<k>")) for name in graph.downstream])
+
+
+def _two_pass_qk(model, graph, clean_ids, metric, attention_mask, corrupt, per_position, strict):
+    """``relp-ah+qk``: q/k columns from a ``relp`` pass, all others from a ``relp-ah`` pass."""
+    parts = []
+    for preset in ("relp-ah", "relp"):
+        outputs, coefficients = _coefficients(model, graph, clean_ids, metric, attention_mask,
+                                              resolve_rules(preset), strict)
+        parts.append(_contract(outputs - corrupt, coefficients, per_position))
+    columns = qk_columns(graph).to(parts[0].device)
+    return torch.where(columns, parts[1], parts[0]), 2, 2
 
 
 IG_GRIDS = ("right", "left")
@@ -316,4 +356,4 @@ def exact_edge_scores(
     return EdgeScores("exact", scores.to(corrupt.dtype), forwards, 0, time.perf_counter() - start)
 
 
-__all__ = ["METHODS", "IG_GRIDS", "EdgeScores", "edge_scores", "exact_edge_scores"]
+__all__ = ["METHODS", "IG_GRIDS", "qk_columns", "EdgeScores", "edge_scores", "exact_edge_scores"]

@@ -20,7 +20,7 @@ from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
 from ..integrations.distributed import DataParallelSweep
 from ..plotting import EDGE_METHOD_LABELS as METHOD_NAMES
 
-SCORE_METHODS = ("relp", "relp-ah", "calibrated", "eap", "eap-ig", "exact")
+SCORE_METHODS = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
 MIB_SCORE_SCALE = ("MIB stores scores divided by its batch size (the metric is averaged over each batch "
                    "before the backward pass, and the summed scores are divided by the number of prompts); "
                    "these scores are means over prompts: MIB's = these / batch size, the same ranking")
@@ -181,8 +181,8 @@ def run_edge_experiment(
         model (nn.Module): a supported Hugging Face causal LM.
         tokenizer: its tokenizer.
         task (str): ``"ioi"`` or ``"sva"``.
-        methods (sequence of str): among ``relp``, ``relp-ah``, ``calibrated``, ``eap``, ``eap-ig``,
-            ``exact``. ``calibrated``: RelP with rules chosen per component kind by
+        methods (sequence of str): among ``relp``, ``relp-ah``, ``relp-ah-qk``, ``relp-ah+qk``,
+            ``calibrated``, ``eap``, ``eap-ig``, ``exact`` (see :func:`~captum_relp.edges.edge_scores`). ``calibrated``: RelP with rules chosen per component kind by
             :func:`~captum_relp.calibration.calibrate_on_batch` on ``calibration_prompts`` pairs
             of seed ``seed + 2`` (neither the scored nor the evaluated pairs); the choice is in
             ``info["calibration"]``.

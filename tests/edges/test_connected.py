@@ -34,6 +34,7 @@ def test_pruning_keeps_the_circuit_output_and_connects_it(family, ungroup):
     with torch.no_grad():
         reference = graph_forward(model, graph, corrupt, mask).outputs
         removed = 0
+        tol = 1e-6 if family == "llama" else 1e-10  # LlamaRMSNorm computes in float32 even for float64 inputs
         for seed in range(4):
             scores = torch.randn(graph.edge_mask.shape, generator=torch.Generator().manual_seed(seed))
             for k in (3, 10, 30):
@@ -44,7 +45,7 @@ def test_pruning_keeps_the_circuit_output_and_connects_it(family, ungroup):
                 removed += int(keep.sum() - pruned.sum())
                 torch.testing.assert_close(_logits(model, graph, pruned, clean, mask, reference),
                                            _logits(model, graph, keep, clean, mask, reference),
-                                           rtol=1e-10, atol=1e-10)
+                                           rtol=tol, atol=tol)
     assert removed > 0  # dangling edges existed and were removed
 
 

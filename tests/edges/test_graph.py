@@ -137,3 +137,24 @@ def test_input_to_logits_edge_by_hand():
         run = graph_forward(model, graph, clean, mask, patch=rows, corrupt_outputs=reference)
     _close(run.logits[1:], expected[1:], mask[1:])
     _close(run.logits[:1], model(clean, attention_mask=mask).logits[:1], mask[:1])
+
+
+@pytest.mark.parametrize("case", ["gpt2", "gpt_neox", "llama"])
+def test_shared_patch_equals_per_row_patch(case):
+    """A ``(U, V)`` patch (one contraction per input) = the same patch given per row (per-node loop)."""
+    model = _model(case)
+    graph = build_graph(model, ungroup_kv=case == "llama")
+    clean, corrupt, mask = _inputs()
+    gen = torch.Generator().manual_seed(2)
+    tol = 1e-6 if case == "llama" else 1e-12  # LlamaRMSNorm computes in float32 even for float64 inputs
+    with torch.no_grad():
+        reference = graph_forward(model, graph, corrupt, mask).outputs
+        clean_logits = graph_forward(model, graph, clean, mask).logits
+        # mostly kept, half, mostly patched (the kept-edge complement), and a fractional patch
+        for patch in [(torch.rand(graph.edge_mask.shape, generator=gen) < share).double() for share in (.05, .5, .95)] \
+                + [torch.rand(graph.edge_mask.shape, generator=gen)]:
+            shared = graph_forward(model, graph, clean, mask, patch=patch, corrupt_outputs=reference)
+            rows = patch.expand(clean.shape[0], *patch.shape).contiguous()
+            per_row = graph_forward(model, graph, clean, mask, patch=rows, corrupt_outputs=reference)
+            torch.testing.assert_close(shared.logits, per_row.logits, rtol=tol, atol=tol)
+            assert not torch.allclose(shared.logits, clean_logits)

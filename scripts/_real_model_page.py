@@ -189,7 +189,13 @@ def _how_lines(results: Dict, settings: Dict, command: str) -> List[str]:
             "AP here is exact activation patching computed with the clean prompt's key/value cache: checked in the "
             "same run against `LayerActivationPatching` on the first prompt (3 components, max |difference| "
             + ", ".join(f"{r['check_max_abs_diff']:.1e} for {t.upper()}" for t, r in done.items())
-            + ", float32). Edge scores (CPR/CMD) on this model are on the edges results page.", ""]
+            + ", float32)"
+            + "".join(f"; the layered AP used for the tables (blocks below each patched layer run once) against the "
+                      f"copy-per-component one on the first {t.upper()} prompt: max |difference| "
+                      f"{r['layered_check']['max_abs_diff']:.1e} (largest effect {r['layered_check']['max_abs_effect']:.2g}), "
+                      f"{r['layered_check']['seconds_plain']:.1f} s vs {r['layered_check']['seconds_layered']:.1f} s"
+                      for t, r in done.items() if r.get("layered_check"))
+            + ". Edge scores (CPR/CMD) on this model are on the edges results page.", ""]
 
 
 def _task_result(model, tokenizer, folder: Path, task: str, settings: Dict, resamples: int = 1000) -> Optional[Dict]:
@@ -208,12 +214,14 @@ def _task_result(model, tokenizer, folder: Path, task: str, settings: Dict, resa
         scores[CALIBRATED] = cal.pop("scores")
     layers = scores["AP"].shape[1] // len(KINDS)
     check = json.loads((folder / "parts" / f"{task}_check.json").read_text())
+    layered = folder / "parts" / f"{task}_layered_check.json"
     metric = evaluated["metric"]
     return {"n": int(metric.shape[0]), "metric_mean": float(metric.mean()), "solved": float((metric > 0).mean()),
             "pcc": pcc_tables(scores, layers, resamples),
             "seconds": {m: evaluated["seconds"][m] for m in ["AP", *METHODS]},
             "candidate_seconds": sum(v for k, v in evaluated["seconds"].items() if k.startswith("cand:")),
             "check_max_abs_diff": check["max_abs_diff"], "check_seconds": check["seconds"],
+            "layered_check": json.loads(layered.read_text()) if layered.exists() else None,
             "n_pool": 0 if pool is None else int(pool["metric"].shape[0]), "calibration": cal,
             "mean_maps": {m: {kind: v[:, k * layers:(k + 1) * layers].mean(0) for k, kind in enumerate(KINDS)}
                           for m, v in scores.items()}}
@@ -237,8 +245,11 @@ def _calibration_lines(task: str, result: Dict) -> List[str]:
 
 def _calibration_fragment(root: Path, studies: List[Dict], command: str) -> None:
     """``docs/results_calibration_smollm2.md``: the SmolLM2 rows in the layout of results_calibration.md."""
-    lines = ["### SmolLM2-135M (real model)", "",
-             f"Measured with `{command}` (then `--render-only`); details and the Table-5 numbers on "
+    lines = ["### SmolLM2-135M (real model)", ""]
+    if not studies:
+        lines += ["Not measured in this run: the calibration pools have fewer than "
+                  f"{CALIBRATION_PAIRS} pairs (see {{doc}}`results_smollm2`).", ""]
+    lines += [f"Measured with `{command}` (then `--render-only`); details and the Table-5 numbers on "
              "{doc}`results_smollm2`. Same method as the rows above, with two differences forced by the cost of "
              "AP on this model: AP and the candidates are read at the task's positions only (IOI: S1, IO, S2, "
              "END; SVA: the five tokens after `The`), and the held-out pairs are the page's evaluated pairs. "
@@ -250,8 +261,9 @@ def _calibration_fragment(root: Path, studies: List[Dict], command: str) -> None
         sizes = sorted({r["size"] for r in res["runs"]})
         lines += [f"Calibration size, {res['task']}: calibrated minus AtP on the {res['n_eval']} held-out pairs "
                   f"(mean over {DRAWS} subsets per size, one for the whole pool)"
-                  + ("" if 100 in sizes else "; n = 100 not measured: the pool has "
-                     f"{res['n_pool']} pairs (AP on 100 more pairs did not fit this run's CPU budget)") + ":", "",
+                  + ("" if sizes == [10, 20, 50, 100] else "; n = " + ", ".join(
+                      str(n) for n in (10, 20, 50, 100) if n not in sizes) + f" not measured: the pool has "
+                     f"{res['n_pool']} pairs (AP on more pairs did not fit this run's CPU budget)") + ":", "",
                   size_table([res], sizes), ""]
     (root / "docs" / "results_calibration_smollm2.md").write_text("\n".join(lines) + "\n")
 
@@ -270,8 +282,7 @@ def render_real_model_page(root: Path) -> None:
         if result is not None and result["calibration"] is not None:
             result["calibration"]["study"]["task"] = task.upper()
             studies.append(result["calibration"]["study"])
-    if studies:
-        _calibration_fragment(root, studies, command)
+    _calibration_fragment(root, studies, command)
     record = {"command": command, "model_card": card, **settings,
               **{t: None if r is None else {k: v for k, v in r.items() if k != "mean_maps"}
                  for t, r in results.items()}}

@@ -8,13 +8,25 @@ tables, figures that open full size, and two sentences of reading per figure,
 computed from the numbers of this run.
 
     OMP_NUM_THREADS=1 python scripts/make_results.py            # about 5-10 minutes on 2 idle cores
-    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 12 --n-sva 10
 
 ``--real-model`` measures SmolLM2-135M instead (fetch it first: ``python
-scripts/fetch_smollm2.py``) and writes ``docs/results_smollm2.md`` and
-``docs/_static/results/smollm2/``; it costs about 3 CPU-seconds per IOI prompt for
-AtP/RelP and about 16 for activation patching at the four IOI roles (see the page);
-``--n-ioi 100 --n-sva 100`` runs the paper's size.
+scripts/fetch_smollm2.py``) and writes ``docs/results_smollm2.md``,
+``docs/results_calibration_smollm2.md`` and ``docs/_static/results/smollm2/``. Run it as
+separate, checkpointed processes (``--task ioi``, ``--task sva``, ``--task circuits``;
+``--until HH:MM`` stops starting new chunks; a rerun resumes), then ``--render-only``:
+
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 100 --n-sva 100 --n-pool 50 --task ioi
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 100 --n-sva 100 --n-pool 50 --task sva
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 100 --n-sva 100 --n-pool 50 --task circuits
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --render-only
+
+Measured cost per pair, one thread, process CPU seconds on an x86_64 core: activation
+patching (layered, 90 components) about 10 s per IOI pair at its four roles (16 s without
+the layering) and 6 s per SVA pair at five positions (9 s); AtP, RelP and RelP+AH about
+0.3-0.6 s each; each of the 13 further calibration candidates about the same as RelP
+(pool pairs only; on the evaluated pairs only the chosen candidates run). So
+``--n-ioi 100 --n-sva 100 --n-pool 50`` is roughly 35 CPU-minutes for IOI and 20 for SVA;
+on a shared machine divide by the share of a core the process gets.
 
 The defaults (40 IOI prompts, 40/40 SVA pairs per structure) are smaller than the
 paper's 100 so that the page can be regenerated on a laptop; pass

@@ -113,7 +113,7 @@ CIRCUIT = dict(task="sva", nodes="neurons", n_train=20, n_test=20)
 
 
 def write_real_model_page(root: Path, n_ioi: int, n_sva: int, n_pool: int = 50, task: str = "all",
-                          until: Optional[str] = None) -> None:
+                          until: Optional[str] = None, split: Optional[str] = None) -> None:
     """Measure (see :mod:`_real_model_runs`): checkpointed chunks under ``docs/_static/results/smollm2/parts``."""
     torch.manual_seed(0)
     folder = root / "docs" / "_static" / "results" / "smollm2"
@@ -129,7 +129,7 @@ def write_real_model_page(root: Path, n_ioi: int, n_sva: int, n_pool: int = 50, 
     model, tokenizer = load_model(NAME, "cpu", "float32")
     for name, n_eval in (("ioi", n_ioi), ("sva", n_sva)):
         if task in ("all", name):
-            measure(model, tokenizer, folder, name, n_eval, n_pool, stop_at)
+            measure(model, tokenizer, folder, name, n_eval, n_pool, stop_at, split)
             pool = load_split(folder, name, "pool")
             if pool is not None and pool["metric"].shape[0] >= CALIBRATION_PAIRS:
                 fill_candidates(model, tokenizer, folder, name, chosen_names(model, pool), n_eval, n_pool)
@@ -152,7 +152,10 @@ def _circuit_lines(folder: Path) -> List[str]:
     lines = ["## Circuit faithfulness (node circuits)", ""]
     report = folder / "circuit" / "report.md"
     if not report.exists():
-        return lines + ["Not measured in this run.", ""]
+        return lines + ["Not measured in this run: its CPU time went to the activation patching of the tables above. "
+                        "`python scripts/make_results.py --real-model --task circuits` measures it (RelP, AtP and IG "
+                        f"node scores; {CIRCUIT['task'].upper()} {CIRCUIT['nodes']}, {CIRCUIT['n_train']} training and "
+                        f"{CIRCUIT['n_test']} test pairs per structure) and this page shows it after `--render-only`.", ""]
     return lines + [f"{CIRCUIT['task'].upper()} {CIRCUIT['nodes']} circuits: nodes (every MLP neuron at every "
                     f"position) scored on {CIRCUIT['n_train']} training pairs per structure by RelP, AtP and IG "
                     f"(10 steps), circuits of the top nodes evaluated on {CIRCUIT['n_test']} test pairs per "

@@ -74,8 +74,8 @@ def schedule(n_eval: int, n_pool: int) -> List[Tuple[str, int]]:
 
 
 def measure(model, tokenizer, folder: Path, task: str, n_eval: int, n_pool: int,
-            stop_at: Optional[float] = None) -> None:
-    """Run every unfinished chunk of ``task`` (until the wall clock passes ``stop_at``)."""
+            stop_at: Optional[float] = None, split: Optional[str] = None) -> None:
+    """Run every unfinished chunk of ``task`` (of ``split`` only, if given; until the clock passes ``stop_at``)."""
     parts = folder / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     candidates = [c for c in default_candidates(model) if c.name not in REUSED]
@@ -96,28 +96,29 @@ def measure(model, tokenizer, folder: Path, task: str, n_eval: int, n_pool: int,
                                             "max_abs_effect": float(np.abs(plain).max()),
                                             "seconds_plain": middle - began,
                                             "seconds_layered": time.perf_counter() - middle}))
-    for split, start in schedule(n_eval, n_pool):
-        path = parts / f"{task}_{split}_{start:03d}.npz"
-        if path.exists():
+    for part, start in schedule(n_eval, n_pool):
+        path = parts / f"{task}_{part}_{start:03d}.npz"
+        if path.exists() or (split is not None and part != split):
             continue
         if stop_at is not None and time.time() > stop_at:
-            print(f"{task}: stopped before {split} {start} (time limit)", flush=True)
+            print(f"{task}: stopped before {part} {start} (time limit)", flush=True)
             return
-        batch, positions, pairs = splits[split]
+        batch, positions, pairs = splits[part]
         stop = min(start + CHUNK, len(pairs))
         rows, where = batch.select(slice(start, stop)), positions[start:stop]
         with torch.no_grad():
             metric = rows.metric()(model(rows.clean_ids, attention_mask=rows.attention_mask).logits)
         gradient, seconds = gradient_scores(model, rows)
-        cands, cand_seconds = candidate_scores(model, rows, candidates if split == "pool" else [])
+        cands, cand_seconds = candidate_scores(model, rows, candidates if part == "pool" else [])
         began = time.perf_counter()
         arrays = {"AP": layered_role_patching(model, rows, where)}
         seconds = {"AP": time.perf_counter() - began, **seconds, **{f"cand:{k}": v for k, v in cand_seconds.items()}}
         arrays.update({m: pick(v, where) for m, v in gradient.items()})
         arrays.update({f"cand:{k}": pick(v, where) for k, v in cands.items()})
-        np.savez_compressed(path, metric=metric.double().numpy(), seconds=json.dumps(seconds),
+        np.savez_compressed(path.with_suffix(".tmp.npz"), metric=metric.double().numpy(), seconds=json.dumps(seconds),
                             prompts=np.array([p.clean_prompt for p in pairs[start:stop]]), **arrays)
-        print(f"{time.strftime('%H:%M:%S')} {task} {split} {start}-{stop}: AP {seconds['AP']:.0f} s, "
+        path.with_suffix(".tmp.npz").rename(path)  # a stopped run never leaves half a chunk
+        print(f"{time.strftime('%H:%M:%S')} {task} {part} {start}-{stop}: AP {seconds['AP']:.0f} s, "
               f"AtP {seconds['AtP']:.1f} s, {len(cands)} more candidates {sum(cand_seconds.values()):.0f} s",
               flush=True)
 

@@ -239,6 +239,9 @@ def main() -> None:
     parser.add_argument("--task", choices=("all", "ioi", "sva", "circuits"), default="all",
                         help="with --real-model: measure one part only (parts are checkpointed; run the parts "
                              "as separate processes, then --render-only)")
+    parser.add_argument("--split", choices=("eval", "pool"), default=None,
+                        help="with --real-model --task ioi|sva: only the evaluated pairs or only the calibration "
+                             "pool (two processes can share a task this way)")
     parser.add_argument("--until", default=None,
                         help="with --real-model: stop starting new chunks after this UTC time (HH:MM)")
     parser.add_argument("--render-only", action="store_true",
@@ -248,7 +251,8 @@ def main() -> None:
         from _real_model_page import render_real_model_page, write_real_model_page
 
         if not args.render_only:
-            write_real_model_page(ROOT, args.n_ioi, args.n_sva, args.n_pool, args.task, args.until)
+            write_real_model_page(ROOT, args.n_ioi, args.n_sva, args.n_pool, args.task, args.until,
+                                  args.split)
         if args.render_only or args.task == "all":
             render_real_model_page(ROOT)
         return

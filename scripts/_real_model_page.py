@@ -76,7 +76,8 @@ def _section(task, result, labels, folder, command_note):
     losses = _losses(task, result)
     lines += ["Where a RelP variant scores below AtP (point estimates; compare the intervals): " + ("; ".join(losses) + "." if losses else "nowhere in these tables."), ""]
     base = result["seconds"]["AtP"]
-    lines += ["Wall time in the same run (this CPU, one thread):", ""]
+    lines += ["Wall time in the same runs (this CPU, one thread per process; every chunk timed each method back "
+              "to back, so the ratios hold even though the machine was shared):", ""]
     lines += _table(["method", "seconds", "ratio to AtP", "what ran"],
                     [[m, f"{s:.1f}", f"{s / base:.1f}x",
                       "the positions above, 90 patched copies per position (suffix from the clean KV cache)"
@@ -183,7 +184,7 @@ def _how_lines(results: Dict, settings: Dict, command: str) -> List[str]:
             "probability difference of the right over the wrong verb for SVA.", "",
             "**Positions.** Activation patching (AP) is the expensive reference: 90 patched forwards per position "
             "and prompt (" + ", ".join(f"{per_prompt[t]:.0f} s per {t.upper()} prompt" for t in per_prompt)
-            + " in this run). So the methods are compared at the positions that carry the task: the roles S1 "
+            + " of wall time in this run, on a core shared with about five other jobs). So the methods are compared at the positions that carry the task: the roles S1 "
             "(first subject), IO (indirect object), S2 (second subject) and END (last token) for IOI; the five "
             "tokens after `The` for SVA. "
             + ("**N is short of the target:** " + "; ".join(short) + " (the run stopped at its time limit; "
@@ -239,7 +240,7 @@ def _calibration_lines(task: str, result: Dict) -> List[str]:
              f"`calibrate_rules`, default settings) on the first {CALIBRATION_PAIRS} pairs of a calibration pool "
              f"(seed 1) disjoint from the {result['n']} evaluated pairs (seed 0), with AP read at the same "
              "positions as above. Chosen: " + ", ".join(f"{k} `{v}`" for k, v in cal["choices"].items())
-             + f"; choosing cost {cal['calibration_seconds']:.0f} s ({CALIBRATION_PAIRS} pairs: AP and "
+             + f"; choosing cost {cal['calibration_seconds']:.0f} s of wall time ({CALIBRATION_PAIRS} pairs: AP and "
              f"{cal['n_candidates']} candidate passes)." + (" Warnings: " + " ".join(cal["warnings"])
                                                            if cal["warnings"] else ""), "",
              "```text", cal["summary"].strip(), "```", ""]

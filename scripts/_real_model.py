@@ -4,10 +4,13 @@ Activation patching (AP) of all 3 x L components (residual stream entering each 
 attention output, MLP output) at chosen token positions, one prompt at a time: for a
 position ``t`` the prompt's clean key/value cache up to ``t`` is reused and one forward
 of the suffix runs ``3 L`` copies at once, copy ``k`` with component ``k`` patched at
-``t`` from the corrupted prompt. Exact activation patching (checked in the run against
-:class:`captum_relp.LayerActivationPatching` on the first prompt), cheaper than the
-library's per-layer loop on a model this size. AtP, RelP and RelP+AH come from the
-library at every position and are read at the same positions.
+``t`` from the corrupted prompt (:func:`role_patching`); :func:`layered_role_patching`
+also skips the blocks below each copy's patched layer (Llama-style decoders; 1.4-1.6x
+faster on SmolLM2-135M). Exact activation patching (checked in the run against
+:class:`captum_relp.LayerActivationPatching` on the first prompt, and the two against
+each other), cheaper than the library's per-layer loop on a model this size. AtP, RelP,
+RelP+AH and the calibration candidates come from the library at every position and are
+read at the same positions.
 """
 from __future__ import annotations
 
@@ -190,22 +193,98 @@ def pcc_tables(scores: Dict[str, np.ndarray], n_layers: int, resamples: int = 10
     return tables
 
 
-def run_task(model, batch, positions: Sequence[Sequence[int]], resamples: int = 1000) -> dict:
-    """AP at ``positions`` and AtP / RelP / RelP+AH read there; PCC tables, mean maps, wall times."""
-    with torch.no_grad():
-        values = batch.metric()(model(batch.clean_ids, attention_mask=batch.attention_mask).logits)
-    layers = len(model_components(model).blocks)
-    began = time.perf_counter()
-    check = check_against_library(model, batch, positions[0])
-    check_seconds = time.perf_counter() - began
-    gradient, seconds = gradient_scores(model, batch)
-    scores = {m: pick(v, positions) for m, v in gradient.items()}
-    began = time.perf_counter()
-    scores["AP"] = role_patching(model, batch, positions)
-    seconds = {"AP": time.perf_counter() - began, **seconds}
-    means = {m: {kind: v[:, k * layers : (k + 1) * layers].mean(0) for k, kind in enumerate(KINDS)}
-             for m, v in scores.items()}
-    return {"n": len(positions), "metric_mean": float(values.mean()), "solved": float((values > 0).float().mean()),
-            "pcc": pcc_tables(scores, layers, resamples), "seconds": seconds,
-            "check_max_abs_diff": check, "check_seconds": check_seconds, "mean_maps": means,
-            "per_prompt_scores": scores}
+def candidate_scores(model, batch, candidates, batch_size: int = 8):
+    """RelP with each rule set of ``candidates`` at every position: ``{name: (N, components, T)}``, wall times."""
+    from captum_relp.attr import LayerRelevancePatching
+    from captum_relp.calibration.calibrated_rules import explicit_ruleset
+
+    layers, flags, _ = model_components(model).select(KINDS)
+    scores: Dict[str, List[np.ndarray]] = {c.name: [] for c in candidates}
+    seconds = {c.name: 0.0 for c in candidates}
+    for start in range(0, len(batch), batch_size):
+        rows = batch.select(slice(start, start + batch_size))
+        for candidate in candidates:
+            began = time.perf_counter()
+            values = LayerRelevancePatching(model, layers, rules=explicit_ruleset(candidate)).attribute(
+                rows.clean_ids, baselines=rows.corrupt_ids, metric=rows.metric(),
+                additional_forward_args={"attention_mask": rows.attention_mask},
+                attribute_to_layer_input=flags, reduce="sum")
+            seconds[candidate.name] += time.perf_counter() - began
+            scores[candidate.name].append(torch.stack([v.float() for v in values], 1).numpy())
+    return {m: np.concatenate(v) for m, v in scores.items()}, seconds
+
+
+class _PrefixCache:
+    """The clean prompt's keys/values before position ``t``, shared by every copy (a minimal cache)."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+    def update(self, key, value, layer_idx, kwargs=None):
+        n = key.shape[0]
+        return (torch.cat([self.keys[layer_idx].expand(n, -1, -1, -1), key], 2),
+                torch.cat([self.values[layer_idx].expand(n, -1, -1, -1), value], 2))
+
+
+def layered_role_patching(model, batch, positions: Sequence[Sequence[int]]) -> np.ndarray:
+    """:func:`role_patching` with the blocks below each patched layer run once (Llama-style decoders).
+
+    The copy patched at block ``l`` equals the clean run below ``l``, so block ``b`` runs only
+    the ``3 (b + 1)`` copies patched at or below it, starting from the clean hidden states of
+    the suffix: about half the block passes. Same effects as :func:`role_patching` up to
+    float rounding (checked in the run).
+    """
+    comps = model_components(model)
+    blocks, attn, mlp = list(comps.blocks), list(comps.attn), list(comps.mlp)
+    n_layers = len(blocks)
+    layers, flags, _ = comps.select(KINDS)
+    inner = model.model
+    lengths = batch.attention_mask.sum(1).tolist()
+    out = np.zeros((len(positions), 3 * n_layers, max(len(p) for p in positions)))
+    for i, wanted in enumerate(positions):
+        length = int(lengths[i])
+        clean, corrupt = batch.clean_ids[i : i + 1, :length], batch.corrupt_ids[i : i + 1, :length]
+        corrupt_acts = _capture(model, layers, flags, corrupt)
+        with torch.no_grad():
+            prefix = model(clean, use_cache=True, output_hidden_states=True)
+        kv = prefix.past_key_values if getattr(prefix, "past_key_values", None) is not None else prefix.cache
+        clean_value = float(batch.select(slice(i, i + 1)).metric()(prefix.logits))
+        copies = batch.select(torch.full((3 * n_layers,), i, dtype=torch.long))
+        for j, t in enumerate(wanted):
+            q = length - t
+            cache = _PrefixCache([layer.keys[:, :, :t] for layer in kv.layers], [layer.values[:, :, :t] for layer in kv.layers])
+            position_ids = torch.arange(t, length).unsqueeze(0)
+            hidden = prefix.hidden_states[0][:, t:]
+            cos_sin = inner.rotary_emb(hidden, position_ids)
+            mask = torch.zeros(1, 1, q, length, dtype=hidden.dtype).masked_fill(
+                torch.arange(length)[None, :] > position_ids[0, :, None], torch.finfo(hidden.dtype).min)
+            state = hidden[:0]
+            order: List[int] = []
+            for b in range(n_layers):
+                fresh = prefix.hidden_states[b][:, t:].expand(3, -1, -1).clone()
+                fresh[0, 0] = corrupt_acts[b][t]
+                state = torch.cat([state, fresh])
+                order += [b, n_layers + b, 2 * n_layers + b]
+                row = len(order) - 3
+
+                def patcher(copy, component):
+                    def hook(module, args, output):
+                        value = _first(output).clone()
+                        value[copy, 0] = corrupt_acts[component][t]
+                        return (value,) + tuple(output[1:]) if isinstance(output, tuple) else value
+                    return hook
+                handles = [attn[b].register_forward_hook(patcher(row + 1, n_layers + b)),
+                           mlp[b].register_forward_hook(patcher(row + 2, 2 * n_layers + b))]
+                try:
+                    with torch.no_grad():
+                        state = _first(blocks[b](state, attention_mask=mask, position_ids=position_ids, cache=cache,
+                                                 position_embeddings=cos_sin))
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            with torch.no_grad():
+                logits = model.lm_head(inner.norm(state[:, -1:]))
+            logits = logits[torch.as_tensor(np.argsort(order))]
+            patched = copies.metric()(logits.expand(3 * n_layers, length, logits.shape[-1]))
+            out[i, :, j] = clean_value - patched.double().numpy()
+    return out

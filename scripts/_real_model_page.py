@@ -5,31 +5,31 @@ Writes ``docs/_static/results/smollm2/`` (``results.json``, heatmaps) and
 """
 from __future__ import annotations
 
+import datetime
 import json
 import platform
-import shutil
 import time
+import warnings
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from _real_model import run_task
+from _real_model import pcc_tables
+from _real_model_calibration import CALIBRATION_PAIRS, DRAWS, calibrated, chosen_names, study_rows
+from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, fill_candidates, load_split, measure
+from calibration_eval import main_table, size_table
+from captum_relp.experiments import run_circuit_experiment
 from captum_relp.embedded import load_model
 from captum_relp.embedded.gguf import model_card
 from captum_relp.models import COMPONENT_KINDS as KINDS
 from captum_relp.models import COMPONENT_TITLES as KIND_TITLES
 from captum_relp.plotting import plot_patching_heatmaps
-from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
-from captum_relp.tasks.sva import encode_sva, generate_sva_pairs
 
 NAME = "smollm2-135m"
-IOI_ROLES = ("S1", "IO", "S2", "END")
-SVA_STRUCTURE = "across_rc"
-SVA_LABELS = ("subject", "that", "the", "RC noun", "RC verb")
-"""Positions 1-5 of ``The officer that the editors help``; position 0 (``The``) is the same
-token in both prompts, so every method gives it exactly 0 there and it is left out."""
 METHODS = ("AtP", "RelP", "RelP+AH")
+CALIBRATED = "RelP (calibrated)"
 
 
 def _table(header, rows):
@@ -43,11 +43,11 @@ def _cell(entry, best):
     return f"**{text}**" if best else text
 
 
-def _pcc_rows(pcc):
+def _pcc_rows(pcc, methods):
     rows = []
     for kind in KINDS:
-        best = max(METHODS, key=lambda m: pcc[kind][m][0])
-        rows.append([KIND_TITLES[kind]] + [_cell(pcc[kind][m], m == best) for m in METHODS])
+        best = max(methods, key=lambda m: pcc[kind][m][0])
+        rows.append([KIND_TITLES[kind]] + [_cell(pcc[kind][m], m == best) for m in methods])
     return rows
 
 
@@ -56,9 +56,11 @@ def _losses(task, result):
     out = []
     for view, title in (("per_prompt", "per-prompt"), ("prompt_averaged", "prompt-averaged")):
         for kind in KINDS:
-            atp, relp = result["pcc"][view][kind]["AtP"][0], result["pcc"][view][kind]["RelP"][0]
-            if relp < atp:
-                out.append(f"{task}, {KIND_TITLES[kind]}, {title}: RelP {relp:.3f} < AtP {atp:.3f}")
+            atp = result["pcc"][view][kind]["AtP"][0]
+            for method in result["pcc"][view][kind]:
+                value = result["pcc"][view][kind][method][0]
+                if method != "AtP" and value < atp:
+                    out.append(f"{task}, {KIND_TITLES[kind]}, {title}: {method} {value:.3f} < AtP {atp:.3f}")
     return out
 
 
@@ -69,11 +71,13 @@ def _section(task, result, labels, folder, command_note):
                         ("prompt_averaged", "prompt-averaged maps (layer x position)")):
         lines += [f"PCC with activation patching, {title}; 95% bootstrap interval over prompts in brackets, "
                   "best per row in bold:", ""]
-        lines += _table(["component"] + list(METHODS), _pcc_rows(result["pcc"][view]))
+        methods = list(result["pcc"][view]["resid"])
+        lines += _table(["component"] + methods, _pcc_rows(result["pcc"][view], methods))
     losses = _losses(task, result)
-    lines += ["Where RelP loses to AtP: " + ("; ".join(losses) + "." if losses else "nowhere in these tables."), ""]
+    lines += ["Where a RelP variant scores below AtP (point estimates; compare the intervals): " + ("; ".join(losses) + "." if losses else "nowhere in these tables."), ""]
     base = result["seconds"]["AtP"]
-    lines += ["Wall time in the same run (this CPU, one thread):", ""]
+    lines += ["Wall time in the same runs (this CPU, one thread per process; every chunk timed each method back "
+              "to back, so the ratios hold even though the machine was shared):", ""]
     lines += _table(["method", "seconds", "ratio to AtP", "what ran"],
                     [[m, f"{s:.1f}", f"{s / base:.1f}x",
                       "the positions above, 90 patched copies per position (suffix from the clean KV cache)"
@@ -105,81 +109,207 @@ def _card_lines(card):
             "error; the attributions are exact for the model that ran, not for the original.", ""]
 
 
-def write_real_model_page(root: Path, n_ioi: int, n_sva: int, resamples: int = 1000) -> None:
-    """Measure (see the module docstring), save ``results.json`` and ``scores.npz``, render the page."""
+CIRCUIT = dict(task="sva", nodes="neurons", n_train=20, n_test=20)
+"""The SmolLM2 circuit run: SVA neuron circuits, small N (IG costs n_steps passes per batch)."""
+
+
+def write_real_model_page(root: Path, n_ioi: int, n_sva: int, n_pool: int = 50, task: str = "all",
+                          until: Optional[str] = None, split: Optional[str] = None) -> None:
+    """Measure (see :mod:`_real_model_runs`): checkpointed chunks under ``docs/_static/results/smollm2/parts``."""
     torch.manual_seed(0)
     folder = root / "docs" / "_static" / "results" / "smollm2"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    began = time.time()
+    folder.mkdir(parents=True, exist_ok=True)
+    stop_at = None
+    if until:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        hour, minute = map(int, until.split(":"))
+        stop_at = now.replace(hour=hour, minute=minute, second=0).timestamp()
+    settings = {"n_ioi": n_ioi, "n_sva": n_sva, "n_pool": n_pool, "torch": torch.__version__,
+                "machine": platform.machine()}
+    (folder / "settings.json").write_text(json.dumps(settings, indent=2))
     model, tokenizer = load_model(NAME, "cpu", "float32")
-    pairs = generate_ioi_pairs(n_ioi, seed=0, tokenizer=tokenizer)
-    roles = [ioi_token_roles(pair, tokenizer) for pair in pairs]
-    ioi = run_task(model, encode_ioi(pairs, tokenizer), [[r.index(x) for x in IOI_ROLES] for r in roles],
-                   resamples)
-    sva_pairs = generate_sva_pairs(n_sva, SVA_STRUCTURE, seed=0, tokenizer=tokenizer)
-    sva_batch = encode_sva(sva_pairs, tokenizer)
-    sva = run_task(model, sva_batch, [list(range(1, 1 + len(SVA_LABELS)))] * len(sva_pairs), resamples)
-    total = time.time() - began
-    command = f"OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi {n_ioi} --n-sva {n_sva}"
-    record = {"command": command, "model_card": model_card(model), "torch": torch.__version__,
-              "machine": platform.machine(), "seconds_total": total, "n_ioi": n_ioi, "n_sva": n_sva,
-              "ioi": {k: v for k, v in ioi.items() if k not in ("mean_maps", "per_prompt_scores")},
-              "sva": {k: v for k, v in sva.items() if k not in ("mean_maps", "per_prompt_scores")},
-              "ioi_roles": IOI_ROLES, "sva_structure": SVA_STRUCTURE, "sva_positions": SVA_LABELS}
-    (folder / "results.json").write_text(json.dumps(record, indent=2))
-    np.savez_compressed(folder / "scores.npz", **{f"{task}_{m}": v for task, r in (("ioi", ioi), ("sva", sva))
-                                                   for m, v in r["per_prompt_scores"].items()})
-    render_real_model_page(root)
+    for name, n_eval in (("ioi", n_ioi), ("sva", n_sva)):
+        if task in ("all", name):
+            measure(model, tokenizer, folder, name, n_eval, n_pool, stop_at, split)
+            pool = load_split(folder, name, "pool")
+            if pool is not None and pool["metric"].shape[0] >= CALIBRATION_PAIRS:
+                fill_candidates(model, tokenizer, folder, name, chosen_names(model, pool), n_eval, n_pool)
+    if task in ("all", "circuits"):
+        began = time.time()
+        with warnings.catch_warnings(record=True):
+            result = run_circuit_experiment(model, tokenizer, methods=("RelP", "AtP", "IG"), name=NAME,
+                                            show_progress=False, report=print, **CIRCUIT)
+        result.save(folder / "circuit")
+        from make_results import circuit_report
+
+        command = ("OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --task circuits "
+                   f"(RelP, AtP, IG; {CIRCUIT['task'].upper()} {CIRCUIT['nodes']}, --n-train {CIRCUIT['n_train']} "
+                   f"--n-test {CIRCUIT['n_test']}; {time.time() - began:.0f} s in all)")
+        report = circuit_report(result, f"Made by `{command}`.", "_static/results/smollm2/circuit/circuit_faithfulness.png")
+        (folder / "circuit" / "report.md").write_text("\n".join(report) + "\n")
+
+
+def _circuit_lines(folder: Path) -> List[str]:
+    lines = ["## Circuit faithfulness (node circuits)", ""]
+    report = folder / "circuit" / "report.md"
+    if not report.exists():
+        return lines + ["Not measured in this run: its CPU time went to the activation patching of the tables above. "
+                        "`python scripts/make_results.py --real-model --task circuits` measures it (RelP, AtP and IG "
+                        f"node scores; {CIRCUIT['task'].upper()} {CIRCUIT['nodes']}, {CIRCUIT['n_train']} training and "
+                        f"{CIRCUIT['n_test']} test pairs per structure) and this page shows it after `--render-only`.", ""]
+    return lines + [f"{CIRCUIT['task'].upper()} {CIRCUIT['nodes']} circuits: nodes (every MLP neuron at every "
+                    f"position) scored on {CIRCUIT['n_train']} training pairs per structure by RelP, AtP and IG "
+                    f"(10 steps), circuits of the top nodes evaluated on {CIRCUIT['n_test']} test pairs per "
+                    "structure with the other nodes mean-ablated. N is small (IG costs 10 passes per batch); "
+                    "the denominators below say which structures carry a measurable effect.", "",
+                    report.read_text()]
+
+
+def _how_lines(results: Dict, settings: Dict, command: str) -> List[str]:
+    """How the page was measured: command, positions, N and what it cost."""
+    done = {t: r for t, r in results.items() if r is not None}
+    per_prompt = {t: r["seconds"]["AP"] / r["n"] for t, r in done.items()}
+    short = [f"{t.upper()} N = {r['n']} of {settings['n_' + t]} asked" for t, r in done.items()
+             if r["n"] < settings["n_" + t]]
+    return ["## How it was measured", "",
+            f"Command: `{command}` (one process per task, checkpointed in chunks of 10 pairs; then "
+            "`python scripts/make_results.py --real-model --render-only` draws this page), after "
+            f"`python scripts/fetch_smollm2.py`; torch {settings['torch']}, {settings['machine']} CPU, one thread "
+            "per process, on 2 cores shared with other jobs (so wall times are pessimistic; the ratios within a "
+            "table were measured in the same process). The numbers are in "
+            "`docs/_static/results/smollm2/results.json`; the per-chunk scores in `parts/`.", "",
+            "Components: the residual stream entering each of the 30 blocks, each attention output and "
+            "each MLP output (90), each scored as one number per position (summed over the hidden "
+            "dimension), as in the paper's Table 5. The metric is the logit difference for IOI and the "
+            "probability difference of the right over the wrong verb for SVA.", "",
+            "**Positions.** Activation patching (AP) is the expensive reference: 90 patched forwards per position "
+            "and prompt (" + ", ".join(f"{per_prompt[t]:.0f} s per {t.upper()} prompt" for t in per_prompt)
+            + " of wall time in this run, on a core shared with about five other jobs). So the methods are compared at the positions that carry the task: the roles S1 "
+            "(first subject), IO (indirect object), S2 (second subject) and END (last token) for IOI; the five "
+            "tokens after `The` for SVA. "
+            + ("**N is short of the target:** " + "; ".join(short) + " (the run stopped at its time limit; "
+               "rerunning the same command resumes). " if short else "")
+            + "The bootstrap intervals are percentile intervals over 1000 resamples of the prompts.", "",
+            "AP here is exact activation patching computed with the clean prompt's key/value cache: checked in the "
+            "same run against `LayerActivationPatching` on the first prompt (3 components, max |difference| "
+            + ", ".join(f"{r['check_max_abs_diff']:.1e} for {t.upper()}" for t, r in done.items())
+            + ", float32)"
+            + "".join(f"; the layered AP used for the tables (blocks below each patched layer run once) against the "
+                      f"copy-per-component one on the first {t.upper()} prompt: max |difference| "
+                      f"{r['layered_check']['max_abs_diff']:.1e} (largest effect {r['layered_check']['max_abs_effect']:.2g}), "
+                      f"{r['layered_check']['seconds_plain']:.1f} s vs {r['layered_check']['seconds_layered']:.1f} s"
+                      for t, r in done.items() if r.get("layered_check"))
+            + ". Edge scores (CPR/CMD) on this model are on the edges results page.", ""]
+
+
+def _task_result(model, tokenizer, folder: Path, task: str, settings: Dict, resamples: int = 1000) -> Optional[Dict]:
+    """PCC tables, maps, wall times and the calibrated rules of one task from its finished chunks."""
+    evaluated, pool = load_split(folder, task, "eval"), load_split(folder, task, "pool")
+    if evaluated is None:
+        return None
+    if pool is not None and pool["metric"].shape[0] >= CALIBRATION_PAIRS:
+        # score the chosen candidates (only those) on the evaluated pairs, once; cached in parts/
+        fill_candidates(model, tokenizer, folder, task, chosen_names(model, pool), settings[f"n_{task}"],
+                        settings["n_pool"])
+        evaluated = load_split(folder, task, "eval")
+    scores = {m: evaluated["scores"][m] for m in ["AP", *METHODS]}
+    cal = calibrated(model, pool, evaluated) if pool is not None else None
+    if cal is not None:
+        scores[CALIBRATED] = cal.pop("scores")
+    layers = scores["AP"].shape[1] // len(KINDS)
+    check = json.loads((folder / "parts" / f"{task}_check.json").read_text())
+    layered = folder / "parts" / f"{task}_layered_check.json"
+    metric = evaluated["metric"]
+    return {"n": int(metric.shape[0]), "metric_mean": float(metric.mean()), "solved": float((metric > 0).mean()),
+            "pcc": pcc_tables(scores, layers, resamples),
+            "seconds": {m: evaluated["seconds"][m] for m in ["AP", *METHODS]},
+            "candidate_seconds": sum(v for k, v in evaluated["seconds"].items() if k.startswith("cand:")),
+            "check_max_abs_diff": check["max_abs_diff"], "check_seconds": check["seconds"],
+            "layered_check": json.loads(layered.read_text()) if layered.exists() else None,
+            "n_pool": 0 if pool is None else int(pool["metric"].shape[0]), "calibration": cal,
+            "mean_maps": {m: {kind: v[:, k * layers:(k + 1) * layers].mean(0) for k, kind in enumerate(KINDS)}
+                          for m, v in scores.items()}}
+
+
+def _calibration_lines(task: str, result: Dict) -> List[str]:
+    cal = result["calibration"]
+    if cal is None:
+        return [f"Calibrated rules ({task}): not measured (the calibration pool has {result['n_pool']} of the "
+                f"{CALIBRATION_PAIRS} pairs needed).", ""]
+    lines = [f"**{CALIBRATED}**: rules chosen per component type by `choose_rules` (the selection step of "
+             f"`calibrate_rules`, default settings) on the first {CALIBRATION_PAIRS} pairs of a calibration pool "
+             f"(seed 1) disjoint from the {result['n']} evaluated pairs (seed 0), with AP read at the same "
+             "positions as above. Chosen: " + ", ".join(f"{k} `{v}`" for k, v in cal["choices"].items())
+             + f"; choosing cost {cal['calibration_seconds']:.0f} s of wall time ({CALIBRATION_PAIRS} pairs: AP and "
+             f"{cal['n_candidates']} candidate passes)." + (" Warnings: " + " ".join(cal["warnings"])
+                                                           if cal["warnings"] else ""), "",
+             "```text", cal["summary"].strip(), "```", ""]
+    return lines
+
+
+def _calibration_fragment(root: Path, studies: List[Dict], command: str) -> None:
+    """``docs/results_calibration_smollm2.md``: the SmolLM2 rows in the layout of results_calibration.md."""
+    lines = ["### SmolLM2-135M (real model)", ""]
+    if not studies:
+        lines += ["Not measured in this run: the calibration pools have fewer than "
+                  f"{CALIBRATION_PAIRS} pairs (see {{doc}}`results_smollm2`).", ""]
+    lines += [f"Measured with `{command}` (then `--render-only`); details and the Table-5 numbers on "
+             "{doc}`results_smollm2`. Same method as the rows above, with two differences forced by the cost of "
+             "AP on this model: AP and the candidates are read at the task's positions only (IOI: S1, IO, S2, "
+             "END; SVA: the five tokens after `The`), and the held-out pairs are the page's evaluated pairs. "
+             "Brackets: 95% paired-bootstrap intervals over the held-out pairs.", ""]
+    for res in studies:
+        lines += [f"Held-out Pearson with AP, {res['task']}, calibrated on {CALIBRATION_PAIRS} pairs "
+                  f"(pool {res['n_pool']}, held out {res['n_eval']}):", "", main_table([res], CALIBRATION_PAIRS), ""]
+    for res in studies:
+        sizes = sorted({r["size"] for r in res["runs"]})
+        lines += [f"Calibration size, {res['task']}: calibrated minus AtP on the {res['n_eval']} held-out pairs "
+                  f"(mean over {DRAWS} subsets per size, one for the whole pool)"
+                  + ("" if sizes == [10, 20, 50, 100] else "; n = " + ", ".join(
+                      str(n) for n in (10, 20, 50, 100) if n not in sizes) + f" not measured: the pool has "
+                     f"{res['n_pool']} pairs (AP on more pairs did not fit this run's CPU budget)") + ":", "",
+                  size_table([res], sizes), ""]
+    (root / "docs" / "results_calibration_smollm2.md").write_text("\n".join(lines) + "\n")
 
 
 def render_real_model_page(root: Path) -> None:
-    """Heatmaps and ``docs/results_smollm2.md`` from the saved ``results.json`` and ``scores.npz``."""
+    """Heatmaps, ``results.json``, ``docs/results_smollm2.md`` and the calibration rows from the saved chunks."""
     folder = root / "docs" / "_static" / "results" / "smollm2"
-    record = json.loads((folder / "results.json").read_text())
-    scores = np.load(folder / "scores.npz")
-    layers = scores["ioi_AP"].shape[1] // len(KINDS)
-    for task in ("ioi", "sva"):
-        record[task]["mean_maps"] = {
-            m: {kind: scores[f"{task}_{m}"][:, k * layers : (k + 1) * layers].mean(0)
-                for k, kind in enumerate(KINDS)} for m in ["AP", *METHODS]}
-    ioi, sva, card, total = record["ioi"], record["sva"], record["model_card"], record["seconds_total"]
-    n_ioi, n_sva, command = record["n_ioi"], record["n_sva"], record["command"]
+    settings = json.loads((folder / "settings.json").read_text())
+    model, tokenizer = load_model(NAME, "cpu", "float32")
+    card = model_card(model)
+    results = {task: _task_result(model, tokenizer, folder, task, settings) for task in ("ioi", "sva")}
+    command = (f"OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --task ioi|sva|circuits "
+               f"--n-ioi {settings['n_ioi']} --n-sva {settings['n_sva']} --n-pool {settings['n_pool']}")
+    studies = []
+    for task, result in results.items():
+        if result is not None and result["calibration"] is not None:
+            result["calibration"]["study"]["task"] = task.upper()
+            studies.append(result["calibration"]["study"])
+    _calibration_fragment(root, studies, command)
+    record = {"command": command, "model_card": card, **settings,
+              **{t: None if r is None else {k: v for k, v in r.items() if k != "mean_maps"}
+                 for t, r in results.items()}}
+    for r in record.values():
+        if isinstance(r, dict) and r.get("calibration"):
+            r["calibration"] = {**r["calibration"], "study": study_rows([r["calibration"]["study"]])[0]}
+    (folder / "results.json").write_text(json.dumps(record, indent=2, default=float))
     lines = ["# Results on a real model: SmolLM2-135M", "",
              "Every other number in these docs comes from the two tiny embedded models. This page measures "
              "a real pretrained model the same way, on this machine's CPU.", "", "## Model card", ""]
     lines += _card_lines(card)
-    lines += ["## How it was measured", "",
-              f"Command: `{command}` (after `python scripts/fetch_smollm2.py`), torch {record['torch']}, "
-              f"{record['machine']} CPU shared with other jobs, total {total / 60:.1f} minutes. The numbers "
-              "are in `docs/_static/results/smollm2/results.json` (per-prompt scores in `scores.npz`).", "",
-              "Components: the residual stream entering each of the 30 blocks, each attention output and "
-              "each MLP output (90), each scored as one number per position (summed over the hidden "
-              "dimension), as in the paper's Table 5. The metric is the logit difference for IOI and the "
-              "probability difference of the right over the wrong verb for SVA.", "",
-              f"**Why N is small and AP covers some positions only.** Activation patching is the expensive "
-              f"reference: 90 patched forwards per position and prompt. On this machine's 2 shared cores it "
-              f"cost {ioi['seconds']['AP'] / ioi['n']:.0f} s per IOI prompt at the four roles below, so the "
-              f"page uses N = {n_ioi} IOI and N = {n_sva} SVA pairs (the paper uses 100), and compares the "
-              "methods at the positions that carry the task: the roles S1 (first subject), IO (indirect "
-              "object), S2 (second subject) and END (last token) for IOI; the five tokens after `The` for "
-              "SVA. The bootstrap intervals (percentile intervals over 1000 resamples of the prompts; they "
-              "can be lopsided around the estimate) show what N this small costs. "
-              f"`--n-ioi 100 --n-sva 100` runs the paper's size (about "
-              f"{(ioi['seconds']['AP'] / ioi['n'] * 100 + sva['seconds']['AP'] / sva['n'] * 100) / 60:.0f} "
-              "minutes at this run's speed).", "",
-              f"AP here is exact activation patching computed with the clean prompt's key/value cache: "
-              f"checked in the same run against `LayerActivationPatching` on the first prompt (3 "
-              f"components, max |difference| {ioi['check_max_abs_diff']:.1e} for IOI, "
-              f"{sva['check_max_abs_diff']:.1e} for SVA, float32). Calibrated rules and edge scores "
-              "(CPR/CMD) were not measured on this model: both need more activation patching than this "
-              "run could afford.", "",
-              "## IOI (Table 5 layout)", ""]
-    lines += _section("IOI", ioi, IOI_ROLES, folder, "Templates: the package's three IOI templates, seed 0.")
-    lines += ["## Subject-verb agreement (same layout)", ""]
-    lines += _section("SVA", sva, SVA_LABELS, folder,
-                      f"Structure `{SVA_STRUCTURE}` (`The officer that the editors help` -> is / are), seed 0. "
-                      "The metric is a probability difference, and this small model barely prefers the right "
-                      "verb, so the effects are small (a few hundredths) and the correlations lower than "
-                      "for IOI; the per-prompt intervals are wide.")
+    lines += _how_lines(results, settings, command)
+    for task, title, labels, note in (
+            ("ioi", "IOI (Table 5 layout)", IOI_ROLES, "Templates: the package's three IOI templates, seed 0."),
+            ("sva", "Subject-verb agreement (same layout)", SVA_LABELS,
+             f"Structure `{SVA_STRUCTURE}` (`The officer that the editors help` -> is / are), seed 0. The metric is "
+             "a probability difference, and this small model barely prefers the right verb, so the effects are "
+             "small (a few hundredths) and the correlations lower than for IOI.")):
+        lines += [f"## {title}", ""]
+        if results[task] is None:
+            lines += ["Not measured in this run.", ""]
+            continue
+        lines += _section(task.upper(), results[task], labels, folder, note)
+        lines += _calibration_lines(task.upper(), results[task])
+    lines += _circuit_lines(folder)
     (root / "docs" / "results_smollm2.md").write_text("\n".join(lines) + "\n")

@@ -8,13 +8,25 @@ tables, figures that open full size, and two sentences of reading per figure,
 computed from the numbers of this run.
 
     OMP_NUM_THREADS=1 python scripts/make_results.py            # about 5-10 minutes on 2 idle cores
-    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 12 --n-sva 10
 
 ``--real-model`` measures SmolLM2-135M instead (fetch it first: ``python
-scripts/fetch_smollm2.py``) and writes ``docs/results_smollm2.md`` and
-``docs/_static/results/smollm2/``; it costs about 3 CPU-seconds per IOI prompt for
-AtP/RelP and about 16 for activation patching at the four IOI roles (see the page);
-``--n-ioi 100 --n-sva 100`` runs the paper's size.
+scripts/fetch_smollm2.py``) and writes ``docs/results_smollm2.md``,
+``docs/results_calibration_smollm2.md`` and ``docs/_static/results/smollm2/``. Run it as
+separate, checkpointed processes (``--task ioi``, ``--task sva``, ``--task circuits``;
+``--until HH:MM`` stops starting new chunks; a rerun resumes), then ``--render-only``:
+
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 100 --n-sva 100 --n-pool 50 --task ioi
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 100 --n-sva 100 --n-pool 50 --task sva
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --n-ioi 100 --n-sva 100 --n-pool 50 --task circuits
+    OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --render-only
+
+Measured cost per pair, one thread, process CPU seconds on an x86_64 core: activation
+patching (layered, 90 components) about 10 s per IOI pair at its four roles (16 s without
+the layering) and 6 s per SVA pair at five positions (9 s); AtP, RelP and RelP+AH about
+0.3-0.6 s each; each of the 13 further calibration candidates about the same as RelP
+(pool pairs only; on the evaluated pairs only the chosen candidates run). So
+``--n-ioi 100 --n-sva 100 --n-pool 50`` is roughly 35 CPU-minutes for IOI and 20 for SVA;
+on a shared machine divide by the share of a core the process gets.
 
 The defaults (40 IOI prompts, 40/40 SVA pairs per structure) are smaller than the
 paper's 100 so that the page can be regenerated on a laptop; pass
@@ -155,11 +167,18 @@ def circuit_section(name: str, nodes: str, n_train: int, n_test: int) -> str:
                                         n_test=n_test, heldout=info["heldout_nouns"], show_progress=False)
     folder = OUT / f"circuit-{name}-{nodes}"
     result.save(folder)
+    command = (f"captum-relp circuit --task sva --nodes {nodes} --n-train {n_train} --n-test {n_test}"
+               f"{' --model ' + name if name != EMBEDDED_MODELS[0] else ''}")
+    return "\n".join([f"### SVA {nodes} circuits, {name}", ""] + circuit_report(
+        result, f"`{command}`", f"_static/results/circuit-{name}-{nodes}/circuit_faithfulness.png"))
+
+
+def circuit_report(result, command: str, figure_path: str) -> list:
+    """Denominators, faithfulness / completeness table, cost table and figure of a circuit experiment."""
+    nodes = result.config["nodes"]
     methods = list(result.cost)
     denominators = result.denominators()
-    lines = [f"### SVA {nodes} circuits, {name}", "",
-             f"`captum-relp circuit --task sva --nodes {nodes} --n-train {n_train} --n-test {n_test}`"
-             f"{' --model ' + name if name != EMBEDDED_MODELS[0] else ''}", "",
+    lines = [command, "",
              "Denominator of both ratios per setting (m = logit difference on the test pairs):", ""]
     lines += table(["setting", "m(M)", "m(empty)", "m(M) - m(empty)", "s.e.", "ratios"],
                    [[s, f"{d['m_full']:.3f}", f"{d['m_empty']:.3f}", f"{d['denominator']:.3f}", f"{d['se']:.3f}",
@@ -192,9 +211,8 @@ def circuit_section(name: str, nodes: str, n_train: int, n_test: int) -> str:
                + (f"{', '.join(noisy)} (hollow markers) {'has' if len(noisy) == 1 else 'have'} a denominator "
                   "under three standard errors, so read their curves as noise."
                   if noisy else "values above 1 mean the circuit alone beats the full model, not an error."))
-    lines += figure(f"_static/results/circuit-{name}-{nodes}/circuit_faithfulness.png",
-                    f"faithfulness and completeness, {nodes}", caption)
-    return "\n".join(lines)
+    lines += figure(figure_path, f"faithfulness and completeness, {nodes}", caption)
+    return lines
 
 
 OVERSHOOT = """Faithfulness is (m(C) - m(empty)) / (m(M) - m(empty)) and completeness the same ratio for
@@ -216,16 +234,27 @@ def main() -> None:
                         help="measure SmolLM2-135M (docs/results_smollm2.md) instead of the embedded models")
     parser.add_argument("--n-ioi", type=int, default=12, help="IOI pairs for --real-model")
     parser.add_argument("--n-sva", type=int, default=10, help="SVA pairs for --real-model")
+    parser.add_argument("--n-pool", type=int, default=50,
+                        help="calibration pool pairs per task for --real-model (disjoint from the evaluated ones)")
+    parser.add_argument("--task", choices=("all", "ioi", "sva", "circuits"), default="all",
+                        help="with --real-model: measure one part only (parts are checkpointed; run the parts "
+                             "as separate processes, then --render-only)")
+    parser.add_argument("--split", choices=("eval", "pool"), default=None,
+                        help="with --real-model --task ioi|sva: only the evaluated pairs or only the calibration "
+                             "pool (two processes can share a task this way)")
+    parser.add_argument("--until", default=None,
+                        help="with --real-model: stop starting new chunks after this UTC time (HH:MM)")
     parser.add_argument("--render-only", action="store_true",
                         help="with --real-model: redraw the page from the saved results, no measuring")
     args = parser.parse_args()
     if args.real_model:
         from _real_model_page import render_real_model_page, write_real_model_page
 
-        if args.render_only:
+        if not args.render_only:
+            write_real_model_page(ROOT, args.n_ioi, args.n_sva, args.n_pool, args.task, args.until,
+                                  args.split)
+        if args.render_only or args.task == "all":
             render_real_model_page(ROOT)
-        else:
-            write_real_model_page(ROOT, args.n_ioi, args.n_sva)
         return
     torch.manual_seed(0)
     for folder in list(OUT.glob("ioi-*")) + list(OUT.glob("circuit-*")):  # only this script's outputs

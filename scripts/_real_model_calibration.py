@@ -1,0 +1,91 @@
+"""Calibrated rules on SmolLM2-135M from the checkpointed chunks (``make_results.py --real-model``).
+
+AP and every default candidate were measured once, at the task's positions, on the
+calibration pool and on the evaluated pairs (:mod:`_real_model_runs`). The rules are
+chosen by the library's selection step, :func:`~captum_relp.choose_rules` with its
+default settings (noise-aware paired bootstrap, 1000 resamples, gradient kept unless a
+candidate beats it beyond the noise), on the first ``CALIBRATION_PAIRS`` pool pairs:
+that is :func:`~captum_relp.calibrate_rules` with AP read at the task's positions
+instead of every position. The calibration-size study reuses ``calibration_eval.study``:
+sizes 10, 20, 50 (100 when the pool has them), the evaluated pairs held out.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from calibration_eval import study
+from captum_relp.calibration import CandidateScores, choose_rules
+from captum_relp.calibration._schema import model_signature
+from captum_relp.calibration._select import group_data
+from captum_relp.calibration.calibrated_rules import default_candidates
+from captum_relp.models import COMPONENT_KINDS as KINDS
+
+CALIBRATION_PAIRS = 20
+"""The library's default calibration size."""
+SIZES = (10, 20, 50, 100)
+DRAWS = 5
+
+
+def candidate_scores(model, pool: Dict, evaluated: Optional[Dict] = None) -> CandidateScores:
+    """:class:`CandidateScores` of the pool pairs (then the evaluated pairs, as held-out rows)."""
+    splits = [pool] + ([evaluated] if evaluated is not None else [])
+    candidates = default_candidates(model)
+
+    def per_layer(key):
+        # a candidate never chosen is not scored on the held-out rows: NaN there (never read)
+        values = np.concatenate([s["scores"].get(key, np.full_like(s["scores"]["AP"], np.nan)) for s in splits])
+        return [torch.from_numpy(values[:, c]) for c in range(values.shape[1])]
+
+    layers = pool["scores"]["AP"].shape[1] // len(KINDS)
+    groups = [kind for kind in KINDS for _ in range(layers)]
+    metric = np.concatenate([s["metric"] for s in splits])
+    tolerance = 100 * float(torch.finfo(torch.float32).eps) * max(float(np.abs(metric).max()), 1e-30)
+    data = group_data(per_layer("AP"), {c.name: per_layer(f"cand:{c.name}") for c in candidates}, groups)
+    return CandidateScores(candidates, groups, True, data, tolerance, model_signature(model))
+
+
+def chosen_names(model, pool: Dict) -> set:
+    """Every candidate that the size study (``calibration_eval.study``'s subsets) chooses for some group."""
+    n_pool = pool["scores"]["AP"].shape[0]
+    scores = candidate_scores(model, pool)
+    gen, names = torch.Generator().manual_seed(0), set()
+    for size in [s for s in SIZES if s <= n_pool]:
+        for draw in range(DRAWS if size < n_pool else 1):
+            rows = torch.arange(size) if draw == 0 else torch.randperm(n_pool, generator=gen)[:size]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                names |= set(choose_rules(scores.rows(rows)).choices.values())
+    return names
+
+
+def calibrated(model, pool: Dict, evaluated: Dict) -> Optional[Dict]:
+    """Rules chosen on the first 20 pool pairs; their scores on the evaluated pairs; the size study."""
+    n_pool = pool["scores"]["AP"].shape[0]
+    if n_pool < CALIBRATION_PAIRS:
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rules = choose_rules(candidate_scores(model, pool).rows(torch.arange(CALIBRATION_PAIRS)))
+    layers = pool["scores"]["AP"].shape[1] // len(KINDS)
+    scores = np.concatenate([evaluated["scores"][f"cand:{rules.choices[kind]}"][:, k * layers:(k + 1) * layers]
+                             for k, kind in enumerate(KINDS)], 1)
+    seconds = pool["seconds"]
+    per_pair = {k: v / n_pool for k, v in seconds.items()}
+    cost = per_pair["AP"] + sum(v for k, v in per_pair.items() if k.startswith("cand:") or k in ("AtP", "RelP", "RelP+AH"))
+    sizes = [s for s in SIZES if s <= n_pool]
+    both = candidate_scores(model, pool, evaluated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        size_study = study("SmolLM2-135M", "", both, n_pool, sizes, DRAWS, 1000, seconds=sum(seconds.values()))
+    return {"choices": dict(rules.choices), "summary": rules.summary(), "scores": scores,
+            "warnings": [str(w.message) for w in caught], "calibration_seconds": cost * CALIBRATION_PAIRS,
+            "n_candidates": len(rules.candidates), "study": size_study, "sizes": sizes, "n_pool": n_pool}
+
+
+def study_rows(studies: List[Dict]) -> List[Dict]:
+    """Drop the study's per-run summaries (long text) before the JSON record."""
+    return [{**s, "runs": [{k: v for k, v in r.items() if k != "summary"} for r in s["runs"]]} for s in studies]

@@ -246,8 +246,8 @@ def chunk_cost(token_rows: int, copies: int, below: int, n_blocks: int) -> float
     :data:`OVERHEAD_ROWS` per block for the call itself.
 
     Example:
-        >>> chunk_cost(10, 4, 2, 4)  # 2 blocks x 10 rows + 2 blocks x 40 rows + 4 x 16
-        164
+        >>> chunk_cost(10, 4, 2, 4)  # 2 blocks x 10 rows + 2 blocks x 40 rows + 4 x OVERHEAD_ROWS (128)
+        612
     """
     return OVERHEAD_ROWS * n_blocks + token_rows * (below + copies * (n_blocks - below))
 

@@ -17,12 +17,13 @@ ARGS = ["-m", "captum_relp.cli", "ioi", "--n-prompts", "6", "--batch-size", "2",
         "--quiet", "--device", "cpu", "--rules", "relp,relp-ah"]
 
 
-def _run(prefix, out: Path) -> dict:
+def _run(prefix, out: Path, args=ARGS, results="ioi_results.json"):
+    """The CLI with ``args`` (under ``prefix``, e.g. torchrun); its results JSON and stdout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, *prefix, *ARGS, "--out", str(out)], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, *prefix, *args, "--out", str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "ioi_results.json").read_text())
+    return json.loads((out / results).read_text()), done.stdout
 
 
 def test_single_process_sweep_is_the_whole_sweep():
@@ -36,9 +37,9 @@ def test_single_process_sweep_is_the_whole_sweep():
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_torchrun_two_processes_equal_one(tmp_path):
-    single = _run([], tmp_path / "one")
-    sharded = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
-                   tmp_path / "two")
+    single, _ = _run([], tmp_path / "one")
+    sharded, _ = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+                      tmp_path / "two")
     for key in ("config", "pcc_per_prompt", "pcc_mean_map", "mean_maps", "position_labels"):
         assert sharded[key] == single[key], key  # bit-identical: same batches, same padding
 
@@ -50,17 +51,9 @@ CIRCUIT_ARGS = ["-m", "captum_relp.cli", "circuit", "--task", "ioi", "--nodes", 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_torchrun_circuit_two_processes_equal_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-    def run(prefix, out):
-        done = subprocess.run([sys.executable, *prefix, *CIRCUIT_ARGS, "--out", str(out)], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads((out / "circuit_results.json").read_text())
-
-    single = run([], tmp_path / "one")
-    sharded = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"],
-                  tmp_path / "two")
+    single, _ = _run([], tmp_path / "one", CIRCUIT_ARGS, "circuit_results.json")
+    sharded, _ = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"],
+                      tmp_path / "two", CIRCUIT_ARGS, "circuit_results.json")
     assert sharded["curves"] == single["curves"]  # same batches summed in the same order: identical
     for method in ("RelP", "AtP"):  # every batch scored once, by one of the ranks
         for key in ("forward_passes", "backward_passes"):
@@ -73,17 +66,9 @@ EDGES_ARGS = ["-m", "captum_relp.cli", "edges", "--method", "relp,eap,eap-ig", "
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_torchrun_edges_two_processes_equal_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-    def run(prefix, out):
-        done = subprocess.run([sys.executable, *prefix, *EDGES_ARGS, "--out", str(out)], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads((out / "edges_results.json").read_text()), done.stdout
-
-    single, _ = run([], tmp_path / "one")
-    sharded, stdout = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"],
-                          tmp_path / "two")
+    single, _ = _run([], tmp_path / "one", EDGES_ARGS, "edges_results.json")
+    sharded, stdout = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"],
+                           tmp_path / "two", EDGES_ARGS, "edges_results.json")
     assert stdout.count("wrote") == 1  # rank 0 writes, rank 1 only computes its share
     timings = ("seconds", "time_vs_eap")  # wall times differ between runs; everything else is identical
     for method in ("relp", "eap", "eap-ig", "exact"):

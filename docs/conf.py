@@ -48,6 +48,7 @@ exclude_patterns = [
     "**.ipynb_checkpoints",
     "tutorials/README*",
     "results_measured.md",  # written by scripts/make_results.py, included by results.md
+    "results_models.md",  # written by scripts/make_results.py, included by results.md
     "results_calibration.md",  # written by scripts/calibration_eval.py --markdown, included by results.md
     "results_calibration_smollm2.md",  # written by scripts/make_results.py --real-model, included by results.md
     "results_edges.md",  # written by scripts/make_edge_results.py, included by results.md

@@ -277,7 +277,8 @@ def render_real_model_page(root: Path) -> None:
     folder = root / "docs" / "_static" / "results" / "smollm2"
     settings = json.loads((folder / "settings.json").read_text())
     model, tokenizer = load_model(NAME, "cpu", "float32")
-    card = model_card(model)
+    card = {**model_card(model), "layers": model.config.num_hidden_layers,
+            "parameters": sum(p.numel() for p in model.parameters())}
     results = {task: _task_result(model, tokenizer, folder, task, settings) for task in ("ioi", "sva")}
     command = (f"OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --task ioi|sva|circuits "
                f"--n-ioi {settings['n_ioi']} --n-sva {settings['n_sva']} --n-pool {settings['n_pool']}")

@@ -112,17 +112,48 @@ def agreement_reading(pcc: dict, tie: float = TIE) -> str:
     return text + "."
 
 
-def model_row(name: str, model, result) -> list:
-    """One row of the models table: architecture, size and RelP's / AtP's per-prompt PCC with AP."""
-    config = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    pcc = result.pcc_per_prompt
-    return ([f"`{name}`", config.model_type, config.num_hidden_layers, f"{n_params / 1e6:.2f} M"]
-            + [f"{pcc[k]['RelP']:.3f} / {pcc[k]['AtP']:.3f}" for k in KINDS])
+REAL_MODELS = {"smollm2-135m": "smollm2"}
+"""Fetched real models with a results folder under ``docs/_static/results`` (``results.json``)."""
 
 
-MODEL_ROWS: list = []
-"""Filled by ioi_section: one row per model run."""
+def _row(name: str, architecture: str, layers: int, n_params: float, n: int, pcc: dict, page: str) -> list:
+    return ([f"`{name}`", architecture, layers, f"{n_params / 1e6:.2f} M", n]
+            + [f"{pcc[k]['RelP']:.3f} / {pcc[k]['AtP']:.3f}" for k in KINDS] + [page])
+
+
+def models_table(root: Path) -> list:
+    """The models table: one row per model with saved IOI results, read from the saved JSON only.
+
+    Embedded models from ``ioi-<name>/ioi_results.json`` (their configs are shipped), fetched
+    real models from ``<folder>/results.json`` (point estimates of the per-prompt PCCs).
+    """
+    rows = []
+    for name in EMBEDDED_MODELS:
+        saved = root / "docs" / "_static" / "results" / f"ioi-{name}" / "ioi_results.json"
+        if saved.exists():
+            record = json.loads(saved.read_text())
+            model, _ = load_embedded(name)
+            n_params = sum(p.numel() for p in model.parameters())
+            rows.append(_row(name, model.config.model_type, model.config.num_hidden_layers, n_params,
+                             record["config"]["n_prompts"], record["pcc_per_prompt"], "below"))
+    for name, folder in REAL_MODELS.items():
+        saved = root / "docs" / "_static" / "results" / folder / "results.json"
+        if saved.exists():
+            record = json.loads(saved.read_text())
+            card, ioi = record["model_card"], record["ioi"]
+            pcc = {k: {m: v[0] for m, v in ioi["pcc"]["per_prompt"][k].items()} for k in KINDS}
+            rows.append(_row(name, card["architecture"], card["layers"], card["parameters"], ioi["n"], pcc,
+                             f"{{doc}}`results_{folder}`"))
+    lines = ["## Models run", "",
+             "Every model these pages measured, with the IOI correlation with activation patching "
+             "(per-prompt maps, N prompt pairs, RelP / AtP; the model's page has the rest).", ""]
+    return lines + table(["model", "architecture", "layers", "parameters", "N"]
+                         + [f"{KIND_TITLES[k]} RelP / AtP" for k in KINDS] + ["details"], rows)
+
+
+def write_models_table(root: Path) -> None:
+    """Write ``docs/results_models.md`` (included by ``docs/results.md``)."""
+    (root / "docs" / "results_models.md").write_text("\n".join(models_table(root)))
 
 
 def ioi_section(name: str, n_prompts: int) -> str:
@@ -132,7 +163,6 @@ def ioi_section(name: str, n_prompts: int) -> str:
                                 names=info["heldout_names"], show_progress=False)
     folder = OUT / f"ioi-{name}"
     result.save(folder)
-    MODEL_ROWS.append(model_row(name, model, result))
     methods = [m for m in result.scores if m != "AP"]
     counts = result.layout.counts()
     short = [label for label, n in zip(result.position_labels, counts) if n < n_prompts]
@@ -244,9 +274,14 @@ def main() -> None:
                              "pool (two processes can share a task this way)")
     parser.add_argument("--until", default=None,
                         help="with --real-model: stop starting new chunks after this UTC time (HH:MM)")
+    parser.add_argument("--models-table", action="store_true",
+                        help="only rewrite docs/results_models.md from the saved results (no model needed)")
     parser.add_argument("--render-only", action="store_true",
                         help="with --real-model: redraw the page from the saved results, no measuring")
     args = parser.parse_args()
+    if args.models_table:
+        write_models_table(ROOT)
+        return
     if args.real_model:
         from _real_model_page import render_real_model_page, write_real_model_page
 
@@ -255,6 +290,7 @@ def main() -> None:
                                   args.split)
         if args.render_only or args.task == "all":
             render_real_model_page(ROOT)
+            write_models_table(ROOT)
         return
     torch.manual_seed(0)
     for folder in list(OUT.glob("ioi-*")) + list(OUT.glob("circuit-*")):  # only this script's outputs
@@ -274,14 +310,9 @@ def main() -> None:
     for nodes in ("features", "neurons"):
         sections.append(circuit_section(EMBEDDED_MODELS[0], nodes, args.n_train, args.n_test))
     sections.append(f"Total time of this script: {time.time() - began:.0f} s.")
-    table_lines = ["## Models run", "",
-                   f"Every model this page measured, with the IOI correlation with activation patching "
-                   f"(per-prompt maps, {args.n_prompts} prompt pairs, RelP / AtP; details below).", ""]
-    table_lines += table(["model", "architecture", "layers", "parameters"]
-                         + [f"{KIND_TITLES[k]} RelP / AtP" for k in KINDS], MODEL_ROWS)
-    sections[0:0] = ["\n".join(table_lines)]
     (ROOT / "docs" / "results_measured.md").write_text("\n".join(sections) + "\n")
     (OUT / "settings.json").write_text(json.dumps(vars(args)))
+    write_models_table(ROOT)
 
 
 if __name__ == "__main__":

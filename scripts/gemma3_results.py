@@ -59,7 +59,7 @@ def measure_task(model, tokenizer, task: str, n: int, resamples: int) -> Dict[st
     batch, positions, pairs = task_split(task, "eval", n, 0, tokenizer)
     with torch.no_grad():
         metric = batch.metric()(model(batch.clean_ids, attention_mask=batch.attention_mask).logits).double()
-    began, cpu = time.perf_counter(), _cpu()
+    began = time.perf_counter()
     check = check_against_library(model, batch, positions[0], PICKS)
     check_seconds = time.perf_counter() - began
     gradient, seconds = gradient_scores(model, batch)

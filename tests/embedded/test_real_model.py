@@ -1,11 +1,15 @@
-"""SmolLM2-135M (a real pretrained Llama, dequantized from GGUF Q4_1) on 4 IOI pairs, in float64.
+"""Real pretrained models, dequantized from GGUF, on 4 IOI pairs in float64.
 
-Skips only when the model was not fetched; ``.ci/run`` fetches it first and sets
-``CAPTUM_RELP_REQUIRE_REAL_MODEL=1``, under which a missing model fails instead of skipping.
+SmolLM2-135M (Llama) and Gemma-3 270M (Gemma-3: scaled embeddings, four norms per block,
+q/k norms, sliding-window layers). Each skips only when its model was not fetched; an
+environment variable turns the skip into a failure: ``.ci/run`` fetches SmolLM2 and sets
+``CAPTUM_RELP_REQUIRE_REAL_MODEL=1``; ``CAPTUM_RELP_REQUIRE_GEMMA3=1`` does the same for
+Gemma-3 (fetch it with ``python -m captum_relp.embedded.fetch gemma3-270m``; Gemma Terms of Use).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,19 +19,35 @@ from captum_relp.embedded import load_model
 from captum_relp.embedded.fetch import fetch_command, is_fetched
 from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
 
-NAME = "smollm2-135m"
 
-pytestmark = pytest.mark.skipif(
-    not is_fetched(NAME) and not os.environ.get("CAPTUM_RELP_REQUIRE_REAL_MODEL"),
-    reason=f"{NAME} is not fetched on this machine (run `{fetch_command(NAME)}`); .ci/run fetches it, "
-           "so this test runs in CI")
+@dataclass(frozen=True)
+class RealModel:
+    name: str
+    require: str  # the environment variable under which a missing model fails
+    layers: int
+    kv_heads: int
+    sha256: str  # prefix of the GGUF file's
+    picks: tuple  # components whose AP is checked against independent hook patching
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    model, tokenizer = load_model(NAME, "cpu", "float64")
+MODELS = (RealModel("smollm2-135m", "CAPTUM_RELP_REQUIRE_REAL_MODEL", 30, 3, "b179c952",
+                    (("resid", 9), ("attn", 14), ("mlp", 27))),
+          RealModel("gemma3-270m", "CAPTUM_RELP_REQUIRE_GEMMA3", 18, 1, "a5fd3b62",
+                    (("resid", 5), ("attn", 9), ("mlp", 16))))
+
+
+def _gated(spec: RealModel):
+    return pytest.param(spec, id=spec.name, marks=pytest.mark.skipif(
+        not is_fetched(spec.name) and not os.environ.get(spec.require),
+        reason=f"{spec.name} is not fetched on this machine (run `{fetch_command(spec.name)}`); "
+               f"{spec.require}=1 makes this a failure"))
+
+
+@pytest.fixture(scope="module", params=[_gated(spec) for spec in MODELS])
+def real(request):
+    model, tokenizer = load_model(request.param.name, "cpu", "float64")
     pairs = generate_ioi_pairs(4, seed=0, tokenizer=tokenizer)
-    return model, tokenizer, encode_ioi(pairs, tokenizer)
+    return request.param, model, encode_ioi(pairs, tokenizer)
 
 
 def _logits(model, batch):
@@ -35,26 +55,26 @@ def _logits(model, batch):
         return model(batch.clean_ids, attention_mask=batch.attention_mask).logits
 
 
-def test_the_model_is_the_real_one_and_solves_ioi(smollm2):
-    model, _, batch = smollm2
-    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
-    assert model.config.relp_model_card["sha256"].startswith("b179c952")
+def test_the_model_is_the_real_one_and_solves_ioi(real):
+    spec, model, batch = real
+    assert model.config.num_hidden_layers == spec.layers and model.config.num_key_value_heads == spec.kv_heads
+    assert model.config.relp_model_card["sha256"].startswith(spec.sha256)
     assert (batch.metric()(_logits(model, batch)) > 0).all()  # logit(IO) > logit(S) on all 4
 
 
-def test_forward_unchanged_under_the_rules(smollm2):
-    model, _, batch = smollm2
+def test_forward_unchanged_under_the_rules(real):
+    _, model, batch = real
     reference = _logits(model, batch)
     for preset in ("relp", "relp-ah"):
         with apply_rules(model, preset):
             ruled = _logits(model, batch)
-        torch.testing.assert_close(ruled, reference, rtol=1e-12, atol=1e-12)
+        assert torch.equal(ruled, reference), preset  # the rules change the backward only
     assert torch.equal(_logits(model, batch), reference)  # and the rules are gone again
 
 
-def test_relp_ah_conserves_the_logit_difference(smollm2):
-    """Zero biases (Llama has none): relevance entering block 0 sums to the explained metric."""
-    model, _, batch = smollm2
+def test_relp_ah_conserves_the_logit_difference(real):
+    """Zero biases (Llama and Gemma-3 have none): relevance entering block 0 sums to the explained metric."""
+    _, model, batch = real
     assert all(getattr(m, "bias", None) is None for m in model.modules() if isinstance(m, torch.nn.Linear))
     metric = batch.metric()
     explained = metric(_logits(model, batch))
@@ -63,7 +83,7 @@ def test_relp_ah_conserves_the_logit_difference(smollm2):
         batch.clean_ids, metric=metric, attribute_to_layer_input=True,
         additional_forward_args={"attention_mask": batch.attention_mask})
     torch.testing.assert_close(relevance.sum((1, 2)), explained, rtol=1e-6, atol=1e-6)
-    # the plain gradient x input does not conserve through RMSNorm, SiLU and softmax
+    # the plain gradient x input does not conserve through RMSNorm, SiLU / GELU and softmax
     plain = LayerRelevancePatching(model, first_block, rules="none").attribute(
         batch.clean_ids, metric=metric, attribute_to_layer_input=True,
         additional_forward_args={"attention_mask": batch.attention_mask})
@@ -115,10 +135,10 @@ def _corrupt_value(model, module, to_input, batch):
     return seen["value"]
 
 
-def test_activation_patching_equals_independent_hook_patching(smollm2):
-    model, _, batch = smollm2
+def test_activation_patching_equals_independent_hook_patching(real):
+    spec, model, batch = real
     components = model_components(model)
-    picks = {("resid", 9), ("attn", 14), ("mlp", 27)}
+    picks = set(spec.picks)
     layers, flags, labels = components.select(("resid", "attn", "mlp"))
     chosen = [(layer, flag, label) for layer, flag, label in zip(layers, flags, labels) if tuple(label) in picks]
     assert len(chosen) == len(picks)

@@ -27,6 +27,14 @@ from captum_relp.models import COMPONENT_KINDS as KINDS
 from captum_relp.models import model_components
 
 
+def sized_card(model) -> Dict:
+    """The GGUF model card plus ``layers`` and ``parameters`` (the models table on the results page reads them)."""
+    from captum_relp.embedded.gguf import model_card
+
+    return {**model_card(model), "layers": model.config.num_hidden_layers,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 

@@ -16,13 +16,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from _real_model import pcc_tables
+from _real_model import pcc_tables, sized_card
 from _real_model_calibration import CALIBRATION_PAIRS, DRAWS, calibrated, chosen_names, study_rows
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, fill_candidates, load_split, measure
 from calibration_eval import main_table, size_table
 from captum_relp.experiments import run_circuit_experiment
 from captum_relp.embedded import load_model
-from captum_relp.embedded.gguf import model_card
 from captum_relp.models import COMPONENT_KINDS as KINDS
 from captum_relp.models import COMPONENT_TITLES as KIND_TITLES
 from captum_relp.plotting import plot_patching_heatmaps
@@ -310,8 +309,7 @@ def render_real_model_page(root: Path) -> None:
     folder = root / "docs" / "_static" / "results" / "smollm2"
     settings = json.loads((folder / "settings.json").read_text())
     model, tokenizer = load_model(NAME, "cpu", "float32")
-    card = {**model_card(model), "layers": model.config.num_hidden_layers,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    card = sized_card(model)
     results = {task: _task_result(model, tokenizer, folder, task, settings) for task in ("ioi", "sva")}
     command = (f"OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --task ioi|sva|circuits "
                f"--n-ioi {settings['n_ioi']} --n-sva {settings['n_sva']} --n-pool {settings['n_pool']}")

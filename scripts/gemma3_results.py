@@ -28,11 +28,10 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from _real_model import check_against_library, gradient_scores, pcc_tables, pick, role_patching
+from _real_model import check_against_library, gradient_scores, pcc_tables, pick, role_patching, sized_card
 from _real_model_page import METHODS, _losses, _pcc_rows, _table
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, task_split
 from captum_relp.embedded import load_model
-from captum_relp.embedded.gguf import model_card
 from captum_relp.models import COMPONENT_KINDS as KINDS
 from captum_relp.models import COMPONENT_TITLES as KIND_TITLES
 
@@ -100,7 +99,7 @@ def _task_lines(task: str, result: Dict, labels, note: str) -> List[str]:
     n, seconds = result["n"], result["seconds"]
     lines = [note, "",
              f"N = {n} prompt pairs; logit(right) > logit(wrong) on {result['solved']:.0%} of them, mean metric "
-             f"{result['metric_mean']:.3f}. Positions read: {', '.join(labels)}. Cells: PCC with AP "
+             f"({'probability' if task == 'sva' else 'logit'} difference) {result['metric_mean']:.3f}. Positions read: {', '.join(labels)}. Cells: PCC with AP "
              "[95% bootstrap interval over prompts, 1000 resamples]; bold = highest.", ""]
     for view, title in (("per_prompt", "Per-prompt maps"), ("prompt_averaged", "Prompt-averaged maps")):
         lines += [f"**{title}**", ""] + _table(["component", *METHODS], _pcc_rows(result["pcc"][view], METHODS))
@@ -173,7 +172,7 @@ def main() -> None:
         model, tokenizer = load_model(NAME, "cpu", "float32")
         record.update({"command": f"OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi {args.n_ioi} "
                                   f"--n-sva {args.n_sva}",
-                       "model_card": model_card(model), "torch": torch.__version__, "machine": platform.machine(),
+                       "model_card": sized_card(model), "torch": torch.__version__, "machine": platform.machine(),
                        "sanity": sanity(model, tokenizer)})
         for task, n in (("ioi", args.n_ioi), ("sva", args.n_sva)):
             if args.task in ("all", task):

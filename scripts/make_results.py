@@ -112,13 +112,17 @@ def agreement_reading(pcc: dict, tie: float = TIE) -> str:
     return text + "."
 
 
-REAL_MODELS = {"smollm2-135m": "smollm2"}
+REAL_MODELS = {"smollm2-135m": "smollm2", "gemma3-270m": "gemma3"}
 """Fetched real models with a results folder under ``docs/_static/results`` (``results.json``)."""
+
+
+TABLE_METHODS = ("RelP", "RelP+AH", "AtP")
+"""The methods of the models table, in its cell order."""
 
 
 def _row(name: str, architecture: str, layers: int, n_params: float, n: int, pcc: dict, page: str) -> list:
     return ([f"`{name}`", architecture, layers, f"{n_params / 1e6:.2f} M", n]
-            + [f"{pcc[k]['RelP']:.3f} / {pcc[k]['AtP']:.3f}" for k in KINDS] + [page])
+            + [" / ".join(f"{pcc[k][m]:.3f}" for m in TABLE_METHODS) for k in KINDS] + [page])
 
 
 def models_table(root: Path) -> list:
@@ -146,9 +150,9 @@ def models_table(root: Path) -> list:
                              f"{{doc}}`results_{folder}`"))
     lines = ["## Models run", "",
              "Every model these pages measured, with the IOI correlation with activation patching "
-             "(per-prompt maps, N prompt pairs, RelP / AtP; the model's page has the rest).", ""]
+             "(per-prompt maps, N prompt pairs, RelP / RelP+AH / AtP; the model's page has the rest).", ""]
     return lines + table(["model", "architecture", "layers", "parameters", "N"]
-                         + [f"{KIND_TITLES[k]} RelP / AtP" for k in KINDS] + ["details"], rows)
+                         + [f"{KIND_TITLES[k]}" for k in KINDS] + ["details"], rows)
 
 
 def write_models_table(root: Path) -> None:

@@ -26,10 +26,10 @@ def test_the_committed_table_is_what_the_script_writes():
 def test_rows_carry_the_saved_per_prompt_correlations():
     rows = {_cells(line)[0]: _cells(line) for line in make_results.models_table(ROOT) if line.startswith("| `")}
     saved = json.loads((RESULTS / "ioi-tiny-gpt2-ioi" / "ioi_results.json").read_text())["pcc_per_prompt"]
-    assert rows["`tiny-gpt2-ioi`"][5] == f"{saved['resid']['RelP']:.3f} / {saved['resid']['AtP']:.3f}"
+    assert rows["`tiny-gpt2-ioi`"][5] == " / ".join(f"{saved['resid'][m]:.3f}" for m in ("RelP", "RelP+AH", "AtP"))
     real = json.loads((RESULTS / "smollm2" / "results.json").read_text())
     mlp = real["ioi"]["pcc"]["per_prompt"]["mlp"]
     row = rows["`smollm2-135m`"]
     assert row[4] == str(real["ioi"]["n"]) == "100"
-    assert row[7] == f"{mlp['RelP'][0]:.3f} / {mlp['AtP'][0]:.3f}"
+    assert row[7] == f"{mlp['RelP'][0]:.3f} / {mlp['RelP+AH'][0]:.3f} / {mlp['AtP'][0]:.3f}"
     assert row[2:4] == ["30", f"{real['model_card']['parameters'] / 1e6:.2f} M"]

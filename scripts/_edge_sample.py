@@ -103,7 +103,7 @@ def sample_section(convention: str, sample: Dict, methods) -> List[str]:
     lines = [f"**PCC with exact edge patching, on sampled edges** ({convention} convention, "
              f"{sample['n_edges']} edges). It is a sample: exact scores of {uniform['n']} edges drawn uniformly "
              f"without replacement (seed {sample['seed']}; {uniform['seconds']:.0f} s, {uniform['n_forward']} "
-             f"forwards of the 8-prompt batch, patched copies stacked up to {sample['max_rows']} rows) and, "
+             f"forwards of the scoring batch, patched copies stacked up to {sample['max_rows']} rows) and, "
              f"separately, of the union of the top-{sample['top']} edges by \\|score\\| of "
              f"{', '.join(sample['top_methods'])} ({union['n']} edges; {union['seconds']:.0f} s, "
              f"{union['n_forward']} forwards), on the same scoring prompts. The uniform column estimates the PCC "
@@ -115,7 +115,16 @@ def sample_section(convention: str, sample: Dict, methods) -> List[str]:
         if method in uniform["pcc"]:
             lines.append(f"| {method} | {_ci(uniform['pcc'][method], uniform['intervals'][method])} | "
                          f"{_ci(union['pcc'][method], union['intervals'][method])} |")
-    return lines + ["", sample_reading(sample)]
+    return lines + ["", _spread(sample) + " " + sample_reading(sample)]
+
+
+def _spread(sample: Dict) -> str:
+    """How heavy-tailed the exact effects are: why the uniform estimate can be wide."""
+    uniform = torch.tensor(sample["uniform"]["exact"]).abs()
+    top = torch.tensor(sample["top_union"]["exact"]).abs()
+    return (f"The uniform sample holds {100 * uniform.numel() / sample['n_edges']:.1f}% of the edges; its exact "
+            f"effects are heavy-tailed (median \|effect\| {uniform.median():.1e}, largest {uniform.max():.1e}, "
+            f"against {top.max():.1e} in the top-edge union), so a few edges drive its PCC and the interval is wide.")
 
 
 def sample_reading(sample: Dict) -> str:
@@ -128,8 +137,9 @@ def sample_reading(sample: Dict) -> str:
             if key not in block["intervals"]:
                 continue
             lo, hi = block["intervals"][key]
-            word = "higher than" if lo > 0 else "lower than (RelP loses to)" if hi < 0 else "the same within noise as"
             delta = block["pcc"][a] - block["pcc"][b]
+            word = ("higher than" if lo > 0 else "lower than (RelP loses to)" if hi < 0 else
+                    f"{'below' if delta < 0 else 'above'} but within noise of")
             verdicts.append(f"{a} {word} {b} ({delta:+.3f}, interval [{lo:+.3f}, {hi:+.3f}])")
         parts.append(f"On the {label}: " + "; ".join(verdicts) + ".")
     return "Paired bootstrap of the PCC differences. " + " ".join(parts)

@@ -51,7 +51,7 @@ class EdgeScores:
         scored: ``(U, V)`` bool, the edges that have a score, or ``None`` for every edge of
             the graph. :func:`exact_edge_scores` with ``edges=`` scores a subset: the other
             edges hold ``nan`` (not zero, which would read as "no effect"), and
-            :func:`~captum_relp.edges.pearson` refuses them; select with :meth:`scored_vector`.
+            ``captum_relp.edges.pearson`` refuses them; select with :meth:`scored_vector`.
 
     Example:
         >>> import torch

@@ -14,7 +14,11 @@ resamples; circuits fixed) for CPR and CMD, and for RelP minus EAP (paired resam
 Grouped-query models (SmolLM2-135M: 9 query heads, 3 key/value heads) get two graphs: the
 library convention's, with one key and one value input per key/value head, and MIB's, with
 one per query head (more edges, so a different ``n`` behind every fraction); each section
-states both edge counts. Exact edge patching is one run per edge: skip it there (``--no-exact``).
+states both edge counts. Exact edge patching is one run per edge: skip it there (``--no-exact``)
+and score sampled edges instead, merged into the saved JSON, then re-render::
+
+    OMP_NUM_THREADS=1 python scripts/make_edge_results.py --model smollm2-135m --conventions library \\
+        --exact-sample 300
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ from captum_relp.edges.conventions import CONVENTIONS
 from captum_relp.embedded import EMBEDDED_MODELS, heldout_words, load_model
 from captum_relp.experiments.edges import make_batch
 from captum_relp.plotting import plot_edge_circuit, plot_faithfulness_curves
+
+from _edge_sample import method_scores, sample_section, sampled_pcc  # noqa: E402  (scripts/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_static" / "results"
@@ -151,6 +157,27 @@ def run_cell(name: str, task: str, args) -> Dict:
     return cell
 
 
+def add_exact_sample(name: str, task: str, args) -> None:
+    """``--exact-sample N``: exact scores of sampled edges, merged into the saved cell's JSON."""
+    path = OUT / f"edges-{Path(name).name}-{task}" / "edges_results.json"
+    cell = json.loads(path.read_text())  # the cell's scoring prompts, as measured
+    convention = CONVENTIONS[args.conventions[0]]
+    entry = cell["conventions"][convention.name]
+    model, tokenizer = load_model(name)
+    model.eval()
+    batch = make_batch(tokenizer, task, cell["n_prompts"], 0, heldout_words(name, task))
+    graph = build_graph(model, ungroup_kv=convention.ungroup_kv)
+    if graph.n_edges != entry["n_edges"]:
+        raise RuntimeError(f"{path}: {entry['n_edges']} edges saved, the graph has {graph.n_edges}")
+    began = time.time()
+    scores = method_scores(model, graph, batch, METHODS, convention.ig_grid, args.n_steps)
+    print(f"{name} {task} {convention.name}: method scores in {time.time() - began:.0f}s", flush=True)
+    entry["exact_sample"] = sampled_pcc(model, graph, batch, scores, args.exact_sample, args.exact_seed,
+                                        args.exact_top, 1000, args.exact_max_rows)
+    path.write_text(json.dumps(cell, indent=1))
+    print(f"wrote {path} ({time.time() - began:.0f}s)", flush=True)
+
+
 def _ci(value: float, interval: List[float]) -> str:
     return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
@@ -165,8 +192,9 @@ def section(cell: Dict) -> str:
                          for c, e in cell["conventions"].items())
              + _graph_note(cell) + "."
              + ("" if "exact" in first["methods"] else
-                " Exact edge patching not run: one patched run per edge is too costly at this size, so no "
-                "PCC column."), "",
+                " Exact edge patching of every edge not run (one patched run per edge is too costly at this "
+                "size), so no all-edge PCC column" + ("; PCC on sampled edges below." if any(
+                    "exact_sample" in e for e in cell["conventions"].values()) else ".")), "",
              "| method | " + " | ".join(f"CPR {c} | CMD {c}" for c in cell["conventions"])
              + " | PCC vs exact (all / q / k / v) | time / EAP |",
              "|---|" + "---:|" * (2 * len(cell["conventions"]) + 2)]
@@ -184,6 +212,9 @@ def section(cell: Dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     folder = f"_static/results/edges-{short}-{task}"
     lines += ["", reading(cell), ""]
+    for convention, entry in cell["conventions"].items():
+        if "exact_sample" in entry:
+            lines += sample_section(convention, entry["exact_sample"], METHODS) + [""]
     lines += [f"![faithfulness, {c}]({folder}/edges_faithfulness_{c}.png)" for c in cell["conventions"]]
     lines += ["", f"![RelP circuit]({folder}/edges_circuit_relp.png) "
               f"![EAP-IG circuit]({folder}/edges_circuit_eap-ig.png)", ""]
@@ -272,11 +303,21 @@ def main() -> None:
     parser.add_argument("--from-json", action="store_true", help="rewrite the page from the saved JSON files")
     parser.add_argument("--minutes", type=float, default=None, help="with --from-json: the measured duration")
     parser.add_argument("--header-note", default=None, help="a paragraph added under the page header")
+    parser.add_argument("--exact-sample", type=int, default=None, metavar="N",
+                        help="exact edge patching of N uniformly sampled edges and of the top-edge union, on a saved "
+                             "cell's scoring prompts (first convention); merged into its JSON, page not written")
+    parser.add_argument("--exact-seed", type=int, default=0, help="seed of the uniform edge sample")
+    parser.add_argument("--exact-top", type=int, default=50, help="top edges per method in the scored union")
+    parser.add_argument("--exact-max-rows", type=int, default=64, help="rows per patched forward (memory)")
     args = parser.parse_args()
     args.conventions = args.conventions.split(",")
     torch.manual_seed(0)
     began = time.time()
     pairs = [(name, task) for name in (args.model or EMBEDDED_MODELS) for task in (args.task or ("ioi", "sva"))]
+    if args.exact_sample is not None:
+        for name, task in pairs:
+            add_exact_sample(name, task, args)
+        return
     if args.from_json:
         files = [OUT / f"edges-{Path(n).name}-{t}" / "edges_results.json" for n, t in pairs]
         missing = [str(f) for f in files if not f.exists()]

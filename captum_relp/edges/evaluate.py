@@ -191,6 +191,9 @@ def faithfulness_curve(
         ...                    convention="mib").n_edges[-4:]  # int(p * 13) at p = .1, .2, .5, 1
         [1, 2, 6, 13]
     """
+    if scores.isnan().any():
+        raise ValueError("scores has nan entries (edges without a score, e.g. exact_edge_scores(edges=...)): "
+                         "circuits need a score for every edge")
     convention = get_convention(convention)
     fractions = _check_fractions(convention.fractions if fractions is None else fractions)
     cache: Dict[bytes, Tensor] = {}
@@ -235,12 +238,19 @@ def faithfulness_curve(
 def pearson(a: Tensor, b: Tensor) -> float:
     """Pearson correlation of two vectors (``nan`` if one is constant).
 
+    Raises:
+        ValueError: if an entry is ``nan``, e.g. an edge that ``exact_edge_scores(edges=...)``
+            did not score: correlate the scored edges only (``EdgeScores.scored_vector``).
+
     Examples::
 
         >>> round(pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])), 4)
         0.9934
     """
     a, b = a.double().flatten(), b.double().flatten()
+    if a.isnan().any() or b.isnan().any():
+        raise ValueError("pearson got nan entries (edges without a score?): select the scored edges first, "
+                         "e.g. vector[result.scored_vector(graph)]")
     a, b = a - a.mean(), b - b.mean()
     denominator = (a.norm() * b.norm()).item()
     return float((a @ b).item() / denominator) if denominator > 0 else float("nan")

@@ -201,4 +201,55 @@ def build_graph(model: nn.Module, ungroup_kv: bool = False) -> ComponentGraph:
                   family.is_parallel(config), ungroup_kv)
 
 
-__all__ = ["ComponentGraph", "build_graph", "FAMILIES"]
+def edge_subset(graph: ComponentGraph, edges: Tensor) -> Tensor:
+    """The ``(U, V)`` bool mask of a subset of ``graph``'s edges (``edges=`` of :func:`~captum_relp.edges.exact_edge_scores`).
+
+    Args:
+        graph (ComponentGraph): the graph.
+        edges (Tensor): a ``(U, V)`` bool mask, or a 1-D integer tensor of positions in ``graph.edges()``.
+
+    Returns:
+        Tensor: ``(U, V)`` bool on the CPU, True only at edges of the graph.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> import torch
+        >>> from captum_relp.edges import build_graph
+        >>> from captum_relp.edges.graph import edge_subset
+        >>> g = build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2)))
+        >>> [g.edge_name(u, v) for u, v in edge_subset(g, torch.tensor([1, 0])).nonzero().tolist()]
+        ['input->a0.h0<q>', 'input->a0.h1<q>']
+    """
+    if not isinstance(edges, Tensor):
+        raise ValueError(f"edges must be a Tensor (a bool mask or edge positions), got {type(edges).__name__}")
+    edge_mask = graph.edge_mask.cpu()
+    edges = edges.cpu()
+    if edges.dtype == torch.bool:
+        if edges.shape != edge_mask.shape:
+            raise ValueError(f"edges: a bool mask must have the graph's shape {tuple(edge_mask.shape)} "
+                             f"(upstream, downstream), got {tuple(edges.shape)}")
+        outside = edges & ~edge_mask
+        if outside.any():
+            u, v = outside.nonzero()[0].tolist()
+            raise ValueError(f"edges: {int(outside.sum())} selected entries are not edges of the graph, "
+                             f"e.g. {graph.edge_name(u, v)} (upstream {u}, downstream {v})")
+        subset = edges.clone()
+    elif not edges.is_floating_point() and not edges.is_complex():
+        if edges.dim() != 1:
+            raise ValueError(f"edges: positions in graph.edges() must be a 1-D tensor, got shape {tuple(edges.shape)}")
+        bad = (edges < 0) | (edges >= graph.n_edges)
+        if bad.any():
+            raise ValueError(f"edges: position {int(edges[bad][0])} is not an edge of the graph "
+                             f"(positions run 0 .. {graph.n_edges - 1})")
+        flat = torch.zeros(graph.n_edges, dtype=torch.bool)
+        flat[edges.long()] = True
+        subset = torch.zeros_like(edge_mask)
+        subset[edge_mask] = flat
+    else:
+        raise ValueError(f"edges must be a bool mask or an integer tensor of edge positions, got dtype {edges.dtype}")
+    if not subset.any():
+        raise ValueError("edges selects no edge")
+    return subset
+
+
+__all__ = ["ComponentGraph", "build_graph", "edge_subset", "FAMILIES"]

@@ -27,7 +27,7 @@ from ..calibration.calibrated_rules import CalibratedRules, explicit_ruleset
 from ..integrations.distributed import DataParallelSweep
 from ..metrics import MetricEvaluator
 from ..rules import RuleSet, resolve_rules
-from .graph import ComponentGraph
+from .graph import ComponentGraph, edge_subset
 from .patching import graph_forward
 
 METHODS = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "eap", "eap-ig", "exact")
@@ -48,6 +48,10 @@ class EdgeScores:
             several patched copies count once each).
         n_backward: backward passes.
         seconds: wall time.
+        scored: ``(U, V)`` bool, the edges that have a score, or ``None`` for every edge of
+            the graph. :func:`exact_edge_scores` with ``edges=`` scores a subset: the other
+            edges hold ``nan`` (not zero, which would read as "no effect"), and
+            ``captum_relp.edges.pearson`` refuses them; select with :meth:`scored_vector`.
 
     Example:
         >>> import torch
@@ -64,11 +68,18 @@ class EdgeScores:
     n_forward: int
     n_backward: int
     seconds: float
+    scored: Optional[Tensor] = None
 
     def edge_vector(self, graph: ComponentGraph) -> Tensor:
-        """Scores of the edges in ``graph.edges()`` order (summed over positions)."""
+        """Scores of the edges in ``graph.edges()`` order (summed over positions; ``nan`` where not scored)."""
         scores = self.scores.sum(0) if self.scores.dim() == 3 else self.scores
         return scores[graph.edge_mask.to(scores.device)]
+
+    def scored_vector(self, graph: ComponentGraph) -> Tensor:
+        """``(n_edges,)`` bool in ``graph.edges()`` order: True where the edge has a score."""
+        if self.scored is None:
+            return torch.ones(graph.n_edges, dtype=torch.bool)
+        return self.scored.cpu()[graph.edge_mask.cpu()]
 
 
 def _contract(delta: Tensor, coefficients: Tensor, per_position: bool) -> Tensor:
@@ -295,11 +306,12 @@ def exact_edge_scores(
     attention_mask: Optional[Tensor] = None,
     max_rows: int = 512,
     sweep: Optional[DataParallelSweep] = None,
+    edges: Optional[Tensor] = None,
 ) -> EdgeScores:
     r"""Exact edge patching: ``m(clean) - m(clean with edge u -> v patched)`` per edge.
 
     One patched run per edge (several edges share a forward pass as stacked copies
-    of the batch, at most ``max_rows`` rows).
+    of the batch, at most ``max_rows`` rows); ``edges`` restricts the runs to a subset.
 
     Args:
         model, graph, clean_ids, corrupt_ids, metric, attention_mask: as in :func:`edge_scores`;
@@ -308,9 +320,18 @@ def exact_edge_scores(
         sweep (DataParallelSweep, optional): under ``torchrun``, this rank runs the groups of
             edges ``rank, rank + world_size, ...`` and every rank gets all scores (identical to
             one process: the same groups, gathered in order); ``n_forward`` counts all ranks.
+            With ``edges``, the groups are formed over the subset and sharded the same way.
+        edges (Tensor, optional): the edges to score, either a ``(U, V)`` bool mask (True only
+            where ``graph.edge_mask`` is) or a 1-D integer tensor of positions in
+            ``graph.edges()`` (duplicates are scored once). Default: every edge.
 
     Returns:
-        EdgeScores: ``(U, V)`` exact effects, mean over prompts.
+        EdgeScores: ``(U, V)`` exact effects, mean over prompts; with ``edges``, the other edges
+        of the graph are ``nan`` and ``EdgeScores.scored`` is the subset's mask.
+
+    Raises:
+        ValueError: if ``edges`` has another shape or dtype, selects no edge, or names an edge
+            that is not in ``graph`` (a position outside ``0 .. n_edges - 1``).
 
     Examples::
 
@@ -323,12 +344,18 @@ def exact_edge_scores(
         >>> clean, corrupt = torch.randint(20, (2, 4)), torch.randint(20, (2, 4))
         >>> exact_edge_scores(model, g, clean, corrupt, LogitDiff(1, 2)).scores.shape
         torch.Size([4, 8])
+        >>> some = exact_edge_scores(model, g, clean, corrupt, LogitDiff(1, 2), edges=torch.tensor([0, 5]))
+        >>> some.n_forward, int(some.scored.sum()), int(some.scores.isnan().sum())  # 2 + one group
+        (3, 2, 11)
     """
     start = time.perf_counter()
-    edges = graph.edges()
+    subset = None if edges is None else edge_subset(graph, edges)
+    edges = graph.edges() if subset is None else [(int(u), int(v)) for u, v in subset.nonzero().tolist()]
     batch = clean_ids.shape[0]
     group = max(1, max_rows // batch)
     scores = torch.zeros(graph.edge_mask.shape, dtype=torch.float64)
+    if subset is not None:
+        scores[graph.edge_mask & ~subset] = float("nan")
     forwards = 0
     evaluate = MetricEvaluator(batch, metric=metric)  # one value per prompt, finite, per tiled copy
     with frozen_model(model), torch.no_grad():
@@ -353,7 +380,7 @@ def exact_edge_scores(
             for index, (u, v) in enumerate(edges[first:first + group]):
                 scores[u, v] = clean_metric - patched[index]
         forwards += len(firsts)
-    return EdgeScores("exact", scores.to(corrupt.dtype), forwards, 0, time.perf_counter() - start)
+    return EdgeScores("exact", scores.to(corrupt.dtype), forwards, 0, time.perf_counter() - start, scored=subset)
 
 
 __all__ = ["METHODS", "IG_GRIDS", "qk_columns", "EdgeScores", "edge_scores", "exact_edge_scores"]

@@ -180,7 +180,7 @@ def _circuit_lines(folder: Path) -> List[str]:
 
 
 def _circuit_reading(saved: Dict, task: str) -> str:
-    """Which structures carry an effect, and who leads there at 10 and 100 nodes (from the saved run)."""
+    """Which settings carry an effect, and who leads there at 10, 100 and 1000 nodes (from the saved run)."""
     reliable = [s for s, d in saved["denominators"].items() if d["reliable"]]
     noisy = [s for s in saved["denominators"] if s not in reliable]
     text = (f"Reading: {METRIC_NOTES[task]}; m(M) is at most "
@@ -189,11 +189,13 @@ def _circuit_reading(saved: Dict, task: str) -> str:
         text += f"In {', '.join(noisy)} m(M) - m(empty) is under three standard errors: read those rows as noise. "
     for setting in reliable:
         curves = saved["curves"][setting]
-        for size in (10, 100):
+        sizes = []
+        for size in (10, 100, 1000):
             values = {m: c["faithfulness"][c["n_nodes"].index(size)] for m, c in curves.items()}
             order = sorted(values, key=values.get, reverse=True)
-            text += (f"In {setting} (m(M) - m(empty) = {saved['denominators'][setting]['denominator']:.4f}) at {size} "
-                     f"nodes the faithfulness is " + ", ".join(f"{m} {values[m]:.2f}" for m in order) + ". ")
+            sizes.append(f"at {size} nodes " + ", ".join(f"{m} {values[m]:.2f}" for m in order))
+        text += (f"In {setting} (m(M) - m(empty) = {saved['denominators'][setting]['denominator']:.4g}) the "
+                 "faithfulness is, " + "; ".join(sizes) + ". ")
     return text.strip()
 
 

@@ -114,6 +114,27 @@ def _task_lines(task: str, result: Dict, labels, note: str) -> List[str]:
     return lines
 
 
+def _qk_norm_lines(record: Dict) -> List[str]:
+    """The query/key-norm section: the rule the saved tables used, and ``qk_norms.json`` if measured."""
+    lines = ["## Query/key norms", ""]
+    if record.get("qk_norms") != "plain gradient":
+        lines += ["The tables below were measured before issue 19 changed the rule of the query/key norms "
+                  "(`q_norm`, `k_norm`): their RelP columns give those norms the LN-rule, which the `\"relp\"` "
+                  "preset no longer does (see {doc}`rules`); RelP+AH and AtP are unaffected.", ""]
+    path = FOLDER / "qk_norms.json"
+    if not path.exists():
+        return lines
+    probe = json.loads(path.read_text())
+    pcc = probe["pcc"]["per_prompt"]
+    lines += [f"`{probe['command']}` ({probe['wall_seconds'] / 60:.0f} min wall) compares, on the first "
+              f"{probe['n']} IOI pairs below, RelP with the LN-rule on the query/key norms against RelP with "
+              "their plain gradient. The attention scores are invariant to the scale of a query/key norm's "
+              "input; the LN-rule makes them linear in it, so RelP scored rescalings of queries and keys as "
+              "effects. Per-prompt PCC with AP [95% bootstrap interval over prompts]:", ""]
+    lines += _table(["component", *pcc[KINDS[0]]], _pcc_rows(pcc, list(pcc[KINDS[0]])))
+    return lines
+
+
 def render(record: Dict) -> None:
     card = record["model_card"]
     lines = ["# Results on a second real model: Gemma-3 270M", "",
@@ -146,6 +167,7 @@ def render(record: Dict) -> None:
              + " ".join(f"{t.upper()}: {record[t]['wall_seconds'] / 60:.1f} min wall, model load included."
                         for t in ("ioi", "sva") if record.get(t))
              + " Results: `docs/_static/results/gemma3/results.json`.", ""]
+    lines += _qk_norm_lines(record)
     for task, title, labels, note in (
             ("ioi", "IOI (Table 5 layout)", IOI_ROLES, "Templates: the package's three IOI templates, seed 0."),
             ("sva", "Subject-verb agreement (same layout)", SVA_LABELS,
@@ -173,7 +195,7 @@ def main() -> None:
         record.update({"command": f"OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi {args.n_ioi} "
                                   f"--n-sva {args.n_sva}",
                        "model_card": sized_card(model), "torch": torch.__version__, "machine": platform.machine(),
-                       "sanity": sanity(model, tokenizer)})
+                       "sanity": sanity(model, tokenizer), "qk_norms": "plain gradient"})
         for task, n in (("ioi", args.n_ioi), ("sva", args.n_sva)):
             if args.task in ("all", task):
                 record[task] = measure_task(model, tokenizer, task, n, args.resamples)

@@ -11,7 +11,7 @@ is not in the table is refused in strict mode (``docs/new_architecture.md`` show
 from __future__ import annotations
 
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, FrozenSet, List, Optional, Sequence
 
 from torch import nn
 
@@ -116,6 +116,24 @@ def model_rules(model: nn.Module, categories: Sequence[str]) -> List[Any]:
     return [LogitSoftcapRule()]
 
 
+def gradient_paths(model: nn.Module) -> FrozenSet[str]:
+    """Module paths of ``model`` that take the plain gradient under every rule set: its
+    family's query/key norms (:attr:`Family.qk_norms`).
+
+    Example:
+        >>> from transformers import Qwen3Config, Qwen3ForCausalLM
+        >>> config = Qwen3Config(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
+        ...                      num_key_value_heads=1, head_dim=4, intermediate_size=8, vocab_size=16)
+        >>> sorted(gradient_paths(Qwen3ForCausalLM(config)))
+        ['model.layers.0.self_attn.k_norm', 'model.layers.0.self_attn.q_norm']
+    """
+    family = family_of(model)
+    if family is None or not family.qk_norms:
+        return frozenset()
+    return frozenset(path for path, _ in model.named_modules()
+                     if any(path.endswith("." + suffix) for suffix in family.qk_norms))
+
+
 def reuse_prefix_allowed(model: Any) -> bool:
     """Whether activation patching may create patched copies at the layer (and reuse the clean cache).
 
@@ -141,5 +159,5 @@ def layer_window(config: Any, family: Family, layer: int) -> Optional[int]:
 
 
 __all__ = ["FAMILY_TABLE", "GUIDE", "Attention", "EdgeParts", "Family", "Norm", "ah_refusal", "config_value",
-           "family_of", "hf_config", "layer_window", "model_rules", "reuse_prefix_allowed",
+           "family_of", "gradient_paths", "hf_config", "layer_window", "model_rules", "reuse_prefix_allowed",
            "switches_attention_function", "unknown_family_message"]

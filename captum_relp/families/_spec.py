@@ -122,6 +122,11 @@ class Family:
         parallel_residual: attention and MLP read the same residual stream.
         heads: query heads; kv_heads: key/value heads.
         post_norms: norms applied to attention/MLP outputs before the residual add.
+        qk_norms: norms of queries and keys (paths relative to a block). The attention scores
+            are invariant to the scale of their input, which the LN-rule would make them linear
+            in; they sit on the query/key path only, where no relevance is conserved (``relp``
+            takes the softmax gradient, ``relp-ah`` holds the pattern constant), so they take the
+            plain gradient under every rule set (``name_map`` can still set a rule).
         edges: the edge-graph parts (``None``: edges refused for this family).
         reuse_prefix: activation patching may run the layers below a patch once per example, with
             the patched copies created at the layer (batch-1 masks and position tensors must
@@ -148,6 +153,7 @@ class Family:
     heads: ConfigValue = "@num_attention_heads"
     kv_heads: ConfigValue = None
     post_norms: bool = False
+    qk_norms: Tuple[str, ...] = ()
     edges: Optional[EdgeParts] = None
     reuse_prefix: bool = True
     encoder: bool = False

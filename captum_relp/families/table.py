@@ -11,6 +11,7 @@ from typing import Dict
 from ._spec import Attention, EdgeParts, Family, Norm
 
 _LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # plain gradient: see Family.qk_norms
 
 
 def _llama_edges(qk_norm: bool = False) -> EdgeParts:
@@ -46,7 +47,8 @@ _ENTRIES = (
     _llama_like("llama", "Llama", edges=_llama_edges()),
     _llama_like("mistral", "Mistral", attn=_SLIDING, edges=_llama_edges()),
     _llama_like("qwen2", "Qwen2", attn=_SLIDING, edges=_llama_edges()),
-    _llama_like("qwen3", "Qwen3", attn=_SLIDING, edges=_llama_edges(qk_norm=True)),
+    _llama_like("qwen3", "Qwen3", attn=_SLIDING, edges=_llama_edges(qk_norm=True),
+                qk_norms=_QK_NORMS),
     _llama_like("gemma", "Gemma", norms=(Norm("GemmaRMSNorm", weight_offset=1.0),),
                 structural=("GemmaTextScaledWordEmbedding",), embed_scale=True, edges=_llama_edges()),
     _llama_like("gemma2", "Gemma2", norms=(Norm("Gemma2RMSNorm", weight_offset=1.0),),
@@ -55,12 +57,12 @@ _ENTRIES = (
     _llama_like("gemma3_text", "Gemma3", modeling="gemma3.modeling_gemma3",
                 norms=(Norm("Gemma3RMSNorm", weight_offset=1.0),),
                 structural=("Gemma3TextScaledWordEmbedding",), embed_scale=True, attn=_GEMMA2_ATTN,
-                logit_softcap="final_logit_softcapping", post_norms=True),
+                logit_softcap="final_logit_softcapping", post_norms=True, qk_norms=_QK_NORMS),
     Family("phi", "layers", "self_attn", "self_attn.dense", "mlp", parallel_residual=True,
-           kv_heads="@num_key_value_heads"),
+           kv_heads="@num_key_value_heads", qk_norms=("self_attn.q_layernorm", "self_attn.k_layernorm")),
     _llama_like("phi3", "Phi3", gated_mlp=("Phi3MLP", "gate_up_proj"), attn=_SLIDING),
     _llama_like("olmo", "Olmo", norms=(Norm("OlmoLayerNorm", rms=False, eps=1e-5),)),
-    _llama_like("olmo2", "Olmo2", post_norms=True),
+    _llama_like("olmo2", "Olmo2", post_norms=True, qk_norms=_QK_NORMS),
     Family("starcoder2", "layers", "self_attn", "self_attn.o_proj", "mlp", attn=_SLIDING,
            kv_heads="@num_key_value_heads"),
     Family("gpt_bigcode", "h", "attn", "attn.c_proj", "mlp",

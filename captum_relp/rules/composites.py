@@ -12,7 +12,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import (Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union,
+from typing import (AbstractSet, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union,
                     runtime_checkable)
 
 from torch import nn
@@ -68,12 +68,17 @@ class RuleSet:
         """This rule set for every layer (the :class:`RulePlan` protocol)."""
         return [(self, list(range(len(layers))))]
 
-    def rule_for(self, module: nn.Module, path: Optional[str] = None) -> Optional[Rule]:
-        """The rule applied to ``module`` (at ``path`` in the model, for ``name_map``)."""
+    def rule_for(self, module: nn.Module, path: Optional[str] = None,
+                 plain: AbstractSet[str] = frozenset()) -> Optional[Rule]:
+        """The rule applied to ``module`` (at ``path`` in the model, for ``name_map``); ``None``
+        (the plain gradient) for paths in ``plain`` that ``name_map`` does not name (the
+        family's query/key norms, :func:`~captum_relp.families.gradient_paths`)."""
         if path is not None:
             for pattern, rule in self.name_map.items():
                 if fnmatch.fnmatchcase(path, pattern):
                     return rule
+            if path in plain:
+                return None
         key = type_key(type(module))
         if key in self.overrides:
             return self.overrides[key]
@@ -107,6 +112,7 @@ class RuleSet:
         if not self.categories:
             return []
         missing, structural = [], []
+        plain = families.gradient_paths(model)
         for path, module in model.named_modules():
             if any(path.startswith(prefix + ".") for prefix in structural):
                 continue  # inside a module declared structural: covered as a whole
@@ -114,8 +120,8 @@ class RuleSet:
                 structural.append(path)
             if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.name_map):
                 continue  # an explicit choice, also when it is None (the 0-rule)
-            if registered_category(type(module)) == "attention":
-                continue  # plain gradients through attention unless the rule set has the AH-rule
+            if registered_category(type(module)) == "attention" or path in plain:
+                continue  # plain gradients through attention (unless the AH-rule) and query/key norms
             if self.rule_for(module, path) is None and needs_rule(module):
                 missing.append((path or "<root>", type_key(type(module))))
         return missing
@@ -283,8 +289,9 @@ def apply_rules(
     undos = []
     try:
         per_module_attention = False
+        plain = families.gradient_paths(model)
         for path, module in model.named_modules():
-            rule = ruleset.rule_for(module, path)
+            rule = ruleset.rule_for(module, path, plain)
             if rule is not None:
                 undos.append(rule.apply(module))
                 per_module_attention |= registered_category(type(module)) == "attention"

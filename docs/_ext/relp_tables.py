@@ -39,6 +39,11 @@ def _tiny_models() -> "OrderedDict[str, Tuple[str, Callable]]":
         ("Gemma2", ("Gemma2Config(num_hidden_layers=1, hidden_size=16, ...)",
                     lambda: T.Gemma2ForCausalLM(
                         T.Gemma2Config(num_key_value_heads=2, head_dim=8, **decoder)))),
+        ("Qwen3", ("Qwen3Config(num_hidden_layers=1, hidden_size=16, head_dim=8, ...)",
+                   lambda: T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=2, head_dim=8, **decoder)))),
+        ("Gemma3", ("Gemma3TextConfig(num_hidden_layers=1, hidden_size=16, head_dim=8, ...)",
+                    lambda: T.Gemma3ForCausalLM(
+                        T.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, **decoder)))),
         ("BERT", ("BertConfig(num_hidden_layers=1, hidden_size=16, ...)",
                   lambda: T.BertForMaskedLM(T.BertConfig(**decoder)))),
     ])
@@ -95,6 +100,7 @@ def _rule_text(ruleset, module) -> Tuple[str, str]:
 def family_tables() -> str:
     import torch
     from captum_relp import PRESETS
+    from captum_relp.families import gradient_paths
     from captum_relp.rules.registry import needs_rule, registered_category, type_key
 
     ruleset = PRESETS["relp"]()
@@ -105,8 +111,9 @@ def family_tables() -> str:
             model = build()
         counts: "OrderedDict[str, int]" = OrderedDict()
         examples: Dict[str, object] = {}
-        for _, module in model.named_modules():
-            key = type_key(type(module))
+        plain = gradient_paths(model)
+        for path, module in model.named_modules():
+            key = type_key(type(module)) + (" (query/key norm)" if path in plain else "")
             is_leaf = not any(True for _ in module.children())
             relevant = (is_leaf or registered_category(key) is not None or needs_rule(module)
                         or type(module).__name__.endswith("Attention"))
@@ -117,11 +124,14 @@ def family_tables() -> str:
         rows = []
         for key, count in counts.items():
             module = examples[key]
-            if type(module).__name__.endswith("Attention") and registered_category(key) is None:
+            if key.endswith(" (query/key norm)"):
+                category, rule = "norm", "plain gradient (the scores are scale invariant in its input)"
+            elif type(module).__name__.endswith("Attention") and registered_category(key) is None:
                 category, rule = "attention", "softmax gradient (AH-rule under `\"relp-ah\"`)"
             else:
                 category, rule = _rule_text(ruleset, module)
-            module_path, name = key.rsplit(".", 1)
+            module_path, name = key.split(" ")[0].rsplit(".", 1)
+            name += key[len(key.split(" ")[0]):]
             rows.append([_code(name), _code(module_path), str(count), category, rule])
         chunks.append(f"### {family}\n\nBuilt from `{config_text}` "
                       f"({type(model).__name__}, random weights).\n\n"

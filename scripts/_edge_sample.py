@@ -57,10 +57,14 @@ def _bootstrap_pcc(vectors: Dict[str, Tensor], exact: Tensor, n_boot: int, seed:
     return out
 
 
-def _interval(values: List[float]) -> List[float]:
+def percentiles(values: List[float]) -> List[float]:
+    """The 95% percentile interval of bootstrap draws (``make_edge_results.py`` uses it too)."""
     t = torch.tensor(values, dtype=torch.float64)
-    t = t[~t.isnan()]  # a resample with a constant vector has no PCC
     return [float(t.quantile(0.025)), float(t.quantile(0.975))]
+
+
+def _interval(values: List[float]) -> List[float]:
+    return percentiles([v for v in values if v == v])  # a resample with a constant vector has no PCC (nan)
 
 
 def _pcc_block(graph, scores: Dict[str, EdgeScores], exact: EdgeScores, positions: Tensor, n_boot: int,
@@ -92,7 +96,8 @@ def sampled_pcc(model, graph, batch, scores: Dict[str, EdgeScores], n_sample: in
     return out
 
 
-def _ci(value: float, interval: List[float], signed: bool = False) -> str:
+def ci(value: float, interval: List[float], signed: bool = False) -> str:
+    """``value [low, high]`` to three decimals (``make_edge_results.py`` uses it too)."""
     f = "{:+.3f}" if signed else "{:.3f}"
     return f"{f.format(value)} [{f.format(interval[0])}, {f.format(interval[1])}]"
 
@@ -113,8 +118,8 @@ def sample_section(convention: str, sample: Dict, methods) -> List[str]:
              "| method | PCC, uniform sample | PCC, top-edge union |", "|---|---:|---:|"]
     for method in methods:
         if method in uniform["pcc"]:
-            lines.append(f"| {method} | {_ci(uniform['pcc'][method], uniform['intervals'][method])} | "
-                         f"{_ci(union['pcc'][method], union['intervals'][method])} |")
+            lines.append(f"| {method} | {ci(uniform['pcc'][method], uniform['intervals'][method])} | "
+                         f"{ci(union['pcc'][method], union['intervals'][method])} |")
     return lines + ["", _spread(sample) + " " + sample_reading(sample)]
 
 

@@ -46,7 +46,7 @@ from captum_relp.embedded import EMBEDDED_MODELS, heldout_words, load_model
 from captum_relp.experiments.edges import make_batch
 from captum_relp.plotting import plot_edge_circuit, plot_faithfulness_curves
 
-from _edge_sample import method_scores, sample_section, sampled_pcc  # noqa: E402  (scripts/ is on sys.path)
+from _edge_sample import ci, method_scores, percentiles, sample_section, sampled_pcc  # noqa: E402  (scripts/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "_static" / "results"
@@ -86,18 +86,13 @@ def intervals(curves, n_boot: int, seed: int = 0) -> Dict[str, Dict[str, List[fl
                 draws[method][key].append(value)
     out = {}
     for method in curves:
-        out[method] = {key: _percentiles(values) for key, values in draws[method].items()}
+        out[method] = {key: percentiles(values) for key, values in draws[method].items()}
     for other in COMPARED:
         if other in curves and "eap" in curves:
             out[f"{other}-minus-eap"] = {
-                key: _percentiles([a - b for a, b in zip(draws[other][key], draws["eap"][key])])
+                key: percentiles([a - b for a, b in zip(draws[other][key], draws["eap"][key])])
                 for key in ("cpr", "cmd")}
     return out
-
-
-def _percentiles(values: List[float]) -> List[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return [float(t.quantile(0.025)), float(t.quantile(0.975))]
 
 
 def pcc_by_kind(graph, mine: EdgeScores, exact: EdgeScores) -> Dict[str, float]:
@@ -178,10 +173,6 @@ def add_exact_sample(name: str, task: str, args) -> None:
     print(f"wrote {path} ({time.time() - began:.0f}s)", flush=True)
 
 
-def _ci(value: float, interval: List[float]) -> str:
-    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
 def section(cell: Dict) -> str:
     name, task = cell["model"], cell["task"]
     short = Path(name).name
@@ -203,8 +194,8 @@ def section(cell: Dict) -> str:
             continue
         row = [method]
         for entry in cell["conventions"].values():
-            m, ci = entry["methods"][method], entry["intervals"][method]
-            row += [_ci(m["cpr"], ci["cpr"]), _ci(m["cmd"], ci["cmd"])]
+            m, intervals = entry["methods"][method], entry["intervals"][method]
+            row += [ci(m["cpr"], intervals["cpr"]), ci(m["cmd"], intervals["cmd"])]
         pcc = first["methods"][method]["pcc_vs_exact"]
         row.append("-" if pcc is None or method == "exact" else
                    " / ".join("-" if pcc[k] != pcc[k] else f"{pcc[k]:.2f}" for k in ("all", "q", "k", "v")))
@@ -261,11 +252,10 @@ def summary(cells: List[Dict]) -> List[str]:
              "| time / EAP: relp-ah-qk, relp-ah+qk |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for cell in cells:
         for convention, entry in cell["conventions"].items():
-            m, ci = entry["methods"], entry["intervals"]
+            m, intervals = entry["methods"], entry["intervals"]
 
             def diff(method, key):
-                lo, hi = ci[f"{method}-minus-eap"][key]
-                return f"{m[method][key] - m['eap'][key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                return ci(m[method][key] - m["eap"][key], intervals[f"{method}-minus-eap"][key], signed=True)
 
             lines.append(f"| {Path(cell['model']).name} | {cell['task']} | {convention} | {diff('relp', 'cpr')} | "
                          f"{diff('relp-ah-qk', 'cpr')} | {diff('relp-ah-qk', 'cmd')} | {diff('relp-ah+qk', 'cpr')} | "

@@ -1,4 +1,6 @@
-"""Scores bit for bit equal to the values saved before issue 17's restructuring.
+"""Scores equal to the values saved before a restructuring of the library, to the tolerance of
+``tests/tolerance.py`` (the dtype's epsilon times the scale of each model and method: the last
+bits of float32 scores differ between machines).
 
 RelP (``relp``/``relp-ah``, full, ``reduce="sum"``/``"heads"``, plain LRP, denoising, mask +
 target), AtP and IG on the six tested families, edge scores (RelP, RelP-AH, EAP, EAP-IG,
@@ -9,14 +11,27 @@ features; RelP and gradients). Regenerate only for an intended change of numbers
 import torch
 
 from tests.fixtures.reference import PATH, compute
+from tests.tolerance import assert_close_to_reference, mismatches
 
 
-def test_scores_are_bit_identical_to_saved_reference():
+def _computation(key: str) -> str:
+    """``'bert/relp/denoising/2'`` -> ``'bert/relp'``: one model and method, all its layers."""
+    return "/".join(key.split("/")[:2])
+
+
+def test_scores_match_saved_reference():
     saved = torch.load(PATH, weights_only=True)
     values, names = compute()
-    assert sorted(values) == sorted(saved["values"])
     assert names == saved["names"]  # the same nodes kept and the same edges, in the same order
-    differ = [key for key, value in values.items()
-              if value.dtype != saved["values"][key].dtype or not torch.equal(value, saved["values"][key])]
-    assert not differ, f"{len(differ)} of {len(values)} reference tensors changed: {differ[:10]}"
+    assert_close_to_reference(values, saved["values"], group=_computation)
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for k, v in values.items() if "/ids" not in k)
+
+
+def test_reference_tolerance_catches_a_changed_rule():
+    """The tolerance is loose enough for other machines, and tight enough for a real change:
+    RelP scores in place of AtP scores (the rules dropped) differ far beyond it, on every layer
+    of every model."""
+    saved = torch.load(PATH, weights_only=True)["values"]
+    atp = [key for key in saved if key.split("/")[1:2] == ["atp"]]
+    swapped = {key: saved[key.replace("/atp/", "/relp/")] for key in atp}
+    assert len(atp) >= 12 and sorted(mismatches(swapped, saved, group=_computation)) == sorted(atp)

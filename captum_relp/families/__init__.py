@@ -15,7 +15,7 @@ from typing import Any, FrozenSet, List, Optional, Sequence
 
 from torch import nn
 
-from ._spec import Attention, EdgeParts, Family, Norm, config_value
+from ._spec import QK_LAYOUTS, Attention, EdgeParts, Family, Norm, config_value
 from .table import FAMILY_TABLE
 
 GUIDE = "docs/new_architecture.md"
@@ -116,6 +116,46 @@ def model_rules(model: nn.Module, categories: Sequence[str]) -> List[Any]:
     return [LogitSoftcapRule()]
 
 
+def ah_module_rules(model: nn.Module) -> List[Any]:
+    """``(module, rule)`` pairs of the AH-rule for a family whose attention is computed in its own
+    code (:attr:`Attention.how` ``"qk-columns"``); empty for other models.
+
+    Raises a ``ValueError`` when the model has no module of the family's attention class in a
+    block (another attention class, e.g. a flash-attention variant), rather than leaving
+    attention unruled.
+
+    Example:
+        >>> from transformers import BloomConfig, BloomForCausalLM
+        >>> model = BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=8, n_head=2, vocab_size=16))
+        >>> [type(m).__name__ for m, _ in ah_module_rules(model)], ah_module_rules(model)[0][1]
+        (['BloomAttention', 'BloomAttention'], DetachQKColumnsRule(('query_key_value',), 'per-head'))
+    """
+    family = family_of(model)
+    if family is None or family.attn.how != "qk-columns":
+        return []
+    from ..rules.attention import DetachQKColumnsRule  # the rules package reads this table
+
+    config = model.config
+    rule = DetachQKColumnsRule(family.attn.projections, config_value(config, family.attn.layout),
+                               family.num_heads(config), family.num_kv_heads(config))
+    cls = family.key(family.attn.cls)
+    found = [m for m in model.modules() if f"{type(m).__module__}.{type(m).__qualname__}" == cls]
+    blocks = len(_path(model.base_model, family.blocks))
+    if len(found) != blocks:
+        kinds = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+        raise ValueError(
+            f"the AH-rule (rules 'relp-ah') for the {family.model_type} family acts on {family.attn.cls} "
+            f"modules, but {type(model).__name__} has {len(found)} of them for {blocks} blocks (its attention "
+            f"modules: {kinds}); load the model with attn_implementation='eager' or 'sdpa'")
+    return [(module, rule) for module in found]
+
+
+def _path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
 def gradient_paths(model: nn.Module) -> FrozenSet[str]:
     """Module paths of ``model`` that take the plain gradient under every rule set: its
     family's query/key norms (:attr:`Family.qk_norms`).
@@ -158,6 +198,7 @@ def layer_window(config: Any, family: Family, layer: int) -> Optional[int]:
     return window if types[layer] in ("sliding_attention", "local_attention") else None
 
 
-__all__ = ["FAMILY_TABLE", "GUIDE", "Attention", "EdgeParts", "Family", "Norm", "ah_refusal", "config_value",
+__all__ = ["FAMILY_TABLE", "GUIDE", "QK_LAYOUTS", "Attention", "EdgeParts", "Family", "Norm", "ah_module_rules",
+           "ah_refusal", "config_value",
            "family_of", "gradient_paths", "hf_config", "layer_window", "model_rules", "reuse_prefix_allowed",
            "switches_attention_function", "unknown_family_message"]

@@ -43,19 +43,27 @@ class Norm:
     eps: Optional[float] = None
 
 
+QK_LAYOUTS = ("all", "thirds", "per-head", "multi-query", "grouped")
+"""Where the query and key columns sit in a projection's output (:attr:`Attention.layout`)."""
+
+
 @dataclass(frozen=True)
 class Attention:
     """How a family computes attention, which decides how the AH-rule is applied.
 
     Attributes:
         how: ``"interface"`` (transformers' ``AttentionInterface``: the AH-rule switches
-            ``config._attn_implementation`` to a wrapper), ``"method-args"`` /
-            ``"method-outputs"`` (queries and keys are detached in the arguments / outputs of
-            ``method`` of ``cls``), ``"qkv-columns"`` (the fused projection ``method`` of ``cls``
-            outputs ``[q | k | v]``; the q and k columns are detached) or ``"refused"``
-            (``relp-ah`` raises).
-        cls: the attention class (for the ``method*`` and ``qkv-columns`` kinds).
-        method: the method or child module name.
+            ``config._attn_implementation`` to a wrapper), ``"qk-columns"`` (the attention scores
+            are computed in the module's own code: the AH-rule detaches the query and key columns
+            of the module's public projections, given by ``projections`` and ``layout``) or
+            ``"refused"`` (``relp-ah`` raises).
+        cls: the attention class (for ``"qk-columns"``).
+        projections: child modules of ``cls`` whose outputs hold the queries and keys.
+        layout: where the query and key columns sit in each projection's output, one of
+            :data:`QK_LAYOUTS` (or a config value giving one): ``"all"`` (a query or key
+            projection), ``"thirds"`` (``[q | k | v]``), ``"per-head"`` (``[q k v]`` of each head
+            in turn), ``"multi-query"`` (``[q_1 .. q_H | k | v]``) or ``"grouped"`` (per key/value
+            group: its queries, then its key and value).
         softcap: config field of attention-score soft-capping (inside the probabilities the
             AH-rule holds constant; under ``relp`` attention takes the plain gradient).
         sliding_window: config field of a sliding window / local attention size, if any.
@@ -64,7 +72,8 @@ class Attention:
 
     how: str = "interface"
     cls: Optional[str] = None
-    method: Optional[str] = None
+    projections: Tuple[str, ...] = ()
+    layout: ConfigValue = None
     softcap: Optional[str] = None
     sliding_window: ConfigValue = None
     alibi: ConfigValue = False
@@ -186,4 +195,4 @@ class Family:
         return int(value) if value else None
 
 
-__all__ = ["Attention", "ConfigValue", "EdgeParts", "Family", "Norm", "config_value"]
+__all__ = ["QK_LAYOUTS", "Attention", "ConfigValue", "EdgeParts", "Family", "Norm", "config_value"]

@@ -32,6 +32,12 @@ def _falcon_kv(config) -> int:
     return 1 if config.multi_query else config.num_attention_heads
 
 
+def _falcon_layout(config) -> str:
+    if config.new_decoder_architecture:
+        return "grouped"
+    return "multi-query" if config.multi_query else "per-head"
+
+
 _SLIDING = Attention(sliding_window="@sliding_window")
 _GEMMA2_ATTN = Attention(softcap="attn_logit_softcapping", sliding_window="@sliding_window")
 
@@ -42,7 +48,8 @@ _ENTRIES = (
            parallel_residual="@use_parallel_residual",
            edges=EdgeParts("neox", ("embed_in",), _LLAMA_NORMS, "final_layer_norm", "rotary_emb")),
     Family("gpt_neo", "h", "attn", "attn.attention.out_proj", "mlp",
-           attn=Attention("method-args", "GPTNeoSelfAttention", "_attn", sliding_window="@window_size")),
+           attn=Attention("qk-columns", "GPTNeoSelfAttention", ("q_proj", "k_proj"), "all",
+                          sliding_window="@window_size")),
     Family("gptj", "h", "attn", "attn.out_proj", "mlp", parallel_residual=True),
     _llama_like("llama", "Llama", edges=_llama_edges()),
     _llama_like("mistral", "Mistral", attn=_SLIDING, edges=_llama_edges()),
@@ -76,14 +83,15 @@ _ENTRIES = (
                   "the per-position MLP output",
            structural=("OPTLearnedPositionalEmbedding",)),
     Family("bloom", "h", "self_attention", "self_attention.dense", "mlp.dense_4h_to_h",
-           activations=("BloomGelu",), attn=Attention("method-outputs", "BloomAttention", "_reshape", alibi=True),
+           activations=("BloomGelu",),
+           attn=Attention("qk-columns", "BloomAttention", ("query_key_value",), "per-head", alibi=True),
            reuse_prefix=False),  # batch-1 prefix: its alibi bias (B * H, 1, T) does not broadcast
     Family("falcon", "h", "self_attention", "self_attention.dense", "mlp", structural=("linear:FalconLinear",),
-           attn=Attention("method-outputs", "FalconAttention", "_split_heads", alibi="@alibi"),
+           attn=Attention("qk-columns", "FalconAttention", ("query_key_value",), _falcon_layout, alibi="@alibi"),
            parallel_residual=lambda c: c.new_decoder_architecture or c.parallel_attn, kv_heads=_falcon_kv,
            reuse_prefix=False),  # blocks add attention to the MLP output in place: batch 1 cannot grow
     Family("mpt", "blocks", "attn", "attn.out_proj", "ffn.down_proj",
-           attn=Attention("qkv-columns", "MptAttention", "Wqkv", alibi=True)),
+           attn=Attention("qk-columns", "MptAttention", ("Wqkv",), "thirds", alibi=True)),
     Family("bert", "encoder.layer", "attention", "attention.output.dense", "output.dense", encoder=True),
     Family("modernbert", "layers", "attn", "attn.Wo", "mlp", gated_mlp=("ModernBertMLP", "wi"),
            attn=Attention(sliding_window="@sliding_window"), encoder=True),

@@ -9,14 +9,10 @@ without materialising ``A``. The wrapper is also registered with
 ``AttentionMaskInterface`` under the same name (mapped to the original mask
 function), otherwise causal and padding masks would be silently dropped.
 
-Where the attention scores are computed inline (GPT-Neo, Bloom, Falcon, MPT), the
-AH-rule detaches the queries and keys at the one place the module hands them over:
-
-* :class:`DetachQKArgsRule`: the first two arguments of a method (GPT-Neo's ``_attn``);
-* :class:`DetachQKOutputsRule`: the first two outputs of a method (Bloom's ``_reshape``,
-  Falcon's ``_split_heads``);
-* :class:`DetachQKColumnsRule`: the first two thirds of a fused ``[q | k | v]`` projection's
-  output (MPT's ``Wqkv``).
+Where the attention scores are computed in the module's own code (GPT-Neo, Bloom, Falcon,
+MPT), :class:`DetachQKColumnsRule` detaches the query and key columns of the module's public
+projections (GPT-Neo's ``q_proj`` and ``k_proj``; the fused ``query_key_value`` or ``Wqkv`` of
+the others, in the layout the family table gives), so no private method is patched.
 
 Forward values are unchanged (detaching copies no value); the probabilities, a function of
 queries and keys only, then get no gradient.
@@ -25,12 +21,12 @@ from __future__ import annotations
 
 import sys
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .base import Rule, UndoFn, set_instance_attribute
+from .base import Rule, UndoFn
 
 _PREFIX = "relp_ah_"
 
@@ -68,12 +64,12 @@ def register_ah_attention(original_name: str) -> str:
         'relp_ah_sdpa'
     """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     name = f"{_PREFIX}{original_name}"
-    if name not in AttentionInterface._global_mapping:
+    if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_ah_attention(original_name))
-    if name not in AttentionMaskInterface._global_mapping:
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
         mask_key = original_name if original_name in ALL_MASK_ATTENTION_FUNCTIONS else "eager"
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_key])
     return name
@@ -103,82 +99,100 @@ class AHRule(Rule):
         return partial(setattr, config, "_attn_implementation", original)
 
 
-def _patch_method(module: nn.Module, method: str, make: Callable[[Callable], Callable]) -> UndoFn:
-    original = getattr(module, method, None)
-    if not callable(original):
-        raise ValueError(f"{type(module).__name__} has no method {method!r} to apply the AH-rule to")
-    return set_instance_attribute(module, method, make(original))
+def qk_column_mask(layout: str, width: int, heads: int = 1, kv_heads: Optional[int] = None) -> torch.Tensor:
+    """``True`` at the query and key columns of a projection output of ``width`` columns.
 
+    Args:
+        layout: one of :data:`~captum_relp.families.QK_LAYOUTS`: ``"all"``, ``"thirds"``
+            (``[q | k | v]``), ``"per-head"`` (``[q k v]`` per head), ``"multi-query"``
+            (``[q_1 .. q_H | k | v]``) or ``"grouped"`` (per key/value group: its queries, its key,
+            its value).
+        width: the projection's output width.
+        heads: query heads; kv_heads: key/value heads (``"grouped"``).
 
-class DetachQKArgsRule(Rule):
-    """AH-rule: ``module.<method>(query, key, ...)`` receives detached queries and keys.
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Module(); m.attend = lambda q, k, v: (q @ k.T).softmax(-1) @ v
-        >>> q = torch.ones(2, 2, requires_grad=True)
-        >>> undo = DetachQKArgsRule("attend").apply(m)
-        >>> m.attend(q, q, torch.ones(2, 2)).requires_grad; undo()
-        False
-    """
-
-    name = "ah"
-    category = "attention"
-
-    def __init__(self, method: str) -> None:
-        self.method = method
-
-    def apply(self, module: nn.Module) -> UndoFn:
-        def make(original: Callable) -> Callable:
-            def call(query, key, *args: Any, **kwargs: Any):
-                return original(query.detach(), key.detach(), *args, **kwargs)
-            return call
-        return _patch_method(module, self.method, make)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.method!r})"
-
-
-class DetachQKOutputsRule(DetachQKArgsRule):
-    """AH-rule: the first two outputs ``(query, key, value, ...)`` of ``module.<method>`` are detached.
+    Returns:
+        A bool tensor of shape ``(width,)``.
 
     Example:
-        >>> DetachQKOutputsRule("_split_heads")
-        DetachQKOutputsRule('_split_heads')
+        >>> qk_column_mask("per-head", 6, heads=2).int().tolist()  # head_dim 1: q k v q k v
+        [1, 1, 0, 1, 1, 0]
+        >>> qk_column_mask("grouped", 8, heads=4, kv_heads=2).int().tolist()  # q q k v q q k v
+        [1, 1, 1, 0, 1, 1, 1, 0]
     """
+    kv_heads = kv_heads or heads
+    slots = {"all": 1, "thirds": 3, "per-head": 3 * heads, "multi-query": heads + 2,
+             "grouped": heads + 2 * kv_heads}
+    if layout not in slots:
+        raise ValueError(f"layout must be one of {tuple(slots)}, got {layout!r}")
+    if width % slots[layout] or (layout == "grouped" and heads % kv_heads):
+        raise ValueError(f"a {layout!r} query/key/value projection with {heads} heads and {kv_heads} "
+                         f"key/value heads cannot have {width} output columns")
+    mask = torch.zeros(width, dtype=torch.bool)
+    unit = width // slots[layout]
+    if layout == "all":
+        mask[:] = True
+    elif layout == "thirds":
+        mask[: 2 * unit] = True
+    elif layout == "per-head":
+        mask.view(heads, 3, unit)[:, :2] = True
+    elif layout == "multi-query":
+        mask[: (heads + 1) * unit] = True
+    else:
+        mask.view(kv_heads, heads // kv_heads + 2, unit)[:, :-1] = True
+    return mask
 
-    def apply(self, module: nn.Module) -> UndoFn:
-        def make(original: Callable) -> Callable:
-            def call(*args: Any, **kwargs: Any):
-                query, key, *rest = original(*args, **kwargs)
-                return (query.detach(), key.detach(), *rest)
-            return call
-        return _patch_method(module, self.method, make)
 
+class DetachQKColumnsRule(Rule):
+    """AH-rule for attention computed in a module's own code: the query and key columns of its
+    projections are detached, so the probabilities (a function of queries and keys only) get no
+    gradient while the values do.
 
-class DetachQKColumnsRule(DetachQKArgsRule):
-    """AH-rule: the q and k thirds of the fused projection ``module.<child>`` (output ``[q | k | v]``).
+    Only the module's public projection submodules are hooked (forward hooks), so the rule does
+    not depend on how the module splits heads internally.
+
+    Args:
+        projections: child module name(s) whose outputs hold queries and keys.
+        layout: where they sit in the output (:func:`qk_column_mask`); ``"all"`` for separate
+            query and key projections.
+        heads: query heads; kv_heads: key/value heads.
 
     Example:
         >>> import torch
         >>> m = torch.nn.Module(); m.Wqkv = torch.nn.Linear(2, 6)
-        >>> undo = DetachQKColumnsRule("Wqkv").apply(m)
+        >>> undo = DetachQKColumnsRule("Wqkv").apply(m)  # [q | k | v]
         >>> x = torch.ones(1, 2, requires_grad=True)
         >>> m.Wqkv(x)[:, :4].sum().backward(); undo()
         >>> x.grad  # queries and keys carry no gradient
         tensor([[0., 0.]])
     """
 
+    name = "ah"
+    category = "attention"
+
+    def __init__(self, projections: Union[str, Sequence[str]], layout: str = "thirds", heads: int = 1,
+                 kv_heads: Optional[int] = None) -> None:
+        self.projections = (projections,) if isinstance(projections, str) else tuple(projections)
+        self.layout, self.heads, self.kv_heads = layout, heads, kv_heads
+        qk_column_mask(layout, 0, heads, kv_heads)  # checks the layout name
+
     def apply(self, module: nn.Module) -> UndoFn:
-        child = getattr(module, self.method, None)
-        if not isinstance(child, nn.Module):
-            raise ValueError(f"{type(module).__name__} has no projection {self.method!r} to apply the AH-rule to")
+        removers = []
+        for name in self.projections:
+            child = getattr(module, name, None)
+            if not isinstance(child, nn.Module):
+                for remove in removers:
+                    remove()
+                raise ValueError(f"{type(module).__name__} has no projection {name!r} to apply the AH-rule to")
+            removers.append(child.register_forward_hook(self._hook).remove)
 
-        def hook(mod: nn.Module, args: Any, output: torch.Tensor):
-            if output.shape[-1] % 3:
-                raise ValueError(f"{self.method} output width {output.shape[-1]} is not [q | k | v]")
-            split = 2 * output.shape[-1] // 3
-            return torch.cat([output[..., :split].detach(), output[..., split:]], dim=-1)
+        def undo() -> None:
+            for remove in removers:
+                remove()
+        return undo
 
-        return child.register_forward_hook(hook).remove
+    def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        mask = qk_column_mask(self.layout, output.shape[-1], self.heads, self.kv_heads).to(output.device)
+        return torch.where(mask, output.detach(), output)  # the same values, no gradient at q and k
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.projections!r}, {self.layout!r})"

@@ -295,6 +295,8 @@ def apply_rules(
             if rule is not None:
                 undos.append(rule.apply(module))
                 per_module_attention |= registered_category(type(module)) == "attention"
+        if ruleset.attention is not None:  # families computing attention in their own code
+            undos += [rule.apply(module) for module, rule in families.ah_module_rules(model)]
         hf_config = hasattr(getattr(model, "config", None), "_attn_implementation")
         if ruleset.attention is not None and families.switches_attention_function(model) and (
                 hf_config or not per_module_attention):

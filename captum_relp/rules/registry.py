@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from torch import nn
 
 from ..families import FAMILY_TABLE
-from .attention import DetachQKArgsRule, DetachQKColumnsRule, DetachQKOutputsRule
 from .base import Rule
 from .hookpoint import TRANSFORMER_LENS_ENTRIES
 from .nonlinear import (GATED_MLP_ATTRIBUTES, LAYOUTS, FusedGateRule, HalfRule, IdentityRule, LayerNormRule,
@@ -26,10 +25,6 @@ CATEGORIES = ("norm", "activation", "gate", "linear", "structural", "custom", "a
 
 _ACT = "transformers.activations."
 _TORCH_ACT = "torch.nn.modules.activation."
-
-_AH_RULES = {"method-args": DetachQKArgsRule, "method-outputs": DetachQKOutputsRule,
-             "qkv-columns": DetachQKColumnsRule}
-
 
 def registry_entries() -> Dict[str, Tuple[str, Any]]:
     """Rule-registry entries ``{type key: (category, rule factory)}`` generated from the table.
@@ -51,9 +46,6 @@ def registry_entries() -> Dict[str, Tuple[str, Any]]:
         for cls in family.structural:
             linear = cls.startswith("linear:")
             entries[family.key(cls.split(":")[-1])] = ("linear" if linear else "structural", None)
-        if family.attn.how in _AH_RULES:
-            rule = partial(_AH_RULES[family.attn.how], family.attn.method)
-            entries[family.key(family.attn.cls)] = ("attention", rule)
     return entries
 
 

@@ -181,13 +181,13 @@ def model_name(model: nn.Module) -> str:
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2))
-        >>> model.config._name_or_path = "/site-packages/captum_relp/embedded/tiny-gpt2-ioi"
+        >>> model.config.name_or_path = "/site-packages/captum_relp/embedded/tiny-gpt2-ioi"
         >>> model_name(model)
         'tiny-gpt2-ioi'
     """
     import os
 
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     return os.path.basename(os.path.normpath(name)) if os.path.isabs(name) or os.path.isdir(name) else name
 
 

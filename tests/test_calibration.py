@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_model, model_state, token_pair
+from tests.conftest import build_model, model_state, token_pair
 from torch import nn
 
 from captum_relp import (

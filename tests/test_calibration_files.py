@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_model, token_pair
-from test_calibration import metric, two_branch_case
+from tests.conftest import build_model, token_pair
+from tests.test_calibration import metric, two_branch_case
 
 from captum_relp import CalibratedRules, LayerRelevancePatching, RuleSet, calibrate_rules, model_components
 from captum_relp.rules import EpsilonRule, LayerNormRule

@@ -26,7 +26,7 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_tokenizer_splitting_every_name(tmp_path, capsys):
-    from conftest import ioi_tokenizer, tiny_lm
+    from tests.conftest import ioi_tokenizer, tiny_lm
 
     tokenizer = ioi_tokenizer(drop_names=True)
     tiny_lm(len(tokenizer)).save_pretrained(tmp_path)

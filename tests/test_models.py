@@ -1,7 +1,7 @@
 """model_components per family, split_heads, and the metric helpers."""
 import pytest
 import torch
-from conftest import build_model
+from tests.conftest import build_model
 
 from captum_relp import LogitDiff, ProbDiff, model_components, split_heads
 

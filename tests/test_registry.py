@@ -1,7 +1,7 @@
 """Rule registry, presets, strict mode, and forward outputs unchanged per family."""
 import pytest
 import torch
-from conftest import FAMILIES, build_model, model_state, token_pair
+from tests.conftest import FAMILIES, build_model, model_state, token_pair
 
 from captum_relp import (
     PRESETS,

@@ -57,11 +57,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"captum-relp: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return EXIT_USAGE
     apply_threads(args)
+    finished = False
     try:
-        return int(args.func(args) or EXIT_OK)
+        code = int(args.func(args) or EXIT_OK)
+        finished = True
+        return code
     except CLIError as error:
         print(f"captum-relp: error: {error}", file=sys.stderr)
         return error.code
+    finally:  # under torchrun: every rank leaves the process group before the interpreter exits
+        from ..integrations.distributed import leave_process_group
+
+        leave_process_group(barrier=finished)
 
 
 __all__ = ["main", "build_parser", "CLIError", "DTYPES", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_TASK"]

@@ -16,7 +16,7 @@ from typing import Any, FrozenSet, List, Optional, Sequence
 from torch import nn
 
 from ._spec import QK_LAYOUTS, Attention, EdgeParts, Family, Norm, config_value
-from .table import FAMILY_TABLE
+from .table import FAMILY_TABLE, TRANSFORMERS_INTERNALS
 
 GUIDE = "docs/new_architecture.md"
 """The guide an unknown-family error points to."""
@@ -201,4 +201,4 @@ def layer_window(config: Any, family: Family, layer: int) -> Optional[int]:
 __all__ = ["FAMILY_TABLE", "GUIDE", "QK_LAYOUTS", "Attention", "EdgeParts", "Family", "Norm", "ah_module_rules",
            "ah_refusal", "config_value",
            "family_of", "gradient_paths", "hf_config", "layer_window", "model_rules", "reuse_prefix_allowed",
-           "switches_attention_function", "unknown_family_message"]
+           "switches_attention_function", "unknown_family_message", "TRANSFORMERS_INTERNALS"]

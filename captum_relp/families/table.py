@@ -100,4 +100,16 @@ _ENTRIES = (
 FAMILY_TABLE: Dict[str, Family] = {family.model_type: family for family in _ENTRIES}
 """``{model_type: Family}`` for every family the library computes exactly."""
 
-__all__ = ["FAMILY_TABLE"]
+TRANSFORMERS_INTERNALS: Dict[str, str] = {
+    "PretrainedConfig._attn_implementation":
+        "the name of the attention function a model calls: the AH-rule (rules 'relp-ah') sets it to a "
+        "registered wrapper that passes detached queries and keys, and restores it afterwards",
+}
+"""The private attributes of transformers that the library uses, each with what it is used for.
+
+Family entries name public submodules and config fields only; this is the one exception.
+``tests/families/test_internals.py`` fails, naming the entry, on a transformers release that
+changes one, and checks that the package uses no other private transformers attribute.
+"""
+
+__all__ = ["FAMILY_TABLE", "TRANSFORMERS_INTERNALS"]

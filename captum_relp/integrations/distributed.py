@@ -48,6 +48,26 @@ def init_from_env(backend: Optional[str] = None) -> bool:
     return True
 
 
+def leave_process_group(barrier: bool = True) -> None:
+    """Destroy the default process group, after a barrier when every rank finished its work.
+
+    A gloo group left to the interpreter's exit can abort a rank ("terminate called without an
+    active exception"), so commands leave it explicitly. Nothing happens without a group.
+
+    Example:
+        >>> leave_process_group()  # not under torchrun: no group
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def local_rank() -> int:
     """``LOCAL_RANK`` from torchrun's environment (0 outside torchrun).
 
@@ -129,4 +149,4 @@ class DataParallelSweep:
         return {key: float(sum(p[key] for p in parts if p)) for key in values}
 
 
-__all__ = ["DataParallelSweep", "init_from_env", "local_rank", "rank_device"]
+__all__ = ["DataParallelSweep", "init_from_env", "leave_process_group", "local_rank", "rank_device"]

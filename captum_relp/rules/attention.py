@@ -29,6 +29,7 @@ from torch import nn
 from .base import Rule, UndoFn
 
 _PREFIX = "relp_ah_"
+_CALLS = [0]  # calls of the AH wrappers, so a forward that never reached one is caught
 
 
 def _original_attention(name: str, module: nn.Module) -> Callable:
@@ -47,6 +48,7 @@ def _original_attention(name: str, module: nn.Module) -> Callable:
 
 def _make_ah_attention(original_name: str) -> Callable:
     def ah_attention(module, query, key, value, attention_mask, *args: Any, **kwargs: Any):
+        _CALLS[0] += 1
         attention = _original_attention(original_name, module)
         return attention(module, query.detach(), key.detach(), value, attention_mask, *args, **kwargs)
 
@@ -96,7 +98,37 @@ class AHRule(Rule):
         if original is not None and original.startswith(_PREFIX):
             return lambda: None
         config._attn_implementation = register_ah_attention(str(original or "eager"))
-        return partial(setattr, config, "_attn_implementation", original)
+        removers = _require_wrapper_calls(module)
+        removers.append(partial(setattr, config, "_attn_implementation", original))
+
+        def undo() -> None:
+            for remove in removers:
+                remove()
+        return undo
+
+
+def _require_wrapper_calls(model: nn.Module) -> list:
+    """Hooks that raise when a forward pass of ``model`` never called an AH wrapper: its attention
+    does not go through ``AttentionInterface`` (on this transformers release), so the AH-rule would
+    silently not be applied. Returns the hooks' removers."""
+    start = [0]
+
+    def before(module: nn.Module, args: Any) -> None:
+        start[0] = _CALLS[0]
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        if _CALLS[0] == start[0]:
+            import transformers
+
+            from .composites import UnsupportedModuleError  # composites imports this module
+
+            raise UnsupportedModuleError(
+                f"the AH-rule (rules 'relp-ah') cannot be applied to {type(module).__name__} with transformers "
+                f"{transformers.__version__}: its attention is computed in its own code, not through "
+                f"transformers' AttentionInterface, so attention probabilities would not be held constant. "
+                f"Use rules='relp', or a transformers release the family table supports")
+
+    return [model.register_forward_pre_hook(before).remove, model.register_forward_hook(after).remove]
 
 
 def qk_column_mask(layout: str, width: int, heads: int = 1, kv_heads: Optional[int] = None) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, token_pair
+from tests.conftest import build_model, token_pair
 
 from captum_relp import LayerActivationPatching, logit_diff, model_components
 from captum_relp.attr import _batched_patching

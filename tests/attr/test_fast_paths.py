@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, build_model, token_pair
+from tests.conftest import VOCAB, build_model, token_pair
 
 from captum_relp import (
     LayerActivationPatching,

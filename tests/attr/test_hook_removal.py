@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, build_model, token_pair
+from tests.conftest import FAMILIES, build_model, token_pair
 
 from captum_relp import model_components
 from captum_relp.attr import METHODS

@@ -1,7 +1,7 @@
 """LayerActivationPatching against hand-patched forward passes."""
 import pytest
 import torch
-from conftest import build_model, model_state, token_pair
+from tests.conftest import build_model, model_state, token_pair
 
 from captum_relp import LayerActivationPatching, logit_diff, model_components
 

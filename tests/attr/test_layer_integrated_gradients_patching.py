@@ -1,7 +1,7 @@
 """IG patching: equal to Captum's LayerIntegratedGradients, complete, same layout as RelP."""
 import torch
 from captum.attr import LayerIntegratedGradients
-from conftest import build_model, token_pair
+from tests.conftest import build_model, token_pair
 
 from captum_relp import (
     LayerActivationPatching,

@@ -1,7 +1,7 @@
 """LayerRelevancePatching: equality with AtP/AP where theory says so, conservation, passes, errors."""
 import pytest
 import torch
-from conftest import VOCAB, build_model, model_state, token_pair
+from tests.conftest import VOCAB, build_model, model_state, token_pair
 
 from captum_relp import (
     LayerActivationPatching,

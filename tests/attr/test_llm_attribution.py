@@ -1,7 +1,7 @@
 """LayerRelevancePatching inside Captum's LLMGradientAttribution."""
 import torch
 from captum.attr import LayerGradientXActivation, LLMGradientAttribution, TextTokenInput
-from conftest import VOCAB, build_model
+from tests.conftest import VOCAB, build_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from conftest import build_model, model_state, token_pair
+from tests.conftest import build_model, model_state, token_pair
 
 from captum_relp import (
     LayerActivationPatching,

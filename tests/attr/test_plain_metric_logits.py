@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, build_model, token_pair
+from tests.conftest import VOCAB, build_model, token_pair
 
 from captum_relp import (
     LayerActivationPatching,

@@ -1,7 +1,7 @@
 """Circuit discovery: SAE splice exactness, faithfulness bounds, a planted circuit recovered."""
 import pytest
 import torch
-from conftest import build_model, model_state, token_pair
+from tests.conftest import build_model, model_state, token_pair
 
 from captum_relp.circuits.effects import mean_effects, node_effects
 from captum_relp.circuits.faithfulness import evaluate_circuits

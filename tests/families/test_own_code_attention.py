@@ -74,3 +74,18 @@ def test_a_model_with_another_attention_class_is_refused():
         block.self_attention.__class__ = type("BloomFlashAttention", (type(block.self_attention),), {})
     with pytest.raises(ValueError, match="BloomAttention modules, but .* has 0 of them for 2 blocks"):
         ah_module_rules(model)
+
+
+def test_relp_ah_refuses_a_model_whose_attention_bypasses_the_interface(monkeypatch):
+    """An 'interface' family whose attention (on some transformers release) is computed in its own
+    code: the AH wrapper is never called, and relp-ah raises instead of returning relp scores."""
+    from captum_relp import UnsupportedModuleError
+
+    model = tiny_model("llama")
+    attention = model_components(model).blocks[0].self_attn
+    monkeypatch.setattr(type(attention), "forward", lambda self, hidden_states, *a, **k: (hidden_states * 0, None))
+    clean, _, mask = token_pair()
+    with pytest.raises(UnsupportedModuleError, match="not through transformers' AttentionInterface"):
+        LayerRelevancePatching(model, model_components(model).blocks[0], rules="relp-ah").attribute(
+            clean, target=5, additional_forward_args=(mask,), attribute_to_layer_input=True)
+    assert not model._forward_hooks and not model._forward_pre_hooks  # the rule's hooks are gone

@@ -13,6 +13,7 @@ import torch
 from captum_relp.integrations.distributed import DataParallelSweep, init_from_env
 
 ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port each run
 ARGS = ["-m", "captum_relp.cli", "ioi", "--n-prompts", "6", "--batch-size", "2", "--no-plots",
         "--quiet", "--device", "cpu", "--rules", "relp,relp-ah"]
 
@@ -38,7 +39,7 @@ def test_single_process_sweep_is_the_whole_sweep():
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_torchrun_two_processes_equal_one(tmp_path):
     single, _ = _run([], tmp_path / "one")
-    sharded, _ = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    sharded, _ = _run(TORCHRUN,
                       tmp_path / "two")
     for key in ("config", "pcc_per_prompt", "pcc_mean_map", "mean_maps", "position_labels"):
         assert sharded[key] == single[key], key  # bit-identical: same batches, same padding
@@ -52,7 +53,7 @@ CIRCUIT_ARGS = ["-m", "captum_relp.cli", "circuit", "--task", "ioi", "--nodes", 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_torchrun_circuit_two_processes_equal_one(tmp_path):
     single, _ = _run([], tmp_path / "one", CIRCUIT_ARGS, "circuit_results.json")
-    sharded, _ = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"],
+    sharded, _ = _run(TORCHRUN,
                       tmp_path / "two", CIRCUIT_ARGS, "circuit_results.json")
     assert sharded["curves"] == single["curves"]  # same batches summed in the same order: identical
     for method in ("RelP", "AtP"):  # every batch scored once, by one of the ranks
@@ -67,7 +68,7 @@ EDGES_ARGS = ["-m", "captum_relp.cli", "edges", "--method", "relp,eap,eap-ig", "
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_torchrun_edges_two_processes_equal_one(tmp_path):
     single, _ = _run([], tmp_path / "one", EDGES_ARGS, "edges_results.json")
-    sharded, stdout = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"],
+    sharded, stdout = _run(TORCHRUN,
                            tmp_path / "two", EDGES_ARGS, "edges_results.json")
     assert stdout.count("wrote") == 1  # rank 0 writes, rank 1 only computes its share
     timings = ("seconds", "time_vs_eap")  # wall times differ between runs; everything else is identical

@@ -144,7 +144,7 @@ def test_gamma_rule_zero_gamma_is_zero_rule_for_biasless_linear():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_ah_rule_blocks_query_key_gradients_and_keeps_mask(attn):
-    from conftest import build_model, token_pair
+    from tests.conftest import build_model, token_pair
 
     model = build_model("llama", attn_implementation=attn)
     clean, _ = token_pair(batch=2, seq=5)

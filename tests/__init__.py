@@ -1,0 +1,1 @@
+"""The test suite (a package, so that ``pytest`` and ``python -m pytest`` import it alike)."""

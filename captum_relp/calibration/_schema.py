@@ -59,8 +59,9 @@ def model_signature(model: Optional[nn.Module]) -> Optional[Dict[str, Any]]:
 def check_model(signature: Optional[Dict[str, Any]], candidates: Dict[str, RuleSet], model: nn.Module) -> None:
     """Raise if ``model`` is not the kind of model the rules were calibrated on.
 
-    The root type and the set of module types that rules apply to must match, and every
-    ``name_map`` pattern of a candidate must match a module of ``model``.
+    The root type and the set of module types that rules apply to must match, every
+    ``name_map`` pattern of a candidate must match a module of ``model``, and every type a
+    candidate overrides must be one of its module types (``RuleSet.check_overrides``).
     """
     if signature is not None:
         found = model_signature(model)
@@ -76,6 +77,7 @@ def check_model(signature: Optional[Dict[str, Any]], candidates: Dict[str, RuleS
         for pattern in ruleset.name_map:
             if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
                 raise ValueError(f"candidate {name!r}: name_map pattern {pattern!r} matches no module of the model")
+        ruleset.check_overrides(model)
 
 
 def rule_to_dict(rule: Optional[Rule]) -> Optional[Dict[str, Any]]:

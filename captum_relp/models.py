@@ -25,8 +25,12 @@ COMPONENT_TITLES = {"resid": "Residual stream", "attn": "Attention outputs", "ml
 class ModelComponents:
     """The standard components of a model, one entry per layer.
 
+    Each component kind of :data:`COMPONENT_KINDS` is an attribute of its name (``resid``,
+    ``attn``, ``mlp``), the name ``select()``, the CLI and the results tables use.
+
     Attributes:
-        blocks: the transformer blocks; their *input* is the residual stream entering the block.
+        blocks: the transformer blocks; their *input* is the residual stream entering the block
+            (also available as :attr:`resid`).
         attn: the attention output projections (``c_proj``, ``o_proj``, ``dense``): their
             output is the attention output before the residual add (equal to the
             attention module's output in eval mode), their *input* holds the heads.
@@ -34,6 +38,12 @@ class ModelComponents:
         num_heads: attention heads per layer.
         missing: ``{kind: reason}`` for kinds the model has no module for (OPT runs its MLP on
             flattened ``(B * T, d)`` rows); selecting them raises with the reason.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> parts = model_components(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2)))
+        >>> parts.resid == parts.blocks, len(parts.resid), type(parts.resid[0]).__name__
+        (True, 2, 'GPT2Block')
     """
 
     blocks: List[nn.Module]
@@ -41,6 +51,11 @@ class ModelComponents:
     mlp: List[nn.Module]
     num_heads: Optional[int] = None
     missing: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resid(self) -> List[nn.Module]:
+        """The modules of the ``resid`` component kind: :attr:`blocks`, attributed at their input."""
+        return self.blocks
 
     @property
     def kinds(self) -> Tuple[str, ...]:
@@ -65,7 +80,7 @@ class ModelComponents:
                 raise ValueError(f"component kind must be one of {self.KINDS}, got {kind!r}")
             if kind in self.missing:
                 raise ValueError(f"no {kind!r} components: {self.missing[kind]} (available: {self.kinds})")
-            modules = {"resid": self.blocks, "attn": self.attn, "mlp": self.mlp}[kind]
+            modules = getattr(self, kind)
             layers += modules
             flags += [kind == "resid"] * len(modules)
             labels += [(kind, i) for i in range(len(modules))]

@@ -193,3 +193,17 @@ def test_calibrated_ioi_rules_avoids_evaluated_prompts():
     assert len(cal.info["calibration_prompts"]) == 2
     assert not set(cal.info["calibration_prompts"]) & {p.clean_prompt for p in evaluated}
     assert set(cal.choices) == {"mlp"}
+
+
+def test_spearman_gives_ties_their_average_rank():
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(300), torch.randn(10, generator=gen)])  # 300 shared zeros
+    y = torch.cat([torch.zeros(300), torch.randn(10, generator=gen)])  # 10 uncorrelated entries
+    assert agreement(x, y, "spearman") == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert agreement(x, y, "spearman") < 0.5  # ranking the tied zeros apart gave 0.93
+    ties = torch.tensor([1.0, 2.0, 2.0, 3.0, 3.0, 3.0, -1.0, 0.0])
+    other = torch.tensor([0.5, 0.5, 2.0, 1.0, 4.0, 4.0, 4.0, -2.0])
+    assert agreement(ties, other, "spearman") == pytest.approx(stats.spearmanr(ties, other).statistic, abs=1e-12)
+    assert math.isnan(agreement(torch.ones(4), other[:4], "spearman"))
+    assert math.isnan(agreement(torch.tensor([1.0, float("nan"), 2.0]), other[:3], "spearman"))

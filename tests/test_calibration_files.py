@@ -91,6 +91,21 @@ def test_a_bad_field_raises_naming_it(tmp_path, edit, field):
     assert f"field {field}" in str(error.value) and str(path) in str(error.value)
 
 
+def test_a_newer_file_names_both_versions_and_says_to_upgrade(tmp_path):
+    from captum_relp.calibration._schema import FORMAT_VERSION
+
+    _, _, _, cal = name_map_calibration()
+    data = json.loads(cal.to_json())
+    data["version"] = FORMAT_VERSION + 1
+    path = tmp_path / "newer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as error:
+        CalibratedRules.load(path)
+    message = str(error.value)
+    assert f"format version {FORMAT_VERSION + 1}" in message and f"format version {FORMAT_VERSION}" in message
+    assert "newer captum-relp" in message and "upgrade captum-relp" in message and str(path) in message
+
+
 def test_not_json_and_nan_raise():
     with pytest.raises(ValueError, match="not valid JSON"):
         CalibratedRules.from_json("{")

@@ -21,6 +21,15 @@ def test_components_per_family(family, attn_type, mlp_type):
     assert labels[2] == ("attn", 0)
 
 
+def test_every_component_kind_is_an_attribute_of_its_name():
+    model = build_model("gpt2")
+    parts = model_components(model)
+    assert parts.resid == parts.blocks == list(model.transformer.h)
+    for kind in parts.kinds:  # the names of select(), the CLI and every results table
+        layers, _, labels = parts.select([kind])
+        assert getattr(parts, kind) == layers and {k for k, _ in labels} == {kind}
+
+
 def test_attention_component_output_is_the_attention_module_output():
     model = build_model("gpt2")
     outputs = {}

@@ -118,6 +118,35 @@ def test_name_map_pattern_matching_nothing_is_named():
         assert "forward" in model.transformer.h[1].mlp.act.__dict__
 
 
+def test_override_of_a_type_the_model_lacks_is_named():
+    from captum_relp import LayerRelevancePatching
+    from captum_relp.calibration import explicit_ruleset
+    from captum_relp.rules import type_key
+
+    model = build_model("gpt2")
+    before = model_state(model)
+    rules = RuleSet("typo", overrides={"torch.nn.modules.activation.GELU": IdentityRule()})
+    with pytest.raises(ValueError) as error:
+        with apply_rules(model, rules):
+            pass
+    message = str(error.value)
+    assert "'torch.nn.modules.activation.GELU'" in message
+    listed = message.split("its module types with rules: ")[1]
+    assert listed.startswith("['torch.nn.modules.linear.Linear', 'torch.nn.modules.normalization.LayerNorm', "
+                             "'transformers.activations.NewGELUActivation', 'transformers.pytorch_utils.Conv1D']")
+    assert model_state(model) == before
+    clean, corrupt = token_pair()
+    with pytest.raises(ValueError, match="torch.nn.modules.activation.GELU"):
+        LayerRelevancePatching(model, model.transformer.h[0], rules=rules).attribute(
+            clean, baselines=corrupt, target=3)
+    act = type(model.transformer.h[0].mlp.act)
+    for key in (type_key(act), act):  # by qualified name, or by the class itself
+        with apply_rules(model, RuleSet("ok", overrides={key: IdentityRule()})):
+            assert "forward" in model.transformer.h[1].mlp.act.__dict__
+    with apply_rules(model, explicit_ruleset(RuleSet("ln", categories=("norm",)))):
+        pass  # the 0-rule that spells out a disabled category is no override of a missing type
+
+
 def test_rules_declare_their_category():
     from captum_relp.rules import AHRule, EpsilonRule, GammaRule, HalfRule
     from captum_relp.rules.hookpoint import DetachHookRule, HookIdentityRule

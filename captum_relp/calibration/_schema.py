@@ -59,8 +59,9 @@ def model_signature(model: Optional[nn.Module]) -> Optional[Dict[str, Any]]:
 def check_model(signature: Optional[Dict[str, Any]], candidates: Dict[str, RuleSet], model: nn.Module) -> None:
     """Raise if ``model`` is not the kind of model the rules were calibrated on.
 
-    The root type and the set of module types that rules apply to must match, and every
-    ``name_map`` pattern of a candidate must match a module of ``model``.
+    The root type and the set of module types that rules apply to must match, every
+    ``name_map`` pattern of a candidate must match a module of ``model``, and every type a
+    candidate overrides must be one of its module types (``RuleSet.check_overrides``).
     """
     if signature is not None:
         found = model_signature(model)
@@ -76,6 +77,7 @@ def check_model(signature: Optional[Dict[str, Any]], candidates: Dict[str, RuleS
         for pattern in ruleset.name_map:
             if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
                 raise ValueError(f"candidate {name!r}: name_map pattern {pattern!r} matches no module of the model")
+        ruleset.check_overrides(model)
 
 
 def rule_to_dict(rule: Optional[Rule]) -> Optional[Dict[str, Any]]:
@@ -168,6 +170,25 @@ def _check_per_candidate(table: Any, names: List[str], where: str, check) -> Non
         check(value, f"{where}[{name!r}]")
 
 
+def _check_version(version: Any) -> None:
+    """Raise unless ``version`` is :data:`FORMAT_VERSION`; a newer file says to upgrade.
+
+    Example:
+        >>> _check_version(FORMAT_VERSION + 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: calibrated rules: field version: the file has format version 2, written by a newer captum-relp; this captum-relp reads format version 1: upgrade captum-relp (pip install --upgrade captum-relp) to read it
+    """
+    if version == FORMAT_VERSION and not isinstance(version, bool):
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        _fail("version", f"the file has format version {version}, written by a newer captum-relp; this "
+              f"captum-relp reads format version {FORMAT_VERSION}: upgrade captum-relp "
+              "(pip install --upgrade captum-relp) to read it")
+    _fail("version", f"unsupported format version {version!r} (this captum-relp reads format version "
+          f"{FORMAT_VERSION})")
+
+
 def validate(data: Any, scores: tuple) -> Dict[str, Any]:
     """Check a parsed file; returns the constructor arguments of ``CalibratedRules``."""
     _expect(data, dict, "<root>", "an object")
@@ -178,8 +199,7 @@ def validate(data: Any, scores: tuple) -> Dict[str, Any]:
     for key in data:
         if key not in _REQUIRED + _OPTIONAL:
             _fail(key, f"unknown field (fields: {list(_REQUIRED + _OPTIONAL)})")
-    if data["version"] != FORMAT_VERSION or isinstance(data["version"], bool):
-        _fail("version", f"unsupported version {data['version']!r} (this captum-relp reads {FORMAT_VERSION})")
+    _check_version(data["version"])
     if data["score"] not in scores:
         _fail("score", f"unknown score {data['score']!r} (scores: {list(scores)})")
     _expect(data["auto_groups"], bool, "auto_groups", "true or false")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from ..models import model_components
@@ -131,20 +132,40 @@ def infer_groups(model: Optional[nn.Module], layers: Sequence[nn.Module], flags:
             for layer, flag in zip(layers, flags)]
 
 
+def _average_ranks(values: Tensor) -> Tensor:
+    """1-based ranks of a 1-D tensor, tied values sharing their average rank; ``nan`` stays ``nan``.
+
+    Example:
+        >>> _average_ranks(torch.tensor([3.0, 0.0, 0.0, 5.0])).tolist()
+        [3.0, 1.5, 1.5, 4.0]
+    """
+    ordered, order = torch.sort(values, stable=True)
+    starts_run = torch.ones_like(ordered, dtype=torch.bool)
+    starts_run[1:] = ordered[1:] != ordered[:-1]
+    run = torch.cumsum(starts_run, 0) - 1
+    last = torch.cumsum(torch.bincount(run), 0).double()  # rank of each run's last entry
+    first = last - torch.bincount(run).double() + 1
+    ranks = torch.empty_like(values, dtype=torch.float64)
+    ranks[order] = ((first + last) / 2)[run]
+    return ranks.masked_fill(values.isnan(), float("nan"))
+
+
 def agreement(scores: Tensor, reference: Tensor, score: str = "pearson") -> float:
     """Agreement of ``scores`` with ``reference`` (same shape; flattened).
 
-    ``pearson`` and ``spearman`` correlations (NaN if a side is constant) or ``topk``:
-    the overlap of the top 10% entries by magnitude (at least one).
+    ``pearson`` and ``spearman`` correlations (NaN if a side is constant or has a NaN entry)
+    or ``topk``: the overlap of the top 10% entries by magnitude (at least one). Spearman's
+    correlation gives tied values their average rank (like ``scipy.stats.spearmanr``).
 
     Examples::
 
         >>> import torch
         >>> round(agreement(torch.tensor([1., 2., 3.]), torch.tensor([1., 2., 4.])), 3)
         0.982
-        >>> import torch
         >>> round(agreement(torch.tensor([1., 2., 3.]), torch.tensor([1., 2., 4.]), "spearman"), 3)
         1.0
+        >>> round(agreement(torch.tensor([0., 0., 1., 2.]), torch.tensor([0., 0., 2., 1.]), "spearman"), 3)
+        0.778
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -154,7 +175,7 @@ def agreement(scores: Tensor, reference: Tensor, score: str = "pearson") -> floa
         top_x = set(x.abs().topk(k).indices.tolist())
         return len(top_x & set(y.abs().topk(k).indices.tolist())) / k
     if score == "spearman":
-        x, y = x.argsort().argsort().double(), y.argsort().argsort().double()
+        x, y = _average_ranks(x), _average_ranks(y)
     x, y = x - x.mean(), y - y.mean()
     denom = float(x.norm() * y.norm())
     return float((x * y).sum()) / denom if denom > 0 else float("nan")

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._selection import top_finite
 from .nodes import NodeSpace, ablated
 
 ERROR_POLICIES = ("keep", "drop-all", "drop-attn-mlp")
@@ -103,14 +104,16 @@ def evaluate_circuits(
         run_metric: runs the model on the evaluation inputs, returns the metric per
             example (or its mean; then the denominator's standard error is unknown).
         budgets: circuit sizes to evaluate; the threshold T_N of size k is the k-th
-            largest ``|effect|``.
+            largest ``|effect|``. Only nodes with a finite effect are chosen; a budget above
+            their number raises a ``ValueError`` that says how many nodes are unscored.
         exclude_first_third: keep the first third of layers always (appendix A.2).
         error_policy: ``keep``, ``drop-all`` error nodes, or ``drop-attn-mlp`` ones.
     """
     evaluated = evaluated_groups(space, exclude_first_third)
     candidates = _circuit_candidates(space, evaluated, error_policy)
     scores = torch.cat([effects[name].abs().flatten() for name in candidates])
-    order = torch.argsort(scores, descending=True)
+    sizes = sorted({min(int(b), len(scores)) for b in budgets})
+    order = top_finite(scores, max(sizes, default=0), "nodes")
     curve = CircuitCurve()
     with space.active():
         full = _values(run_metric())
@@ -120,7 +123,7 @@ def evaluate_circuits(
         if full.numel() > 1 and full.numel() == empty.numel():
             curve.denominator_se = float((full - empty).std() / math.sqrt(full.numel()))
         span = curve.denominator
-        for budget in sorted({min(int(b), len(scores)) for b in budgets}):
+        for budget in sizes:
             chosen = torch.zeros_like(scores, dtype=torch.bool)
             chosen[order[:budget]] = True
             circuit = _keep_masks(effects, evaluated, candidates, chosen)

@@ -38,6 +38,7 @@ from torch import Tensor
 from .._coefficients import Coefficients, ModuleSites, Sites, layer_coefficients
 from .._forward import call_model, check_token_ids
 from .._hooks import frozen_model, hooks_removed, layer_hooks
+from .._selection import top_finite
 from ..metrics import MetricEvaluator
 from ..rules import RuleSet, resolve_rules
 from .nodes import NodeSpace
@@ -74,8 +75,16 @@ class FeatureEdges:
     info: Dict[str, object] = field(default_factory=dict)
 
     def top_edges(self, k: int = 20) -> List[Dict[str, object]]:
-        """The ``k`` edges of largest ``|score|``."""
-        return sorted(self.edges, key=lambda e: -abs(float(e["score"])))[:k]
+        """The ``k`` edges of largest ``|score|`` (all edges when there are fewer).
+
+        Only edges with a finite score are chosen.
+
+        Raises:
+            ValueError: if ``k`` exceeds the number of edges with a finite score (the message
+                says how many are unscored).
+        """
+        scores = torch.tensor([abs(float(e["score"])) for e in self.edges], dtype=torch.float64)
+        return [self.edges[i] for i in top_finite(scores, min(k, len(self.edges)), "edges").tolist()]
 
     def outgoing(self, node_id: str) -> float:
         """Sum of the scores of the edges leaving ``node_id``."""
@@ -178,9 +187,10 @@ def _per_node(space: NodeSpace, index: int, values: Tensor) -> Tensor:
 
 
 def _top_nodes(effects: List[Tensor], n_nodes: Optional[int]) -> List[Tuple[int, int, int]]:
+    """``(group, position, unit)`` of the ``n_nodes`` largest finite ``|effect|`` (``None``: all)."""
     flat = torch.cat([e.abs().flatten() for e in effects])
     count = flat.numel() if n_nodes is None else min(int(n_nodes), flat.numel())
-    order = flat.argsort(descending=True)[:count].tolist()
+    order = top_finite(flat, count, "nodes").tolist()
     offsets, kept = [0], []
     for e in effects:
         offsets.append(offsets[-1] + e.numel())

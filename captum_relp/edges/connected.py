@@ -22,6 +22,7 @@ from typing import List
 import torch
 from torch import Tensor
 
+from .._selection import check_finite_count, finite_among
 from .graph import ComponentGraph
 
 
@@ -95,7 +96,12 @@ def greedy_circuit(scores: Tensor, graph: ComponentGraph, k: int, absolute: bool
         absolute (bool): rank by ``|score|`` (else by signed score).
 
     Returns:
-        Tensor: bool ``(U, V)`` connected circuit of at most ``k`` edges.
+        Tensor: bool ``(U, V)`` connected circuit of at most ``k`` edges, all of them with a
+        finite score (an edge a method did not score, ``nan``, is never selected).
+
+    Raises:
+        ValueError: if ``k`` exceeds the number of edges, or the number of edges with a finite
+            score (the message says how many edges are unscored).
 
     Examples::
 
@@ -111,8 +117,9 @@ def greedy_circuit(scores: Tensor, graph: ComponentGraph, k: int, absolute: bool
     if k > graph.n_edges:
         raise ValueError(f"k ({k}) is larger than the number of edges ({graph.n_edges})")
     values = (scores.abs() if absolute else scores).double().cpu()
+    edge_mask = graph.edge_mask & finite_among(values)
+    check_finite_count(edge_mask[graph.edge_mask], k, "edges")
     readers = _readers(graph)
-    edge_mask = graph.edge_mask
     keep = torch.zeros(edge_mask.shape, dtype=torch.bool)
     heap: List = []
     queued = set()

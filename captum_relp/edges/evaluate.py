@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._hooks import frozen_model
+from .._selection import top_finite
 from ..metrics import MetricEvaluator
 from .connected import greedy_circuit, prune_circuit
 from .conventions import DEFAULT_FRACTIONS, EdgeConvention, get_convention
@@ -113,6 +114,14 @@ def top_edges(scores: Tensor, graph: ComponentGraph, k: int, absolute: bool = Tr
     """Bool ``(U, V)`` mask of the ``k`` edges with the largest ``|score|`` (``absolute=False``:
     the largest signed score). Ties keep the earlier edge of ``graph.edges()``.
 
+    Only edges with a finite score are chosen: a ``nan`` edge (one a method did not score,
+    e.g. outside ``exact_edge_scores(edges=...)``) is never a top edge. ``k`` larger than the
+    graph means every edge.
+
+    Raises:
+        ValueError: if ``k`` exceeds the number of edges with a finite score; the message
+            says how many edges are unscored.
+
     Examples::
 
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -121,13 +130,14 @@ def top_edges(scores: Tensor, graph: ComponentGraph, k: int, absolute: bool = Tr
         >>> s = torch.zeros(g.edge_mask.shape); s[0, 3] = -5.0; s[0, 4] = 1.0
         >>> top_edges(s, g, 1).nonzero().tolist(), top_edges(s, g, 1, absolute=False).nonzero().tolist()
         ([[0, 3]], [[0, 4]])
+        >>> s[0, 3] = float("nan")  # not scored: never chosen
+        >>> top_edges(s, g, 1).nonzero().tolist()
+        [[0, 4]]
     """
     edge_mask = graph.edge_mask.to(scores.device)
-    values = (scores.abs() if absolute else scores).double().masked_fill(~edge_mask, float("-inf")).flatten()
-    keep = torch.zeros_like(values, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(values, descending=True, stable=True).indices
-        keep[order[:min(k, graph.n_edges)]] = True
+    values = scores.abs() if absolute else scores
+    keep = torch.zeros(edge_mask.numel(), dtype=torch.bool, device=scores.device)
+    keep[top_finite(values, min(max(k, 0), graph.n_edges), "edges", eligible=edge_mask)] = True
     return keep.reshape(edge_mask.shape) & edge_mask
 
 

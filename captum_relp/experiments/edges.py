@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._selection import top_finite
 from ..calibration import calibrate_on_batch
 from ..edges.conventions import EdgeConvention, get_convention
 from ..edges.evaluate import FaithfulnessCurve, faithfulness_curve, pearson
@@ -71,7 +72,7 @@ class EdgeExperimentResult:
         for method, result in self.scores.items():
             curve = self.curves[method]
             vector = result.edge_vector(self.graph)
-            order = vector.abs().argsort(descending=True)[:20].tolist()
+            order = top_finite(vector.abs(), min(20, int(vector.isfinite().sum())), "edges").tolist()
             edges = self.graph.edges()
             out[method] = {
                 "cpr": curve.cpr, "cmd": curve.cmd, "curve": curve.as_dict(),

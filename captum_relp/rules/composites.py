@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import families
 from .attention import AHRule
-from .base import Rule
+from .base import Rule, ZeroRule
 from .nonlinear import GATED_MLP_ATTRIBUTES
 from .registry import needs_rule, registered_category, registry_entry, type_key
 
@@ -33,7 +33,10 @@ class RuleSet:
         categories: registry categories applied (``norm``, ``activation``, ``gate``, ``custom``).
         attention: a model-level rule for attention, e.g. :class:`~captum_relp.rules.AHRule`.
         linear: a rule for every ``nn.Linear``/``Conv1D`` (default: the 0-rule, i.e. none).
-        overrides: per-type rules (``{type key: rule}``) that take precedence over the registry.
+        overrides: per-type rules (``{type key: rule}``, keyed by
+            :func:`~captum_relp.rules.type_key` or by the class itself) that take precedence
+            over the registry; a type the model has no module of raises when the rules are
+            applied (:meth:`check_overrides`).
         name_map: per-module rules by path pattern (``fnmatch`` syntax on
             ``model.named_modules()`` paths, e.g. ``{"lm_head": EpsilonRule()}`` or
             ``{"*.mlp.c_fc": GammaRule()}``); the first matching pattern wins and takes
@@ -56,6 +59,9 @@ class RuleSet:
     linear: Optional[Rule] = None
     overrides: Dict[str, Rule] = field(default_factory=dict)
     name_map: Dict[str, Optional[Rule]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.overrides = {type_key(key): rule for key, rule in self.overrides.items()}
 
     @property
     def is_empty(self) -> bool:
@@ -107,6 +113,37 @@ class RuleSet:
             raise ValueError(f"RuleSet {self.name!r}: name_map pattern(s) {unmatched} match no module of "
                              f"{type(model).__name__} (its paths look like {paths[:5]})")
 
+    def check_overrides(self, model: nn.Module) -> None:
+        """Raise a ``ValueError`` naming each ``overrides`` type that ``model`` has no module of.
+
+        The message lists the module types of ``model`` that carry rules. Exempt: the 0-rule
+        on a registered type of a category this rule set leaves to the plain gradient (what
+        :func:`~captum_relp.calibration.explicit_ruleset` adds), which changes nothing anywhere.
+
+        Example:
+            >>> import torch
+            >>> from captum_relp.rules import IdentityRule
+            >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.ReLU())
+            >>> RuleSet(overrides={torch.nn.GELU: IdentityRule()}).check_overrides(net)
+            Traceback (most recent call last):
+            ...
+            ValueError: RuleSet 'relp': overrides for module type(s) ['torch.nn.modules.activation.GELU'] that Sequential does not contain; its module types with rules: ['torch.nn.modules.activation.ReLU', 'torch.nn.modules.linear.Linear'] (override by type_key(cls) of one of them)
+        """
+        present = {type_key(type(module)) for module in model.modules()}
+        absent = sorted(key for key, rule in self.overrides.items()
+                        if key not in present and not self._spells_out_gradient(key, rule))
+        if absent:
+            ruled = _ruled_types(model)
+            listing = str(ruled[:12])[:-1] + (f", ... {len(ruled) - 12} more]" if len(ruled) > 12 else "]")
+            raise ValueError(f"RuleSet {self.name!r}: overrides for module type(s) {absent} that "
+                             f"{type(model).__name__} does not contain; its module types with rules: {listing} "
+                             "(override by type_key(cls) of one of them)")
+
+    def _spells_out_gradient(self, key: str, rule: Optional[Rule]) -> bool:
+        """The 0-rule on a registered type whose category this rule set does not apply."""
+        category = registered_category(key)
+        return type(rule) is ZeroRule and category is not None and category not in self.categories
+
     def uncovered(self, model: nn.Module) -> List[Tuple[str, str]]:
         """Normalisation, activation and gated-MLP modules of ``model`` with no rule."""
         if not self.categories:
@@ -125,6 +162,13 @@ class RuleSet:
             if self.rule_for(module, path) is None and needs_rule(module):
                 missing.append((path or "<root>", type_key(type(module))))
         return missing
+
+
+def _ruled_types(model: nn.Module) -> List[str]:
+    """Sorted type keys of the modules of ``model`` that a rule can apply to."""
+    ruled = ("norm", "activation", "gate", "linear", "custom", "attention")
+    return sorted({type_key(type(module)) for module in model.modules()
+                   if registered_category(type(module)) in ruled or needs_rule(module)})
 
 
 PRESETS: Dict[str, Callable[[], RuleSet]] = {
@@ -274,6 +318,7 @@ def apply_rules(
     """
     ruleset = resolve_rules(rules)
     ruleset.check_patterns(model)
+    ruleset.check_overrides(model)
     check_coverage(model, ruleset, strict)
     refusal = families.ah_refusal(model) if ruleset.attention is not None else None
     if refusal is not None:

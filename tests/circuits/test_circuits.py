@@ -167,3 +167,25 @@ def test_small_denominator_is_flagged_and_marked_in_the_plot(tmp_path):
     finally:
         plt.Figure.legend = original
     assert captured["labels"] == ["AtP (mean)", "RelP (mean)", "across_pp (noisy denominator)", "within_rc"]
+
+
+def test_nodes_without_a_finite_effect_are_never_in_a_circuit():
+    model = build_model("gpt2")
+    clean, corrupt = token_pair(batch=2)
+    metric = logit_diff([1, 2], [5, 6])
+    space = NodeSpace(model, "components")
+    effects = mean_effects(node_effects(space, "atp", clean, corrupt, metric).effects)
+    means = node_means(space, lambda ids: model(ids), [corrupt])
+    name = next(iter(effects))
+    effects[name] = effects[name].clone()
+    effects[name].view(-1)[0] = float("nan")
+    finite = [float(e.abs()[e.isfinite()].max()) for e in effects.values()]
+
+    def run_metric():
+        with torch.no_grad():
+            return metric(model(clean).logits).mean()
+
+    curve = evaluate_circuits(space, effects, means, run_metric, budgets=[1], exclude_first_third=False)
+    assert curve.thresholds == [max(finite)]  # the largest finite |effect|, not the nan node
+    with pytest.raises(ValueError, match="1 of the .* nodes are unscored"):
+        evaluate_circuits(space, effects, means, run_metric, budgets=[10**6], exclude_first_third=False)

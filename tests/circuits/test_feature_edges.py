@@ -155,3 +155,19 @@ def test_bad_saes_and_token_ids_are_named(tiny):
         NodeSpace(model, "features", broken)
     with pytest.raises(ValueError, match=r"token ids \[20\] are outside the vocabulary of GPT2LMHeadModel \(size 20\)"):
         feature_edges(NodeSpace(model, "components"), clean, torch.full_like(corrupt, 20), metric)
+
+
+def test_unscored_edges_and_nodes_are_never_top():
+    from captum_relp.circuits.feature_edges import FeatureEdges, _top_nodes
+
+    nan = float("nan")
+    found = FeatureEdges([], [{"source": "a", "target": METRIC_NODE, "score": nan},
+                              {"source": "b", "target": METRIC_NODE, "score": -1.0},
+                              {"source": "c", "target": METRIC_NODE, "score": 0.5}], "relp", 3, 2, 0.0)
+    assert [e["source"] for e in found.top_edges(2)] == ["b", "c"]
+    with pytest.raises(ValueError, match="1 of the 3 edges are unscored"):
+        found.top_edges(3)
+    effects = [torch.tensor([[nan, 1.0, -3.0]]), torch.tensor([[2.0, nan]])]
+    assert _top_nodes(effects, 2) == [(0, 0, 2), (1, 0, 0)]
+    with pytest.raises(ValueError, match="2 of the 5 nodes are unscored"):
+        _top_nodes(effects, None)

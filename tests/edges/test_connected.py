@@ -101,3 +101,34 @@ def test_ungrouped_key_value_inputs():
                                    patched(ungrouped, ref_u, ["a1.h2<k>", "a1.h3<k>"]), rtol=1e-10, atol=1e-10)
         one_head = patched(ungrouped, ref_u, ["a1.h2<k>"])
         assert (one_head - patched(ungrouped, ref_u, ["a1.h2<k>", "a1.h3<k>"])).abs().max() > 1e-6
+
+
+def _partly_scored(graph, unscored):
+    """Random scores with ``nan`` (not scored) on the edges ``unscored`` of ``graph.edges()``."""
+    scores = torch.rand(graph.edge_mask.shape, generator=torch.Generator().manual_seed(0))
+    for u, v in [graph.edges()[i] for i in unscored]:
+        scores[u, v] = float("nan")
+    return scores
+
+
+def test_top_edges_choose_only_scored_edges():
+    graph = build_graph(build_model("gpt2"))
+    scores = _partly_scored(graph, [0, 5, 7])
+    for absolute in (True, False):
+        keep = top_edges(scores, graph, 4, absolute)
+        assert int(keep.sum()) == 4 and not scores[keep].isnan().any()
+        finite = scores.masked_fill(~graph.edge_mask | scores.isnan(), -1.0)
+        assert torch.equal(scores[keep].sort().values, finite.flatten().topk(4).values.sort().values)
+    with pytest.raises(ValueError, match=f"3 of the {graph.n_edges} edges are unscored"):
+        top_edges(scores, graph, graph.n_edges - 2)
+
+
+def test_greedy_circuit_chooses_only_scored_edges():
+    graph = build_graph(build_model("gpt2"))
+    unscored = torch.randperm(graph.n_edges, generator=torch.Generator().manual_seed(0))[:graph.n_edges // 3]
+    scores = _partly_scored(graph, unscored.tolist())
+    for absolute in (True, False):
+        keep = greedy_circuit(scores, graph, 10, absolute)
+        assert keep.any() and not scores[keep].isnan().any()
+    with pytest.raises(ValueError, match=f"{len(unscored)} of the {graph.n_edges} edges are unscored"):
+        greedy_circuit(scores, graph, graph.n_edges - len(unscored) + 1)

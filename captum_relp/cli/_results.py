@@ -151,6 +151,7 @@ def swap_in(staging: Path, out: Path, earlier: List[Path]) -> None:
 
 
 def _move(source: Path, target: Path, missing_ok: bool = False) -> bool:
+    """Rename ``source`` to ``target``; False if ``source`` is gone and ``missing_ok``."""
     try:
         os.replace(source, target)
     except FileNotFoundError:
@@ -193,6 +194,7 @@ def _ctrl_c_held() -> Iterator[None]:
 
 
 def _can_write(folder: Path) -> bool:
+    """Whether a folder can be made in ``folder`` (tried, then removed)."""
     try:
         os.rmdir(tempfile.mkdtemp(prefix=STAGING, dir=folder))
     except OSError:
@@ -201,14 +203,17 @@ def _can_write(folder: Path) -> bool:
 
 
 def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` exists and is not empty."""
     return folder.is_dir() and any(folder.iterdir())
 
 
 def _remove(folder: Path) -> None:
+    """Remove ``folder`` and everything in it, if it is there."""
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def _rmdir(folder: Path) -> None:
+    """Remove ``folder`` if it is empty."""
     try:
         folder.rmdir()
     except OSError:
@@ -216,6 +221,7 @@ def _rmdir(folder: Path) -> None:
 
 
 def _say(message: str) -> None:
+    """``captum-relp: message`` on stderr."""
     print(f"captum-relp: {message}", file=sys.stderr, flush=True)
 
 

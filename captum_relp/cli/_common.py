@@ -62,7 +62,8 @@ def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
                         help=f"output directory; None: {OUT_ROOT}/COMMAND-TASK-MODEL ({OUT_ROOT}/ioi-MODEL for ioi)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier run in --out (its files this run does not "
-                             "rewrite are removed); without it such a directory is refused")
+                             "rewrite are removed) once this run has completed; an interrupted or failed run "
+                             "leaves them as they were. Without it such a directory is refused")
     parser.add_argument("--no-plots", action="store_true", help=f"do not write {plots}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -120,7 +121,7 @@ def parse_list(text: str, option: str, allowed: Optional[Tuple[str, ...]] = None
 
 
 MANIFEST = "captum-relp-run.json"
-"""Written last into ``--out``: the command, its settings and the files of the run."""
+"""Written last: the command, its settings and the files of the run."""
 
 
 def default_out(args: argparse.Namespace, command: str) -> str:
@@ -218,32 +219,28 @@ def prepare_out(args: argparse.Namespace, command: str) -> list:
     return earlier
 
 
-def finish_out(args: argparse.Namespace, command: str, written: list, earlier: list) -> list:
-    """After the run wrote ``written``: remove the earlier run's files it did not rewrite and write
-    the manifest. Returns the removed files.
+def write_manifest(folder: Path, args: argparse.Namespace, command: str, names: list) -> Path:
+    """Write ``captum-relp-run.json`` into ``folder``: the command, its settings and the run's files
+    (``names``). Settings are ``args`` as given (``--out`` the user's path, wherever the files are staged).
 
     Example:
         >>> import tempfile
-        >>> out = Path(tempfile.mkdtemp()); (out / "edges_circuit_exact.png").write_bytes(b"old")
-        3
-        >>> args = argparse.Namespace(out=str(out), model="m", seed=0, overwrite=True, func=None)
-        >>> [p.name for p in finish_out(args, "edges", [], earlier_run_files(out))]
-        ['edges_circuit_exact.png']
+        >>> args = argparse.Namespace(out="results", model="m", seed=0, overwrite=True, func=None)
+        >>> path = write_manifest(Path(tempfile.mkdtemp()), args, "edges", ["edges_results.json"])
+        >>> import json; manifest = json.loads(path.read_text())
+        >>> manifest["command"], manifest["settings"]["out"], manifest["files"]
+        ('edges', 'results', ['edges_results.json'])
     """
     import json
 
     from .. import __version__
 
-    out = Path(args.out)
-    kept = {Path(p).resolve() for p in written}
-    removed = [p for p in earlier if p.resolve() not in kept and p.name != MANIFEST]
-    for path in removed:
-        path.unlink(missing_ok=True)
     plain = (str, int, float, bool, type(None))
     settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, plain)}
-    (out / MANIFEST).write_text(json.dumps({"command": command, "version": __version__, "settings": settings,
-                                            "files": [Path(p).name for p in written]}, indent=2))
-    return removed
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps({"command": command, "version": __version__, "settings": settings,
+                                "files": list(names)}, indent=2))
+    return path
 
 
 def parse_fractions(text: Optional[str]) -> Optional[list]:

@@ -17,13 +17,11 @@ from ._common import (
     add_command,
     add_rules_options,
     add_run_options,
-    finish_out,
     join_ranks,
     load_model_from_args,
     parse_list,
-    prepare_out,
-    report_written,
 )
+from ._results import ResultsFolder
 
 OUTPUTS = {
     "circuit_results.json": "settings, faithfulness/completeness curves per setting and method, cost",
@@ -82,9 +80,18 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--method: {error}") from error
     if "AP" in methods:
         raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
-    earlier = prepare_out(args, "circuit")
-    if not args.quiet:
-        _say(cost_notice(methods, args.nodes, args.n_steps))
+    with ResultsFolder(args, "circuit") as results:  # --out checked here, before the model loads
+        if not args.quiet:
+            _say(cost_notice(methods, args.nodes, args.n_steps))
+        result = _experiment(args, methods)
+        if result is not None:  # under torchrun only one rank prints and writes
+            _print_result(result)
+            results.write(lambda folder: result.save(folder, plots=not args.no_plots))
+    return 0
+
+
+def _experiment(args: argparse.Namespace, methods: list):
+    """Load the SAEs and the model, run the experiment; ``None`` on a torchrun rank that does not write."""
     saes = _saes(args) if args.nodes == "features" else None
     writes = join_ranks(args)  # under torchrun: each rank scores a shard of the batches
     model, tokenizer = load_model_from_args(args)
@@ -97,15 +104,14 @@ def run(args: argparse.Namespace) -> int:
         edge_nodes=args.edge_nodes if args.edges else 0,
         calibration_prompts=args.calibration_prompts if args.rules == "calibrated" else 0,
     )
-    if not writes:
-        return 0
+    return result if writes else None
+
+
+def _print_result(result) -> None:
     print(result.summary())
     for setting, calibration in result.config.get("calibration", {}).items():
         print(f"\ncalibrated rules for RelP, {setting} ({calibration['n_prompts']} training pairs):\n"
               f"{calibration['summary']}")
-    written = result.save(Path(args.out), plots=not args.no_plots)
-    report_written(written, finish_out(args, "circuit", written, earlier))
-    return 0
 
 
 def cost_notice(methods, nodes: str, n_steps: int) -> str:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..edges.conventions import CONVENTIONS
 from ..edges.graph import build_graph
@@ -16,14 +15,12 @@ from ._common import (
     add_command,
     add_rules_options,
     add_run_options,
-    finish_out,
     join_ranks,
     load_model_from_args,
     parse_fractions,
     parse_list,
-    prepare_out,
-    report_written,
 )
+from ._results import ResultsFolder
 
 METHOD_CHOICES = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
 
@@ -93,7 +90,16 @@ def run(args: argparse.Namespace) -> int:
     if "eap" not in methods:
         methods.insert(0, "eap")  # the cost reference
     fractions = parse_fractions(args.fractions)
-    earlier = prepare_out(args, "edges")
+    with ResultsFolder(args, "edges") as results:  # --out checked here, before the model loads
+        result = _experiment(args, methods, fractions)
+        if result is not None:  # under torchrun only one rank prints and writes
+            _print_result(result)
+            results.write(lambda folder: result.save(folder, plots=not args.no_plots, top_k=args.top_k))
+    return 0
+
+
+def _experiment(args: argparse.Namespace, methods: list, fractions):
+    """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a share of exact patching and of the curves
     model, tokenizer = load_model_from_args(args)
     words = None if args.training_words else heldout_words(args.model, args.task)
@@ -116,13 +122,12 @@ def run(args: argparse.Namespace) -> int:
         if any(w in str(error).lower() for w in ("name", "token", "noun")):
             raise CLIError(f"cannot build {args.task} prompts for this model: {error}", EXIT_TASK) from error
         raise
-    if not writes:
-        return 0
+    return result if writes else None
+
+
+def _print_result(result) -> None:
     print(result.format_table())
     if "calibration" in result.info:
         calibration = result.info["calibration"]
         print(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, {calibration['seconds']:.1f} s):\n"
               f"{calibration['summary']}")
-    written = result.save(Path(args.out), plots=not args.no_plots, top_k=args.top_k)
-    report_written(written, finish_out(args, "edges", written, earlier))
-    return 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..embedded import heldout_words
 from ..experiments.ioi import run_ioi_experiment
@@ -13,13 +12,11 @@ from ._common import (
     CLIError,
     add_command,
     add_run_options,
-    finish_out,
     join_ranks,
     load_model_from_args,
     parse_list,
-    prepare_out,
-    report_written,
 )
+from ._results import ResultsFolder
 
 RELP_PRESETS = ("relp", "relp-ah", "calibrated")
 METHOD_CHOICES = ("ap", "atp", "relp")
@@ -69,7 +66,16 @@ def run(args: argparse.Namespace) -> int:
     """
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
     methods = parse_list(args.methods.lower(), "--methods", METHOD_CHOICES)
-    earlier = prepare_out(args, "ioi")
+    with ResultsFolder(args, "ioi") as results:  # --out checked here, before the model loads
+        result = _experiment(args, rules, methods)
+        if result is not None:  # under torchrun only one rank prints and writes
+            _print_result(result)
+            results.write(lambda folder: result.save(folder, plots=not args.no_plots))
+    return 0
+
+
+def _experiment(args: argparse.Namespace, rules: list, methods: list):
+    """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts
     model, tokenizer = load_model_from_args(args)
     if not args.quiet:
@@ -85,16 +91,15 @@ def run(args: argparse.Namespace) -> int:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error
         raise
-    if not writes:
-        return 0
+    return result if writes else None
+
+
+def _print_result(result) -> None:
     print(result.format_table())
     if result.config.get("calibration"):
         calibration = result.config["calibration"]
         print(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, "
               f"{calibration['seconds']:.1f} s):\n{calibration['summary']}")
-    written = result.save(Path(args.out), plots=not args.no_plots)
-    report_written(written, finish_out(args, "ioi", written, earlier))
-    return 0
 
 
 def cost_notice(model, methods, rules, n_prompts: int, batch_size: int) -> str:

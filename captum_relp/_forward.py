@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._hooks import hooks_removed
+from ._plain_logits import agrees_with_full_logits, shown_logits
 from ._read_positions import read_positions
 from .metrics import MetricEvaluator, last_positions, tile_rows
 
@@ -349,11 +350,18 @@ def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
     or found on a probe, :mod:`captum_relp._read_positions`), handed to it as ``(rows, T', V)``
     (``T' = T``, or the suffix from its first read position when the probes show it gives the
     same values there) whose other positions repeat the single read position or are NaN. Full
-    logits when the positions are unknown."""
+    logits when the positions are unknown.
+
+    Positions found on a probe are checked in every real run (:func:`~captum_relp._plain_logits.agrees_with_full_logits`):
+    a metric that chooses its positions from the logit values reads other positions on real
+    logits than on the probes, and then gets the full logits, in this run and every later one.
+    Without gradients (activation patching) such a metric gets the full logits directly: the
+    check would cost the full unembedding, and the saving is in the backward pass."""
     head = _free_head(forward_func, layers)
     if head is None or evaluator.metric is None or not isinstance(getattr(head, "weight", None), Tensor):
         yield False
         return
+    probed = getattr(evaluator, "logit_positions", None) is None
     state: dict = {}
 
     def on_model(module, args, kwargs):
@@ -361,8 +369,11 @@ def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
 
     def on_head(module, args):
         hidden = args[0]
-        if hidden.dim() != 3 or state.get("skip") or not hidden.shape[0]:
+        if state.get("inner") or hidden.dim() != 3 or state.get("skip") or not hidden.shape[0]:
             return None
+        if probed and (not torch.is_grad_enabled() or evaluator.__dict__.get("value_dependent")):
+            return None  # no backward to save (the check would cost the full head), or shown once to
+            #              differ from the full logits: full logits
         weight = head.weight
         found = read_positions(evaluator, offset + hidden.shape[1], weight.shape[0], weight.dtype, weight.device)
         if found is None or found[1] < offset:  # a suffix run shows the metric no earlier position
@@ -371,22 +382,27 @@ def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         local = [p - begin for p in positions]  # positions in the logits the metric is shown
         rows, index = _head_rows(hidden[:, [p - offset for p in positions]].reshape(-1, hidden.shape[2]))
         state["layout"] = (hidden.shape[0], offset + hidden.shape[1] - begin, local, index)
+        state["hidden"] = hidden if probed and offset == 0 else None
         return (rows,) + tuple(args[1:])
 
     def after_head(module, args, output):
-        layout = state.pop("layout", None)
+        if state.get("inner"):
+            return None
+        layout, hidden = state.pop("layout", None), state.pop("hidden", None)
         if layout is None or not isinstance(output, Tensor) or not output.shape[0]:
             return None
-        rows, length, local, count = layout
-        picked = output[:count].reshape(rows, len(local), output.shape[-1])
-        if len(local) == length:  # the metric is shown exactly the positions computed
-            return picked
-        if len(local) == 1:  # a view: no (rows, T, V) tensor is allocated
-            return picked.expand(rows, length, output.shape[-1])
-        filled = torch.cat([picked, picked.new_full((rows, 1, output.shape[-1]), math.nan)], dim=1)
-        where = torch.full((length,), len(local), dtype=torch.long, device=output.device)
-        where[local] = torch.arange(len(local), device=output.device)
-        return filled[:, where]
+        shown = shown_logits(output, *layout)
+        if hidden is None:
+            return shown
+        state["inner"] = True
+        try:
+            full = head(hidden)
+        finally:
+            state["inner"] = False
+        if agrees_with_full_logits(evaluator, shown, full):
+            return shown
+        evaluator.__dict__["value_dependent"] = True
+        return full
 
     with hooks_removed() as handles:
         handles += [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]

@@ -12,9 +12,9 @@ every other position set to NaN, +inf, -inf and to other finite values, the metr
 return exactly the same values. Anything else (the metric raises on a probe, returns
 non-finite values, changes under a verification probe, reads every position, reads none,
 or needs more than ``PROBES_PER_LEVEL * (log2(T) + 1)`` evaluations) gives ``None``: the full logits are
-computed. Positions the metric chooses from the logit *values* cannot be found this way;
-pass ``logit_positions=`` for such a metric, or run it under
-:func:`captum_relp._forward.full_logits`.
+computed. Positions the metric chooses from the logit *values* cannot be found this way, so
+positions found here are checked against the full logits in every real run
+(:mod:`captum_relp._plain_logits`); a metric that fails the check gets the full logits.
 
 An explicit ``logit_positions`` is checked with the same verification probes and raises a
 ``ValueError`` naming the argument when the metric reads elsewhere.

@@ -61,7 +61,9 @@ def test_plain_metric_equal_to_full_logits(family, cls, direction):
             assert all(torch.equal(f, r) for f, r in zip(fast, ref)), (name, given)
             # the run without the metric (corrupt; clean for denoising) computes no logits at all
             expected = clean.numel() if positions is None else 8  # 3 or 6 rows, padded to whole blocks of 8
-            assert rows == [0, expected], (name, rows)
+            # positions found on a probe are checked against the full logits of the same run
+            check = [clean.numel()] if given is None and positions is not None else []
+            assert rows == [0, expected] + check, (name, rows)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -72,9 +74,9 @@ def test_plain_metric_ap_and_ig_equal_to_full_logits(family):
     layers, flags = [parts.blocks[1], parts.mlp[0]], [True, False]
     for cls, name in [(c, n) for c in (LayerActivationPatching, LayerIntegratedGradientsPatching)
                       for n in ("two", "last")]:
-        metric, _ = METRICS[name]
+        metric, positions = METRICS[name]  # declared: no check against the full logits
         with _HeadRows(model) as rows:
-            fast = _attribute(cls, model, layers, flags, clean, corrupt, metric=metric)
+            fast = _attribute(cls, model, layers, flags, clean, corrupt, metric=metric, logit_positions=positions)
         with full_logits(), _HeadRows(model) as full_rows:
             ref = _attribute(cls, model, layers, flags, clean, corrupt, metric=metric)
         assert rows and sum(rows) < sum(full_rows) / 2, (cls, name, rows, full_rows)  # 1 or 2 of 7 positions
@@ -144,3 +146,60 @@ def test_check_positions_catches_value_sensitive_reads():
     with pytest.raises(ValueError, match="logit_positions"):
         check_positions(metric, (7,), 3, 8, 5)
     assert search_positions(metric, 3, 8, 5) is None
+
+
+def _top_token_position(token):
+    """Reads the first position whose largest logit is ``token`` (else the last): chosen from the values."""
+    def metric(logits):
+        top = logits.argmax(-1) == token
+        first = torch.where(top.any(1), top.float().argmax(1), logits.shape[1] - 1)
+        return logits[torch.arange(logits.shape[0]), first, 4]
+    return metric
+
+
+def _first_confident_position(token, threshold):
+    """Reads the first position whose ``token`` probability passes ``threshold`` (else the last)."""
+    def metric(logits):
+        passed = logits.softmax(-1)[:, :, token] > threshold
+        first = torch.where(passed.any(1), passed.float().argmax(1), logits.shape[1] - 1)
+        return logits[torch.arange(logits.shape[0]), first, token] - logits[:, -1, 6]
+    return metric
+
+
+def _fooling_threshold(logits):
+    """A token and threshold that an earlier position passes, the last position and the
+    probes' uniform probabilities (1 / V) do not."""
+    probs = logits.softmax(-1)
+    floor = probs[:, -1].amax(0).clamp(min=1.0 / logits.shape[-1])
+    earlier = probs[:, :-1].amax((0, 1))
+    token = int((earlier - floor).argmax())
+    assert earlier[token] > floor[token]
+    return token, float(earlier[token] + floor[token]) / 2
+
+
+@pytest.mark.parametrize("kind", ["top-token-position", "threshold-position"])
+@pytest.mark.parametrize("cls", [LayerRelevancePatching, LayerAttributionPatching, LayerActivationPatching,
+                                 LayerIntegratedGradientsPatching])
+def test_metric_choosing_positions_from_values_equals_full_logits(cls, kind):
+    """Metrics whose read positions depend on the logit values: the probes find other positions
+    than the real logits pick, and the scores must still equal the full-logits path."""
+    model = build_model("gpt2")
+    clean, corrupt = token_pair()
+    layers = model_components(model).mlp
+    with torch.no_grad(), full_logits():
+        logits = model(clean).logits
+    if kind == "top-token-position":  # the token most often on top before the last position
+        metric = _top_token_position(int(logits[:, :-1].argmax(-1).flatten().mode().values))
+    else:
+        metric = _first_confident_position(*_fooling_threshold(logits))
+    # the case the check exists for: the probes find only the last position, the real logits
+    # make the metric read an earlier one
+    assert search_positions(metric, clean.shape[0], clean.shape[1], VOCAB) == (clean.shape[1] - 1,)
+    with torch.no_grad():
+        assert not torch.equal(metric(logits), metric(logits[:, -1:].expand_as(logits)))
+    fast = cls(model, layers).attribute(clean, baselines=corrupt, metric=metric)
+    with full_logits():
+        ref = cls(model, layers).attribute(clean, baselines=corrupt, metric=metric)
+    assert any(r.abs().max() > 1e-4 for r in ref)
+    for f, r in zip(fast, ref):
+        assert torch.allclose(f, r, rtol=1e-6, atol=1e-6 * float(r.abs().max())), cls

@@ -175,6 +175,8 @@ def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
         keep = [i for i, (_, block) in enumerate(labels) if block in opts.block_subset]
         layers, flags, labels = [layers[i] for i in keep], [flags[i] for i in keep], [labels[i] for i in keep]
     metric = logit_diff(correct, wrong)
+    if opts.metric != "library":  # the same logit difference as a plain callable, as users write one
+        metric = lambda logits: logits[:, -1, correct] - logits[:, -1, wrong]  # noqa: E731
     counter = PassCounter(model).__enter__()
     meter = MemoryMeter(opts.device)
 
@@ -187,6 +189,8 @@ def run_method(method: str, opts: argparse.Namespace) -> Dict[str, Any]:
             options["reduce"] = opts.reduce
         if method == "AP":
             options["use_cache"] = opts.ap_use_cache
+    if opts.metric == "plain-declared":
+        options["logit_positions"] = [-1]
     attribution = LIBRARY_METHODS[method].build(model, layers)
     call = lambda: attribution.attribute(  # noqa: E731
         clean, baselines=corrupt, attribute_to_layer_input=flags, metric=metric, **options)
@@ -231,7 +235,7 @@ def _worker_args(opts: argparse.Namespace, method: str) -> List[str]:
             "--seq-len", str(opts.seq_len), "--repeats", str(opts.repeats), "--ig-steps", str(opts.ig_steps),
             "--ap-batch-size", str(opts.ap_batch_size),
             "--ap-reuse-prefix", "true" if opts.ap_reuse_prefix else "false",
-            "--threads", str(opts.threads), "--reduce", opts.reduce, "--arch", opts.arch,
+            "--threads", str(opts.threads), "--reduce", opts.reduce, "--arch", opts.arch, "--metric", opts.metric,
             "--ap-use-cache", "true" if opts.ap_use_cache else "false", "--impl", opts.impl,
             "--blocks", opts.blocks]
     if opts.small:
@@ -295,6 +299,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of AP,IG,AtP,RelP")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of AtP/RelP (median reported)")
     p.add_argument("--ig-steps", type=int, default=10)
+    p.add_argument("--metric", choices=["library", "plain", "plain-declared"], default="library",
+                   help="logit_diff (default); the same metric as a plain callable, whose read positions "
+                        "are found on probes and checked against the full logits in every run ('plain'), "
+                        "or declared with logit_positions=[-1] ('plain-declared')")
     p.add_argument("--ap-prompts", type=int, default=0,
                    help="run AP on the first N prompts only; full time extrapolated per prompt")
     p.add_argument("--ig-prompts", type=int, default=0,

@@ -7,7 +7,7 @@ tokenizer and the config. transformers dequantizes the architectures it knows
 plain float model: the attributions explain *that* model, which differs from
 the unquantized original by the quantization error.
 
-Before a model is built the file is checked (:mod:`captum_relp.embedded._gguf_checks`): a
+Before a model is built the file is checked (``captum_relp.embedded._gguf_checks``): a
 truncated or damaged file, a tensor the metadata does not ask for, one of another shape, or a
 missing one raises :class:`GGUFFileError` naming the file, the tensor, what was expected and what
 was found; no weight is ever left at random initialisation.
@@ -18,11 +18,11 @@ converted folder's ``config.json`` and the experiments record in their results.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ._cache import file_sha256
 from ._gguf_checks import GGUFFileError, check_against_config, check_loading_info, read_checked
 
 CARD_KEY = "relp_model_card"
@@ -37,24 +37,6 @@ def is_gguf(name: Any) -> bool:
         (True, False, False)
     """
     return isinstance(name, (str, Path)) and str(name).lower().endswith(".gguf")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks.
-
-    Example:
-        >>> import tempfile, os
-        >>> with tempfile.NamedTemporaryFile(delete=False) as f:
-        ...     _ = f.write(b"abc")
-        >>> file_sha256(Path(f.name))[:12]
-        'ba7816bf8f01'
-        >>> os.remove(f.name)
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _supported_architectures() -> list:
@@ -298,7 +280,10 @@ def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
 
     The folder's ``config.json`` keeps the model card under ``relp_model_card``, so a model
     loaded from it still records where its weights came from. The folder is written next
-    to ``out_dir`` and renamed into place, so an interrupted conversion leaves no half folder.
+    to ``out_dir``, closed by a record of its files (``captum-relp-complete.json``: bytes and
+    sha256, written last), checked and renamed into place; an older ``out_dir`` is renamed away
+    before and removed after. An interrupted conversion leaves the old folder or the new one,
+    never a half folder (``captum_relp.embedded._cache``).
 
     Args:
         path: the ``.gguf`` file.
@@ -313,16 +298,21 @@ def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
     """
     import shutil
 
+    from . import _cache
+
     out_dir = Path(out_dir)
     card = {**gguf_card(path, source=source, sha256=sha256), **(card or {})}
     model, tokenizer = load_gguf(path, "cpu", "float32", card=card)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
-    return out_dir
+    _cache.remove_leftovers(out_dir)
+    staging = _cache.staging_folder(out_dir)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _cache.write_record(staging)
+        return _cache.install(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def model_card(model: Any) -> Optional[Dict[str, Any]]:

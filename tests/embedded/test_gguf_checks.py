@@ -6,6 +6,7 @@ and a file missing tensors all fail before the model is built, and the CLI exits
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -108,3 +109,11 @@ def test_an_intact_file_still_loads_every_weight_from_the_file(tiny):
     assert np.array_equal(model.model.layers[0].post_attention_layernorm.weight.detach().numpy(), norm)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: no output.weight in the file
 
+
+
+@pytest.mark.parametrize("package", ["gguf", "accelerate"])
+def test_a_missing_extra_is_named_with_its_install_command(package, tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+    code, err = _cli(tiny, tmp_path, capsys)
+    assert code == EXIT_USAGE
+    assert f"needs the optional package {package}, which is not installed: pip install \"captum-relp[gguf]\"" in err

@@ -67,7 +67,9 @@ def staging_folder(target: Path) -> Path:
         True
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:12]}")
+    staging.mkdir()  # the usual permissions (umask), not mkdtemp's owner-only ones
+    return staging
 
 
 def write_record(folder: Path) -> Dict[str, Dict[str, object]]:
@@ -170,5 +172,5 @@ def check_writable(folder: Path, fix: str) -> None:
                               f"{fix}") from error
 
 
-__all__ = ["RECORD", "check_writable", "file_sha256", "folder_problem", "install", "remove_leftovers", "staging_folder",
-           "write_record"]
+__all__ = ["RECORD", "check_writable", "file_sha256", "folder_problem", "install", "remove_leftovers",
+           "staging_folder", "write_record"]

@@ -217,25 +217,25 @@ def _check_shapes(path: Path, found: Dict[str, Tuple[int, ...]], names: Dict[str
 
 
 def _check_complete(path: Path, found: Dict[str, Tuple[int, ...]], names: Dict[str, str],
-                    skeleton: Any, config: Any) -> None:
-    """Every parameter and persistent buffer is filled from the file, directly or through a tied one."""
+                    expected: Dict[str, Tuple[int, ...]], skeleton: Any, config: Any) -> None:
+    """Every parameter and persistent buffer (``expected``) is filled from the file, directly or
+    through one tied to it."""
     filled = {names[name] for name in found}
     derived = _derived(skeleton)
     gguf_name = {key: name for name, key in names.items()}
-    state = skeleton.state_dict()
     missing = []
     for group in _tied_groups(skeleton):
-        keys = [k for k in group if k in state]
+        keys = [k for k in group if k in expected]
         if keys and not filled.intersection(group) and not any(re.search(p, k) for p in derived for k in keys):
             missing.append(keys[0])
     if missing:
         wanted = [f"{gguf_name[key]!r} (for {key})" if key in gguf_name else f"for {key}" for key in missing]
-        raise GGUFFileError(f"{path}: the file has no tensor {_shown(wanted, quote=False)}; expected every weight of the "
-                            f"model its metadata describes ({metadata_summary(config)}), found "
+        raise GGUFFileError(f"{path}: the file has no tensor {_shown(wanted, quote=False)}; expected every "
+                            f"weight of the model its metadata describes ({metadata_summary(config)}), found "
                             f"{len(found)} tensors; loading it would leave these weights random")
 
 
-def check_against_config(path: Path, reader: Any, config: Any, architecture: str) -> Dict[str, str]:
+def check_against_config(path: Path, reader: Any, config: Any, architecture: str) -> None:
     """The file's tensors against the model its metadata describes, before that model is built.
 
     Args:
@@ -244,9 +244,6 @@ def check_against_config(path: Path, reader: Any, config: Any, architecture: str
         config: the config transformers reads from the file (``AutoConfig.from_pretrained(...,
             gguf_file=...)``).
         architecture: the file's ``general.architecture``.
-
-    Returns:
-        ``{model key: gguf tensor name}`` for every key the file fills.
 
     Raises:
         GGUFFileError: for a tensor the model does not use, one of the wrong shape, or a weight
@@ -258,8 +255,7 @@ def check_against_config(path: Path, reader: Any, config: Any, architecture: str
     expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
     _check_names(path, found, names, config)
     _check_shapes(path, found, names, expected, _transposed(skeleton), config)
-    _check_complete(path, found, names, skeleton, config)
-    return {names[name]: name for name in found}
+    _check_complete(path, found, names, expected, skeleton, config)
 
 
 def check_loading_info(path: Path, info: Dict[str, Any]) -> None:

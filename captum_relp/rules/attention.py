@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .base import Rule, UndoFn
+from .base import Rule, UndoFn, UnsupportedModuleError
 
 _PREFIX = "relp_ah_"
 _CALLS = [0]  # calls of the AH wrappers, so a forward that never reached one is caught
@@ -98,19 +98,23 @@ class AHRule(Rule):
         if original is not None and original.startswith(_PREFIX):
             return lambda: None
         config._attn_implementation = register_ah_attention(str(original or "eager"))
-        removers = _require_wrapper_calls(module)
-        removers.append(partial(setattr, config, "_attn_implementation", original))
-
-        def undo() -> None:
-            for remove in removers:
-                remove()
-        return undo
+        return partial(setattr, config, "_attn_implementation", original)
 
 
-def _require_wrapper_calls(model: nn.Module) -> list:
+def require_ah_calls(model: nn.Module) -> UndoFn:
     """Hooks that raise when a forward pass of ``model`` never called an AH wrapper: its attention
     does not go through ``AttentionInterface`` (on this transformers release), so the AH-rule would
-    silently not be applied. Returns the hooks' removers."""
+    silently not be applied. Returns the undo function that removes them.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)  # no attention at all: the wrapper is never called
+        >>> undo = require_ah_calls(net)
+        >>> net(torch.ones(2))  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        UnsupportedModuleError: the AH-rule (rules 'relp-ah') cannot be applied to Linear ...
+        >>> undo()
+    """
     start = [0]
 
     def before(module: nn.Module, args: Any) -> None:
@@ -120,15 +124,18 @@ def _require_wrapper_calls(model: nn.Module) -> list:
         if _CALLS[0] == start[0]:
             import transformers
 
-            from .composites import UnsupportedModuleError  # composites imports this module
-
             raise UnsupportedModuleError(
                 f"the AH-rule (rules 'relp-ah') cannot be applied to {type(module).__name__} with transformers "
                 f"{transformers.__version__}: its attention is computed in its own code, not through "
                 f"transformers' AttentionInterface, so attention probabilities would not be held constant. "
                 f"Use rules='relp', or a transformers release the family table supports")
 
-    return [model.register_forward_pre_hook(before).remove, model.register_forward_hook(after).remove]
+    removers = [model.register_forward_pre_hook(before).remove, model.register_forward_hook(after).remove]
+
+    def undo() -> None:
+        for remove in removers:
+            remove()
+    return undo
 
 
 def qk_column_mask(layout: str, width: int, heads: int = 1, kv_heads: Optional[int] = None) -> torch.Tensor:

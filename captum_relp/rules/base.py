@@ -131,3 +131,8 @@ def set_instance_attribute(module: nn.Module, name: str, value: Any) -> UndoFn:
             module.__dict__.pop(name, None)
 
     return undo
+
+
+class UnsupportedModuleError(TypeError):
+    """Raised in strict mode when a model holds modules that no rule covers, or when a rule
+    cannot be applied to a model exactly (the AH-rule on attention computed in its own code)."""

@@ -18,8 +18,8 @@ from typing import (AbstractSet, Callable, Dict, Iterator, List, Optional, Proto
 from torch import nn
 
 from .. import families
-from .attention import AHRule
-from .base import Rule, ZeroRule
+from .attention import AHRule, require_ah_calls
+from .base import Rule, UnsupportedModuleError, ZeroRule
 from .nonlinear import GATED_MLP_ATTRIBUTES
 from .registry import needs_rule, registered_category, registry_entry, type_key
 
@@ -237,10 +237,6 @@ def resolve_rules(rules: RulesLike) -> RuleSet:
 
 
 
-class UnsupportedModuleError(TypeError):
-    """Raised in strict mode when a model holds modules that no rule covers."""
-
-
 def check_coverage(model: nn.Module, ruleset: RuleSet, strict: bool = True) -> None:
     """Raise (strict) or warn about normalisation/activation/gate modules with no rule.
 
@@ -346,6 +342,8 @@ def apply_rules(
         if ruleset.attention is not None and families.switches_attention_function(model) and (
                 hf_config or not per_module_attention):
             undos.append(ruleset.attention.apply(model))
+            if hf_config and not per_module_attention and isinstance(ruleset.attention, AHRule):
+                undos.append(require_ah_calls(model))  # attention that bypasses the wrapper raises
         undos += [rule.apply(model) for rule in families.model_rules(model, ruleset.categories)]
         yield ruleset
     finally:

@@ -72,6 +72,13 @@ def test_the_scan_finds_a_private_method():
     assert "_attn_implementation" in _private_attributes()  # the scan sees the recorded one
 
 
+def test_every_recorded_internal_exists():
+    for key, use in TRANSFORMERS_INTERNALS.items():
+        owner, name = key.split(".")
+        assert hasattr(getattr(transformers, owner), name), (
+            f"transformers {transformers.__version__} has no {key}, which captum-relp uses for: {use}")
+
+
 def test_recorded_attention_implementation_switch_still_works():
     """``config._attn_implementation`` names the function the model calls, and can be set."""
     key = "PretrainedConfig._attn_implementation"

@@ -73,14 +73,16 @@ def require_gguf_packages(what: str) -> None:
 
     Example:
         >>> import sys
-        >>> saved, sys.modules["accelerate"] = sys.modules.get("accelerate"), None  # as if not installed
+        >>> saved = {name: sys.modules.get(name) for name in ("gguf", "accelerate")}
+        >>> sys.modules.update(gguf=None, accelerate=None)  # as if neither were installed
         >>> try:
         ...     require_gguf_packages("loading x.gguf")
         ... except ImportError as error:
         ...     print(error)
         ... finally:
-        ...     _ = sys.modules.pop("accelerate") if saved is None else sys.modules.update(accelerate=saved)
-        loading x.gguf needs the optional package accelerate, which is not installed: pip install "captum-relp[gguf]" (in a clone of the repository: pip install -e ".[gguf]")
+        ...     for name, module in saved.items():
+        ...         _ = sys.modules.pop(name) if module is None else sys.modules.update({name: module})
+        loading x.gguf needs the optional packages gguf, accelerate, which are not installed: pip install "captum-relp[gguf]" (in a clone of the repository: pip install -e ".[gguf]")
     """
     missing = missing_gguf_packages()
     if missing:

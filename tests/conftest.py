@@ -1,9 +1,6 @@
 """Tiny random models of every supported family, built from configs (no downloads)."""
 from __future__ import annotations
 
-import importlib.util
-import re
-
 import pytest
 import torch
 import transformers
@@ -14,9 +11,7 @@ from captum_relp.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
 
 VOCAB = 64
 
-OPTIONAL_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "nnsight": "nnsight",
-                     "transformer_lens": "transformer-lens"}
-"""``{importable name: the extra that installs it}`` for docstring examples that need one."""
+FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
 
 
 @pytest.fixture(autouse=True)
@@ -24,22 +19,6 @@ def _in_a_temporary_folder(tmp_path_factory, monkeypatch):
     """Every test runs in a fresh temporary folder: nothing it writes lands in the working folder,
     and nothing already there (such as the quick start's ``relp-out/``) changes its outcome."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Skip, with a reason, the docstring examples that import an optional package that is missing."""
-    for item in items:
-        examples = getattr(getattr(item, "dtest", None), "examples", None)
-        if not examples:
-            continue
-        source = "".join(example.source for example in examples)
-        for name, extra in OPTIONAL_PACKAGES.items():
-            if re.search(rf"\b(import|from) {name}\b|import [\w, ]*\b{name}\b", source) and \
-                    importlib.util.find_spec(name) is None:
-                item.add_marker(pytest.mark.skip(
-                    reason=f"needs the optional package {name} (pip install -e '.[{extra}]')"))
-
-FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
 
 
 def build_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, n_layers: int = 2):

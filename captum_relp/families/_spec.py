@@ -85,21 +85,32 @@ class EdgeParts:
 
     Attributes:
         qkv: projection layout: ``"conv1d"`` (GPT-2 ``c_attn``), ``"neox"`` (per-head fused
-            ``query_key_value``) or ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
+            ``query_key_value``), ``"fused"`` (one ``qkv_proj``, rows ``[q | k | v]``, Phi-3) or
+            ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
         embed: embedding modules (relative to the base model) whose outputs are summed; a
             second entry is indexed by positions.
-        norms: pre-attention and pre-MLP norm of a block.
+        norms: pre-attention and pre-MLP norm of a block (``None``: the block reads the
+            residual stream unnormalised, OLMo-2).
         final_norm: the final norm (relative to the base model).
         rotary: the rotary embedding (relative to the base model), if any.
-        qk_norm: per-head norms of queries and keys (``q_norm``, ``k_norm``; Qwen3).
+        qk_norm: norms of queries and keys (``q_norm``, ``k_norm``): ``"head"`` (per head, Qwen3,
+            Gemma-3) or ``"full"`` (over all heads' queries or keys at once, OLMo-2: each head's
+            query is then normalised together with the queries its own input would give the other
+            heads).
+        post_norms: norms of the attention and MLP outputs before the residual add ("sandwich"
+            blocks, Gemma-2, OLMo-2). A node's output is then what it adds to the residual
+            stream: a head's share of the post-norm's output (:func:`captum_relp.edges._parts.split_through_norm`).
+        clip_qkv: config value of a clamp on queries, keys and values (OLMo ``clip_qkv``).
     """
 
     qkv: str
     embed: Tuple[str, ...]
-    norms: Tuple[str, str]
+    norms: Tuple[Optional[str], Optional[str]]
     final_norm: str
     rotary: Optional[str] = None
-    qk_norm: bool = False
+    qk_norm: Optional[str] = None
+    post_norms: Tuple[str, ...] = ()
+    clip_qkv: ConfigValue = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ model type not listed is refused in strict mode.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from ._spec import Attention, EdgeParts, Family, Norm
 
@@ -14,8 +14,15 @@ _LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # plain gradient: see Family.qk_norms
 
 
-def _llama_edges(qk_norm: bool = False) -> EdgeParts:
-    return EdgeParts("separate", ("embed_tokens",), _LLAMA_NORMS, "norm", "rotary_emb", qk_norm)
+_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def _llama_edges(qk_norm: Optional[str] = None, norms=_LLAMA_NORMS, **extra) -> EdgeParts:
+    """Edge-graph parts of a Llama-style decoder (separate projections, final ``norm``, ``rotary_emb``)."""
+    return EdgeParts("separate", ("embed_tokens",), norms, "norm", "rotary_emb", qk_norm, **extra)
+
+
+_SANDWICH = dict(norms=("input_layernorm", "pre_feedforward_layernorm"), post_norms=_POST_NORMS)
 
 
 def _llama_like(model_type: str, prefix: str, **extra) -> Family:
@@ -40,6 +47,7 @@ def _falcon_layout(config) -> str:
 
 _SLIDING = Attention(sliding_window="@sliding_window")
 _GEMMA2_ATTN = Attention(softcap="attn_logit_softcapping", sliding_window="@sliding_window")
+_GEMMA3_ATTN = Attention(sliding_window="@sliding_window")  # its config has attn_logit_softcapping, unused
 
 _ENTRIES = (
     Family("gpt2", "h", "attn", "attn.c_proj", "mlp",
@@ -54,22 +62,24 @@ _ENTRIES = (
     _llama_like("llama", "Llama", edges=_llama_edges()),
     _llama_like("mistral", "Mistral", attn=_SLIDING, edges=_llama_edges()),
     _llama_like("qwen2", "Qwen2", attn=_SLIDING, edges=_llama_edges()),
-    _llama_like("qwen3", "Qwen3", attn=_SLIDING, edges=_llama_edges(qk_norm=True),
+    _llama_like("qwen3", "Qwen3", attn=_SLIDING, edges=_llama_edges("head"),
                 qk_norms=_QK_NORMS),
     _llama_like("gemma", "Gemma", norms=(Norm("GemmaRMSNorm", weight_offset=1.0),),
                 structural=("GemmaTextScaledWordEmbedding",), embed_scale=True, edges=_llama_edges()),
     _llama_like("gemma2", "Gemma2", norms=(Norm("Gemma2RMSNorm", weight_offset=1.0),),
                 structural=("Gemma2TextScaledWordEmbedding",), embed_scale=True, attn=_GEMMA2_ATTN,
-                logit_softcap="final_logit_softcapping", post_norms=True),
+                logit_softcap="final_logit_softcapping", post_norms=True, edges=_llama_edges(**_SANDWICH)),
     _llama_like("gemma3_text", "Gemma3", modeling="gemma3.modeling_gemma3",
                 norms=(Norm("Gemma3RMSNorm", weight_offset=1.0),),
-                structural=("Gemma3TextScaledWordEmbedding",), embed_scale=True, attn=_GEMMA2_ATTN,
-                logit_softcap="final_logit_softcapping", post_norms=True, qk_norms=_QK_NORMS),
+                structural=("Gemma3TextScaledWordEmbedding",), embed_scale=True, attn=_GEMMA3_ATTN,
+                logit_softcap="final_logit_softcapping", post_norms=True, qk_norms=_QK_NORMS,
+                edges=_llama_edges("head", **_SANDWICH)),
     Family("phi", "layers", "self_attn", "self_attn.dense", "mlp", parallel_residual=True,
            kv_heads="@num_key_value_heads", qk_norms=("self_attn.q_layernorm", "self_attn.k_layernorm")),
     _llama_like("phi3", "Phi3", gated_mlp=("Phi3MLP", "gate_up_proj"), attn=_SLIDING),
     _llama_like("olmo", "Olmo", norms=(Norm("OlmoLayerNorm", rms=False, eps=1e-5),)),
-    _llama_like("olmo2", "Olmo2", post_norms=True, qk_norms=_QK_NORMS),
+    _llama_like("olmo2", "Olmo2", post_norms=True, qk_norms=_QK_NORMS,
+                edges=_llama_edges("full", norms=(None, None), post_norms=_POST_NORMS)),
     Family("starcoder2", "layers", "self_attn", "self_attn.o_proj", "mlp", attn=_SLIDING,
            kv_heads="@num_key_value_heads"),
     Family("gpt_bigcode", "h", "attn", "attn.c_proj", "mlp",
@@ -103,7 +113,8 @@ FAMILY_TABLE: Dict[str, Family] = {family.model_type: family for family in _ENTR
 TRANSFORMERS_INTERNALS: Dict[str, str] = {
     "PretrainedConfig._attn_implementation":
         "the name of the attention function a model calls: the AH-rule (rules 'relp-ah') sets it to a "
-        "registered wrapper that passes detached queries and keys, and restores it afterwards",
+        "registered wrapper that passes detached queries and keys, and restores it afterwards; edge graphs "
+        "read it to take the softmax in float32 where the model's eager attention does",
     "PreTrainedModel._keys_to_ignore_on_load_missing":
         "weights a model class computes itself rather than loads: a GGUF file is not required to hold "
         "them, every other weight must come from the file",

@@ -29,11 +29,11 @@ def _float32_norms(model_type: str) -> bool:
     return any(norm.float32 and norm.rms for norm in FAMILY_TABLE[model_type].norms)
 
 
-def exact_vs_hooks(model_type: str, float64: bool) -> float:
+def exact_vs_hooks(model_type: str, float64: bool, **overrides) -> float:
     """Max |exact_edge_scores - hook recomputation| over :data:`EDGES` that the graph has."""
     context = float64_norms(model_type) if float64 else contextlib.nullcontext()
     with context:
-        model = tiny_model(model_type)
+        model = tiny_model(model_type, **overrides)
         clean, corrupt, mask = token_pair()
         graph = build_graph(model)
         names = {graph.edge_name(u, v): (u, v) for u, v in graph.edges()}
@@ -42,10 +42,10 @@ def exact_vs_hooks(model_type: str, float64: bool) -> float:
         for e in chosen:
             subset[names[e]] = True
         exact = exact_edge_scores(model, graph, clean, corrupt, METRIC, mask, edges=subset).scores
-        errors = [abs(exact[names[e]].item() - hook_edge_effect(model, METRIC, clean, corrupt, mask, *e.split("->")))
-                  for e in chosen]
+        effects = [hook_edge_effect(model, METRIC, clean, corrupt, mask, *e.split("->")) for e in chosen]
     assert len(chosen) >= 7, chosen
-    return max(errors)
+    assert min(abs(e) for e in effects) > 1e-12, effects  # every chosen edge has an effect to compare
+    return max(abs(exact[names[e]].item() - effect) for e, effect in zip(chosen, effects))
 
 
 @pytest.mark.parametrize("model_type", EDGE_FAMILIES)
@@ -53,6 +53,16 @@ def test_exact_edge_equals_hook_recomputation(model_type):
     assert exact_vs_hooks(model_type, float64=True) < 1e-10
     if _float32_norms(model_type):
         assert exact_vs_hooks(model_type, float64=False) < 1e-6
+
+
+def test_exact_edge_with_clamped_qkv():
+    """OLMo's ``clip_qkv`` clamps queries, keys and values (0.05: active on the tiny model)."""
+    model = tiny_model("olmo", clip_qkv=0.05)
+    clean, _, mask = token_pair()
+    with torch.no_grad():
+        assert not torch.equal(model(clean, attention_mask=mask).logits,
+                               tiny_model("olmo")(clean, attention_mask=mask).logits)
+    assert exact_vs_hooks("olmo", float64=True, clip_qkv=0.05) < 1e-10
 
 
 def edge_vs_node(model_type: str, method: str) -> float:

@@ -93,7 +93,7 @@ class Parts:
         self.blocks = list(_path(base, self.family.blocks))
         self.final_norm = _path(base, self.spec.final_norm)
         self.rotary_module = _path(base, self.spec.rotary) if self.spec.rotary else None
-        if not self.spec.qk_norm and getattr(self.attention(0), "q_norm", None) is not None:
+        if not self.spec.qk_norm and getattr(self.attention(0), self.spec.qk_norm_modules[0], None) is not None:
             raise ValueError(f"{graph.family}: attention with q/k norms needs qk_norm in its edge-graph parts")
         for layer in range(len(self.blocks)):
             for norm in self.post_norms(layer) or ():
@@ -119,7 +119,18 @@ class Parts:
 
     def norms(self, layer: int):
         """The pre-attention and pre-MLP norm of a block (the identity where a block has none)."""
-        return tuple(_path(self.blocks[layer], name) if name else _identity for name in self.spec.norms)
+        names = (config_value(self.config, name) for name in self.spec.norms)
+        return tuple(_path(self.blocks[layer], name) if name else _identity for name in names)
+
+    def o_proj(self, layer: int) -> nn.Module:
+        """The attention output projection (its input holds the heads)."""
+        return _path(self.blocks[layer], self.family.o_proj)
+
+    def qk_norms(self, layer: int):
+        """The norms of queries and keys of a layer, or None where the model has none."""
+        attn = self.attention(layer)
+        q, k = (getattr(attn, name, None) for name in self.spec.qk_norm_modules)
+        return None if q is None else (q, k)
 
     def post_norms(self, layer: int):
         """The norms of the attention and MLP outputs before the residual add, or None."""
@@ -171,7 +182,8 @@ class Parts:
         for (weight, bias), n in zip(rows, (H, K, K)):
             ws.append(weight.reshape(n, D, weight.shape[1]).transpose(1, 2))
             bs.append(None if bias is None else bias.reshape(n, D))
-        w_o, b_o = attn.o_proj.weight.t().reshape(H, D, -1), attn.o_proj.bias
+        o_proj = self.o_proj(layer)
+        w_o, b_o = o_proj.weight.t().reshape(H, D, -1), o_proj.bias
         return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], w_o, b_o
 
 

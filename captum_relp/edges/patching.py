@@ -116,11 +116,26 @@ def _qkv(parts: Parts, layer: int, normed: Tensor):
         q = _project(normed[:, :, :H], w_q, b_q)
         k = _project(normed[:, :, H:H + K], w_k, b_k)
     v = _project(normed[:, :, H + K:], w_v, b_v)
-    if parts.spec.qk_norm == "head":  # per-head norms of queries and keys (Qwen3), before the rotation
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    norms = parts.qk_norms(layer) if parts.spec.qk_norm == "head" else None
+    if norms is not None:  # per-head norms of queries and keys (Qwen3), before the rotation
+        b, _, t, d = k.shape  # ungrouped: the inputs of a group through its key norm (one per group)
+        q, k = norms[0](q), norms[1](k.reshape(b, g.n_kv_heads, -1, d)).reshape(b, K, t, d)
     if parts.clip:
         q, k, v = (t.clamp(-parts.clip, parts.clip) for t in (q, k, v))
     return q, k, v
+
+
+def _rotate(parts: Parts, attn: nn.Module, q: Tensor, k: Tensor, rotary) -> tuple:
+    """Queries and keys rotated by the family's ``apply_rotary_pos_emb`` (on the first
+    ``attn.rotary_ndims`` columns only, where ``partial_rotary``)."""
+    if rotary is None:
+        return q, k
+    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    if not parts.spec.partial_rotary:
+        return apply(q, k, *rotary)
+    n = attn.rotary_ndims
+    q_rot, k_rot = apply(q[..., :n], k[..., :n], *rotary)
+    return torch.cat([q_rot, q[..., n:]], dim=-1), torch.cat([k_rot, k[..., n:]], dim=-1)
 
 
 def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tensor:
@@ -131,9 +146,7 @@ def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tens
     H, K = parts.graph.n_heads, parts.graph.n_kv_inputs
     attn = parts.attention(layer)
     q, k, v = _qkv(parts, layer, parts.norms(layer)[0](x))
-    if rotary is not None:
-        apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        q, k = apply(q, k, *rotary)
+    q, k = _rotate(parts, attn, q, k, rotary)
     if K != H:
         k = k.repeat_interleave(H // K, dim=1)
         v = v.repeat_interleave(H // K, dim=1)
@@ -150,7 +163,7 @@ def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tens
     post = parts.post_norms(layer)
     if post is None:
         return out
-    summed = parts.attention(layer).o_proj(z.transpose(1, 2).flatten(2))  # as the model sums the heads
+    summed = parts.o_proj(layer)(z.transpose(1, 2).flatten(2))  # as the model sums the heads
     return split_through_norm(post[0], out, summed)
 
 

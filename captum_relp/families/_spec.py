@@ -101,16 +101,27 @@ class EdgeParts:
             blocks, Gemma-2, OLMo-2). A node's output is then what it adds to the residual
             stream: a head's share of the post-norm's output (:func:`captum_relp.edges._parts.split_through_norm`).
         clip_qkv: config value of a clamp on queries, keys and values (OLMo ``clip_qkv``).
+        qk_norm_modules: the attention's children that norm queries and keys (``qk_norm="head"``;
+            ones the model does not have are skipped, e.g. Phi without ``qk_layernorm``).
+        partial_rotary: the rotation applies to the first ``attention.rotary_ndims`` columns of
+            each head only, and the family's ``apply_rotary_pos_emb`` rotates whole tensors (Phi,
+            StableLM).
+
+    A pre-norm may be a config value (a function of the config): StableLM's MLP reads the
+    attention's norm under ``use_parallel_residual``, its own otherwise. Parallel blocks (attention
+    and MLP reading the same residual stream) are the family's ``parallel_residual``.
     """
 
     qkv: str
     embed: Tuple[str, ...]
-    norms: Tuple[Optional[str], Optional[str]]
+    norms: Tuple[ConfigValue, ConfigValue]
     final_norm: str
     rotary: Optional[str] = None
     qk_norm: Optional[str] = None
     post_norms: Tuple[str, ...] = ()
     clip_qkv: ConfigValue = None
+    qk_norm_modules: Tuple[str, str] = ("q_norm", "k_norm")
+    partial_rotary: bool = False
 
 
 @dataclass(frozen=True)

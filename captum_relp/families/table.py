@@ -45,6 +45,12 @@ def _falcon_layout(config) -> str:
     return "multi-query" if config.multi_query else "per-head"
 
 
+def _stablelm_mlp_norm(config) -> str:
+    """StableLM's MLP reads the attention's norm under ``use_parallel_residual``."""
+    return "input_layernorm" if config.use_parallel_residual else "post_attention_layernorm"
+
+
+_QK_LAYERNORMS = ("q_layernorm", "k_layernorm")
 _SLIDING = Attention(sliding_window="@sliding_window")
 _GEMMA2_ATTN = Attention(softcap="attn_logit_softcapping", sliding_window="@sliding_window")
 _GEMMA3_ATTN = Attention(sliding_window="@sliding_window")  # its config has attn_logit_softcapping, unused
@@ -75,7 +81,9 @@ _ENTRIES = (
                 logit_softcap="final_logit_softcapping", post_norms=True, qk_norms=_QK_NORMS,
                 edges=_llama_edges("head", **_SANDWICH)),
     Family("phi", "layers", "self_attn", "self_attn.dense", "mlp", parallel_residual=True,
-           kv_heads="@num_key_value_heads", qk_norms=("self_attn.q_layernorm", "self_attn.k_layernorm")),
+           kv_heads="@num_key_value_heads", qk_norms=("self_attn.q_layernorm", "self_attn.k_layernorm"),
+           edges=EdgeParts("separate", ("embed_tokens",), ("input_layernorm", "input_layernorm"), "final_layernorm",
+                           "rotary_emb", "head", qk_norm_modules=_QK_LAYERNORMS, partial_rotary=True)),
     _llama_like("phi3", "Phi3", gated_mlp=("Phi3MLP", "gate_up_proj"), attn=_SLIDING,
                 edges=EdgeParts("fused", ("embed_tokens",), _LLAMA_NORMS, "norm", "rotary_emb")),
     _llama_like("olmo", "Olmo", norms=(Norm("OlmoLayerNorm", rms=False, eps=1e-5),),
@@ -89,7 +97,9 @@ _ENTRIES = (
            reuse_prefix=False),  # batch-1 prefix: its attention reshapes with the batch of the input
     Family("codegen", "h", "attn", "attn.out_proj", "mlp", parallel_residual=True),
     _llama_like("stablelm", "StableLm", norms=(), structural=("StableLmLayerNormPerHead",),
-                parallel_residual="@use_parallel_residual"),
+                parallel_residual="@use_parallel_residual",
+                edges=_llama_edges("head", norms=("input_layernorm", _stablelm_mlp_norm),
+                                   qk_norm_modules=_QK_LAYERNORMS, partial_rotary=True)),
     Family("opt", "decoder.layers", "self_attn", "self_attn.out_proj", None,
            no_mlp="OPT runs fc1/fc2 on flattened (batch * positions, d) rows, so no module outputs "
                   "the per-position MLP output",

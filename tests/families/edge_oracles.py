@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from captum_relp.families import FAMILY_TABLE
+from captum_relp.families import FAMILY_TABLE, config_value
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -50,7 +50,7 @@ class Model:
         return self.block(layer, self.family.o_proj)
 
     def pre_norm(self, layer: int, which: int):
-        name = self.spec.norms[which]
+        name = config_value(self.model.config, self.spec.norms[which])
         return self.block(layer, name) if name else None
 
     def post_norm(self, layer: int, which: int):
@@ -162,6 +162,16 @@ def hook_edge_effect(model: nn.Module, metric, clean: Tensor, corrupt: Tensor, m
     if downstream == "logits":
         reader = _get(m.base, m.spec.final_norm)
         pairs = [(reader.register_forward_pre_hook, lambda mod, args: (args[0] + delta, *args[1:]))]
+    elif "<" not in downstream and m.family.is_parallel(model.config):  # the MLP reads the block's input
+        layer, stash = int(downstream[1:]), {}
+        norm = m.pre_norm(layer, 1) or (lambda x: x)
+
+        def grab(mod, args, kwargs):
+            stash["x"] = args[0] if args else kwargs["hidden_states"]
+
+        pairs = [(lambda fn: m.blocks[layer].register_forward_pre_hook(fn, with_kwargs=True), grab),
+                 (m.block(layer, m.family.mlp).register_forward_pre_hook,
+                  lambda mod, args: (norm(stash["x"] + delta), *args[1:]))]
     elif "<" not in downstream:
         reader = m.mlp_reader(int(downstream[1:]))
         pairs = [(reader.register_forward_pre_hook, lambda mod, args: (args[0] + delta, *args[1:]))]

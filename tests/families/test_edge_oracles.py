@@ -65,11 +65,11 @@ def test_exact_edge_with_clamped_qkv():
     assert exact_vs_hooks("olmo", float64=True, clip_qkv=0.05) < 1e-10
 
 
-def edge_vs_node(model_type: str, method: str) -> float:
+def edge_vs_node(model_type: str, method: str, ungroup_kv: bool = False, **overrides) -> float:
     """Max |sum of a node group's edge scores - its node-level score| (groups: input, a{l}, m{l})."""
-    model = tiny_model(model_type)
+    model = tiny_model(model_type, **overrides)
     clean, corrupt, mask = token_pair()
-    graph = build_graph(model)
+    graph = build_graph(model, ungroup_kv=ungroup_kv)
     scores = edge_scores(model, graph, clean, corrupt, METRIC, mask, method=method).scores.sum(dim=1)
     groups, modules = zip(*node_modules(model))
     attr = LayerAttributionPatching(model, list(modules)) if method == "eap" else \
@@ -86,3 +86,15 @@ def edge_vs_node(model_type: str, method: str) -> float:
 @pytest.mark.parametrize("model_type", EDGE_FAMILIES)
 def test_edge_scores_sum_to_node_scores(model_type, method):
     assert edge_vs_node(model_type, method) < 1e-6
+
+
+@pytest.mark.parametrize("model_type", EDGE_FAMILIES)
+def test_ungrouped_edge_scores_sum_to_node_scores(model_type):
+    """One key and value input per query head (MIB): each through its group's weights and norms."""
+    assert edge_vs_node(model_type, "relp", ungroup_kv=True) < 1e-6
+
+
+def test_sequential_stablelm():
+    """StableLM without ``use_parallel_residual``: the MLP reads its own norm after attention."""
+    assert exact_vs_hooks("stablelm", float64=True, use_parallel_residual=False) < 1e-10
+    assert edge_vs_node("stablelm", "relp", use_parallel_residual=False) < 1e-6

@@ -151,27 +151,34 @@ class Parts:
         shared = self.rotary_module(embeds, positions)
         return lambda layer: shared
 
+    def layout(self) -> str:
+        """The query/key/value projection layout (:attr:`EdgeParts.qkv`, resolved on the config)."""
+        return config_value(self.config, self.spec.qkv)
+
     def weights(self, layer: int):
         """``W_q (H, d, D), b_q, W_k (Hkv, d, D), b_k, W_v, b_v, W_o (H, D, d), b_o (d)``."""
-        g, attn = self.graph, self.attention(layer)
+        g, attn, layout = self.graph, self.attention(layer), self.layout()
         H, K = g.n_heads, g.n_kv_heads
-        if self.spec.qkv == "conv1d":
+        o_proj = self.o_proj(layer)
+        if layout == "conv1d":
             w, b = attn.c_attn.weight, attn.c_attn.bias  # (d, 3d), (3d,)
             d = w.shape[0]
             D = d // H
             ws = [w[:, i * d:(i + 1) * d].reshape(d, H, D).permute(1, 0, 2) for i in range(3)]
             bs = [b[i * d:(i + 1) * d].reshape(H, D) for i in range(3)]
-            return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], attn.c_proj.weight.reshape(H, D, d), attn.c_proj.bias
-        if self.spec.qkv == "neox":
-            w, b = attn.query_key_value.weight, attn.query_key_value.bias  # (3d, d)
-            d = w.shape[1]
-            D = d // H
-            w = w.reshape(H, 3, D, d)
+            return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], o_proj.weight.reshape(H, D, d), o_proj.bias
+        w_o, b_o = o_proj.weight.t().reshape(H, -1, o_proj.weight.shape[0]), o_proj.bias
+        if layout == "neox":  # per head [q k v] rows
+            fused = getattr(attn, self.spec.fused or "query_key_value")
+            w, b = fused.weight, fused.bias  # (3d, d)
+            D = w.shape[0] // (3 * H)
+            w = w.reshape(H, 3, D, -1)
             ws = [w[:, i].transpose(1, 2) for i in range(3)]
             bs = [None if b is None else b.reshape(H, 3, D)[:, i] for i in range(3)]
-            return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], attn.dense.weight.t().reshape(H, D, d), attn.dense.bias
-        if self.spec.qkv == "fused":  # one projection, rows [q (H D) | k (Hkv D) | v (Hkv D)] (Phi-3)
-            w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+            return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], w_o, b_o
+        if layout == "fused":  # one projection, rows [q (H D) | k (Hkv D) | v (Hkv D)]
+            fused = getattr(attn, self.spec.fused or "qkv_proj")
+            w, b = fused.weight, fused.bias
             D = w.shape[0] // (H + 2 * K)
             cuts = (0, H * D, (H + K) * D, (H + 2 * K) * D)
             rows = [(w[a:z], None if b is None else b[a:z]) for a, z in zip(cuts, cuts[1:])]
@@ -182,8 +189,6 @@ class Parts:
         for (weight, bias), n in zip(rows, (H, K, K)):
             ws.append(weight.reshape(n, D, weight.shape[1]).transpose(1, 2))
             bs.append(None if bias is None else bias.reshape(n, D))
-        o_proj = self.o_proj(layer)
-        w_o, b_o = o_proj.weight.t().reshape(H, D, -1), o_proj.bias
         return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], w_o, b_o
 
 

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..families import FAMILY_TABLE
 
-FAMILIES = {model_type: family.edges.qkv for model_type, family in FAMILY_TABLE.items() if family.edges}
-"""``{model_type: projection layout}`` of the families with edge-graph parts in the family table."""
+FAMILIES = {model_type: family.edges for model_type, family in FAMILY_TABLE.items() if family.edges}
+"""``{model_type: EdgeParts}`` of the families with edge-graph parts in the family table."""
 
 
 @dataclass

@@ -84,8 +84,9 @@ class EdgeParts:
     """What :mod:`captum_relp.edges` needs to recompute a family over its component graph.
 
     Attributes:
-        qkv: projection layout: ``"conv1d"`` (GPT-2 ``c_attn``), ``"neox"`` (per-head fused
-            ``query_key_value``), ``"fused"`` (one ``qkv_proj``, rows ``[q | k | v]``, Phi-3) or
+        qkv: projection layout (or a config value giving one): ``"conv1d"`` (GPT-2 ``c_attn``),
+            ``"neox"`` (one projection, rows ``[q k v]`` of each head in turn), ``"fused"`` (one
+            projection, rows ``[q (all heads) | k | v]``, Phi-3, multi-query GPT-BigCode) or
             ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
         embed: embedding modules (relative to the base model) whose outputs are summed; a
             second entry is indexed by positions.
@@ -103,6 +104,8 @@ class EdgeParts:
         clip_qkv: config value of a clamp on queries, keys and values (OLMo ``clip_qkv``).
         qk_norm_modules: the attention's children that norm queries and keys (``qk_norm="head"``;
             ones the model does not have are skipped, e.g. Phi without ``qk_layernorm``).
+        fused: the attention's child holding the fused projection (default ``query_key_value``
+            for ``"neox"``, ``qkv_proj`` for ``"fused"``).
         partial_rotary: the rotation applies to the first ``attention.rotary_ndims`` columns of
             each head only, and the family's ``apply_rotary_pos_emb`` rotates whole tensors (Phi,
             StableLM).
@@ -112,7 +115,7 @@ class EdgeParts:
     and MLP reading the same residual stream) are the family's ``parallel_residual``.
     """
 
-    qkv: str
+    qkv: ConfigValue
     embed: Tuple[str, ...]
     norms: Tuple[ConfigValue, ConfigValue]
     final_norm: str
@@ -122,6 +125,7 @@ class EdgeParts:
     clip_qkv: ConfigValue = None
     qk_norm_modules: Tuple[str, str] = ("q_norm", "k_norm")
     partial_rotary: bool = False
+    fused: str = ""
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,8 @@ _ENTRIES = (
            kv_heads="@num_key_value_heads", edges=_llama_edges()),
     Family("gpt_bigcode", "h", "attn", "attn.c_proj", "mlp",
            kv_heads=lambda c: 1 if c.multi_query else c.num_attention_heads,
+           edges=EdgeParts(lambda c: "fused" if c.multi_query else "neox", ("wte", "wpe"), ("ln_1", "ln_2"), "ln_f",
+                           fused="c_attn"),
            reuse_prefix=False),  # batch-1 prefix: its attention reshapes with the batch of the input
     Family("codegen", "h", "attn", "attn.out_proj", "mlp", parallel_residual=True),
     _llama_like("stablelm", "StableLm", norms=(), structural=("StableLmLayerNormPerHead",),

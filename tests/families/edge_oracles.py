@@ -130,15 +130,16 @@ def _qkv_columns(m: Model, kind: str, head: int, width: int) -> Tuple[str, slice
     """The projection whose output holds ``kind`` (q, k, v) of ``head``, and its columns there."""
     D, H, K = width, m.H, m.K
     which = "qkv".index(kind)
-    if m.spec.qkv == "conv1d":
+    layout = config_value(m.model.config, m.spec.qkv)
+    if layout == "conv1d":
         start = which * H * D + head * D
         return "c_attn", slice(start, start + D)
-    if m.spec.qkv == "neox":
+    if layout == "neox":
         start = head * 3 * D + which * D
-        return "query_key_value", slice(start, start + D)
-    if m.spec.qkv == "fused":
+        return m.spec.fused or "query_key_value", slice(start, start + D)
+    if layout == "fused":
         start = (0, H * D, (H + K) * D)[which] + head * D
-        return "qkv_proj", slice(start, start + D)
+        return m.spec.fused or "qkv_proj", slice(start, start + D)
     if m.spec.qk_norm == "full" and kind != "v":
         return f"{kind}_norm", slice(head * D, (head + 1) * D)
     return f"{kind}_proj", slice(head * D, (head + 1) * D)

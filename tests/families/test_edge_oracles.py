@@ -98,3 +98,9 @@ def test_sequential_stablelm():
     """StableLM without ``use_parallel_residual``: the MLP reads its own norm after attention."""
     assert exact_vs_hooks("stablelm", float64=True, use_parallel_residual=False) < 1e-10
     assert edge_vs_node("stablelm", "relp", use_parallel_residual=False) < 1e-6
+
+
+def test_gpt_bigcode_without_multi_query():
+    """GPT-BigCode with a key and value per head: its projection holds ``[q k v]`` per head."""
+    assert exact_vs_hooks("gpt_bigcode", float64=True, multi_query=False) < 1e-10
+    assert edge_vs_node("gpt_bigcode", "relp", multi_query=False) < 1e-6

@@ -115,7 +115,9 @@ class Parts:
         return out + _path(self.base, position[0])(positions) if position else out
 
     def attention(self, layer: int) -> nn.Module:
-        return _path(self.blocks[layer], self.family.attention)
+        """The module holding the projections: the parent of the output projection (GPT-Neo's
+        ``attn.attention``, the block's attention elsewhere)."""
+        return _path(self.blocks[layer], self.family.o_proj.rpartition(".")[0])
 
     def norms(self, layer: int):
         """The pre-attention and pre-MLP norm of a block (the identity where a block has none)."""

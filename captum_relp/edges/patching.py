@@ -152,9 +152,13 @@ def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tens
         v = v.repeat_interleave(H // K, dim=1)
     if ah is True:
         q, k = q.detach(), k.detach()
-    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * attn.scaling, parts.attn_cap)
+    if parts.spec.float32_scores:
+        q, k = q.float(), k.float()
+    scale = attn.scaling if parts.spec.scaling is None else parts.spec.scaling
+    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, parts.attn_cap)
     scores = scores + masks(parts.window(layer))
-    upcast = parts.float32_softmax or scores.dtype in (torch.float16, torch.bfloat16)
+    # eager attention takes the softmax in float32; GPT-Neo's float32 scores plus the mask in the model's dtype
+    upcast = (parts.float32_softmax and not parts.spec.float32_scores) or scores.dtype in (torch.float16, torch.bfloat16)
     probs = torch.softmax(scores.float() if upcast else scores, dim=-1).to(v.dtype)
     z = torch.matmul(probs, v)  # (B, H, T, D)
     *_, w_o, b_o = parts.weights(layer)

@@ -106,6 +106,8 @@ class EdgeParts:
             ones the model does not have are skipped, e.g. Phi without ``qk_layernorm``).
         fused: the attention's child holding the fused projection (default ``query_key_value``
             for ``"neox"``, ``qkv_proj`` for ``"fused"``).
+        scaling: the factor on the attention scores (default: the attention's ``scaling``).
+        float32_scores: queries and keys are multiplied in float32 (GPT-Neo).
         partial_rotary: the rotation applies to the first ``attention.rotary_ndims`` columns of
             each head only, and the family's ``apply_rotary_pos_emb`` rotates whole tensors (Phi,
             StableLM).
@@ -126,6 +128,8 @@ class EdgeParts:
     qk_norm_modules: Tuple[str, str] = ("q_norm", "k_norm")
     partial_rotary: bool = False
     fused: str = ""
+    scaling: Optional[float] = None
+    float32_scores: bool = False
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,8 @@ def hook_edge_effect(model: nn.Module, metric, clean: Tensor, corrupt: Tensor, m
                      upstream: str, downstream: str) -> float:
     """``metric(clean) - metric(clean with upstream -> downstream patched)``, mean over rows."""
     m = Model(model)
-    m.layer_of = {_get(b, m.family.attention): i for i, b in enumerate(m.blocks)}
+    attention = m.family.o_proj.rpartition(".")[0]  # the module holding the projections
+    m.layer_of = {_get(b, attention): i for i, b in enumerate(m.blocks)}
     delta = node_outputs(model, corrupt, mask)[upstream] - node_outputs(model, clean, mask)[upstream]
     if downstream == "logits":
         reader = _get(m.base, m.spec.final_norm)
@@ -179,7 +180,7 @@ def hook_edge_effect(model: nn.Module, metric, clean: Tensor, corrupt: Tensor, m
     else:
         layer, head = (int(p[1:]) for p in downstream.split("<")[0].split("."))
         kind = downstream.split("<")[1][0]
-        attn = m.block(layer, m.family.attention)
+        attn = m.block(layer, attention)
         width = attn.head_dim if hasattr(attn, "head_dim") else model.config.hidden_size // m.H
         module, cols = _qkv_columns(m, kind, head, width)
         stash = {}

@@ -100,6 +100,9 @@ class Parts:
                 if getattr(norm, "bias", None) is not None or "RMSNorm" not in type(norm).__name__:
                     raise ValueError(f"{graph.family}: post-norms split over heads must be RMSNorms without bias, "
                                      f"got {type(norm).__name__}")
+        reason = self.spec.refuse(self.config) if self.spec.refuse else ""
+        if reason:
+            raise ValueError(f"{graph.family}: no edge graph for this configuration: {reason}")
         self.base = base
         self.lm_head = model.get_output_embeddings()
         self.attn_cap = config_value(self.config, "@" + self.family.attn.softcap) if self.family.attn.softcap else None
@@ -112,7 +115,24 @@ class Parts:
     def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         token, *position = self.spec.embed
         out = _path(self.base, token)(ids)
-        return out + _path(self.base, position[0])(positions) if position else out
+        out = out + _path(self.base, position[0])(positions) if position else out
+        return _path(self.base, self.spec.embed_norm)(out) if self.spec.embed_norm else out
+
+    def position_bias(self, attention_mask: Optional[Tensor], batch: int, length: int, ref: Tensor):
+        """The ALiBi bias on the attention scores, broadcastable to ``(B, H, T, T)``, or None."""
+        if self.spec.position_bias is None:
+            return None
+        return self.spec.position_bias(self.base, attention_mask, batch, length, self.graph.n_heads, ref)
+
+    def scaling(self, layer: int) -> float:
+        """The factor on the attention scores of layer ``layer``."""
+        value = self.spec.scaling
+        return getattr(self.attention(layer), value or "scaling") if value is None or isinstance(value, str) else value
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        """The MLP's output for its normalised input ``x``."""
+        mlp = _path(self.blocks[layer], self.spec.mlp)
+        return mlp(x, torch.zeros_like(x)) if self.spec.mlp_residual else mlp(x)
 
     def attention(self, layer: int) -> nn.Module:
         """The module holding the projections: the parent of the output projection (GPT-Neo's

@@ -154,8 +154,7 @@ def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tens
         q, k = q.detach(), k.detach()
     if parts.spec.float32_scores:
         q, k = q.float(), k.float()
-    scale = attn.scaling if parts.spec.scaling is None else parts.spec.scaling
-    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, parts.attn_cap)
+    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * parts.scaling(layer), parts.attn_cap)
     scores = scores + masks(parts.window(layer))
     # eager attention takes the softmax in float32; GPT-Neo's float32 scores plus the mask in the model's dtype
     upcast = (parts.float32_softmax and not parts.spec.float32_scores) or scores.dtype in (torch.float16, torch.bfloat16)
@@ -173,7 +172,7 @@ def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tens
 
 def _mlp(parts: Parts, layer: int, x: Tensor) -> Tensor:
     """The MLP node's output: what the MLP adds to the residual stream (after its post-norm, if any)."""
-    out = parts.blocks[layer].mlp(parts.norms(layer)[1](x))
+    out = parts.mlp(layer, parts.norms(layer)[1](x))
     post = parts.post_norms(layer)
     return out if post is None else post[1](out)
 
@@ -275,10 +274,13 @@ def graph_forward(
     if torch.is_grad_enabled() and not embeds.requires_grad:
         embeds = embeds.detach().requires_grad_(True)  # frozen parameters: start the autograd graph here
     windows: dict = {}
+    bias = parts.position_bias(attention_mask, batch, length, embeds)
 
     def masks(window: Optional[int]) -> Tensor:
+        """The additive mask of a window, plus the ALiBi bias where the family has one."""
         if window not in windows:
             windows[window] = _additive_mask(attention_mask, batch, length, embeds, window)
+            windows[window] = windows[window] if bias is None else windows[window] + bias
         return windows[window]
 
     rotary = parts.rotary(embeds, positions)

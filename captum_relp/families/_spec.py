@@ -106,7 +106,18 @@ class EdgeParts:
             ones the model does not have are skipped, e.g. Phi without ``qk_layernorm``).
         fused: the attention's child holding the fused projection (default ``query_key_value``
             for ``"neox"``, ``qkv_proj`` for ``"fused"``).
-        scaling: the factor on the attention scores (default: the attention's ``scaling``).
+        scaling: the factor on the attention scores, or the attention's attribute holding it
+            (default: ``scaling``).
+        position_bias: ``f(base_model, attention_mask, batch, length, heads, dtype)``: the ALiBi
+            bias added to the attention scores, broadcastable to ``(B, H, T, T)`` (held
+            constant by the AH-rule; no edge passes through it).
+        mlp: the block's child computing the MLP from the normalised residual.
+        mlp_residual: the MLP takes the residual as a second argument and adds it (BLOOM, MPT):
+            it is called with zeros, so that its output is the MLP's own.
+        embed_norm: a norm applied to the summed embeddings (BLOOM): the input node's output
+            is the normalised embedding.
+        refuse: ``f(config)``: a reason this model's configuration has no sound edge graph, or
+            ``""`` (BLOOM with ``apply_residual_connection_post_layernorm``).
         float32_scores: queries and keys are multiplied in float32 (GPT-Neo).
         partial_rotary: the rotation applies to the first ``attention.rotary_ndims`` columns of
             each head only, and the family's ``apply_rotary_pos_emb`` rotates whole tensors (Phi,
@@ -128,8 +139,13 @@ class EdgeParts:
     qk_norm_modules: Tuple[str, str] = ("q_norm", "k_norm")
     partial_rotary: bool = False
     fused: str = ""
-    scaling: Optional[float] = None
+    scaling: Union[None, float, str] = None
     float32_scores: bool = False
+    position_bias: Optional[Callable[..., Any]] = None
+    mlp: str = "mlp"
+    mlp_residual: bool = False
+    embed_norm: Optional[str] = None
+    refuse: Optional[Callable[[Any], str]] = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import torch
+
 from ._spec import Attention, EdgeParts, Family, Norm
 
 _LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -43,6 +45,25 @@ def _falcon_layout(config) -> str:
     if config.new_decoder_architecture:
         return "grouped"
     return "multi-query" if config.multi_query else "per-head"
+
+
+def _bloom_alibi(base, attention_mask, batch: int, length: int, heads: int, ref):
+    """BLOOM's ALiBi bias ``(B, H, 1, T)``, from the model's own ``build_alibi_tensor``."""
+    mask = attention_mask if attention_mask is not None else ref.new_ones(batch, length, dtype=torch.long)
+    return base.build_alibi_tensor(mask.to(ref.device), heads, ref.dtype).view(batch, heads, 1, length)
+
+
+def _bloom_refusal(config) -> str:
+    if config.apply_residual_connection_post_layernorm:
+        return ("apply_residual_connection_post_layernorm: the residual stream carries normalised "
+                "values, so it is not the sum of the node outputs")
+    return ""
+
+
+def _mpt_alibi(base, attention_mask, batch: int, length: int, heads: int, ref):
+    """MPT's ALiBi bias ``(1, H, 1, T)``: the last ``T`` key positions of ``build_mpt_alibi_tensor``."""
+    bias = base.build_mpt_alibi_tensor(heads, base.config.max_seq_len, device=ref.device)
+    return bias[None, :, :, bias.shape[-1] - length:]
 
 
 def _stablelm_mlp_norm(config) -> str:
@@ -110,13 +131,20 @@ _ENTRIES = (
     Family("bloom", "h", "self_attention", "self_attention.dense", "mlp.dense_4h_to_h",
            activations=("BloomGelu",),
            attn=Attention("qk-columns", "BloomAttention", ("query_key_value",), "per-head", alibi=True),
+           edges=EdgeParts("neox", ("word_embeddings",), ("input_layernorm", "post_attention_layernorm"), "ln_f",
+                           scaling="inv_norm_factor", position_bias=_bloom_alibi, mlp_residual=True,
+                           embed_norm="word_embeddings_layernorm",
+                           refuse=_bloom_refusal),
            reuse_prefix=False),  # batch-1 prefix: its alibi bias (B * H, 1, T) does not broadcast
     Family("falcon", "h", "self_attention", "self_attention.dense", "mlp", structural=("linear:FalconLinear",),
            attn=Attention("qk-columns", "FalconAttention", ("query_key_value",), _falcon_layout, alibi="@alibi"),
            parallel_residual=lambda c: c.new_decoder_architecture or c.parallel_attn, kv_heads=_falcon_kv,
            reuse_prefix=False),  # blocks add attention to the MLP output in place: batch 1 cannot grow
     Family("mpt", "blocks", "attn", "attn.out_proj", "ffn.down_proj",
-           attn=Attention("qk-columns", "MptAttention", ("Wqkv",), "thirds", alibi=True)),
+           attn=Attention("qk-columns", "MptAttention", ("Wqkv",), "thirds", alibi=True),
+           edges=EdgeParts("fused", ("wte",), ("norm_1", "norm_2"), "norm_f", fused="Wqkv", scaling="softmax_scale",
+                           position_bias=_mpt_alibi, mlp="ffn", mlp_residual=True,
+                           clip_qkv=lambda c: c.attn_config.clip_qkv)),
     Family("bert", "encoder.layer", "attention", "attention.output.dense", "output.dense", encoder=True),
     Family("modernbert", "layers", "attn", "attn.Wo", "mlp", gated_mlp=("ModernBertMLP", "wi"),
            attn=Attention(sliding_window="@sliding_window"), encoder=True),

@@ -65,7 +65,7 @@ def node_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``[(node group, module)]``: ``input`` (token embedding), ``a{l}`` (the attention layer's
     residual write), ``m{l}``; the module's output is the group's summed output."""
     m = Model(model)
-    out = [("input", _get(m.base, m.spec.embed[0]))]
+    out = [("input", _get(m.base, m.spec.embed_norm or m.spec.embed[0]))]
     for layer in range(len(m.blocks)):
         out.append((f"a{layer}", m.post_norm(layer, 0) or m.o_proj(layer)))
         out.append((f"m{layer}", m.post_norm(layer, 1) or m.block(layer, m.family.mlp)))
@@ -106,6 +106,8 @@ def node_outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Dict[str, Tenso
 
     pairs = [(_get(m.base, path).register_forward_hook, keep(f"embed{i}", lambda a, o: _out(o)))
              for i, path in enumerate(m.spec.embed)]
+    if m.spec.embed_norm:
+        pairs.append((_get(m.base, m.spec.embed_norm).register_forward_hook, keep("embed_norm", lambda a, o: o)))
     for layer in range(len(m.blocks)):
         pairs.append((m.o_proj(layer).register_forward_hook, keep(f"z{layer}", lambda a, o: a[0])))
         post = m.post_norm(layer, 0)
@@ -116,6 +118,8 @@ def node_outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Dict[str, Tenso
     with torch.no_grad(), _hooks(pairs):
         model(ids, attention_mask=mask)
     nodes = {"input": sum(seen.pop(f"embed{i}") for i in range(len(m.spec.embed)))}
+    if m.spec.embed_norm:  # BLOOM: the input node is the normalised embedding
+        nodes["input"] = seen.pop("embed_norm")
     for layer in range(len(m.blocks)):
         z = seen[f"z{layer}"]
         for h in range(m.H):

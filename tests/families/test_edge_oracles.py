@@ -55,14 +55,27 @@ def test_exact_edge_equals_hook_recomputation(model_type):
         assert exact_vs_hooks(model_type, float64=False) < 1e-6
 
 
-def test_exact_edge_with_clamped_qkv():
-    """OLMo's ``clip_qkv`` clamps queries, keys and values (0.05: active on the tiny model)."""
-    model = tiny_model("olmo", clip_qkv=0.05)
+@pytest.mark.parametrize("model_type,clip", [("olmo", dict(clip_qkv=0.05)),
+                                             ("mpt", dict(attn_config={"alibi": True, "clip_qkv": 0.05}))])
+def test_exact_edge_with_clamped_qkv(model_type, clip):
+    """OLMo's and MPT's ``clip_qkv`` clamps queries, keys and values (0.05: active on the tiny model)."""
+    model = tiny_model(model_type, **clip)
     clean, _, mask = token_pair()
     with torch.no_grad():
         assert not torch.equal(model(clean, attention_mask=mask).logits,
-                               tiny_model("olmo")(clean, attention_mask=mask).logits)
-    assert exact_vs_hooks("olmo", float64=True, clip_qkv=0.05) < 1e-10
+                               tiny_model(model_type)(clean, attention_mask=mask).logits)
+    assert exact_vs_hooks(model_type, float64=True, **clip) < 1e-10
+
+
+def test_bloom_with_residual_after_the_norm_is_refused():
+    with pytest.raises(ValueError, match="apply_residual_connection_post_layernorm"):
+        edge_scores(*_bloom_post_layernorm(), method="eap")
+
+
+def _bloom_post_layernorm():
+    model = tiny_model("bloom", apply_residual_connection_post_layernorm=True)
+    clean, corrupt, mask = token_pair()
+    return model, build_graph(model), clean, corrupt, METRIC, mask
 
 
 def edge_vs_node(model_type: str, method: str, ungroup_kv: bool = False, **overrides) -> float:

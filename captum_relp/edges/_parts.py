@@ -111,6 +111,8 @@ class Parts:
         # eager attention takes the softmax in float32 (transformers' eager_attention_forward): so does
         # the graph, so that a float64 model is recomputed to float64 precision of its own forward
         self.float32_softmax = str(getattr(self.config, "_attn_implementation", None)).endswith("eager")
+        scores32 = self.spec.float32_scores
+        self.float32_scores = scores32 is True or (scores32 == "eager" and self.float32_softmax)
 
     def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         token, *position = self.spec.embed

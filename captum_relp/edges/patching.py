@@ -131,6 +131,14 @@ def _rotate(parts: Parts, attn: nn.Module, q: Tensor, k: Tensor, rotary) -> tupl
     if rotary is None:
         return q, k
     apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    if parts.spec.rotary_style == "gptj":  # (B, T, H, D) layout, (sin, cos), the first rotary_dim columns
+        n = attn.rotary_dim or q.shape[-1]
+
+        def turn(x: Tensor) -> Tensor:
+            x = x.transpose(1, 2)
+            return torch.cat([apply(x[..., :n], *rotary), x[..., n:]], dim=-1).transpose(1, 2)
+
+        return turn(q), turn(k)
     if not parts.spec.partial_rotary:
         return apply(q, k, *rotary)
     n = attn.rotary_ndims
@@ -152,12 +160,12 @@ def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tens
         v = v.repeat_interleave(H // K, dim=1)
     if ah is True:
         q, k = q.detach(), k.detach()
-    if parts.spec.float32_scores:
+    if parts.float32_scores:
         q, k = q.float(), k.float()
     scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * parts.scaling(layer), parts.attn_cap)
     scores = scores + masks(parts.window(layer))
     # eager attention takes the softmax in float32; GPT-Neo's float32 scores plus the mask in the model's dtype
-    upcast = (parts.float32_softmax and not parts.spec.float32_scores) or scores.dtype in (torch.float16, torch.bfloat16)
+    upcast = (parts.float32_softmax and not parts.float32_scores) or scores.dtype in (torch.float16, torch.bfloat16)
     probs = torch.softmax(scores.float() if upcast else scores, dim=-1).to(v.dtype)
     z = torch.matmul(probs, v)  # (B, H, T, D)
     *_, w_o, b_o = parts.weights(layer)

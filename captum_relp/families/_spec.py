@@ -118,7 +118,11 @@ class EdgeParts:
             is the normalised embedding.
         refuse: ``f(config)``: a reason this model's configuration has no sound edge graph, or
             ``""`` (BLOOM with ``apply_residual_connection_post_layernorm``).
-        float32_scores: queries and keys are multiplied in float32 (GPT-Neo).
+        float32_scores: queries and keys are multiplied in float32: ``True`` always (GPT-Neo),
+            ``"eager"`` under eager attention (GPT-J).
+        rotary_style: ``"llama"`` (``apply_rotary_pos_emb(q, k, cos, sin)`` on ``(B, H, T, D)``) or
+            ``"gptj"`` (``apply_rotary_pos_emb(x, sin, cos)`` on ``(B, T, H, D)``, on the first
+            ``attention.rotary_dim`` columns, all where None; the rotary module returns ``(sin, cos)``).
         partial_rotary: the rotation applies to the first ``attention.rotary_ndims`` columns of
             each head only, and the family's ``apply_rotary_pos_emb`` rotates whole tensors (Phi,
             StableLM).
@@ -140,7 +144,8 @@ class EdgeParts:
     partial_rotary: bool = False
     fused: str = ""
     scaling: Union[None, float, str] = None
-    float32_scores: bool = False
+    float32_scores: Union[bool, str] = False
+    rotary_style: str = "llama"
     position_bias: Optional[Callable[..., Any]] = None
     mlp: str = "mlp"
     mlp_residual: bool = False

@@ -72,6 +72,19 @@ def split_through_norm(norm: Callable[[Tensor], Tensor], out: Tensor, s: Optiona
     return out * ratio[:, :, None]
 
 
+def codegen_rows(mp_num: int, width: int, which: int) -> Tensor:
+    """Rows of CodeGen's ``qkv_proj`` holding the queries (``which=0``), values (1) or keys (2),
+    in head order: the output is ``mp_num`` blocks of ``[q | v | k]``, each ``width / mp_num`` wide.
+
+    Example:
+        >>> codegen_rows(2, 4, 2).tolist()
+        [4, 5, 10, 11]
+    """
+    local = width // mp_num
+    column = torch.arange(width)
+    return column // local * 3 * local + which * local + column % local
+
+
 class Parts:
     """Modules and per-head weights of ``model``, at the paths of its family's edge-graph parts.
 
@@ -206,6 +219,10 @@ class Parts:
             D = w.shape[0] // (H + 2 * K)
             cuts = (0, H * D, (H + K) * D, (H + 2 * K) * D)
             rows = [(w[a:z], None if b is None else b[a:z]) for a, z in zip(cuts, cuts[1:])]
+        elif layout == "codegen":  # qkv_proj rows: mp_num blocks of [q | v | k], each a slice of every head
+            w = attn.qkv_proj.weight
+            D = w.shape[1] // H
+            rows = [(w[codegen_rows(attn.mp_num, w.shape[1], which)], None) for which in (0, 2, 1)]
         else:
             rows = [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
             D = attn.q_proj.weight.shape[0] // H

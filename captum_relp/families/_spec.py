@@ -86,7 +86,8 @@ class EdgeParts:
     Attributes:
         qkv: projection layout (or a config value giving one): ``"conv1d"`` (GPT-2 ``c_attn``),
             ``"neox"`` (one projection, rows ``[q k v]`` of each head in turn), ``"fused"`` (one
-            projection, rows ``[q (all heads) | k | v]``, Phi-3, multi-query GPT-BigCode) or
+            projection, rows ``[q (all heads) | k | v]``, Phi-3, multi-query GPT-BigCode), ``"codegen"``
+            (``qkv_proj`` in ``mp_num`` blocks of ``[q | v | k]``) or
             ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
         embed: embedding modules (relative to the base model) whose outputs are summed; a
             second entry is indexed by positions.

@@ -121,7 +121,9 @@ _ENTRIES = (
            edges=EdgeParts(lambda c: "fused" if c.multi_query else "neox", ("wte", "wpe"), ("ln_1", "ln_2"), "ln_f",
                            fused="c_attn"),
            reuse_prefix=False),  # batch-1 prefix: its attention reshapes with the batch of the input
-    Family("codegen", "h", "attn", "attn.out_proj", "mlp", parallel_residual=True),
+    Family("codegen", "h", "attn", "attn.out_proj", "mlp", parallel_residual=True,
+           edges=EdgeParts("codegen", ("wte",), ("ln_1", "ln_1"), "ln_f", "rotary_emb", float32_scores="eager",
+                           rotary_style="gptj")),
     _llama_like("stablelm", "StableLm", norms=(), structural=("StableLmLayerNormPerHead",),
                 parallel_residual="@use_parallel_residual",
                 edges=_llama_edges("head", norms=("input_layernorm", _stablelm_mlp_norm),

@@ -141,12 +141,20 @@ def _qkv_columns(m: Model, kind: str, head: int, width: int) -> Tuple[str, slice
     if layout == "neox":
         start = head * 3 * D + which * D
         return m.spec.fused or "query_key_value", slice(start, start + D)
+    if layout == "codegen":  # mp_num blocks of [q | v | k]
+        local = m.model.config.hidden_size // attn_mp(m)
+        j = torch.arange(head * D, (head + 1) * D)
+        return "qkv_proj", j // local * 3 * local + (0, 2, 1)[which] * local + j % local
     if layout == "fused":
         start = (0, H * D, (H + K) * D)[which] + head * D
         return m.spec.fused or "qkv_proj", slice(start, start + D)
     if m.spec.qk_norm == "full" and kind != "v":
         return f"{kind}_norm", slice(head * D, (head + 1) * D)
     return f"{kind}_proj", slice(head * D, (head + 1) * D)
+
+
+def attn_mp(m: Model) -> int:
+    return m.block(0, m.family.o_proj.rpartition(".")[0]).mp_num
 
 
 def _recompute(m: Model, attn: nn.Module, module: str, x: Tensor) -> Tensor:

@@ -105,7 +105,8 @@ class Parts:
         base = model.base_model
         self.blocks = list(_path(base, self.family.blocks))
         self.final_norm = _path(base, self.spec.final_norm)
-        self.rotary_module = _path(base, self.spec.rotary) if self.spec.rotary else None
+        rotary = config_value(self.config, self.spec.rotary)
+        self.rotary_module = _path(base, rotary) if rotary else None
         if not self.spec.qk_norm and getattr(self.attention(0), self.spec.qk_norm_modules[0], None) is not None:
             raise ValueError(f"{graph.family}: attention with q/k norms needs qk_norm in its edge-graph parts")
         for layer in range(len(self.blocks)):
@@ -219,6 +220,14 @@ class Parts:
             D = w.shape[0] // (H + 2 * K)
             cuts = (0, H * D, (H + K) * D, (H + 2 * K) * D)
             rows = [(w[a:z], None if b is None else b[a:z]) for a, z in zip(cuts, cuts[1:])]
+        elif layout == "grouped":  # per key/value group: its queries, then its key and value (Falcon)
+            fused = getattr(attn, self.spec.fused or "query_key_value")
+            D = fused.weight.shape[0] // (H + 2 * K)
+            w = fused.weight.reshape(K, H // K + 2, D, -1)
+            b = None if fused.bias is None else fused.bias.reshape(K, H // K + 2, D)
+            parts = [(w[:, :-2].flatten(0, 1), None if b is None else b[:, :-2].flatten(0, 1))]
+            parts += [(w[:, i], None if b is None else b[:, i]) for i in (-2, -1)]
+            rows = [(weight.flatten(0, 1), None if bias is None else bias.flatten()) for weight, bias in parts]
         elif layout == "codegen":  # qkv_proj rows: mp_num blocks of [q | v | k], each a slice of every head
             w = attn.qkv_proj.weight
             D = w.shape[1] // H

@@ -86,7 +86,8 @@ class EdgeParts:
     Attributes:
         qkv: projection layout (or a config value giving one): ``"conv1d"`` (GPT-2 ``c_attn``),
             ``"neox"`` (one projection, rows ``[q k v]`` of each head in turn), ``"fused"`` (one
-            projection, rows ``[q (all heads) | k | v]``, Phi-3, multi-query GPT-BigCode), ``"codegen"``
+            projection, rows ``[q (all heads) | k | v]``, Phi-3, multi-query GPT-BigCode), ``"grouped"``
+            (one projection, per key/value group its queries, its key, its value; Falcon), ``"codegen"``
             (``qkv_proj`` in ``mp_num`` blocks of ``[q | v | k]``) or
             ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
         embed: embedding modules (relative to the base model) whose outputs are summed; a
@@ -94,7 +95,8 @@ class EdgeParts:
         norms: pre-attention and pre-MLP norm of a block (``None``: the block reads the
             residual stream unnormalised, OLMo-2).
         final_norm: the final norm (relative to the base model).
-        rotary: the rotary embedding (relative to the base model), if any.
+        rotary: the rotary embedding (relative to the base model), if any (a config value: Falcon
+            rotates only without ALiBi).
         qk_norm: norms of queries and keys (``q_norm``, ``k_norm``): ``"head"`` (per head, Qwen3,
             Gemma-3) or ``"full"`` (over all heads' queries or keys at once, OLMo-2: each head's
             query is then normalised together with the queries its own input would give the other
@@ -137,7 +139,7 @@ class EdgeParts:
     embed: Tuple[str, ...]
     norms: Tuple[ConfigValue, ConfigValue]
     final_norm: str
-    rotary: Optional[str] = None
+    rotary: ConfigValue = None
     qk_norm: Optional[str] = None
     post_norms: Tuple[str, ...] = ()
     clip_qkv: ConfigValue = None

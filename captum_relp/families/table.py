@@ -6,6 +6,8 @@ model type not listed is refused in strict mode.
 """
 from __future__ import annotations
 
+import math
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -45,6 +47,34 @@ def _falcon_layout(config) -> str:
     if config.new_decoder_architecture:
         return "grouped"
     return "multi-query" if config.multi_query else "per-head"
+
+
+def _falcon_edge_layout(config) -> str:
+    return {"grouped": "grouped", "multi-query": "fused", "per-head": "neox"}[_falcon_layout(config)]
+
+
+def _falcon_two_norms(config) -> bool:
+    return bool(config.new_decoder_architecture and config.num_ln_in_parallel_attn == 2)
+
+
+def _falcon_mlp_norm(config) -> str:
+    if _falcon_two_norms(config):
+        return "ln_mlp"
+    return "input_layernorm" if config.new_decoder_architecture or config.parallel_attn else "post_attention_layernorm"
+
+
+def _falcon_alibi(base, attention_mask, batch: int, length: int, heads: int, ref):
+    """Falcon's ALiBi bias ``(B, H, 1, T)`` over ``sqrt(head_dim)``, as the model adds it to its mask."""
+    mask = attention_mask if attention_mask is not None else ref.new_ones(batch, length, dtype=torch.long)
+    bias = sys.modules[type(base).__module__].build_alibi_tensor(mask.to(ref.device), heads, ref.dtype)
+    return bias.reshape(batch, heads, 1, length) / math.sqrt(base.config.hidden_size // heads)
+
+
+_FALCON_EDGES = EdgeParts(
+    _falcon_edge_layout, ("word_embeddings",), (lambda c: "ln_attn" if _falcon_two_norms(c) else "input_layernorm",
+                                                _falcon_mlp_norm), "ln_f",
+    rotary=lambda c: None if c.alibi else "rotary_emb", fused="query_key_value",
+    position_bias=lambda base, *args: _falcon_alibi(base, *args) if base.config.alibi else None)
 
 
 def _bloom_alibi(base, attention_mask, batch: int, length: int, heads: int, ref):
@@ -143,6 +173,7 @@ _ENTRIES = (
     Family("falcon", "h", "self_attention", "self_attention.dense", "mlp", structural=("linear:FalconLinear",),
            attn=Attention("qk-columns", "FalconAttention", ("query_key_value",), _falcon_layout, alibi="@alibi"),
            parallel_residual=lambda c: c.new_decoder_architecture or c.parallel_attn, kv_heads=_falcon_kv,
+           edges=_FALCON_EDGES,
            reuse_prefix=False),  # blocks add attention to the MLP output in place: batch 1 cannot grow
     Family("mpt", "blocks", "attn", "attn.out_proj", "ffn.down_proj",
            attn=Attention("qk-columns", "MptAttention", ("Wqkv",), "thirds", alibi=True),

@@ -141,6 +141,11 @@ def _qkv_columns(m: Model, kind: str, head: int, width: int) -> Tuple[str, slice
     if layout == "neox":
         start = head * 3 * D + which * D
         return m.spec.fused or "query_key_value", slice(start, start + D)
+    if layout == "grouped":  # per key/value group: its queries, its key, its value
+        r = H // K
+        group, index = (head // r, head % r) if kind == "q" else (head, r + which - 1)
+        start = (group * (r + 2) + index) * D
+        return m.spec.fused or "query_key_value", slice(start, start + D)
     if layout == "codegen":  # mp_num blocks of [q | v | k]
         local = m.model.config.hidden_size // attn_mp(m)
         j = torch.arange(head * D, (head + 1) * D)

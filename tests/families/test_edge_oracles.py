@@ -117,3 +117,13 @@ def test_gpt_bigcode_without_multi_query():
     """GPT-BigCode with a key and value per head: its projection holds ``[q k v]`` per head."""
     assert exact_vs_hooks("gpt_bigcode", float64=True, multi_query=False) < 1e-10
     assert edge_vs_node("gpt_bigcode", "relp", multi_query=False) < 1e-6
+
+
+@pytest.mark.parametrize("config", [dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True),
+                                    dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False, num_kv_heads=4),
+                                    dict(new_decoder_architecture=True, num_kv_heads=2, alibi=True),
+                                    dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1)])
+def test_falcon_variants(config):
+    """Falcon's layouts (multi-query, per head, grouped), norms (one, two, sequential) and ALiBi."""
+    assert exact_vs_hooks("falcon", float64=True, **config) < 1e-10
+    assert edge_vs_node("falcon", "relp", **config) < 1e-6

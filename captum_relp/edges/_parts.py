@@ -20,7 +20,7 @@ from ..families import FAMILY_TABLE, config_value, layer_window
 def _path(root: nn.Module, path: str) -> nn.Module:
     module = root
     for part in path.split("."):
-        module = getattr(module, part)
+        module = getattr(module, part)  # None where a model leaves an optional module out
     return module
 
 
@@ -105,6 +105,7 @@ class Parts:
         base = model.base_model
         self.blocks = list(_path(base, self.family.blocks))
         self.final_norm = _path(base, self.spec.final_norm)
+        self.final_proj = _path(base, self.spec.final_proj) if self.spec.final_proj else None
         rotary = config_value(self.config, self.spec.rotary)
         self.rotary_module = _path(base, rotary) if rotary else None
         if not self.spec.qk_norm and getattr(self.attention(0), self.spec.qk_norm_modules[0], None) is not None:
@@ -114,9 +115,6 @@ class Parts:
                 if getattr(norm, "bias", None) is not None or "RMSNorm" not in type(norm).__name__:
                     raise ValueError(f"{graph.family}: post-norms split over heads must be RMSNorms without bias, "
                                      f"got {type(norm).__name__}")
-        reason = self.spec.refuse(self.config) if self.spec.refuse else ""
-        if reason:
-            raise ValueError(f"{graph.family}: no edge graph for this configuration: {reason}")
         self.base = base
         self.lm_head = model.get_output_embeddings()
         self.attn_cap = config_value(self.config, "@" + self.family.attn.softcap) if self.family.attn.softcap else None
@@ -128,7 +126,9 @@ class Parts:
         scores32 = self.spec.float32_scores
         self.float32_scores = scores32 is True or (scores32 == "eager" and self.float32_softmax)
 
-    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+    def embed(self, ids: Tensor, positions: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if self.spec.embed_fn is not None:
+            return self.spec.embed_fn(self.base, ids, attention_mask)
         token, *position = self.spec.embed
         out = _path(self.base, token)(ids)
         out = out + _path(self.base, position[0])(positions) if position else out
@@ -147,8 +147,16 @@ class Parts:
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
         """The MLP's output for its normalised input ``x``."""
+        if callable(self.spec.mlp):
+            return self.spec.mlp(self.blocks[layer], x)
         mlp = _path(self.blocks[layer], self.spec.mlp)
         return mlp(x, torch.zeros_like(x)) if self.spec.mlp_residual else mlp(x)
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """Logits (before any soft-cap) from the residual stream's final value."""
+        for module in (self.final_norm, self.final_proj):
+            x = x if module is None else module(x)
+        return self.lm_head(x)
 
     def attention(self, layer: int) -> nn.Module:
         """The module holding the projections: the parent of the output projection (GPT-Neo's

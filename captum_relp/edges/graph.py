@@ -197,6 +197,9 @@ def build_graph(model: nn.Module, ungroup_kv: bool = False) -> ComponentGraph:
             f"({type(model).__name__}): its family has no edge-graph parts in the family table"
         )
     family = FAMILY_TABLE[model_type]
+    reason = family.edges.refuse(config) if family.edges.refuse else ""
+    if reason:
+        raise ValueError(f"{model_type}: no edge graph for this configuration: {reason}")
     return _build(model_type, config.num_hidden_layers, family.num_heads(config), family.num_kv_heads(config),
                   family.is_parallel(config), ungroup_kv)
 

@@ -278,7 +278,7 @@ def graph_forward(
     parts = Parts(model, graph)
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device)[None].expand(batch, length)
-    embeds = parts.embed(input_ids, positions) if input_embeds is None else input_embeds
+    embeds = parts.embed(input_ids, positions, attention_mask) if input_embeds is None else input_embeds
     if torch.is_grad_enabled() and not embeds.requires_grad:
         embeds = embeds.detach().requires_grad_(True)  # frozen parameters: start the autograd graph here
     windows: dict = {}
@@ -345,7 +345,7 @@ def graph_forward(
         inputs += [attn_in, mlp_in]
     final_in = read(graph.logits_slot)
     inputs.append(final_in)
-    logits = softcap_logits(model, parts.lm_head(parts.final_norm(final_in[:, :, 0])), parts.logit_cap)
+    logits = softcap_logits(model, parts.unembed(final_in[:, :, 0]), parts.logit_cap)
     return GraphRun(logits, torch.cat(outputs, dim=2), inputs)
 
 

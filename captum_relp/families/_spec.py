@@ -114,11 +114,15 @@ class EdgeParts:
         position_bias: ``f(base_model, attention_mask, batch, length, heads, dtype)``: the ALiBi
             bias added to the attention scores, broadcastable to ``(B, H, T, T)`` (held
             constant by the AH-rule; no edge passes through it).
-        mlp: the block's child computing the MLP from the normalised residual.
+        mlp: the block's child computing the MLP from the normalised residual, or
+            ``f(block, x)`` computing it (OPT, whose block runs its MLP layers itself).
         mlp_residual: the MLP takes the residual as a second argument and adds it (BLOOM, MPT):
             it is called with zeros, so that its output is the MLP's own.
         embed_norm: a norm applied to the summed embeddings (BLOOM): the input node's output
             is the normalised embedding.
+        embed_fn: ``f(base_model, ids, attention_mask)``: the input node's output, where it is
+            not the sum of ``embed`` run on ids and positions (OPT: positions from the mask).
+        final_proj: a projection after the final norm (OPT's ``project_out``; skipped where None).
         refuse: ``f(config)``: a reason this model's configuration has no sound edge graph, or
             ``""`` (BLOOM with ``apply_residual_connection_post_layernorm``).
         float32_scores: queries and keys are multiplied in float32: ``True`` always (GPT-Neo),
@@ -150,10 +154,12 @@ class EdgeParts:
     float32_scores: Union[bool, str] = False
     rotary_style: str = "llama"
     position_bias: Optional[Callable[..., Any]] = None
-    mlp: str = "mlp"
+    mlp: Union[str, Callable[[Any, Any], Any]] = "mlp"
     mlp_residual: bool = False
     embed_norm: Optional[str] = None
     refuse: Optional[Callable[[Any], str]] = None
+    embed_fn: Optional[Callable[..., Any]] = None
+    final_proj: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,27 @@ def _mpt_alibi(base, attention_mask, batch: int, length: int, heads: int, ref):
     return bias[None, :, :, bias.shape[-1] - length:]
 
 
+def _opt_embed(base, ids, attention_mask):
+    """OPT's input: token embeddings (through ``project_in``) plus positions counted over the mask."""
+    decoder = base.decoder
+    tokens = decoder.embed_tokens(ids)
+    tokens = tokens if decoder.project_in is None else decoder.project_in(tokens)
+    mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+    return tokens + decoder.embed_positions(mask, 0)
+
+
+def _opt_mlp(block, x):
+    """OPT's MLP, which its block runs on flattened rows (the same per-position values)."""
+    return block.fc2(block.activation_fn(block.fc1(x)))
+
+
+def _opt_refusal(config) -> str:
+    if not config.do_layer_norm_before:
+        return ("do_layer_norm_before=False (OPT-350m): a norm after each residual add normalises the "
+                "residual stream itself, so it is not the sum of the node outputs")
+    return ""
+
+
 def _stablelm_mlp_norm(config) -> str:
     """StableLM's MLP reads the attention's norm under ``use_parallel_residual``."""
     return "input_layernorm" if config.use_parallel_residual else "post_attention_layernorm"
@@ -161,7 +182,11 @@ _ENTRIES = (
     Family("opt", "decoder.layers", "self_attn", "self_attn.out_proj", None,
            no_mlp="OPT runs fc1/fc2 on flattened (batch * positions, d) rows, so no module outputs "
                   "the per-position MLP output",
-           structural=("OPTLearnedPositionalEmbedding",)),
+           structural=("OPTLearnedPositionalEmbedding",),
+           edges=EdgeParts("separate", ("decoder.embed_tokens", "decoder.embed_positions"),
+                           ("self_attn_layer_norm", "final_layer_norm"), "decoder.final_layer_norm",
+                           embed_fn=_opt_embed, mlp=_opt_mlp, final_proj="decoder.project_out",
+                           refuse=_opt_refusal)),
     Family("bloom", "h", "self_attention", "self_attention.dense", "mlp.dense_4h_to_h",
            activations=("BloomGelu",),
            attn=Attention("qk-columns", "BloomAttention", ("query_key_value",), "per-head", alibi=True),

@@ -56,6 +56,10 @@ class Model:
     def post_norm(self, layer: int, which: int):
         return self.block(layer, self.spec.post_norms[which]) if self.spec.post_norms else None
 
+    def mlp_out(self, layer: int) -> nn.Module:
+        """The module whose output is the MLP's output (OPT: ``fc2``, on flattened rows)."""
+        return self.post_norm(layer, 1) or self.block(layer, self.family.mlp or "fc2")
+
     def mlp_reader(self, layer: int) -> nn.Module:
         """The module whose input is the MLP's residual input."""
         return self.pre_norm(layer, 1) or self.block(layer, self.family.mlp)
@@ -65,10 +69,11 @@ def node_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``[(node group, module)]``: ``input`` (token embedding), ``a{l}`` (the attention layer's
     residual write), ``m{l}``; the module's output is the group's summed output."""
     m = Model(model)
-    out = [("input", _get(m.base, m.spec.embed_norm or m.spec.embed[0]))]
+    project_in = getattr(getattr(m.base, "decoder", None), "project_in", None)  # OPT: tokens projected
+    out = [("input", project_in or _get(m.base, m.spec.embed_norm or m.spec.embed[0]))]
     for layer in range(len(m.blocks)):
         out.append((f"a{layer}", m.post_norm(layer, 0) or m.o_proj(layer)))
-        out.append((f"m{layer}", m.post_norm(layer, 1) or m.block(layer, m.family.mlp)))
+        out.append((f"m{layer}", m.mlp_out(layer)))
     return out
 
 
@@ -104,8 +109,10 @@ def node_outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Dict[str, Tenso
     def keep(key, read):
         return lambda module, args, output: seen.__setitem__(key, read(args, output).detach().clone())
 
-    pairs = [(_get(m.base, path).register_forward_hook, keep(f"embed{i}", lambda a, o: _out(o)))
-             for i, path in enumerate(m.spec.embed)]
+    embeds = [_get(m.base, path) for path in m.spec.embed]
+    project_in = getattr(getattr(m.base, "decoder", None), "project_in", None)  # OPT: tokens projected
+    embeds[0] = project_in or embeds[0]
+    pairs = [(e.register_forward_hook, keep(f"embed{i}", lambda a, o: _out(o))) for i, e in enumerate(embeds)]
     if m.spec.embed_norm:
         pairs.append((_get(m.base, m.spec.embed_norm).register_forward_hook, keep("embed_norm", lambda a, o: o)))
     for layer in range(len(m.blocks)):
@@ -113,8 +120,7 @@ def node_outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Dict[str, Tenso
         post = m.post_norm(layer, 0)
         if post is not None:
             pairs.append((post.register_forward_hook, keep(f"ratio{layer}", lambda a, o: o / a[0])))
-        mlp = m.post_norm(layer, 1) or m.block(layer, m.family.mlp)
-        pairs.append((mlp.register_forward_hook, keep(f"m{layer}", lambda a, o: _out(o))))
+        pairs.append((m.mlp_out(layer).register_forward_hook, keep(f"m{layer}", lambda a, o: _out(o))))
     with torch.no_grad(), _hooks(pairs):
         model(ids, attention_mask=mask)
     nodes = {"input": sum(seen.pop(f"embed{i}") for i in range(len(m.spec.embed)))}
@@ -126,7 +132,7 @@ def node_outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Dict[str, Tenso
             with torch.no_grad():
                 share = _head_share(m.o_proj(layer), z, h, m.H)
             nodes[f"a{layer}.h{h}"] = share * seen[f"ratio{layer}"] if f"ratio{layer}" in seen else share
-        nodes[f"m{layer}"] = seen[f"m{layer}"]
+        nodes[f"m{layer}"] = seen[f"m{layer}"].reshape(nodes["input"].shape)
     return nodes
 
 
@@ -192,8 +198,8 @@ def hook_edge_effect(model: nn.Module, metric, clean: Tensor, corrupt: Tensor, m
                  (m.block(layer, m.family.mlp).register_forward_pre_hook,
                   lambda mod, args: (norm(stash["x"] + delta), *args[1:]))]
     elif "<" not in downstream:
-        reader = m.mlp_reader(int(downstream[1:]))
-        pairs = [(reader.register_forward_pre_hook, lambda mod, args: (args[0] + delta, *args[1:]))]
+        reader = m.mlp_reader(int(downstream[1:]))  # OPT: on flattened rows
+        pairs = [(reader.register_forward_pre_hook, lambda mod, args: (args[0] + delta.reshape(args[0].shape), *args[1:]))]
     else:
         layer, head = (int(p[1:]) for p in downstream.split("<")[0].split("."))
         kind = downstream.split("<")[1][0]

@@ -67,15 +67,13 @@ def test_exact_edge_with_clamped_qkv(model_type, clip):
     assert exact_vs_hooks(model_type, float64=True, **clip) < 1e-10
 
 
-def test_bloom_with_residual_after_the_norm_is_refused():
-    with pytest.raises(ValueError, match="apply_residual_connection_post_layernorm"):
-        edge_scores(*_bloom_post_layernorm(), method="eap")
-
-
-def _bloom_post_layernorm():
-    model = tiny_model("bloom", apply_residual_connection_post_layernorm=True)
-    clean, corrupt, mask = token_pair()
-    return model, build_graph(model), clean, corrupt, METRIC, mask
+@pytest.mark.parametrize("model_type,config,reason", [
+    ("bloom", dict(apply_residual_connection_post_layernorm=True), "apply_residual_connection_post_layernorm"),
+    ("opt", dict(do_layer_norm_before=False), "do_layer_norm_before")])
+def test_configurations_without_an_edge_graph_are_refused(model_type, config, reason):
+    """A norm on the residual stream itself: it is not the sum of the node outputs."""
+    with pytest.raises(ValueError, match=reason):
+        build_graph(tiny_model(model_type, **config))
 
 
 def edge_vs_node(model_type: str, method: str, ungroup_kv: bool = False, **overrides) -> float:
@@ -91,7 +89,8 @@ def edge_vs_node(model_type: str, method: str, ungroup_kv: bool = False, **overr
     errors = []
     for group, node in zip(groups, nodes):
         rows = [i for i, name in enumerate(graph.upstream) if name == group or name.startswith(group + ".")]
-        errors.append(abs(scores[rows].sum().item() - node.sum(dim=(1, 2)).mean().item()))
+        node = node.reshape(clean.shape[0], -1)  # OPT's MLP output: flattened (B * T, d) rows
+        errors.append(abs(scores[rows].sum().item() - node.sum(dim=1).mean().item()))
     return max(errors)
 
 
@@ -127,3 +126,9 @@ def test_falcon_variants(config):
     """Falcon's layouts (multi-query, per head, grouped), norms (one, two, sequential) and ALiBi."""
     assert exact_vs_hooks("falcon", float64=True, **config) < 1e-10
     assert edge_vs_node("falcon", "relp", **config) < 1e-6
+
+
+def test_opt_with_embedding_projections():
+    """OPT with ``word_embed_proj_dim`` below the hidden size: ``project_in`` and ``project_out``."""
+    assert exact_vs_hooks("opt", float64=True, word_embed_proj_dim=8) < 1e-10
+    assert edge_vs_node("opt", "relp", word_embed_proj_dim=8) < 1e-6

@@ -196,7 +196,8 @@ class Family:
             in; they sit on the query/key path only, where no relevance is conserved (``relp``
             takes the softmax gradient, ``relp-ah`` holds the pattern constant), so they take the
             plain gradient under every rule set (``name_map`` can still set a rule).
-        edges: the edge-graph parts (``None``: edges refused for this family).
+        edges: the edge-graph parts (``None``: edges refused for this family, ``no_edges`` says why).
+        no_edges: why the family has no edge graph.
         reuse_prefix: activation patching may run the layers below a patch once per example, with
             the patched copies created at the layer (batch-1 masks and position tensors must
             broadcast), and reuse the clean key/value cache. False: AP tiles whole inputs instead
@@ -224,6 +225,7 @@ class Family:
     post_norms: bool = False
     qk_norms: Tuple[str, ...] = ()
     edges: Optional[EdgeParts] = None
+    no_edges: str = ""
     reuse_prefix: bool = True
     encoder: bool = False
 

@@ -205,9 +205,14 @@ _ENTRIES = (
            edges=EdgeParts("fused", ("wte",), ("norm_1", "norm_2"), "norm_f", fused="Wqkv", scaling="softmax_scale",
                            position_bias=_mpt_alibi, mlp="ffn", mlp_residual=True,
                            clip_qkv=lambda c: c.attn_config.clip_qkv)),
-    Family("bert", "encoder.layer", "attention", "attention.output.dense", "output.dense", encoder=True),
+    Family("bert", "encoder.layer", "attention", "attention.output.dense", "output.dense", encoder=True,
+           no_edges="BERT normalises after each residual add (LayerNorm(x + sublayer(x))): the residual "
+                    "stream is not the sum of the node outputs, so no edge is an exact intervention"),
     Family("modernbert", "layers", "attn", "attn.Wo", "mlp", gated_mlp=("ModernBertMLP", "wi"),
-           attn=Attention(sliding_window="@sliding_window"), encoder=True),
+           attn=Attention(sliding_window="@sliding_window"), encoder=True,
+           no_edges="a bidirectional masked-LM encoder: the component graph is built for causal decoders "
+                    "(causal masks, next-token logits), and circuits over a masked-LM head are not defined "
+                    "here"),
 )
 
 FAMILY_TABLE: Dict[str, Family] = {family.model_type: family for family in _ENTRIES}

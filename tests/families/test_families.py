@@ -109,5 +109,6 @@ def test_edges_exact(model_type):
 
 @pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - set(EDGE_FAMILIES)))
 def test_edges_refused_outside_the_table(model_type):
-    with pytest.raises(ValueError, match=model_type):
+    with pytest.raises(ValueError, match=model_type) as refused:
         build_graph(tiny_model(model_type))
+    assert FAMILY_TABLE[model_type].no_edges and FAMILY_TABLE[model_type].no_edges in str(refused.value)

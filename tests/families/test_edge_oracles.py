@@ -132,3 +132,31 @@ def test_opt_with_embedding_projections():
     """OPT with ``word_embed_proj_dim`` below the hidden size: ``project_in`` and ``project_out``."""
     assert exact_vs_hooks("opt", float64=True, word_embed_proj_dim=8) < 1e-10
     assert edge_vs_node("opt", "relp", word_embed_proj_dim=8) < 1e-6
+
+
+def test_split_through_norm_where_the_heads_cancel():
+    """Where the heads' sum is exactly zero, the shares still sum to the norm's output (zero there)
+    and each is the head's term times the norm's factor."""
+    from captum_relp.edges._parts import split_through_norm
+
+    norm = torch.nn.RMSNorm(4, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    out = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    out[..., 2, 1] = -(out[..., 0, 1] + out[..., 1, 1])  # coordinate 1: the heads cancel
+    shares = split_through_norm(norm, out)
+    torch.testing.assert_close(shares.sum(2), norm(out.sum(2)), rtol=0, atol=1e-15)
+    s = out.sum(2)
+    factor = norm.weight * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(shares, out * factor[:, :, None], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("model_type", EDGE_FAMILIES)
+def test_every_method_runs(model_type):
+    """EAP-IG, RelP-AH with q/k edges (one pass and two) give finite scores on every edge family."""
+    model = tiny_model(model_type)
+    clean, corrupt, mask = token_pair()
+    graph = build_graph(model)
+    for method in ("eap-ig", "relp-ah-qk", "relp-ah+qk"):
+        scores = edge_scores(model, graph, clean, corrupt, METRIC, mask, method=method, n_steps=2).scores
+        assert torch.isfinite(scores).all() and scores[graph.edge_mask].abs().sum() > 0, method

@@ -103,7 +103,7 @@ class EdgeParts:
             heads).
         post_norms: norms of the attention and MLP outputs before the residual add ("sandwich"
             blocks, Gemma-2, OLMo-2). A node's output is then what it adds to the residual
-            stream: a head's share of the post-norm's output (:func:`captum_relp.edges._parts.split_through_norm`).
+            stream: a head's share of the post-norm's output.
         clip_qkv: config value of a clamp on queries, keys and values (OLMo ``clip_qkv``).
         qk_norm_modules: the attention's children that norm queries and keys (``qk_norm="head"``;
             ones the model does not have are skipped, e.g. Phi without ``qk_layernorm``).

@@ -161,3 +161,28 @@ def test_every_method_runs(model_type):
     for method in ("eap-ig", "relp-ah-qk", "relp-ah+qk"):
         scores = edge_scores(model, graph, clean, corrupt, METRIC, mask, method=method, n_steps=2).scores
         assert torch.isfinite(scores).all() and scores[graph.edge_mask].abs().sum() > 0, method
+
+
+def per_head_edge_vs_node(model_type: str, method: str) -> float:
+    """Max |sum of a head's edge scores - its node-level score at the output projection's input,
+    summed per head| (the projection takes the plain gradient under every rule set)."""
+    model = tiny_model(model_type)
+    clean, corrupt, mask = token_pair()
+    graph = build_graph(model)
+    scores = edge_scores(model, graph, clean, corrupt, METRIC, mask, method=method).scores.sum(dim=1)
+    family = FAMILY_TABLE[model_type]
+    blocks = model.base_model.get_submodule(family.blocks)
+    layers = [block.get_submodule(family.o_proj) for block in blocks]
+    attr = LayerAttributionPatching(model, layers) if method == "eap" else \
+        LayerRelevancePatching(model, layers, rules=method)
+    nodes = attr.attribute(clean, baselines=corrupt, metric=METRIC, additional_forward_args=(mask,),
+                           attribute_to_layer_input=True, reduce="heads", num_heads=graph.n_heads)
+    return max(abs(scores[graph.head_node(layer, h)].item() - node[..., h].sum(1).mean().item())
+               for layer, node in enumerate(nodes) for h in range(graph.n_heads))
+
+
+@pytest.mark.parametrize("method", ["eap", "relp", "relp-ah"])
+@pytest.mark.parametrize("model_type", [t for t in EDGE_FAMILIES if not FAMILY_TABLE[t].edges.post_norms])
+def test_head_edge_scores_sum_to_head_scores(model_type, method):
+    """Per head, where a head's output is its term of the output projection (no post-norm)."""
+    assert per_head_edge_vs_node(model_type, method) < 1e-6

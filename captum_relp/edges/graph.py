@@ -11,7 +11,10 @@ its upstream nodes, so patching any set of edges is an exact intervention (see
 :mod:`captum_relp.edges.patching`).
 
 Bias terms of attention output projections are split evenly over the heads of
-their layer; they cancel in every clean-minus-corrupt difference.
+their layer; they cancel in every clean-minus-corrupt difference. A node's output is
+what it adds to the residual stream: on post-normed ("sandwich") blocks (Gemma-2,
+Gemma-3, OLMo-2) the MLP's output after its post-norm, and a head's share of the
+attention post-norm's output (the head's term times the norm's elementwise factor).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from torch import Tensor, nn
 
 from ..families import FAMILY_TABLE
 
-FAMILIES = {model_type: family.edges.qkv for model_type, family in FAMILY_TABLE.items() if family.edges}
-"""``{model_type: projection layout}`` of the families with edge-graph parts in the family table."""
+FAMILIES = {model_type: family.edges for model_type, family in FAMILY_TABLE.items() if family.edges}
+"""``{model_type: EdgeParts}`` of the families with edge-graph parts in the family table."""
 
 
 @dataclass
@@ -164,9 +167,9 @@ def _build(family: str, n_layers: int, n_heads: int, n_kv_heads: int, parallel: 
 def build_graph(model: nn.Module, ungroup_kv: bool = False) -> ComponentGraph:
     """The component graph of a Hugging Face causal language model.
 
-    Supported: the families with edge-graph parts in the family table
-    (:data:`FAMILIES`: GPT-2, GPT-NeoX/Pythia with parallel or sequential residual, and the
-    Llama-style families with grouped-query attention and sliding windows).
+    Supported: the families with edge-graph parts in the family table (:data:`FAMILIES`: every
+    decoder of the table; the encoders, and configurations that normalise the residual stream
+    itself, raise a ``ValueError`` saying why).
 
     Args:
         model (nn.Module): a causal LM of one of :data:`FAMILIES`.
@@ -192,11 +195,15 @@ def build_graph(model: nn.Module, ungroup_kv: bool = False) -> ComponentGraph:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
+        why = FAMILY_TABLE[model_type].no_edges if model_type in FAMILY_TABLE else ""
         raise ValueError(
             f"edge graphs support model types {sorted(FAMILIES)}, got {model_type!r} "
-            f"({type(model).__name__}): its family has no edge-graph parts in the family table"
+            f"({type(model).__name__}): " + (why or "its family has no edge-graph parts in the family table")
         )
     family = FAMILY_TABLE[model_type]
+    reason = family.edges.refuse(config) if family.edges.refuse else ""
+    if reason:
+        raise ValueError(f"{model_type}: no edge graph for this configuration: {reason}")
     return _build(model_type, config.num_hidden_layers, family.num_heads(config), family.num_kv_heads(config),
                   family.is_parallel(config), ungroup_kv)
 

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .._forward import check_token_ids
-from ..families import FAMILY_TABLE, layer_window
+from ..rules.nonlinear import softcap_logits
+from ._parts import Parts, softcap, split_through_norm
 from .graph import ComponentGraph
 
 
@@ -57,76 +58,6 @@ class GraphRun:
     logits: Tensor
     outputs: Tensor
     inputs: List[Tensor]
-
-
-class _Parts:
-    """Modules and per-head weights of a model, at the paths of its family's edge-graph parts."""
-
-    def __init__(self, model: nn.Module, graph: ComponentGraph) -> None:
-        self.graph = graph
-        self.family = FAMILY_TABLE[graph.family]
-        self.spec = self.family.edges
-        self.config = model.config
-        base = model.base_model
-        self.blocks = list(_path(base, self.family.blocks))
-        self.final_norm = _path(base, self.spec.final_norm)
-        self.rotary = _path(base, self.spec.rotary) if self.spec.rotary else None
-        if not self.spec.qk_norm and getattr(self.attention(0), "q_norm", None) is not None:
-            raise ValueError(f"{graph.family}: attention with q/k norms needs qk_norm in its edge-graph parts")
-        self.base = base
-        self.lm_head = model.get_output_embeddings()
-
-    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
-        token, *position = self.spec.embed
-        out = _path(self.base, token)(ids)
-        return out + _path(self.base, position[0])(positions) if position else out
-
-    def attention(self, layer: int) -> nn.Module:
-        return _path(self.blocks[layer], self.family.attention)
-
-    def norms(self, layer: int):
-        return tuple(_path(self.blocks[layer], name) for name in self.spec.norms)
-
-    def window(self, layer: int) -> Optional[int]:
-        """The sliding window of layer ``layer`` (None: full causal attention)."""
-        return layer_window(self.config, self.family, layer)
-
-    def weights(self, layer: int):
-        """``W_q (H, d, D), b_q, W_k (Hkv, d, D), b_k, W_v, b_v, W_o (H, D, d), b_o (d)``."""
-        g, attn = self.graph, self.attention(layer)
-        H, K = g.n_heads, g.n_kv_heads
-        if self.spec.qkv == "conv1d":
-            w, b = attn.c_attn.weight, attn.c_attn.bias  # (d, 3d), (3d,)
-            d = w.shape[0]
-            D = d // H
-            ws = [w[:, i * d:(i + 1) * d].reshape(d, H, D).permute(1, 0, 2) for i in range(3)]
-            bs = [b[i * d:(i + 1) * d].reshape(H, D) for i in range(3)]
-            w_o, b_o = attn.c_proj.weight.reshape(H, D, d), attn.c_proj.bias
-        elif self.spec.qkv == "neox":
-            w, b = attn.query_key_value.weight, attn.query_key_value.bias  # (3d, d)
-            d = w.shape[1]
-            D = d // H
-            w = w.reshape(H, 3, D, d)
-            ws = [w[:, i].transpose(1, 2) for i in range(3)]
-            bs = [None if b is None else b.reshape(H, 3, D)[:, i] for i in range(3)]
-            w_o, b_o = attn.dense.weight.t().reshape(H, D, d), attn.dense.bias
-        else:
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-            d = attn.q_proj.weight.shape[1]
-            D = attn.q_proj.weight.shape[0] // H
-            ws, bs = [], []
-            for proj, n in zip(projections, (H, K, K)):
-                ws.append(proj.weight.reshape(n, D, d).transpose(1, 2))
-                bs.append(None if proj.bias is None else proj.bias.reshape(n, D))
-            w_o, b_o = attn.o_proj.weight.t().reshape(H, D, d), attn.o_proj.bias
-        return ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], w_o, b_o
-
-
-def _path(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -161,36 +92,97 @@ def _qk_leaf(x: Tensor, n_qk: int) -> Tensor:
     return torch.cat([leaf, x[:, :, n_qk:]], dim=2)
 
 
-def _heads(parts: _Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tensor:
-    """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``,
-    ``K`` key/value inputs per layer (``graph.n_kv_inputs``). ``ah="qk-local"``: ``x`` comes from
-    :func:`_qk_leaf`, and queries and keys stay differentiable (the pattern gradient ends at the leaf)."""
-    g = parts.graph
+def _full_qk(x: Tensor, proj: nn.Module, norm: nn.Module, n_out: int, group: Tensor) -> Tensor:
+    """Queries or keys ``(B, n, T, D)`` under a norm over all heads (OLMo-2): input ``i`` of ``x``
+    ``(B, T, n, d)`` is projected to every head, normalised, and its own head ``group[i]`` kept."""
+    full = norm(proj(x))  # (B, T, n, n_out * D)
+    full = full.reshape(*full.shape[:3], n_out, -1)
+    index = group.to(x.device)[None, None, :, None, None].expand(*full.shape[:3], 1, full.shape[-1])
+    return full.gather(3, index).squeeze(3).transpose(1, 2)
+
+
+def _qkv(parts: Parts, layer: int, normed: Tensor):
+    """Queries ``(B, H, T, D)``, keys and values ``(B, K, T, D)`` from per-slot normalised inputs."""
+    g, attn = parts.graph, parts.attention(layer)
     H, K = g.n_heads, g.n_kv_inputs
-    attn = parts.attention(layer)
-    normed = parts.norms(layer)[0](x)
-    w_q, b_q, w_k, b_k, w_v, b_v, w_o, b_o = parts.weights(layer)
+    w_q, b_q, w_k, b_k, w_v, b_v, _, _ = parts.weights(layer)
     if g.ungrouped:  # one key/value input per query head, each through its group's weights
         (w_k, b_k), (w_v, b_v) = _ungroup(w_k, b_k, H), _ungroup(w_v, b_v, H)
-    q = _project(normed[:, :, :H], w_q, b_q)
-    k = _project(normed[:, :, H:H + K], w_k, b_k)
+    if parts.spec.qk_norm == "full":
+        group = torch.arange(K) // (K // g.n_kv_heads)
+        q = _full_qk(normed[:, :, :H], attn.q_proj, attn.q_norm, H, torch.arange(H))
+        k = _full_qk(normed[:, :, H:H + K], attn.k_proj, attn.k_norm, g.n_kv_heads, group)
+    else:
+        q = _project(normed[:, :, :H], w_q, b_q)
+        k = _project(normed[:, :, H:H + K], w_k, b_k)
     v = _project(normed[:, :, H + K:], w_v, b_v)
-    if parts.spec.qk_norm:  # per-head norms of queries and keys (Qwen3), before the rotation
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if rotary is not None:
-        apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        q, k = apply(q, k, *rotary)
+    norms = parts.qk_norms(layer) if parts.spec.qk_norm == "head" else None
+    if norms is not None:  # per-head norms of queries and keys (Qwen3), before the rotation
+        b, _, t, d = k.shape  # ungrouped: the inputs of a group through its key norm (one per group)
+        q, k = norms[0](q), norms[1](k.reshape(b, g.n_kv_heads, -1, d)).reshape(b, K, t, d)
+    if parts.clip:
+        q, k, v = (t.clamp(-parts.clip, parts.clip) for t in (q, k, v))
+    return q, k, v
+
+
+def _rotate(parts: Parts, attn: nn.Module, q: Tensor, k: Tensor, rotary) -> tuple:
+    """Queries and keys rotated by the family's ``apply_rotary_pos_emb`` (on the first
+    ``attn.rotary_ndims`` columns only, where ``partial_rotary``)."""
+    if rotary is None:
+        return q, k
+    apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    if parts.spec.rotary_style == "gptj":  # (B, T, H, D) layout, (sin, cos), the first rotary_dim columns
+        n = attn.rotary_dim or q.shape[-1]
+
+        def turn(x: Tensor) -> Tensor:
+            x = x.transpose(1, 2)
+            return torch.cat([apply(x[..., :n], *rotary), x[..., n:]], dim=-1).transpose(1, 2)
+
+        return turn(q), turn(k)
+    if not parts.spec.partial_rotary:
+        return apply(q, k, *rotary)
+    n = attn.rotary_ndims
+    q_rot, k_rot = apply(q[..., :n], k[..., :n], *rotary)
+    return torch.cat([q_rot, q[..., n:]], dim=-1), torch.cat([k_rot, k[..., n:]], dim=-1)
+
+
+def _heads(parts: Parts, layer: int, x: Tensor, masks, rotary, ah: bool) -> Tensor:
+    """Per-head outputs ``(B, T, H, d)`` from per-slot residual inputs ``x`` ``(B, T, H + 2K, d)``,
+    ``K`` key/value inputs per layer (``graph.n_kv_inputs``). ``ah="qk-local"``: ``x`` comes from
+    :func:`_qk_leaf`, and queries and keys stay differentiable (the pattern gradient ends at the leaf).
+    On post-normed blocks a head's output is its share of the post-norm's output."""
+    H, K = parts.graph.n_heads, parts.graph.n_kv_inputs
+    attn = parts.attention(layer)
+    q, k, v = _qkv(parts, layer, parts.norms(layer)[0](x))
+    q, k = _rotate(parts, attn, q, k, rotary)
     if K != H:
         k = k.repeat_interleave(H // K, dim=1)
         v = v.repeat_interleave(H // K, dim=1)
     if ah is True:
         q, k = q.detach(), k.detach()
-    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling + masks(parts.window(layer))
-    upcast = scores.dtype in (torch.float16, torch.bfloat16)
+    if parts.float32_scores:
+        q, k = q.float(), k.float()
+    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * parts.scaling(layer), parts.attn_cap)
+    scores = scores + masks(parts.window(layer))
+    # eager attention takes the softmax in float32; GPT-Neo's float32 scores plus the mask in the model's dtype
+    upcast = (parts.float32_softmax and not parts.float32_scores) or scores.dtype in (torch.float16, torch.bfloat16)
     probs = torch.softmax(scores.float() if upcast else scores, dim=-1).to(v.dtype)
     z = torch.matmul(probs, v)  # (B, H, T, D)
+    *_, w_o, b_o = parts.weights(layer)
     out = torch.einsum("bhte,hed->bthd", z, w_o)
-    return out if b_o is None else out + (b_o / H)
+    out = out if b_o is None else out + (b_o / H)
+    post = parts.post_norms(layer)
+    if post is None:
+        return out
+    summed = parts.o_proj(layer)(z.transpose(1, 2).flatten(2))  # as the model sums the heads
+    return split_through_norm(post[0], out, summed)
+
+
+def _mlp(parts: Parts, layer: int, x: Tensor) -> Tensor:
+    """The MLP node's output: what the MLP adds to the residual stream (after its post-norm, if any)."""
+    out = parts.mlp(layer, parts.norms(layer)[1](x))
+    post = parts.post_norms(layer)
+    return out if post is None else post[1](out)
 
 
 def _shared_correction(diffs: List[Tensor], starts: List[int], diff_sum: Tensor, patch: Tensor,
@@ -283,20 +275,23 @@ def graph_forward(
     if patch is not None and corrupt_outputs is None:
         raise ValueError("patch needs corrupt_outputs (GraphRun.outputs of the reference run)")
     check_token_ids(model, (input_ids,))
-    parts = _Parts(model, graph)
+    parts = Parts(model, graph)
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device)[None].expand(batch, length)
-    embeds = parts.embed(input_ids, positions) if input_embeds is None else input_embeds
+    embeds = parts.embed(input_ids, positions, attention_mask) if input_embeds is None else input_embeds
     if torch.is_grad_enabled() and not embeds.requires_grad:
         embeds = embeds.detach().requires_grad_(True)  # frozen parameters: start the autograd graph here
     windows: dict = {}
+    bias = parts.position_bias(attention_mask, batch, length, embeds)
 
     def masks(window: Optional[int]) -> Tensor:
+        """The additive mask of a window, plus the ALiBi bias where the family has one."""
         if window not in windows:
             windows[window] = _additive_mask(attention_mask, batch, length, embeds, window)
+            windows[window] = windows[window] if bias is None else windows[window] + bias
         return windows[window]
 
-    rotary = parts.rotary(embeds, positions) if parts.rotary is not None else None
+    rotary = parts.rotary(embeds, positions)
     edge_mask = graph.edge_mask.to(embeds.device)
     if patch is not None:
         patch = patch.to(embeds.dtype) * edge_mask
@@ -343,15 +338,14 @@ def graph_forward(
         if ah == "qk-local":
             attn_in = _qk_leaf(attn_in, graph.n_heads + graph.n_kv_inputs)
         mlp_in = read(graph.mlp_slot(layer)) if graph.parallel else None
-        write(_heads(parts, layer, attn_in, masks, rotary, ah))
+        write(_heads(parts, layer, attn_in, masks, rotary(layer), ah))
         if mlp_in is None:
             mlp_in = read(graph.mlp_slot(layer))
-        mlp_out = parts.blocks[layer].mlp(parts.norms(layer)[1](mlp_in[:, :, 0]))
-        write(mlp_out[:, :, None])
+        write(_mlp(parts, layer, mlp_in[:, :, 0])[:, :, None])
         inputs += [attn_in, mlp_in]
     final_in = read(graph.logits_slot)
     inputs.append(final_in)
-    logits = parts.lm_head(parts.final_norm(final_in[:, :, 0]))
+    logits = softcap_logits(model, parts.unembed(final_in[:, :, 0]), parts.logit_cap)
     return GraphRun(logits, torch.cat(outputs, dim=2), inputs)
 
 

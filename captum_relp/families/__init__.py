@@ -189,13 +189,14 @@ def reuse_prefix_allowed(model: Any) -> bool:
 def layer_window(config: Any, family: Family, layer: int) -> Optional[int]:
     """The sliding window of layer ``layer`` (None: full causal attention).
 
-    Uses ``config.layer_types`` where the config has them (alternating local/global layers).
+    Uses ``config.layer_types`` where the config has them (alternating local/global layers), or
+    GPT-Neo's ``attention_layers``.
     """
     window = family.window(config)
-    types = getattr(config, "layer_types", None)
+    types = getattr(config, "layer_types", None) or getattr(config, "attention_layers", None)
     if window is None or not types:
         return window
-    return window if types[layer] in ("sliding_attention", "local_attention") else None
+    return window if types[layer] in ("sliding_attention", "local_attention", "local") else None
 
 
 __all__ = ["FAMILY_TABLE", "GUIDE", "QK_LAYOUTS", "Attention", "EdgeParts", "Family", "Norm", "ah_module_rules",

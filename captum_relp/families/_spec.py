@@ -84,22 +84,82 @@ class EdgeParts:
     """What :mod:`captum_relp.edges` needs to recompute a family over its component graph.
 
     Attributes:
-        qkv: projection layout: ``"conv1d"`` (GPT-2 ``c_attn``), ``"neox"`` (per-head fused
-            ``query_key_value``) or ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
+        qkv: projection layout (or a config value giving one): ``"conv1d"`` (GPT-2 ``c_attn``),
+            ``"neox"`` (one projection, rows ``[q k v]`` of each head in turn), ``"fused"`` (one
+            projection, rows ``[q (all heads) | k | v]``, Phi-3, multi-query GPT-BigCode), ``"grouped"``
+            (one projection, per key/value group its queries, its key, its value; Falcon), ``"codegen"``
+            (``qkv_proj`` in ``mp_num`` blocks of ``[q | v | k]``) or
+            ``"separate"`` (``q_proj``, ``k_proj``, ``v_proj``).
         embed: embedding modules (relative to the base model) whose outputs are summed; a
             second entry is indexed by positions.
-        norms: pre-attention and pre-MLP norm of a block.
+        norms: pre-attention and pre-MLP norm of a block (``None``: the block reads the
+            residual stream unnormalised, OLMo-2).
         final_norm: the final norm (relative to the base model).
-        rotary: the rotary embedding (relative to the base model), if any.
-        qk_norm: per-head norms of queries and keys (``q_norm``, ``k_norm``; Qwen3).
+        rotary: the rotary embedding (relative to the base model), if any (a config value: Falcon
+            rotates only without ALiBi).
+        qk_norm: norms of queries and keys (``q_norm``, ``k_norm``): ``"head"`` (per head, Qwen3,
+            Gemma-3) or ``"full"`` (over all heads' queries or keys at once, OLMo-2: each head's
+            query is then normalised together with the queries its own input would give the other
+            heads).
+        post_norms: norms of the attention and MLP outputs before the residual add ("sandwich"
+            blocks, Gemma-2, OLMo-2). A node's output is then what it adds to the residual
+            stream: a head's share of the post-norm's output.
+        clip_qkv: config value of a clamp on queries, keys and values (OLMo ``clip_qkv``).
+        qk_norm_modules: the attention's children that norm queries and keys (``qk_norm="head"``;
+            ones the model does not have are skipped, e.g. Phi without ``qk_layernorm``).
+        fused: the attention's child holding the fused projection (default ``query_key_value``
+            for ``"neox"``, ``qkv_proj`` for ``"fused"``).
+        scaling: the factor on the attention scores, or the attention's attribute holding it
+            (default: ``scaling``).
+        position_bias: ``f(base_model, attention_mask, batch, length, heads, dtype)``: the ALiBi
+            bias added to the attention scores, broadcastable to ``(B, H, T, T)`` (held
+            constant by the AH-rule; no edge passes through it).
+        mlp: the block's child computing the MLP from the normalised residual, or
+            ``f(block, x)`` computing it (OPT, whose block runs its MLP layers itself).
+        mlp_residual: the MLP takes the residual as a second argument and adds it (BLOOM, MPT):
+            it is called with zeros, so that its output is the MLP's own.
+        embed_norm: a norm applied to the summed embeddings (BLOOM): the input node's output
+            is the normalised embedding.
+        embed_fn: ``f(base_model, ids, attention_mask)``: the input node's output, where it is
+            not the sum of ``embed`` run on ids and positions (OPT: positions from the mask).
+        final_proj: a projection after the final norm (OPT's ``project_out``; skipped where None).
+        refuse: ``f(config)``: a reason this model's configuration has no sound edge graph, or
+            ``""`` (BLOOM with ``apply_residual_connection_post_layernorm``).
+        float32_scores: queries and keys are multiplied in float32: ``True`` always (GPT-Neo),
+            ``"eager"`` under eager attention (GPT-J).
+        rotary_style: ``"llama"`` (``apply_rotary_pos_emb(q, k, cos, sin)`` on ``(B, H, T, D)``) or
+            ``"gptj"`` (``apply_rotary_pos_emb(x, sin, cos)`` on ``(B, T, H, D)``, on the first
+            ``attention.rotary_dim`` columns, all where None; the rotary module returns ``(sin, cos)``).
+        partial_rotary: the rotation applies to the first ``attention.rotary_ndims`` columns of
+            each head only, and the family's ``apply_rotary_pos_emb`` rotates whole tensors (Phi,
+            StableLM).
+
+    A pre-norm may be a config value (a function of the config): StableLM's MLP reads the
+    attention's norm under ``use_parallel_residual``, its own otherwise. Parallel blocks (attention
+    and MLP reading the same residual stream) are the family's ``parallel_residual``.
     """
 
-    qkv: str
+    qkv: ConfigValue
     embed: Tuple[str, ...]
-    norms: Tuple[str, str]
+    norms: Tuple[ConfigValue, ConfigValue]
     final_norm: str
-    rotary: Optional[str] = None
-    qk_norm: bool = False
+    rotary: ConfigValue = None
+    qk_norm: Optional[str] = None
+    post_norms: Tuple[str, ...] = ()
+    clip_qkv: ConfigValue = None
+    qk_norm_modules: Tuple[str, str] = ("q_norm", "k_norm")
+    partial_rotary: bool = False
+    fused: str = ""
+    scaling: Union[None, float, str] = None
+    float32_scores: Union[bool, str] = False
+    rotary_style: str = "llama"
+    position_bias: Optional[Callable[..., Any]] = None
+    mlp: Union[str, Callable[[Any, Any], Any]] = "mlp"
+    mlp_residual: bool = False
+    embed_norm: Optional[str] = None
+    refuse: Optional[Callable[[Any], str]] = None
+    embed_fn: Optional[Callable[..., Any]] = None
+    final_proj: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +196,8 @@ class Family:
             in; they sit on the query/key path only, where no relevance is conserved (``relp``
             takes the softmax gradient, ``relp-ah`` holds the pattern constant), so they take the
             plain gradient under every rule set (``name_map`` can still set a rule).
-        edges: the edge-graph parts (``None``: edges refused for this family).
+        edges: the edge-graph parts (``None``: edges refused for this family, ``no_edges`` says why).
+        no_edges: why the family has no edge graph.
         reuse_prefix: activation patching may run the layers below a patch once per example, with
             the patched copies created at the layer (batch-1 masks and position tensors must
             broadcast), and reuse the clean key/value cache. False: AP tiles whole inputs instead
@@ -164,6 +225,7 @@ class Family:
     post_norms: bool = False
     qk_norms: Tuple[str, ...] = ()
     edges: Optional[EdgeParts] = None
+    no_edges: str = ""
     reuse_prefix: bool = True
     encoder: bool = False
 

@@ -27,6 +27,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -260,4 +261,34 @@ class LogitSoftcapRule(Rule):
             return output
 
         handles = [head.register_forward_hook(on_head), module.register_forward_hook(on_model)]
-        return lambda: [handle.remove() for handle in handles] and None
+        _SOFTCAP_RULED[module] = _SOFTCAP_RULED.get(module, 0) + 1
+
+        def undo() -> None:
+            for handle in handles:
+                handle.remove()
+            _SOFTCAP_RULED[module] -= 1
+            if not _SOFTCAP_RULED[module]:
+                del _SOFTCAP_RULED[module]
+
+        return undo
+
+
+_SOFTCAP_RULED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+"""Models with a :class:`LogitSoftcapRule` applied (how many times)."""
+
+
+def softcap_logits(model: nn.Module, z: Tensor, cap: Optional[float]) -> Tensor:
+    """``cap * tanh(z / cap)`` for logits computed outside ``model``'s forward (edge graphs), with the
+    Identity-rule's backward while a :class:`LogitSoftcapRule` is applied to ``model``.
+
+    Example:
+        >>> import torch
+        >>> softcap_logits(torch.nn.Linear(1, 1), torch.tensor([0.0, 100.0]), 5.0)
+        tensor([0., 5.])
+    """
+    if not cap:
+        return z
+    logits = torch.tanh(z / cap) * cap
+    if model in _SOFTCAP_RULED and torch.is_grad_enabled() and z.requires_grad:
+        return _Recapped.apply(z, logits)
+    return logits

@@ -105,11 +105,12 @@ def test_early_qk_coefficient_is_the_local_pattern_gradient(family):
 def _heads_by_hand(model, graph, x, mask):
     """Layer 0's per-head outputs (B, T, H, d) with attention computed here (plain softmax, no AH)."""
     from captum_relp.edges import patching
+    from captum_relp.edges._parts import Parts
 
-    parts = patching._Parts(model, graph)
+    parts = Parts(model, graph)
     batch, length = x.shape[:2]
     positions = torch.arange(length)[None].expand(batch, length)
-    rotary = parts.rotary(x[:, :, 0], positions) if parts.rotary is not None else None
+    rotary = parts.rotary(x[:, :, 0], positions)(0)
 
     def masks(window):
         return patching._additive_mask(mask, batch, length, x, window)

@@ -1,0 +1,181 @@
+"""An independent RelP: plain-torch forwards of GPT-2 and Llama that read a Hugging Face model's
+weights, with every LRP rule written in its "detach" form.
+
+Nothing here comes from ``captum_relp``. The rules, as the paper states them:
+
+* LN-rule: the normaliser (std for LayerNorm, rms for RMSNorm) is detached;
+* Identity-rule: ``act(x) = x * (act(x) / x).detach()``;
+* Half-rule: ``g * u = 0.5 * (g * u.detach()) + 0.5 * (g.detach() * u)``;
+* AH-rule: the attention probabilities are detached.
+
+Scores follow Captum's sign: ``(a(clean) - a(corrupt)) * d metric / d a`` with the gradient taken
+through the rules on the clean run, zero at padded positions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+PRESET_RULES = {"none": frozenset(), "relp": frozenset({"ln", "identity", "half"}),
+                "relp-ah": frozenset({"ln", "identity", "half", "ah"})}
+"""The rules each preset applies (docs/rules.md: the paper's Table 4, plus the AH-rule)."""
+
+Key = Tuple[str, int]
+
+
+def _keep_value(linear: Tensor, value: Tensor) -> Tensor:
+    """``value`` in the forward pass, the gradient of ``linear`` in the backward pass."""
+    return linear + (value - linear).detach()
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, rules) -> Tensor:
+    centred = x - x.mean(-1, keepdim=True)
+    std = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    if "ln" in rules:
+        std = std.detach()
+    return centred / std * weight + bias
+
+
+def llama_rms_norm(x: Tensor, weight: Tensor, eps: float, rules) -> Tensor:
+    """Llama's RMSNorm: its forward value normalises in float32 (as the model does), the
+    gradient is that of ``weight * x / rms(x)`` in the input's dtype."""
+    x32 = x.to(torch.float32)
+    value = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if "ln" in rules:
+        rms = rms.detach()
+    return _keep_value(weight * (x / rms), value)
+
+
+def activation(fn, x: Tensor, rules) -> Tensor:
+    value = fn(x)
+    if "identity" not in rules:
+        return value
+    return x * (value / x).detach()
+
+
+def gated_product(gate: Tensor, up: Tensor, rules) -> Tensor:
+    if "half" not in rules:
+        return gate * up
+    return 0.5 * (gate * up.detach()) + 0.5 * (gate.detach() * up)
+
+
+def gelu_new(x: Tensor) -> Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def silu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules) -> Tensor:
+    """Causal attention over ``(B, H, T, D)`` with padded keys masked; ``(B, T, H * D)``."""
+    T = q.shape[-2]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    if "ah" in rules:
+        probs = probs.detach()
+    out = probs @ v
+    return out.transpose(1, 2).reshape(q.shape[0], T, -1)
+
+
+def gpt2_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``GPT2LMHeadModel`` (kinds resid, heads, attn, mlp)."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    B, T = ids.shape
+    H, d = cfg.n_head, cfg.n_embd
+    eps = cfg.layer_norm_epsilon
+    h = (w["transformer.wte.weight"][ids] + w["transformer.wpe.weight"][torch.arange(T)]).requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        acts["resid", i] = h
+        a = layer_norm(h, w[p + "ln_1.weight"], w[p + "ln_1.bias"], eps, rules)
+        qkv = a @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]  # Conv1D: x @ W + b
+        q, k, v = (t.reshape(B, T, H, d // H).transpose(1, 2) for t in qkv.split(d, dim=-1))
+        z = attend(q, k, v, mask, (d // H) ** -0.5, rules)
+        acts["heads", i] = z
+        o = z @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
+        acts["attn", i] = o
+        h = h + o
+        m = layer_norm(h, w[p + "ln_2.weight"], w[p + "ln_2.bias"], eps, rules)
+        m = activation(gelu_new, m @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"], rules)
+        m = m @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+        acts["mlp", i] = m
+        h = h + m
+    h = layer_norm(h, w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], eps, rules)
+    return acts, h @ w["lm_head.weight"].T
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``LlamaForCausalLM`` (default RoPE, GQA)."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    assert cfg.hidden_act == "silu" and not cfg.attention_bias and not cfg.mlp_bias
+    B, T = ids.shape
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    eps = cfg.rms_norm_eps
+    # RoPE angles in float32, as the model computes them
+    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    angles = torch.arange(T).float()[:, None] * inv_freq[None]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(w["lm_head.weight"].dtype), angles.sin().to(w["lm_head.weight"].dtype)
+    h = w["model.embed_tokens.weight"][ids].requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        acts["resid", i] = h
+        a = llama_rms_norm(h, w[p + "input_layernorm.weight"], eps, rules)
+        q = (a @ w[p + "self_attn.q_proj.weight"].T).reshape(B, T, H, D).transpose(1, 2)
+        k = (a @ w[p + "self_attn.k_proj.weight"].T).reshape(B, T, Hkv, D).transpose(1, 2)
+        v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(B, T, Hkv, D).transpose(1, 2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        z = attend(q, k, v, mask, D ** -0.5, rules)
+        acts["heads", i] = z
+        o = z @ w[p + "self_attn.o_proj.weight"].T
+        acts["attn", i] = o
+        h = h + o
+        m = llama_rms_norm(h, w[p + "post_attention_layernorm.weight"], eps, rules)
+        gate = activation(silu, m @ w[p + "mlp.gate_proj.weight"].T, rules)
+        m = gated_product(gate, m @ w[p + "mlp.up_proj.weight"].T, rules) @ w[p + "mlp.down_proj.weight"].T
+        acts["mlp", i] = m
+        h = h + m
+    h = llama_rms_norm(h, w["model.norm.weight"], eps, rules)
+    return acts, h @ w["lm_head.weight"].T
+
+
+FORWARDS = {"gpt2": gpt2_forward, "llama": llama_forward}
+
+
+def last_real(mask: Tensor) -> Tensor:
+    """The index of each row's last real token (right padding)."""
+    return torch.stack([row.nonzero().max() for row in mask])
+
+
+def relp_scores(model, clean: Tensor, corrupt: Tensor, mask: Tensor, correct: Sequence[int],
+                wrong: Sequence[int], preset: str) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): scores (B, T, width)}, logits of the clean run)`` for the metric
+    ``logit[correct] - logit[wrong]`` at each row's last real position."""
+    forward, rules = FORWARDS[model.config.model_type], PRESET_RULES[preset]
+    with torch.no_grad():
+        reference, _ = forward(model, corrupt, mask, rules)
+    with torch.enable_grad():
+        acts, logits = forward(model, clean, mask, rules)
+        rows, last = torch.arange(clean.shape[0]), last_real(mask)
+        metric = logits[rows, last, torch.tensor(correct)] - logits[rows, last, torch.tensor(wrong)]
+        keys = list(acts)
+        grads = torch.autograd.grad(metric.sum(), [acts[key] for key in keys])
+    real = mask[..., None].to(logits.dtype)
+    scores = {key: ((acts[key] - reference[key]) * grad * real).detach() for key, grad in zip(keys, grads)}
+    return scores, logits.detach()

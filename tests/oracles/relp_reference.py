@@ -111,7 +111,16 @@ def gpt2_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Ten
     return acts, h @ w["lm_head.weight"].T
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rope_tables(cfg, length: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Llama's default RoPE ``(cos, sin)`` ``(T, D)``: angles in float32, as the model computes them."""
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    angles = torch.arange(length).float()[:, None] * inv_freq[None]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -125,11 +134,7 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     eps = cfg.rms_norm_eps
-    # RoPE angles in float32, as the model computes them
-    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float) / D))
-    angles = torch.arange(T).float()[:, None] * inv_freq[None]
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(w["lm_head.weight"].dtype), angles.sin().to(w["lm_head.weight"].dtype)
+    cos, sin = rope_tables(cfg, T, w["lm_head.weight"].dtype)
     h = w["model.embed_tokens.weight"][ids].requires_grad_()
     acts: Dict[Key, Tensor] = {}
     for i in range(cfg.num_hidden_layers):
@@ -139,7 +144,7 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
         q = (a @ w[p + "self_attn.q_proj.weight"].T).reshape(B, T, H, D).transpose(1, 2)
         k = (a @ w[p + "self_attn.k_proj.weight"].T).reshape(B, T, Hkv, D).transpose(1, 2)
         v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(B, T, Hkv, D).transpose(1, 2)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         z = attend(q, k, v, mask, D ** -0.5, rules)
         acts["heads", i] = z

@@ -1,14 +1,17 @@
 """LayerRelevancePatching against an independent RelP (tests/oracles/relp_reference.py), element by
-element: every position, unit and head of resid, attn and mlp, with a padded row, float64."""
+element: every position, unit and head of resid, attn and mlp, with a padded row, float64, on
+the families the reference implements (LayerNorm + GELU: gpt2, gpt_neox; RMSNorm + gated MLP:
+llama, mistral and qwen2 with sliding windows, gemma with its offset norm and scaled embeddings)."""
 import pytest
 import torch
 
 from captum_relp import LayerAttributionPatching, LayerRelevancePatching, logit_diff, model_components
 from tests.families.configs import tiny_model, token_pair
-from tests.oracles.relp_reference import relp_scores
+from tests.oracles.relp_reference import FORWARDS, relp_scores
 
 CORRECT, WRONG = [5, 7], [9, 4]
 KINDS = ("resid", "heads", "attn", "mlp")
+FAMILIES = sorted(FORWARDS)  # gpt2, gpt_neox (LayerNorm, GELU); llama, mistral, qwen2, gemma (RMSNorm, gates)
 
 
 def reference_model(model_type: str):
@@ -62,7 +65,7 @@ def differences(model_type: str, preset: str, oracle_preset=None):
 
 
 @pytest.mark.parametrize("preset", ["relp", "relp-ah"])
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_relp_equals_the_independent_reference(model_type, preset):
     diff, scale, want = differences(model_type, preset)
     assert scale > 1e-3, "the scores must not be trivially small"
@@ -71,17 +74,17 @@ def test_relp_equals_the_independent_reference(model_type, preset):
     assert not bad, f"{model_type} {preset}: max |library - reference| beyond 1e-10: {bad}"
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_reference_without_rules_equals_attribution_patching(model_type):
     """The reference's forward and gradients, checked by autograd through the model itself.
 
-    Llama normalises in float32, whose plain gradient the reference computes in float64."""
+    RMSNorms normalise in float32, whose plain gradient the reference computes in float64."""
     diff, scale, _ = differences(model_type, "none", oracle_preset="none")
-    tolerance = 1e-10 if model_type == "gpt2" else 1e-6 * scale
+    tolerance = 1e-10 if model_type in ("gpt2", "gpt_neox") else 1e-6 * scale
     assert max(diff.values()) < tolerance, diff
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_the_presets_differ_from_each_other_in_the_reference(model_type):
     """Each rule moves the reference's scores, so agreement is not reached by chance."""
     model = reference_model(model_type)

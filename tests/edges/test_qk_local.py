@@ -129,7 +129,7 @@ def _heads_by_hand(model, graph, x, mask):
 
     q, k, v = project(0, H, 0), project(H, K, 1), project(H + K, K, 2)
     if cfg.model_type != "gpt2":
-        cos, sin = reference.rope_tables(cfg, T, x.dtype)
+        cos, sin = reference.rope_tables(cfg, T, x.dtype, D)
         q, k = reference.rope(q, cos, sin), reference.rope(k, cos, sin)
     k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
     z = reference.attend(q, k, v, mask, D ** -0.5, rules).reshape(B, T, H, D)

@@ -71,10 +71,14 @@ def silu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules) -> Tensor:
-    """Causal attention over ``(B, H, T, D)`` with padded keys masked; ``(B, T, H * D)``."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules, window=None) -> Tensor:
+    """Causal attention over ``(B, H, T, D)`` with padded keys masked (and keys ``window`` or more
+    positions back, for a sliding window); ``(B, T, H * D)``."""
     T = q.shape[-2]
-    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    if window is not None:
+        causal = causal & torch.ones(T, T, dtype=torch.bool).triu(1 - window)
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, torch.finfo(q.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     if "ah" in rules:
@@ -111,56 +115,147 @@ def gpt2_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Ten
     return acts, h @ w["lm_head.weight"].T
 
 
-def rope_tables(cfg, length: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Llama's default RoPE ``(cos, sin)`` ``(T, D)``: angles in float32, as the model computes them."""
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+def rope_tables(cfg, length: int, dtype: torch.dtype, head_dim: int) -> Tuple[Tensor, Tensor]:
+    """Default RoPE ``(cos, sin)`` ``(T, 2 * len(inv_freq))`` (the rotated dimensions): angles in
+    float32, as the models compute them; ``partial_rotary_factor`` rotates the leading dimensions."""
+    dim = int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     angles = torch.arange(length).float()[:, None] * inv_freq[None]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotate the leading ``cos.shape[-1]`` dimensions of ``x`` (``rotate_half`` layout)."""
+    n = cos.shape[-1]
+    x_rot, x_pass = x[..., :n], x[..., n:]
+    rotated = torch.cat((-x_rot[..., n // 2:], x_rot[..., :n // 2]), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+def gemma_rms_norm(x: Tensor, weight: Tensor, eps: float, rules) -> Tensor:
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, its forward value in float32 (as the model)."""
+    x32 = x.to(torch.float32)
+    value = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
+    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if "ln" in rules:
+        rms = rms.detach()
+    return _keep_value((1.0 + weight) * (x / rms), value)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def gelu(x: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(x)
+
+
+LLAMA_LIKE = {  # model_type: (norm, MLP activation, embeddings scaled by sqrt(hidden size))
+    "llama": (llama_rms_norm, silu, False), "mistral": (llama_rms_norm, silu, False),
+    "qwen2": (llama_rms_norm, silu, False), "gemma": (gemma_rms_norm, gelu_tanh, True),
+}
+ACTIVATIONS = {"silu": silu, "gelu_pytorch_tanh": gelu_tanh, "gelu": gelu, "gelu_new": gelu_new}
+
+
+def _windows(cfg) -> list:
+    """The sliding window of each layer (``None``: full causal attention)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return [window] * cfg.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
 
 
 def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
-    """``({(kind, layer): activation}, logits)`` of a ``LlamaForCausalLM`` (default RoPE, GQA)."""
+    """``({(kind, layer): activation}, logits)`` of a Llama-style causal LM (``LLAMA_LIKE``): RMSNorm,
+    default RoPE, grouped-query attention (with q/k/v biases where the weights have them), sliding
+    windows, gated MLP."""
     cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
-    assert cfg.hidden_act == "silu" and not cfg.attention_bias and not cfg.mlp_bias
+    norm, act, scaled = LLAMA_LIKE[cfg.model_type]
+    assert ACTIVATIONS[cfg.hidden_act] is act and not getattr(cfg, "mlp_bias", False)
     B, T = ids.shape
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     eps = cfg.rms_norm_eps
-    cos, sin = rope_tables(cfg, T, w["lm_head.weight"].dtype)
-    h = w["model.embed_tokens.weight"][ids].requires_grad_()
+    embed = w["model.embed_tokens.weight"]
+    cos, sin = rope_tables(cfg, T, embed.dtype, D)
+    h = embed[ids]
+    if scaled:
+        h = h * torch.tensor(cfg.hidden_size ** 0.5, dtype=embed.dtype)
+    h = h.requires_grad_()
     acts: Dict[Key, Tensor] = {}
-    for i in range(cfg.num_hidden_layers):
+    for i, window in enumerate(_windows(cfg)):
         p = f"model.layers.{i}."
+
+        def project(name: str, heads: int) -> Tensor:
+            out = a @ w[p + f"self_attn.{name}_proj.weight"].T
+            if p + f"self_attn.{name}_proj.bias" in w:
+                out = out + w[p + f"self_attn.{name}_proj.bias"]
+            return out.reshape(B, T, heads, D).transpose(1, 2)
+
         acts["resid", i] = h
-        a = llama_rms_norm(h, w[p + "input_layernorm.weight"], eps, rules)
-        q = (a @ w[p + "self_attn.q_proj.weight"].T).reshape(B, T, H, D).transpose(1, 2)
-        k = (a @ w[p + "self_attn.k_proj.weight"].T).reshape(B, T, Hkv, D).transpose(1, 2)
-        v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(B, T, Hkv, D).transpose(1, 2)
+        a = norm(h, w[p + "input_layernorm.weight"], eps, rules)
+        q, k, v = project("q", H), project("k", Hkv), project("v", Hkv)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        z = attend(q, k, v, mask, D ** -0.5, rules)
+        z = attend(q, k, v, mask, D ** -0.5, rules, window)
         acts["heads", i] = z
         o = z @ w[p + "self_attn.o_proj.weight"].T
         acts["attn", i] = o
         h = h + o
-        m = llama_rms_norm(h, w[p + "post_attention_layernorm.weight"], eps, rules)
-        gate = activation(silu, m @ w[p + "mlp.gate_proj.weight"].T, rules)
+        m = norm(h, w[p + "post_attention_layernorm.weight"], eps, rules)
+        gate = activation(act, m @ w[p + "mlp.gate_proj.weight"].T, rules)
         m = gated_product(gate, m @ w[p + "mlp.up_proj.weight"].T, rules) @ w[p + "mlp.down_proj.weight"].T
         acts["mlp", i] = m
         h = h + m
-    h = llama_rms_norm(h, w["model.norm.weight"], eps, rules)
+    h = norm(h, w["model.norm.weight"], eps, rules)
+    return acts, h @ w.get("lm_head.weight", embed).T
+
+
+def gpt_neox_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``GPTNeoXForCausalLM``: LayerNorm, fused
+    per-head ``[q | k | v]`` projection, partial RoPE, parallel or sequential residual, GELU MLP."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    B, T = ids.shape
+    H = cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    eps, act = cfg.layer_norm_eps, ACTIVATIONS[cfg.hidden_act]
+    embed = w["gpt_neox.embed_in.weight"]
+    cos, sin = rope_tables(cfg, T, embed.dtype, D)
+    h = embed[ids].requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+
+    def mlp(x: Tensor, p: str) -> Tensor:
+        x = activation(act, x @ w[p + "mlp.dense_h_to_4h.weight"].T + w[p + "mlp.dense_h_to_4h.bias"], rules)
+        return x @ w[p + "mlp.dense_4h_to_h.weight"].T + w[p + "mlp.dense_4h_to_h.bias"]
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"gpt_neox.layers.{i}."
+        acts["resid", i] = h
+        a = layer_norm(h, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], eps, rules)
+        qkv = a @ w[p + "attention.query_key_value.weight"].T + w[p + "attention.query_key_value.bias"]
+        q, k, v = qkv.reshape(B, T, H, 3 * D).transpose(1, 2).chunk(3, dim=-1)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        z = attend(q, k, v, mask, D ** -0.5, rules)
+        acts["heads", i] = z
+        o = z @ w[p + "attention.dense.weight"].T + w[p + "attention.dense.bias"]
+        acts["attn", i] = o
+        ln2 = (w[p + "post_attention_layernorm.weight"], w[p + "post_attention_layernorm.bias"], eps, rules)
+        if cfg.use_parallel_residual:
+            m = mlp(layer_norm(h, *ln2), p)
+            acts["mlp", i] = m
+            h = h + o + m
+        else:
+            h = h + o
+            m = mlp(layer_norm(h, *ln2), p)
+            acts["mlp", i] = m
+            h = h + m
+    h = layer_norm(h, w["gpt_neox.final_layer_norm.weight"], w["gpt_neox.final_layer_norm.bias"], eps, rules)
     return acts, h @ w["lm_head.weight"].T
 
 
-FORWARDS = {"gpt2": gpt2_forward, "llama": llama_forward}
+FORWARDS = {"gpt2": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
 
 
 def last_real(mask: Tensor) -> Tensor:

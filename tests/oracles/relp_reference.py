@@ -40,21 +40,24 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, rules) -> Te
 
 
 def llama_rms_norm(x: Tensor, weight: Tensor, eps: float, rules) -> Tensor:
-    """Llama's RMSNorm: its forward value normalises in float32 (as the model does), the
-    gradient is that of ``weight * x / rms(x)`` in the input's dtype."""
+    """Llama's RMSNorm, normalising in float32 as the model does; under the LN-rule the gradient is
+    that of ``weight * x / rms(x)`` with ``rms`` detached, in the input's dtype."""
     x32 = x.to(torch.float32)
     value = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    if "ln" in rules:
-        rms = rms.detach()
-    return _keep_value(weight * (x / rms), value)
+    if "ln" not in rules:
+        return value
+    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach()
+    return _keep_value(weight * (x / rms), value.detach())
 
 
-def activation(fn, x: Tensor, rules) -> Tensor:
+def activation(fn, x: Tensor, rules, at_zero: float = 0.5) -> Tensor:
+    """``fn(x)``; under the Identity-rule ``x * (fn(x) / x).detach()``, the ratio's limit ``fn'(0)``
+    (``at_zero``) where ``x`` is 0."""
     value = fn(x)
     if "identity" not in rules:
         return value
-    return x * (value / x).detach()
+    ratio = torch.where(x != 0, value / x, torch.full_like(x, at_zero))
+    return x * ratio.detach()
 
 
 def gated_product(gate: Tensor, up: Tensor, rules) -> Tensor:
@@ -71,16 +74,18 @@ def silu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules, window=None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules, window=None,
+           softcap=None, softmax_dtype=None) -> Tensor:
     """Causal attention over ``(B, H, T, D)`` with padded keys masked (and keys ``window`` or more
-    positions back, for a sliding window); ``(B, T, H * D)``."""
+    positions back, for a sliding window; scores soft-capped by ``softcap``; the softmax in
+    ``softmax_dtype`` where the model upcasts it); ``(B, T, H * D)``."""
     T = q.shape[-2]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     if window is not None:
         causal = causal & torch.ones(T, T, dtype=torch.bool).triu(1 - window)
     allowed = causal[None, None] & mask.bool()[:, None, None, :]
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, torch.finfo(q.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
+    scores = _softcap(q @ k.transpose(-1, -2) * scale, softcap).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
     if "ah" in rules:
         probs = probs.detach()
     out = probs @ v
@@ -134,13 +139,13 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def gemma_rms_norm(x: Tensor, weight: Tensor, eps: float, rules) -> Tensor:
-    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, its forward value in float32 (as the model)."""
+    """Gemma's RMSNorm ``x / rms(x) * (1 + weight)``, computed in float32 as the model does."""
     x32 = x.to(torch.float32)
     value = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
-    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    if "ln" in rules:
-        rms = rms.detach()
-    return _keep_value((1.0 + weight) * (x / rms), value)
+    if "ln" not in rules:
+        return value
+    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps).detach()
+    return _keep_value((1.0 + weight) * (x / rms), value.detach())
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -153,7 +158,8 @@ def gelu(x: Tensor) -> Tensor:
 
 LLAMA_LIKE = {  # model_type: (norm, MLP activation, embeddings scaled by sqrt(hidden size))
     "llama": (llama_rms_norm, silu, False), "mistral": (llama_rms_norm, silu, False),
-    "qwen2": (llama_rms_norm, silu, False), "gemma": (gemma_rms_norm, gelu_tanh, True),
+    "qwen2": (llama_rms_norm, silu, False), "qwen3": (llama_rms_norm, silu, False),
+    "gemma": (gemma_rms_norm, gelu_tanh, True), "gemma2": (gemma_rms_norm, gelu_tanh, True),
 }
 ACTIVATIONS = {"silu": silu, "gelu_pytorch_tanh": gelu_tanh, "gelu": gelu, "gelu_new": gelu_new}
 
@@ -167,16 +173,27 @@ def _windows(cfg) -> list:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
+def _softcap(x: Tensor, cap, rules=()) -> Tensor:
+    if cap is None:
+        return x
+    value = torch.tanh(x / cap) * cap
+    return activation(lambda t: value, x, rules, at_zero=1.0) if "identity" in rules else value
+
+
 def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
     """``({(kind, layer): activation}, logits)`` of a Llama-style causal LM (``LLAMA_LIKE``): RMSNorm,
     default RoPE, grouped-query attention (with q/k/v biases where the weights have them), sliding
-    windows, gated MLP."""
+    windows, gated MLP; Qwen3's query/key norms (plain gradient under every preset); Gemma-2's
+    norms after attention and MLP, query scale, and soft-capped scores and logits (the
+    Identity-rule on the logits' cap)."""
     cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
     norm, act, scaled = LLAMA_LIKE[cfg.model_type]
-    assert ACTIVATIONS[cfg.hidden_act] is act and not getattr(cfg, "mlp_bias", False)
+    assert ACTIVATIONS[getattr(cfg, "hidden_activation", None) or cfg.hidden_act] is act
+    assert not getattr(cfg, "mlp_bias", False)
     B, T = ids.shape
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    scale = (getattr(cfg, "query_pre_attn_scalar", None) or D) ** -0.5
     eps = cfg.rms_norm_eps
     embed = w["model.embed_tokens.weight"]
     cos, sin = rope_tables(cfg, T, embed.dtype, D)
@@ -192,25 +209,32 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
             out = a @ w[p + f"self_attn.{name}_proj.weight"].T
             if p + f"self_attn.{name}_proj.bias" in w:
                 out = out + w[p + f"self_attn.{name}_proj.bias"]
-            return out.reshape(B, T, heads, D).transpose(1, 2)
+            out = out.reshape(B, T, heads, D)
+            if name in "qk" and p + f"self_attn.{name}_norm.weight" in w:  # no rule: the plain gradient
+                out = norm(out, w[p + f"self_attn.{name}_norm.weight"], eps, ())
+            return out.transpose(1, 2)
 
         acts["resid", i] = h
         a = norm(h, w[p + "input_layernorm.weight"], eps, rules)
         q, k, v = project("q", H), project("k", Hkv), project("v", Hkv)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        z = attend(q, k, v, mask, D ** -0.5, rules, window)
+        softcap = getattr(cfg, "attn_logit_softcapping", None)  # Gemma-2: eager attention, float32 softmax
+        z = attend(q, k, v, mask, scale, rules, window, softcap, torch.float32 if softcap else None)
         acts["heads", i] = z
         o = z @ w[p + "self_attn.o_proj.weight"].T
         acts["attn", i] = o
-        h = h + o
-        m = norm(h, w[p + "post_attention_layernorm.weight"], eps, rules)
+        sandwich = p + "pre_feedforward_layernorm.weight" in w  # Gemma-2: norms after attention and MLP
+        h = h + (norm(o, w[p + "post_attention_layernorm.weight"], eps, rules) if sandwich else o)
+        m = norm(h, w[p + ("pre_feedforward_layernorm.weight" if sandwich else "post_attention_layernorm.weight")],
+                 eps, rules)
         gate = activation(act, m @ w[p + "mlp.gate_proj.weight"].T, rules)
         m = gated_product(gate, m @ w[p + "mlp.up_proj.weight"].T, rules) @ w[p + "mlp.down_proj.weight"].T
         acts["mlp", i] = m
-        h = h + m
+        h = h + (norm(m, w[p + "post_feedforward_layernorm.weight"], eps, rules) if sandwich else m)
     h = norm(h, w["model.norm.weight"], eps, rules)
-    return acts, h @ w.get("lm_head.weight", embed).T
+    logits = h @ w.get("lm_head.weight", embed).T
+    return acts, _softcap(logits, getattr(cfg, "final_logit_softcapping", None), rules)
 
 
 def gpt_neox_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:

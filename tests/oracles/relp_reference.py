@@ -39,6 +39,16 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, rules) -> Te
     return centred / std * weight + bias
 
 
+def olmo_layer_norm(x: Tensor, weight, eps: float, rules) -> Tensor:
+    """OLMo's LayerNorm: no weight or bias, computed in float32 as the model does."""
+    value = torch.nn.functional.layer_norm(x.to(torch.float32), x.shape[-1:], eps=1e-5).to(x.dtype)
+    if "ln" not in rules:
+        return value
+    centred = x - x.mean(-1, keepdim=True)
+    std = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5).detach()
+    return _keep_value(centred / std, value.detach())
+
+
 def llama_rms_norm(x: Tensor, weight: Tensor, eps: float, rules) -> Tensor:
     """Llama's RMSNorm, normalising in float32 as the model does; under the LN-rule the gradient is
     that of ``weight * x / rms(x)`` with ``rms`` detached, in the input's dtype."""
@@ -160,6 +170,8 @@ LLAMA_LIKE = {  # model_type: (norm, MLP activation, embeddings scaled by sqrt(h
     "llama": (llama_rms_norm, silu, False), "mistral": (llama_rms_norm, silu, False),
     "qwen2": (llama_rms_norm, silu, False), "qwen3": (llama_rms_norm, silu, False),
     "gemma": (gemma_rms_norm, gelu_tanh, True), "gemma2": (gemma_rms_norm, gelu_tanh, True),
+    "olmo": (olmo_layer_norm, silu, False), "olmo2": (llama_rms_norm, silu, False),
+    "phi3": (llama_rms_norm, silu, False), "starcoder2": (layer_norm, gelu_tanh, False),
 }
 ACTIVATIONS = {"silu": silu, "gelu_pytorch_tanh": gelu_tanh, "gelu": gelu, "gelu_new": gelu_new}
 
@@ -181,20 +193,30 @@ def _softcap(x: Tensor, cap, rules=()) -> Tensor:
 
 
 def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
-    """``({(kind, layer): activation}, logits)`` of a Llama-style causal LM (``LLAMA_LIKE``): RMSNorm,
-    default RoPE, grouped-query attention (with q/k/v biases where the weights have them), sliding
-    windows, gated MLP; Qwen3's query/key norms (plain gradient under every preset); Gemma-2's
-    norms after attention and MLP, query scale, and soft-capped scores and logits (the
+    """``({(kind, layer): activation}, logits)`` of a Llama-style causal LM (``LLAMA_LIKE``): default
+    RoPE, grouped-query attention, sliding windows, what the weights show (q/k/v/o biases, a fused
+    qkv or gate/up projection, a plain MLP); query/key norms per head (Qwen3) or over the whole
+    projection (OLMo-2) on the plain gradient under every preset; Gemma-2's norms after attention
+    and MLP (OLMo-2: only those), its query scale, and soft-capped scores and logits (the
     Identity-rule on the logits' cap)."""
     cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
-    norm, act, scaled = LLAMA_LIKE[cfg.model_type]
+    rms_norm, act, scaled = LLAMA_LIKE[cfg.model_type]
     assert ACTIVATIONS[getattr(cfg, "hidden_activation", None) or cfg.hidden_act] is act
-    assert not getattr(cfg, "mlp_bias", False)
     B, T = ids.shape
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     scale = (getattr(cfg, "query_pre_attn_scalar", None) or D) ** -0.5
-    eps = cfg.rms_norm_eps
+    eps = getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "norm_epsilon", None)
+
+    def norm(x: Tensor, name: str, norm_rules=rules) -> Tensor:
+        if rms_norm is layer_norm:
+            return layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps, norm_rules)
+        return rms_norm(x, w.get(name + ".weight"), eps, norm_rules)
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        out = x @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
+
     embed = w["model.embed_tokens.weight"]
     cos, sin = rope_tables(cfg, T, embed.dtype, D)
     h = embed[ids]
@@ -204,35 +226,39 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
     acts: Dict[Key, Tensor] = {}
     for i, window in enumerate(_windows(cfg)):
         p = f"model.layers.{i}."
-
-        def project(name: str, heads: int) -> Tensor:
-            out = a @ w[p + f"self_attn.{name}_proj.weight"].T
-            if p + f"self_attn.{name}_proj.bias" in w:
-                out = out + w[p + f"self_attn.{name}_proj.bias"]
-            out = out.reshape(B, T, heads, D)
-            if name in "qk" and p + f"self_attn.{name}_norm.weight" in w:  # no rule: the plain gradient
-                out = norm(out, w[p + f"self_attn.{name}_norm.weight"], eps, ())
-            return out.transpose(1, 2)
-
+        post_only = cfg.model_type == "olmo2"  # norms after attention and MLP only
+        sandwich = p + "pre_feedforward_layernorm.weight" in w  # Gemma-2: norms before and after
         acts["resid", i] = h
-        a = norm(h, w[p + "input_layernorm.weight"], eps, rules)
-        q, k, v = project("q", H), project("k", Hkv), project("v", Hkv)
+        a = h if post_only else norm(h, p + "input_layernorm")
+        if p + "self_attn.qkv_proj.weight" in w:
+            q, k, v = linear(a, p + "self_attn.qkv_proj").split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = (linear(a, p + f"self_attn.{n}_proj") for n in "qkv")
+        if p + "self_attn.q_norm.weight" in w:  # no rule: the plain gradient
+            full = w[p + "self_attn.q_norm.weight"].numel() == H * D
+            q, k = (norm(t if full else t.reshape(B, T, -1, D), p + f"self_attn.{n}_norm", ()).reshape(B, T, -1)
+                    for t, n in ((q, "q"), (k, "k")))
+        q, k, v = (t.reshape(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         softcap = getattr(cfg, "attn_logit_softcapping", None)  # Gemma-2: eager attention, float32 softmax
         z = attend(q, k, v, mask, scale, rules, window, softcap, torch.float32 if softcap else None)
         acts["heads", i] = z
-        o = z @ w[p + "self_attn.o_proj.weight"].T
+        o = linear(z, p + "self_attn.o_proj")
         acts["attn", i] = o
-        sandwich = p + "pre_feedforward_layernorm.weight" in w  # Gemma-2: norms after attention and MLP
-        h = h + (norm(o, w[p + "post_attention_layernorm.weight"], eps, rules) if sandwich else o)
-        m = norm(h, w[p + ("pre_feedforward_layernorm.weight" if sandwich else "post_attention_layernorm.weight")],
-                 eps, rules)
-        gate = activation(act, m @ w[p + "mlp.gate_proj.weight"].T, rules)
-        m = gated_product(gate, m @ w[p + "mlp.up_proj.weight"].T, rules) @ w[p + "mlp.down_proj.weight"].T
+        h = h + (norm(o, p + "post_attention_layernorm") if sandwich or post_only else o)
+        m = h if post_only else norm(h, p + ("pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"))
+        if p + "mlp.c_fc.weight" in w:  # a plain MLP
+            m = linear(activation(act, linear(m, p + "mlp.c_fc"), rules), p + "mlp.c_proj")
+        else:
+            if p + "mlp.gate_up_proj.weight" in w:
+                gate, up = linear(m, p + "mlp.gate_up_proj").chunk(2, dim=-1)
+            else:
+                gate, up = linear(m, p + "mlp.gate_proj"), linear(m, p + "mlp.up_proj")
+            m = linear(gated_product(activation(act, gate, rules), up, rules), p + "mlp.down_proj")
         acts["mlp", i] = m
-        h = h + (norm(m, w[p + "post_feedforward_layernorm.weight"], eps, rules) if sandwich else m)
-    h = norm(h, w["model.norm.weight"], eps, rules)
+        h = h + (norm(m, p + "post_feedforward_layernorm") if sandwich or post_only else m)
+    h = norm(h, "model.norm")
     logits = h @ w.get("lm_head.weight", embed).T
     return acts, _softcap(logits, getattr(cfg, "final_logit_softcapping", None), rules)
 

@@ -103,27 +103,36 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules, w
 
 
 def gpt2_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
-    """``({(kind, layer): activation}, logits)`` of a ``GPT2LMHeadModel`` (kinds resid, heads, attn, mlp)."""
+    """``({(kind, layer): activation}, logits)`` of a ``GPT2LMHeadModel`` (``Conv1D`` weights) or a
+    ``GPTBigCodeForCausalLM`` (multi-query attention); kinds resid, heads, attn, mlp."""
     cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    conv = cfg.model_type == "gpt2"
     B, T = ids.shape
     H, d = cfg.n_head, cfg.n_embd
-    eps = cfg.layer_norm_epsilon
+    D = d // H
+    eps, act = cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function]
+
+    def linear(x: Tensor, name: str) -> Tensor:  # Conv1D stores (in, out), Linear (out, in)
+        weight = w[name + ".weight"]
+        return x @ (weight if conv else weight.T) + w[name + ".bias"]
+
     h = (w["transformer.wte.weight"][ids] + w["transformer.wpe.weight"][torch.arange(T)]).requires_grad_()
     acts: Dict[Key, Tensor] = {}
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
         acts["resid", i] = h
         a = layer_norm(h, w[p + "ln_1.weight"], w[p + "ln_1.bias"], eps, rules)
-        qkv = a @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]  # Conv1D: x @ W + b
-        q, k, v = (t.reshape(B, T, H, d // H).transpose(1, 2) for t in qkv.split(d, dim=-1))
-        z = attend(q, k, v, mask, (d // H) ** -0.5, rules)
+        kv_heads = 1 if getattr(cfg, "multi_query", False) else H
+        q, k, v = linear(a, p + "attn.c_attn").split([d, kv_heads * D, kv_heads * D], dim=-1)
+        q, k, v = (t.reshape(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+        k, v = k.repeat_interleave(H // kv_heads, dim=1), v.repeat_interleave(H // kv_heads, dim=1)
+        z = attend(q, k, v, mask, D ** -0.5, rules)
         acts["heads", i] = z
-        o = z @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
+        o = linear(z, p + "attn.c_proj")
         acts["attn", i] = o
         h = h + o
         m = layer_norm(h, w[p + "ln_2.weight"], w[p + "ln_2.bias"], eps, rules)
-        m = activation(gelu_new, m @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"], rules)
-        m = m @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+        m = linear(activation(act, linear(m, p + "mlp.c_fc"), rules), p + "mlp.c_proj")
         acts["mlp", i] = m
         h = h + m
     h = layer_norm(h, w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], eps, rules)
@@ -305,7 +314,7 @@ def gpt_neox_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key,
     return acts, h @ w["lm_head.weight"].T
 
 
-FORWARDS = {"gpt2": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
+FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
 
 
 def last_real(mask: Tensor) -> Tensor:

@@ -314,7 +314,49 @@ def gpt_neox_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key,
     return acts, h @ w["lm_head.weight"].T
 
 
-FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
+def gptj_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``GPTJForCausalLM``: one LayerNorm feeding
+    attention and MLP in parallel, interleaved RoPE on the first ``rotary_dim`` dimensions."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    B, T = ids.shape
+    H, d = cfg.n_head, cfg.n_embd
+    D, R = d // H, cfg.rotary_dim or d // H
+    eps, act = cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function]
+    dtype = w["lm_head.weight"].dtype
+    # sinusoids in float32 as the model computes them, each repeated for a pair of dimensions
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2, dtype=torch.int64) / R))
+    angles = torch.arange(T, dtype=torch.int64).float()[:, None] * inv_freq
+    sin, cos = (f(angles).to(dtype).repeat_interleave(2, dim=-1)[None, :, None] for f in (torch.sin, torch.cos))
+
+    def rotate(x: Tensor) -> Tensor:  # (B, T, H, D): rotate the pairs (x0, x1), (x2, x3), ... of the first R
+        x_rot, x_pass = x[..., :R], x[..., R:]
+        pairs = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+        return torch.cat((x_rot * cos + pairs * sin, x_pass), dim=-1)
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        out = x @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
+
+    h = w["transformer.wte.weight"][ids].requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        acts["resid", i] = h
+        a = layer_norm(h, w[p + "ln_1.weight"], w[p + "ln_1.bias"], eps, rules)
+        q, k, v = (linear(a, p + f"attn.{n}_proj").reshape(B, T, H, D) for n in "qkv")
+        q, k, v = rotate(q).transpose(1, 2), rotate(k).transpose(1, 2), v.transpose(1, 2)
+        z = attend(q, k, v, mask, D ** -0.5, rules)
+        acts["heads", i] = z
+        o = linear(z, p + "attn.out_proj")
+        acts["attn", i] = o
+        m = linear(activation(act, linear(a, p + "mlp.fc_in"), rules), p + "mlp.fc_out")
+        acts["mlp", i] = m
+        h = h + o + m
+    h = layer_norm(h, w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], eps, rules)
+    return acts, linear(h, "lm_head")
+
+
+FORWARDS = {"gpt2": gpt2_forward, "gptj": gptj_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
 
 
 def last_real(mask: Tensor) -> Tensor:

@@ -356,7 +356,45 @@ def gptj_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Ten
     return acts, linear(h, "lm_head")
 
 
-FORWARDS = {"gpt2": gpt2_forward, "gptj": gptj_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
+def phi_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``PhiForCausalLM``: one LayerNorm feeding
+    attention and MLP in parallel, grouped-query attention, per-head query/key LayerNorms (plain
+    gradient under every preset), partial RoPE."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    B, T = ids.shape
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    eps, act = cfg.layer_norm_eps, ACTIVATIONS[cfg.hidden_act]
+    embed = w["model.embed_tokens.weight"]
+    cos, sin = rope_tables(cfg, T, embed.dtype, D)
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    h = embed[ids].requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        acts["resid", i] = h
+        a = layer_norm(h, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], eps, rules)
+        q, k, v = (linear(a, p + f"self_attn.{n}_proj").reshape(B, T, -1, D).transpose(1, 2) for n in "qkv")
+        if cfg.qk_layernorm:  # no rule: the plain gradient
+            q, k = (layer_norm(t, w[p + f"self_attn.{n}_layernorm.weight"], w[p + f"self_attn.{n}_layernorm.bias"],
+                               eps, ()) for t, n in ((q, "q"), (k, "k")))
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        z = attend(q, k, v, mask, D ** -0.5, rules)
+        acts["heads", i] = z
+        o = linear(z, p + "self_attn.dense")
+        acts["attn", i] = o
+        m = linear(activation(act, linear(a, p + "mlp.fc1"), rules), p + "mlp.fc2")
+        acts["mlp", i] = m
+        h = h + o + m
+    h = layer_norm(h, w["model.final_layernorm.weight"], w["model.final_layernorm.bias"], eps, rules)
+    return acts, linear(h, "lm_head")
+
+
+FORWARDS = {"gpt2": gpt2_forward, "gptj": gptj_forward, "phi": phi_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
 
 
 def last_real(mask: Tensor) -> Tensor:

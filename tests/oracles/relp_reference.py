@@ -1,5 +1,5 @@
-"""An independent RelP: plain-torch forwards of GPT-2 and Llama that read a Hugging Face model's
-weights, with every LRP rule written in its "detach" form.
+"""An independent RelP: plain-torch forwards of Hugging Face causal LMs (the families of
+``FORWARDS``) that read the model's weights, with every LRP rule written in its "detach" form.
 
 Nothing here comes from ``captum_relp``. The rules, as the paper states them:
 
@@ -40,7 +40,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, rules) -> Te
 
 
 def olmo_layer_norm(x: Tensor, weight, eps: float, rules) -> Tensor:
-    """OLMo's LayerNorm: no weight or bias, computed in float32 as the model does."""
+    """OLMo's LayerNorm: no weight or bias, eps 1e-5 (fixed in the model), computed in float32 as the
+    model does."""
     value = torch.nn.functional.layer_norm(x.to(torch.float32), x.shape[-1:], eps=1e-5).to(x.dtype)
     if "ln" not in rules:
         return value

@@ -140,11 +140,13 @@ def gpt2_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Ten
     return acts, h @ w["lm_head.weight"].T
 
 
-def rope_tables(cfg, length: int, dtype: torch.dtype, head_dim: int) -> Tuple[Tensor, Tensor]:
+def rope_tables(cfg, length: int, dtype: torch.dtype, head_dim: int, layer_type=None) -> Tuple[Tensor, Tensor]:
     """Default RoPE ``(cos, sin)`` ``(T, 2 * len(inv_freq))`` (the rotated dimensions): angles in
-    float32, as the models compute them; ``partial_rotary_factor`` rotates the leading dimensions."""
-    dim = int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
-    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    float32, as the models compute them; ``partial_rotary_factor`` rotates the leading dimensions;
+    ``layer_type`` picks the parameters of that kind of layer (Gemma-3)."""
+    params = cfg.rope_parameters[layer_type] if layer_type else cfg.rope_parameters
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     angles = torch.arange(length).float()[:, None] * inv_freq[None]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -180,6 +182,7 @@ LLAMA_LIKE = {  # model_type: (norm, MLP activation, embeddings scaled by sqrt(h
     "llama": (llama_rms_norm, silu, False), "mistral": (llama_rms_norm, silu, False),
     "qwen2": (llama_rms_norm, silu, False), "qwen3": (llama_rms_norm, silu, False),
     "gemma": (gemma_rms_norm, gelu_tanh, True), "gemma2": (gemma_rms_norm, gelu_tanh, True),
+    "gemma3_text": (gemma_rms_norm, gelu_tanh, True),
     "olmo": (olmo_layer_norm, silu, False), "olmo2": (llama_rms_norm, silu, False),
     "phi3": (llama_rms_norm, silu, False), "starcoder2": (layer_norm, gelu_tanh, False),
 }
@@ -206,9 +209,9 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
     """``({(kind, layer): activation}, logits)`` of a Llama-style causal LM (``LLAMA_LIKE``): default
     RoPE, grouped-query attention, sliding windows, what the weights show (q/k/v/o biases, a fused
     qkv or gate/up projection, a plain MLP); query/key norms per head (Qwen3) or over the whole
-    projection (OLMo-2) on the plain gradient under every preset; Gemma-2's norms after attention
-    and MLP (OLMo-2: only those), its query scale, and soft-capped scores and logits (the
-    Identity-rule on the logits' cap)."""
+    projection (OLMo-2) on the plain gradient under every preset; Gemma-2 and -3's norms after
+    attention and MLP (OLMo-2: only those), query scale and soft-capped logits (the Identity-rule
+    on the cap), Gemma-2's soft-capped scores, Gemma-3's RoPE per kind of layer."""
     cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
     rms_norm, act, scaled = LLAMA_LIKE[cfg.model_type]
     assert ACTIVATIONS[getattr(cfg, "hidden_activation", None) or cfg.hidden_act] is act
@@ -228,7 +231,9 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
         return out + w[name + ".bias"] if name + ".bias" in w else out
 
     embed = w["model.embed_tokens.weight"]
-    cos, sin = rope_tables(cfg, T, embed.dtype, D)
+    per_type = "full_attention" in cfg.rope_parameters  # Gemma-3: RoPE parameters per kind of layer
+    tables = {kind: rope_tables(cfg, T, embed.dtype, D, kind if per_type else None)
+              for kind in set(getattr(cfg, "layer_types", None) or [None])}
     h = embed[ids]
     if scaled:
         h = h * torch.tensor(cfg.hidden_size ** 0.5, dtype=embed.dtype)
@@ -236,6 +241,7 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
     acts: Dict[Key, Tensor] = {}
     for i, window in enumerate(_windows(cfg)):
         p = f"model.layers.{i}."
+        cos, sin = tables[cfg.layer_types[i] if getattr(cfg, "layer_types", None) else None]
         post_only = cfg.model_type == "olmo2"  # norms after attention and MLP only
         sandwich = p + "pre_feedforward_layernorm.weight" in w  # Gemma-2: norms before and after
         acts["resid", i] = h
@@ -251,7 +257,7 @@ def llama_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
         q, k, v = (t.reshape(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-        softcap = getattr(cfg, "attn_logit_softcapping", None)  # Gemma-2: eager attention, float32 softmax
+        softcap = cfg.attn_logit_softcapping if cfg.model_type == "gemma2" else None  # eager, float32 softmax
         z = attend(q, k, v, mask, scale, rules, window, softcap, torch.float32 if softcap else None)
         acts["heads", i] = z
         o = linear(z, p + "self_attn.o_proj")

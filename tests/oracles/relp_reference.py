@@ -401,7 +401,45 @@ def phi_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tens
     return acts, linear(h, "lm_head")
 
 
-FORWARDS = {"gpt2": gpt2_forward, "gptj": gptj_forward, "phi": phi_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
+def opt_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of an ``OPTForCausalLM`` (norms before attention and
+    MLP): learned positions counted over real tokens from 2, ReLU MLP."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    assert cfg.do_layer_norm_before and cfg.word_embed_proj_dim == cfg.hidden_size
+    B, T = ids.shape
+    H = cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    act = {"relu": torch.relu}[cfg.activation_function]
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        out = x @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
+
+    def norm(x: Tensor, name: str) -> Tensor:
+        return layer_norm(x, w[name + ".weight"], w[name + ".bias"], 1e-5, rules)
+
+    positions = (torch.cumsum(mask, dim=1) * mask - 1).long() + 2
+    h = (w["model.decoder.embed_tokens.weight"][ids] + w["model.decoder.embed_positions.weight"][positions])
+    h = h.requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.decoder.layers.{i}."
+        acts["resid", i] = h
+        a = norm(h, p + "self_attn_layer_norm")
+        q, k, v = (linear(a, p + f"self_attn.{n}_proj").reshape(B, T, H, D).transpose(1, 2) for n in "qkv")
+        z = attend(q, k, v, mask, D ** -0.5, rules)
+        acts["heads", i] = z
+        o = linear(z, p + "self_attn.out_proj")
+        acts["attn", i] = o
+        h = h + o
+        m = linear(activation(act, linear(norm(h, p + "final_layer_norm"), p + "fc1"), rules, at_zero=0.0), p + "fc2")
+        acts["mlp", i] = m
+        h = h + m
+    h = norm(h, "model.decoder.final_layer_norm")
+    return acts, linear(h, "lm_head")
+
+
+FORWARDS = {"gpt2": gpt2_forward, "opt": opt_forward, "gptj": gptj_forward, "phi": phi_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
 
 
 def last_real(mask: Tensor) -> Tensor:

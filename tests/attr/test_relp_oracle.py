@@ -1,13 +1,18 @@
 """LayerRelevancePatching against an independent RelP (tests/oracles/relp_reference.py), element by
 element: every position, unit and head of resid, attn and mlp, with a padded row, float64, on
 the families the reference implements: LayerNorm and plain MLPs (gpt2, gpt_bigcode, gpt_neox,
-gptj, opt, phi, starcoder2; olmo's float32 LayerNorm without weights), RMSNorm and gated MLPs
+gptj, opt, phi, falcon, starcoder2; olmo's float32 LayerNorm without weights), RMSNorm and gated MLPs
 (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2, phi3), with sliding windows,
 query/key norms, offset norms, fused projections and soft-capping where the family has them."""
 import pytest
 import torch
 
-from captum_relp import LayerAttributionPatching, LayerRelevancePatching, logit_diff, model_components
+from captum_relp import (
+    LayerAttributionPatching,
+    LayerRelevancePatching,
+    logit_diff,
+    model_components,
+)
 from tests.families.configs import tiny_model, token_pair
 from tests.oracles.relp_reference import FORWARDS, relp_scores
 
@@ -42,7 +47,7 @@ def library_scores(model, clean, corrupt, mask, preset):
         LayerRelevancePatching(model, layers, rules=preset)
     scores = method.attribute(clean, baselines=corrupt, metric=logit_diff(CORRECT, WRONG),
                               additional_forward_args=(mask,), attribute_to_layer_input=flags)
-    return dict(zip(keys, scores)), parts.num_heads
+    return dict(zip(keys, scores, strict=True)), parts.num_heads
 
 
 def differences(model_type: str, preset: str, oracle_preset=None):

@@ -439,7 +439,52 @@ def opt_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tens
     return acts, linear(h, "lm_head")
 
 
-FORWARDS = {"gpt2": gpt2_forward, "opt": opt_forward, "gptj": gptj_forward, "phi": phi_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward, **{t: llama_forward for t in LLAMA_LIKE}}
+def falcon_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``FalconForCausalLM`` with the new decoder
+    architecture: two LayerNorms feeding attention and MLP in parallel, a fused projection that
+    holds each key/value group's queries, then its key and value; RoPE."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    assert cfg.new_decoder_architecture and not cfg.alibi and cfg.num_ln_in_parallel_attn == 2
+    B, T = ids.shape
+    H, Hkv = cfg.num_attention_heads, cfg.num_kv_heads
+    D = cfg.hidden_size // H
+    eps, act = cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation]
+    embed = w["transformer.word_embeddings.weight"]
+    cos, sin = rope_tables(cfg, T, embed.dtype, D)
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        out = x @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
+
+    def norm(x: Tensor, name: str) -> Tensor:
+        return layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps, rules)
+
+    h = embed[ids].requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        acts["resid", i] = h
+        grouped = linear(norm(h, p + "ln_attn"), p + "self_attention.query_key_value").reshape(B, T, Hkv, -1, D)
+        q = grouped[..., :-2, :].reshape(B, T, H, D).transpose(1, 2)
+        k, v = grouped[..., -2, :].transpose(1, 2), grouped[..., -1, :].transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        z = attend(q, k, v, mask, D ** -0.5, rules)
+        acts["heads", i] = z
+        o = linear(z, p + "self_attention.dense")
+        acts["attn", i] = o
+        m = activation(act, linear(norm(h, p + "ln_mlp"), p + "mlp.dense_h_to_4h"), rules)
+        m = linear(m, p + "mlp.dense_4h_to_h")
+        acts["mlp", i] = m
+        h = h + o + m
+    h = norm(h, "transformer.ln_f")
+    return acts, linear(h, "lm_head")
+
+
+FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
+            "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
+            **{model_type: llama_forward for model_type in LLAMA_LIKE}}
+"""``{model_type: forward}`` of the families the reference implements."""
 
 
 def last_real(mask: Tensor) -> Tensor:
@@ -461,5 +506,5 @@ def relp_scores(model, clean: Tensor, corrupt: Tensor, mask: Tensor, correct: Se
         keys = list(acts)
         grads = torch.autograd.grad(metric.sum(), [acts[key] for key in keys])
     real = mask[..., None].to(logits.dtype)
-    scores = {key: ((acts[key] - reference[key]) * grad * real).detach() for key, grad in zip(keys, grads)}
+    scores = {key: ((acts[key] - reference[key]) * grad * real).detach() for key, grad in zip(keys, grads, strict=True)}
     return scores, logits.detach()

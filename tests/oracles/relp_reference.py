@@ -86,16 +86,19 @@ def silu(x: Tensor) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules, window=None,
-           softcap=None, softmax_dtype=None) -> Tensor:
+           softcap=None, softmax_dtype=None, bias=None) -> Tensor:
     """Causal attention over ``(B, H, T, D)`` with padded keys masked (and keys ``window`` or more
-    positions back, for a sliding window; scores soft-capped by ``softcap``; the softmax in
-    ``softmax_dtype`` where the model upcasts it); ``(B, T, H * D)``."""
+    positions back, for a sliding window; scores soft-capped by ``softcap``; ``bias`` added to the
+    scores (ALiBi); the softmax in ``softmax_dtype`` where the model upcasts it); ``(B, T, H * D)``."""
     T = q.shape[-2]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     if window is not None:
         causal = causal & torch.ones(T, T, dtype=torch.bool).triu(1 - window)
     allowed = causal[None, None] & mask.bool()[:, None, None, :]
-    scores = _softcap(q @ k.transpose(-1, -2) * scale, softcap).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    scores = _softcap(q @ k.transpose(-1, -2) * scale, softcap)
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.masked_fill(~allowed, torch.finfo(q.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
     if "ah" in rules:
         probs = probs.detach()
@@ -481,8 +484,59 @@ def falcon_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, T
     return acts, linear(h, "lm_head")
 
 
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's head slopes ``2 ** (-8 h / H)`` (H a power of two), in float32 as the models compute them."""
+    assert num_heads & (num_heads - 1) == 0
+    return torch.tensor([2.0 ** (-8.0 * h / num_heads) for h in range(1, num_heads + 1)], dtype=torch.float32)
+
+
+def bloom_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``BloomForCausalLM``: LayerNorm on the
+    embeddings, ALiBi over the real positions, fused per-head ``[q, k, v]`` projection, float32
+    softmax, Bloom's tanh GELU."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    assert not cfg.apply_residual_connection_post_layernorm
+    B, T = ids.shape
+    H = cfg.n_head
+    D = cfg.hidden_size // H
+    eps = cfg.layer_norm_epsilon
+    embed = w["transformer.word_embeddings.weight"]
+    positions = (mask.cumsum(dim=-1) - 1) * mask  # real tokens counted from 0
+    bias = (alibi_slopes(H)[None, :, None] * positions[:, None, :]).to(embed.dtype)[:, :, None, :]
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    def norm(x: Tensor, name: str) -> Tensor:
+        return layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps, rules)
+
+    def bloom_gelu(x: Tensor) -> Tensor:
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    h = norm(embed[ids].requires_grad_(), "transformer.word_embeddings_layernorm")
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        acts["resid", i] = h
+        qkv = linear(norm(h, p + "input_layernorm"), p + "self_attention.query_key_value")
+        q, k, v = qkv.reshape(B, T, H, 3, D).unbind(-2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        z = attend(q, k, v, mask, D ** -0.5, rules, softmax_dtype=torch.float32, bias=bias)
+        acts["heads", i] = z
+        o = linear(z, p + "self_attention.dense")
+        acts["attn", i] = o
+        h = h + o
+        m = activation(bloom_gelu, linear(norm(h, p + "post_attention_layernorm"), p + "mlp.dense_h_to_4h"), rules)
+        m = linear(m, p + "mlp.dense_4h_to_h")
+        acts["mlp", i] = m
+        h = h + m
+    h = norm(h, "transformer.ln_f")
+    return acts, h @ w.get("lm_head.weight", embed).T
+
+
 FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
             "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
+            "bloom": bloom_forward,
             **{model_type: llama_forward for model_type in LLAMA_LIKE}}
 """``{model_type: forward}`` of the families the reference implements."""
 

@@ -534,9 +534,49 @@ def bloom_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Te
     return acts, h @ w.get("lm_head.weight", embed).T
 
 
+def mpt_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of an ``MptForCausalLM`` without biases: ALiBi
+    relative to the last position, ``[q | k | v]`` thirds, float32 softmax, exact GELU."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    attn_cfg = cfg.attn_config
+    assert cfg.no_bias and attn_cfg.alibi and not attn_cfg.qk_ln and attn_cfg.clip_qkv is None
+    B, T = ids.shape
+    H = cfg.n_heads
+    D = cfg.d_model // H
+    eps = cfg.layer_norm_epsilon
+    embed = w["transformer.wte.weight"]
+    exponents = torch.arange(1, H + 1, dtype=torch.int64).float() * (attn_cfg.alibi_bias_max / H)
+    slopes = 1.0 / torch.pow(2, exponents)  # float32, as the model computes them
+    assert H & (H - 1) == 0
+    bias = torch.arange(1 - T, 1, dtype=torch.int32)[None, None, None, :] * slopes[None, :, None, None]
+
+    def norm(x: Tensor, name: str) -> Tensor:
+        return layer_norm(x, w[name + ".weight"], 0.0, eps, rules)
+
+    h = embed[ids].requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.n_layers):
+        p = f"transformer.blocks.{i}."
+        acts["resid", i] = h
+        qkv = norm(h, p + "norm_1") @ w[p + "attn.Wqkv.weight"].T
+        q, k, v = (t.reshape(B, T, H, D).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        z = attend(q, k, v, mask, (attn_cfg.softmax_scale or D ** -0.5), rules,
+                   softmax_dtype=torch.float32, bias=bias.to(embed.dtype))
+        acts["heads", i] = z
+        o = z @ w[p + "attn.out_proj.weight"].T
+        acts["attn", i] = o
+        h = h + o
+        m = activation(gelu, norm(h, p + "norm_2") @ w[p + "ffn.up_proj.weight"].T, rules)
+        m = m @ w[p + "ffn.down_proj.weight"].T
+        acts["mlp", i] = m
+        h = h + m
+    h = norm(h, "transformer.norm_f")
+    return acts, h @ w.get("lm_head.weight", embed).T
+
+
 FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
             "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
-            "bloom": bloom_forward,
+            "bloom": bloom_forward, "mpt": mpt_forward,
             **{model_type: llama_forward for model_type in LLAMA_LIKE}}
 """``{model_type: forward}`` of the families the reference implements."""
 

@@ -1,4 +1,4 @@
-"""An independent RelP: plain-torch forwards of Hugging Face causal LMs (the families of
+"""An independent RelP: plain-torch forwards of Hugging Face language models (the families of
 ``FORWARDS``) that read the model's weights, with every LRP rule written in its "detach" form.
 
 Nothing here comes from ``captum_relp``. The rules, as the paper states them:
@@ -86,15 +86,18 @@ def silu(x: Tensor) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules, window=None,
-           softcap=None, softmax_dtype=None, bias=None) -> Tensor:
+           softcap=None, softmax_dtype=None, bias=None, causal=True) -> Tensor:
     """Causal attention over ``(B, H, T, D)`` with padded keys masked (and keys ``window`` or more
     positions back, for a sliding window; scores soft-capped by ``softcap``; ``bias`` added to the
-    scores (ALiBi); the softmax in ``softmax_dtype`` where the model upcasts it); ``(B, T, H * D)``."""
+    scores (ALiBi); the softmax in ``softmax_dtype`` where the model upcasts it; every real key for
+    an encoder, ``causal=False``); ``(B, T, H * D)``."""
     T = q.shape[-2]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    seen = torch.ones(T, T, dtype=torch.bool)
+    if causal:
+        seen = seen.tril()
     if window is not None:
-        causal = causal & torch.ones(T, T, dtype=torch.bool).triu(1 - window)
-    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+        seen = seen & torch.ones(T, T, dtype=torch.bool).triu(1 - window)
+    allowed = seen[None, None] & mask.bool()[:, None, None, :]
     scores = _softcap(q @ k.transpose(-1, -2) * scale, softcap)
     if bias is not None:
         scores = scores + bias
@@ -574,9 +577,48 @@ def mpt_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tens
     return acts, h @ w.get("lm_head.weight", embed).T
 
 
+def bert_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``BertForMaskedLM``: embeddings (token type 0)
+    and their LayerNorm, bidirectional attention over the real tokens, LayerNorm after each
+    residual add, the MLM head's dense, GELU and LayerNorm."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    B, T = ids.shape
+    H = cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    eps, act = cfg.layer_norm_eps, ACTIVATIONS[cfg.hidden_act]
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    def norm(x: Tensor, name: str) -> Tensor:
+        return layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps, rules)
+
+    e = "bert.embeddings."
+    h = (w[e + "word_embeddings.weight"][ids] + w[e + "token_type_embeddings.weight"][0]
+         + w[e + "position_embeddings.weight"][torch.arange(T)])
+    h = norm(h.requires_grad_(), e + "LayerNorm")
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"bert.encoder.layer.{i}."
+        acts["resid", i] = h
+        q, k, v = (linear(h, p + f"attention.self.{n}").reshape(B, T, H, D).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        z = attend(q, k, v, mask, D ** -0.5, rules, causal=False)
+        acts["heads", i] = z
+        o = linear(z, p + "attention.output.dense")
+        acts["attn", i] = o
+        h = norm(o + h, p + "attention.output.LayerNorm")
+        m = linear(activation(act, linear(h, p + "intermediate.dense"), rules), p + "output.dense")
+        acts["mlp", i] = m
+        h = norm(m + h, p + "output.LayerNorm")
+    t = "cls.predictions."
+    h = norm(activation(act, linear(h, t + "transform.dense"), rules), t + "transform.LayerNorm")
+    return acts, linear(h, t + "decoder")
+
+
 FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
             "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
-            "bloom": bloom_forward, "mpt": mpt_forward,
+            "bloom": bloom_forward, "mpt": mpt_forward, "bert": bert_forward,
             **{model_type: llama_forward for model_type in LLAMA_LIKE}}
 """``{model_type: forward}`` of the families the reference implements."""
 

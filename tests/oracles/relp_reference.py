@@ -616,9 +616,53 @@ def bert_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Ten
     return acts, linear(h, t + "decoder")
 
 
+def gpt_neo_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``GPTNeoForCausalLM``: global and local
+    (sliding-window) layers, unscaled scores computed from float32 queries and keys (as the model
+    computes them), softmax in the model's dtype."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    B, T = ids.shape
+    H, d = cfg.num_heads, cfg.hidden_size
+    D = d // H
+    eps, act = cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function]
+
+    def linear(x: Tensor, name: str) -> Tensor:
+        out = x @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
+
+    def norm(x: Tensor, name: str) -> Tensor:
+        return layer_norm(x, w[name + ".weight"], w[name + ".bias"], eps, rules)
+
+    h = (w["transformer.wte.weight"][ids] + w["transformer.wpe.weight"][torch.arange(T)]).requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i, kind in enumerate(cfg.attention_layers):
+        p = f"transformer.h.{i}."
+        acts["resid", i] = h
+        a = norm(h, p + "ln_1")
+        q, k, v = (linear(a, p + f"attn.attention.{n}_proj").reshape(B, T, H, D).transpose(1, 2) for n in "qkv")
+        scores = (q.to(torch.float32) @ k.to(torch.float32).transpose(-1, -2)).to(q.dtype)
+        seen = torch.ones(T, T, dtype=torch.bool).tril()
+        if kind == "local":
+            seen = seen & torch.ones(T, T, dtype=torch.bool).triu(1 - cfg.window_size)
+        allowed = seen[None, None] & mask.bool()[:, None, None, :]
+        probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(q.dtype).min), dim=-1)
+        if "ah" in rules:
+            probs = probs.detach()
+        z = (probs @ v).transpose(1, 2).reshape(B, T, d)
+        acts["heads", i] = z
+        o = linear(z, p + "attn.attention.out_proj")
+        acts["attn", i] = o
+        h = h + o
+        m = linear(activation(act, linear(norm(h, p + "ln_2"), p + "mlp.c_fc"), rules), p + "mlp.c_proj")
+        acts["mlp", i] = m
+        h = h + m
+    h = norm(h, "transformer.ln_f")
+    return acts, linear(h, "lm_head")
+
+
 FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
             "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
-            "bloom": bloom_forward, "mpt": mpt_forward, "bert": bert_forward,
+            "bloom": bloom_forward, "mpt": mpt_forward, "bert": bert_forward, "gpt_neo": gpt_neo_forward,
             **{model_type: llama_forward for model_type in LLAMA_LIKE}}
 """``{model_type: forward}`` of the families the reference implements."""
 

@@ -660,9 +660,57 @@ def gpt_neo_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, 
     return acts, linear(h, "lm_head")
 
 
+def stablelm_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``StableLmForCausalLM`` with parallel residual:
+    one LayerNorm feeding attention and the gated MLP, a LayerNorm per head of the queries and keys
+    (plain gradient under every preset), RoPE on the first ``int(D * partial_rotary_factor)``
+    dimensions with the model's ``(cos, sin)`` tables (which broadcast when that number is odd)."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    assert cfg.use_parallel_residual and cfg.qk_layernorm and not cfg.use_qkv_bias
+    B, T = ids.shape
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    R = int(D * cfg.rope_parameters["partial_rotary_factor"])
+    eps = cfg.layer_norm_eps
+    embed = w["model.embed_tokens.weight"]
+    cos, sin = rope_tables(cfg, T, embed.dtype, D)
+
+    def rotate(x: Tensor) -> Tensor:  # the model's rotate_half on the first R dimensions
+        x_rot, x_pass = x[..., :R], x[..., R:]
+        half = x_rot.shape[-1] // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+    def per_head_norm(x: Tensor, name: str) -> Tensor:  # (B, heads, T, D), no rule
+        return torch.cat([layer_norm(x[:, j:j + 1], w[f"{name}.norms.{j}.weight"], 0.0, eps, ())
+                          for j in range(x.shape[1])], dim=1)
+
+    h = embed[ids].requires_grad_()
+    acts: Dict[Key, Tensor] = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        acts["resid", i] = h
+        a = layer_norm(h, w[p + "input_layernorm.weight"], w[p + "input_layernorm.bias"], eps, rules)
+        q, k, v = ((a @ w[p + f"self_attn.{n}_proj.weight"].T).reshape(B, T, -1, D).transpose(1, 2) for n in "qkv")
+        q, k = per_head_norm(q, p + "self_attn.q_layernorm"), per_head_norm(k, p + "self_attn.k_layernorm")
+        q, k = rotate(q), rotate(k)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        z = attend(q, k, v, mask, D ** -0.5, rules)
+        acts["heads", i] = z
+        o = z @ w[p + "self_attn.o_proj.weight"].T
+        acts["attn", i] = o
+        gate = activation(silu, a @ w[p + "mlp.gate_proj.weight"].T, rules)
+        m = gated_product(gate, a @ w[p + "mlp.up_proj.weight"].T, rules) @ w[p + "mlp.down_proj.weight"].T
+        acts["mlp", i] = m
+        h = h + o + m
+    h = layer_norm(h, w["model.norm.weight"], w["model.norm.bias"], eps, rules)
+    return acts, h @ w["lm_head.weight"].T
+
+
 FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
             "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
             "bloom": bloom_forward, "mpt": mpt_forward, "bert": bert_forward, "gpt_neo": gpt_neo_forward,
+            "stablelm": stablelm_forward,
             **{model_type: llama_forward for model_type in LLAMA_LIKE}}
 """``{model_type: forward}`` of the families the reference implements."""
 

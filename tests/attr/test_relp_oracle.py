@@ -1,7 +1,7 @@
 """LayerRelevancePatching against an independent RelP (tests/oracles/relp_reference.py), element by
 element: every position, unit and head of resid, attn and mlp, with a padded row, float64, on
 the families the reference implements (``FORWARDS``): LayerNorm and plain MLPs (gpt2,
-gpt_bigcode, gpt_neo, gpt_neox, gptj, opt, phi, falcon, bloom and mpt with ALiBi, starcoder2,
+gpt_bigcode, gpt_neo, gpt_neox, gptj, codegen, opt, phi, falcon, bloom and mpt with ALiBi, starcoder2,
 the encoder bert; olmo's float32 LayerNorm without weights), RMSNorm and gated MLPs (llama,
 mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2, phi3, stablelm), with sliding windows,
 query/key norms, offset norms, fused projections and soft-capping where the family has them."""

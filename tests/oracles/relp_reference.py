@@ -328,8 +328,9 @@ def gpt_neox_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key,
 
 
 def gptj_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
-    """``({(kind, layer): activation}, logits)`` of a ``GPTJForCausalLM``: one LayerNorm feeding
-    attention and MLP in parallel, interleaved RoPE on the first ``rotary_dim`` dimensions."""
+    """``({(kind, layer): activation}, logits)`` of a ``GPTJForCausalLM`` or ``CodeGenForCausalLM``:
+    one LayerNorm feeding attention and MLP in parallel, interleaved RoPE on the first
+    ``rotary_dim`` dimensions; CodeGen's fused projection in four ``[q | v | k]`` groups."""
     cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
     B, T = ids.shape
     H, d = cfg.n_head, cfg.n_embd
@@ -356,7 +357,11 @@ def gptj_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Ten
         p = f"transformer.h.{i}."
         acts["resid", i] = h
         a = layer_norm(h, w[p + "ln_1.weight"], w[p + "ln_1.bias"], eps, rules)
-        q, k, v = (linear(a, p + f"attn.{n}_proj").reshape(B, T, H, D) for n in "qkv")
+        if cfg.model_type == "codegen":  # 4 groups of [q | v | k], each a quarter of the width
+            q, v, k = (t.reshape(B, T, H, D) for t in
+                       linear(a, p + "attn.qkv_proj").reshape(B, T, 4, -1).chunk(3, dim=-1))
+        else:
+            q, k, v = (linear(a, p + f"attn.{n}_proj").reshape(B, T, H, D) for n in "qkv")
         q, k, v = rotate(q).transpose(1, 2), rotate(k).transpose(1, 2), v.transpose(1, 2)
         z = attend(q, k, v, mask, D ** -0.5, rules)
         acts["heads", i] = z
@@ -709,7 +714,7 @@ def stablelm_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key,
 
 FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
             "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
-            "bloom": bloom_forward, "mpt": mpt_forward, "bert": bert_forward, "gpt_neo": gpt_neo_forward,
+            "bloom": bloom_forward, "mpt": mpt_forward, "bert": bert_forward, "gpt_neo": gpt_neo_forward, "codegen": gptj_forward,
             "stablelm": stablelm_forward,
             **{model_type: llama_forward for model_type in LLAMA_LIKE}}
 """``{model_type: forward}`` of the families the reference implements."""

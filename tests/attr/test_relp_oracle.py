@@ -1,9 +1,9 @@
 """LayerRelevancePatching against an independent RelP (tests/oracles/relp_reference.py), element by
 element: every position, unit and head of resid, attn and mlp, with a padded row, float64, on
-the families the reference implements (``FORWARDS``): LayerNorm and plain MLPs (gpt2,
-gpt_bigcode, gpt_neo, gpt_neox, gptj, codegen, opt, phi, falcon, bloom and mpt with ALiBi, starcoder2,
-the encoder bert; olmo's float32 LayerNorm without weights), RMSNorm and gated MLPs (llama,
-mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2, phi3, stablelm), with sliding windows,
+every family of the table: LayerNorm and plain MLPs (gpt2, gpt_bigcode, gpt_neo, gpt_neox, gptj,
+codegen, opt, phi, falcon, bloom and mpt with ALiBi, starcoder2, the encoder bert; olmo's float32
+LayerNorm without weights), RMSNorm or LayerNorm with gated MLPs (llama, mistral, qwen2, qwen3,
+gemma, gemma2, gemma3_text, olmo2, phi3, stablelm, the encoder modernbert), with sliding windows,
 query/key norms, offset norms, fused projections and soft-capping where the family has them."""
 import pytest
 import torch
@@ -14,6 +14,7 @@ from captum_relp import (
     logit_diff,
     model_components,
 )
+from captum_relp.families import FAMILY_TABLE
 from tests.families.configs import tiny_model, token_pair
 from tests.oracles.relp_reference import FORWARDS, relp_scores
 
@@ -81,8 +82,22 @@ STABLELM_QK = pytest.mark.xfail(strict=True, reason=(
     "the library applies the LN-rule to StableLM's per-head query/key LayerNorms (the family table "
     "lists no qk_norms for it), while the query/key norms of Phi, Qwen3, OLMo-2 and Gemma-3 take the "
     "plain gradient (docs/rules.md), as the reference does for all of them"))
+FLOAT32_QK = {"modernbert": 1e-7}
+"""Relative tolerances (of the largest score) where the model rounds queries and keys to float32
+(ModernBERT's rotary): their gradients carry float32 rounding, which sdpa's backward and the
+reference's round differently (measured 6e-9 of 3); the AH-rule, which stops them, is held to 1e-10."""
+
+
+def tolerance(model_type: str, preset: str, scale: float) -> float:
+    return 1e-10 if preset == "relp-ah" else FLOAT32_QK.get(model_type, 1e-10 / scale) * scale
+
+
 CASES = [pytest.param(model_type, preset, marks=STABLELM_QK if (model_type, preset) == ("stablelm", "relp") else ())
          for model_type in FAMILIES for preset in ("relp", "relp-ah")]
+
+
+def test_the_reference_covers_every_family_of_the_table():
+    assert FAMILIES == sorted(FAMILY_TABLE)
 
 
 @pytest.mark.parametrize("model_type, preset", CASES)
@@ -90,15 +105,16 @@ def test_relp_equals_the_independent_reference(model_type, preset):
     diff, scale, want = differences(model_type, preset)
     assert scale > 1e-3, "the scores must not be trivially small"
     assert all(float(w[1].abs().sum()) > 0 for key, w in want.items() if key[0] != "resid" or key[1] > 0)
-    bad = {key: d for key, d in diff.items() if not d < 1e-10}
-    assert not bad, f"{model_type} {preset}: max |library - reference| beyond 1e-10: {bad}"
+    limit = tolerance(model_type, preset, scale)
+    bad = {key: d for key, d in diff.items() if not d < limit}
+    assert not bad, f"{model_type} {preset}: max |library - reference| beyond {limit:.2g}: {bad}"
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_reference_without_rules_equals_attribution_patching(model_type):
     """The reference's forward and gradients, checked by autograd through the model itself."""
-    diff, _, _ = differences(model_type, "none", oracle_preset="none")
-    assert max(diff.values()) < 1e-10, diff
+    diff, scale, _ = differences(model_type, "none", oracle_preset="none")
+    assert max(diff.values()) < tolerance(model_type, "none", scale), diff
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

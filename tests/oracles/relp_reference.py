@@ -86,17 +86,19 @@ def silu(x: Tensor) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, rules, window=None,
-           softcap=None, softmax_dtype=None, bias=None, causal=True) -> Tensor:
+           softcap=None, softmax_dtype=None, bias=None, causal=True, band=None) -> Tensor:
     """Causal attention over ``(B, H, T, D)`` with padded keys masked (and keys ``window`` or more
     positions back, for a sliding window; scores soft-capped by ``softcap``; ``bias`` added to the
     scores (ALiBi); the softmax in ``softmax_dtype`` where the model upcasts it; every real key for
-    an encoder, ``causal=False``); ``(B, T, H * D)``."""
+    an encoder, ``causal=False``, or those at most ``band`` positions away); ``(B, T, H * D)``."""
     T = q.shape[-2]
     seen = torch.ones(T, T, dtype=torch.bool)
     if causal:
         seen = seen.tril()
     if window is not None:
         seen = seen & torch.ones(T, T, dtype=torch.bool).triu(1 - window)
+    if band is not None:
+        seen = seen & torch.ones(T, T, dtype=torch.bool).triu(-band).tril(band)
     allowed = seen[None, None] & mask.bool()[:, None, None, :]
     scores = _softcap(q @ k.transpose(-1, -2) * scale, softcap)
     if bias is not None:
@@ -712,9 +714,51 @@ def stablelm_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key,
     return acts, h @ w["lm_head.weight"].T
 
 
+def modernbert_forward(model, ids: Tensor, mask: Tensor, rules) -> Tuple[Dict[Key, Tensor], Tensor]:
+    """``({(kind, layer): activation}, logits)`` of a ``ModernBertForMaskedLM``: LayerNorms without
+    bias (none before the first attention), bidirectional global and local (banded) layers with
+    RoPE per kind of layer on float32-rounded queries and keys, ``[q | k | v]`` thirds, a fused GeGLU ``act(input) * gate``, the MLM
+    head's dense, GELU and LayerNorm."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    assert not (cfg.attention_bias or cfg.mlp_bias or cfg.norm_bias or cfg.classifier_bias)
+    B, T = ids.shape
+    H = cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    eps, act = cfg.norm_eps, ACTIVATIONS[cfg.hidden_activation]
+    embed = w["model.embeddings.tok_embeddings.weight"]
+    tables = {kind: rope_tables(cfg, T, embed.dtype, D, kind) for kind in set(cfg.layer_types)}
+
+    def norm(x: Tensor, name: str) -> Tensor:
+        return layer_norm(x, w[name + ".weight"], 0.0, eps, rules)
+
+    h = norm(embed[ids].requires_grad_(), "model.embeddings.norm")
+    acts: Dict[Key, Tensor] = {}
+    for i, kind in enumerate(cfg.layer_types):
+        p = f"model.layers.{i}."
+        acts["resid", i] = h
+        a = h if i == 0 else norm(h, p + "attn_norm")
+        q, k, v = (a @ w[p + "attn.Wqkv.weight"].T).reshape(B, T, 3, H, D).transpose(1, 3).unbind(dim=2)
+        cos, sin = tables[kind]
+        q, k = rope(q.float(), cos, sin).to(q.dtype), rope(k.float(), cos, sin).to(k.dtype)  # as the model does
+        band = cfg.sliding_window if kind == "sliding_attention" else None
+        z = attend(q, k, v, mask, D ** -0.5, rules, causal=False, band=band)
+        acts["heads", i] = z
+        o = z @ w[p + "attn.Wo.weight"].T
+        acts["attn", i] = o
+        h = h + o
+        inputs, gate = (norm(h, p + "mlp_norm") @ w[p + "mlp.Wi.weight"].T).chunk(2, dim=-1)
+        m = gated_product(activation(act, inputs, rules), gate, rules) @ w[p + "mlp.Wo.weight"].T
+        acts["mlp", i] = m
+        h = h + m
+    h = norm(h, "model.final_norm")
+    h = norm(activation(ACTIVATIONS[cfg.classifier_activation], h @ w["head.dense.weight"].T, rules), "head.norm")
+    return acts, h @ w["decoder.weight"].T + w["decoder.bias"]
+
+
 FORWARDS = {"gpt2": gpt2_forward, "gpt_bigcode": gpt2_forward, "gpt_neox": gpt_neox_forward,
             "gptj": gptj_forward, "phi": phi_forward, "opt": opt_forward, "falcon": falcon_forward,
             "bloom": bloom_forward, "mpt": mpt_forward, "bert": bert_forward, "gpt_neo": gpt_neo_forward, "codegen": gptj_forward,
+            "modernbert": modernbert_forward,
             "stablelm": stablelm_forward,
             **{model_type: llama_forward for model_type in LLAMA_LIKE}}
 """``{model_type: forward}`` of the families the reference implements."""

@@ -68,8 +68,11 @@ def test_training_info():
 
 
 # Known, documented limitation (TRAINING.md): tiny-llama-ioi reaches only ~0.72 on held-out nouns
-# for the two "across" SVA structures (1.00 within a relative clause; IOI held-out 0.985).
+# for the two "across" SVA structures (1.00 within a relative clause; IOI held-out 0.985). These
+# cases are checked against the documented range instead: above chance, below SVA_MIN_ACC
+# (measured on these 60 pairs: across_rc 0.62, across_pp 0.70).
 SVA_HELDOUT_LIMITED = {("tiny-llama-ioi", "across_rc"), ("tiny-llama-ioi", "across_pp")}
+SVA_LIMITED_RANGE = (0.6, SVA_MIN_ACC)
 
 
 def _train_names(name):
@@ -99,13 +102,16 @@ def test_ioi_accuracy(model_and_tok, split):
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_sva_heldout_accuracy(model_and_tok, structure):
     name, model, tok = model_and_tok
-    if (name, structure) in SVA_HELDOUT_LIMITED:
-        pytest.xfail(f"{name} {structure}: known limitation on held-out nouns (TRAINING.md)")
     pairs = generate_sva_pairs(60, structure, seed=7, nouns=heldout_nouns(name), tokenizer=tok)
     b = encode_sva(pairs, tok)
     pd = sva_metric(model(b.clean_ids, attention_mask=b.attention_mask).logits,
                     b.correct_ids, b.wrong_ids, b.last_pos)
-    assert (pd > 0).float().mean() >= SVA_MIN_ACC, (name, structure)
+    accuracy = float((pd > 0).float().mean())
+    if (name, structure) in SVA_HELDOUT_LIMITED:  # the documented limitation, as documented
+        low, high = SVA_LIMITED_RANGE
+        assert low <= accuracy < high, (name, structure, accuracy)
+    else:
+        assert accuracy >= SVA_MIN_ACC, (name, structure, accuracy)
 
 
 def test_untrained_model_fails_ioi():

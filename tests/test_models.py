@@ -47,6 +47,12 @@ def test_unknown_component_kind():
         model_components(build_model("gpt2")).select(["embed"])
 
 
+def test_split_heads_sums_contiguous_slices_per_head():
+    """Head h is the slice [h * D, (h + 1) * D) of the last dimension (the o_proj input layout)."""
+    x = torch.arange(24.0).reshape(2, 1, 12)
+    assert split_heads(x, 3).tolist() == [[[6.0, 22.0, 38.0]], [[54.0, 70.0, 86.0]]]
+
+
 def test_split_heads_rejects_bad_width():
     with pytest.raises(ValueError, match="num_heads"):
         split_heads(torch.ones(1, 2, 7), 2)

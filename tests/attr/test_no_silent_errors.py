@@ -58,28 +58,33 @@ def test_disconnected_layer_is_an_error_naming_it_unless_allowed():
 
 
 def test_concurrent_attribution_is_serialised_and_leaves_the_model_unchanged():
+    """Threads alternate RelP and AtP on one model; every result equals the serial run's."""
     model, parts, clean, corrupt = _setup()
     before = model_state(model)
-    expected = LayerAttributionPatching(model, parts.mlp).attribute(clean, baselines=corrupt, target=3)
+    methods = (LayerRelevancePatching, LayerAttributionPatching)
+    serial = {cls: cls(model, parts.mlp).attribute(clean, baselines=corrupt, target=3) for cls in methods}
+    assert not torch.allclose(serial[methods[0]][0], serial[methods[1]][0])
     results, errors = [], []
+    start = threading.Barrier(4)
 
-    def work():
+    def work(index):
         try:
-            for _ in range(5):
-                cls = LayerRelevancePatching if threading.get_ident() % 2 else LayerAttributionPatching
+            start.wait()
+            for step in range(6):
+                cls = methods[(index + step) % 2]
                 results.append((cls, cls(model, parts.mlp).attribute(clean, baselines=corrupt, target=3)))
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 15
+    assert not errors, errors
+    assert sorted(cls.__name__ for cls, _ in results) == sorted([c.__name__ for c in methods] * 12)
     for cls, scores in results:
-        if cls is LayerAttributionPatching:
-            assert all(torch.equal(a, b) for a, b in zip(scores, expected))
+        assert all(torch.equal(a, b) for a, b in zip(scores, serial[cls])), cls.__name__
     assert model_state(model) == before
 
 

@@ -1,6 +1,7 @@
 """``captum-relp edges`` end to end on the shipped tiny model."""
 import json
 
+import numpy as np
 import pytest
 
 from captum_relp.cli import main
@@ -40,11 +41,42 @@ def test_edges_cli_end_to_end(tmp_path, capsys):
     assert data["eap"]["time_vs_eap"] == 1.0
     assert data["exact"]["pcc_vs_exact"] is None
     for method in ("relp", "eap", "eap-ig"):
-        assert 0.5 < data[method]["pcc_vs_exact"] <= 1.0
+        assert data[method]["pcc_vs_exact"] > 0.5
+    check_edge_pccs(data)
     assert data["exact"]["n_forward"] == 2 + -(-479 // (512 // 3))
     for name in ("edges_faithfulness.png", "edges_circuit_relp.png", "edges_circuit_exact.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "CPR" in capsys.readouterr().out
+
+
+def _pcc(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    return float((xc @ yc) / np.sqrt((xc @ xc) * (yc @ yc)))
+
+
+def _input_kind(edge: str) -> str:
+    target = edge.split("->")[1]
+    return target.split("<")[1].rstrip(">") if "<" in target else ("logits" if target == "logits" else "mlp")
+
+
+def check_edge_pccs(data):
+    """Every ``pcc_vs_exact`` and ``pcc_vs_exact_by_input`` of an edges JSON, recomputed from the
+    saved per-edge scores to 1e-12 (``None`` where the scores of a kind are constant)."""
+    exact = np.array(data["exact"]["scores"])
+    kinds = np.array([_input_kind(edge) for edge in data["meta"]["edges"]])
+    assert set(kinds) == {"q", "k", "v", "mlp", "logits"} and len(kinds) == len(exact)
+    for method, entry in data.items():
+        if method in ("meta", "exact"):
+            continue
+        scores = np.array(entry["scores"])
+        assert abs(entry["pcc_vs_exact"] - _pcc(scores, exact)) < 1e-12, method
+        for kind, value in entry["pcc_vs_exact_by_input"].items():
+            rows = kinds == kind
+            if scores[rows].std() == 0:
+                assert value is None, (method, kind)
+            else:
+                assert abs(value - _pcc(scores[rows], exact[rows])) < 1e-12, (method, kind)
 
 
 def test_edges_cli_bad_method(capsys):

@@ -12,9 +12,10 @@ import torch
 from captum_relp.edges import build_graph, edge_scores, graph_forward
 from captum_relp.edges.scores import _coefficients, qk_columns
 from captum_relp.metrics import LogitDiff
-from captum_relp.rules import apply_rules, resolve_rules
+from captum_relp.rules import resolve_rules
 from tests.conftest import build_model
 from tests.edges.test_graph import _inputs
+from tests.oracles import relp_reference as reference
 
 METRIC = LogitDiff([3, 5, 7], [4, 6, 8], positions=[5, 3, 5])
 
@@ -94,8 +95,7 @@ def test_early_qk_coefficient_is_the_local_pattern_gradient(family):
     with torch.no_grad():
         x0 = graph_forward(model, graph, clean, mask).inputs[0]  # layer 0's q/k/v inputs (B, T, S, d)
     x0 = x0.clone().requires_grad_(True)
-    with apply_rules(model, ruleset):  # the same norm rules as the pass; attention: plain softmax
-        out = _heads_by_hand(model, graph, x0, mask)
+    out = _heads_by_hand(model, graph, x0, mask)
     expected = torch.autograd.grad((out * g).sum(), x0)[0]
     slots = _layer_columns(graph, 0)
     torch.testing.assert_close(coefficients[:, :, slots], expected[:, :, slots[graph.attn_slots(0)]],
@@ -103,19 +103,38 @@ def test_early_qk_coefficient_is_the_local_pattern_gradient(family):
 
 
 def _heads_by_hand(model, graph, x, mask):
-    """Layer 0's per-head outputs (B, T, H, d) with attention computed here (plain softmax, no AH)."""
-    from captum_relp.edges import patching
-    from captum_relp.edges._parts import Parts
+    """Layer 0's per-head outputs ``(B, T, H, d)`` from its per-slot inputs ``x`` ``(B, T, H + 2K, d)``
+    (query inputs, then K key and K value inputs), in plain torch from the weights: the LN-rule on
+    the norm, plain softmax attention."""
+    cfg, w = model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    B, T, _, d = x.shape
+    H, K = graph.n_heads, graph.n_kv_inputs
+    D = d // H
+    rules = {"ln"}
+    if cfg.model_type == "gpt2":
+        p = "transformer.h.0."
+        normed = reference.layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.layer_norm_epsilon, rules)
+        w_qkv, b_qkv = w[p + "attn.c_attn.weight"].split(d, dim=1), w[p + "attn.c_attn.bias"].split(d)
+        w_o, b_o = w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"]  # Conv1D: (in, out)
+    else:
+        p = "model.layers.0."
+        normed = reference.llama_rms_norm(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps, rules)
+        w_qkv = [w[p + f"self_attn.{n}_proj.weight"].T for n in "qkv"]
+        b_qkv = [torch.zeros(m.shape[1], dtype=x.dtype) for m in w_qkv]
+        w_o, b_o = w[p + "self_attn.o_proj.weight"].T, None
 
-    parts = Parts(model, graph)
-    batch, length = x.shape[:2]
-    positions = torch.arange(length)[None].expand(batch, length)
-    rotary = parts.rotary(x[:, :, 0], positions)(0)
+    def project(first, count, index):  # slot first + j through head j's columns of projection ``index``
+        return torch.stack([normed[:, :, first + j] @ w_qkv[index][:, j * D:(j + 1) * D]
+                            + b_qkv[index][j * D:(j + 1) * D] for j in range(count)], dim=1)  # (B, heads, T, D)
 
-    def masks(window):
-        return patching._additive_mask(mask, batch, length, x, window)
-
-    return patching._heads(parts, 0, x, masks, rotary, False)
+    q, k, v = project(0, H, 0), project(H, K, 1), project(H + K, K, 2)
+    if cfg.model_type != "gpt2":
+        cos, sin = reference.rope_tables(cfg, T, x.dtype, D)
+        q, k = reference.rope(q, cos, sin), reference.rope(k, cos, sin)
+    k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    z = reference.attend(q, k, v, mask, D ** -0.5, rules).reshape(B, T, H, D)
+    out = torch.einsum("bthe,hed->bthd", z, w_o.reshape(H, D, d))
+    return out if b_o is None else out + b_o / H
 
 
 def test_cli_scores_both_qk_methods(tmp_path):

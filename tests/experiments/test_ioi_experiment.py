@@ -47,10 +47,9 @@ def test_runner_ap_matches_hand_patched_forward_and_writes_outputs(saved_tiny_mo
     for by_kind in result.scores.values():
         for values in by_kind.values():
             assert np.all(values.transpose(0, 2, 1)[pads] == 0)
-    assert 0.0 < result.pcc_per_prompt["mlp"]["AtP"] <= 1.0
     written = result.save(tmp_path)
     summary = json.loads((tmp_path / "ioi_results.json").read_text())
-    assert summary["pcc_mean_map"]["resid"]["RelP"] == result.pcc_mean_map["resid"]["RelP"]
+    check_pccs(result, summary)
     assert summary["config"]["model"] == saved_tiny_model.name  # a name, not the absolute path
     assert summary["layout"]["labels"] == summary["position_labels"] == result.position_labels
     assert {"S1", "IO", "S2", "END"} <= set(summary["layout"]["roles"])
@@ -58,6 +57,33 @@ def test_runner_ap_matches_hand_patched_forward_and_writes_outputs(saved_tiny_mo
     assert roles_of_first[-1] == "END" and len(summary["mean_maps"]["AP"]["mlp"][0]) == len(result.position_labels)
     assert (tmp_path / "ioi_heatmap_mlp.png").stat().st_size > 1000 and len(written) == 5
     assert "Residual stream" in result.format_table()
+
+
+def _pcc(x, y):
+    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    xc, yc = x - x.mean(), y - y.mean()
+    return float((xc @ yc) / np.sqrt((xc @ xc) * (yc @ yc)))
+
+
+def check_pccs(result, summary):
+    """Every PCC of the run and of its JSON, recomputed from the per-prompt scores (real positions
+    only) and from the saved prompt-averaged maps, to 1e-12."""
+    real = result.valid[:, None, :]
+    checked = 0
+    for kind in ("resid", "attn", "mlp"):
+        reference = result.scores["AP"][kind]
+        mask = np.broadcast_to(real, reference.shape)
+        for method in result.scores:
+            if method == "AP":
+                continue
+            per_prompt = _pcc(result.scores[method][kind][mask], reference[mask])
+            mean_map = _pcc(summary["mean_maps"][method][kind], summary["mean_maps"]["AP"][kind])
+            assert abs(per_prompt) > 0.05
+            assert abs(result.pcc_per_prompt[kind][method] - per_prompt) < 1e-12, (kind, method)
+            assert abs(summary["pcc_per_prompt"][kind][method] - per_prompt) < 1e-12, (kind, method)
+            assert abs(summary["pcc_mean_map"][kind][method] - mean_map) < 1e-12, (kind, method)
+            checked += 1
+    assert checked == 3 * (len(result.scores) - 1)
 
 
 def test_pearson_by_hand():

@@ -142,6 +142,25 @@ def test_gamma_rule_zero_gamma_is_zero_rule_for_biasless_linear():
     assert not torch.allclose(boosted, grad)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_gamma_rule_at_gamma_one_by_hand(conv):
+    """W = [[1, -2], [3, 0.5]], b = [0.5, -1], x = [1, 2], g = [1, 1]: z = [-2.5, 3];
+    W' = W + W+ = [[2, -2], [6, 1]], z' = W' x + b = [-1.5, 7];
+    dx = W'^T (g z / z') = [2 * 5/3 + 6 * 3/7, -2 * 5/3 + 3/7] = [124/21, -61/21]."""
+    weight = torch.tensor([[1.0, -2.0], [3.0, 0.5]], dtype=torch.float64)
+    if conv:
+        module = Conv1D(2, 2).double()
+        module.weight.data.copy_(weight.t())  # Conv1D stores (in, out)
+    else:
+        module = torch.nn.Linear(2, 2).double()
+        module.weight.data.copy_(weight)
+    module.bias.data.copy_(torch.tensor([0.5, -1.0]))
+    x, g = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    out, grad = _grad_through(module, GammaRule(1.0, stabilizer=0.0), x, g)
+    assert out.tolist() == [[-2.5, 3.0]]
+    torch.testing.assert_close(grad, torch.tensor([[124 / 21, -61 / 21]], dtype=torch.float64), rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_ah_rule_blocks_query_key_gradients_and_keeps_mask(attn):
     from tests.conftest import build_model, token_pair
@@ -150,13 +169,15 @@ def test_ah_rule_blocks_query_key_gradients_and_keeps_mask(attn):
     clean, _ = token_pair(batch=2, seq=5)
     mask = torch.ones_like(clean)
     mask[0, 3:] = 0
-    q_proj = model.model.layers[1].self_attn.q_proj
     grads = {}
 
-    def record_q_grad(module, args, output):
-        output.register_hook(lambda g: grads.setdefault("q", g))
+    def record(name):
+        def hook(module, args, output):
+            output.register_hook(lambda g: grads.setdefault(name, g))
+        return hook
 
-    handle = q_proj.register_forward_hook(record_q_grad)
+    attention = model.model.layers[1].self_attn
+    handles = [getattr(attention, f"{name}_proj").register_forward_hook(record(name)) for name in "qkv"]
     embeds = model.get_input_embeddings()(clean).detach().requires_grad_(True)
     undo = AHRule().apply(model)
     try:
@@ -165,9 +186,11 @@ def test_ah_rule_blocks_query_key_gradients_and_keeps_mask(attn):
         out[:, -1].sum().backward()
     finally:
         undo()
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert model.config._attn_implementation == attn
-    assert "q" not in grads  # queries are detached: no gradient reaches q_proj
+    assert sorted(grads) == ["v"]  # queries and keys are detached: no gradient reaches q_proj or k_proj
+    assert grads["v"].abs().sum() > 0
     assert embeds.grad.abs().sum() > 0
     with torch.no_grad():
         assert torch.equal(out.detach(), model(inputs_embeds=embeds, attention_mask=mask).logits)

@@ -54,7 +54,7 @@ class ModelComponents:
 
     @property
     def resid(self) -> List[nn.Module]:
-        """The modules of the ``resid`` component kind: :attr:`blocks`, attributed at their input."""
+        """The modules of the ``resid`` component kind: ``blocks``, attributed at their input."""
         return self.blocks
 
     @property

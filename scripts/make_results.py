@@ -317,7 +317,8 @@ def main() -> None:
                 "IOI / SVA sentences the models were trained on. Click a figure to open it at full size.", "",
                 "A patching effect is m(clean) - m(clean with the activation patched from the corrupted "
                 "prompt), in units of the metric m (the logit difference of the right over the wrong "
-                "answer): red cells are activations whose patching lowers the metric.", "",
+                "answer): green cells (positive effects) are activations whose patching lowers the metric, "
+                "red cells (negative) ones whose patching raises it.", "",
                 "## IOI faithfulness (Table 5 layout)", ""]
     for name in EMBEDDED_MODELS:
         sections.append(ioi_section(name, args.n_prompts))

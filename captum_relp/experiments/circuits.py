@@ -77,7 +77,7 @@ class CircuitExperimentResult:
 
     @classmethod
     def load(cls, out_dir: Path) -> "CircuitExperimentResult":
-        """The curves, cost and config that :meth:`save` wrote to ``out_dir/circuit_results.json``
+        """The curves, cost and config that ``save`` wrote to ``out_dir/circuit_results.json``
         (not the edges), e.g. to redraw the figure with :func:`~captum_relp.plotting.plot_faithfulness`.
 
         Example:

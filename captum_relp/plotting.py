@@ -120,7 +120,7 @@ def plot_patching_heatmaps(
     fig.suptitle(title + (" \u2014 " + ", ".join(details) if details else ""), fontsize=12)
     fig.colorbar(image, ax=axes.flat[:len(maps)], shrink=0.9, pad=0.01).set_label("patching effect", fontsize=10)
     if note:
-        positive, negative = ("red", "blue") if colors == "red-blue" else SIGN_COLORS[colors]
+        positive, negative = SIGN_COLORS[colors]
         note = (f"{note}; {positive}: positive (patching it lowers the metric), {negative}: negative"
                 if note == EFFECT_NOTE else note)
         width = max(40, int(fig.get_figwidth() * 13))

@@ -23,8 +23,33 @@ if TYPE_CHECKING:  # annotations only: plotting does not import the edge machine
 
 
 EFFECT_NOTE = ("effect = m(clean) \u2212 m(clean with this activation patched from the corrupted run), "
-               "in metric units (logit difference); red: patching it lowers the metric")
-"""The sign and unit of a patching effect, printed under every heatmap."""
+               "in metric units (logit difference)")
+"""The sign and unit of a patching effect, printed under every heatmap (with what each colour means)."""
+
+SIGN_COLORS = {"captum": ("green", "red"), "red-blue": ("red", "blue")}
+"""The ``colors=`` choices of :func:`plot_patching_heatmaps`: ``(positive, negative)`` colour names.
+
+``"captum"`` (the default) follows Captum's visualisation (positive green, negative red, white at
+zero); ``"red-blue"`` is the map of earlier versions (matplotlib's ``RdBu_r``: positive red)."""
+
+
+def sign_colormap(colors: str = "captum"):
+    """The diverging colormap of ``colors`` (a key of :data:`SIGN_COLORS`): white at zero.
+
+    Example:
+        >>> cmap = sign_colormap("captum")
+        >>> [round(float(c), 2) for c in cmap(1.0)[:3]], [round(float(c), 2) for c in cmap(0.0)[:3]]
+        ([0.0, 0.5, 0.0], [1.0, 0.0, 0.0])
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import LinearSegmentedColormap
+
+    if colors == "red-blue":
+        return colormaps["RdBu_r"]
+    if colors not in SIGN_COLORS:
+        raise ValueError(f"colors={colors!r}: expected one of {', '.join(map(repr, SIGN_COLORS))}")
+    positive, negative = SIGN_COLORS[colors]
+    return LinearSegmentedColormap.from_list("RdWhGn", [negative, "white", positive])
 
 
 def plot_patching_heatmaps(
@@ -36,8 +61,13 @@ def plot_patching_heatmaps(
     n_prompts: Optional[int] = None,
     xlabel: str = "position",
     note: Optional[str] = EFFECT_NOTE,
+    colors: str = "captum",
 ):
-    """One heatmap per method (shared, symmetric colour scale), layers on the y axis, two per row.
+    """One heatmap per method (shared, symmetric colour scale), layers on the y axis.
+
+    Each layer gets the same height whatever the model's depth (the figure grows with the layer
+    count); panels taller than wide (deep models, few positions) sit side by side in one row,
+    others two per row.
 
     Args:
         maps: ``{method: array (layers, positions)}``, e.g. ``{"AP": ..., "AtP": ..., "RelP": ...}``.
@@ -47,7 +77,10 @@ def plot_patching_heatmaps(
         model_name: shown in the title.
         n_prompts: number of prompts averaged, shown in the title.
         xlabel: x-axis label (``"token role"`` for role-aligned maps).
-        note: text under the figure (default: the sign and unit of the effect).
+        note: text under the figure (default: the sign and unit of the effect); what the
+            colours mean is added to it.
+        colors: ``"captum"`` (default; Captum's convention: positive green, negative red) or
+            ``"red-blue"`` (positive red, negative blue, the map of earlier versions).
 
     Example:
         >>> import numpy as np
@@ -55,22 +88,26 @@ def plot_patching_heatmaps(
         ...                              n_prompts=2)
         >>> len(fig.axes), fig._suptitle.get_text()
         (3, 'mlp \u2014 m, mean of N=2 prompts')
+        >>> fig.axes[0].images[0].get_cmap().name
+        'RdWhGn'
     """
     import matplotlib.pyplot as plt
 
+    cmap = sign_colormap(colors)
     limit = max(float(np.nanmax(np.abs(m))) for m in maps.values()) or 1.0
     n_layers, n_positions = next(iter(maps.values())).shape
-    ncols = min(len(maps), 2)  # two panels per row: each stays readable at page width
+    # panels taller than wide go side by side (up to 4), others two per row: each stays readable
+    ncols = min(len(maps), 4 if n_layers > n_positions else 2)
     nrows = -(-len(maps) // ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(1.8 + (1.2 + 0.32 * n_positions) * ncols, 1.2 + (1.9 + 0.32 * n_layers) * nrows),
-        squeeze=False, constrained_layout=True,
-    )
+    panel_width = 1.2 + 0.32 * n_positions
+    panel_height = 1.9 + LAYER_HEIGHT * n_layers
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 + panel_width * ncols, 1.2 + panel_height * nrows),
+                             squeeze=False, constrained_layout=True)
     for ax in axes.flat[len(maps):]:
         ax.remove()
     image = None
     for ax, (method, values) in zip(axes.flat, maps.items()):
-        image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        image = ax.imshow(values, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
         ax.set_title(method, fontsize=11)
         ax.set_yticks(range(n_layers))
         ax.set_ylabel("layer", fontsize=10)
@@ -83,9 +120,16 @@ def plot_patching_heatmaps(
     fig.suptitle(title + (" \u2014 " + ", ".join(details) if details else ""), fontsize=12)
     fig.colorbar(image, ax=axes.flat[:len(maps)], shrink=0.9, pad=0.01).set_label("patching effect", fontsize=10)
     if note:
+        positive, negative = SIGN_COLORS[colors]
+        note = (f"{note}; {positive}: positive (patching it lowers the metric), {negative}: negative"
+                if note == EFFECT_NOTE else note)
         width = max(40, int(fig.get_figwidth() * 13))
         fig.supxlabel(textwrap.fill(note, width), fontsize=8, color="0.3")
     return _saved(fig, path, 150)
+
+
+LAYER_HEIGHT = 0.32
+"""Inches per layer in :func:`plot_patching_heatmaps` (a 30-layer panel is about 11.5 inches tall)."""
 
 
 def _saved(fig, path: Optional[Path], dpi: int):
@@ -138,6 +182,7 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
     methods = [m for m in METHOD_COLORS if m in present] + sorted(present - set(METHOD_COLORS))
     styles = dict(zip(curves, SETTING_STYLES * (len(curves) // len(SETTING_STYLES) + 1)))
     noisy = {s for s, by in curves.items() if not all(getattr(c, "reliable", True) for c in by.values())}
+    shown = [s for s in curves if s not in noisy] or list(curves)  # what the means and the axes follow
     for ax, key in ((axes[0], "faithfulness"), (axes[1], "completeness")):
         for method in methods:
             color = METHOD_COLORS.get(method, None)
@@ -146,9 +191,11 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
             for setting, x, y in series:
                 ax.plot(x, y, color=color, alpha=0.45, linewidth=1, linestyle=styles[setting],
                         marker="o" if setting in noisy else None, markersize=3, markerfacecolor="none")
+            series = [item for item in series if item[0] in shown] or series
             common = sorted(set.intersection(*[set(x.tolist()) for _, x, _ in series]))
             mean = [np.nanmean([y[list(x).index(n)] for _, x, y in series]) for n in common]
             ax.plot(common, mean, color=color, linewidth=2.5, label=f"{method} (mean)")
+        ax.set_ylim(*ratio_limits([getattr(curve, key) for s in shown for curve in curves[s].values()]))
         ax.set_xscale("log")
         ax.set_xlabel("nodes in circuit", fontsize=10)
         ax.set_ylabel(key, fontsize=10)
@@ -161,11 +208,31 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
     handles += [Line2D([], [], color="0.4", linestyle=styles[s], marker="o" if s in noisy else None,
                        markerfacecolor="none", label=s + (" (noisy denominator)" if s in noisy else ""))
                 for s in curves]
-    fig.legend(handles=handles, loc="outside right center", fontsize=9, title="bold: mean; faint: setting",
+    title_text = "bold: mean; faint: setting"
+    if noisy and len(shown) < len(curves):
+        title_text = ("bold: mean of the settings\nwith a reliable denominator;\nfaint: setting (noisy ones\n"
+                      "may leave the axes)")
+    fig.legend(handles=handles, loc="outside right center", fontsize=9, title=title_text,
                title_fontsize=9)
     fig.suptitle(title, fontsize=12)
     _saved(fig, path, 150)
     return Path(path)
+
+
+def ratio_limits(values, margin: float = 0.08) -> Tuple[float, float]:
+    """y limits for ratio curves: the range of ``values`` with 0 and 1 included, plus a margin.
+
+    :func:`plot_faithfulness` passes the curves of the settings whose denominator is reliable,
+    so a noisy setting (ratios of a near-zero effect, in the hundreds) does not squash them.
+
+    Example:
+        >>> [round(v, 2) for v in ratio_limits([[0.2, 0.9], [0.1, 1.25]])]
+        [-0.1, 1.35]
+    """
+    finite = [float(v) for curve in values for v in curve if np.isfinite(v)] + [0.0, 1.0]
+    low, high = min(finite), max(finite)
+    pad = margin * (high - low)
+    return low - pad, high + pad
 
 
 EDGE_METHOD_NAMES = {"relp": "RelP", "relp-ah": "RelP+AH", "eap": "AtP", "eap-ig": "IG", "exact": "AP"}

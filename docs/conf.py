@@ -35,6 +35,7 @@ extensions = [
     "myst_nb",
     "relp_tables",
     "relp_cli",
+    "relp_figures",  # a tutorial cell that draws a figure and shows none fails the build
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}

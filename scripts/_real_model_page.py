@@ -24,7 +24,8 @@ from captum_relp.experiments import run_circuit_experiment
 from captum_relp.embedded import load_model
 from captum_relp.models import COMPONENT_KINDS as KINDS
 from captum_relp.models import COMPONENT_TITLES as KIND_TITLES
-from captum_relp.plotting import plot_patching_heatmaps
+from captum_relp.experiments.circuits import CircuitExperimentResult
+from captum_relp.plotting import plot_faithfulness, plot_patching_heatmaps
 
 NAME = "smollm2-135m"
 METHODS = ("AtP", "RelP", "RelP+AH")
@@ -173,6 +174,8 @@ def _circuit_lines(folder: Path) -> List[str]:
                       "circuits` measures it and this page shows it after `--render-only`.", ""]
             continue
         saved = json.loads((folder / sub / "circuit_results.json").read_text())
+        result = CircuitExperimentResult.load(folder / sub)  # the figure is redrawn from the saved run
+        plot_faithfulness(result.curves, folder / sub / "circuit_faithfulness.png", title=result.title())
         lines += [what + " N is small (IG costs 10 passes per batch); the denominators below say which "
                   "settings carry a measurable effect.", "", _circuit_reading(saved, circuit["task"]), "",
                   report.read_text()]

@@ -1,4 +1,4 @@
-"""Gemma-3 270M IOI: RelP with the LN-rule on the query/key norms (the rule before issue 19)
+"""Gemma-3 270M IOI: RelP with the LN-rule on the query/key norms (the rule before version 0.2.0)
 against RelP with their plain gradient (the ``"relp"`` preset now), AtP and RelP+AH.
 
     OMP_NUM_THREADS=1 python scripts/gemma3_qk_norms.py --n 16

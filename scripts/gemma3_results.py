@@ -118,7 +118,7 @@ def _qk_norm_lines(record: Dict) -> List[str]:
     """The query/key-norm section: the rule the saved tables used, and ``qk_norms.json`` if measured."""
     lines = ["## Query/key norms", ""]
     if record.get("qk_norms") != "plain gradient":
-        lines += ["The tables below were measured before issue 19 changed the rule of the query/key norms "
+        lines += ["The tables below were measured before version 0.2.0 changed the rule of the query/key norms "
                   "(`q_norm`, `k_norm`): their RelP columns give those norms the LN-rule, which the `\"relp\"` "
                   "preset no longer does (see {doc}`rules`); RelP+AH and AtP are unaffected.", ""]
     path = FOLDER / "qk_norms.json"

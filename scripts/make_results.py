@@ -240,16 +240,21 @@ def circuit_report(result, command: str, figure_path: str) -> list:
                    [[m, f"{c['seconds']:.1f}", f"{c['seconds'] / base:.1f}x", int(c["forward_passes"]),
                      int(c["backward_passes"])] for m, c in result.cost.items()])
     size = READ_AT[0]
-    mean = {m: np.nanmean([by[m].faithfulness[by[m].n_nodes.index(size)] for by in result.curves.values()])
-            for m in methods}
     noisy = [s for s, d in denominators.items() if not d["reliable"]]
+    averaged = [s for s in result.curves if s not in noisy] or list(result.curves)  # as plot_faithfulness
+    mean = {m: np.nanmean([result.curves[s][m].faithfulness[result.curves[s][m].n_nodes.index(size)]
+                           for s in averaged]) for m in methods}
     peak = max((max(by[m].faithfulness), s) for s, by in result.curves.items() for m in methods)
     caption = (f"{result.title()}. At {size} nodes the mean faithfulness is "
-               + ", ".join(f"{m} {v:.2f}" for m, v in mean.items()) + "; bold lines average the three "
-               f"structures, faint lines (one style each) show them. The highest value, {peak[0]:.2f} in "
-               f"{peak[1]}, is a ratio over m(M) - m(empty) = {denominators[peak[1]]['denominator']:.3f}: "
+               + ", ".join(f"{m} {v:.2f}" for m, v in mean.items())
+               + (f"; bold lines show {averaged[0]}, the only setting with a reliable denominator, "
+                  if len(averaged) == 1 < len(result.curves) else f"; bold lines average {', '.join(averaged)}, ")
+               + "faint lines (one style each) show every setting. The highest value, "
+               f"{peak[0]:.2f} in {peak[1]}, is a ratio over m(M) - m(empty) = "
+               f"{denominators[peak[1]]['denominator']:.3f}: "
                + (f"{', '.join(noisy)} (hollow markers) {'has' if len(noisy) == 1 else 'have'} a denominator "
-                  "under three standard errors, so read their curves as noise."
+                  "under three standard errors, so read their curves as noise"
+                  + ("; the axes show the range of the other settings." if len(averaged) < len(result.curves) else ".")
                   if noisy else "values above 1 mean the circuit alone beats the full model, not an error."))
     lines += figure(figure_path, f"faithfulness and completeness, {nodes}", caption)
     return lines
@@ -312,7 +317,8 @@ def main() -> None:
                 "IOI / SVA sentences the models were trained on. Click a figure to open it at full size.", "",
                 "A patching effect is m(clean) - m(clean with the activation patched from the corrupted "
                 "prompt), in units of the metric m (the logit difference of the right over the wrong "
-                "answer): red cells are activations whose patching lowers the metric.", "",
+                "answer): green cells (positive effects) are activations whose patching lowers the metric, "
+                "red cells (negative) ones whose patching raises it.", "",
                 "## IOI faithfulness (Table 5 layout)", ""]
     for name in EMBEDDED_MODELS:
         sections.append(ioi_section(name, args.n_prompts))

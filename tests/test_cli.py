@@ -260,3 +260,23 @@ def test_edges_bad_fractions_are_a_clean_error(fractions, message, monkeypatch, 
     assert main(["edges", "--fractions", fractions, "--quiet"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("captum-relp: error: --fractions") and message in err and "Traceback" not in err
+
+
+def _subcommand_helps():
+    import argparse
+
+    from captum_relp.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: sub.format_help() for name, sub in subparsers.choices.items()}
+
+
+def test_help_states_computed_defaults_in_words():
+    helps = _subcommand_helps()
+    assert set(helps) == {"ioi", "circuit", "edges"}
+    for name, text in helps.items():
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat, name
+        assert "default: usable cores minus the current load" in flat, name  # --threads
+        assert f"e.g.relp-out/{name}-" in "".join(text.split()), name  # --out names the folder it writes

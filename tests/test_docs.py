@@ -129,3 +129,47 @@ def test_install_instructions_say_how_to_get_the_cpu_build():
     integrations = (DOCS / "integrations.md").read_text(encoding="utf-8")
     assert '"captum-relp[integrations]"' not in integrations and '-e ".[integrations]"' in integrations
     assert 'pip install -e ".[docs,integrations]"' in readme  # the docs build runs the integration examples
+
+
+def _figures_module():
+    spec = importlib.util.spec_from_file_location("relp_figures", DOCS / "_ext" / "relp_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_figure_check_flags_a_drawn_figure_that_is_not_shown():
+    missing_figures = _figures_module().missing_figures
+    drawn = {"cell_type": "code", "metadata": {}, "source": ["plot_patching_heatmaps(maps, 'resid')\n"],
+             "outputs": [{"output_type": "display_data", "data": {"image/png": "iVBOR", "text/plain": "<Figure>"}}]}
+    lost = dict(drawn, outputs=[{"output_type": "stream", "name": "stdout", "text": "done\n"}])
+    exempt = dict(lost, metadata={"tags": ["no-figure"]})
+    prose = {"cell_type": "markdown", "metadata": {}, "source": "plt.subplots() draws"}
+    assert missing_figures({"cells": [drawn, lost, exempt, prose]}) == [1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tutorials").glob("*.ipynb")), ids=lambda p: p.name)
+def test_every_tutorial_that_draws_shows_its_figures_whatever_the_backend(path):
+    """A cell that draws needs the inline backend (or an explicit Image): under MPLBACKEND=Agg a figure
+    drawn and never shown is lost, and the docs build (relp_figures) fails on it."""
+    figures = _figures_module()
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    drawing = [s for s in code if figures.DRAWS.search(s)]
+    implicit = [s for s in drawing if "Image(" not in s]  # shown only by the backend
+    if implicit:
+        assert any(line.strip() == "%matplotlib inline" for s in code for line in s.splitlines()), path.name
+
+
+@pytest.mark.slow
+def test_captum_workflow_tutorial_shows_its_figure_under_agg(monkeypatch):
+    """Execute tutorial 02 as the CI docs build does (MPLBACKEND=Agg) and look for its figure."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    notebook = nbformat.read(ROOT / "tutorials" / "02_captum_workflow.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert _figures_module().missing_figures(notebook) == []
+    assert any("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))

@@ -38,9 +38,28 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default; an option whose default is computed at run time (``None`` in
+    the parser) states it in words in its own help, which is shown as written.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+        >>> _ = parser.add_argument("--n", default=3, help="count")
+        >>> _ = parser.add_argument("--out", default=None, help="folder (default: next to the input)")
+        >>> text = parser.format_help()
+        >>> "(default: 3)" in text, "(default: None)" in text
+        (True, False)
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand parser (defaults shown in ``--help``) with the model options already added."""
-    parser = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser(name, help=help, formatter_class=DefaultsHelpFormatter)
     add_model_options(parser)
     add_threads_option(parser)
     return parser
@@ -58,8 +77,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
     """``--seed``, ``--out``, ``--overwrite``, ``--no-plots``, ``--quiet`` (the same in every subcommand)."""
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt generator")
+    command = parser.prog.split()[-1]
+    example = default_out(argparse.Namespace(model=DEFAULT_MODEL, task=parser.get_default("task")), command)
+    parts = "the command and the model" if command == "ioi" else "the command, the --task and the model"
+    if parser.get_default("convention") is not None:
+        parts += " (and --convention when not library)"
     parser.add_argument("--out", default=None,
-                        help=f"output directory; None: {OUT_ROOT}/COMMAND-TASK-MODEL ({OUT_ROOT}/ioi-MODEL for ioi)")
+                        help=f"output directory (default: a folder under {OUT_ROOT}/ named after {parts}, "
+                             f"e.g. {example})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier run in --out (its files this run does not "
                              "rewrite are removed) once this run has completed; an interrupted or failed run "

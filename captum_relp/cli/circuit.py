@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
                         help="node space: whole components, MLP neurons, or SAE features + error nodes")
     parser.add_argument("--sae-dir", default=None,
                         help="folder with one dictionary per submodule (resid_0, attn_0, mlp_0, ...), "
-                             "dictionary_learning or SAELens format; None: the shipped model's")
+                             "dictionary_learning or SAELens format (default: the dictionaries shipped with the model; "
+                             "required for other models)")
     parser.add_argument("--n-train", type=int, default=300, help="pairs used to score nodes")
     parser.add_argument("--n-test", type=int, default=100, help="held-out pairs used to evaluate circuits")
     parser.add_argument("--errors", choices=ERROR_POLICIES, default="keep", help="error nodes in circuits")

@@ -50,17 +50,20 @@ def add_parser(sub) -> None:
                         help=f"comma-separated among {', '.join(METHOD_CHOICES)}")
     parser.add_argument("--no-exact", action="store_true", help="skip exact edge patching (one run per edge)")
     parser.add_argument("--n-prompts", type=int, default=50, help="prompt pairs used to score edges")
-    parser.add_argument("--n-eval", type=int, default=None, help="separate pairs for faithfulness; None: --n-prompts")
+    parser.add_argument("--n-eval", type=int, default=None, help="separate pairs for faithfulness (default: as many as --n-prompts)")
     parser.add_argument("--n-steps", type=int, default=5, help="EAP-IG integration steps")
     parser.add_argument("--convention", choices=sorted(CONVENTIONS), default="library",
                         help="circuit sizes, rounding, CPR ranking, key/value inputs and EAP-IG grid: the "
                              "library's or MIB's circuit track (docs: Edge-level RelP)")
     parser.add_argument("--ig-grid", choices=IG_GRIDS, default=None,
-                        help="EAP-IG points k/m: right k=1..m (paper), left k=0..m-1 (MIB); None: the convention's")
+                        help="EAP-IG points k/m: right k=1..m (paper), left k=0..m-1 (MIB) (default: the --convention's, "
+                             + ", ".join(f"{c.ig_grid} for {n}" for n, c in sorted(CONVENTIONS.items())) + ")")
     parser.add_argument("--greedy", action="store_true",
                         help="MIB's greedy connected circuits (from the logits back) instead of global top-k")
     parser.add_argument("--fractions", default=None,
-                        help="comma-separated circuit sizes in [0, 1]; None: the convention's grid")
+                        help="comma-separated circuit sizes in [0, 1] (default: the --convention's grid, "
+                             + "; ".join(f"{n}: {len(c.fractions)} sizes from {c.fractions[0]:g} to {c.fractions[-1]:g}"
+                                         for n, c in sorted(CONVENTIONS.items())) + ")")
     parser.add_argument("--training-words", action="store_true",
                         help="shipped models: prompts from the names/nouns seen in training instead of the "
                              "held-out ones (which captum-relp ioi and circuit use too)")

@@ -47,7 +47,10 @@ class FaithfulnessCurve:
         m_empty: metric of the empty circuit (every edge patched: the corrupt run).
         faithfulness_cpr: the curve CPR integrates: ``faithfulness`` itself, or under
             ``convention="mib"`` the curve of the largest *signed* scores.
-        n_connected: edges left in each ``|score|`` circuit after pruning (MIB's edge counts).
+        n_connected: edges left in each ``|score|`` circuit after pruning: the number of edges
+            MIB's ``evaluate_graph`` runs for that circuit. It is not the ``weighted_edge_counts``
+            that MIB reports, which can differ at the smallest sizes (0.5-2% of the edges) by a
+            few edges, because MIB's top-k selection marks nodes before pruning.
         convention: the name of the convention that built the curve.
         prompt_metrics: per-prompt metric values (``full``, ``empty``: ``(B,)``; ``abs``,
             ``cpr``: ``(sizes, B)``) for resampling, see :meth:`resample`; not in :meth:`as_dict`.

@@ -75,6 +75,23 @@ class CircuitExperimentResult:
                          f"forward {int(cost['forward_passes'])}  backward {int(cost['backward_passes'])}")
         return "\n".join(lines)
 
+    @classmethod
+    def load(cls, out_dir: Path) -> "CircuitExperimentResult":
+        """The curves, cost and config that ``save`` wrote to ``out_dir/circuit_results.json``
+        (not the edges), e.g. to redraw the figure with :func:`~captum_relp.plotting.plot_faithfulness`.
+
+        Example:
+            >>> import tempfile
+            >>> curve = CircuitCurve([1, 2], [0.5, 0.1], [0.2, 0.9], [0.8, 0.1], 1.0, 0.0, 0.1)
+            >>> folder = Path(tempfile.mkdtemp())
+            >>> _ = CircuitExperimentResult({"a": {"RelP": curve}}, {}, {"task": "sva"}).save(folder, plots=False)
+            >>> CircuitExperimentResult.load(folder).curves["a"]["RelP"] == curve
+            True
+        """
+        saved = json.loads((Path(out_dir) / "circuit_results.json").read_text())
+        curves = {s: {m: CircuitCurve(**c) for m, c in by.items()} for s, by in saved["curves"].items()}
+        return cls(curves, saved["cost"], saved["config"])
+
     def save(self, out_dir: Path, plots: bool = True) -> List[Path]:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,7 @@ _ENTRIES = (
                            rotary_style="gptj")),
     _llama_like("stablelm", "StableLm", norms=(), structural=("StableLmLayerNormPerHead",),
                 parallel_residual="@use_parallel_residual",
+                qk_norms=("self_attn.q_layernorm", "self_attn.k_layernorm"),  # one LayerNorm per head
                 edges=_llama_edges("head", norms=("input_layernorm", _stablelm_mlp_norm),
                                    qk_norm_modules=_QK_LAYERNORMS, partial_rotary=True)),
     Family("opt", "decoder.layers", "self_attn", "self_attn.out_proj", None,

@@ -83,7 +83,7 @@ class RuleSet:
             for pattern, rule in self.name_map.items():
                 if fnmatch.fnmatchcase(path, pattern):
                     return rule
-            if path in plain:
+            if _within(path, plain):
                 return None
         key = type_key(type(module))
         if key in self.overrides:
@@ -157,7 +157,7 @@ class RuleSet:
                 structural.append(path)
             if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.name_map):
                 continue  # an explicit choice, also when it is None (the 0-rule)
-            if registered_category(type(module)) == "attention" or path in plain:
+            if registered_category(type(module)) == "attention" or _within(path, plain):
                 continue  # plain gradients through attention (unless the AH-rule) and query/key norms
             if self.rule_for(module, path) is None and needs_rule(module):
                 missing.append((path or "<root>", type_key(type(module))))
@@ -169,6 +169,11 @@ def _ruled_types(model: nn.Module) -> List[str]:
     ruled = ("norm", "activation", "gate", "linear", "custom", "attention")
     return sorted({type_key(type(module)) for module in model.modules()
                    if registered_category(type(module)) in ruled or needs_rule(module)})
+
+
+def _within(path: str, plain: AbstractSet[str]) -> bool:
+    """``path`` is one of ``plain`` or inside one (StableLM's query/key norms hold a LayerNorm per head)."""
+    return path in plain or any(path.startswith(prefix + ".") for prefix in plain)
 
 
 PRESETS: Dict[str, Callable[[], RuleSet]] = {

@@ -78,10 +78,6 @@ def differences(model_type: str, preset: str, oracle_preset=None):
     return diff, scale, want
 
 
-STABLELM_QK = pytest.mark.xfail(strict=True, reason=(
-    "the library applies the LN-rule to StableLM's per-head query/key LayerNorms (the family table "
-    "lists no qk_norms for it), while the query/key norms of Phi, Qwen3, OLMo-2 and Gemma-3 take the "
-    "plain gradient (docs/rules.md), as the reference does for all of them"))
 FLOAT32_QK = {"modernbert": 1e-7}
 """Relative tolerances (of the largest score) where the model rounds queries and keys to float32
 (ModernBERT's rotary): their gradients carry float32 rounding, which sdpa's backward and the
@@ -92,8 +88,7 @@ def tolerance(model_type: str, preset: str, scale: float) -> float:
     return 1e-10 if preset == "relp-ah" else FLOAT32_QK.get(model_type, 1e-10 / scale) * scale
 
 
-CASES = [pytest.param(model_type, preset, marks=STABLELM_QK if (model_type, preset) == ("stablelm", "relp") else ())
-         for model_type in FAMILIES for preset in ("relp", "relp-ah")]
+CASES = [pytest.param(model_type, preset) for model_type in FAMILIES for preset in ("relp", "relp-ah")]
 
 
 def test_the_reference_covers_every_family_of_the_table():

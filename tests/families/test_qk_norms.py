@@ -14,7 +14,7 @@ TARGET = 5
 
 
 def test_the_families_with_query_key_norms():
-    assert QK_FAMILIES == ["gemma3_text", "olmo2", "phi", "qwen3"]
+    assert QK_FAMILIES == ["gemma3_text", "olmo2", "phi", "qwen3", "stablelm"]
 
 
 def euler_sums(model, rules) -> torch.Tensor:
@@ -50,8 +50,12 @@ def test_relp_keeps_scores_scale_invariant_in_query_key_norm_inputs(model_type):
     # the LN-rule on the same norms (the rule before): the scores become linear in their input
     norm = type(model.get_submodule(sorted(gradient_paths(model))[0]))
     offset = 1.0 if model_type.startswith("gemma") else 0.0
-    ln = LayerNormRule(centered=norm.__name__ == "LayerNorm", weight_offset=offset)
-    forced = RuleSet("ln-on-qk", name_map={"*q_*norm": ln, "*k_*norm": ln})
+    if model_type == "stablelm":  # a LayerNorm per head inside each query/key norm
+        ln = LayerNormRule(centered=True)
+        forced = RuleSet("ln-on-qk", name_map={"*q_layernorm.norms.*": ln, "*k_layernorm.norms.*": ln})
+    else:
+        ln = LayerNormRule(centered=norm.__name__ == "LayerNorm", weight_offset=offset)
+        forced = RuleSet("ln-on-qk", name_map={"*q_*norm": ln, "*k_*norm": ln})
     assert euler_sums(model, forced).abs().max() > 1e-2
 
 

@@ -207,3 +207,35 @@ def test_spearman_gives_ties_their_average_rank():
     assert agreement(ties, other, "spearman") == pytest.approx(stats.spearmanr(ties, other).statistic, abs=1e-12)
     assert math.isnan(agreement(torch.ones(4), other[:4], "spearman"))
     assert math.isnan(agreement(torch.tensor([1.0, float("nan"), 2.0]), other[:3], "spearman"))
+
+
+def test_score_candidates_holds_exactly_ap_and_each_candidates_relp():
+    """``score_candidates`` keeps, per group, AP's and each candidate's RelP scores summed over
+    hidden units, recomputed here with the public classes; ``choose_rules`` reports each
+    candidate's agreement as the Pearson correlation of those scores over the kept entries."""
+    from captum_relp import LayerActivationPatching, LayerRelevancePatching, model_components
+    from captum_relp.calibration import choose_rules, score_candidates
+    from captum_relp.calibration.calibrated_rules import default_candidates, explicit_ruleset
+    from captum_relp.embedded import load_embedded
+    from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
+
+    model, tok = load_embedded("tiny-gpt2-ioi")
+    batch = encode_ioi(generate_ioi_pairs(6, seed=3, tokenizer=tok, templates=[0]), tok)
+    layers, flags, _ = model_components(model).select(("mlp",))
+    kwargs = dict(baselines=batch.corrupt_ids, metric=batch.metric(), attribute_to_layer_input=flags,
+                  additional_forward_args={"attention_mask": batch.attention_mask})
+    scores = score_candidates(model, layers, batch.clean_ids, **kwargs)
+    data = scores.data["mlp"]
+    ap = torch.cat([a.double() for a in LayerActivationPatching(model, layers).attribute(batch.clean_ids, **kwargs)], 1)
+    assert torch.allclose(data.reference, ap.reshape(ap.shape[0], -1), atol=1e-12)
+    for candidate in default_candidates(model):
+        relp = LayerRelevancePatching(model, layers, rules=explicit_ruleset(candidate)).attribute(
+            batch.clean_ids, **kwargs)
+        mine = torch.cat([r.sum(-1).double() for r in relp], 1)
+        assert torch.allclose(data.scores[candidate.name], mine, atol=1e-12), candidate.name
+    agreement = choose_rules(scores, n_bootstrap=50).agreement["mlp"]
+    assert sorted(agreement) == sorted(c.name for c in default_candidates(model))
+    keep = data.mask
+    for name, value in agreement.items():
+        x, y = data.scores[name][keep], data.reference[keep]
+        assert abs(value - float(torch.corrcoef(torch.stack([x, y]))[0, 1])) < 1e-9, name

@@ -74,6 +74,7 @@ _FALCON_EDGES = EdgeParts(
     _falcon_edge_layout, ("word_embeddings",), (lambda c: "ln_attn" if _falcon_two_norms(c) else "input_layernorm",
                                                 _falcon_mlp_norm), "ln_f",
     rotary=lambda c: None if c.alibi else "rotary_emb", fused="query_key_value",
+    scaling="inv_norm_factor",  # every supported release has it (``scaling`` only from 5.25)
     position_bias=lambda base, *args: _falcon_alibi(base, *args) if base.config.alibi else None)
 
 

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import List
 
-from sphinx.errors import ExtensionError
 
 DRAWS = re.compile(r"\bplt\.(?:subplots|figure|plot|bar|imshow)\(|\bplot_\w+\(|\bImage\(")
 """What a cell that draws a figure calls."""
@@ -48,6 +47,8 @@ def _check_executed_tutorial(app, doctree) -> None:
     docname = app.env.docname
     if not docname.startswith("tutorials/"):
         return
+    from sphinx.errors import ExtensionError  # here, so the module imports without sphinx (tests)
+
     executed = Path(app.outdir).parent / "jupyter_execute" / (docname + ".ipynb")
     if not executed.exists():
         raise ExtensionError(f"{docname}: the executed notebook {executed.name} was not written "

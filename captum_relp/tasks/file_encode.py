@@ -126,6 +126,10 @@ def _string_answer(tokenizer: Any, pair: TaskPair, prompt_ids: List[int], field_
     tokens = _answer_tokens(tokenizer, pair.clean, prompt_ids, text)
     if not tokens:
         raise ValueError(f"{pair.where(field_name)}: {text!r} encodes to no token")
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in tokens:
+        raise ValueError(f"{pair.where(field_name)}: {text!r} encodes to the unknown token {_decode(tokenizer, tokens)}: "
+                         "this tokenizer does not know it")
     if ids is not None and tokens != list(ids) and not (len(tokens) == 1 and tokens[0] in ids):
         id_field = "correct_idx" if field_name == "answer" else "incorrect_idx"
         raise ValueError(f"{pair.where(field_name)}: {text!r} encodes to {tokens} {_decode(tokenizer, tokens)}, "

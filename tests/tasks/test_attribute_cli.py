@@ -66,3 +66,39 @@ def test_an_id_beyond_the_vocabulary_fails_after_loading_and_nothing_is_written(
     assert main(["attribute", "--task", str(task), "--model", "tiny-gpt2-ioi", "--out", str(out), "--quiet"]) == 3
     assert "ids.csv, line 3, field correct_idx: token id 123456 is beyond the vocabulary" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_circuit_and_edges_take_a_task_file(tmp_path, capsys):
+    task = _eap_ig_csv(tmp_path / "my_task.csv", n=12)  # 6 pairs: the fewest with accuracy beyond chance
+    assert main(["circuit", "--task", str(task), "--nodes", "components", "--n-train", "6", "--n-test", "6",
+                 "--method", "relp,atp", "--out", str(tmp_path / "c"), "--quiet", "--no-plots"]) == 0
+    circuit = json.loads((tmp_path / "c" / "circuit_results.json").read_text())
+    assert circuit["task"]["solves"] and circuit["config"]["task"] == str(task)
+    assert main(["edges", "--task", str(task), "--n-prompts", "6", "--n-eval", "6", "--method", "eap,relp",
+                 "--no-exact", "--repeats", "1", "--out", str(tmp_path / "e"), "--quiet", "--no-plots"]) == 0
+    edges = json.loads((tmp_path / "e" / "edges_results.json").read_text())
+    assert edges["task"]["clean_accuracy"] == 1.0 and edges["meta"]["task"] == str(task)
+    assert "task check on 6 pairs" in capsys.readouterr().out
+
+
+def test_greater_than_layout_runs_through_attribute(tmp_path, digit_tokenizer, capsys):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(digit_tokenizer),
+                                       n_positions=32))
+    model.save_pretrained(tmp_path / "model")
+    digit_tokenizer.save_pretrained(tmp_path / "model")
+    task = tmp_path / "greater_than.csv"
+    task.write_text("clean,corrupted,label\n" + "".join(
+        f"The war lasted from the year 13{y:02d} to the year 13,The war lasted from the year 1301 to the year 13,{y}\n"
+        for y in (52, 17, 80, 33, 64, 45)))
+    code = main(["attribute", "--task", str(task), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "o"),
+                 "--quiet", "--no-plots"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    results = json.loads((tmp_path / "o" / "task_results.json").read_text())
+    assert results["config"]["metric"] == "prob-diff" and results["config"]["digits_teacher_forced"]
+    assert results["warnings"] and "may not solve this task" in printed.err  # random weights
+    assert len(results["task"]["clean_values"]) == 6 and "AP" in results["linearity"]["mlp"]

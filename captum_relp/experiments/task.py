@@ -94,6 +94,10 @@ class TaskExperimentResult:
             for kind in KINDS:
                 lines.append(f"{KIND_TITLES[kind]:<20}" + "".join(
                     f"{format_interval(self.linearity[kind][m]):>24}" for m in ["AP"] + methods))
+        if self.config.get("calibration"):
+            calibration = self.config["calibration"]
+            lines.append(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, "
+                         f"{calibration['seconds']:.1f} s):\n{calibration['summary']}")
         lines.append("\nwall time (s): " + ", ".join(f"{m} {s:.1f}" for m, s in self.seconds.items()))
         lines += [""] + self.notes
         return "\n".join(lines)
@@ -226,6 +230,7 @@ def run_task_experiment(
         cal_batch = encode_task(calibration, tokenizer, batch.metric_name, vocab_size=vocab, device=device)
         calibrated = calibrate_on_batch(model, cal_batch, KINDS)
         calibration_info = {"choices": dict(calibrated.choices), "n_prompts": len(calibration),
+                            "lines": [p.line for p in calibration.pairs],
                             "seconds": time.perf_counter() - began, "summary": calibrated.summary()}
         methods[CALIBRATED] = Method(CALIBRATED, LayerRelevancePatching, "2 forward + 1 backward", {"rules": calibrated})
     if validate:

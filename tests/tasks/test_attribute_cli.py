@@ -102,3 +102,10 @@ def test_greater_than_layout_runs_through_attribute(tmp_path, digit_tokenizer, c
     assert results["config"]["metric"] == "prob-diff" and results["config"]["digits_teacher_forced"]
     assert results["warnings"] and "may not solve this task" in printed.err  # random weights
     assert len(results["task"]["clean_values"]) == 6 and "AP" in results["linearity"]["mlp"]
+
+
+def test_attribute_task_ioi_is_the_ioi_experiment(tmp_path):
+    out = tmp_path / "ioi"
+    assert main(["attribute", "--task", "ioi", "--n-prompts", "2", "--methods", "atp,relp", "--out", str(out),
+                 "--quiet", "--no-plots"]) == 0
+    assert json.loads((out / "ioi_results.json").read_text())["config"]["n_prompts"] == 2

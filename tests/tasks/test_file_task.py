@@ -110,3 +110,13 @@ def test_saved_pairs_load_again_and_ids_are_decoded(tmp_path, tiny_tokenizer):
     assert again.pairs[0].correct_ids == (6,) and again.pairs[0].incorrect_ids == (7, 8)
     assert describe_answers(task, tiny_tokenizer) == [
         "line 2: correct_idx [6] -> [' Adam'], incorrect_idx [7, 8] -> [' After', ' Alex']"]
+
+
+def test_shipped_examples_are_what_the_generator_writes(tmp_path):
+    from captum_relp.tasks.examples import EXAMPLES, example_path, write_examples
+
+    for written in write_examples(tmp_path):
+        name = next(k for k, v in EXAMPLES.items() if v == written.name)
+        assert written.read_text() == example_path(name).read_text(), name
+    assert load_task_file(example_path("capitals")).kind == "strings"
+    assert len(load_task_file(example_path("greater_than"))) == 32

@@ -131,7 +131,8 @@ def test_one_coefficient_primitive():
     assert not aliases, aliases
     users = {name for name, path in _modules().items() if name != primitive
              and any(m == primitive for m, _ in _imports(name, path, set(_modules())))}
-    # attr._base reads reference activations through the same site capture (ModuleSites), without gradients
+    # attr._base reads reference activations through the same site capture (ModuleSites), without gradients;
+    # tasks.file_metrics takes a metric's gradient w.r.t. the logits (its first-order expansion)
     assert users == {"captum_relp.attr._base", "captum_relp.attr._gradient_x_difference",
                      "captum_relp.attr.layer_integrated_gradients_patching", "captum_relp.edges.scores",
-                     "captum_relp.circuits.feature_edges"}
+                     "captum_relp.circuits.feature_edges", "captum_relp.tasks.file_metrics"}

@@ -1,4 +1,4 @@
-"""Command line: ``captum-relp ioi``, ``captum-relp circuit`` and ``captum-relp edges``.
+"""Command line: ``captum-relp attribute``, ``captum-relp ioi``, ``captum-relp circuit`` and ``captum-relp edges``.
 
 Exit codes: 0 success, 1 any other error, 2 bad arguments or a model that cannot
 be loaded, 3 the task cannot be built for this model (e.g. its tokenizer splits
@@ -10,12 +10,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import circuit, edges, ioi
+from . import attribute, circuit, edges, ioi
 from ._common import DTYPES, EXIT_ERROR, EXIT_OK, EXIT_TASK, EXIT_USAGE, CLIError
 from ._threads import apply_threads
 
-SUBCOMMANDS = (ioi, circuit, edges)
-_POSITIVE = ("threads", "edge_nodes", "n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts",
+SUBCOMMANDS = (attribute, ioi, circuit, edges)
+_POSITIVE = ("threads", "validate", "edge_nodes", "n_prompts", "batch_size", "ap_batch_size", "n_train", "n_test", "n_steps", "calibration_prompts",
              "n_eval", "repeats", "top_k")
 
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = argparse.ArgumentParser(
-        prog="captum-relp", description="Relevance Patching (RelP) experiments: IOI, node circuits and edge circuits.",
+        prog="captum-relp", description="Relevance Patching (RelP) experiments: your own task or IOI, node circuits and edge circuits.",
         epilog="Exit codes: 0 success, 1 other error, 2 bad arguments or unloadable model, "
                "3 task cannot be built for this model.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

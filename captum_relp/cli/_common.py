@@ -167,7 +167,8 @@ def default_out(args: argparse.Namespace, command: str) -> str:
     return f"{OUT_ROOT}/" + "-".join(p for p in parts if p)
 
 
-RESULT_PATTERNS = ("ioi_results.json", "ioi_pcc.csv", "ioi_heatmap_*.png",
+RESULT_PATTERNS = ("task_results.json", "task_pcc.csv", "task_scores.npz", "task_pairs.jsonl", "task_heatmap_*.png",
+                   "ioi_results.json", "ioi_pcc.csv", "ioi_heatmap_*.png",
                    "circuit_results.json", "circuit_faithfulness.png", "circuit_edges.json",
                    "edges_results.json", "edges_faithfulness.png", "edges_circuit_*.png", MANIFEST)
 """Every file a subcommand writes (its ``OUTPUTS``, as glob patterns; a test keeps them in step)."""

@@ -11,7 +11,6 @@ from ..circuits.nodes import NODE_KINDS
 from ..circuits.sae import load_sae
 from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
 from ..experiments.circuits import run_circuit_experiment
-from ..tasks import TASKS
 from ._common import (
     CLIError,
     add_command,
@@ -22,6 +21,7 @@ from ._common import (
     parse_list,
 )
 from ._results import ResultsFolder
+from ._task_file import TASK_HELP, print_task_check, resolve_task, rows_named
 
 OUTPUTS = {
     "circuit_results.json": "settings, faithfulness/completeness curves per setting and method, cost",
@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
         ['circuit']
     """
     parser = add_command(sub, "circuit", "circuit discovery: faithfulness/completeness of RelP, AtP, IG")
-    parser.add_argument("--task", choices=TASKS, default="sva", help="contrastive task")
+    parser.add_argument("--task", default="sva", help=TASK_HELP)
     parser.add_argument("--method", default="RelP,AtP,IG",
                         help="comma-separated, case-insensitive: RelP, RelP+AH (or relp-ah), AtP, IG")
     parser.add_argument("--nodes", choices=NODE_KINDS, default="features",
@@ -81,26 +81,28 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--method: {error}") from error
     if "AP" in methods:
         raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
+    task = resolve_task(args, "circuit")  # a task file: checked before the model loads
     with ResultsFolder(args, "circuit") as results:  # --out checked here, before the model loads
         if not args.quiet:
             _say(cost_notice(methods, args.nodes, args.n_steps))
-        result = _experiment(args, methods)
+        with rows_named(task):
+            result = _experiment(args, methods, task)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots))
     return 0
 
 
-def _experiment(args: argparse.Namespace, methods: list):
+def _experiment(args: argparse.Namespace, methods: list, task=None):
     """Load the SAEs and the model, run the experiment; ``None`` on a torchrun rank that does not write."""
     saes = _saes(args) if args.nodes == "features" else None
     writes = join_ranks(args)  # under torchrun: each rank scores a shard of the batches
     model, tokenizer = load_model_from_args(args)
     result = run_circuit_experiment(
-        model, tokenizer, task=args.task, methods=methods, nodes=args.nodes, saes=saes,
+        model, tokenizer, task=task or args.task, methods=methods, nodes=args.nodes, saes=saes,
         n_train=args.n_train, n_test=args.n_test, seed=args.seed, error_policy=args.errors,
         exclude_first_third=not args.include_early_layers, n_steps=args.n_steps,
-        batch_size=args.batch_size, heldout=heldout_words(args.model, args.task), show_progress=not args.quiet,
+        batch_size=args.batch_size, heldout=None if task else heldout_words(args.model, args.task), show_progress=not args.quiet,
         report=None if args.quiet else _say,
         edge_nodes=args.edge_nodes if args.edges else 0,
         calibration_prompts=args.calibration_prompts if args.rules == "calibrated" else 0,
@@ -109,6 +111,7 @@ def _experiment(args: argparse.Namespace, methods: list):
 
 
 def _print_result(result) -> None:
+    print_task_check(result.task_check)
     print(result.summary())
     for setting, calibration in result.config.get("calibration", {}).items():
         print(f"\ncalibrated rules for RelP, {setting} ({calibration['n_prompts']} training pairs):\n"

@@ -8,7 +8,6 @@ from ..edges.graph import build_graph
 from ..edges.scores import IG_GRIDS
 from ..embedded import heldout_words
 from ..experiments.edges import run_edge_experiment
-from ..tasks import TASKS
 from ._common import (
     EXIT_TASK,
     CLIError,
@@ -21,6 +20,7 @@ from ._common import (
     parse_list,
 )
 from ._results import ResultsFolder
+from ._task_file import TASK_HELP, print_task_check, resolve_task, rows_named
 
 METHOD_CHOICES = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
 
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
         'relp,eap'
     """
     parser = add_command(sub, "edges", "edge circuits: RelP / EAP / EAP-IG edge scores, CPR/CMD, PCC")
-    parser.add_argument("--task", choices=TASKS, default="ioi", help="contrastive task")
+    parser.add_argument("--task", default="ioi", help=TASK_HELP)
     parser.add_argument("--method", default="relp-ah-qk,relp,relp-ah,eap,eap-ig",
                         help=f"comma-separated among {', '.join(METHOD_CHOICES)}")
     parser.add_argument("--no-exact", action="store_true", help="skip exact edge patching (one run per edge)")
@@ -93,19 +93,21 @@ def run(args: argparse.Namespace) -> int:
     if "eap" not in methods:
         methods.insert(0, "eap")  # the cost reference
     fractions = parse_fractions(args.fractions)
+    task = resolve_task(args, "edges")  # a task file: checked before the model loads
     with ResultsFolder(args, "edges") as results:  # --out checked here, before the model loads
-        result = _experiment(args, methods, fractions)
+        with rows_named(task):
+            result = _experiment(args, methods, fractions, task)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots, top_k=args.top_k))
     return 0
 
 
-def _experiment(args: argparse.Namespace, methods: list, fractions):
+def _experiment(args: argparse.Namespace, methods: list, fractions, task=None):
     """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a share of exact patching and of the curves
     model, tokenizer = load_model_from_args(args)
-    words = None if args.training_words else heldout_words(args.model, args.task)
+    words = None if args.training_words or task else heldout_words(args.model, args.task)
     try:
         build_graph(model)
     except ValueError as error:
@@ -113,7 +115,7 @@ def _experiment(args: argparse.Namespace, methods: list, fractions):
     extra = {} if fractions is None else {"fractions": fractions}
     try:
         result = run_edge_experiment(
-            model, tokenizer, task=args.task, methods=methods, n_prompts=args.n_prompts, n_eval=args.n_eval,
+            model, tokenizer, task=task or args.task, methods=methods, n_prompts=args.n_prompts, n_eval=args.n_eval,
             seed=args.seed, words=words, n_steps=args.n_steps, repeats=args.repeats, model_name=args.model,
             structure=args.structure, show_progress=not args.quiet, convention=args.convention,
             ig_grid=args.ig_grid, greedy=args.greedy,
@@ -129,6 +131,7 @@ def _experiment(args: argparse.Namespace, methods: list, fractions):
 
 
 def _print_result(result) -> None:
+    print_task_check(result.info.get("task_check"))
     print(result.format_table())
     if "calibration" in result.info:
         calibration = result.info["calibration"]

@@ -22,6 +22,7 @@ from ..embedded.gguf import model_card
 from ..integrations.distributed import DataParallelSweep
 from ..models import model_name
 from ..tasks import task_splits
+from ..tasks.competence import competence_check
 
 CIRCUIT_METHODS = ("RelP", "AtP", "IG")
 """The methods compared in the paper's Figure 3 (any of RelP, RelP+AH, AtP, IG may be run)."""
@@ -39,6 +40,8 @@ class CircuitExperimentResult:
     cost: Dict[str, Dict[str, float]]
     config: Dict[str, object] = field(default_factory=dict)
     edges: Dict[str, Dict[str, FeatureEdges]] = field(default_factory=dict)
+    task_check: Optional[Dict[str, object]] = None
+    """The task check of a task file (:class:`~captum_relp.tasks.competence.Competence`), saved under ``"task"``."""
 
     def denominators(self) -> Dict[str, Dict[str, float]]:
         """``{setting: {"m_full", "m_empty", "denominator", "se", "reliable"}}`` (the same for every method)."""
@@ -98,6 +101,8 @@ class CircuitExperimentResult:
         path = out_dir / "circuit_results.json"
         payload = {"config": self.config, "cost": self.cost, "denominators": self.denominators(),
                    "curves": {s: {m: asdict(c) for m, c in by.items()} for s, by in self.curves.items()}}
+        if self.task_check is not None:
+            payload["task"] = self.task_check
         path.write_text(json.dumps(payload, indent=2))
         written = [path]
         if self.edges:
@@ -154,7 +159,9 @@ def run_circuit_experiment(
     Args:
         model: a Hugging Face causal LM.
         tokenizer: its tokenizer.
-        task: ``sva`` (one setting per structure) or ``ioi``.
+        task: ``sva`` (one setting per structure), ``ioi``, or a
+            :class:`~captum_relp.tasks.file_task.TaskFile` (one setting; the task check is run on
+            its training pairs and kept in ``task_check``).
         methods: node scorers (``RelP``, ``RelP+AH``, ``AtP``, ``IG``).
         nodes: ``components``, ``neurons`` or ``features`` (needs ``saes``).
         saes: one dictionary per submodule, for ``features``.
@@ -198,6 +205,12 @@ def run_circuit_experiment(
     edges: Dict[str, Dict[str, FeatureEdges]] = {}
     cost = {m: {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0} for m in methods}
     settings = task_splits(task, tokenizer, n_train, n_test, seed, heldout)
+    task_check = None
+    if not isinstance(task, str):  # a task file: does the model solve it?
+        task_check = competence_check(model, settings[0][1], batch_size=batch_size).to_json()
+        if report is not None and task_check["warnings"]:
+            report("\n".join(f"WARNING: the model may not solve this task: {w}" for w in task_check["warnings"]))
+        task = str(task.path)
     calibration: Dict[str, Dict] = {}
     progress = tqdm(total=len(settings) * (len(methods) + 1), desc=f"{task} {nodes} circuits",
                     disable=not show_progress)
@@ -252,7 +265,7 @@ def run_circuit_experiment(
               "methods": list(methods), "n_train": n_train, "n_test": n_test,
               "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
               "n_steps": n_steps, "edge_nodes": edge_nodes, "calibration": calibration}
-    return CircuitExperimentResult(curves, cost, config, edges)
+    return CircuitExperimentResult(curves, cost, config, edges, task_check)
 
 
 def _warm_up(space: NodeSpace, methods: Sequence[str], train, n_steps: int) -> Dict[str, Dict[str, float]]:

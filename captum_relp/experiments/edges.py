@@ -84,6 +84,8 @@ class EdgeExperimentResult:
                 "pcc_vs_exact_by_input": self.pcc_by_input(method) if method != "exact" else None,
                 "scores": [float(x) for x in vector],
             }
+        if "task_check" in self.info:
+            out["task"] = self.info["task_check"]
         out["meta"] = {"model": self.model_name, "task": self.task, "n_edges": self.graph.n_edges,
                        "n_layers": self.graph.n_layers, "n_heads": self.graph.n_heads,
                        "n_kv_heads": self.graph.n_kv_heads, "parallel_residual": self.graph.parallel,
@@ -95,7 +97,7 @@ class EdgeExperimentResult:
         """A plain-text table: method, CPR, CMD, PCC vs exact, seconds, time vs EAP, passes."""
         rows = [f"{'method':8s} {'CPR':>7s} {'CMD':>7s} {'PCC':>7s} {'seconds':>8s} {'xEAP':>6s} {'fwd/bwd':>8s}"]
         for method, entry in self.summary().items():
-            if method == "meta":
+            if method in ("meta", "task"):  # settings and the task check of a task file
                 continue
             pcc = "-" if entry["pcc_vs_exact"] is None else f"{entry['pcc_vs_exact']:.3f}"
             ratio = "-" if entry["time_vs_eap"] is None else f"{entry['time_vs_eap']:.2f}"
@@ -128,9 +130,11 @@ def _kind(name: str) -> str:
     return name.split("<")[1].rstrip(">") if "<" in name else ("logits" if name == "logits" else "mlp")
 
 
-def make_batch(tokenizer: Any, task: str, n_prompts: int, seed: int, words: Optional[Sequence] = None,
-               structure: str = "across_pp"):
+def make_batch(tokenizer: Any, task: Any, n_prompts: int, seed: int, words: Optional[Sequence] = None,
+               structure: str = "across_pp", start: int = 0):
     """An ``IOIBatch`` or ``SVABatch`` of ``n_prompts`` pairs (``words``: names or (sg, pl) nouns).
+
+    For a :class:`~captum_relp.tasks.file_task.TaskFile`: its rows ``start`` to ``start + n_prompts``.
 
     Examples::
 
@@ -139,6 +143,12 @@ def make_batch(tokenizer: Any, task: str, n_prompts: int, seed: int, words: Opti
         >>> len(make_batch(tok, "ioi", 3, seed=0))
         3
     """
+    if not isinstance(task, str):
+        from ..tasks.file_encode import encode_task
+
+        if len(task) < start + n_prompts:
+            raise ValueError(f"{task.path}: {len(task)} rows, fewer than the {start + n_prompts} pairs asked for")
+        return encode_task(task.pairs[start:start + n_prompts], tokenizer)
     if task == "ioi":
         from ..tasks.ioi import encode_ioi, generate_ioi_pairs
 
@@ -181,7 +191,9 @@ def run_edge_experiment(
     Args:
         model (nn.Module): a supported Hugging Face causal LM.
         tokenizer: its tokenizer.
-        task (str): ``"ioi"`` or ``"sva"``.
+        task (str or TaskFile): ``"ioi"``, ``"sva"``, or a task file: its first ``n_prompts`` rows
+            are scored, the next ``n_eval`` evaluate the circuits, the next ``calibration_prompts``
+            calibrate; the task check on the scored pairs is saved under ``"task"``.
         methods (sequence of str): among ``relp``, ``relp-ah``, ``relp-ah-qk``, ``relp-ah+qk``,
             ``calibrated``, ``eap``, ``eap-ig``, ``exact`` (see :func:`~captum_relp.edges.edge_scores`). ``calibrated``: RelP with rules chosen per component kind by
             :func:`~captum_relp.calibration.calibrate_on_batch` on ``calibration_prompts`` pairs
@@ -222,7 +234,13 @@ def run_edge_experiment(
     device = next(model.parameters()).device
     graph = build_graph(model, ungroup_kv=convention.ungroup_kv)
     batch = make_batch(tokenizer, task, n_prompts, seed, words, structure).to(device)
-    held = make_batch(tokenizer, task, n_eval or n_prompts, seed + 1, words, structure).to(device)
+    held = make_batch(tokenizer, task, n_eval or n_prompts, seed + 1, words, structure, start=len(batch)).to(device)
+    task_check, task_file = None, None
+    if not isinstance(task, str):  # a task file: does the model solve it?
+        from ..tasks.competence import competence_check
+
+        task_check = competence_check(model, batch).to_json()
+        task_file, task = task, str(task.path)
     args = (model, graph, batch.clean_ids, batch.corrupt_ids, batch.metric(), batch.attention_mask)
     edge_scores(*args, method="eap")  # warm-up
     fractions = list(convention.fractions if fractions is None else fractions)
@@ -233,10 +251,13 @@ def run_edge_experiment(
         "timing": f"min over {repeats} interleaved repeats after a warm-up (exact: one run)",
         "fractions": [float(f) for f in fractions], "scores": "mean over prompts, summed over positions",
     })
+    if task_check is not None:
+        result.info["task_check"] = task_check
     options = {m: {"method": m} for m in methods}
     if "calibrated" in methods:
         began = time.perf_counter()
-        calibration = make_batch(tokenizer, task, calibration_prompts, seed + 2, words, structure)
+        calibration = make_batch(tokenizer, task_file or task, calibration_prompts, seed + 2, words, structure,
+                                 start=len(batch) + len(held))
         rules = calibrate_on_batch(model, calibration)
         options["calibrated"] = {"method": "relp", "rules": rules}
         result.info["calibration"] = {"n_prompts": calibration_prompts, "seed": seed + 2,

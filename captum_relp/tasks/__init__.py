@@ -1,4 +1,4 @@
-"""Contrastive prompt tasks used in the RelP experiments (IOI and SVA).
+"""Contrastive prompt tasks: IOI and SVA, and your own pairs from a ``.csv``/``.jsonl`` file.
 
 Example:
     >>> from captum_relp.tasks import generate_ioi_pairs, generate_sva_pairs
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+from captum_relp.tasks.competence import Competence, competence_check
+from captum_relp.tasks.file_encode import TaskBatch, describe_answers, encode_task
+from captum_relp.tasks.file_task import TaskFile, TaskPair, load_task_file
 from captum_relp.tasks.ioi import (
     NAMES,
     OBJECTS,
@@ -40,13 +43,15 @@ from captum_relp.tasks.sva import (
 TASKS = ("sva", "ioi")
 
 
-def task_splits(task: str, tokenizer, n_train: int, n_test: int, seed: int,
+def task_splits(task, tokenizer, n_train: int, n_test: int, seed: int,
                 heldout: Optional[Sequence] = None) -> List[Tuple[str, object, object]]:
     """``(setting, train_batch, test_batch)`` per setting; the test split uses held-out words.
 
     ``sva``: one setting per structure; ``ioi``: one template. ``heldout``: the words
     kept out of training (e.g. :func:`captum_relp.embedded.heldout_words`); default: a
-    seeded split of the task's words.
+    seeded split of the task's words. A :class:`~captum_relp.tasks.file_task.TaskFile`:
+    one setting, its first ``n_train`` rows for training and the next ``n_test`` for the test
+    (encoded together, so both have the same positions).
 
     Example:
         >>> from captum_relp.embedded import load_embedded
@@ -54,6 +59,12 @@ def task_splits(task: str, tokenizer, n_train: int, n_test: int, seed: int,
         >>> [name for name, _, _ in task_splits("sva", tok, 2, 2, seed=0)]
         ['within_rc', 'across_rc', 'across_pp']
     """
+    if isinstance(task, TaskFile):
+        if len(task) < n_train + n_test:
+            raise ValueError(f"{task.path}: {len(task)} rows, fewer than the {n_train} training and {n_test} "
+                             "test pairs asked for")
+        batch = encode_task(task.pairs[: n_train + n_test], tokenizer)
+        return [(task.name, batch.select(slice(0, n_train)), batch.select(slice(n_train, n_train + n_test)))]
     if task == "sva":
         if heldout:
             held = [tuple(pair) for pair in heldout]
@@ -74,6 +85,8 @@ def task_splits(task: str, tokenizer, n_train: int, n_test: int, seed: int,
 
 __all__ = [
     "TASKS", "task_splits",
+    "TaskFile", "TaskPair", "TaskBatch", "load_task_file", "encode_task", "describe_answers", "Competence",
+    "competence_check",
     "NAMES", "OBJECTS", "PLACES", "TEMPLATES", "IOIBatch", "IOIMetric", "IOIPair",
     "encode_ioi", "generate_ioi_pairs", "ioi_metric",
     "MAIN_VERBS", "NOUNS", "PREPOSITIONS", "RC_VERBS", "STRUCTURES", "VERBS", "SVABatch",

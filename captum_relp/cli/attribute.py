@@ -1,0 +1,107 @@
+"""``captum-relp attribute --task PATH``: AP, AtP and RelP on your own contrastive pairs.
+
+``--task ioi`` runs the IOI experiment (the same as ``captum-relp ioi``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..tasks.file_metrics import METRICS
+from . import ioi
+from ._common import EXIT_TASK, CLIError, add_command, add_run_options, default_out, load_model_from_args, parse_list
+from ._results import ResultsFolder
+
+OUTPUTS = {
+    "task_results.json": "settings, the task check (under \"task\") and its warnings, PCC with AP with 95% "
+                         "bootstrap intervals, the linearity report, notes, wall times",
+    "task_pcc.csv": "PCC and interval per component type and method, against AP and against first-order AP",
+    "task_scores.npz": "per-prompt scores: one (pairs, layers, positions) array per METHOD/KIND, plus valid and last_pos",
+    "task_pairs.jsonl": "the exact pairs used",
+    "task_heatmap_{resid,attn,mlp}.png": "prompt-averaged maps per component type, aligned at the last prompt token",
+}
+"""Files written to ``--out`` for a task file (``--task ioi`` writes the files of ``captum-relp ioi``)."""
+
+
+def add_parser(sub) -> None:
+    """Register the ``attribute`` subcommand.
+
+    Example:
+        >>> sub = argparse.ArgumentParser().add_subparsers()
+        >>> add_parser(sub)
+        >>> sorted(sub.choices)
+        ['attribute']
+    """
+    parser = add_command(sub, "attribute", "AP vs AtP vs RelP on a task: a .csv/.jsonl file of contrastive pairs, or ioi")
+    parser.add_argument("--task", required=True,
+                        help="a .csv or .jsonl file with clean, corrupted and answers (correct_idx/incorrect_idx "
+                             "token ids, answer/foil strings, or a greater-than label), or ioi")
+    parser.add_argument("--metric", default=None, choices=METRICS,
+                        help="metric of a task file; None: logit-diff, prob-diff for greater-than files")
+    parser.add_argument("--n-prompts", type=int, default=None,
+                        help="pairs used: the first N rows of a task file (None: all; ioi: 100)")
+    parser.add_argument("--validate", type=int, default=None,
+                        help="run AP (and first-order AP) on the first K pairs only, when AP on all is too slow "
+                             "(None: all pairs)")
+    parser.add_argument("--no-linearity", action="store_true",
+                        help="skip AP through the metric's first-order expansion (halves the cost of AP)")
+    parser.add_argument("--rules", default="relp",
+                        help="RelP rule sets, comma-separated: relp, relp-ah, calibrated (chosen per component "
+                             "type on --calibration-prompts rows after the evaluated ones)")
+    parser.add_argument("--calibration-prompts", type=int, default=20,
+                        help="pairs used to calibrate rules for --rules calibrated")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per attribution batch")
+    parser.add_argument("--ap-batch-size", type=int, default=64, help="patched copies per forward in AP")
+    parser.add_argument("--methods", default="ap,atp,relp",
+                        help="ioi only: comma-separated among ap, atp, relp")
+    add_run_options(parser, "heatmaps")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run on a task file (or IOI), print the check and the tables, write the outputs.
+
+    Example:
+        >>> from captum_relp.cli import build_parser
+        >>> build_parser().parse_args(["attribute", "--task", "ioi"]).func is run
+        True
+    """
+    if args.task == "ioi":
+        args.n_prompts = args.n_prompts or 100
+        args.task = None  # output folder: as captum-relp ioi
+        return ioi.run(args)
+    from ..experiments.task import run_task_experiment
+    from ..tasks.file_task import TaskFile, load_task_file
+
+    rules = parse_list(args.rules, "--rules", ioi.RELP_PRESETS)
+    path = Path(args.task)
+    extra = args.calibration_prompts if "calibrated" in rules else 0
+    try:  # a bad file fails here, before the model loads and before anything is written
+        loaded = load_task_file(path, None if args.n_prompts is None else args.n_prompts + extra)
+    except ValueError as error:
+        raise CLIError(str(error), EXIT_TASK) from error
+    n = len(loaded) - extra if args.n_prompts is None else min(args.n_prompts, len(loaded))
+    task = TaskFile(loaded.pairs[:n], loaded.kind, loaded.path)
+    calibration = TaskFile(loaded.pairs[n:n + extra], loaded.kind, loaded.path) if extra else None
+    if extra and (n < 2 or len(calibration) < extra):
+        raise CLIError(f"--rules calibrated needs {extra} rows after the evaluated ones; {path} has "
+                       f"{len(loaded)} rows", EXIT_TASK)
+    if args.out is None:
+        args.out = default_out(argparse.Namespace(model=args.model, task=path.stem), "attribute")
+    with ResultsFolder(args, "attribute") as results:
+        model, tokenizer = load_model_from_args(args)
+        try:
+            result = run_task_experiment(
+                model, tokenizer, task, metric=args.metric, rules=rules, batch_size=args.batch_size,
+                validate=args.validate, ap_batch_size=args.ap_batch_size, show_progress=not args.quiet,
+                calibration=calibration, seed=args.seed, linearity=not args.no_linearity)
+        except ValueError as error:
+            if str(error).startswith(str(path)):  # a row this model's tokenizer cannot encode
+                raise CLIError(str(error), EXIT_TASK) from error
+            raise
+        print(result.format_table())
+        for warning in result.competence.warnings:
+            print(f"captum-relp: warning: the model may not solve this task: {warning}", file=sys.stderr)
+        results.write(lambda folder: result.save(folder, plots=not args.no_plots))
+    return 0

@@ -274,7 +274,7 @@ def _subcommand_helps():
 
 def test_help_states_computed_defaults_in_words():
     helps = _subcommand_helps()
-    assert set(helps) == {"ioi", "circuit", "edges"}
+    assert set(helps) == {"attribute", "ioi", "circuit", "edges"}
     for name, text in helps.items():
         flat = " ".join(text.split())
         assert "(default: None)" not in flat, name

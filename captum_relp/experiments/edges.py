@@ -191,7 +191,7 @@ def run_edge_experiment(
     Args:
         model (nn.Module): a supported Hugging Face causal LM.
         tokenizer: its tokenizer.
-        task (str or TaskFile): ``"ioi"``, ``"sva"``, or a task file: its first ``n_prompts`` rows
+        task (str or captum_relp.tasks.file_task.TaskFile): ``"ioi"``, ``"sva"``, or a task file: its first ``n_prompts`` rows
             are scored, the next ``n_eval`` evaluate the circuits, the next ``calibration_prompts``
             calibrate; the task check on the scored pairs is saved under ``"task"``.
         methods (sequence of str): among ``relp``, ``relp-ah``, ``relp-ah-qk``, ``relp-ah+qk``,

@@ -53,9 +53,12 @@ class TaskBatch(PairBatch):
     """Tokenized pairs of a task file (right-padded, each pair aligned at its last prompt token).
 
     Attributes:
-        clean_ids, corrupt_ids, attention_mask: ``(N, T)``.
+        clean_ids: ``(N, T)`` clean prompts.
+        corrupt_ids: ``(N, T)`` corrupted prompts.
+        attention_mask: ``(N, T)``.
         last_pos: ``(N,)`` the last prompt token of each row (where the metric reads).
-        correct, incorrect: ``(N, K)`` answer and foil ids at the first step (``-1`` pads).
+        correct: ``(N, K)`` answer ids at the first step (``-1`` pads).
+        incorrect: ``(N, K)`` foil ids at the first step (``-1`` pads).
         rest: ``(N, m - 1)`` later tokens of a teacher-forced answer (``-1`` pads), or empty.
         labels: ``(N,)`` greater-than labels (``-1`` for other tasks).
         metric_name: one of :data:`~captum_relp.tasks.file_metrics.METRICS`.

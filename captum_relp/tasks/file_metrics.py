@@ -70,7 +70,7 @@ def _set_sum(values: Tensor, ids: Tensor, mean: bool = False) -> Tensor:
 class ReadMetric:
     """A metric computed from the logits at ``width`` positions per row, starting at ``positions``.
 
-    Subclasses define :meth:`from_read`, the value from the gathered ``(rows, width, V)`` logits.
+    Subclasses define ``from_read``, the value from the gathered ``(rows, width, V)`` logits.
     With ``width == 1`` the metric declares its position (``reads_final_logits``) and accepts
     ``(rows, V)`` logits.
     """

@@ -42,9 +42,12 @@ class TaskPair:
     """One row of a task file.
 
     Attributes:
-        clean, corrupted: the prompts.
-        correct_ids, incorrect_ids: token ids given in the file (a set of alternatives), or ``None``.
-        answer, foil: answer strings given in the file, or ``None``.
+        clean: the clean prompt.
+        corrupted: the corrupted prompt.
+        correct_ids: the answer's token ids given in the file (a set of alternatives), or ``None``.
+        incorrect_ids: the foil's token ids given in the file, or ``None``.
+        answer: the answer string given in the file, or ``None``.
+        foil: the foil string given in the file, or ``None``.
         label: the greater-than label (0 to 99), or ``None``.
         line: the row's line in the file (1-based; a CSV header is line 1).
         source: the file.
@@ -77,7 +80,7 @@ class TaskPair:
 
 @dataclass
 class TaskFile:
-    """The pairs of a task file and the kind of answer they give (one of :data:`KINDS`).
+    """The pairs of a task file and the kind of answer they give (one of ``KINDS``: ``"ids"``, ``"strings"``, ``"greater-than"``).
 
     Example:
         >>> TaskFile([TaskPair("a", "b", label=5)], "greater-than", "x.csv").name

@@ -12,11 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def _tables_module():
-    spec = importlib.util.spec_from_file_location("relp_tables", DOCS / "_ext" / "relp_tables.py")
+def _ext_module(name: str):
+    """A Sphinx extension of ``docs/_ext`` imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, DOCS / "_ext" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _tables_module():
+    return _ext_module("relp_tables")
 
 
 def test_registry_table_lists_every_registered_type():
@@ -132,10 +137,7 @@ def test_install_instructions_say_how_to_get_the_cpu_build():
 
 
 def _figures_module():
-    spec = importlib.util.spec_from_file_location("relp_figures", DOCS / "_ext" / "relp_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _ext_module("relp_figures")
 
 
 def test_figure_check_flags_a_drawn_figure_that_is_not_shown():

@@ -140,7 +140,7 @@ def ah_module_rules(model: nn.Module) -> List[Any]:
                                family.num_heads(config), family.num_kv_heads(config))
     cls = family.key(family.attn.cls)
     found = [m for m in model.modules() if f"{type(m).__module__}.{type(m).__qualname__}" == cls]
-    blocks = len(_path(model.base_model, family.blocks))
+    blocks = len(model.base_model.get_submodule(family.blocks))
     if len(found) != blocks:
         kinds = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
         raise ValueError(
@@ -148,12 +148,6 @@ def ah_module_rules(model: nn.Module) -> List[Any]:
             f"modules, but {type(model).__name__} has {len(found)} of them for {blocks} blocks (its attention "
             f"modules: {kinds}); load the model with attn_implementation='eager' or 'sdpa'")
     return [(module, rule) for module in found]
-
-
-def _path(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def gradient_paths(model: nn.Module) -> FrozenSet[str]:

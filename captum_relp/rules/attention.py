@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from functools import partial
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -130,8 +130,11 @@ def require_ah_calls(model: nn.Module) -> UndoFn:
                 f"transformers' AttentionInterface, so attention probabilities would not be held constant. "
                 f"Use rules='relp', or a transformers release the family table supports")
 
-    removers = [model.register_forward_pre_hook(before).remove, model.register_forward_hook(after).remove]
+    return _remover([model.register_forward_pre_hook(before).remove, model.register_forward_hook(after).remove])
 
+
+def _remover(removers: Sequence[Callable[[], Any]]) -> UndoFn:
+    """One undo function that calls every hook remover."""
     def undo() -> None:
         for remove in removers:
             remove()
@@ -212,26 +215,21 @@ class DetachQKColumnsRule(Rule):
                  kv_heads: Optional[int] = None) -> None:
         self.projections = (projections,) if isinstance(projections, str) else tuple(projections)
         self.layout, self.heads, self.kv_heads = layout, heads, kv_heads
+        self._masks: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         qk_column_mask(layout, 0, heads, kv_heads)  # checks the layout name
 
     def apply(self, module: nn.Module) -> UndoFn:
-        removers = []
-        for name in self.projections:
-            child = getattr(module, name, None)
+        children = [getattr(module, name, None) for name in self.projections]
+        for name, child in zip(self.projections, children):
             if not isinstance(child, nn.Module):
-                for remove in removers:
-                    remove()
                 raise ValueError(f"{type(module).__name__} has no projection {name!r} to apply the AH-rule to")
-            removers.append(child.register_forward_hook(self._hook).remove)
-
-        def undo() -> None:
-            for remove in removers:
-                remove()
-        return undo
+        return _remover([child.register_forward_hook(self._hook).remove for child in children])
 
     def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        mask = qk_column_mask(self.layout, output.shape[-1], self.heads, self.kv_heads).to(output.device)
-        return torch.where(mask, output.detach(), output)  # the same values, no gradient at q and k
+        key = (output.shape[-1], output.device)
+        if key not in self._masks:  # one mask per width and device, not one per forward pass
+            self._masks[key] = qk_column_mask(self.layout, key[0], self.heads, self.kv_heads).to(key[1])
+        return torch.where(self._masks[key], output.detach(), output)  # the same values, no gradient at q and k
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.projections!r}, {self.layout!r})"

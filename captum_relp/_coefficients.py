@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ._hooks import capture, layer_hooks
 from .metrics import MetricEvaluator
 from .rules import RuleSet, apply_rules
+from .rules.switch import switch_rules
 
 OnCoefficient = Callable[[int, Tensor, Tensor], None]
 
@@ -195,6 +196,55 @@ def layer_coefficients(
             unused = _streamed(sites, acts, values, on_coefficient, allow_unused, keep_graph)
             coefficients = [None] * n_sites
         yield Coefficients(acts, coefficients, unused, values, output)
+
+
+def candidate_coefficients(
+    forward: Callable[[], Any],
+    sites: ModuleSites,
+    evaluator: MetricEvaluator,
+    candidates: Sequence[RuleSet],
+    on_candidate: Callable[[int, List[Tensor], List[Tensor]], None],
+    *,
+    model: nn.Module,
+    strict: bool = True,
+    attention_mask: Optional[Tensor] = None,
+    allow_unused: bool = False,
+) -> Tensor:
+    """The coefficients of one forward pass under every candidate rule set: the forward runs once
+    with all candidates switched in (:func:`~captum_relp.rules.switch.switch_rules`), then one
+    backward pass per candidate over the kept graph.
+
+    ``on_candidate(k, activations, coefficients)`` receives candidate ``k``'s coefficients (zeros
+    for sites the metric does not depend on, with ``allow_unused``); returns the metric values.
+    Raises :class:`~captum_relp.rules.switch.SwitchUnsupported` (before any forward pass) when the
+    candidates cannot share a forward pass.
+
+    Example:
+        >>> import torch
+        >>> from captum_relp import RuleSet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        >>> got = {}
+        >>> values = candidate_coefficients(lambda: net(torch.ones(4, 2)), ModuleSites([net[0]], [False]),
+        ...     MetricEvaluator(4), [RuleSet("gradient", categories=()), RuleSet("relp")],
+        ...     lambda k, acts, coefficients: got.update({k: coefficients[0]}), model=net)
+        >>> sorted(got), values.shape
+        ([0, 1], torch.Size([4]))
+    """
+    with torch.enable_grad(), switch_rules(model, candidates, strict, sites.layers) as switch, \
+            sites.capturing() as read:
+        output = forward()
+        logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
+        evaluator.check_target(logits)
+        values = evaluator(logits, attention_mask)
+        acts = read(output)
+        output = logits = None
+        total = values.sum()
+        for k in range(len(candidates)):
+            switch.select(k)
+            grads = torch.autograd.grad(total, acts, allow_unused=True, retain_graph=k + 1 < len(candidates))
+            _unused(sites, [g is not None for g in grads], allow_unused)
+            on_candidate(k, acts, [torch.zeros_like(t) if g is None else g for t, g in zip(acts, grads)])
+        return values.detach()
 
 
 def _unused(sites: Sites, arrived: Sequence[bool], allow_unused: bool) -> List[int]:

@@ -111,7 +111,10 @@ def test_summary_and_json_report_interval_and_margin():
     assert sel["interval"]["gradient"][0] <= sel["agreement"]["gradient"] <= sel["interval"]["gradient"][1]
     assert data["default"] == "gradient" and data["confidence"] == 0.95 and data["n_bootstrap"] == 1000
     text = cal.summary()
-    assert "margin interval" in text and "interval" in text.splitlines()[-1]
+    assert "margin interval" in text and "interval" in text.splitlines()[-2]
+    assert text.splitlines()[-1].startswith("cost: activation patching once, then one clean and one corrupt "
+                                            "forward pass and one backward pass per candidate (4)")
+    assert data["info"]["candidates_seconds"] > 0 and data["info"]["ap_seconds"] > 0
     assert math.isfinite(sel["margin"][sel["choice"]])
 
 

@@ -121,6 +121,7 @@ def test_one_coefficient_primitive():
     ``reduce=``, AtP, IG's inner gradient, edge scores and feature edges all call it)."""
     primitive = "captum_relp._coefficients"
     assert _callers(lambda f: f.split(".")[-1] == "apply_rules") == {primitive}
+    assert _callers(lambda f: f.split(".")[-1] == "switch_rules") == {primitive}
     # rules.functional: the slope of an activation function at 0, no metric involved
     assert _callers(lambda f: f.endswith("autograd.grad")) == {primitive, "captum_relp.rules.functional"}
     # sae_train: the SAE training loss, no metric involved

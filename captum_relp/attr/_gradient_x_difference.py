@@ -1,17 +1,17 @@
 """The attribution RelP and AtP share: activation difference times the metric's coefficient."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from captum.attr import LayerGradientXActivation
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._coefficients import ModuleSites, layer_coefficients
+from .._coefficients import ModuleSites, candidate_coefficients, layer_coefficients
 from .._forward import call_model, metric_logits
 from .._hooks import frozen_model
 from ..metrics import MetricType, TargetType
-from ..rules import RulesLike, rule_plan
+from ..rules import RuleSet, RulesLike, rule_plan
 from ._base import LayerType, PatchingAttribution, TensorOrTuple, check_reduce, reduce_scores
 
 DIRECTIONS = ("noising", "denoising")
@@ -172,6 +172,77 @@ class LayerGradientXDifference(PatchingAttribution, LayerGradientXActivation):
                     for j, (act, coefficient) in enumerate(zip(result.activations, result.coefficients)):
                         score(j, act.detach(), coefficient)  # type: ignore[arg-type]
         return self._per_layer(results, call)  # type: ignore[arg-type]
+
+    @log_usage()
+    def attribute_rule_sets(
+        self,
+        inputs: TensorOrTuple,
+        baselines: TensorOrTuple,
+        rule_sets: Sequence[RuleSet],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: Union[bool, Sequence[bool]] = False,
+        metric: MetricType = None,
+        allow_unused: bool = False,
+        reduce: Optional[str] = None,
+        num_heads: Optional[int] = None,
+        logit_positions: Optional[Union[int, Sequence[int]]] = None,
+    ) -> Dict[str, List[Tensor]]:
+        r"""The scores under each of several rule sets, from one clean and one corrupt forward pass.
+
+        Equal to one :meth:`attribute` call per rule set (``direction="noising"``), at the cost
+        of one forward pass per input and one backward pass per rule set: the rule sets are
+        switched in together (:func:`~captum_relp.rules.switch.switch_rules`) and the backward
+        pass is repeated over the kept graph. The instance's own ``rules`` are not used.
+
+        Args:
+            inputs, baselines: the clean and corrupt inputs.
+            rule_sets (list of RuleSet): the rule sets, with distinct names.
+            target, additional_forward_args, attribute_to_layer_input, metric, allow_unused,
+            reduce, num_heads, logit_positions: as in :meth:`attribute`.
+
+        Returns:
+            dict: rule set name -> list of per-layer scores (one per layer, also for one layer).
+
+        Raises:
+            SwitchUnsupported: the rule sets cannot share a forward pass (e.g. a rule from outside
+                this package); call :meth:`attribute` once per rule set instead.
+
+        Examples::
+
+            >>> import torch
+            >>> from captum_relp import LayerRelevancePatching, RuleSet
+            >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.GELU(), torch.nn.Linear(3, 2))
+            >>> x, x_corrupt = torch.randn(2, 3), torch.randn(2, 3)
+            >>> sets = [RuleSet("gradient", categories=()), RuleSet("relp")]
+            >>> scores = LayerRelevancePatching(net, net[1]).attribute_rule_sets(x, x_corrupt, sets, target=0)
+            >>> one = LayerRelevancePatching(net, net[1], rules=sets[1]).attribute(x, baselines=x_corrupt, target=0)
+            >>> torch.allclose(scores["relp"][0], one)
+            True
+        """
+        names = [r.name for r in rule_sets]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"rule_sets must be a non-empty list of RuleSets with distinct names, got {names}")
+        if self.model is None:
+            raise ValueError("rules need a model: pass model=<nn.Module> when forward_func is a plain function")
+        check_reduce(reduce, num_heads)
+        call = self._prepare(inputs, baselines, target, additional_forward_args,
+                             attribute_to_layer_input, metric, True, logit_positions=logit_positions)
+        results = {name: [] for name in names}
+        sites = ModuleSites(self.layers, call.flags, [self._layer_name(i) for i in range(len(self.layers))])
+        with frozen_model(self.model), metric_logits(self.forward_func, call.evaluator, self.layers):
+            reference = self._collect(call.baselines, call)
+
+            def on_candidate(k: int, acts: List[Tensor], coefficients: List[Tensor]) -> None:
+                results[names[k]] = self._per_layer(
+                    [reduce_scores((a.detach() - r) * c, reduce, num_heads)
+                     for a, r, c in zip(acts, reference, coefficients)], call) if acts else []
+
+            candidate_coefficients(lambda: call_model(self.forward_func, call.inputs, call.args, call.kwargs),
+                                   sites, call.evaluator, list(rule_sets), on_candidate, model=self.model,
+                                   strict=self.strict, attention_mask=call.attention_mask,
+                                   allow_unused=allow_unused)
+        return {name: scores if isinstance(scores, list) else [scores] for name, scores in results.items()}
 
     def _times_difference(self, index: int, act: Tensor, coefficient: Tensor,
                           reference: Optional[List[Optional[Tensor]]], direction: str) -> Tensor:

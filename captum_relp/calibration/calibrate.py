@@ -10,8 +10,9 @@ accepted as ``rules=`` by :class:`~captum_relp.LayerRelevancePatching`.
 """
 from __future__ import annotations
 
+import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,6 +22,7 @@ from .._forward import call_model, split_forward_args
 from ..metrics import MetricEvaluator
 from ..models import model_components
 from ..rules import RuleSet
+from ..rules.switch import SwitchUnsupported
 from ._schema import model_signature
 from ._select import GroupData, group_data, select
 from .calibrated_rules import (
@@ -138,6 +140,9 @@ class CandidateScores:
     data: Dict[str, GroupData]
     tolerance: float
     model: Optional[Dict[str, Any]] = None
+    cost: Dict[str, Any] = field(default_factory=dict)
+    """How the candidates were scored (``scoring``: ``"shared"`` for one forward pass and one backward
+    pass per candidate) and the seconds AP and the candidates took."""
 
     @property
     def n_examples(self) -> int:
@@ -196,19 +201,31 @@ def score_candidates(
 
     kwargs = dict(baselines=baselines, target=target, additional_forward_args=additional_forward_args,
                   attribute_to_layer_input=flags, metric=metric)
+    began = time.perf_counter()
     reference = LayerActivationPatching(forward_func, layers, model=model).attribute(inputs, **kwargs)
+    ap_seconds = time.perf_counter() - began
     tolerance = _effect_tolerance(forward_func, inputs, additional_forward_args, target, metric, model)
     if not any(bool((r.abs() > tolerance).any()) for r in reference):
         raise ValueError(f"activation patching is zero (|effect| <= {tolerance:.1e}, rounding) for every "
                          "calibrated layer and position: the corruption has no effect on the metric, so no "
                          "rule set can be calibrated on these pairs")
-    per_candidate = {}
     from ..attr import LayerRelevancePatching  # attr imports this package
-    for candidate in candidates:
-        relp = LayerRelevancePatching(forward_func, layers, rules=explicit_ruleset(candidate), model=model)
-        per_candidate[candidate.name] = [_per_position(s) for s in relp.attribute(inputs, **kwargs)]
+    began = time.perf_counter()
+    relp = LayerRelevancePatching(forward_func, layers, model=model)
+    try:  # one clean and one corrupt forward pass, then one backward pass per candidate
+        shared = relp.attribute_rule_sets(inputs, rule_sets=[explicit_ruleset(c) for c in candidates],
+                                          reduce="sum", **kwargs)
+        per_candidate = {name: [_per_position(s) for s in scores] for name, scores in shared.items()}
+        scoring = "shared"
+    except SwitchUnsupported as error:  # e.g. a rule from outside the package: one pass per candidate
+        per_candidate = {}
+        for candidate in candidates:
+            relp = LayerRelevancePatching(forward_func, layers, rules=explicit_ruleset(candidate), model=model)
+            per_candidate[candidate.name] = [_per_position(s) for s in relp.attribute(inputs, **kwargs)]
+        scoring = f"one pass per candidate ({error})"
+    cost = {"scoring": scoring, "ap_seconds": ap_seconds, "candidates_seconds": time.perf_counter() - began}
     return CandidateScores(candidates, list(groups), auto_groups, group_data(reference, per_candidate, groups),
-                           tolerance, model_signature(root))
+                           tolerance, model_signature(root), cost)
 
 
 def choose_rules(scores: CandidateScores, score: str = "pearson", default: Optional[str] = None,
@@ -241,13 +258,26 @@ def _choose(scores: CandidateScores, score: str, default: Optional[str], confide
             warnings.warn(sel.note, CalibrationWarning, stacklevel=3)
     choices = {g: sel.choice for g, sel in selection.items()}
     info = {"relp_passes_per_batch": len(set(choices.values())), "candidates_run": len(names),
-            "cost": f"activation patching once, then one RelP pass (2 forward + 1 backward) per candidate "
-                    f"({len(names)})"}
+            "cost": _cost_text(scores.cost, len(names))}
+    info.update({k: v for k, v in scores.cost.items() if k != "scoring"})
     return CalibratedRules({c.name: c for c in scores.candidates}, choices,
                            {g: sel.agreement for g, sel in selection.items()}, list(scores.groups),
                            scores.auto_groups, score, scores.n_examples, info, default=default,
                            confidence=confidence, n_bootstrap=n_bootstrap,
                            selection={g: s.to_dict() for g, s in selection.items()}, model=scores.model)
+
+
+def _cost_text(cost: Dict[str, Any], n_candidates: int) -> str:
+    """The cost line of :meth:`CalibratedRules.summary`."""
+    if cost.get("scoring", "shared") == "shared":
+        how = (f"activation patching once, then one clean and one corrupt forward pass and one backward "
+               f"pass per candidate ({n_candidates})")
+    else:
+        how = f"activation patching once, then {cost['scoring']}: 2 forward + 1 backward each ({n_candidates})"
+    if "ap_seconds" in cost and cost["ap_seconds"] > 0:
+        how += (f"; {cost['ap_seconds']:.2f} s for AP, {cost['candidates_seconds']:.2f} s for the candidates "
+                f"({cost['candidates_seconds'] / cost['ap_seconds']:.2f} x AP)")
+    return how
 
 
 class CalibrationWarning(UserWarning):

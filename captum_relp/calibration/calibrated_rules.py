@@ -337,6 +337,8 @@ def _format_summary(cal: CalibratedRules) -> str:
             cells = ["[" + ",".join(f"{v:.2f}" for v in intervals[n]) + "] " if intervals.get(n) else "n/a "
                      for n in names]
             lines.append(f"{'  interval':<14}" + "".join(f"{c:>{width}}" for c in cells))
+    if cal.info.get("cost"):
+        lines.append(f"cost: {cal.info['cost']}")
     return "\n".join(lines)
 
 

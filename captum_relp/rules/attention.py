@@ -46,18 +46,29 @@ def _original_attention(name: str, module: nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def _make_ah_attention(original_name: str) -> Callable:
+def _detached(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return query.detach(), key.detach()
+
+
+def _make_ah_attention(original_name: str, qk: Callable, prefix: str) -> Callable:
     def ah_attention(module, query, key, value, attention_mask, *args: Any, **kwargs: Any):
         _CALLS[0] += 1
         attention = _original_attention(original_name, module)
-        return attention(module, query.detach(), key.detach(), value, attention_mask, *args, **kwargs)
+        query, key = qk(query, key)
+        return attention(module, query, key, value, attention_mask, *args, **kwargs)
 
-    ah_attention.__name__ = f"{_PREFIX}{original_name}"
+    ah_attention.__name__ = f"{prefix}{original_name}"
     return ah_attention
 
 
-def register_ah_attention(original_name: str) -> str:
+def register_ah_attention(original_name: str, qk: Optional[Callable] = None, prefix: str = _PREFIX) -> str:
     """Register the AH-rule wrapper of ``original_name`` and its mask function.
+
+    Args:
+        original_name: the attention implementation wrapped (``eager``, ``sdpa``, ...).
+        qk: ``qk(query, key) -> (query, key)`` applied before the wrapped function (default:
+            both detached, the AH-rule); another ``qk`` needs its own ``prefix``.
+        prefix: the registered name's prefix.
 
     Returns the registered name.
 
@@ -68,9 +79,12 @@ def register_ah_attention(original_name: str) -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    name = f"{_PREFIX}{original_name}"
+    if (qk is None) != (prefix == _PREFIX):
+        raise ValueError(f"the prefix {prefix!r} is reserved for the detaching AH-rule" if qk is not None
+                         else f"the detaching AH-rule is registered under {_PREFIX!r}, not {prefix!r}")
+    name = f"{prefix}{original_name}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _make_ah_attention(original_name))
+        AttentionInterface.register(name, _make_ah_attention(original_name, qk or _detached, prefix))
     if name not in ALL_MASK_ATTENTION_FUNCTIONS:
         mask_key = original_name if original_name in ALL_MASK_ATTENTION_FUNCTIONS else "eager"
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_key])

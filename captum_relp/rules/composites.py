@@ -324,6 +324,45 @@ def apply_rules(
     refusal = families.ah_refusal(model) if ruleset.attention is not None else None
     if refusal is not None:
         raise UnsupportedModuleError(refusal)
+    with ruled(model):
+        undos = []
+        try:
+            per_module_attention = False
+            plain = families.gradient_paths(model)
+            for path, module in model.named_modules():
+                rule = ruleset.rule_for(module, path, plain)
+                if rule is not None:
+                    undos.append(rule.apply(module))
+                    per_module_attention |= registered_category(type(module)) == "attention"
+            if ruleset.attention is not None:  # families computing attention in their own code
+                undos += [rule.apply(module) for module, rule in families.ah_module_rules(model)]
+            hf_config = hasattr(getattr(model, "config", None), "_attn_implementation")
+            if ruleset.attention is not None and families.switches_attention_function(model) and (
+                    hf_config or not per_module_attention):
+                undos.append(ruleset.attention.apply(model))
+                if hf_config and not per_module_attention and isinstance(ruleset.attention, AHRule):
+                    undos.append(require_ah_calls(model))  # attention that bypasses the wrapper raises
+            undos += [rule.apply(model) for rule in families.model_rules(model, ruleset.categories)]
+            yield ruleset
+        finally:
+            for undo in reversed(undos):
+                undo()
+
+
+@contextmanager
+def ruled(model: nn.Module) -> Iterator[nn.Module]:
+    """Mark ``model`` as having rules applied for the ``with`` block; a second, nested or
+    concurrent, application to the same model raises a ``RuntimeError``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(1, 1)
+        >>> with ruled(net):
+        ...     with ruled(net): pass
+        Traceback (most recent call last):
+        ...
+        RuntimeError: rules are already applied to this Linear (nested or concurrent apply_rules on one model): the second set would wrap the first and contexts exited out of order would leave modules patched
+    """
     with _RULED_LOCK:
         if model in _RULED:
             raise RuntimeError(
@@ -332,29 +371,8 @@ def apply_rules(
                 "of order would leave modules patched"
             )
         _RULED.add(model)
-    undos = []
     try:
-        per_module_attention = False
-        plain = families.gradient_paths(model)
-        for path, module in model.named_modules():
-            rule = ruleset.rule_for(module, path, plain)
-            if rule is not None:
-                undos.append(rule.apply(module))
-                per_module_attention |= registered_category(type(module)) == "attention"
-        if ruleset.attention is not None:  # families computing attention in their own code
-            undos += [rule.apply(module) for module, rule in families.ah_module_rules(model)]
-        hf_config = hasattr(getattr(model, "config", None), "_attn_implementation")
-        if ruleset.attention is not None and families.switches_attention_function(model) and (
-                hf_config or not per_module_attention):
-            undos.append(ruleset.attention.apply(model))
-            if hf_config and not per_module_attention and isinstance(ruleset.attention, AHRule):
-                undos.append(require_ah_calls(model))  # attention that bypasses the wrapper raises
-        undos += [rule.apply(model) for rule in families.model_rules(model, ruleset.categories)]
-        yield ruleset
+        yield model
     finally:
-        try:
-            for undo in reversed(undos):
-                undo()
-        finally:
-            with _RULED_LOCK:
-                _RULED.discard(model)
+        with _RULED_LOCK:
+            _RULED.discard(model)

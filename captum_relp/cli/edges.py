@@ -76,7 +76,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--structure", default="across_pp", help="SVA structure")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per scoring method (min taken)")
     parser.add_argument("--top-k", type=int, default=20, help="edges drawn in the circuit PNGs")
-    add_rules_options(parser, "calibrated: also score edges with RelP under rules chosen per component type on "
+    add_rules_options(parser, "preset: the rule sets of --method only; calibrated: also score edges with RelP under rules chosen per component type on "
                               "--calibration-prompts separate pairs (method 'calibrated', rules saved as "
                               "edges_calibration.json); PATH.json: method 'calibrated' uses the rules of a "
                               "calibration file saved by an earlier run (no calibration; it must be for this kind "

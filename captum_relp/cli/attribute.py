@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 model, tokenizer, task, metric=args.metric, rules=rules, batch_size=args.batch_size,
                 validate=args.validate, ap_batch_size=args.ap_batch_size, show_progress=not args.quiet,
                 calibration=calibration, seed=args.seed, linearity=not args.no_linearity, calibrated=calibrated,
-                **({"calibrated_file": rules_file} if rules_file else {}))
+                calibrated_file=rules_file)
         except ValueError as error:
             if str(error).startswith(str(path)):  # a row this model's tokenizer cannot encode
                 raise CLIError(str(error), EXIT_TASK) from error

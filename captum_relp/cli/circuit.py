@@ -120,7 +120,7 @@ def _experiment(args: argparse.Namespace, methods: list, task=None, calibrated=N
         report=None if args.quiet else _say,
         edge_nodes=args.edge_nodes if args.edges else 0,
         calibration_prompts=args.calibration_prompts if args.rules == "calibrated" else 0,
-        calibrated=calibrated, calibrated_file=rules_file or "",
+        calibrated=calibrated, calibrated_file=rules_file,
     )
     return result if writes else None
 

@@ -96,7 +96,7 @@ def _experiment(args: argparse.Namespace, rules: list, methods: list, calibrated
             seed=args.seed, names=heldout_words(args.model, "ioi"), ap_batch_size=args.ap_batch_size,
             show_progress=not args.quiet, calibration_prompts=args.calibration_prompts,
             methods=[{"ap": "AP", "atp": "AtP", "relp": "RelP"}[m] for m in methods], calibrated=calibrated,
-            **({"calibrated_file": rules_file} if rules_file else {}),
+            calibrated_file=rules_file,
         )
     except ValueError as error:
         if "name" in str(error).lower() or "token" in str(error).lower():

@@ -82,14 +82,14 @@ def record_calibration(rules: CalibratedRules, pairs: List[Dict[str, Any]], mode
     return rules
 
 
-def calibration_entry(rules: CalibratedRules, file: str, seconds: Optional[float] = None,
+def calibration_entry(rules: CalibratedRules, file: Optional[str], seconds: Optional[float] = None,
                       loaded: bool = False) -> Dict[str, Any]:
     """The calibration entry of a results JSON: the choices, the summary, the number of pairs,
     the file the rules are saved in (``loaded``: the file they were read from) and the time spent.
 
     Args:
         rules (CalibratedRules): the rules used.
-        file (str): the calibration file: written by this run, or read (``loaded``).
+        file (str, optional): the calibration file: written by this run, or read (``loaded``).
         seconds (float, optional): time spent calibrating (``None`` when loaded).
         loaded (bool): the rules come from a file, no calibration was run.
 
@@ -127,7 +127,8 @@ def describe_calibration(entry: Dict[str, Any], what: str = "separate pairs", ti
         'calibrated rules (read from x.json, calibrated on 3 pairs; no calibration run)'
     """
     if entry.get("loaded"):
-        return f"{title} (read from {entry['file']}, calibrated on {entry['n_prompts']} pairs; no calibration run)"
+        source = entry.get("file") or "rules given to the run"
+        return f"{title} (read from {source}, calibrated on {entry['n_prompts']} pairs; no calibration run)"
     seconds = f", {entry['seconds']:.1f} s" if entry.get("seconds") is not None else ""
     return f"{title} ({entry['n_prompts']} {what}{seconds}, saved as {entry['file']})"
 

@@ -166,7 +166,7 @@ def run_circuit_experiment(
     edge_nodes: int = 0,
     calibration_prompts: int = 0,
     calibrated: Optional[CalibratedRules] = None,
-    calibrated_file: str = "",
+    calibrated_file: Optional[str] = None,
 ) -> CircuitExperimentResult:
     """Discover circuits with each method on the training split and evaluate them on held-out data.
 

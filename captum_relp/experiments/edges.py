@@ -191,7 +191,7 @@ def run_edge_experiment(
     ig_grid: Optional[str] = None,
     greedy: bool = False,
     calibrated: Optional[CalibratedRules] = None,
-    calibrated_file: str = CALIBRATION_FILE,
+    calibrated_file: Optional[str] = None,
 ) -> EdgeExperimentResult:
     """Score all edges with each method and evaluate circuits under ``convention``.
 
@@ -228,8 +228,7 @@ def run_edge_experiment(
         greedy (bool): MIB's greedy connected circuits instead of global top-k.
         calibrated (CalibratedRules, optional): rules for ``calibrated`` calibrated earlier (e.g.
             read with :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
-        calibrated_file (str): the calibration file named in ``info["calibration"]``: the one
-            ``calibrated`` was read from, else the one :meth:`~EdgeExperimentResult.save` writes.
+        calibrated_file (str, optional): the file ``calibrated`` was read from, named in ``info["calibration"]``.
 
     Returns:
         EdgeExperimentResult
@@ -282,7 +281,7 @@ def run_edge_experiment(
             else calibration_pairs(batch=calibration, tokenizer=tokenizer)
         calibrated = result.calibrated = record_calibration(
             calibrate_on_batch(model, calibration), pairs, model_name, task=task, seed=seed + 2)
-        result.info["calibration"] = calibration_entry(calibrated, calibrated_file, time.perf_counter() - began)
+        result.info["calibration"] = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
         result.info["calibration"]["seed"] = seed + 2
     if calibrated is not None:
         options["calibrated"] = {"method": "relp", "rules": calibrated}

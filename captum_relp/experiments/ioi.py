@@ -179,7 +179,7 @@ def run_ioi_experiment(
     name: Optional[str] = None,
     methods: Sequence[str] = ("AP", "AtP", "RelP"),
     calibrated: Optional[CalibratedRules] = None,
-    calibrated_file: str = CALIBRATION_FILE,
+    calibrated_file: Optional[str] = None,
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -203,8 +203,7 @@ def run_ioi_experiment(
             Without ``AP`` there is no reference: the correlations are NaN.
         calibrated: rules for ``"calibrated"`` calibrated earlier (e.g. read with
             :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
-        calibrated_file: the calibration file named in ``config["calibration"]``: the one
-            ``calibrated`` was read from, else the one :meth:`~IOIExperimentResult.save` writes.
+        calibrated_file: the file ``calibrated`` was read from, named in ``config["calibration"]``.
 
     Returns:
         IOIExperimentResult
@@ -237,7 +236,7 @@ def run_ioi_experiment(
         calibrated = calibrated_here = calibrated_ioi_rules(model, tokenizer, n_prompts=calibration_prompts,
                                                             seed=seed, exclude=pairs)
         record_calibration(calibrated, calibrated.info["calibration_pairs"], label, seed=seed + 1)
-        calibration = calibration_entry(calibrated, calibrated_file, time.perf_counter() - began)
+        calibration = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
     if calibrated is not None:
         methods[CALIBRATED] = Method(CALIBRATED, LayerRelevancePatching, "1 forward + 1 forward and "
                                      "backward per distinct chosen rule set", {"rules": calibrated})

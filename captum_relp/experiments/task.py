@@ -193,7 +193,7 @@ def run_task_experiment(
     rules: Sequence[str] = ("relp",), batch_size: int = 16, validate: Optional[int] = None,
     ap_batch_size: int = 64, show_progress: bool = True, calibration: Optional[TaskFile] = None,
     name: Optional[str] = None, seed: int = 0, linearity: bool = True,
-    calibrated: Optional[CalibratedRules] = None, calibrated_file: str = CALIBRATION_FILE,
+    calibrated: Optional[CalibratedRules] = None, calibrated_file: Optional[str] = None,
 ) -> TaskExperimentResult:
     """Run the task check, AtP, RelP and AP (on ``validate`` pairs) on a task file.
 
@@ -210,8 +210,7 @@ def run_task_experiment(
         linearity: also run AP through the metric's first-order expansion.
         calibrated: rules for ``calibrated`` calibrated earlier (e.g. read with
             :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
-        calibrated_file: the calibration file named in ``config["calibration"]``: the one
-            ``calibrated`` was read from, else the one :meth:`~TaskExperimentResult.save` writes.
+        calibrated_file: the file ``calibrated`` was read from, named in ``config["calibration"]``.
 
     Example:
         >>> import pathlib, tempfile
@@ -247,7 +246,7 @@ def run_task_experiment(
             calibrated = calibrated_here = record_calibration(
                 calibrate_on_batch(model, cal_batch, KINDS), calibration_pairs(calibration.pairs),
                 name or model_name(model), task=str(calibration.path), metric=batch.metric_name)
-            calibration_info = calibration_entry(calibrated, calibrated_file, time.perf_counter() - began)
+            calibration_info = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
             calibration_info["lines"] = [p.line for p in calibration.pairs]
         else:
             calibration_info = calibration_entry(calibrated, calibrated_file, loaded=True)

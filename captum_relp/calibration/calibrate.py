@@ -366,7 +366,8 @@ def calibrated_ioi_rules(
         names: the names of the prompts (default: the generator's).
 
     Returns:
-        CalibratedRules (``info["calibration_prompts"]`` lists the clean prompts used)
+        CalibratedRules (``info["calibration_prompts"]`` lists the clean prompts used,
+        ``info["calibration_pairs"]`` the clean and corrupt prompts)
 
     Examples::
 
@@ -383,6 +384,7 @@ def calibrated_ioi_rules(
     pairs = [p for p in pool if p.clean_prompt not in avoid][:n_prompts]
     cal = calibrate_on_batch(model, encode_ioi(pairs, tokenizer), kinds, candidates=candidates, score=score)
     cal.info["calibration_prompts"] = [p.clean_prompt for p in pairs]
+    cal.info["calibration_pairs"] = [{"clean": p.clean_prompt, "corrupt": p.corrupt_prompt} for p in pairs]
     return cal
 
 

@@ -94,8 +94,9 @@ def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
 
 
 def add_rules_options(parser: argparse.ArgumentParser, help: str) -> None:
-    """``--rules preset|calibrated`` and ``--calibration-prompts`` (circuit and edges)."""
-    parser.add_argument("--rules", default="preset", choices=("preset", "calibrated"), help=help)
+    """``--rules preset|calibrated|PATH.json`` and ``--calibration-prompts`` (circuit and edges; the
+    value is checked when the command runs)."""
+    parser.add_argument("--rules", default="preset", metavar="{preset,calibrated,PATH.json}", help=help)
     parser.add_argument("--calibration-prompts", type=int, default=20,
                         help="pairs used to calibrate rules for --rules calibrated")
 
@@ -169,8 +170,10 @@ def default_out(args: argparse.Namespace, command: str) -> str:
 
 RESULT_PATTERNS = ("task_results.json", "task_pcc.csv", "task_scores.npz", "task_pairs.jsonl", "task_heatmap_*.png",
                    "ioi_results.json", "ioi_pcc.csv", "ioi_heatmap_*.png",
-                   "circuit_results.json", "circuit_faithfulness.png", "circuit_edges.json",
-                   "edges_results.json", "edges_faithfulness.png", "edges_circuit_*.png", MANIFEST)
+                   "task_calibration.json", "ioi_calibration.json",
+                   "circuit_results.json", "circuit_faithfulness.png", "circuit_edges.json", "circuit_calibration_*.json",
+                   "edges_results.json", "edges_faithfulness.png", "edges_circuit_*.png", "edges_calibration.json",
+                   MANIFEST)
 """Every file a subcommand writes (its ``OUTPUTS``, as glob patterns; a test keeps them in step)."""
 
 

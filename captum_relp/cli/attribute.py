@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ..tasks.file_metrics import METRICS
 from . import ioi
-from ._common import EXIT_TASK, CLIError, add_command, add_run_options, default_out, load_model_from_args, parse_list
+from ._common import EXIT_TASK, CLIError, add_command, add_run_options, default_out, load_model_from_args
 from ._results import ResultsFolder
+from ._rules_file import check_rules_file, parse_rule_list, read_rules_file
 
 OUTPUTS = {
     "task_results.json": "settings, the task check (under \"task\") and its warnings, PCC with AP with 95% "
@@ -19,6 +20,9 @@ OUTPUTS = {
     "task_pcc.csv": "PCC and interval per component type and method, against AP and against first-order AP",
     "task_scores.npz": "per-prompt scores: one (pairs, layers, positions) array per METHOD/KIND, plus valid and last_pos",
     "task_pairs.jsonl": "the exact pairs used",
+    "task_calibration.json": "with --rules calibrated: the calibrated rules, the calibration pairs (line numbers "
+                             "and prompts), each candidate's agreement with AP and interval per component type, "
+                             "and the choice (pass its path to --rules to reuse it)",
     "task_heatmap_{resid,attn,mlp}.png": "prompt-averaged maps per component type, aligned at the last prompt token",
 }
 """Files written to ``--out`` for a task file (``--task ioi`` writes the files of ``captum-relp ioi``)."""
@@ -48,7 +52,9 @@ def add_parser(sub) -> None:
                         help="skip AP through the metric's first-order expansion (halves the cost of AP)")
     parser.add_argument("--rules", default="relp",
                         help="RelP rule sets, comma-separated: relp, relp-ah, calibrated (chosen per component "
-                             "type on --calibration-prompts rows after the evaluated ones)")
+                             "type on --calibration-prompts rows after the evaluated ones, saved as "
+                             "task_calibration.json), or a calibration file PATH.json saved by an earlier run "
+                             "(reused as it is, no calibration; it must be for this kind of model)")
     parser.add_argument("--calibration-prompts", type=int, default=20,
                         help="pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per attribution batch")
@@ -72,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
         args.task = None  # output folder: as captum-relp ioi
         return ioi.run(args)
     from ..experiments.task import run_task_experiment
+    from ..models import model_name
     from ..tasks.file_task import TaskFile, load_task_file
 
-    rules = parse_list(args.rules, "--rules", ioi.RELP_PRESETS)
+    rules, rules_file = parse_rule_list(args.rules, ioi.RELP_PRESETS)
+    calibrated = read_rules_file(rules_file) if rules_file else None  # checked before any work
     path = Path(args.task)
-    extra = args.calibration_prompts if "calibrated" in rules else 0
+    extra = args.calibration_prompts if "calibrated" in rules and calibrated is None else 0
     try:  # a bad file fails here, before the model loads and before anything is written
         loaded = load_task_file(path, None if args.n_prompts is None else args.n_prompts + extra)
     except ValueError as error:
@@ -91,11 +99,14 @@ def run(args: argparse.Namespace) -> int:
         args.out = default_out(argparse.Namespace(model=args.model, task=path.stem), "attribute")
     with ResultsFolder(args, "attribute") as results:
         model, tokenizer = load_model_from_args(args)
+        if calibrated is not None:
+            check_rules_file(calibrated, rules_file, model, model_name(model))
         try:
             result = run_task_experiment(
                 model, tokenizer, task, metric=args.metric, rules=rules, batch_size=args.batch_size,
                 validate=args.validate, ap_batch_size=args.ap_batch_size, show_progress=not args.quiet,
-                calibration=calibration, seed=args.seed, linearity=not args.no_linearity)
+                calibration=calibration, seed=args.seed, linearity=not args.no_linearity, calibrated=calibrated,
+                calibrated_file=rules_file)
         except ValueError as error:
             if str(error).startswith(str(path)):  # a row this model's tokenizer cannot encode
                 raise CLIError(str(error), EXIT_TASK) from error

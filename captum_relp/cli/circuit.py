@@ -10,7 +10,9 @@ from ..circuits.faithfulness import ERROR_POLICIES
 from ..circuits.nodes import NODE_KINDS
 from ..circuits.sae import load_sae
 from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
+from ..experiments.calibration_record import describe_calibration
 from ..experiments.circuits import run_circuit_experiment
+from ..models import model_name
 from ._common import (
     CLIError,
     add_command,
@@ -21,12 +23,17 @@ from ._common import (
     parse_list,
 )
 from ._results import ResultsFolder
+from ._rules_file import check_rules_file, parse_rules_choice, read_rules_file
 from ._task_file import TASK_HELP, print_task_check, resolve_task, rows_named
 
 OUTPUTS = {
     "circuit_results.json": "settings, faithfulness/completeness curves per setting and method, cost",
     "circuit_faithfulness.png": "Figure-3-style curves (unless --no-plots)",
     "circuit_edges.json": "with --edges: top nodes and the edges between them, per setting and method",
+    "circuit_calibration_<setting>.json": "with --rules calibrated: one file per setting with the calibrated rules, "
+                                          "the calibration pairs (prompts), each candidate's agreement with AP and "
+                                          "interval per component type, and the choice (pass its path to --rules "
+                                          "to reuse it)",
 }
 """Files written to ``--out``."""
 
@@ -62,7 +69,10 @@ def add_parser(sub) -> None:
                         help="also score edges between the top nodes (RelP rules or AtP gradients)")
     parser.add_argument("--edge-nodes", type=int, default=30, help="top nodes kept for --edges")
     add_rules_options(parser, "preset: the paper's (RelP+AH adds the AH-rule); calibrated: RelP uses rules chosen "
-                              "per component type on the first --calibration-prompts training pairs of each setting")
+                              "per component type on the first --calibration-prompts training pairs of each setting "
+                              "(saved as circuit_calibration_<setting>.json); PATH.json: RelP uses the rules of a "
+                              "calibration file saved by an earlier run in every setting (no calibration; it must "
+                              "be for this kind of model)")
     add_run_options(parser, "the curve plot")
     parser.set_defaults(func=run)
 
@@ -81,23 +91,27 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--method: {error}") from error
     if "AP" in methods:
         raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
+    rules_file = parse_rules_choice(args)
+    calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
     task = resolve_task(args, "circuit")  # a task file: checked before the model loads
     with ResultsFolder(args, "circuit") as results:  # --out checked here, before the model loads
         if not args.quiet:
             _say(cost_notice(methods, args.nodes, args.n_steps))
         with rows_named(task):
-            result = _experiment(args, methods, task)
+            result = _experiment(args, methods, task, calibrated, rules_file)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots))
     return 0
 
 
-def _experiment(args: argparse.Namespace, methods: list, task=None):
+def _experiment(args: argparse.Namespace, methods: list, task=None, calibrated=None, rules_file=None):
     """Load the SAEs and the model, run the experiment; ``None`` on a torchrun rank that does not write."""
     saes = _saes(args) if args.nodes == "features" else None
     writes = join_ranks(args)  # under torchrun: each rank scores a shard of the batches
     model, tokenizer = load_model_from_args(args)
+    if calibrated is not None:
+        check_rules_file(calibrated, rules_file, model, model_name(model))
     result = run_circuit_experiment(
         model, tokenizer, task=task or args.task, methods=methods, nodes=args.nodes, saes=saes,
         n_train=args.n_train, n_test=args.n_test, seed=args.seed, error_policy=args.errors,
@@ -106,6 +120,7 @@ def _experiment(args: argparse.Namespace, methods: list, task=None):
         report=None if args.quiet else _say,
         edge_nodes=args.edge_nodes if args.edges else 0,
         calibration_prompts=args.calibration_prompts if args.rules == "calibrated" else 0,
+        calibrated=calibrated, calibrated_file=rules_file,
     )
     return result if writes else None
 
@@ -114,8 +129,8 @@ def _print_result(result) -> None:
     print_task_check(result.task_check)
     print(result.summary())
     for setting, calibration in result.config.get("calibration", {}).items():
-        print(f"\ncalibrated rules for RelP, {setting} ({calibration['n_prompts']} training pairs):\n"
-              f"{calibration['summary']}")
+        heading = describe_calibration(calibration, "training pairs", f"calibrated rules for RelP, {setting}")
+        print(f"\n{heading}:\n{calibration['summary']}")
 
 
 def cost_notice(methods, nodes: str, n_steps: int) -> str:

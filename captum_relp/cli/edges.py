@@ -7,6 +7,7 @@ from ..edges.conventions import CONVENTIONS
 from ..edges.graph import build_graph
 from ..edges.scores import IG_GRIDS
 from ..embedded import heldout_words
+from ..experiments.calibration_record import describe_calibration
 from ..experiments.edges import run_edge_experiment
 from ._common import (
     EXIT_TASK,
@@ -20,6 +21,7 @@ from ._common import (
     parse_list,
 )
 from ._results import ResultsFolder
+from ._rules_file import check_rules_file, parse_rules_choice, read_rules_file
 from ._task_file import TASK_HELP, print_task_check, resolve_task, rows_named
 
 METHOD_CHOICES = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
@@ -28,6 +30,9 @@ OUTPUTS = {
     "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "
                           "meta.convention",
     "edges_faithfulness.png": "faithfulness against circuit size (fraction of edges) per method",
+    "edges_calibration.json": "with --rules calibrated: the calibrated rules, the calibration pairs (prompts), each "
+                              "candidate's agreement with AP and interval per component type, and the choice "
+                              "(pass its path to --rules to reuse it)",
     "edges_circuit_<method>.png": "each method's greedy connected circuit of --top-k edges (unless --no-plots)",
 }
 """Files written to ``--out``."""
@@ -71,8 +76,11 @@ def add_parser(sub) -> None:
     parser.add_argument("--structure", default="across_pp", help="SVA structure")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats per scoring method (min taken)")
     parser.add_argument("--top-k", type=int, default=20, help="edges drawn in the circuit PNGs")
-    add_rules_options(parser, "calibrated: also score edges with RelP under rules chosen per component type on "
-                              "--calibration-prompts separate pairs (method 'calibrated')")
+    add_rules_options(parser, "preset: the rule sets of --method only; calibrated: also score edges with RelP under rules chosen per component type on "
+                              "--calibration-prompts separate pairs (method 'calibrated', rules saved as "
+                              "edges_calibration.json); PATH.json: method 'calibrated' uses the rules of a "
+                              "calibration file saved by an earlier run (no calibration; it must be for this kind "
+                              "of model)")
     add_run_options(parser, "PNGs")
     parser.set_defaults(func=run)
 
@@ -86,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         True
     """
     methods = parse_list(args.method, "--method", METHOD_CHOICES)
-    if args.rules == "calibrated" and "calibrated" not in methods:
+    rules_file = parse_rules_choice(args)
+    calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
+    if args.rules != "preset" and "calibrated" not in methods:
         methods.append("calibrated")
     if not args.no_exact and "exact" not in methods:
         methods.append("exact")
@@ -96,23 +106,27 @@ def run(args: argparse.Namespace) -> int:
     task = resolve_task(args, "edges")  # a task file: checked before the model loads
     with ResultsFolder(args, "edges") as results:  # --out checked here, before the model loads
         with rows_named(task):
-            result = _experiment(args, methods, fractions, task)
+            result = _experiment(args, methods, fractions, task, calibrated, rules_file)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots, top_k=args.top_k))
     return 0
 
 
-def _experiment(args: argparse.Namespace, methods: list, fractions, task=None):
+def _experiment(args: argparse.Namespace, methods: list, fractions, task=None, calibrated=None, rules_file=None):
     """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a share of exact patching and of the curves
     model, tokenizer = load_model_from_args(args)
+    if calibrated is not None:
+        check_rules_file(calibrated, rules_file, model, args.model)
     words = None if args.training_words or task else heldout_words(args.model, args.task)
     try:
         build_graph(model)
     except ValueError as error:
         raise CLIError(str(error)) from error
     extra = {} if fractions is None else {"fractions": fractions}
+    if calibrated is not None:
+        extra.update(calibrated=calibrated, calibrated_file=rules_file)
     try:
         result = run_edge_experiment(
             model, tokenizer, task=task or args.task, methods=methods, n_prompts=args.n_prompts, n_eval=args.n_eval,
@@ -135,5 +149,4 @@ def _print_result(result) -> None:
     print(result.format_table())
     if "calibration" in result.info:
         calibration = result.info["calibration"]
-        print(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, {calibration['seconds']:.1f} s):\n"
-              f"{calibration['summary']}")
+        print(f"\n{describe_calibration(calibration)}:\n{calibration['summary']}")

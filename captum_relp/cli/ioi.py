@@ -5,8 +5,9 @@ import argparse
 import sys
 
 from ..embedded import heldout_words
+from ..experiments.calibration_record import describe_calibration
 from ..experiments.ioi import run_ioi_experiment
-from ..models import model_components
+from ..models import model_components, model_name
 from ._common import (
     EXIT_TASK,
     CLIError,
@@ -17,6 +18,7 @@ from ._common import (
     parse_list,
 )
 from ._results import ResultsFolder
+from ._rules_file import check_rules_file, parse_rule_list, read_rules_file
 
 RELP_PRESETS = ("relp", "relp-ah", "calibrated")
 METHOD_CHOICES = ("ap", "atp", "relp")
@@ -26,6 +28,9 @@ OUTPUTS = {
     "ioi_results.json": "settings, PCC tables, wall times and their ratios to AtP, prompt-averaged maps",
     "ioi_pcc.csv": "Pearson correlation with AP per component type and method",
     "ioi_heatmap_{resid,attn,mlp}.png": "Figure-2-style heatmaps per component type (unless --no-plots)",
+    "ioi_calibration.json": "with --rules calibrated: the calibrated rules, the calibration pairs (prompts), each "
+                            "candidate's agreement with AP and interval per component type, and the choice "
+                            "(pass its path to --rules to reuse it)",
 }
 """Files written to ``--out``."""
 
@@ -44,7 +49,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--n-prompts", type=int, default=100, help="IOI prompt pairs (the paper uses 100)")
     parser.add_argument("--rules", default="relp",
                         help="RelP rule sets, comma-separated: relp, relp-ah, calibrated (chosen per "
-                             "component type on --calibration-prompts separate pairs)")
+                             "component type on --calibration-prompts separate pairs, saved as "
+                             "ioi_calibration.json), or a calibration file PATH.json saved by an earlier run "
+                             "(reused as it is, no calibration; it must be for this kind of model)")
     parser.add_argument("--calibration-prompts", type=int, default=20,
                         help="IOI pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=25, help="prompts per attribution batch")
@@ -64,20 +71,23 @@ def run(args: argparse.Namespace) -> int:
         >>> build_parser().parse_args(["ioi"]).func is run
         True
     """
-    rules = parse_list(args.rules, "--rules", RELP_PRESETS)
+    rules, rules_file = parse_rule_list(args.rules, RELP_PRESETS)
     methods = parse_list(args.methods.lower(), "--methods", METHOD_CHOICES)
+    calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
     with ResultsFolder(args, "ioi") as results:  # --out checked here, before the model loads
-        result = _experiment(args, rules, methods)
+        result = _experiment(args, rules, methods, calibrated, rules_file)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots))
     return 0
 
 
-def _experiment(args: argparse.Namespace, rules: list, methods: list):
+def _experiment(args: argparse.Namespace, rules: list, methods: list, calibrated=None, rules_file=None):
     """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts
     model, tokenizer = load_model_from_args(args)
+    if calibrated is not None:
+        check_rules_file(calibrated, rules_file, model, model_name(model))
     if not args.quiet:
         print(cost_notice(model, methods, rules, args.n_prompts, args.batch_size), file=sys.stderr, flush=True)
     try:
@@ -85,7 +95,8 @@ def _experiment(args: argparse.Namespace, rules: list, methods: list):
             model, tokenizer, n_prompts=args.n_prompts, rules=rules, batch_size=args.batch_size,
             seed=args.seed, names=heldout_words(args.model, "ioi"), ap_batch_size=args.ap_batch_size,
             show_progress=not args.quiet, calibration_prompts=args.calibration_prompts,
-            methods=[{"ap": "AP", "atp": "AtP", "relp": "RelP"}[m] for m in methods],
+            methods=[{"ap": "AP", "atp": "AtP", "relp": "RelP"}[m] for m in methods], calibrated=calibrated,
+            calibrated_file=rules_file,
         )
     except ValueError as error:
         if "name" in str(error).lower() or "token" in str(error).lower():
@@ -98,8 +109,7 @@ def _print_result(result) -> None:
     print(result.format_table())
     if result.config.get("calibration"):
         calibration = result.config["calibration"]
-        print(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, "
-              f"{calibration['seconds']:.1f} s):\n{calibration['summary']}")
+        print(f"\n{describe_calibration(calibration)}:\n{calibration['summary']}")
 
 
 def cost_notice(model, methods, rules, n_prompts: int, batch_size: int) -> str:

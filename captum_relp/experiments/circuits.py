@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .._forward import call_model
 from ..attr import get_method
-from ..calibration import calibrate_on_batch
+from ..calibration import CalibratedRules, calibrate_on_batch
 from ..circuits.effects import mean_effects, node_effects
 from ..circuits.faithfulness import MIN_DENOMINATOR_SNR, CircuitCurve, evaluate_circuits
 from ..circuits.feature_edges import FeatureEdges, feature_edges
@@ -23,18 +25,34 @@ from ..integrations.distributed import DataParallelSweep
 from ..models import model_name
 from ..tasks import task_splits
 from ..tasks.competence import competence_check
+from .calibration_record import calibration_entry, calibration_pairs, record_calibration
 
 CIRCUIT_METHODS = ("RelP", "AtP", "IG")
 """The methods compared in the paper's Figure 3 (any of RelP, RelP+AH, AtP, IG may be run)."""
 DEFAULT_BUDGETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 EDGE_RULES = {"RelP": "relp", "RelP+AH": "relp-ah", "AtP": "none"}
 """Rules of the feature edges per method (IG has no one-backward edge estimate and gets none)."""
+CALIBRATION_FILE = "circuit_calibration_{setting}.json"
+"""Where :meth:`CircuitExperimentResult.save` writes the rules calibrated for each setting
+(:func:`calibration_file`)."""
+
+
+def calibration_file(setting: str) -> str:
+    """The name of the calibration file of ``setting`` (:data:`CALIBRATION_FILE`, characters
+    other than letters, digits, ``.``, ``_`` and ``-`` replaced by ``-``).
+
+    Example:
+        >>> calibration_file("across_pp"), calibration_file("my task")
+        ('circuit_calibration_across_pp.json', 'circuit_calibration_my-task.json')
+    """
+    return CALIBRATION_FILE.format(setting=re.sub(r"[^A-Za-z0-9._-]+", "-", setting))
 
 
 @dataclass
 class CircuitExperimentResult:
     """Curves ``{setting: {method: CircuitCurve}}``, cost ``{method: {...}}`` and, when
-    requested, edges between the top nodes ``{setting: {method: FeatureEdges}}``."""
+    requested, edges between the top nodes ``{setting: {method: FeatureEdges}}``; ``calibrated``:
+    ``{setting: CalibratedRules}`` calibrated in the run (saved as :data:`CALIBRATION_FILE`)."""
 
     curves: Dict[str, Dict[str, CircuitCurve]]
     cost: Dict[str, Dict[str, float]]
@@ -42,6 +60,7 @@ class CircuitExperimentResult:
     edges: Dict[str, Dict[str, FeatureEdges]] = field(default_factory=dict)
     task_check: Optional[Dict[str, object]] = None
     """The task check of a task file (:class:`~captum_relp.tasks.competence.Competence`), saved under ``"task"``."""
+    calibrated: Dict[str, CalibratedRules] = field(default_factory=dict)
 
     def denominators(self) -> Dict[str, Dict[str, float]]:
         """``{setting: {"m_full", "m_empty", "denominator", "se", "reliable"}}`` (the same for every method)."""
@@ -109,6 +128,9 @@ class CircuitExperimentResult:
             written.append(out_dir / "circuit_edges.json")
             written[-1].write_text(json.dumps({"config": self.config, "circuits": {
                 s: {m: e.to_dict() for m, e in by.items()} for s, by in self.edges.items()}}, indent=1))
+        for setting, rules in self.calibrated.items():
+            written.append(out_dir / calibration_file(setting))
+            rules.save(written[-1])
         if plots:
             from ..plotting import plot_faithfulness
 
@@ -143,6 +165,8 @@ def run_circuit_experiment(
     report: Optional[Callable[[str], None]] = None,
     edge_nodes: int = 0,
     calibration_prompts: int = 0,
+    calibrated: Optional[CalibratedRules] = None,
+    calibrated_file: Optional[str] = None,
 ) -> CircuitExperimentResult:
     """Discover circuits with each method on the training split and evaluate them on held-out data.
 
@@ -182,7 +206,10 @@ def run_circuit_experiment(
             (:func:`~captum_relp.calibration.calibrate_on_batch`) on the first
             ``calibration_prompts`` training pairs of each setting (never the test pairs);
             each node group gets the rule set chosen for its kind. The choices and their
-            evidence are in ``config["calibration"]``.
+            evidence are in ``config["calibration"]``, the rules in ``result.calibrated``.
+        calibrated: rules calibrated earlier (e.g. read with :meth:`~captum_relp.CalibratedRules.load`),
+            used by RelP in every setting as they are: no calibration is run.
+        calibrated_file: the file ``calibrated`` was read from (named in ``config["calibration"]``).
 
     Returns:
         CircuitExperimentResult
@@ -205,13 +232,14 @@ def run_circuit_experiment(
     edges: Dict[str, Dict[str, FeatureEdges]] = {}
     cost = {m: {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0} for m in methods}
     settings = task_splits(task, tokenizer, n_train, n_test, seed, heldout)
-    task_check = None
+    task_check, task_file = None, None
     if not isinstance(task, str):  # a task file: does the model solve it?
         task_check = competence_check(model, settings[0][1], batch_size=batch_size).to_json()
         if report is not None and task_check["warnings"]:
             report("\n".join(f"WARNING: the model may not solve this task: {w}" for w in task_check["warnings"]))
-        task = str(task.path)
+        task_file, task = task, str(task.path)
     calibration: Dict[str, Dict] = {}
+    calibrated_here: Dict[str, CalibratedRules] = {}
     progress = tqdm(total=len(settings) * (len(methods) + 1), desc=f"{task} {nodes} circuits",
                     disable=not show_progress)
     plan = _warm_up(space, methods, settings[0][1], n_steps)
@@ -221,10 +249,17 @@ def run_circuit_experiment(
         if train.clean_ids.shape[1] != test.clean_ids.shape[1]:
             raise ValueError(f"{setting}: train and test prompts differ in length; positions must align")
         rules = None
-        if calibration_prompts > 0 and "RelP" in methods:
-            rules = calibrate_on_batch(model, train.select(slice(0, calibration_prompts)))
-            calibration[setting] = {"n_prompts": min(calibration_prompts, len(train)),
-                                    "choices": dict(rules.choices), "summary": rules.summary()}
+        if calibrated is not None and "RelP" in methods:
+            rules = calibrated
+            calibration[setting] = calibration_entry(rules, calibrated_file, loaded=True)
+        elif calibration_prompts > 0 and "RelP" in methods:
+            began, part = time.perf_counter(), train.select(slice(0, calibration_prompts))
+            pairs = calibration_pairs(task_file.pairs[:len(part)]) if task_file is not None else \
+                calibration_pairs(batch=part, tokenizer=tokenizer)
+            rules = calibrated_here[setting] = record_calibration(
+                calibrate_on_batch(model, part), pairs, label, task=task, setting=setting, seed=seed)
+            calibration[setting] = calibration_entry(rules, calibration_file(setting),
+                                                     time.perf_counter() - began)
         means = _train_means(space, model, train, batch_size)
         run_metric = _metric_runner(model, test, batch_size)
         curves[setting] = {}
@@ -265,7 +300,7 @@ def run_circuit_experiment(
               "methods": list(methods), "n_train": n_train, "n_test": n_test,
               "seed": seed, "error_policy": error_policy, "exclude_first_third": exclude_first_third,
               "n_steps": n_steps, "edge_nodes": edge_nodes, "calibration": calibration}
-    return CircuitExperimentResult(curves, cost, config, edges, task_check)
+    return CircuitExperimentResult(curves, cost, config, edges, task_check, calibrated_here)
 
 
 def _warm_up(space: NodeSpace, methods: Sequence[str], train, n_steps: int) -> Dict[str, Dict[str, float]]:

@@ -13,14 +13,17 @@ import torch
 from torch import nn
 
 from .._selection import top_finite
-from ..calibration import calibrate_on_batch
+from ..calibration import CalibratedRules, calibrate_on_batch
 from ..edges.conventions import EdgeConvention, get_convention
 from ..edges.evaluate import FaithfulnessCurve, faithfulness_curve, pearson
 from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
 from ..integrations.distributed import DataParallelSweep
 from ..plotting import EDGE_METHOD_LABELS as METHOD_NAMES
+from .calibration_record import calibration_entry, calibration_pairs, record_calibration
 
+CALIBRATION_FILE = "edges_calibration.json"
+"""Where :meth:`EdgeExperimentResult.save` writes rules calibrated in the run."""
 SCORE_METHODS = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
 MIB_SCORE_SCALE = ("MIB stores scores divided by its batch size (the metric is averaged over each batch "
                    "before the backward pass, and the summed scores are divided by the number of prompts); "
@@ -37,6 +40,8 @@ class EdgeExperimentResult:
         scores: ``{method: EdgeScores}``.
         curves: ``{method: FaithfulnessCurve}``.
         info: prompt counts, fractions, integration rule.
+        calibrated: the rules of method ``calibrated`` when calibrated in this run (saved as
+            :data:`CALIBRATION_FILE`; rules read from a file are not saved again).
     """
 
     model_name: str
@@ -45,6 +50,7 @@ class EdgeExperimentResult:
     scores: Dict[str, EdgeScores] = field(default_factory=dict)
     curves: Dict[str, FaithfulnessCurve] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
+    calibrated: Optional[CalibratedRules] = None
 
     def pcc_vs_exact(self, method: str) -> Optional[float]:
         """Pearson correlation of ``method``'s edge scores with exact edge patching."""
@@ -106,14 +112,18 @@ class EdgeExperimentResult:
         return "\n".join(rows)
 
     def save(self, out_dir: Path, plots: bool = True, top_k: int = 20) -> List[Path]:
-        """Write ``edges_results.json`` and (``plots``) ``edges_faithfulness.png`` and
-        ``edges_circuit_<method>.png`` (MIB's greedy connected circuit of ``top_k`` edges)."""
+        """Write ``edges_results.json``, :data:`CALIBRATION_FILE` for rules calibrated in the run, and
+        (``plots``) ``edges_faithfulness.png`` and ``edges_circuit_<method>.png`` (MIB's greedy
+        connected circuit of ``top_k`` edges)."""
         from ..plotting import plot_edge_circuit, plot_faithfulness_curves
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [out_dir / "edges_results.json"]
         written[0].write_text(json.dumps(self.summary(), indent=2))
+        if self.calibrated is not None:
+            written.append(out_dir / CALIBRATION_FILE)
+            self.calibrated.save(written[-1])
         if plots:
             title = f"{self.model_name}, {self.task}"
             written.append(out_dir / "edges_faithfulness.png")
@@ -180,6 +190,8 @@ def run_edge_experiment(
     convention: Union[str, EdgeConvention] = "library",
     ig_grid: Optional[str] = None,
     greedy: bool = False,
+    calibrated: Optional[CalibratedRules] = None,
+    calibrated_file: Optional[str] = None,
 ) -> EdgeExperimentResult:
     """Score all edges with each method and evaluate circuits under ``convention``.
 
@@ -214,6 +226,9 @@ def run_edge_experiment(
             ungrouped key/value inputs and the default EAP-IG grid.
         ig_grid (str, optional): ``"right"`` or ``"left"``; default: the convention's.
         greedy (bool): MIB's greedy connected circuits instead of global top-k.
+        calibrated (CalibratedRules, optional): rules for ``calibrated`` calibrated earlier (e.g.
+            read with :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
+        calibrated_file (str, optional): the file ``calibrated`` was read from, named in ``info["calibration"]``.
 
     Returns:
         EdgeExperimentResult
@@ -254,15 +269,22 @@ def run_edge_experiment(
     if task_check is not None:
         result.info["task_check"] = task_check
     options = {m: {"method": m} for m in methods}
-    if "calibrated" in methods:
-        began = time.perf_counter()
+    if calibrated is not None and "calibrated" not in methods:
+        raise ValueError("calibrated rules were given but methods has no 'calibrated'")
+    if calibrated is not None:
+        result.info["calibration"] = calibration_entry(calibrated, calibrated_file, loaded=True)
+    elif "calibrated" in methods:
+        began, start = time.perf_counter(), len(batch) + len(held)
         calibration = make_batch(tokenizer, task_file or task, calibration_prompts, seed + 2, words, structure,
-                                 start=len(batch) + len(held))
-        rules = calibrate_on_batch(model, calibration)
-        options["calibrated"] = {"method": "relp", "rules": rules}
-        result.info["calibration"] = {"n_prompts": calibration_prompts, "seed": seed + 2,
-                                      "seconds": time.perf_counter() - began, "choices": dict(rules.choices),
-                                      "summary": rules.summary()}
+                                 start=start)
+        pairs = calibration_pairs(task_file.pairs[start:start + calibration_prompts]) if task_file is not None \
+            else calibration_pairs(batch=calibration, tokenizer=tokenizer)
+        calibrated = result.calibrated = record_calibration(
+            calibrate_on_batch(model, calibration), pairs, model_name, task=task, seed=seed + 2)
+        result.info["calibration"] = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
+        result.info["calibration"]["seed"] = seed + 2
+    if calibrated is not None:
+        options["calibrated"] = {"method": "relp", "rules": calibrated}
     timed = [m for m in methods if m != "exact"]
     runs: Dict[str, List[EdgeScores]] = {m: [] for m in timed}
     for _ in range(max(1, repeats)):  # interleaved, so that load from other processes hits all methods alike
@@ -288,4 +310,4 @@ def run_edge_experiment(
     return result
 
 
-__all__ = ["SCORE_METHODS", "METHOD_NAMES", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]
+__all__ = ["CALIBRATION_FILE", "SCORE_METHODS", "METHOD_NAMES", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]

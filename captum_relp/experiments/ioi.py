@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attr import METHODS, LayerRelevancePatching, Method, get_method
-from ..calibration import calibrated_ioi_rules
+from ..calibration import CalibratedRules, calibrated_ioi_rules
 from ..embedded.gguf import model_card
 from ..integrations.distributed import DataParallelSweep
 from ..models import COMPONENT_KINDS as KINDS
@@ -31,8 +31,11 @@ from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components, model_name
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
 from .alignment import RoleLayout
+from .calibration_record import calibration_entry, record_calibration
 
 CALIBRATED = "RelP (calibrated)"
+CALIBRATION_FILE = "ioi_calibration.json"
+"""Where :meth:`IOIExperimentResult.save` writes rules calibrated in the run."""
 
 
 @dataclass
@@ -51,6 +54,8 @@ class IOIExperimentResult:
             file or fetched, else ``None``).
         layout: the token role of every position of every prompt; ``None`` averages
             position by position (only right for prompts of one layout).
+        calibrated: the rules of ``RelP (calibrated)`` when calibrated in this run (saved as
+            :data:`CALIBRATION_FILE`; rules read from a file are not saved again).
     """
 
     scores: Dict[str, Dict[str, np.ndarray]]
@@ -60,6 +65,7 @@ class IOIExperimentResult:
     seconds: Dict[str, float]
     config: Dict[str, object]
     layout: Optional[RoleLayout] = None
+    calibrated: Optional[CalibratedRules] = None
 
     @property
     def position_labels(self) -> List[str]:
@@ -109,7 +115,8 @@ class IOIExperimentResult:
         return "\n".join(lines)
 
     def save(self, out_dir: Path, plots: bool = True) -> List[Path]:
-        """Write ``ioi_results.json``, ``ioi_pcc.csv`` and one heatmap PNG per component type."""
+        """Write ``ioi_results.json``, ``ioi_pcc.csv``, one heatmap PNG per component type and, for
+        rules calibrated in the run, :data:`CALIBRATION_FILE`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [out_dir / "ioi_results.json", out_dir / "ioi_pcc.csv"]
@@ -128,6 +135,9 @@ class IOIExperimentResult:
                 for method in self.pcc_per_prompt[kind]:
                     writer.writerow([kind, method, f"{self.pcc_per_prompt[kind][method]:.4f}",
                                      f"{self.pcc_mean_map[kind][method]:.4f}"])
+        if self.calibrated is not None:
+            written.append(out_dir / CALIBRATION_FILE)
+            self.calibrated.save(written[-1])
         if plots:
             from ..plotting import plot_patching_heatmaps
 
@@ -168,6 +178,8 @@ def run_ioi_experiment(
     calibration_prompts: int = 20,
     name: Optional[str] = None,
     methods: Sequence[str] = ("AP", "AtP", "RelP"),
+    calibrated: Optional[CalibratedRules] = None,
+    calibrated_file: Optional[str] = None,
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -189,6 +201,9 @@ def run_ioi_experiment(
             :func:`~captum_relp.models.model_name`, e.g. ``tiny-gpt2-ioi``, never a local path).
         methods: which of ``AP``, ``AtP``, ``RelP`` to run (``RelP``: the ``rules``).
             Without ``AP`` there is no reference: the correlations are NaN.
+        calibrated: rules for ``"calibrated"`` calibrated earlier (e.g. read with
+            :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
+        calibrated_file: the file ``calibrated`` was read from, named in ``config["calibration"]``.
 
     Returns:
         IOIExperimentResult
@@ -208,16 +223,21 @@ def run_ioi_experiment(
     wanted = {m.lower() for m in methods}
     method_names = [m for m in ("AP", "AtP") if m.lower() in wanted]
     if "relp" not in wanted:
-        rules = ()
+        rules, calibrated = (), None  # RelP is not run: no rules of any kind
     method_names += [get_method(preset).name for preset in rules if preset != "calibrated"]
     methods = {name: METHODS[name] for name in dict.fromkeys(method_names)}
-    calibration = None
-    if "calibrated" in rules:
+    if calibrated is not None and "calibrated" not in rules:
+        raise ValueError("calibrated rules were given but rules has no 'calibrated'")
+    calibration, calibrated_here = None, None
+    if "calibrated" in rules and calibrated is not None:
+        calibration = calibration_entry(calibrated, calibrated_file, loaded=True)
+    elif "calibrated" in rules:
         began = time.perf_counter()
-        calibrated = calibrated_ioi_rules(model, tokenizer, n_prompts=calibration_prompts, seed=seed,
-                                          exclude=pairs)
-        calibration = {"choices": dict(calibrated.choices), "n_prompts": calibration_prompts,
-                       "seconds": time.perf_counter() - began, "summary": calibrated.summary()}
+        calibrated = calibrated_here = calibrated_ioi_rules(model, tokenizer, n_prompts=calibration_prompts,
+                                                            seed=seed, exclude=pairs)
+        record_calibration(calibrated, calibrated.info["calibration_pairs"], label, seed=seed + 1)
+        calibration = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
+    if calibrated is not None:
         methods[CALIBRATED] = Method(CALIBRATED, LayerRelevancePatching, "1 forward + 1 forward and "
                                      "backward per distinct chosen rule set", {"rules": calibrated})
     collected: Dict[str, List[List[torch.Tensor]]] = {m: [] for m in methods}
@@ -256,7 +276,7 @@ def run_ioi_experiment(
                 "templates": sorted({pair.template_id for pair in pairs}),
                 "dtype": str(next(model.parameters()).dtype), "device": str(device),
                 "n_layers": len(layers) // len(KINDS), "calibration": calibration},
-        layout=layout,
+        layout=layout, calibrated=calibrated_here,
     )
     mean_maps = result.mean_maps()
     if "AP" not in by_method:  # no reference to correlate with

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attr import METHODS, LayerRelevancePatching, Method, get_method
-from ..calibration import calibrate_on_batch
+from ..calibration import CalibratedRules, calibrate_on_batch
 from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components, model_name
@@ -40,10 +40,13 @@ from ..tasks.file_metrics import linearized
 from ..tasks.file_task import TaskFile, save_pairs
 from .agreement import agreement_table, format_interval
 from .alignment import RoleLayout
+from .calibration_record import calibration_entry, calibration_pairs, describe_calibration, record_calibration
 
 LINEAR = "AP (first-order metric)"
 """AP through the metric's first-order expansion (the linearity report)."""
 CALIBRATED = "RelP (calibrated)"
+CALIBRATION_FILE = "task_calibration.json"
+"""Where :meth:`TaskExperimentResult.save` writes rules calibrated in the run."""
 LINEAR_ENOUGH = 0.9
 """Below this correlation of first-order AP with AP, the metric is reported as far from linear."""
 
@@ -60,6 +63,8 @@ class TaskExperimentResult:
         linearity: ``{kind: {method: row}}``: agreement of AP, AtP and RelP with first-order AP.
         competence: the task check.
         notes: what the run tells the user (which method to trust, the metric's linearity).
+        calibrated: the rules of :data:`CALIBRATED`, when calibrated in this run (saved as
+            :data:`CALIBRATION_FILE`; rules read from a file are not saved again).
     """
 
     scores: Dict[str, Dict[str, np.ndarray]]
@@ -73,6 +78,7 @@ class TaskExperimentResult:
     layout: RoleLayout
     notes: List[str] = field(default_factory=list)
     answers: List[str] = field(default_factory=list)
+    calibrated: Optional[CalibratedRules] = None
 
     def format_table(self) -> str:
         """The task check, the PCC tables with intervals, the linearity report and the notes."""
@@ -96,8 +102,7 @@ class TaskExperimentResult:
                     f"{format_interval(self.linearity[kind][m]):>24}" for m in ["AP"] + methods))
         if self.config.get("calibration"):
             calibration = self.config["calibration"]
-            lines.append(f"\ncalibrated rules ({calibration['n_prompts']} separate pairs, "
-                         f"{calibration['seconds']:.1f} s):\n{calibration['summary']}")
+            lines.append(f"\n{describe_calibration(calibration)}:\n{calibration['summary']}")
         lines.append("\nwall time (s): " + ", ".join(f"{m} {s:.1f}" for m, s in self.seconds.items()))
         lines += [""] + self.notes
         return "\n".join(lines)
@@ -110,8 +115,8 @@ class TaskExperimentResult:
                 "answers_decoded": self.answers, "layout": self.layout.to_json()}
 
     def save(self, out_dir: Path, plots: bool = True) -> List[Path]:
-        """Write ``task_results.json``, ``task_pcc.csv``, ``task_scores.npz``, ``task_pairs.jsonl``
-        and one heatmap per component type."""
+        """Write ``task_results.json``, ``task_pcc.csv``, ``task_scores.npz``, ``task_pairs.jsonl``,
+        one heatmap per component type and, for rules calibrated in the run, :data:`CALIBRATION_FILE`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [out_dir / n for n in ("task_results.json", "task_pcc.csv", "task_scores.npz", "task_pairs.jsonl")]
@@ -127,6 +132,9 @@ class TaskExperimentResult:
         arrays = {f"{m}/{k}": v for m, by in self.scores.items() for k, v in by.items()}
         np.savez_compressed(written[2], valid=self.valid, last_pos=np.asarray(self.config["last_pos"]), **arrays)
         save_pairs(self.task.pairs, written[3])
+        if self.calibrated is not None:
+            written.append(out_dir / CALIBRATION_FILE)
+            self.calibrated.save(written[-1])
         if plots and "AP" in self.scores:
             from ..plotting import plot_patching_heatmaps
 
@@ -185,6 +193,7 @@ def run_task_experiment(
     rules: Sequence[str] = ("relp",), batch_size: int = 16, validate: Optional[int] = None,
     ap_batch_size: int = 64, show_progress: bool = True, calibration: Optional[TaskFile] = None,
     name: Optional[str] = None, seed: int = 0, linearity: bool = True,
+    calibrated: Optional[CalibratedRules] = None, calibrated_file: Optional[str] = None,
 ) -> TaskExperimentResult:
     """Run the task check, AtP, RelP and AP (on ``validate`` pairs) on a task file.
 
@@ -192,13 +201,16 @@ def run_task_experiment(
         model, tokenizer: a Hugging Face causal LM and its tokenizer.
         task: the pairs (:func:`~captum_relp.tasks.file_task.load_task_file`).
         metric: one of :data:`~captum_relp.tasks.file_metrics.METRICS` (default by kind).
-        rules: RelP presets (``relp``, ``relp-ah``) and ``calibrated`` (needs ``calibration``).
+        rules: RelP presets (``relp``, ``relp-ah``) and ``calibrated`` (needs ``calibration`` or ``calibrated``).
         batch_size: pairs per attribution batch.
         validate: AP on the first ``validate`` pairs (default all; 0 skips AP).
         ap_batch_size: patched copies per forward pass in AP.
         calibration: separate pairs for ``calibrated`` (the rules are chosen on them).
         name: the model's name in the results; seed: of the bootstrap resamples.
         linearity: also run AP through the metric's first-order expansion.
+        calibrated: rules for ``calibrated`` calibrated earlier (e.g. read with
+            :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
+        calibrated_file: the file ``calibrated`` was read from, named in ``config["calibration"]``.
 
     Example:
         >>> import pathlib, tempfile
@@ -222,16 +234,22 @@ def run_task_experiment(
     layers, flags, labels = model_components(model).select(KINDS)
     methods: Dict[str, Method] = {"AtP": METHODS["AtP"]}
     methods.update({get_method(p).name: METHODS[get_method(p).name] for p in rules if p != "calibrated"})
-    calibration_info = None
+    calibration_info, calibrated_here = None, None
+    if calibrated is not None and "calibrated" not in rules:
+        raise ValueError("calibrated rules were given but rules has no 'calibrated'")
     if "calibrated" in rules:
-        if calibration is None:
-            raise ValueError("--rules calibrated needs calibration pairs apart from the evaluated ones")
-        began = time.perf_counter()
-        cal_batch = encode_task(calibration, tokenizer, batch.metric_name, vocab_size=vocab, device=device)
-        calibrated = calibrate_on_batch(model, cal_batch, KINDS)
-        calibration_info = {"choices": dict(calibrated.choices), "n_prompts": len(calibration),
-                            "lines": [p.line for p in calibration.pairs],
-                            "seconds": time.perf_counter() - began, "summary": calibrated.summary()}
+        if calibrated is None:
+            if calibration is None:
+                raise ValueError("--rules calibrated needs calibration pairs apart from the evaluated ones")
+            began = time.perf_counter()
+            cal_batch = encode_task(calibration, tokenizer, batch.metric_name, vocab_size=vocab, device=device)
+            calibrated = calibrated_here = record_calibration(
+                calibrate_on_batch(model, cal_batch, KINDS), calibration_pairs(calibration.pairs),
+                name or model_name(model), task=str(calibration.path), metric=batch.metric_name)
+            calibration_info = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
+            calibration_info["lines"] = [p.line for p in calibration.pairs]
+        else:
+            calibration_info = calibration_entry(calibrated, calibrated_file, loaded=True)
         methods[CALIBRATED] = Method(CALIBRATED, LayerRelevancePatching, "2 forward + 1 backward", {"rules": calibrated})
     if validate:
         methods = {"AP": METHODS["AP"], **methods}
@@ -287,7 +305,8 @@ def run_task_experiment(
               "device": str(device), "n_layers": len(layers) // len(KINDS), "calibration": calibration_info,
               "digits_teacher_forced": bool(batch.digit_ids), "last_pos": batch.last_pos.tolist()}
     return TaskExperimentResult(by_method, valid, agreement, linear_table, competence, seconds, config, task,
-                                _layout(batch), _notes(agreement, linear_table), describe_answers(task, tokenizer))
+                                _layout(batch), _notes(agreement, linear_table), describe_answers(task, tokenizer),
+                                calibrated_here)
 
 
-__all__ = ["TaskExperimentResult", "run_task_experiment", "LINEAR", "CALIBRATED", "LINEAR_ENOUGH"]
+__all__ = ["TaskExperimentResult", "run_task_experiment", "LINEAR", "CALIBRATED", "CALIBRATION_FILE", "LINEAR_ENOUGH"]

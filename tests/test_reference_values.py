@@ -19,11 +19,16 @@ def _computation(key: str) -> str:
     return "/".join(key.split("/")[:2])
 
 
+def _computed_dtype(values):
+    """Feature-edge scores are float32 computations kept as float64 lists: compare them as float32."""
+    return {k: v.float() if k.startswith("feature_edges/") else v for k, v in values.items()}
+
+
 def test_scores_match_saved_reference():
     saved = torch.load(PATH, weights_only=True)
     values, names = compute()
     assert names == saved["names"]  # the same nodes kept and the same edges, in the same order
-    assert_close_to_reference(values, saved["values"], group=_computation)
+    assert_close_to_reference(_computed_dtype(values), _computed_dtype(saved["values"]), group=_computation)
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for k, v in values.items() if "/ids" not in k)
 
 

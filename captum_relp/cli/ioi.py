@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..embedded import heldout_words
+from ..experiments.checkpoint import CheckpointMismatch
 from ..experiments.ioi import run_ioi_experiment
 from ..models import model_components
 from ._common import (
@@ -12,9 +13,11 @@ from ._common import (
     CLIError,
     add_command,
     add_run_options,
+    add_resume_option,
     join_ranks,
     load_model_from_args,
     parse_list,
+    resume_error,
 )
 from ._results import ResultsFolder
 
@@ -53,6 +56,7 @@ def add_parser(sub) -> None:
                         help="comma-separated among ap, atp, relp (relp: the --rules); without ap the "
                              "correlations with AP are NaN")
     add_run_options(parser, "heatmaps")
+    add_resume_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -67,16 +71,20 @@ def run(args: argparse.Namespace) -> int:
     rules = parse_list(args.rules, "--rules", RELP_PRESETS)
     methods = parse_list(args.methods.lower(), "--methods", METHOD_CHOICES)
     with ResultsFolder(args, "ioi") as results:  # --out checked here, before the model loads
-        result = _experiment(args, rules, methods)
+        result = _experiment(args, rules, methods, results)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots))
     return 0
 
 
-def _experiment(args: argparse.Namespace, rules: list, methods: list):
+def _experiment(args: argparse.Namespace, rules: list, methods: list, results: ResultsFolder):
     """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts
+    from ..integrations.distributed import DataParallelSweep
+
+    sweep = DataParallelSweep()  # under torchrun each rank saves its own batches
+    checkpoint = results.checkpoint("ioi" if sweep.world_size == 1 else f"ioi-rank{sweep.rank}-of-{sweep.world_size}")
     model, tokenizer = load_model_from_args(args)
     if not args.quiet:
         print(cost_notice(model, methods, rules, args.n_prompts, args.batch_size), file=sys.stderr, flush=True)
@@ -85,8 +93,10 @@ def _experiment(args: argparse.Namespace, rules: list, methods: list):
             model, tokenizer, n_prompts=args.n_prompts, rules=rules, batch_size=args.batch_size,
             seed=args.seed, names=heldout_words(args.model, "ioi"), ap_batch_size=args.ap_batch_size,
             show_progress=not args.quiet, calibration_prompts=args.calibration_prompts,
-            methods=[{"ap": "AP", "atp": "AtP", "relp": "RelP"}[m] for m in methods],
+            methods=[{"ap": "AP", "atp": "AtP", "relp": "RelP"}[m] for m in methods], checkpoint=checkpoint,
         )
+    except CheckpointMismatch as error:
+        raise resume_error(error) from error
     except ValueError as error:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error

@@ -31,6 +31,7 @@ from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components, model_name
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
 from .alignment import RoleLayout
+from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
 
 CALIBRATED = "RelP (calibrated)"
 
@@ -168,6 +169,7 @@ def run_ioi_experiment(
     calibration_prompts: int = 20,
     name: Optional[str] = None,
     methods: Sequence[str] = ("AP", "AtP", "RelP"),
+    checkpoint: Optional[Checkpoint] = None,
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -189,6 +191,10 @@ def run_ioi_experiment(
             :func:`~captum_relp.models.model_name`, e.g. ``tiny-gpt2-ioi``, never a local path).
         methods: which of ``AP``, ``AtP``, ``RelP`` to run (``RelP``: the ``rules``).
             Without ``AP`` there is no reference: the correlations are NaN.
+        checkpoint: each method's scores of each batch are saved there as they finish, and read
+            back when that entry is saved (:mod:`~captum_relp.experiments.checkpoint`: a checkpoint
+            of another configuration raises ``CheckpointMismatch``). The calibration runs again
+            on a resumed run; the wall times add the saved batches' times.
 
     Returns:
         IOIExperimentResult
@@ -211,6 +217,12 @@ def run_ioi_experiment(
         rules = ()
     method_names += [get_method(preset).name for preset in rules if preset != "calibrated"]
     methods = {name: METHODS[name] for name in dict.fromkeys(method_names)}
+    if checkpoint is not None:  # before any work: a checkpoint of another configuration stops the run here
+        sweep = DataParallelSweep()
+        checkpoint.open(run_fingerprint(
+            model, experiment="ioi", pairs=pairs, batch=batch, methods=list(methods), rules=list(rules),
+            calibration_prompts=calibration_prompts if "calibrated" in rules else 0, batch_size=batch_size,
+            ap_batch_size=ap_batch_size, seed=seed, rank=sweep.rank, world_size=sweep.world_size))
     calibration = None
     if "calibrated" in rules:
         began = time.perf_counter()
@@ -233,14 +245,16 @@ def run_ioi_experiment(
             attribute_to_layer_input=flags,
         )
         for name, method in methods.items():
-            began = time.perf_counter()
             if name == "AP":  # per position already
-                scores = method.attribute(model, layers, clean, internal_batch_size=ap_batch_size,
-                                          show_progress=show_progress, **kwargs)
+                def compute(method=method, clean=clean, kwargs=kwargs):
+                    return method.attribute(model, layers, clean, internal_batch_size=ap_batch_size,
+                                            show_progress=show_progress, **kwargs)
             else:  # summed over hidden units in the backward pass, layer by layer
-                scores = method.attribute(model, layers, clean, reduce="sum", **kwargs)
-            seconds[name] += time.perf_counter() - began
-            collected[name].append([s.float().cpu() for s in scores])
+                def compute(method=method, clean=clean, kwargs=kwargs):
+                    return method.attribute(model, layers, clean, reduce="sum", **kwargs)
+            scores, spent = checkpointed(checkpoint, entry_key(name, start), compute)
+            seconds[name] += spent
+            collected[name].append(scores)
 
     collected = {m: sweep.gather(parts, len(chunks)) for m, parts in collected.items()}
     seconds = sweep.sum(seconds)

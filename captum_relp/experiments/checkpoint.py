@@ -71,6 +71,7 @@ class Checkpoint:
         folder: where the entries are saved (made when the first is).
         name: prefix of its files (several checkpoints can share a folder).
         resume: whether :meth:`open` may reuse the entries that are there.
+        compress: save entries with ``numpy.savez_compressed`` (smaller, slower).
 
     Example:
         >>> import tempfile
@@ -78,10 +79,10 @@ class Checkpoint:
         False
     """
 
-    def __init__(self, folder: Path, name: str = "run", resume: bool = False) -> None:
+    def __init__(self, folder: Path, name: str = "run", resume: bool = False, compress: bool = False) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
             raise ValueError(f"Checkpoint name must be letters, digits and _.+-, got {name!r}")
-        self.folder, self.name, self.resume = Path(folder), name, resume
+        self.folder, self.name, self.resume, self.compress = Path(folder), name, resume, compress
         self.fingerprint: Optional[Dict[str, Any]] = None
         self.reused = 0
 
@@ -149,7 +150,8 @@ class Checkpoint:
         """Save ``arrays`` under ``key`` (written to a temporary file, then renamed into place)."""
         self._check_open()
         final = self.path(key)
-        _write_atomic(final, lambda path: np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()}))
+        write = np.savez_compressed if self.compress else np.savez
+        _write_atomic(final, lambda path: write(path, **{k: np.asarray(v) for k, v in arrays.items()}))
         return final
 
     def discard(self) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from _real_model import pcc_tables, sized_card
+from _report import circuit_report
 from _real_model_calibration import CALIBRATION_PAIRS, DRAWS, calibrated, chosen_names, study_rows
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, fill_candidates, load_split, measure
 from calibration_eval import main_table, size_table
@@ -135,7 +136,7 @@ def write_real_model_page(root: Path, n_ioi: int, n_sva: int, n_pool: int = 50, 
     for name, n_eval in (("ioi", n_ioi), ("sva", n_sva)):
         if task in ("all", name):
             measure(model, tokenizer, folder, name, n_eval, n_pool, stop_at, split)
-            pool = load_split(folder, name, "pool")
+            pool = load_split(model, folder, name, "pool")
             if pool is not None and pool["metric"].shape[0] >= CALIBRATION_PAIRS:
                 fill_candidates(model, tokenizer, folder, name, chosen_names(model, pool), n_eval, n_pool)
     if task in ("all", "circuits"):
@@ -150,8 +151,6 @@ def _measure_circuits(model, tokenizer, out: Path, circuit: Dict) -> None:
         result = run_circuit_experiment(model, tokenizer, methods=("RelP", "AtP", "IG"), name=NAME,
                                         show_progress=False, report=print, **circuit)
     result.save(out)
-    from make_results import circuit_report
-
     command = ("OMP_NUM_THREADS=1 python scripts/make_results.py --real-model --task circuits "
                f"(RelP, AtP, IG; {circuit['task'].upper()} {circuit['nodes']}, --n-train {circuit['n_train']} "
                f"--n-test {circuit['n_test']}; {time.time() - began:.0f} s in all)")
@@ -241,14 +240,14 @@ def _how_lines(results: Dict, settings: Dict, command: str) -> List[str]:
 
 def _task_result(model, tokenizer, folder: Path, task: str, settings: Dict, resamples: int = 1000) -> Optional[Dict]:
     """PCC tables, maps, wall times and the calibrated rules of one task from its finished chunks."""
-    evaluated, pool = load_split(folder, task, "eval"), load_split(folder, task, "pool")
+    evaluated, pool = load_split(model, folder, task, "eval"), load_split(model, folder, task, "pool")
     if evaluated is None:
         return None
     if pool is not None and pool["metric"].shape[0] >= CALIBRATION_PAIRS:
         # score the chosen candidates (only those) on the evaluated pairs, once; cached in parts/
         fill_candidates(model, tokenizer, folder, task, chosen_names(model, pool), settings[f"n_{task}"],
                         settings["n_pool"])
-        evaluated = load_split(folder, task, "eval")
+        evaluated = load_split(model, folder, task, "eval")
     scores = {m: evaluated["scores"][m] for m in ["AP", *METHODS]}
     cal = calibrated(model, pool, evaluated) if pool is not None else None
     if cal is not None:

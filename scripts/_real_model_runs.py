@@ -5,9 +5,12 @@ Each task (IOI, SVA) has *evaluated* pairs (the Table-5 rows; seed 0) and a disj
 in chunks of ``CHUNK`` pairs; a chunk saves AP at the task's positions, AtP / RelP /
 RelP+AH and every default calibration candidate (one RelP pass each; ``gradient``,
 ``relp`` and ``relp-ah`` are the AtP / RelP / RelP+AH passes, not rerun) read at the same
-positions, and the wall time of each, to ``parts/<task>_<split>_<start>.npz``. A rerun
-skips finished chunks, so a run that is stopped keeps what it measured; the page uses the
-leading finished chunks of each split.
+positions, and the wall time of each, to ``parts/<task>_<split>_<start>.npz``. The chunks are
+the entries of the library's checkpoint (:class:`~captum_relp.experiments.checkpoint.Checkpoint`,
+named after the task, fingerprint in ``parts/<task>.checkpoint.json``: the GGUF file's sha256,
+the chunk size, the positions read, the seeds); a rerun resumes it and skips finished chunks, so
+a run that is stopped keeps what it measured, and a rerun with another model or layout is
+refused instead of mixed in. The page uses the leading finished chunks of each split.
 
 Order of the chunks: evaluated 0-40, pool 0-20, evaluated 40-100, pool 20-50, pool 50-100
 (the Table-5 rows first, then enough pool pairs for a calibrated row, then the rest).
@@ -24,6 +27,8 @@ import torch
 
 from _real_model import candidate_scores, check_against_library, gradient_scores, layered_role_patching, pick, role_patching
 from captum_relp.calibration.calibrated_rules import default_candidates
+from captum_relp.embedded.gguf import model_card
+from captum_relp.experiments.checkpoint import Checkpoint
 from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
 from captum_relp.tasks.sva import encode_sva, generate_sva_pairs
 
@@ -35,6 +40,23 @@ SVA_LABELS = ("subject", "that", "the", "RC noun", "RC verb")
 token in both prompts, so every method gives it exactly 0 there and it is left out."""
 REUSED = {"gradient": "AtP", "relp": "RelP", "relp-ah": "RelP+AH"}
 """Candidates whose scores are the library method's (same rules, same pass)."""
+
+
+def chunks_of(model, folder: Path, task: str) -> Checkpoint:
+    """The checkpoint of ``task``'s chunks in ``folder/parts`` (opened: a rerun resumes it)."""
+    card = model_card(model)
+    if card is None or "sha256" not in card:
+        raise ValueError("the real-model runs record the GGUF file's sha256: load the model with load_model")
+    chunks = Checkpoint(folder / "parts", task, resume=True, compress=True)
+    chunks.open(chunk_fingerprint(card["sha256"], str(next(model.parameters()).dtype), task))
+    return chunks
+
+
+def chunk_fingerprint(sha256: str, dtype: str, task: str) -> Dict[str, object]:
+    """What decides a chunk's numbers: the model file and dtype, the task's layout, the chunk size, the seeds."""
+    return {"model_sha256": sha256, "dtype": dtype, "task": task, "chunk": CHUNK,
+            "positions": list(IOI_ROLES if task == "ioi" else SVA_LABELS),
+            "structure": None if task == "ioi" else SVA_STRUCTURE, "seeds": {"eval": 0, "pool": 1}}
 
 
 def _pairs(task: str, n: int, seed: int, tokenizer, avoid=frozenset()) -> list:
@@ -77,7 +99,7 @@ def measure(model, tokenizer, folder: Path, task: str, n_eval: int, n_pool: int,
             stop_at: Optional[float] = None, split: Optional[str] = None) -> None:
     """Run every unfinished chunk of ``task`` (of ``split`` only, if given; until the clock passes ``stop_at``)."""
     parts = folder / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    chunks = chunks_of(model, folder, task)
     candidates = [c for c in default_candidates(model) if c.name not in REUSED]
     splits = {s: task_split(task, s, n_eval, n_pool, tokenizer) for s in ("eval", "pool")}
     check_file = parts / f"{task}_check.json"
@@ -97,8 +119,8 @@ def measure(model, tokenizer, folder: Path, task: str, n_eval: int, n_pool: int,
                                             "seconds_plain": middle - began,
                                             "seconds_layered": time.perf_counter() - middle}))
     for part, start in schedule(n_eval, n_pool):
-        path = parts / f"{task}_{part}_{start:03d}.npz"
-        if path.exists() or (split is not None and part != split):
+        key = f"{part}_{start:03d}"
+        if key in chunks.entries() or (split is not None and part != split):
             continue
         if stop_at is not None and time.time() > stop_at:
             print(f"{task}: stopped before {part} {start} (time limit)", flush=True)
@@ -115,33 +137,32 @@ def measure(model, tokenizer, folder: Path, task: str, n_eval: int, n_pool: int,
         seconds = {"AP": time.perf_counter() - began, **seconds, **{f"cand:{k}": v for k, v in cand_seconds.items()}}
         arrays.update({m: pick(v, where) for m, v in gradient.items()})
         arrays.update({f"cand:{k}": pick(v, where) for k, v in cands.items()})
-        np.savez_compressed(path.with_suffix(".tmp.npz"), metric=metric.double().numpy(), seconds=json.dumps(seconds),
-                            prompts=np.array([p.clean_prompt for p in pairs[start:stop]]), **arrays)
-        path.with_suffix(".tmp.npz").rename(path)  # a stopped run never leaves half a chunk
+        chunks.save(key, {"metric": metric.double().numpy(), "seconds": json.dumps(seconds),  # whole or not at all
+                          "prompts": np.array([p.clean_prompt for p in pairs[start:stop]]), **arrays})
         print(f"{time.strftime('%H:%M:%S')} {task} {part} {start}-{stop}: AP {seconds['AP']:.0f} s, "
               f"AtP {seconds['AtP']:.1f} s, {len(cands)} more candidates {sum(cand_seconds.values()):.0f} s",
               flush=True)
 
 
-def load_split(folder: Path, task: str, split: str) -> Optional[Dict[str, object]]:
+def load_split(model, folder: Path, task: str, split: str) -> Optional[Dict[str, object]]:
     """The leading finished chunks of a split, concatenated: arrays, metric, prompts and summed seconds."""
+    chunks = chunks_of(model, folder, task)
     parts, start = [], 0
-    while (folder / "parts" / f"{task}_{split}_{start:03d}.npz").exists():
-        parts.append(np.load(folder / "parts" / f"{task}_{split}_{start:03d}.npz"))
+    while (part := chunks.load(f"{split}_{start:03d}")) is not None:
+        parts.append(part)
         start += CHUNK
     if not parts:
         return None
-    names = [k for k in parts[0].files if k not in ("metric", "seconds", "prompts")]
+    names = [k for k in parts[0] if k not in ("metric", "seconds", "prompts")]
     seconds: Dict[str, float] = {}
     for part in parts:
         for k, v in json.loads(str(part["seconds"])).items():
             seconds[k] = seconds.get(k, 0.0) + v
     scores = {k: np.concatenate([p[k] for p in parts]) for k in names}
-    for extra in sorted((folder / "parts").glob(f"{task}_{split}_000_cand_*.npz")):
-        name = extra.stem.split("_cand_", 1)[1]
-        files = [folder / "parts" / f"{task}_{split}_{s:03d}_cand_{name}.npz" for s in range(0, start, CHUNK)]
-        if all(f.exists() for f in files):
-            loaded = [np.load(f) for f in files]
+    for extra in [k for k in chunks.entries() if k.startswith(f"{split}_000_cand_")]:
+        name = extra.split("_cand_", 1)[1]
+        loaded = [chunks.load(f"{split}_{s:03d}_cand_{name}") for s in range(0, start, CHUNK)]
+        if all(x is not None for x in loaded):
             scores[f"cand:{name}"] = np.concatenate([x["scores"] for x in loaded])
             seconds[f"cand:{name}"] = sum(float(x["seconds"]) for x in loaded)
     for cand, method in REUSED.items():
@@ -156,14 +177,12 @@ def fill_candidates(model, tokenizer, folder: Path, task: str, names, n_eval: in
     if not todo:
         return
     batch, positions, _ = task_split(task, "eval", n_eval, n_pool, tokenizer)
-    start = 0
-    while (folder / "parts" / f"{task}_eval_{start:03d}.npz").exists():
+    chunks, start = chunks_of(model, folder, task), 0
+    while (stored := chunks.load(f"eval_{start:03d}")) is not None:
         rows, where = batch.select(slice(start, start + CHUNK)), positions[start:start + CHUNK]
-        stored = np.load(folder / "parts" / f"{task}_eval_{start:03d}.npz").files
         for candidate in todo:
-            path = folder / "parts" / f"{task}_eval_{start:03d}_cand_{candidate.name}.npz"
-            if not path.exists() and f"cand:{candidate.name}" not in stored:
+            key = f"eval_{start:03d}_cand_{candidate.name}"
+            if key not in chunks.entries() and f"cand:{candidate.name}" not in stored:
                 scores, seconds = candidate_scores(model, rows, [candidate])
-                np.savez_compressed(path, scores=pick(scores[candidate.name], where),
-                                    seconds=seconds[candidate.name])
+                chunks.save(key, {"scores": pick(scores[candidate.name], where), "seconds": seconds[candidate.name]})
         start += CHUNK

@@ -6,6 +6,7 @@ import pytest
 
 import captum_relp.plotting as plotting
 from captum_relp.cli import main
+from captum_relp.cli._results import CHECKPOINTS
 
 # tiny settings: each run takes seconds on the shipped model
 RUNS = {
@@ -22,8 +23,14 @@ def _argv(command: str, out: Path, *extra: str) -> list:
 
 
 def _snapshot(folder: Path) -> dict:
-    """Every file under ``folder`` (relative name -> bytes)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under ``folder`` (relative name -> bytes) but the checkpoint of an unfinished run."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and CHECKPOINTS not in p.relative_to(folder).parts}
+
+
+def _checkpointed(folder: Path) -> int:
+    """The finished batch results kept in ``folder``'s checkpoint."""
+    return len(list((folder / CHECKPOINTS).glob("*.npz")))
 
 
 def _interrupt_on_call(monkeypatch, name: str, call: int, error: BaseException) -> None:
@@ -54,6 +61,9 @@ def test_interrupted_overwrite_leaves_the_earlier_run(command, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no staging folder left
     err = capsys.readouterr().err
     assert f"interrupted: the earlier results in {out} are left unchanged" in err
+    # ioi checkpoints its batches (2 methods, 1 batch): the same command with --resume continues
+    assert _checkpointed(out) == (2 if command == "ioi" else 0)
+    assert ("finished batch results are kept" in err) == (command == "ioi")
 
 
 def test_failed_run_without_earlier_results_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -127,6 +137,7 @@ def test_a_failed_move_is_undone(tmp_path, monkeypatch, capsys):
         main(_argv("ioi", out, "--seed", "1", "--no-plots", "--overwrite"))
     assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     assert "failed: the earlier results in" in capsys.readouterr().err
+    assert _checkpointed(out) == 2  # both methods' batch, for --resume
 
 
 def test_ctrl_c_while_files_move_is_held_until_they_are_in(tmp_path, monkeypatch, capsys):
@@ -140,7 +151,8 @@ def test_ctrl_c_while_files_move_is_held_until_they_are_in(tmp_path, monkeypatch
     real = results.os.replace
 
     def replace(source, target):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at every move
+        if CHECKPOINTS not in Path(target).parts:  # Ctrl-C at every move of the results
+            os.kill(os.getpid(), signal.SIGINT)
         real(source, target)
 
     monkeypatch.setattr(results.os, "replace", replace)
@@ -150,6 +162,7 @@ def test_ctrl_c_while_files_move_is_held_until_they_are_in(tmp_path, monkeypatch
     assert json.loads((out / "ioi_results.json").read_text())["config"]["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     assert "interrupted after the new results were written" in capsys.readouterr().err
+    assert not (out / CHECKPOINTS).exists()  # the results are in: the checkpoint is gone
 
 
 def test_ctrl_c_before_anything_is_written(tmp_path, monkeypatch, capsys):

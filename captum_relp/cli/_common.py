@@ -93,6 +93,21 @@ def add_run_options(parser: argparse.ArgumentParser, plots: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_resume_option(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` (the commands that checkpoint each finished batch in ``--out``)."""
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: reuse the finished batches saved in "
+                             "--out/.captum-relp-checkpoint when they were made with the same model, pairs and "
+                             "settings (else the run is refused). Without it such a checkpoint is refused, or "
+                             "discarded with --overwrite")
+
+
+def resume_error(error: Exception) -> "CLIError":
+    """A checkpoint of another configuration, as an error naming ``--resume`` (exit code 2)."""
+    return CLIError(f"--resume: {error}; rerun with the settings of that run, or without --resume and with "
+                    "--overwrite to discard its checkpoint and start again")
+
+
 def add_rules_options(parser: argparse.ArgumentParser, help: str) -> None:
     """``--rules preset|calibrated|PATH.json`` and ``--calibration-prompts`` (circuit and edges; the
     value is checked when the command runs)."""

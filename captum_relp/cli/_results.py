@@ -3,8 +3,13 @@
 Every file of a run, the manifest last, goes into a staging folder next to ``--out`` (same
 parent, same filesystem, so moving a file is an atomic rename). Only then are the earlier
 run's files moved aside and the new ones moved in, with Ctrl-C held back for those few
-renames; a failure or Ctrl-C before that leaves ``--out`` exactly as it was and removes the
-staging folder. Files in ``--out`` that captum-relp did not write are never touched.
+renames; a failure or Ctrl-C before that leaves the earlier results in ``--out`` as they were
+and removes the staging folder. Files in ``--out`` that captum-relp did not write are never touched.
+
+Commands that checkpoint (``attribute`` on a task file, ``ioi``) save each finished batch in the
+hidden folder ``--out/.captum-relp-checkpoint`` (:meth:`ResultsFolder.checkpoint`): it survives
+an interrupt or a failure, ``--resume`` reuses it, and it is removed once the run's results are
+in ``--out``.
 """
 from __future__ import annotations
 
@@ -19,10 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
+from ..experiments.checkpoint import Checkpoint
 from ._common import EXIT_ERROR, MANIFEST, CLIError, earlier_run_files, prepare_out, report_written, write_manifest
 
 STAGING = ".captum-relp-staging-"
 """Name prefix of the staging folders (hidden; removed when the run ends, however it ends)."""
+CHECKPOINTS = ".captum-relp-checkpoint"
+"""The folder in ``--out`` that holds the finished batches of an unfinished run."""
 _ASIDE = ".earlier"
 
 
@@ -51,6 +59,7 @@ class ResultsFolder:
         self.args, self.command = args, command
         self.staging: Optional[Path] = None
         self.committed = False
+        self.checkpoints: List[Checkpoint] = []
 
     def __enter__(self) -> "ResultsFolder":
         self.earlier = prepare_out(self.args, self.command)
@@ -59,6 +68,28 @@ class ResultsFolder:
         self._made = [p for p in [real, *real.parents] if not p.exists()]  # deepest first
         self._parent = staging_parent(self.out)
         return self
+
+    def checkpoint(self, name: str) -> Checkpoint:
+        """The checkpoint ``name`` in ``--out/.captum-relp-checkpoint``, checked before the model loads.
+
+        With ``--resume`` its saved batches are reused (the experiment checks that they are of this
+        configuration); without it, a checkpoint that is there is refused, or discarded with
+        ``--overwrite``. It is removed once the results are in ``--out``.
+        """
+        resume = bool(getattr(self.args, "resume", False))
+        found = Checkpoint(self.out / CHECKPOINTS, name, resume=resume)
+        if found.exists() and not resume:
+            if not getattr(self.args, "overwrite", False):
+                raise CLIError(f"--out {self.out} holds the checkpoint of an unfinished run "
+                               f"({len(found.entries())} finished batch results in {found.folder}); pass --resume "
+                               "to continue it, or --overwrite to discard it and start again")
+            found.discard()
+            _say(f"--overwrite: discarded the checkpoint of an unfinished run in {found.folder}")
+        elif resume:
+            _say(f"--resume: {len(found.entries())} finished batch results in {found.folder} are reused"
+                 if found.exists() else f"--resume: no checkpoint in {found.folder}; starting from the first batch")
+        self.checkpoints.append(found)
+        return found
 
     def write(self, save: Callable[[Path], List[Path]]) -> List[Path]:
         """``save(folder)`` writes the run's files into the staging folder; then the manifest is
@@ -75,6 +106,7 @@ class ResultsFolder:
         with _ctrl_c_held():
             swap_in(self.staging, self.out, earlier)
             self.committed = True
+            _remove(self.out / CHECKPOINTS)  # the run is complete: its batches are in the results
         _remove(self.staging)
         self.staging = None
         written = [self.out / name for name in names]
@@ -85,6 +117,12 @@ class ResultsFolder:
         if kind is None:
             return False
         what = "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed"
+        kept = sum(len(c.entries()) for c in self.checkpoints)
+        for empty in [c for c in self.checkpoints if not c.entries()]:
+            empty.discard()
+        if kept and not self.committed:
+            _say(f"{what}: {kept} finished batch results are kept in {self.out / CHECKPOINTS}; the same "
+                 "command with --resume continues from them")
         if self.committed:
             _say(f"{what} after the new results were written to {self.out}")
         elif self.staging is not None and _holds_files(self.staging / _ASIDE):
@@ -94,7 +132,7 @@ class ResultsFolder:
         elif self.earlier:
             _say(f"{what}: the earlier results in {self.out} are left unchanged")
         else:
-            _say(f"{what}: nothing was written to {self.out}")
+            _say(f"{what}: {'no results were' if kept else 'nothing was'} written to {self.out}")
         if self.staging is not None:
             _remove(self.staging)
         for folder in self._made if not self.committed else []:
@@ -225,4 +263,4 @@ def _say(message: str) -> None:
     print(f"captum-relp: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["ResultsFolder", "STAGING", "staging_parent", "swap_in"]
+__all__ = ["ResultsFolder", "STAGING", "CHECKPOINTS", "staging_parent", "swap_in"]

@@ -10,7 +10,17 @@ from pathlib import Path
 
 from ..tasks.file_metrics import METRICS
 from . import ioi
-from ._common import EXIT_TASK, CLIError, add_command, add_run_options, default_out, load_model_from_args
+from ..experiments.checkpoint import CheckpointMismatch
+from ._common import (
+    EXIT_TASK,
+    CLIError,
+    add_command,
+    add_resume_option,
+    add_run_options,
+    default_out,
+    load_model_from_args,
+    resume_error,
+)
 from ._results import ResultsFolder
 from ._rules_file import check_rules_file, parse_rule_list, read_rules_file
 
@@ -62,6 +72,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--methods", default="ap,atp,relp",
                         help="ioi only: comma-separated among ap, atp, relp")
     add_run_options(parser, "heatmaps")
+    add_resume_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -98,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = default_out(argparse.Namespace(model=args.model, task=path.stem), "attribute")
     with ResultsFolder(args, "attribute") as results:
+        checkpoint = results.checkpoint("attribute")  # checked before the model loads
         model, tokenizer = load_model_from_args(args)
         if calibrated is not None:
             check_rules_file(calibrated, rules_file, model, model_name(model))
@@ -106,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
                 model, tokenizer, task, metric=args.metric, rules=rules, batch_size=args.batch_size,
                 validate=args.validate, ap_batch_size=args.ap_batch_size, show_progress=not args.quiet,
                 calibration=calibration, seed=args.seed, linearity=not args.no_linearity, calibrated=calibrated,
-                calibrated_file=rules_file)
+                calibrated_file=rules_file, checkpoint=checkpoint)
+        except CheckpointMismatch as error:
+            raise resume_error(error) from error
         except ValueError as error:
             if str(error).startswith(str(path)):  # a row this model's tokenizer cannot encode
                 raise CLIError(str(error), EXIT_TASK) from error

@@ -6,6 +6,7 @@ import sys
 
 from ..embedded import heldout_words
 from ..experiments.calibration_record import describe_calibration
+from ..experiments.checkpoint import CheckpointMismatch
 from ..experiments.ioi import run_ioi_experiment
 from ..models import model_components, model_name
 from ._common import (
@@ -13,9 +14,11 @@ from ._common import (
     CLIError,
     add_command,
     add_run_options,
+    add_resume_option,
     join_ranks,
     load_model_from_args,
     parse_list,
+    resume_error,
 )
 from ._results import ResultsFolder
 from ._rules_file import check_rules_file, parse_rule_list, read_rules_file
@@ -60,6 +63,7 @@ def add_parser(sub) -> None:
                         help="comma-separated among ap, atp, relp (relp: the --rules); without ap the "
                              "correlations with AP are NaN")
     add_run_options(parser, "heatmaps")
+    add_resume_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -75,16 +79,21 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_list(args.methods.lower(), "--methods", METHOD_CHOICES)
     calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
     with ResultsFolder(args, "ioi") as results:  # --out checked here, before the model loads
-        result = _experiment(args, rules, methods, calibrated, rules_file)
+        result = _experiment(args, rules, methods, results, calibrated, rules_file)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots))
     return 0
 
 
-def _experiment(args: argparse.Namespace, rules: list, methods: list, calibrated=None, rules_file=None):
+def _experiment(args: argparse.Namespace, rules: list, methods: list, results: ResultsFolder, calibrated=None,
+                rules_file=None):
     """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts
+    from ..integrations.distributed import DataParallelSweep
+
+    sweep = DataParallelSweep()  # under torchrun each rank saves its own batches
+    checkpoint = results.checkpoint("ioi" if sweep.world_size == 1 else f"ioi-rank{sweep.rank}-of-{sweep.world_size}")
     model, tokenizer = load_model_from_args(args)
     if calibrated is not None:
         check_rules_file(calibrated, rules_file, model, model_name(model))
@@ -96,8 +105,10 @@ def _experiment(args: argparse.Namespace, rules: list, methods: list, calibrated
             seed=args.seed, names=heldout_words(args.model, "ioi"), ap_batch_size=args.ap_batch_size,
             show_progress=not args.quiet, calibration_prompts=args.calibration_prompts,
             methods=[{"ap": "AP", "atp": "AtP", "relp": "RelP"}[m] for m in methods], calibrated=calibrated,
-            calibrated_file=rules_file,
+            calibrated_file=rules_file, checkpoint=checkpoint,
         )
+    except CheckpointMismatch as error:
+        raise resume_error(error) from error
     except ValueError as error:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error

@@ -32,6 +32,7 @@ from ..models import model_components, model_name
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
 from .alignment import RoleLayout
 from .calibration_record import calibration_entry, record_calibration
+from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
 
 CALIBRATED = "RelP (calibrated)"
 CALIBRATION_FILE = "ioi_calibration.json"
@@ -180,6 +181,7 @@ def run_ioi_experiment(
     methods: Sequence[str] = ("AP", "AtP", "RelP"),
     calibrated: Optional[CalibratedRules] = None,
     calibrated_file: Optional[str] = None,
+    checkpoint: Optional[Checkpoint] = None,
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -204,6 +206,10 @@ def run_ioi_experiment(
         calibrated: rules for ``"calibrated"`` calibrated earlier (e.g. read with
             :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
         calibrated_file: the file ``calibrated`` was read from, named in ``config["calibration"]``.
+        checkpoint: each method's scores of each batch are saved there as they finish, and read
+            back when that entry is saved (:mod:`~captum_relp.experiments.checkpoint`: a checkpoint
+            of another configuration raises ``CheckpointMismatch``). The calibration runs again
+            on a resumed run; the wall times add the saved batches' times.
 
     Returns:
         IOIExperimentResult
@@ -228,6 +234,13 @@ def run_ioi_experiment(
     methods = {name: METHODS[name] for name in dict.fromkeys(method_names)}
     if calibrated is not None and "calibrated" not in rules:
         raise ValueError("calibrated rules were given but rules has no 'calibrated'")
+    if checkpoint is not None:  # before any work: a checkpoint of another configuration stops the run here
+        sweep = DataParallelSweep()
+        checkpoint.open(run_fingerprint(
+            model, experiment="ioi", pairs=pairs, batch=batch, methods=list(methods), rules=list(rules),
+            calibration_prompts=calibration_prompts if "calibrated" in rules else 0, batch_size=batch_size,
+            ap_batch_size=ap_batch_size, seed=seed, calibrated=None if calibrated is None else calibrated.to_json(),
+            rank=sweep.rank, world_size=sweep.world_size))
     calibration, calibrated_here = None, None
     if "calibrated" in rules and calibrated is not None:
         calibration = calibration_entry(calibrated, calibrated_file, loaded=True)
@@ -253,14 +266,16 @@ def run_ioi_experiment(
             attribute_to_layer_input=flags,
         )
         for name, method in methods.items():
-            began = time.perf_counter()
             if name == "AP":  # per position already
-                scores = method.attribute(model, layers, clean, internal_batch_size=ap_batch_size,
-                                          show_progress=show_progress, **kwargs)
+                def compute(method=method, clean=clean, kwargs=kwargs):
+                    return method.attribute(model, layers, clean, internal_batch_size=ap_batch_size,
+                                            show_progress=show_progress, **kwargs)
             else:  # summed over hidden units in the backward pass, layer by layer
-                scores = method.attribute(model, layers, clean, reduce="sum", **kwargs)
-            seconds[name] += time.perf_counter() - began
-            collected[name].append([s.float().cpu() for s in scores])
+                def compute(method=method, clean=clean, kwargs=kwargs):
+                    return method.attribute(model, layers, clean, reduce="sum", **kwargs)
+            scores, spent = checkpointed(checkpoint, entry_key(name, start), compute)
+            seconds[name] += spent
+            collected[name].append(scores)
 
     collected = {m: sweep.gather(parts, len(chunks)) for m, parts in collected.items()}
     seconds = sweep.sum(seconds)

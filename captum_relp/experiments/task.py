@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -41,6 +41,7 @@ from ..tasks.file_task import TaskFile, save_pairs
 from .agreement import agreement_table, format_interval
 from .alignment import RoleLayout
 from .calibration_record import calibration_entry, calibration_pairs, describe_calibration, record_calibration
+from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
 
 LINEAR = "AP (first-order metric)"
 """AP through the metric's first-order expansion (the linearity report)."""
@@ -160,6 +161,11 @@ def _layout(batch: TaskBatch) -> RoleLayout:
     return RoleLayout.from_roles(roles, tokens)
 
 
+def _rows(task: TaskFile) -> List[dict]:
+    """The pairs as recorded in a checkpoint's fingerprint (every field but the file's path)."""
+    return [{k: v for k, v in asdict(pair).items() if k != "source"} for pair in task.pairs]
+
+
 def _stack(parts: List[List[torch.Tensor]], labels) -> Dict[str, np.ndarray]:
     per_layer = [torch.cat([p[i] for p in parts]) for i in range(len(labels))]
     return {kind: torch.stack([s for s, (k, _) in zip(per_layer, labels) if k == kind], dim=1).numpy()
@@ -194,6 +200,7 @@ def run_task_experiment(
     ap_batch_size: int = 64, show_progress: bool = True, calibration: Optional[TaskFile] = None,
     name: Optional[str] = None, seed: int = 0, linearity: bool = True,
     calibrated: Optional[CalibratedRules] = None, calibrated_file: Optional[str] = None,
+    checkpoint: Optional[Checkpoint] = None,
 ) -> TaskExperimentResult:
     """Run the task check, AtP, RelP and AP (on ``validate`` pairs) on a task file.
 
@@ -211,6 +218,10 @@ def run_task_experiment(
         calibrated: rules for ``calibrated`` calibrated earlier (e.g. read with
             :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
         calibrated_file: the file ``calibrated`` was read from, named in ``config["calibration"]``.
+        checkpoint: each method's scores of each batch are saved there as they finish, and read
+            back when that entry is saved (:mod:`~captum_relp.experiments.checkpoint`: a checkpoint
+            of another configuration raises ``CheckpointMismatch``). The task check and the
+            calibration run again on a resumed run; the wall times add the saved batches' times.
 
     Example:
         >>> import pathlib, tempfile
@@ -229,8 +240,14 @@ def run_task_experiment(
     batch = encode_task(task, tokenizer, metric, vocab_size=vocab, device=device)
     foil = encode_task(task, tokenizer, metric, vocab_size=vocab, device=device, swap=True) \
         if batch.metric_name == "logprob" else None
-    competence = competence_check(model, batch, foil, batch_size=batch_size, seed=seed)
     validate = len(task) if validate is None else min(validate, len(task))
+    if checkpoint is not None:  # before any work: a checkpoint of another configuration stops the run here
+        checkpoint.open(run_fingerprint(
+            model, experiment="task", pairs=_rows(task), batch=batch, rules=list(rules), validate=validate,
+            linearity=linearity, calibration=None if calibration is None else _rows(calibration),
+            batch_size=batch_size, ap_batch_size=ap_batch_size, seed=seed,
+            calibrated=None if calibrated is None else calibrated.to_json()))
+    competence = competence_check(model, batch, foil, batch_size=batch_size, seed=seed)
     layers, flags, labels = model_components(model).select(KINDS)
     methods: Dict[str, Method] = {"AtP": METHODS["AtP"]}
     methods.update({get_method(p).name: METHODS[get_method(p).name] for p in rules if p != "calibrated"})
@@ -258,34 +275,35 @@ def run_task_experiment(
         collected[LINEAR] = []
     seconds = {m: 0.0 for m in collected}
     for start in tqdm(range(0, len(task), batch_size), desc="task batches", disable=not show_progress):
-        rows = slice(start, start + batch_size)
-        part = batch.select(rows)
+        part = batch.select(slice(start, start + batch_size))
         kwargs = dict(baselines=part.corrupt_ids, additional_forward_args={"attention_mask": part.attention_mask},
                       attribute_to_layer_input=flags)
         ap_rows = max(0, min(validate - start, len(part)))
         for method_name, method in methods.items():
-            began = time.perf_counter()
             if method_name == "AP":
                 if not ap_rows:
                     continue
                 sub = part.select(slice(0, ap_rows))
                 ap_kwargs = dict(kwargs, baselines=sub.corrupt_ids,
                                  additional_forward_args={"attention_mask": sub.attention_mask})
-                runs = [("AP", sub.metric())]
-                if LINEAR in collected:
-                    with torch.no_grad():
-                        logits = model(sub.clean_ids, attention_mask=sub.attention_mask).logits
-                    runs.append((LINEAR, linearized(sub.metric(), logits)))
-                for label, run_metric in runs:
-                    began = time.perf_counter()
-                    scores = method.attribute(model, layers, sub.clean_ids, internal_batch_size=ap_batch_size,
-                                              show_progress=show_progress, metric=run_metric, **ap_kwargs)
-                    seconds[label] += time.perf_counter() - began
-                    collected[label].append([s.float().cpu() for s in scores])
+                for label in [m for m in ("AP", LINEAR) if m in collected]:
+                    def compute(label=label, sub=sub, ap_kwargs=ap_kwargs, method=method):
+                        metric = sub.metric()
+                        if label == LINEAR:
+                            with torch.no_grad():
+                                metric = linearized(metric, model(sub.clean_ids, attention_mask=sub.attention_mask).logits)
+                        return method.attribute(model, layers, sub.clean_ids, internal_batch_size=ap_batch_size,
+                                                show_progress=show_progress, metric=metric, **ap_kwargs)
+
+                    scores, spent = checkpointed(checkpoint, entry_key(label, start), compute)
+                    seconds[label] += spent
+                    collected[label].append(scores)
                 continue
-            scores = method.attribute(model, layers, part.clean_ids, reduce="sum", metric=part.metric(), **kwargs)
-            seconds[method_name] += time.perf_counter() - began
-            collected[method_name].append([s.float().cpu() for s in scores])
+            scores, spent = checkpointed(checkpoint, entry_key(method_name, start), lambda method=method, part=part,
+                                         kwargs=kwargs: method.attribute(model, layers, part.clean_ids, reduce="sum",
+                                                                         metric=part.metric(), **kwargs))
+            seconds[method_name] += spent
+            collected[method_name].append(scores)
     by_method = {m: _stack(parts, labels) for m, parts in collected.items() if parts}
     valid = batch.attention_mask.bool().cpu().numpy()
     agreement: Dict[str, Dict[str, dict]] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from captum_relp.tasks.competence import Competence, competence_check
-from captum_relp.tasks.file_encode import TaskBatch, describe_answers, encode_task
+from captum_relp.tasks.file_encode import TaskBatch, check_one_layout, describe_answers, encode_task
 from captum_relp.tasks.file_task import TaskFile, TaskPair, load_task_file
 from captum_relp.tasks.ioi import (
     NAMES,
@@ -51,7 +51,8 @@ def task_splits(task, tokenizer, n_train: int, n_test: int, seed: int,
     kept out of training (e.g. :func:`captum_relp.embedded.heldout_words`); default: a
     seeded split of the task's words. A :class:`~captum_relp.tasks.file_task.TaskFile`:
     one setting, its first ``n_train`` rows for training and the next ``n_test`` for the test
-    (encoded together, so both have the same positions).
+    (encoded together; every pair must have one token layout, see
+    :func:`~captum_relp.tasks.file_encode.check_one_layout`).
 
     Example:
         >>> from captum_relp.embedded import load_embedded
@@ -63,7 +64,10 @@ def task_splits(task, tokenizer, n_train: int, n_test: int, seed: int,
         if len(task) < n_train + n_test:
             raise ValueError(f"{task.path}: {len(task)} rows, fewer than the {n_train} training and {n_test} "
                              "test pairs asked for")
-        batch = encode_task(task.pairs[: n_train + n_test], tokenizer)
+        used = TaskFile(task.pairs[: n_train + n_test], task.kind, task.path)
+        batch = encode_task(used, tokenizer)
+        check_one_layout(used, tokenizer, batch, "circuit discovery averages node effects and the mean-ablation "
+                         "activations over the pairs position by position")
         return [(task.name, batch.select(slice(0, n_train)), batch.select(slice(n_train, n_train + n_test)))]
     if task == "sva":
         if heldout:

@@ -243,6 +243,49 @@ def encode_task(task: Union[TaskFile, Sequence[TaskPair]], tokenizer: Any, metri
     return batch.to(device) if device is not None else batch
 
 
+def check_one_layout(task: TaskFile, tokenizer: Any, batch: TaskBatch, why: str) -> None:
+    """Raise unless every pair of ``task`` has one token layout: its clean and its corrupted prompt
+    have as many tokens as the first pair's clean prompt, and its encoded row (``batch``, answer
+    tokens teacher-forced included) is as long as the first row. Position ``t`` then means the same
+    place in every pair; whether it plays the same *role* (the same kind of word) is the file's to ensure.
+
+    Args:
+        task: the pairs, as loaded.
+        tokenizer: the model's tokenizer.
+        batch: ``task`` encoded by :func:`encode_task`.
+        why: what needs the layout (ends the error message).
+
+    Raises:
+        ValueError: naming the file and the first pair (its line) that does not share the layout.
+
+    Example:
+        >>> from captum_relp.embedded import load_embedded
+        >>> _, tok = load_embedded("tiny-gpt2-ioi")
+        >>> short, long = "Then, John gave a ring to", "Then, Mary and John went to the store. John gave a ring to"
+        >>> task = TaskFile([TaskPair(short, short.replace("John", "Anna"), answer=" Mary", foil=" John", line=2),
+        ...                  TaskPair(long, long.replace("John", "Anna"), answer=" Mary", foil=" John", line=3)],
+        ...                 "strings", "t.csv")
+        >>> check_one_layout(task, tok, encode_task(task, tok), "they are averaged per position")
+        Traceback (most recent call last):
+        ...
+        ValueError: t.csv, line 3: the clean prompt has 16 tokens and the corrupted 16, the first pair (line 2) 8: every pair needs one token layout (as many tokens in each prompt) because they are averaged per position
+    """
+    first = task.pairs[0]
+    width = len(tokenizer(first.clean)["input_ids"])
+    lengths = batch.attention_mask.sum(1).tolist()
+    for pair, length in zip(task.pairs, lengths):
+        clean, corrupted = len(tokenizer(pair.clean)["input_ids"]), len(tokenizer(pair.corrupted)["input_ids"])
+        if clean != width or corrupted != width:
+            found = f"the clean prompt has {clean} tokens and the corrupted {corrupted}, the first pair (line {first.line}) {width}"
+        elif length != lengths[0]:
+            found = (f"with its answer teacher-forced the row has {int(length)} tokens, the first pair's "
+                     f"(line {first.line}) {int(lengths[0])}")
+        else:
+            continue
+        raise ValueError(f"{task.path}, line {pair.line}: {found}: every pair needs one token layout "
+                         f"(as many tokens in each prompt) because {why}")
+
+
 def _kind_of(pair: TaskPair) -> str:
     if pair.label is not None:
         return "greater-than"
@@ -272,4 +315,4 @@ def describe_answers(task: Union[TaskFile, Sequence[TaskPair]], tokenizer: Any, 
     return out
 
 
-__all__ = ["DEFAULT_METRIC", "TaskBatch", "encode_task", "describe_answers"]
+__all__ = ["DEFAULT_METRIC", "TaskBatch", "encode_task", "describe_answers", "check_one_layout"]

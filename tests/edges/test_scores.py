@@ -135,3 +135,31 @@ def test_per_position_scores_sum_to_totals_and_exact_matches_patching():
             patched = _patched_metric(model, graph, clean, mask, reference, u, v, 1.0)
             assert exact.scores[u, v].item() == pytest.approx((clean_value - patched).item(), abs=1e-10)
     assert exact.n_forward == 2 + -(-graph.n_edges // 6)
+
+
+@pytest.mark.parametrize("method", ["eap", "relp"])
+def test_pairs_of_different_lengths_score_as_the_mean_of_each_pair(method):
+    """Why ``edges --task FILE`` needs no shared layout across pairs (``circuit`` does): the edge
+    scores of a batch of right-padded pairs of different lengths are the mean of each pair's own."""
+    from captum_relp.embedded import load_embedded
+    from captum_relp.tasks.file_encode import encode_task
+    from captum_relp.tasks.file_task import TaskPair
+
+    model, tok = load_embedded("tiny-gpt2-ioi")
+    short, long = "Then, John gave a ring to", "Then, Mary and John went to the store. John gave a ring to"
+    pairs = [TaskPair(short, short.replace("John", "Anna"), answer=" Mary", foil=" John"),
+             TaskPair(long, long.replace("John", "Anna").replace("Mary and", "Tom and Mary and"),
+                      answer=" Mary", foil=" John")]  # 8 tokens; 16 clean against 18 corrupted
+    graph = build_graph(model)
+
+    def scores(rows):
+        batch = encode_task(rows, tok)
+        return edge_scores(model, graph, batch.clean_ids, batch.corrupt_ids, batch.metric(), batch.attention_mask,
+                           method=method).scores
+
+    both = scores(pairs)
+    alone = (scores(pairs[:1]) + scores(pairs[1:])) / 2
+    kept = torch.isfinite(both)
+    assert encode_task(pairs, tok).attention_mask.sum(1).tolist() == [8, 18]
+    assert torch.equal(kept, torch.isfinite(alone)) and alone[kept].abs().max() > 1
+    torch.testing.assert_close(both[kept], alone[kept], rtol=0, atol=5e-5)

@@ -109,3 +109,26 @@ def test_attribute_task_ioi_is_the_ioi_experiment(tmp_path):
     assert main(["attribute", "--task", "ioi", "--n-prompts", "2", "--methods", "atp,relp", "--out", str(out),
                  "--quiet", "--no-plots"]) == 0
     assert json.loads((out / "ioi_results.json").read_text())["config"]["n_prompts"] == 2
+
+
+def test_circuit_refuses_a_file_whose_pairs_differ_in_layout_and_edges_takes_it(tmp_path, capsys):
+    task = _eap_ig_csv(tmp_path / "mixed.csv", n=12)
+    lines = task.read_text().splitlines()
+    row = next(csv.reader([lines[4]]))  # line 5: one more word in both prompts
+    row[0], row[1] = row[0].replace(" gave", " then gave"), row[1].replace(" gave", " then gave")
+    with task.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        for line in lines[:4]:
+            writer.writerow(next(csv.reader([line])))
+        writer.writerow(row)
+        for line in lines[5:]:
+            writer.writerow(next(csv.reader([line])))
+    out = tmp_path / "c"
+    assert main(["circuit", "--task", str(task), "--nodes", "components", "--n-train", "6", "--n-test", "6",
+                 "--method", "relp", "--out", str(out), "--quiet", "--no-plots"]) == 3
+    err = capsys.readouterr().err
+    assert f"{task}, line 5: the clean prompt has 16 tokens and the corrupted 16, the first pair (line 2) 15" in err
+    assert "one token layout" in err and not out.exists()
+    # edge scores are summed over positions pair by pair: pairs of different lengths are fine there
+    assert main(["edges", "--task", str(task), "--n-prompts", "6", "--n-eval", "6", "--method", "relp",
+                 "--no-exact", "--repeats", "1", "--out", str(tmp_path / "e"), "--quiet", "--no-plots"]) == 0

@@ -158,6 +158,7 @@ def test_ioi_methods_skip_ap_and_cost_is_stated_first(tmp_path, capsys):
     results = json.loads((out / "ioi_results.json").read_text())
     assert set(results["seconds"]) == {"AtP", "RelP"}
     assert all(value != value for value in results["pcc_per_prompt"]["mlp"].values())  # NaN: no AP reference
+    assert "AP was not run (methods AtP, RelP)" in captured.out and "nan" not in captured.out.lower()
 # --- where results go: --out checked before any work, earlier runs never silently mixed ------------------------
 
 def _fail_if_loaded(monkeypatch):

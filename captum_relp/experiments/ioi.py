@@ -99,8 +99,12 @@ class IOIExperimentResult:
         """The PCC tables in the layout of the paper's Table 5, plus the time ratios."""
         methods = [m for m in self.scores if m != "AP"]
         lines = []
-        for title, table in (("per-prompt maps", self.pcc_per_prompt),
-                             ("prompt-averaged maps", self.pcc_mean_map)):
+        if "AP" not in self.scores:  # no reference: every correlation would be NaN
+            lines.append(f"AP was not run (methods {', '.join(methods)}): no correlation with activation "
+                         "patching to report; the scores are saved")
+            lines.append("")
+        for title, table in (() if "AP" not in self.scores else (("per-prompt maps", self.pcc_per_prompt),
+                             ("prompt-averaged maps", self.pcc_mean_map))):
             lines.append(f"Pearson correlation with activation patching ({title}, "
                          f"{self.config.get('model')}, N={self.config['n_prompts']})")
             widths = [max(10, len(m) + 2) for m in methods]

@@ -116,9 +116,10 @@ def plain_metric_logits(forward_func: Any, evaluator: Any, head: Optional[nn.Mod
         hidden = args[0]
         if state.get("inner") or hidden.dim() != 3 or state.get("skip") or not hidden.shape[0]:
             return None
-        if probed and (not torch.is_grad_enabled() or evaluator.__dict__.get("value_dependent")):
-            return None  # no backward to save (the check would cost the full head), or shown once to
-            #              differ from the full logits: full logits
+        if probed and (offset or not torch.is_grad_enabled() or evaluator.__dict__.get("value_dependent")):
+            return None  # a suffix run (its positions could not be checked against the full logits), no
+            #              backward to save (the check would cost the full head), or shown once to differ
+            #              from the full logits: full logits
         weight = head.weight
         found = read_positions(evaluator, offset + hidden.shape[1], weight.shape[0], weight.dtype, weight.device)
         if found is None or found[1] < offset:  # a suffix run shows the metric no earlier position

@@ -203,10 +203,11 @@ def test_overwrite_removes_the_earlier_runs_other_files(tmp_path, capsys):
     out = capsys.readouterr().out
     left = sorted(p.name for p in tmp_path.iterdir())
     # the first run's heatmaps and the stray figure are gone, the user's own file stays
-    assert left == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json", "notes.txt"]
+    assert left == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json", "ioi_scores.npz", "notes.txt"]
     assert "removed the earlier run's" in out and "ioi_heatmap_resid.png" in out
     second = json.loads((tmp_path / "captum-relp-run.json").read_text())
-    assert second["files"] == ["ioi_results.json", "ioi_pcc.csv"] and second["settings"]["no_plots"] is True
+    assert second["files"] == ["ioi_results.json", "ioi_pcc.csv", "ioi_scores.npz"]
+    assert second["settings"]["no_plots"] is True
 
 
 def test_result_patterns_cover_every_output():

@@ -96,9 +96,10 @@ def test_overwrite_leaves_exactly_the_new_run(tmp_path, capsys):
     assert main(_argv("ioi", out, "--seed", "1", "--no-plots", "--overwrite")) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((out / "captum-relp-run.json").read_text())
-    assert manifest["files"] == ["ioi_results.json", "ioi_pcc.csv"] and manifest["settings"]["out"] == str(out)
+    assert manifest["files"] == ["ioi_results.json", "ioi_pcc.csv", "ioi_scores.npz"]
+    assert manifest["settings"]["out"] == str(out)
     assert sorted(_snapshot(out)) == ["captum-relp-run.json", "data/pairs.txt", "ioi_pcc.csv", "ioi_results.json",
-                                      "notes.txt"]
+                                      "ioi_scores.npz", "notes.txt"]
     assert json.loads((out / "ioi_results.json").read_text())["config"]["seed"] == 1
     assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "pairs.txt").read_text() == "mine too"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
@@ -114,7 +115,8 @@ def test_run_into_the_working_directory(tmp_path, monkeypatch, capsys):
     assert main(_argv("ioi", Path("."), "--no-plots")) == 0
     assert main(_argv("ioi", Path("."), "--no-plots", "--seed", "1", "--overwrite")) == 0
     assert Path.cwd() == tmp_path and (tmp_path / "ioi_results.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json",
+                                                           "ioi_scores.npz"]
     assert f"wrote {Path('ioi_results.json')}" in capsys.readouterr().out
 
 
@@ -158,7 +160,7 @@ def test_ctrl_c_while_files_move_is_held_until_they_are_in(tmp_path, monkeypatch
     monkeypatch.setattr(results.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         main(_argv("ioi", out, "--seed", "1", "--no-plots", "--overwrite"))
-    assert sorted(_snapshot(out)) == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json"]
+    assert sorted(_snapshot(out)) == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json", "ioi_scores.npz"]
     assert json.loads((out / "ioi_results.json").read_text())["config"]["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     assert "interrupted after the new results were written" in capsys.readouterr().err
@@ -197,7 +199,8 @@ def test_staged_inside_out_when_its_parent_cannot_be_written(tmp_path, monkeypat
     monkeypatch.setattr(results, "write_manifest", write_manifest)
     assert main(_argv("ioi", out, "--seed", "1", "--no-plots", "--overwrite")) == 0
     assert staged[0].parent == out.resolve()
-    assert sorted(_snapshot(out)) == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json", "notes.txt"]
+    assert sorted(_snapshot(out)) == ["captum-relp-run.json", "ioi_pcc.csv", "ioi_results.json", "ioi_scores.npz",
+                                      "notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 

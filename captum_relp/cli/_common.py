@@ -184,7 +184,7 @@ def default_out(args: argparse.Namespace, command: str) -> str:
 
 
 RESULT_PATTERNS = ("task_results.json", "task_pcc.csv", "task_scores.npz", "task_pairs.jsonl", "task_heatmap_*.png",
-                   "ioi_results.json", "ioi_pcc.csv", "ioi_heatmap_*.png",
+                   "ioi_results.json", "ioi_pcc.csv", "ioi_scores.npz", "ioi_heatmap_*.png",
                    "task_calibration.json", "ioi_calibration.json",
                    "circuit_results.json", "circuit_faithfulness.png", "circuit_edges.json", "circuit_calibration_*.json",
                    "edges_results.json", "edges_faithfulness.png", "edges_circuit_*.png", "edges_calibration.json",

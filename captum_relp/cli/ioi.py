@@ -30,6 +30,8 @@ METHOD_CHOICES = ("ap", "atp", "relp")
 OUTPUTS = {
     "ioi_results.json": "settings, PCC tables, wall times and their ratios to AtP, prompt-averaged maps",
     "ioi_pcc.csv": "Pearson correlation with AP per component type and method",
+    "ioi_scores.npz": "per-prompt scores, summed over hidden units: arrays <method>/<component type> of shape "
+                      "(prompts, layers, positions) and valid, the real (non-pad) positions (prompts, positions)",
     "ioi_heatmap_{resid,attn,mlp}.png": "Figure-2-style heatmaps per component type (unless --no-plots)",
     "ioi_calibration.json": "with --rules calibrated: the calibrated rules, the calibration pairs (prompts), each "
                             "candidate's agreement with AP and interval per component type, and the choice "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -30,6 +30,7 @@ from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components, model_name
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
+from .agreement import agreement_table
 from .alignment import RoleLayout
 from .calibration_record import calibration_entry, record_calibration
 from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
@@ -49,6 +50,9 @@ class IOIExperimentResult:
         pcc_per_prompt: ``{kind: {method: r}}`` over all per-prompt (layer, position) values.
         pcc_mean_map: ``{kind: {method: r}}`` over the prompt-averaged, role-aligned
             (layer x role) maps of :meth:`mean_maps`.
+        agreement: ``{kind: {method: row}}``: ``pcc_per_prompt`` with its 95% bootstrap interval
+            over the prompts and the paired difference to AtP
+            (:func:`~captum_relp.experiments.agreement.agreement_table`); empty without AP.
         seconds: wall time per method, measured in the same run.
         config: the run's settings (``model`` is the model's name, not a path; ``model_card``
             the architecture, quantization, source and sha256 of a model loaded from a GGUF
@@ -67,6 +71,7 @@ class IOIExperimentResult:
     config: Dict[str, object]
     layout: Optional[RoleLayout] = None
     calibrated: Optional[CalibratedRules] = None
+    agreement: Dict[str, Dict[str, dict]] = field(default_factory=dict)
 
     @property
     def position_labels(self) -> List[str]:
@@ -107,11 +112,14 @@ class IOIExperimentResult:
                              ("prompt-averaged maps", self.pcc_mean_map))):
             lines.append(f"Pearson correlation with activation patching ({title}, "
                          f"{self.config.get('model')}, N={self.config['n_prompts']})")
-            widths = [max(10, len(m) + 2) for m in methods]
+            widths = [max(13, len(m) + 2) for m in methods]
             lines.append(f"{'component':<20}" + "".join(f"{m:>{w}}" for m, w in zip(methods, widths)))
             for kind in KINDS:
                 lines.append(f"{KIND_TITLES[kind]:<20}"
                              + "".join(f"{table[kind][m]:>{w}.3f}" for m, w in zip(methods, widths)))
+                rows = self.agreement.get(kind, {}) if table is self.pcc_per_prompt else {}
+                if rows:  # the 95% bootstrap interval over the prompts
+                    lines.append(f"{'':<20}" + "".join(f"{_bracket(rows.get(m)):>{w}}" for m, w in zip(methods, widths)))
             lines.append("")
         ratios = self.time_ratios()
         lines.append("wall time (s, summed over batches, one run) and ratio to AtP, measured in this run")
@@ -120,14 +128,15 @@ class IOIExperimentResult:
         return "\n".join(lines)
 
     def save(self, out_dir: Path, plots: bool = True) -> List[Path]:
-        """Write ``ioi_results.json``, ``ioi_pcc.csv``, one heatmap PNG per component type and, for
-        rules calibrated in the run, :data:`CALIBRATION_FILE`."""
+        """Write ``ioi_results.json``, ``ioi_pcc.csv``, ``ioi_scores.npz`` (the per-prompt scores,
+        ``<method>/<kind>`` arrays ``(N, layers, positions)`` and ``valid``), one heatmap PNG per
+        component type and, for rules calibrated in the run, :data:`CALIBRATION_FILE`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = [out_dir / "ioi_results.json", out_dir / "ioi_pcc.csv"]
+        written = [out_dir / "ioi_results.json", out_dir / "ioi_pcc.csv", out_dir / "ioi_scores.npz"]
         summary = {
             "config": self.config, "pcc_per_prompt": self.pcc_per_prompt,
-            "pcc_mean_map": self.pcc_mean_map, "seconds": self.seconds,
+            "pcc_mean_map": self.pcc_mean_map, "agreement_with_ap": self.agreement, "seconds": self.seconds,
             "time_ratio_to_atp": self.time_ratios(), "position_labels": self.position_labels,
             "layout": self.layout.to_json() if self.layout is not None else None,
             "mean_maps": {m: {k: v.tolist() for k, v in by.items()} for m, by in self.mean_maps().items()},
@@ -140,6 +149,8 @@ class IOIExperimentResult:
                 for method in self.pcc_per_prompt[kind]:
                     writer.writerow([kind, method, f"{self.pcc_per_prompt[kind][method]:.4f}",
                                      f"{self.pcc_mean_map[kind][method]:.4f}"])
+        np.savez_compressed(written[2], valid=self.valid,
+                            **{f"{m}/{k}": v for m, by in self.scores.items() for k, v in by.items()})
         if self.calibrated is not None:
             written.append(out_dir / CALIBRATION_FILE)
             self.calibrated.save(written[-1])
@@ -155,6 +166,11 @@ class IOIExperimentResult:
                                        xlabel="token role" if self.layout is not None else "position")
                 written.append(path)
         return written
+
+
+def _bracket(row: Optional[dict]) -> str:
+    interval = (row or {}).get("interval")
+    return "[n/a]" if not interval else f"[{interval[0]:.2f},{interval[1]:.2f}]"
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -309,6 +325,10 @@ def run_ioi_experiment(
             m: pearson(by_method[m][kind][mask], reference[mask]) for m in methods if m != "AP"}
         result.pcc_mean_map[kind] = {
             m: pearson(mean_maps[m][kind], mean_maps["AP"][kind]) for m in methods if m != "AP"}
+        others = [m for m in methods if m != "AP"]
+        if others:
+            result.agreement[kind] = agreement_table(reference, {m: by_method[m][kind] for m in others}, valid,
+                                                     seed=seed, against="AtP" if "AtP" in others else others[0])
     return result
 
 

@@ -55,7 +55,15 @@ def test_runner_ap_matches_hand_patched_forward_and_writes_outputs(saved_tiny_mo
     assert {"S1", "IO", "S2", "END"} <= set(summary["layout"]["roles"])
     roles_of_first = [summary["layout"]["roles"][i] for i in summary["layout"]["position_role_index"][0] if i >= 0]
     assert roles_of_first[-1] == "END" and len(summary["mean_maps"]["AP"]["mlp"][0]) == len(result.position_labels)
-    assert (tmp_path / "ioi_heatmap_mlp.png").stat().st_size > 1000 and len(written) == 5
+    assert (tmp_path / "ioi_heatmap_mlp.png").stat().st_size > 1000 and len(written) == 6
+    saved = np.load(tmp_path / "ioi_scores.npz")  # the published PCCs, recomputed from the saved scores
+    keep = np.broadcast_to(saved["valid"][:, None, :], saved["AP/mlp"].shape)
+    for kind, row in summary["pcc_per_prompt"].items():
+        for method, value in row.items():
+            recomputed = np.corrcoef(saved[f"{method}/{kind}"][keep], saved[f"AP/{kind}"][keep])[0, 1]
+            assert abs(recomputed - value) < 1e-12 and abs(summary["agreement_with_ap"][kind][method]["pcc"] - value) < 1e-9
+            low, high = summary["agreement_with_ap"][kind][method]["interval"]
+            assert low <= value <= high
     assert "Residual stream" in result.format_table()
 
 

@@ -61,6 +61,10 @@ exclude_patterns = [
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 nb_execution_mode = "force"
+# the notebook kernels inherit this: one thread each. Two threads on a 2-core machine that other jobs
+# share made the tutorials several times slower (tutorial 04: 276 s against about 40 s); a thread
+# count given in the environment wins
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 nb_execution_timeout = 900  # per cell; a shared 2-core machine needs the margin
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True

@@ -50,11 +50,14 @@ exclude_patterns = [
     ".DS_Store",
     "**.ipynb_checkpoints",
     "tutorials/README*",
-    "results_measured.md",  # written by scripts/make_results.py, included by results.md
-    "results_models.md",  # written by scripts/make_results.py, included by results.md
-    "results_calibration.md",  # written by scripts/calibration_eval.py --markdown, included by results.md
-    "results_calibration_smollm2.md",  # written by scripts/make_results.py --real-model, included by results.md
-    "results_edges.md",  # written by scripts/make_edge_results.py, included by results.md
+    "results_measured.md",  # written by scripts/make_results.py, included by results_embedded.md
+    "results_models.md",  # written by scripts/make_results.py, included by results_real_models.md
+    # written by scripts/calibration_eval.py --markdown and make_results.py --real-model, included by
+    # results_calibration_detail.md
+    "results_calibration.md",
+    "results_calibration_smollm2.md",
+    "results_edges.md",  # written by scripts/make_edge_results.py, included by results_edges_detail.md
+    "results_performance_detail.md",  # benchmark write-ups, included by results_performance.md
 ]
 
 # -- MyST / notebooks --------------------------------------------------------

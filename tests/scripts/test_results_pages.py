@@ -193,3 +193,50 @@ def test_a_changed_cell_is_named_by_the_check():
     assert _real_model_mismatches(_changed(text, "0.500"), record) == [
         "ioi per_prompt resid AtP: page '0.501 [0.400, 0.600]', JSON [0.5, 0.4, 0.6]"]
     assert _real_model_mismatches(text.split("text")[0], record) == ["ioi: 1 PCC tables, 2 expected"]
+
+
+def _summary_pages():
+    import results_pages
+
+    return results_pages
+
+
+def test_summary_pages_are_what_the_script_renders():
+    """docs/results.md and the one-page-per-question pages, re-rendered from the JSON (no model runs)."""
+    pages = _summary_pages()
+    import captum_relp
+
+    committed = {name: (DOCS / name).read_text() for name in pages.PAGES}
+    date = pages.page_date(committed["results.md"])
+    assert date is not None and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date)
+    rendered = pages.render_pages(ROOT, captum_relp.__version__, date)
+    for name, text in rendered.items():
+        assert text == committed[name], f"regenerate docs/{name}: python scripts/results_pages.py --date {date}"
+
+
+def test_summary_tables_put_the_methods_in_one_order_and_follow_the_json(tmp_path):
+    pages = _summary_pages()
+    rendered = pages.render_pages(ROOT, "0.0", "2025-01-01")
+    order = ["AtP", "RelP", "RelP+AH", "calibrated"]
+    for name, text in rendered.items():
+        if name == "results.md":
+            continue
+        header = next(line for line in text.splitlines() if line.startswith("| "))  # the first table
+        cells = [c.strip() for c in header.strip("|").split("|")]
+        if name == "results_edges_mib.md":
+            assert cells[4:7] == ["EAP (AtP)", "RelP", "RelP+AH (q/k local)"], name
+        else:
+            assert [c for c in cells if c in order] == order, name
+            assert "N" in cells or "N runs" in cells, name
+    # a changed number in a copy of the JSON changes the page
+    copy = tmp_path / "root"
+    shutil.copytree(RESULTS / "gemma3", copy / "docs" / "_static" / "results" / "gemma3")
+    path = copy / "docs" / "_static" / "results" / "gemma3" / "results.json"
+    record = json.loads(path.read_text())
+    shutil.copytree(RESULTS / "smollm2", copy / "docs" / "_static" / "results" / "smollm2",
+                    ignore=shutil.ignore_patterns("parts", "*.png"))
+    before = "\n".join(pages.real_models_page(copy))
+    record["ioi"]["pcc"]["per_prompt"]["mlp"]["RelP+AH"][0] += 0.01
+    path.write_text(json.dumps(record))
+    after = "\n".join(pages.real_models_page(copy))
+    assert before != after and f"{record['ioi']['pcc']['per_prompt']['mlp']['RelP+AH'][0]:.3f}" in after

@@ -8,7 +8,6 @@ by ``_ext/relp_tables.py``, so neither can drift from the code.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +35,9 @@ extensions = [
     "relp_tables",
     "relp_cli",
     "relp_figures",  # a tutorial cell that draws a figure and shows none fails the build
+    # "[docs]" links of the source pages point at the documented name; a link to a missing page or
+    # anchor anywhere in the HTML fails the build
+    "relp_links",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
@@ -48,17 +50,24 @@ exclude_patterns = [
     ".DS_Store",
     "**.ipynb_checkpoints",
     "tutorials/README*",
-    "results_measured.md",  # written by scripts/make_results.py, included by results.md
-    "results_models.md",  # written by scripts/make_results.py, included by results.md
-    "results_calibration.md",  # written by scripts/calibration_eval.py --markdown, included by results.md
-    "results_calibration_smollm2.md",  # written by scripts/make_results.py --real-model, included by results.md
-    "results_edges.md",  # written by scripts/make_edge_results.py, included by results.md
+    "results_measured.md",  # written by scripts/make_results.py, included by results_embedded.md
+    "results_models.md",  # written by scripts/make_results.py, included by results_real_models.md
+    # written by scripts/calibration_eval.py --markdown and make_results.py --real-model, included by
+    # results_calibration_detail.md
+    "results_calibration.md",
+    "results_calibration_smollm2.md",
+    "results_edges.md",  # written by scripts/make_edge_results.py, included by results_edges_detail.md
+    "results_performance_detail.md",  # benchmark write-ups, included by results_performance.md
 ]
 
 # -- MyST / notebooks --------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 nb_execution_mode = "force"
+# the notebook kernels inherit this: one thread each. Two threads on a 2-core machine that other jobs
+# share made the tutorials several times slower (tutorial 04: 276 s against about 40 s); a thread
+# count given in the environment wins
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 nb_execution_timeout = 900  # per cell; a shared 2-core machine needs the margin
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
@@ -195,31 +204,6 @@ def _public_bases(app, name, obj, options, bases):
     bases[:] = public
 
 
-_VIEWCODE_DOCS_LINK = re.compile(r'href="([^"#]*api/generated/([\w.]+)\.html)#([\w.]+)"')
-
-
-def _fix_viewcode_anchors(app, pagename, templatename, context, doctree):
-    """Point the "[docs]" links of the highlighted source pages at the right anchor.
-
-    ``sphinx.ext.viewcode`` builds every anchor of a module from the module name under
-    which the *first* of its objects was documented: objects of
-    ``captum_relp.rules`` re-exported at the package root are documented as
-    ``captum_relp.<name>``, so the links to ``captum_relp.rules.type_key`` (documented
-    under its own module) got ``#captum_relp.type_key``, an anchor that does not exist.
-    An autosummary page is named after the object it documents, so its name is the anchor.
-    """
-    if not pagename.startswith("_modules/") or "body" not in context:
-        return
-
-    def fix(match):
-        href, page_object, anchor = match.groups()
-        if anchor != page_object and page_object.endswith("." + anchor.rsplit(".", 1)[-1]):
-            anchor = page_object
-        return f'href="{href}#{anchor}"'
-
-    context["body"] = _VIEWCODE_DOCS_LINK.sub(fix, context["body"])
-
-
 def _link_images_to_full_size(app, doctree, docname):
     """Every figure opens at full size when clicked (notebook outputs included).
 
@@ -253,6 +237,5 @@ def _copy_executed_notebooks(app, exception):
 def setup(app):
     app.connect("doctree-resolved", _link_images_to_full_size)
     app.connect("build-finished", _copy_executed_notebooks)
-    app.connect("html-page-context", _fix_viewcode_anchors)
     app.connect("missing-reference", _resolve_reexports)
     app.connect("autodoc-process-bases", _public_bases)

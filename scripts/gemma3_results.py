@@ -135,6 +135,16 @@ def _qk_norm_lines(record: Dict) -> List[str]:
     return lines
 
 
+TESTED = """**What the test suite checks.** The Gemma-3 family is tested on tiny random configurations
+like every family of the table (forward unchanged by the rules, conservation, activation
+patching against hooks, the independent RelP reference, edges). The checks on the real
+Gemma-3 270M weights (`tests/embedded/test_real_model.py`) run only where the model has been
+fetched, and the project's CI does not fetch it (its license lets it be downloaded on request,
+not redistributed); `CAPTUM_RELP_REQUIRE_GEMMA3=1` makes them fail rather than skip. The
+numbers on this page come from the command below, not from the test suite."""
+"""What the tests cover on this model and what they do not (CI never fetches it)."""
+
+
 def render(record: Dict) -> None:
     card = record["model_card"]
     lines = ["# Results on a second real model: Gemma-3 270M", "",
@@ -161,6 +171,7 @@ def render(record: Dict) -> None:
              "`post_feedforward_layernorm`) before it joins the residual stream. AtP and RelP both take the "
              "gradient through the attention softmax; RelP+AH (the AH rule) holds the attention pattern fixed. "
              "The gap between RelP and RelP+AH below therefore comes from the softmax gradient alone.", "",
+             TESTED, "",
              "## How it was made", "",
              f"`{record['command']}` (torch {record['torch']}, {record['machine']} CPU, one thread, on a machine "
              "shared with other jobs; each task is its own process, `--task ioi` and `--task sva`). "

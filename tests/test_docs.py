@@ -175,3 +175,37 @@ def test_captum_workflow_tutorial_shows_its_figure_under_agg(monkeypatch):
                             resources={"metadata": {"path": str(ROOT)}}).execute()
     assert _figures_module().missing_figures(notebook) == []
     assert any("image/png" in o.get("data", {}) for c in notebook.cells for o in c.get("outputs", []))
+
+
+def test_link_check_names_each_missing_page_and_anchor(tmp_path):
+    """Hand-made pages: a viewcode-style "[docs]" link to an anchor the page lacks, a link to a missing page."""
+    broken_links = _ext_module("relp_links").broken_links
+    (tmp_path / "api").mkdir()
+    (tmp_path / "_modules").mkdir()
+    (tmp_path / "api" / "metrics.html").write_text(
+        '<dl><dt id="captum_relp.metrics.tile_rows">tile_rows</dt></dl><a href="../index.html#top">up</a>')
+    (tmp_path / "index.html").write_text('<h1 id="top">x</h1><a href="api/metrics.html">api</a>'
+                                         '<img src="_images/missing.png"><a href="https://example.org/#x">out</a>')
+    (tmp_path / "_modules" / "metrics.html").write_text(
+        '<a class="viewcode-back" href="../api/metrics.html#captum_relp.metrics.tile_rows">[docs]</a>'
+        '<a class="viewcode-back" href="../api/metrics.html#captum_relp.tile_rows">[docs]</a>')
+    assert broken_links(str(tmp_path)) == [
+        '_modules/metrics.html: ../api/metrics.html#captum_relp.tile_rows '
+        '(no id "captum_relp.tile_rows" in api/metrics.html)',
+        "index.html: _images/missing.png (no such file)"]
+    with pytest.raises(FileNotFoundError, match="outdir"):
+        broken_links(str(tmp_path / "absent"))
+
+
+def test_viewcode_links_go_to_the_name_an_object_is_documented_under():
+    """Objects of captum_relp.metrics documented at the package root, or under their module, or not at all."""
+    documented_name = _ext_module("relp_links").documented_name
+    objects = {"captum_relp.LogitDiff": "api/generated/captum_relp.LogitDiff",
+               "captum_relp.LogitDiff.at_positions": "api/generated/captum_relp.LogitDiff",
+               "captum_relp.metrics.tile_rows": "api/metrics", "captum_relp.rules.tile_rows": "api/rules"}
+    assert documented_name("captum_relp.metrics", "LogitDiff", objects) == "captum_relp.LogitDiff"
+    assert documented_name("captum_relp.metrics", "LogitDiff.at_positions", objects) == \
+        "captum_relp.LogitDiff.at_positions"
+    # captum_relp.rules has no tile_rows: only the module's own name is the object
+    assert documented_name("captum_relp.metrics", "tile_rows", objects, "api/rules") == "captum_relp.metrics.tile_rows"
+    assert documented_name("captum_relp.metrics", "final_logits", objects) is None

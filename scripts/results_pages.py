@@ -195,9 +195,11 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
              f"calibrated - AtP entirely below zero) in {sum(counted)} of {len(counted)} rows.", ""]
     lines += _table(["model", "task", "N", "component", "AtP", "RelP", "RelP+AH", "calibrated", "calibrated - AtP",
                      "rules chosen"], rows, 4)
-    lines += ["Commands, the random-weight rows of every family, the family coverage and the calibration-size "
-              "study: {doc}`results_calibration_detail`.", "",
-              "```{toctree}", ":hidden:", "", "results_calibration_detail", "```", ""]
+    lines += ["Calibrated RelP against both presets (RelP and RelP+AH) and AtP, on SmolLM2-135M and Gemma-3 270M "
+              "(IOI) and on a greater-than task: {doc}`results_calibration_real`. Commands, the random-weight rows "
+              "of every family, the family coverage and the calibration-size study: "
+              "{doc}`results_calibration_detail`.", "",
+              "```{toctree}", ":hidden:", "", "results_calibration_real", "results_calibration_detail", "```", ""]
     return lines
 
 

@@ -389,7 +389,8 @@ def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional
         "a candidate beats it beyond the bootstrap noise) and every method is compared with exact activation "
         "patching on the held-out pairs. Random-weight models: random token pairs differing at two positions, "
         "metric the logit difference of tokens 1 and 2 at the last position (encoders: their masked-LM logits "
-        "there). Brackets: 95% paired-bootstrap intervals over the held-out pairs.", "",
+        "there). Brackets: 95% paired-bootstrap intervals over the held-out pairs."
+        " The per-pair scores behind these agreements are not shipped: the row files keep the agreements only.", "",
         f"### Held-out Pearson with AP, calibrated on {args.table_size} pairs", "", table, "", verdict, "",
         "### Family table coverage", "",
         "Every family of the family table (`captum_relp/families/table.py`), the rows measuring it and the "

@@ -6,7 +6,8 @@ passes), EAP, EAP-IG (each convention's grid) and exact edge patching on ``--n-p
 (scoring times: minimum over ``--repeats`` interleaved runs, so ratios are side by side); circuits evaluated on ``--n-eval`` other pairs under both
 conventions; 95% percentile-bootstrap intervals over the evaluation prompts (``--bootstrap``
 resamples; circuits fixed) for CPR and CMD, and for RelP minus EAP (paired resamples). Writes
-``docs/_static/results/edges-<model>-<task>/`` (JSON, PNGs) and the page.
+``docs/_static/results/edges-<model>-<task>/`` (JSON; ``edges_scores.npz``: every method's per-edge
+scores per convention, ``<convention>/edges`` and ``<convention>/<method>``; PNGs) and the page.
 
     OMP_NUM_THREADS=1 python scripts/make_edge_results.py                    # shipped models
     python scripts/make_edge_results.py --model <dir> --task ioi --no-exact --page-section out.md
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch
 
 from captum_relp.edges import (
@@ -43,7 +45,7 @@ from captum_relp.edges import (
 )
 from captum_relp.edges.conventions import CONVENTIONS
 from captum_relp.embedded import EMBEDDED_MODELS, heldout_words, load_model
-from captum_relp.experiments.edges import make_batch
+from captum_relp.experiments.edges import SCORES_FILE, edge_score_arrays, make_batch
 from captum_relp.plotting import plot_edge_circuit, plot_faithfulness_curves
 
 from _edge_sample import ci, method_scores, percentiles, sample_section, sampled_pcc  # noqa: E402  (scripts/ is on sys.path)
@@ -116,7 +118,7 @@ def run_cell(name: str, task: str, args) -> Dict:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     cell: Dict = {"model": name, "task": task, "n_prompts": len(batch), "n_eval": len(held), "conventions": {}}
-    exact_scores = None
+    exact_scores, arrays = None, {}
     for convention_name in args.conventions:
         convention = CONVENTIONS[convention_name]
         began = time.time()
@@ -140,6 +142,7 @@ def run_cell(name: str, task: str, args) -> Dict:
                 "n_forward": result.n_forward, "n_backward": result.n_backward,
                 "pcc_vs_exact": pcc_by_kind(graph, result, scores["exact"]) if "exact" in scores else None}
         cell["conventions"][convention_name] = entry
+        arrays.update(edge_score_arrays(graph, scores, prefix=f"{convention_name}/"))
         plot_faithfulness_curves(curves, f"{name}, {task}, {convention_name} convention",
                                  folder / f"edges_faithfulness_{convention_name}.png")
         if convention_name == args.conventions[0]:
@@ -149,6 +152,7 @@ def run_cell(name: str, task: str, args) -> Dict:
         print(f"{name} {task} {convention_name}: {time.time() - began:.0f}s " + ", ".join(
             f"{m} {curves[m].cpr:.3f}/{curves[m].cmd:.3f}" for m in curves), flush=True)
     (folder / "edges_results.json").write_text(json.dumps(cell, indent=1))
+    np.savez_compressed(folder / SCORES_FILE, **arrays)
     return cell
 
 
@@ -185,7 +189,10 @@ def section(cell: Dict) -> str:
              + ("" if "exact" in first["methods"] else
                 " Exact edge patching of every edge not run (one patched run per edge is too costly at this "
                 "size), so no all-edge PCC column" + ("; PCC on sampled edges below." if any(
-                    "exact_sample" in e for e in cell["conventions"].values()) else ".")), "",
+                    "exact_sample" in e for e in cell["conventions"].values()) else "."))
+             + ("" if (OUT / f"edges-{short}-{task}" / SCORES_FILE).exists() else
+                " The per-edge scores of this cell are not shipped, so its PCCs cannot be recomputed from "
+                "the published files."), "",
              "| method | " + " | ".join(f"CPR {c} | CMD {c}" for c in cell["conventions"])
              + " | PCC vs exact (all / q / k / v) | time / EAP |",
              "|---|" + "---:|" * (2 * len(cell["conventions"]) + 2)]

@@ -168,7 +168,9 @@ def ioi_section(name: str, n_prompts: int) -> str:
              + (f" (roles {', '.join('`' + s + '`' for s in short)} occur in some templates only)" if short else "") + ".", ""]
     for title, pcc in (("per-prompt maps", result.pcc_per_prompt), ("prompt-averaged, role-aligned maps",
                                                                     result.pcc_mean_map)):
-        lines += [f"PCC with activation patching, {title}:", ""]
+        lines += [f"PCC with activation patching, {title}"
+                  + (" (the per-prompt maps are not shipped; `ioi_results.json` keeps the prompt-averaged "
+                     "maps of the second table)" if title == "per-prompt maps" else "") + ":", ""]
         lines += table(["component"] + methods, [[KIND_TITLES[k]] + [f"{pcc[k][m]:.3f}" for m in methods]
                                                  for k in KINDS])
     ratios = result.time_ratios()

@@ -187,7 +187,7 @@ RESULT_PATTERNS = ("task_results.json", "task_pcc.csv", "task_scores.npz", "task
                    "ioi_results.json", "ioi_pcc.csv", "ioi_scores.npz", "ioi_heatmap_*.png",
                    "task_calibration.json", "ioi_calibration.json",
                    "circuit_results.json", "circuit_faithfulness.png", "circuit_edges.json", "circuit_calibration_*.json",
-                   "edges_results.json", "edges_faithfulness.png", "edges_circuit_*.png", "edges_calibration.json",
+                   "edges_results.json", "edges_scores.npz", "edges_faithfulness.png", "edges_circuit_*.png", "edges_calibration.json",
                    MANIFEST)
 """Every file a subcommand writes (its ``OUTPUTS``, as glob patterns; a test keeps them in step)."""
 

@@ -29,6 +29,8 @@ METHOD_CHOICES = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "
 OUTPUTS = {
     "edges_results.json": "per method: cpr, cmd, faithfulness curve, pcc_vs_exact, seconds, pass counts; "
                           "meta.convention",
+    "edges_scores.npz": "per-edge scores, mean over prompts: edges (the edge names, in order) and one float64 "
+                        "array per method (exact included unless --no-exact); the PCCs are computed from these",
     "edges_faithfulness.png": "faithfulness against circuit size (fraction of edges) per method",
     "edges_calibration.json": "with --rules calibrated: the calibrated rules, the calibration pairs (prompts), each "
                               "candidate's agreement with AP and interval per component type, and the choice "
@@ -86,7 +88,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the edge experiment, print the table, write ``edges_results.json`` and PNGs.
+    """Run the edge experiment, print the table, write ``edges_results.json``, ``edges_scores.npz`` and PNGs.
 
     Example:
         >>> from captum_relp.cli import build_parser

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,8 @@ from .calibration_record import calibration_entry, calibration_pairs, record_cal
 
 CALIBRATION_FILE = "edges_calibration.json"
 """Where :meth:`EdgeExperimentResult.save` writes rules calibrated in the run."""
+SCORES_FILE = "edges_scores.npz"
+"""Where :meth:`EdgeExperimentResult.save` writes every method's per-edge scores (:func:`edge_score_arrays`)."""
 SCORE_METHODS = ("relp", "relp-ah", "relp-ah-qk", "relp-ah+qk", "calibrated", "eap", "eap-ig", "exact")
 MIB_SCORE_SCALE = ("MIB stores scores divided by its batch size (the metric is averaged over each batch "
                    "before the backward pass, and the summed scores are divided by the number of prompts); "
@@ -112,15 +115,17 @@ class EdgeExperimentResult:
         return "\n".join(rows)
 
     def save(self, out_dir: Path, plots: bool = True, top_k: int = 20) -> List[Path]:
-        """Write ``edges_results.json``, :data:`CALIBRATION_FILE` for rules calibrated in the run, and
+        """Write ``edges_results.json``, :data:`SCORES_FILE` (every method's per-edge scores, the
+        edge names in order), :data:`CALIBRATION_FILE` for rules calibrated in the run, and
         (``plots``) ``edges_faithfulness.png`` and ``edges_circuit_<method>.png`` (MIB's greedy
         connected circuit of ``top_k`` edges)."""
         from ..plotting import plot_edge_circuit, plot_faithfulness_curves
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = [out_dir / "edges_results.json"]
+        written = [out_dir / "edges_results.json", out_dir / SCORES_FILE]
         written[0].write_text(json.dumps(self.summary(), indent=2))
+        np.savez_compressed(written[1], **edge_score_arrays(self.graph, self.scores))
         if self.calibrated is not None:
             written.append(out_dir / CALIBRATION_FILE)
             self.calibrated.save(written[-1])
@@ -134,6 +139,33 @@ class EdgeExperimentResult:
                                   f"{title}: {METHOD_NAMES[method]}, greedy connected circuit of {top_k} edges",
                                   written[-1], method=method)
         return written
+
+
+def edge_score_arrays(graph: ComponentGraph, scores: Dict[str, EdgeScores], prefix: str = "") -> Dict[str, np.ndarray]:
+    """Per-edge scores as arrays for ``numpy.savez``: ``edges`` (the edge names in ``graph.edges()``
+    order) and one float64 ``(n_edges,)`` vector per method (the values the PCCs are computed from).
+
+    Args:
+        graph (ComponentGraph): the graph the scores belong to.
+        scores (dict): ``{method: EdgeScores}``.
+        prefix (str): put before every key (e.g. ``"library/"`` when several graphs share one file).
+
+    Returns:
+        dict: ``{prefix + "edges": str array, prefix + method: float64 array}``.
+
+    Examples::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> graph = build_graph(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
+        >>> ones = EdgeScores("eap", torch.ones(graph.edge_mask.shape), 1, 1, 0.0)
+        >>> arrays = edge_score_arrays(graph, {"eap": ones}, prefix="library/")
+        >>> sorted(arrays), arrays["library/eap"].dtype.name, len(arrays["library/edges"]) == graph.n_edges
+        (['library/eap', 'library/edges'], 'float64', True)
+    """
+    arrays = {f"{prefix}edges": np.array([graph.edge_name(u, v) for u, v in graph.edges()])}
+    for method, result in scores.items():
+        arrays[f"{prefix}{method}"] = result.edge_vector(graph).detach().double().cpu().numpy()
+    return arrays
 
 
 def _kind(name: str) -> str:
@@ -310,4 +342,4 @@ def run_edge_experiment(
     return result
 
 
-__all__ = ["CALIBRATION_FILE", "SCORE_METHODS", "METHOD_NAMES", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]
+__all__ = ["CALIBRATION_FILE", "SCORES_FILE", "SCORE_METHODS", "edge_score_arrays", "METHOD_NAMES", "EdgeExperimentResult", "make_batch", "run_edge_experiment"]

@@ -43,6 +43,12 @@ def test_edges_cli_end_to_end(tmp_path, capsys):
     for method in ("relp", "eap", "eap-ig"):
         assert data[method]["pcc_vs_exact"] > 0.5
     check_edge_pccs(data)
+    with np.load(tmp_path / "edges_scores.npz") as saved:  # the documented scores file: same values, float64
+        assert sorted(saved.files) == ["eap", "eap-ig", "edges", "exact", "relp"]
+        assert saved["edges"].tolist() == data["meta"]["edges"]
+        for method in ("relp", "eap", "eap-ig", "exact"):
+            assert saved[method].dtype == np.float64 and saved[method].tolist() == data[method]["scores"]
+        assert abs(data["relp"]["pcc_vs_exact"] - _pcc(saved["relp"], saved["exact"])) < 1e-12
     assert data["exact"]["n_forward"] == 2 + -(-479 // (512 // 3))
     for name in ("edges_faithfulness.png", "edges_circuit_relp.png", "edges_circuit_exact.png"):
         assert (tmp_path / name).stat().st_size > 1000

@@ -75,6 +75,8 @@ def _cell(row: dict) -> str:
 
 def _verdict(best: dict) -> str:
     low, high = best["margin_interval"]
+    if best["margin"] == 0 and low == 0 and high == 0:
+        return f"0: the same scores as {best['method']}"
     margin = f"{best['margin']:+.3f} [{low:+.3f}, {high:+.3f}]"
     if high < 0:
         return f"{margin}: below {best['method']} beyond the noise"
@@ -122,11 +124,25 @@ def render(root: Path = ROOT) -> str:
              "", "## Summary", "",
              "| model, task | component | best preset | calibrated − best preset |", "|---|---|---|---|"]
     runs = {name: load_run(root / name) for name in found}
+    below, above = [], 0
     for name, run in runs.items():
         model, task, _ = RUNS[name]
         for kind, title in KINDS.items():
             best = agreement(run)[kind]["best"]
             lines.append(f"| {model}, {task.split(' (')[0]} | {title} | {best['method']} | {_verdict(best)} |")
+            if best["margin_interval"][1] < 0:
+                below.append(f"{model} {task.split(' (')[0]} {title.lower()} (`{run['calibration']['choices'][kind]}`, "
+                             f"{run['calibration']['selection'][kind]['decision']})")
+            above += best["margin_interval"][0] > 0
+    count = 3 * len(runs)
+    lines += ["", f"Calibrated RelP is above the best preset beyond the noise in {above} of {count} rows and below "
+              f"it beyond the noise in {len(below)} of {count}" + (f": {'; '.join(below)}." if below else ".")]
+    if below:
+        lines += ["", "Where it is below, calibration kept its default, the gradient (AtP): a candidate looked better "
+                  "on the calibration pairs but its margin over the gradient was within their noise (decision "
+                  "`undecided`), so the better preset was not chosen. More calibration pairs may decide; with "
+                  "`calibrate_rules(..., default=\"relp\")` the preset is what is kept when they cannot (not measured "
+                  "here; see {doc}`calibration`)."]
     lines += ["", "Measured on a shared 2-core x86_64 CPU, torch 2.13.0+cpu, one thread, with the fetched "
               "models (see {doc}`results_smollm2`).", "", "## Runs", ""]
     for name, run in runs.items():

@@ -141,7 +141,8 @@ patching against hooks, the independent RelP reference, edges). The checks on th
 Gemma-3 270M weights (`tests/embedded/test_real_model.py`) run only where the model has been
 fetched, and the project's CI does not fetch it (its license lets it be downloaded on request,
 not redistributed); `CAPTUM_RELP_REQUIRE_GEMMA3=1` makes them fail rather than skip. The
-numbers on this page come from the command below, not from the test suite."""
+numbers on this page come from the command below, not from the test suite. Their per-prompt scores
+are not shipped, so the test suite cannot recompute this page's PCCs either."""
 """What the tests cover on this model and what they do not (CI never fetches it)."""
 
 

@@ -37,7 +37,10 @@ NOT_SHIPPED = {  # results JSON (glob) and agreement fields -> (page that shows 
 }
 NOT_SHIPPED_NOTE = "are not shipped"  # the words each page listed in NOT_SHIPPED uses for it
 RECOMPUTED = ("smollm2/results.json#*/pcc", "smollm2/results.json#*/calibration/study/runs/held_out",
-              "ioi-tiny-*/ioi_results.json#pcc_mean_map", "edges-tiny-*/edges_results.json#conventions/*/methods/*/pcc_vs_exact")
+              "ioi-tiny-*/ioi_results.json#pcc_mean_map", "edges-tiny-*/edges_results.json#conventions/*/methods/*/pcc_vs_exact",
+              # per-prompt PCCs and their intervals: tests/scripts/test_calibration_real_page.py
+              "calibration-real/*/*_results.json#pcc_per_prompt", "calibration-real/*/*_results.json#agreement_with_ap/*",
+              "calibration-real/*/ioi_results.json#pcc_mean_map")
 SAME_AS = {"gradient": "AtP", "relp": "RelP", "relp-ah": "RelP+AH"}  # candidates scored by a method's own pass
 
 
@@ -87,9 +90,10 @@ def test_smollm2_pccs_recomputed_from_the_per_prompt_scores(task):
     assert checked == len(KINDS) * 4
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt2-ioi", "tiny-llama-ioi"])
-def test_tiny_ioi_mean_map_pccs_recomputed_from_the_saved_maps(model):
-    summary = json.loads((RESULTS / f"ioi-{model}" / "ioi_results.json").read_text())
+@pytest.mark.parametrize("folder", ["ioi-tiny-gpt2-ioi", "ioi-tiny-llama-ioi"] + sorted(
+    str(p.parent.relative_to(RESULTS)) for p in RESULTS.glob("calibration-real/*/ioi_results.json")))
+def test_tiny_ioi_mean_map_pccs_recomputed_from_the_saved_maps(folder):
+    summary = json.loads((RESULTS / folder / "ioi_results.json").read_text())
     maps = summary["mean_maps"]
     checked = 0
     for kind in KINDS:

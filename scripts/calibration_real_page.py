@@ -124,11 +124,13 @@ def render(root: Path = ROOT) -> str:
              "", "## Summary", "",
              "| model, task | component | best preset | calibrated − best preset |", "|---|---|---|---|"]
     runs = {name: load_run(root / name) for name in found}
-    below, above = [], 0
+    below, above, below_atp = [], 0, 0
     for name, run in runs.items():
         model, task, _ = RUNS[name]
         for kind, title in KINDS.items():
-            best = agreement(run)[kind]["best"]
+            table = agreement(run)[kind]
+            best = table["best"]
+            below_atp += table[METHODS[-1]]["margin_interval"][1] < 0
             lines.append(f"| {model}, {task.split(' (')[0]} | {title} | {best['method']} | {_verdict(best)} |")
             if best["margin_interval"][1] < 0:
                 below.append(f"{model} {task.split(' (')[0]} {title.lower()} (`{run['calibration']['choices'][kind]}`, "
@@ -136,7 +138,8 @@ def render(root: Path = ROOT) -> str:
             above += best["margin_interval"][0] > 0
     count = 3 * len(runs)
     lines += ["", f"Calibrated RelP is above the best preset beyond the noise in {above} of {count} rows and below "
-              f"it beyond the noise in {len(below)} of {count}" + (f": {'; '.join(below)}." if below else ".")]
+              f"it beyond the noise in {len(below)} of {count}" + (f": {'; '.join(below)}." if below else ".")
+              + f" It is below AtP beyond the noise in {below_atp} of {count} rows."]
     if below:
         lines += ["", "Where it is below, calibration kept its default, the gradient (AtP): a candidate looked better "
                   "on the calibration pairs but its margin over the gradient was within their noise (decision "

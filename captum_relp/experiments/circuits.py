@@ -33,7 +33,7 @@ DEFAULT_BUDGETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 EDGE_RULES = {"RelP": "relp", "RelP+AH": "relp-ah", "AtP": "none"}
 """Rules of the feature edges per method (IG has no one-backward edge estimate and gets none)."""
 CALIBRATION_FILE = "circuit_calibration_{setting}.json"
-"""Where :meth:`CircuitExperimentResult.save` writes the rules calibrated for each setting
+"""Where ``CircuitExperimentResult.save`` writes the rules calibrated for each setting
 (:func:`calibration_file`)."""
 
 

@@ -60,7 +60,7 @@ class IOIExperimentResult:
         layout: the token role of every position of every prompt; ``None`` averages
             position by position (only right for prompts of one layout).
         calibrated: the rules of ``RelP (calibrated)`` when calibrated in this run (saved as
-            :data:`CALIBRATION_FILE`; rules read from a file are not saved again).
+            ``ioi_calibration.json``; rules read from a file are not saved again).
     """
 
     scores: Dict[str, Dict[str, np.ndarray]]
@@ -130,7 +130,7 @@ class IOIExperimentResult:
     def save(self, out_dir: Path, plots: bool = True) -> List[Path]:
         """Write ``ioi_results.json``, ``ioi_pcc.csv``, ``ioi_scores.npz`` (the per-prompt scores,
         ``<method>/<kind>`` arrays ``(N, layers, positions)`` and ``valid``), one heatmap PNG per
-        component type and, for rules calibrated in the run, :data:`CALIBRATION_FILE`."""
+        component type and, for rules calibrated in the run, ``ioi_calibration.json``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [out_dir / "ioi_results.json", out_dir / "ioi_pcc.csv", out_dir / "ioi_scores.npz"]

@@ -64,8 +64,8 @@ class TaskExperimentResult:
         linearity: ``{kind: {method: row}}``: agreement of AP, AtP and RelP with first-order AP.
         competence: the task check.
         notes: what the run tells the user (which method to trust, the metric's linearity).
-        calibrated: the rules of :data:`CALIBRATED`, when calibrated in this run (saved as
-            :data:`CALIBRATION_FILE`; rules read from a file are not saved again).
+        calibrated: the rules of ``RelP (calibrated)``, when calibrated in this run (saved as
+            ``task_calibration.json``; rules read from a file are not saved again).
     """
 
     scores: Dict[str, Dict[str, np.ndarray]]
@@ -117,7 +117,7 @@ class TaskExperimentResult:
 
     def save(self, out_dir: Path, plots: bool = True) -> List[Path]:
         """Write ``task_results.json``, ``task_pcc.csv``, ``task_scores.npz``, ``task_pairs.jsonl``,
-        one heatmap per component type and, for rules calibrated in the run, :data:`CALIBRATION_FILE`."""
+        one heatmap per component type and, for rules calibrated in the run, ``task_calibration.json``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [out_dir / n for n in ("task_results.json", "task_pcc.csv", "task_scores.npz", "task_pairs.jsonl")]

@@ -204,6 +204,12 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
         ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
         ax.set_title({"faithfulness": "faithfulness: circuit kept, rest mean-ablated (1 = full model)",
                       "completeness": "completeness: circuit ablated (0 = nothing left)"}[key], fontsize=10)
+    settled = settled_at([(np.array(c.n_nodes), np.array(getattr(c, key))) for s in shown
+                          for c in curves[s].values() for key in ("faithfulness", "completeness")])
+    if settled is not None:  # past this every curve is flat: both panels end at twice that size
+        every = [n for s in shown for c in curves[s].values() for n in c.n_nodes]
+        for ax in axes:
+            ax.set_xlim(min(every) / 1.15, min(max(every), 2 * settled) * 1.15)
     handles, _ = axes[0].get_legend_handles_labels()
     handles += [Line2D([], [], color="0.4", linestyle=styles[s], marker="o" if s in noisy else None,
                        markerfacecolor="none", label=s + (" (noisy denominator)" if s in noisy else ""))
@@ -217,6 +223,31 @@ def plot_faithfulness(curves: Mapping[str, Mapping[str, object]], path: Path, ti
     fig.suptitle(title, fontsize=12)
     _saved(fig, path, 150)
     return Path(path)
+
+
+def settled_at(series, tolerance: float = 0.02) -> Optional[float]:
+    """The smallest x from which every ``(x, y)`` curve stays within ``tolerance`` of its last value.
+
+    The faithfulness figures end their x-axis at twice this size: beyond it the curves are flat.
+    ``None`` when no curve has a finite value.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.array([1, 2, 5, 10, 100, 800])
+        >>> settled_at([(x, np.array([0.1, 0.5, 0.9, 0.99, 1.0, 1.0]))])
+        10
+        >>> settled_at([(x, np.array([0.1, 0.5, 0.9, 0.99, 1.0, 0.7]))])  # still moving at the end
+        800
+    """
+    reach = []
+    for x, y in series:
+        finite = np.isfinite(y)
+        if not finite.any():
+            continue
+        x, y = np.asarray(x)[finite], np.asarray(y)[finite]
+        moving = np.nonzero(np.abs(y - y[-1]) > tolerance)[0]
+        reach.append(x[0] if not len(moving) else x[min(moving[-1] + 1, len(x) - 1)])
+    return max(reach).item() if reach else None
 
 
 def ratio_limits(values, margin: float = 0.08) -> Tuple[float, float]:

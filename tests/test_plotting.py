@@ -78,3 +78,23 @@ def test_faithfulness_axis_follows_the_reliable_settings(tmp_path):
         plt.Axes.set_ylim = original
     low, high = calls[0]  # the faithfulness panel
     assert -0.5 < low < 0 and 1.1 < high < 1.5  # the noisy setting's hundreds do not set the axis
+
+
+def test_faithfulness_axes_end_where_the_curves_are_flat(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from captum_relp.circuits.faithfulness import CircuitCurve
+    from captum_relp.plotting import plot_faithfulness
+
+    nodes = [1, 2, 5, 10, 20, 50, 100, 400, 800]
+    flat = CircuitCurve(nodes, [0.1] * 9, [0.1, 0.4, 0.8, 0.95, 1.0, 1.0, 1.0, 1.0, 1.0],
+                        [0.9, 0.5, 0.2, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0])
+    kept = {}
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.setdefault("fig", fig))
+    plot_faithfulness({"a": {"RelP": flat}}, tmp_path / "f.png")
+    right = [ax.get_xlim()[1] for ax in kept["fig"].axes[:2]]
+    assert all(abs(r - 2 * 20 * 1.15) < 1e-9 for r in right), right  # twice the size where both curves settle (20), not 800
+    moving = CircuitCurve(nodes, [0.1] * 9, [0.1 * i for i in range(9)], [0.9 - 0.1 * i for i in range(9)])
+    kept.clear()
+    plot_faithfulness({"a": {"RelP": moving}}, tmp_path / "g.png")
+    assert all(ax.get_xlim()[1] > 800 for ax in kept["fig"].axes[:2])

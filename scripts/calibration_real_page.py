@@ -133,8 +133,12 @@ def render(root: Path = ROOT) -> str:
             below_atp += table[METHODS[-1]]["margin_interval"][1] < 0
             lines.append(f"| {model}, {task.split(' (')[0]} | {title} | {best['method']} | {_verdict(best)} |")
             if best["margin_interval"][1] < 0:
+                agreements = run["calibration"]["agreement"][kind]
+                preset = max(("gradient", "relp", "relp-ah"), key=lambda n: agreements[n])
                 below.append(f"{model} {task.split(' (')[0]} {title.lower()} (`{run['calibration']['choices'][kind]}`, "
-                             f"{run['calibration']['selection'][kind]['decision']})")
+                             f"{run['calibration']['selection'][kind]['decision']}; the best preset on the calibration "
+                             f"pairs was `{preset}`, " + ", ".join(f"`{n}` {agreements[n]:.3f}" for n in
+                                                                  ("gradient", "relp", "relp-ah")) + ")")
             above += best["margin_interval"][0] > 0
     count = 3 * len(runs)
     lines += ["", f"Calibrated RelP is above the best preset beyond the noise in {above} of {count} rows and below "
@@ -143,9 +147,10 @@ def render(root: Path = ROOT) -> str:
     if below:
         lines += ["", "Where it is below, calibration kept its default, the gradient (AtP): a candidate looked better "
                   "on the calibration pairs but its margin over the gradient was within their noise (decision "
-                  "`undecided`), so the better preset was not chosen. More calibration pairs may decide; with "
-                  "`calibrate_rules(..., default=\"relp\")` the preset is what is kept when they cannot (not measured "
-                  "here; see {doc}`calibration`)."]
+                  "`undecided`), so the better preset was not chosen. More calibration pairs may decide. With "
+                  "`calibrate_rules(..., default=\"best-preset\")` the rule set kept when they cannot is the preset "
+                  "(gradient, RelP or RelP+AH) that agrees best on the calibration pairs, named above; these runs used "
+                  "the gradient default (see {doc}`calibration`)."]
     lines += ["", "Measured on a shared 2-core x86_64 CPU, torch 2.13.0+cpu, one thread, with the fetched "
               "models (see {doc}`results_smollm2`).", "", "## Runs", ""]
     for name, run in runs.items():

@@ -124,3 +124,33 @@ def test_default_must_be_a_candidate():
         calibrate_rules(net, [net.a], clean, corrupt, metric=metric, default="x")
     cal = calibrate_rules(net, [net.a], clean, corrupt, metric=metric, candidates=[RuleSet("relp")])
     assert cal.default == "relp"
+
+
+def test_best_preset_default_keeps_the_better_preset_the_pairs_cannot_separate():
+    """A preset slightly better than the gradient, not beyond the noise: the gradient default keeps the
+    gradient (undecided); ``default="best-preset"`` keeps that preset. The file round-trips."""
+    import torch
+
+    from captum_relp import RuleSet
+    from captum_relp.calibration import CandidateScores, choose_rules
+    from captum_relp.calibration._select import group_data
+    from captum_relp.rules import AHRule
+
+    gen = torch.Generator().manual_seed(0)
+    ap = torch.randn(12, 30, generator=gen, dtype=torch.float64)
+    noise = lambda scale: ap + scale * torch.randn(12, 30, generator=gen, dtype=torch.float64)  # noqa: E731
+    scores = {"gradient": noise(1.0), "relp": noise(0.9), "relp-ah": noise(1.3)}
+    candidates = [RuleSet("gradient", categories=()), RuleSet("relp"), RuleSet("relp-ah", attention=AHRule())]
+    data = CandidateScores(candidates, ["mlp"], False, group_data([ap], {n: [s] for n, s in scores.items()}, ["mlp"]),
+                           0.0)
+    with pytest.warns(CalibrationWarning, match="cannot decide"):
+        kept = choose_rules(data)
+    assert kept.choices["mlp"] == "gradient" and kept.selection["mlp"]["decision"] == "undecided"
+    best = choose_rules(data, default="best-preset")
+    agreements = best.selection["mlp"]["agreement"]
+    assert best.choices["mlp"] == "relp" == max(agreements, key=agreements.get)
+    assert best.selection["mlp"]["decision"] == "default" and best.default == "best-preset"
+    assert type(best).from_json(best.to_json()).choices == best.choices
+    with pytest.raises(ValueError, match="best-preset"):
+        choose_rules(CandidateScores([RuleSet("ln", categories=("norm",))], ["mlp"], False,
+                                     group_data([ap], {"ln": [scores["relp"]]}, ["mlp"]), 0.0), default="best-preset")

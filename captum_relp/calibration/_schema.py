@@ -234,7 +234,7 @@ def validate(data: Any, scores: tuple) -> Dict[str, Any]:
                 _check_per_candidate(row, names, f"agreement[{group!r}]", _number_or_null)
             else:
                 _check_selection(row, names, choices[group], f"selection[{group!r}]")
-    if data.get("default") is not None and data["default"] not in names:
+    if data.get("default") not in (None, "best-preset") and data["default"] not in names:
         _fail("default", f"unknown candidate {data['default']!r} (candidates: {names})")
     _number_or_null(data.get("confidence"), "confidence")
     if data.get("n_bootstrap") is not None:

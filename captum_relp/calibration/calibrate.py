@@ -91,7 +91,9 @@ def calibrate_rules(
         candidates (list of RuleSet, optional): default :func:`default_candidates`.
         score (str): ``"pearson"`` (default), ``"spearman"`` or ``"topk"``.
         default (str, optional): the candidate kept unless another beats it beyond the
-            noise (default ``"gradient"`` when it is a candidate, else the first candidate).
+            noise (default ``"gradient"`` when it is a candidate, else the first candidate), or
+            ``"best-preset"``: per group, whichever of the fixed presets ``gradient``, ``relp`` and
+            ``relp-ah`` (those among the candidates) agrees best on the calibration pairs.
         confidence (float): level of the reported intervals (default 0.95).
         n_bootstrap (int): bootstrap resamples of the calibration pairs (default 1000).
         seed (int): seed of the resampling.
@@ -118,7 +120,7 @@ def calibrate_rules(
 
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if candidates is not None and default is not None and default not in [c.name for c in candidates]:
+    if candidates is not None and default not in (None, BEST_PRESET) and default not in [c.name for c in candidates]:
         raise ValueError(f"default {default!r} is not one of the candidates {[c.name for c in candidates]}")
     scores = score_candidates(forward_func, layers, inputs, baselines, model=model, metric=metric, target=target,
                               additional_forward_args=additional_forward_args, attribute_to_layer_input=attribute_to_layer_input,
@@ -249,9 +251,16 @@ def _choose(scores: CandidateScores, score: str, default: Optional[str], confide
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     names = [c.name for c in scores.candidates]
     default = default if default is not None else ("gradient" if "gradient" in names else names[0])
-    if default not in names:
+    if default == BEST_PRESET:
+        presets = [n for n in PRESETS if n in names]
+        if not presets:
+            raise ValueError(f"default {BEST_PRESET!r} needs one of the presets {PRESETS} among the candidates {names}")
+        kept = {group: _best_preset(data, presets, score) for group, data in scores.data.items()}
+    elif default not in names:
         raise ValueError(f"default {default!r} is not one of the candidates {names}")
-    selection = {group: select(data, default, score, confidence, n_bootstrap, seed, group, scores.tolerance)
+    else:
+        kept = {group: default for group in scores.data}
+    selection = {group: select(data, kept[group], score, confidence, n_bootstrap, seed, group, scores.tolerance)
                  for group, data in scores.data.items()}
     for sel in selection.values():
         if sel.decision in ("undecided", "no-effect"):
@@ -278,6 +287,20 @@ def _cost_text(cost: Dict[str, Any], n_candidates: int) -> str:
         how += (f"; {cost['ap_seconds']:.2f} s for AP, {cost['candidates_seconds']:.2f} s for the candidates "
                 f"({cost['candidates_seconds'] / cost['ap_seconds']:.2f} x AP)")
     return how
+
+
+BEST_PRESET = "best-preset"
+"""``default=`` value: per group, the fixed preset that agrees best on the calibration pairs."""
+PRESETS = ("gradient", "relp", "relp-ah")
+"""The fixed presets ``default="best-preset"`` chooses from (AtP's gradient and the two RelP presets)."""
+
+
+def _best_preset(data: GroupData, presets: List[str], score: str) -> str:
+    """The preset with the highest agreement on all calibration pairs (the first on ties or no value)."""
+    values = [agreement(data.scores[n][data.mask], data.reference[data.mask], score) if bool(data.mask.any())
+              else float("nan") for n in presets]
+    finite = [(v, -i) for i, v in enumerate(values) if v == v]
+    return presets[-max(finite)[1]] if finite else presets[0]
 
 
 class CalibrationWarning(UserWarning):

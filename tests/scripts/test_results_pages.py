@@ -170,7 +170,7 @@ def test_edges_page_sections_are_what_the_script_renders():
 
     page = (DOCS / "results_edges.md").read_text()
     files = sorted(RESULTS.glob("edges-*/edges_results.json"))
-    assert len(files) == 6
+    assert len(files) == 7
     for path in files:
         cell = json.loads(path.read_text())
         assert make_edge_results.section(cell) in page, path.parent.name

@@ -174,7 +174,7 @@ def render(record: Dict) -> None:
              "The gap between RelP and RelP+AH below therefore comes from the softmax gradient alone.", "",
              TESTED, "",
              "Edge circuits of Gemma-3 270M on IOI (RelP, EAP, EAP-IG, sampled exact edges; CPR and CMD under the "
-             "library's and MIB's conventions, with intervals) are on {doc}`results_edges`, section "
+             "library's and MIB's conventions, with intervals) are on {doc}`results_edges_detail`, section "
              "\"gemma3-270m, IOI\"; calibrated rules against both presets on {doc}`results_calibration_real`.", "",
              "## How it was made", "",
              f"`{record['command']}` (torch {record['torch']}, {record['machine']} CPU, one thread, on a machine "

@@ -181,17 +181,13 @@ def layer_coefficients(
     """
     rules_applied = nullcontext() if rules is None or model is None else apply_rules(model, rules, strict)
     with torch.enable_grad(), rules_applied, sites.capturing() as read:
-        output = forward()
-        logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
-        evaluator.check_target(logits)
-        values = evaluator(logits, attention_mask)
-        acts = read(output)
+        output, values, acts = _evaluated(forward, evaluator, attention_mask, read)
         if on_coefficient is None:
             grads = torch.autograd.grad(values.sum(), acts, allow_unused=True, retain_graph=keep_graph)
             unused = _unused(sites, [g is not None for g in grads], allow_unused)
             coefficients = [torch.zeros_like(t) if g is None else g for t, g in zip(acts, grads)]
         else:  # nothing but the graph keeps the output and the activations alive
-            output = logits = None
+            output = None
             n_sites = len(acts)
             unused = _streamed(sites, acts, values, on_coefficient, allow_unused, keep_graph)
             coefficients = [None] * n_sites
@@ -232,12 +228,7 @@ def candidate_coefficients(
     """
     with torch.enable_grad(), switch_rules(model, candidates, strict, sites.layers) as switch, \
             sites.capturing() as read:
-        output = forward()
-        logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
-        evaluator.check_target(logits)
-        values = evaluator(logits, attention_mask)
-        acts = read(output)
-        output = logits = None
+        _, values, acts = _evaluated(forward, evaluator, attention_mask, read)  # the output is not kept
         total = values.sum()
         for k in range(len(candidates)):
             switch.select(k)
@@ -245,6 +236,15 @@ def candidate_coefficients(
             _unused(sites, [g is not None for g in grads], allow_unused)
             on_candidate(k, acts, [torch.zeros_like(t) if g is None else g for t, g in zip(acts, grads)])
         return values.detach()
+
+
+def _evaluated(forward: Callable[[], Any], evaluator: MetricEvaluator, attention_mask: Optional[Tensor],
+               read: Callable[[Any], List[Tensor]]):
+    """Run the forward, check and evaluate the metric on its logits, read the sites."""
+    output = forward()
+    logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
+    evaluator.check_target(logits)
+    return output, evaluator(logits, attention_mask), read(output)
 
 
 def _unused(sites: Sites, arrived: Sequence[bool], allow_unused: bool) -> List[int]:

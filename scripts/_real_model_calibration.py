@@ -2,9 +2,9 @@
 
 AP and every default candidate were measured once, at the task's positions, on the
 calibration pool and on the evaluated pairs (:mod:`_real_model_runs`). The rules are
-chosen by the library's selection step, :func:`~captum_relp.choose_rules` with its
-default settings (noise-aware paired bootstrap, 1000 resamples, gradient kept unless a
-candidate beats it beyond the noise), on the first ``CALIBRATION_PAIRS`` pool pairs:
+chosen by the library's selection step, :func:`~captum_relp.choose_rules` with the
+gradient as default (noise-aware paired bootstrap, 1000 resamples, gradient kept unless a
+candidate beats it beyond the noise; the shipped page was measured so), on the first ``CALIBRATION_PAIRS`` pool pairs:
 that is :func:`~captum_relp.calibrate_rules` with AP read at the task's positions
 instead of every position. The calibration-size study reuses ``calibration_eval.study``:
 sizes 10, 20, 50 (100 when the pool has them), the evaluated pairs held out.
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from calibration_eval import study
+from calibration_eval import DEFAULT, study
 from captum_relp.calibration import CandidateScores, choose_rules
 from captum_relp.calibration._schema import model_signature
 from captum_relp.calibration._select import group_data
@@ -58,7 +58,7 @@ def chosen_names(model, pool: Dict) -> set:
             rows = torch.arange(size) if draw == 0 else torch.randperm(n_pool, generator=gen)[:size]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                names |= set(choose_rules(scores.rows(rows)).choices.values())
+                names |= set(choose_rules(scores.rows(rows), default=DEFAULT).choices.values())
     return names
 
 
@@ -69,7 +69,7 @@ def calibrated(model, pool: Dict, evaluated: Dict) -> Optional[Dict]:
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rules = choose_rules(candidate_scores(model, pool).rows(torch.arange(CALIBRATION_PAIRS)))
+        rules = choose_rules(candidate_scores(model, pool).rows(torch.arange(CALIBRATION_PAIRS)), default=DEFAULT)
     layers = pool["scores"]["AP"].shape[1] // len(KINDS)
     scores = np.concatenate([evaluated["scores"][f"cand:{rules.choices[kind]}"][:, k * layers:(k + 1) * layers]
                              for k, kind in enumerate(KINDS)], 1)

@@ -273,7 +273,7 @@ def _calibration_lines(task: str, result: Dict) -> List[str]:
         return [f"Calibrated rules ({task}): not measured (the calibration pool has {result['n_pool']} of the "
                 f"{CALIBRATION_PAIRS} pairs needed).", ""]
     lines = [f"**{CALIBRATED}**: rules chosen per component type by `choose_rules` (the selection step of "
-             f"`calibrate_rules`, default settings) on the first {CALIBRATION_PAIRS} pairs of a calibration pool "
+             f"`calibrate_rules`, with the gradient as default: `default=\"gradient\"`) on the first {CALIBRATION_PAIRS} pairs of a calibration pool "
              f"(seed 1) disjoint from the {result['n']} evaluated pairs (seed 0), with AP read at the same "
              "positions as above. Chosen: " + ", ".join(f"{k} `{v}`" for k, v in cal["choices"].items())
              + f"; choosing cost {cal['calibration_seconds']:.0f} s of wall time ({CALIBRATION_PAIRS} pairs: AP and "

@@ -58,6 +58,9 @@ KINDS = ("resid", "attn", "mlp")
 VOCAB = 64
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
 METHODS = ("AtP", "RelP (preset)", "RelP (calibrated)")
+DEFAULT = "gradient"
+"""The rule set kept unless a candidate beats it beyond the noise in these rows (the gradient, AtP;
+the library's default is the best preset, measured on real models by ``calibration_real_page.py``)."""
 SMOLLM = fetched_model_path("smollm2-135m")
 
 
@@ -208,7 +211,7 @@ def study(name: str, task: str, scores: CandidateScores, n_pool: int, sizes: Lis
             rows = torch.arange(size) if draw == 0 else torch.randperm(n_pool, generator=gen)[:size]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cal = choose_rules(scores.rows(rows), n_bootstrap=n_bootstrap)
+                cal = choose_rules(scores.rows(rows), n_bootstrap=n_bootstrap, default=DEFAULT)
             runs.append({"size": size, "draw": draw, "choices": dict(cal.choices),
                          "decisions": {g: s["decision"] for g, s in cal.selection.items()},
                          "summary": cal.summary(), "held_out": held_out(held, cal.choices, n_bootstrap)})

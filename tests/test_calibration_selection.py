@@ -103,7 +103,8 @@ def test_a_group_without_effect_warns_and_never_reports_nan():
 
 def test_summary_and_json_report_interval_and_margin():
     net, clean, corrupt = two_branch_case()
-    cal = calibrate_rules(net, [net.a, net.b], clean, corrupt, metric=metric, groups=["tanh", "ln"])
+    cal = calibrate_rules(net, [net.a, net.b], clean, corrupt, metric=metric, groups=["tanh", "ln"],
+                          default="gradient")
     data = json.loads(cal.to_json())
     sel = data["selection"]["tanh"]
     assert sel["choice"] == cal.choices["tanh"] != "gradient" and sel["decision"] == "chosen"
@@ -122,13 +123,18 @@ def test_default_must_be_a_candidate():
     net, clean, corrupt = two_branch_case()
     with pytest.raises(ValueError, match="default 'x' is not one of the candidates"):
         calibrate_rules(net, [net.a], clean, corrupt, metric=metric, default="x")
-    cal = calibrate_rules(net, [net.a], clean, corrupt, metric=metric, candidates=[RuleSet("relp")])
-    assert cal.default == "relp"
+    # no preset among the candidates: the first candidate is the default
+    candidates = [RuleSet("ln", categories=("norm",)), RuleSet("identity", categories=("activation",))]
+    cal = calibrate_rules(net, [net.a], clean, corrupt, metric=metric, candidates=candidates)
+    assert cal.default == "ln"
+    # a preset among them: the best preset is
+    cal = calibrate_rules(net, [net.a], clean, corrupt, metric=metric, candidates=[RuleSet("relp")] + candidates)
+    assert cal.default == "best-preset"
 
 
 def test_best_preset_default_keeps_the_better_preset_the_pairs_cannot_separate():
     """A preset slightly better than the gradient, not beyond the noise: the gradient default keeps the
-    gradient (undecided); ``default="best-preset"`` keeps that preset. The file round-trips."""
+    gradient (undecided); ``default="best-preset"``, the default, keeps that preset. The file round-trips."""
     import torch
 
     from captum_relp import RuleSet
@@ -144,9 +150,10 @@ def test_best_preset_default_keeps_the_better_preset_the_pairs_cannot_separate()
     data = CandidateScores(candidates, ["mlp"], False, group_data([ap], {n: [s] for n, s in scores.items()}, ["mlp"]),
                            0.0)
     with pytest.warns(CalibrationWarning, match="cannot decide"):
-        kept = choose_rules(data)
+        kept = choose_rules(data, default="gradient")
     assert kept.choices["mlp"] == "gradient" and kept.selection["mlp"]["decision"] == "undecided"
-    best = choose_rules(data, default="best-preset")
+    best = choose_rules(data)
+    assert choose_rules(data, default="best-preset").choices == best.choices
     agreements = best.selection["mlp"]["agreement"]
     assert best.choices["mlp"] == "relp" == max(agreements, key=agreements.get)
     assert best.selection["mlp"]["decision"] == "default" and best.default == "best-preset"

@@ -64,11 +64,12 @@ def calibrate_rules(
     (entries where AP and every candidate are exactly zero, i.e. padding, are dropped).
 
     The choice accounts for noise (a paired bootstrap over the calibration pairs, see
-    the selection in ``calibration._select``): per group the ``default`` (the plain gradient,
-    i.e. AtP) is kept unless a candidate's margin over it is above zero over its whole
-    bootstrap interval (Bonferroni-corrected over the candidates); among those that pass,
-    the highest agreement wins. When a candidate looks better but not beyond the noise, the
-    default is kept with a warning. The intervals, margins and decisions are in
+    the selection in ``calibration._select``): per group the ``default`` (by default the
+    best fixed preset: whichever of the gradient, i.e. AtP, ``relp`` and ``relp-ah`` agrees
+    best with AP on the calibration pairs) is kept unless a candidate's margin over it is
+    above zero over its whole bootstrap interval (Bonferroni-corrected over the candidates);
+    among those that pass, the highest agreement wins. When a candidate looks better but not
+    beyond the noise, the default is kept with a warning. The intervals, margins and decisions are in
     :meth:`CalibratedRules.summary` and in the saved file.
 
     Raises a ``ValueError`` when the corruption has no effect (clean == corrupt, or AP
@@ -91,9 +92,10 @@ def calibrate_rules(
         candidates (list of RuleSet, optional): default :func:`default_candidates`.
         score (str): ``"pearson"`` (default), ``"spearman"`` or ``"topk"``.
         default (str, optional): the candidate kept unless another beats it beyond the
-            noise (default ``"gradient"`` when it is a candidate, else the first candidate), or
-            ``"best-preset"``: per group, whichever of the fixed presets ``gradient``, ``relp`` and
-            ``relp-ah`` (those among the candidates) agrees best on the calibration pairs.
+            noise, in every group (e.g. ``"gradient"``), or ``"best-preset"``: per group,
+            whichever of the fixed presets ``gradient``, ``relp`` and ``relp-ah`` (those among
+            the candidates) agrees best on the calibration pairs. Default: ``"best-preset"``
+            when a preset is among the candidates, else the first candidate.
         confidence (float): level of the reported intervals (default 0.95).
         n_bootstrap (int): bootstrap resamples of the calibration pairs (default 1000).
         seed (int): seed of the resampling.
@@ -250,7 +252,8 @@ def _choose(scores: CandidateScores, score: str, default: Optional[str], confide
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     names = [c.name for c in scores.candidates]
-    default = default if default is not None else ("gradient" if "gradient" in names else names[0])
+    if default is None:
+        default = BEST_PRESET if any(n in names for n in PRESETS) else names[0]
     if default == BEST_PRESET:
         presets = [n for n in PRESETS if n in names]
         if not presets:

@@ -4,9 +4,10 @@ Which LRP rules make RelP agree best with activation patching (AP) depends on th
 model and the task: the LN-rule may help on the residual stream and hurt on
 attention outputs. :func:`calibrate_rules` runs exact AP once on a few calibration
 pairs, runs RelP with every candidate :class:`~captum_relp.RuleSet`, and keeps, per
-group of layers (``resid``/``attn``/``mlp`` by default), the candidate whose scores
-agree best with AP unless the gradient (AtP) is not beaten beyond the noise (a paired
-bootstrap over the calibration pairs, the selection in ``calibration._select``). The result,
+group of layers (``resid``/``attn``/``mlp`` by default), the best fixed preset (the
+gradient, i.e. AtP, ``relp`` or ``relp-ah``, whichever agrees best with AP) unless another
+candidate beats it beyond the noise (a paired bootstrap over the calibration pairs, the
+selection in ``calibration._select``). The result,
 :class:`CalibratedRules`, is saved as versioned, validated JSON
 (the file schema in ``calibration._schema``) and is accepted as ``rules=`` by
 :class:`~captum_relp.LayerRelevancePatching`.

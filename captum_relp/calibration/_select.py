@@ -1,9 +1,10 @@
 """Noise-aware choice of a calibrated rule set: a paired bootstrap over calibration pairs.
 
 The agreement of a candidate with AP is measured on a few calibration pairs, so it is an
-estimate with noise. :func:`select` keeps the default rule set (the plain gradient, i.e.
-AtP, unless told otherwise) and replaces it only by a candidate whose *margin* over the
-default is above zero beyond that noise:
+estimate with noise. :func:`select` keeps the default rule set (the caller names it:
+:func:`~captum_relp.calibrate_rules` passes the best fixed preset of the group unless told
+otherwise) and replaces it only by a candidate whose *margin* over the default is above
+zero beyond that noise:
 
 * the calibration pairs are resampled with replacement ``n_bootstrap`` times; every
   candidate and the default are scored on the same resamples (a paired bootstrap), so

@@ -18,10 +18,7 @@ import numpy as np
 import torch
 
 from calibration_eval import DEFAULT, study
-from captum_relp.calibration import CandidateScores, choose_rules
-from captum_relp.calibration._schema import model_signature
-from captum_relp.calibration._select import group_data
-from captum_relp.calibration.calibrated_rules import default_candidates
+from captum_relp.calibration import CandidateScores, choose_rules, default_candidates
 from captum_relp.models import COMPONENT_KINDS as KINDS
 
 CALIBRATION_PAIRS = 20
@@ -44,8 +41,9 @@ def candidate_scores(model, pool: Dict, evaluated: Optional[Dict] = None) -> Can
     groups = [kind for kind in KINDS for _ in range(layers)]
     metric = np.concatenate([s["metric"] for s in splits])
     tolerance = 100 * float(torch.finfo(torch.float32).eps) * max(float(np.abs(metric).max()), 1e-30)
-    data = group_data(per_layer("AP"), {c.name: per_layer(f"cand:{c.name}") for c in candidates}, groups)
-    return CandidateScores(candidates, groups, True, data, tolerance, model_signature(model))
+    return CandidateScores.from_layer_scores(candidates, per_layer("AP"),
+                                             {c.name: per_layer(f"cand:{c.name}") for c in candidates}, groups,
+                                             tolerance=tolerance, model=model, auto_groups=True)
 
 
 def chosen_names(model, pool: Dict) -> set:

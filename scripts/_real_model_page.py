@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from _real_model import pcc_tables, sized_card
-from _report import circuit_report
+from _report import circuit_report, pcc_losses, pcc_rows, table
 from _real_model_calibration import CALIBRATION_PAIRS, DRAWS, calibrated, chosen_names, study_rows
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, fill_candidates, load_split, measure
 from calibration_eval import main_table, size_table
@@ -33,38 +33,6 @@ METHODS = ("AtP", "RelP", "RelP+AH")
 CALIBRATED = "RelP (calibrated)"
 
 
-def _table(header, rows):
-    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
-
-
-def _cell(entry, best):
-    value, low, high = entry
-    text = f"{value:.3f} [{low:.3f}, {high:.3f}]"
-    return f"**{text}**" if best else text
-
-
-def _pcc_rows(pcc, methods):
-    rows = []
-    for kind in KINDS:
-        best = max(methods, key=lambda m: pcc[kind][m][0])
-        rows.append([KIND_TITLES[kind]] + [_cell(pcc[kind][m], m == best) for m in methods])
-    return rows
-
-
-def _losses(task, result):
-    """Sentences naming every cell where RelP's PCC is below AtP's."""
-    out = []
-    for view, title in (("per_prompt", "per-prompt"), ("prompt_averaged", "prompt-averaged")):
-        for kind in KINDS:
-            atp = result["pcc"][view][kind]["AtP"][0]
-            for method in result["pcc"][view][kind]:
-                value = result["pcc"][view][kind][method][0]
-                if method != "AtP" and value < atp:
-                    out.append(f"{task}, {KIND_TITLES[kind]}, {title}: {method} {value:.3f} < AtP {atp:.3f}")
-    return out
-
-
 def _section(task, result, labels, folder, command_note):
     lines = [f"Prompts: N = {result['n']}; logit(correct) > logit(wrong) on "
              f"{result['solved']:.0%} of them (mean metric {result['metric_mean']:.2f}). {command_note}", ""]
@@ -73,17 +41,17 @@ def _section(task, result, labels, folder, command_note):
         lines += [f"PCC with activation patching, {title}; 95% bootstrap interval over prompts in brackets, "
                   "best per row in bold:", ""]
         methods = list(result["pcc"][view]["resid"])
-        lines += _table(["component"] + methods, _pcc_rows(result["pcc"][view], methods))
-    losses = _losses(task, result)
+        lines += table(["component"] + methods, pcc_rows(result["pcc"][view], methods))
+    losses = pcc_losses(task, result)
     lines += ["Where a RelP variant scores below AtP (point estimates; compare the intervals): " + ("; ".join(losses) + "." if losses else "nowhere in these tables."), ""]
     base = result["seconds"]["AtP"]
     lines += ["Wall time in the same runs (this CPU, one thread per process; every chunk timed each method back "
               "to back, so the ratios hold even though the machine was shared):", ""]
-    lines += _table(["method", "seconds", "ratio to AtP", "what ran"],
-                    [[m, f"{s:.1f}", f"{s / base:.1f}x",
-                      "the positions above, 90 patched copies per position (suffix from the clean KV cache)"
-                      if m == "AP" else "every position, 2 forwards + 1 backward per batch"]
-                     for m, s in result["seconds"].items()])
+    lines += table(["method", "seconds", "ratio to AtP", "what ran"],
+                   [[m, f"{s:.1f}", f"{s / base:.1f}x",
+                     "the positions above, 90 patched copies per position (suffix from the clean KV cache)"
+                     if m == "AP" else "every position, 2 forwards + 1 backward per batch"]
+                    for m, s in result["seconds"].items()])
     for kind in KINDS:
         path = f"_static/results/smollm2/{task.lower()}_heatmap_{kind}.png"
         maps = {m: result["mean_maps"][m][kind] for m in ["AP", *METHODS]}

@@ -1,8 +1,11 @@
-"""Markdown pieces that ``make_results.py`` and ``_real_model_page.py`` both write: figures, tables
-and the report of a circuit experiment (one module, so neither script imports the other)."""
+"""Markdown pieces that several result scripts write: figures, tables, the PCC tables of the real
+models and the report of a circuit experiment (one module, so no script imports another's internals)."""
 from __future__ import annotations
 
 import numpy as np
+
+from captum_relp.models import COMPONENT_KINDS as KINDS
+from captum_relp.models import COMPONENT_TITLES as KIND_TITLES
 
 READ_AT = (10, 100)
 """Circuit sizes shown in the circuit tables."""
@@ -14,8 +17,37 @@ def figure(path: str, alt: str, caption: str) -> list:
 
 
 def table(header: list, rows: list) -> list:
+    """A Markdown table: the first column left-aligned, the others right-aligned."""
     return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)] + [
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def _cell(entry, best):
+    value, low, high = entry
+    text = f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    return f"**{text}**" if best else text
+
+
+def pcc_rows(pcc: dict, methods) -> list:
+    """One row per component kind of ``pcc[kind][method] = [value, low, high]``; the best method in bold."""
+    rows = []
+    for kind in KINDS:
+        best = max(methods, key=lambda m: pcc[kind][m][0])
+        rows.append([KIND_TITLES[kind]] + [_cell(pcc[kind][m], m == best) for m in methods])
+    return rows
+
+
+def pcc_losses(task: str, result: dict) -> list:
+    """Sentences naming every cell where RelP's PCC is below AtP's."""
+    out = []
+    for view, title in (("per_prompt", "per-prompt"), ("prompt_averaged", "prompt-averaged")):
+        for kind in KINDS:
+            atp = result["pcc"][view][kind]["AtP"][0]
+            for method in result["pcc"][view][kind]:
+                value = result["pcc"][view][kind][method][0]
+                if method != "AtP" and value < atp:
+                    out.append(f"{task}, {KIND_TITLES[kind]}, {title}: {method} {value:.3f} < AtP {atp:.3f}")
+    return out
 
 
 METRIC_NAMES = {"sva": "probability difference of the right over the wrong verb",

@@ -45,8 +45,13 @@ import transformers
 from torch import nn
 
 from captum_relp import model_components
-from captum_relp.calibration._select import GroupData, _interval, bootstrap_weights, weighted_agreements
-from captum_relp.calibration import CandidateScores, choose_rules, score_candidates
+from captum_relp.calibration import (
+    CandidateScores,
+    bootstrap_interval,
+    choose_rules,
+    paired_bootstrap,
+    score_candidates,
+)
 from captum_relp.embedded import heldout_words, load_embedded
 from captum_relp.embedded.fetch import fetched_model_path
 from captum_relp.families import FAMILY_TABLE
@@ -184,18 +189,18 @@ def logit_diff(out: torch.Tensor) -> torch.Tensor:
     return out[:, -1, 1] - out[:, -1, 2]
 
 
-def held_out(data: Dict[str, GroupData], choices: Dict[str, str], n_bootstrap: int) -> Dict[str, Dict]:
+def held_out(scores: CandidateScores, choices: Dict[str, str], n_bootstrap: int) -> Dict[str, Dict]:
     """Held-out PCC per group of AtP, the preset and the calibrated choice, and calibrated - AtP with interval."""
     out = {}
-    for group, d in data.items():
-        picked = GroupData(d.reference, {"AtP": d.scores["gradient"], "RelP (preset)": d.scores["relp"],
-                                         "RelP (calibrated)": d.scores[choices[group]]}, d.mask)
-        weights = bootstrap_weights(d.reference.shape[0], n_bootstrap, seed=1)
-        boot = {m: weighted_agreements(picked, m, weights, "pearson") for m in METHODS}
+    for group, d in scores.data.items():
+        picked = {"AtP": d.scores["gradient"], "RelP (preset)": d.scores["relp"],
+                  "RelP (calibrated)": d.scores[choices[group]]}
+        boot = paired_bootstrap(d.reference, picked, d.mask, n_bootstrap=n_bootstrap, seed=1)
         diff = boot["RelP (calibrated)"] - boot["AtP"]
         out[group] = {m: float(boot[m][0]) for m in METHODS}
-        out[group].update(interval={m: _interval(boot[m][1:], 0.95) for m in METHODS}, diff=float(diff[0]),
-                          diff_interval=_interval(diff[1:], 0.95), choice=choices[group])
+        out[group].update(interval={m: bootstrap_interval(boot[m][1:], 0.95) for m in METHODS},
+                          diff=float(diff[0]), diff_interval=bootstrap_interval(diff[1:], 0.95),
+                          choice=choices[group])
     return out
 
 
@@ -203,7 +208,7 @@ def study(name: str, task: str, scores: CandidateScores, n_pool: int, sizes: Lis
           n_bootstrap: int, seconds: float, scale: Optional[Dict] = None) -> Dict:
     """Choose on subsets of the pool for every size; evaluate each choice on the held-out pairs."""
     n_total = scores.n_examples
-    held = scores.rows(torch.arange(n_pool, n_total)).data
+    held = scores.rows(torch.arange(n_pool, n_total))
     gen = torch.Generator().manual_seed(0)
     runs = []
     for size in sizes:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from _real_model import check_against_library, gradient_scores, pcc_tables, pick, role_patching, sized_card
-from _real_model_page import METHODS, _losses, _pcc_rows, _table
+from _real_model_page import METHODS
+from _report import pcc_losses, pcc_rows, table
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, task_split
 from captum_relp.embedded import load_model
 from captum_relp.models import COMPONENT_KINDS as KINDS
@@ -102,9 +103,9 @@ def _task_lines(task: str, result: Dict, labels, note: str) -> List[str]:
              f"({'probability' if task == 'sva' else 'logit'} difference) {result['metric_mean']:.3f}. Positions read: {', '.join(labels)}. Cells: PCC with AP "
              "[95% bootstrap interval over prompts, 1000 resamples]; bold = highest.", ""]
     for view, title in (("per_prompt", "Per-prompt maps"), ("prompt_averaged", "Prompt-averaged maps")):
-        lines += [f"**{title}**", ""] + _table(["component", *METHODS], _pcc_rows(result["pcc"][view], METHODS))
+        lines += [f"**{title}**", ""] + table(["component", *METHODS], pcc_rows(result["pcc"][view], METHODS))
     lines += [_reading(result["pcc"]["per_prompt"]), ""]
-    losses = _losses(task.upper(), result)
+    losses = pcc_losses(task.upper(), result)
     lines += (["Where RelP loses to AtP: " + "; ".join(losses) + "."] if losses
               else ["RelP and RelP+AH are at or above AtP in every cell."]) + [""]
     lines += [f"Wall time, same run: AP {seconds['AP']:.0f} s ({result['ap_cpu_seconds']:.0f} CPU-s), "
@@ -131,7 +132,7 @@ def _qk_norm_lines(record: Dict) -> List[str]:
               "their plain gradient. The attention scores are invariant to the scale of a query/key norm's "
               "input; the LN-rule makes them linear in it, so RelP scored rescalings of queries and keys as "
               "effects. Per-prompt PCC with AP [95% bootstrap interval over prompts]:", ""]
-    lines += _table(["component", *pcc[KINDS[0]]], _pcc_rows(pcc, list(pcc[KINDS[0]])))
+    lines += table(["component", *pcc[KINDS[0]]], pcc_rows(pcc, list(pcc[KINDS[0]])))
     return lines
 
 

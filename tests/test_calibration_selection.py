@@ -11,6 +11,8 @@ from tests.test_calibration import metric, two_branch_case
 from captum_relp import RuleSet, calibrate_rules, model_components
 from captum_relp.calibration._select import GroupData, bootstrap_weights, select, weighted_agreements
 from captum_relp.calibration import CalibrationWarning, agreement, default_candidates
+from captum_relp.calibration import CandidateScores, bootstrap_interval, choose_rules, paired_bootstrap
+from captum_relp.calibration._schema import model_signature
 
 
 def noisy_group(n=20, width=10, seed=0, gradient_noise=1.0, candidate_noise=0.97):
@@ -35,6 +37,78 @@ def test_bootstrap_agreement_equals_the_explicit_resample():
         slow = weighted_agreements(data, name, weights, "spearman")
         assert slow[0] == pytest.approx(agreement(data.scores[name], data.reference, "spearman"))
 
+
+def test_paired_bootstrap_is_the_selection_bootstrap_and_its_interval_is_paired():
+    data = noisy_group()
+    boot = paired_bootstrap(data.reference.reshape(20, 2, 5), {n: s.reshape(20, 2, 5) for n, s in data.scores.items()},
+                            n_bootstrap=50, seed=3)
+    weights = bootstrap_weights(20, 50, seed=3)
+    for name in data.scores:
+        assert torch.equal(boot[name], weighted_agreements(data, name, weights, "pearson"))
+    assert boot["exact"][0] == pytest.approx(1.0) and boot["gradient"][0] == pytest.approx(
+        agreement(data.scores["gradient"], data.reference), abs=1e-12)
+    low, high = bootstrap_interval((boot["exact"] - boot["gradient"])[1:])  # exact beats gradient on every resample
+    assert 0 < low <= high and bootstrap_interval(boot["exact"][1:]) == pytest.approx([1.0, 1.0])
+    padded = {n: torch.cat([s, torch.zeros(20, 3, dtype=s.dtype)], 1) for n, s in data.scores.items()}
+    reference = torch.cat([data.reference, torch.zeros(20, 3, dtype=torch.float64)], 1)
+    padding_dropped = paired_bootstrap(reference, padded, n_bootstrap=50, seed=3)["close"]
+    assert torch.allclose(padding_dropped, boot["close"], rtol=0, atol=1e-12)
+    kept = paired_bootstrap(reference, padded, reference != 0, n_bootstrap=50, seed=3, score="spearman")["close"]
+    assert kept[0] == pytest.approx(agreement(data.scores["close"], data.reference, "spearman"))
+
+
+def test_bootstrap_interval_values_and_undefined_resamples():
+    assert bootstrap_interval(torch.arange(101.0), level=0.5) == [25.0, 75.0]
+    assert bootstrap_interval(torch.arange(101.0)) == pytest.approx([2.5, 97.5])
+    some_nan = torch.cat([torch.arange(95.0), torch.full((5,), math.nan)])
+    assert bootstrap_interval(some_nan, level=1.0) == [0.0, 94.0]  # NaN dropped
+    assert bootstrap_interval(torch.cat([torch.arange(80.0), torch.full((20,), math.nan)])) is None
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval(torch.arange(5.0), level=95)
+
+
+def test_paired_bootstrap_refuses_bad_input():
+    ap = torch.randn(6, 4)
+    for kwargs, message in [(dict(scores={"a": torch.randn(6, 5)}), r"scores\['a'\] has shape \(6, 5\)"),
+                            (dict(scores={"a": ap}, mask=torch.ones(6, 3, dtype=torch.bool)), "mask has shape"),
+                            (dict(scores={"a": ap}, n_bootstrap=0), "n_bootstrap"),
+                            (dict(scores={"a": ap}, score="cosine"), "score must be one of"),
+                            (dict(scores={}), "at least one method")]:
+        with pytest.raises(ValueError, match=message):
+            paired_bootstrap(ap, **kwargs)
+
+
+def test_candidate_scores_from_layer_scores():
+    """Per-layer scores measured elsewhere give the scores score_candidates would: per group, ready to choose."""
+    gen = torch.Generator().manual_seed(1)
+    ap = [torch.randn(12, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    noisy = [a + torch.randn(12, 3, generator=gen, dtype=torch.float64) for a in ap]
+    candidates = [RuleSet("gradient", categories=()), RuleSet("exact")]
+    per_layer = {"gradient": [ap[0].numpy(), noisy[1].numpy(), noisy[2].numpy()], "exact": ap}
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    scores = CandidateScores.from_layer_scores(candidates, [a.numpy() for a in ap], per_layer, ["a", "b", "b"],
+                                               tolerance=1e-9, model=net)
+    assert scores.groups == ["a", "b", "b"] and not scores.auto_groups and scores.tolerance == 1e-9
+    assert scores.n_examples == 12 and scores.model == model_signature(net) and scores.model is not None
+    assert torch.equal(scores.data["b"].reference, torch.cat(ap[1:], 1))
+    assert torch.equal(scores.data["b"].scores["gradient"], torch.cat(noisy[1:], 1))
+    assert list(scores.data["a"].scores) == ["gradient", "exact"]
+    rules = choose_rules(scores, default="gradient", n_bootstrap=200)
+    assert rules.agreement["a"]["exact"] == pytest.approx(1.0) == rules.agreement["a"]["gradient"]
+    assert rules.choices == {"a": "gradient", "b": "exact"} and rules.model == scores.model
+    assert CandidateScores.from_layer_scores(candidates, ap, per_layer, ["a", "b", "b"], auto_groups=True).auto_groups
+    bad = [(dict(scores={"gradient": per_layer["gradient"]}), "exactly the candidates"),
+           (dict(groups=["a", "b"]), "groups has 2 labels for 3 layers"),
+           (dict(scores={**per_layer, "exact": [ap[0], ap[1], ap[2][:, :2]]}), r"scores\['exact'\] has layers"),
+           (dict(reference=[ap[0], ap[1], ap[2][:5]], scores={n: [ap[0], ap[1], ap[2][:5]] for n in per_layer}),
+            "first dimension"),
+           (dict(candidates=[RuleSet("exact"), RuleSet("exact")]), "distinct names"),
+           (dict(tolerance=-1.0), "tolerance")]
+    for change, message in bad:
+        kwargs = {"candidates": candidates, "reference": ap, "scores": per_layer, "groups": ["a", "b", "b"], **change}
+        tolerance = kwargs.pop("tolerance", 0.0)
+        with pytest.raises(ValueError, match=message):
+            CandidateScores.from_layer_scores(**kwargs, tolerance=tolerance)
 
 def test_a_small_lead_within_the_noise_keeps_the_gradient_and_warns():
     data = noisy_group()

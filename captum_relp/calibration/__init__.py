@@ -12,6 +12,7 @@ selection in ``calibration._select``). The result,
 (the file schema in ``calibration._schema``) and is accepted as ``rules=`` by
 :class:`~captum_relp.LayerRelevancePatching`.
 """
+from ._select import bootstrap_interval, paired_bootstrap
 from .calibrate import (
     CalibrationWarning,
     CandidateScores,
@@ -33,4 +34,4 @@ from .calibrated_rules import (
 
 __all__ = ["CalibratedRules", "calibrate_rules", "calibrated_ioi_rules", "calibrate_on_batch", "score_candidates",
            "choose_rules", "CandidateScores", "CalibrationWarning", "default_candidates", "model_categories",
-           "explicit_ruleset", "infer_groups", "agreement", "SCORES"]
+           "explicit_ruleset", "infer_groups", "agreement", "SCORES", "paired_bootstrap", "bootstrap_interval"]

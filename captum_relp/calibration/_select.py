@@ -21,10 +21,15 @@ zero beyond that noise:
 Reported per group and candidate: the agreement on all pairs, its ``confidence``
 percentile interval, the margin over the default and the margin interval used for the
 decision.
+
+The paired bootstrap itself is public as :func:`paired_bootstrap` and
+:func:`bootstrap_interval`, e.g. to compare methods with AP on held-out pairs the way the
+selection compares candidates.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -32,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._schema import DECISIONS  # noqa: F401  (re-exported: the decisions select makes)
-from .calibrated_rules import agreement
+from .calibrated_rules import SCORES, agreement
 
 # a candidate "looks better" than the default only above this difference (float32 scores: ties)
 _TIE = 1e-6
@@ -143,8 +148,90 @@ def weighted_agreements(data: GroupData, name: str, weights: Tensor, score: str)
     return torch.tensor(values, dtype=torch.float64)
 
 
-def _interval(values: Tensor, level: float) -> Optional[List[float]]:
-    finite = values[torch.isfinite(values)]
+def paired_bootstrap(reference: Tensor, scores: Dict[str, Tensor], mask: Optional[Tensor] = None, *,
+                     n_bootstrap: int = 1000, seed: int = 0, score: str = "pearson") -> Dict[str, Tensor]:
+    """Every method's agreement with ``reference`` on all examples and on paired resamples of them.
+
+    The examples (first dimension) are resampled with replacement ``n_bootstrap`` times, the
+    same resamples for every method, so the difference of two methods' values is paired
+    (:func:`bootstrap_interval` of it is the interval of their difference). Each agreement is
+    computed over all entries of the resampled examples that ``mask`` keeps.
+
+    Args:
+        reference: ``(n_examples, ...)`` reference scores, e.g. activation patching's.
+        scores: ``{method: scores of the reference's shape}``.
+        mask: the entries that count, of the reference's shape (default: where the reference or
+            any method is non-zero, so padding that is zero everywhere is dropped).
+        n_bootstrap: number of resamples (at least 1).
+        seed: seed of the resampling.
+        score: ``"pearson"``, ``"spearman"`` or ``"topk"`` (as in :func:`agreement`).
+
+    Returns:
+        ``{method: (n_bootstrap + 1,) float64 tensor}``: entry 0 on all examples, then one per
+        resample (NaN where undefined, e.g. constant scores)
+
+    Example:
+        >>> import torch
+        >>> ap = torch.arange(1., 41.).reshape(20, 2)
+        >>> boot = paired_bootstrap(ap, {"exact": 2 * ap, "noisy": ap + torch.randn(20, 2)}, n_bootstrap=200)
+        >>> boot["exact"].shape, round(float(boot["exact"][0]), 6)
+        (torch.Size([201]), 1.0)
+        >>> bootstrap_interval((boot["exact"] - boot["noisy"])[1:])[0] > 0
+        True
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if not scores:
+        raise ValueError("scores must hold at least one method")
+    if reference.dim() == 0 or reference.shape[0] == 0:
+        raise ValueError(f"reference must have one row per example, got shape {tuple(reference.shape)}")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, numbers.Integral) or n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be an integer >= 1, got {n_bootstrap!r}")
+    given = {f"scores[{name!r}]": values for name, values in scores.items()}
+    for where, values in {**given, **({} if mask is None else {"mask": mask})}.items():
+        if tuple(values.shape) != tuple(reference.shape):
+            raise ValueError(f"{where} has shape {tuple(values.shape)}, the reference {tuple(reference.shape)}")
+    n = reference.shape[0]
+
+    def rows(values: Tensor) -> Tensor:
+        return values.detach().double().cpu().reshape(n, -1)
+
+    ref, per_method = rows(reference), {name: rows(values) for name, values in scores.items()}
+    if mask is None:
+        keep = ref != 0
+        for values in per_method.values():
+            keep |= values != 0
+    else:
+        keep = mask.detach().cpu().bool().reshape(n, -1)
+    data = GroupData(ref, per_method, keep)
+    weights = bootstrap_weights(n, n_bootstrap, seed)
+    return {name: weighted_agreements(data, name, weights, score) for name in scores}
+
+
+def bootstrap_interval(values: Tensor, level: float = 0.95) -> Optional[List[float]]:
+    """The central ``level`` percentile interval of bootstrap ``values``, or ``None`` if too few are defined.
+
+    Resamples whose value is undefined (NaN, e.g. a method with constant scores there) are
+    dropped; with fewer than 90% of them left, no interval is reported (``None``).
+
+    Args:
+        values: one value per bootstrap resample (e.g. entries ``1:`` of :func:`paired_bootstrap`,
+            or the difference of two methods' entries: a paired interval).
+        level: the interval's coverage, between 0 and 1.
+
+    Returns:
+        ``[low, high]``, or ``None``
+
+    Example:
+        >>> import torch
+        >>> bootstrap_interval(torch.arange(101.), level=0.5)
+        [25.0, 75.0]
+        >>> print(bootstrap_interval(torch.tensor([1.0, float("nan")])))
+        None
+    """
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level!r}")
+    finite = values[torch.isfinite(values)].double()
     if finite.numel() < _MIN_DEFINED * values.numel() or finite.numel() == 0:
         return None
     alpha = (1.0 - level) / 2
@@ -194,10 +281,10 @@ def select(data: GroupData, default: str, score: str = "pearson", confidence: fl
     sel = Selection(default, "default", "")
     for n in names:
         sel.agreement[n] = _value(boot[n][0])
-        sel.interval[n] = _interval(boot[n][1:], confidence)
+        sel.interval[n] = bootstrap_interval(boot[n][1:], confidence)
         diff = boot[n] - boot[default]
         sel.margin[n] = _value(diff[0])
-        sel.margin_interval[n] = None if n == default else _interval(diff[1:], decision_level)
+        sel.margin_interval[n] = None if n == default else bootstrap_interval(diff[1:], decision_level)
     beats = [n for n in names if n != default and sel.margin_interval[n] is not None
              and sel.margin_interval[n][0] > 0 and sel.agreement[n] is not None]
     looks_better = [n for n in names if n != default and sel.agreement[n] is not None

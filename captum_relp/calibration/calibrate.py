@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,6 +23,7 @@ from ..models import model_components
 from ..rules import RuleSet
 from ..rules.switch import SwitchUnsupported
 from ._schema import model_signature
+from ._scores import CandidateScores
 from ._select import GroupData, group_data, select
 from .calibrated_rules import (
     SCORES,
@@ -128,35 +128,6 @@ def calibrate_rules(
                               additional_forward_args=additional_forward_args, attribute_to_layer_input=attribute_to_layer_input,
                               groups=groups, candidates=candidates)
     return _choose(scores, score, default, confidence, n_bootstrap, seed)
-
-
-@dataclass
-class CandidateScores:
-    """AP and every candidate's RelP scores on the calibration pairs, by group (one row per pair).
-
-    Computed once by :func:`score_candidates`; :func:`choose_rules` picks the rules from it, so
-    a study of the calibration size can choose on subsets (:meth:`rows`) without rerunning AP.
-    """
-
-    candidates: List[RuleSet]
-    groups: List[str]
-    auto_groups: bool
-    data: Dict[str, GroupData]
-    tolerance: float
-    model: Optional[Dict[str, Any]] = None
-    cost: Dict[str, Any] = field(default_factory=dict)
-    """How the candidates were scored (``scoring``: ``"shared"`` for one forward pass and one backward
-    pass per candidate) and the seconds AP and the candidates took."""
-
-    @property
-    def n_examples(self) -> int:
-        """Number of calibration pairs."""
-        return int(next(iter(self.data.values())).reference.shape[0])
-
-    def rows(self, index: Any) -> "CandidateScores":
-        """The scores of the calibration pairs ``index`` only."""
-        index = torch.as_tensor(index)
-        return replace(self, data={g: d.rows(index) for g, d in self.data.items()})
 
 
 def score_candidates(

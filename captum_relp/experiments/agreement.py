@@ -10,24 +10,15 @@ correlations lies below zero.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-from ..calibration._select import bootstrap_weights, group_data, weighted_agreements
+from ..calibration import bootstrap_interval, paired_bootstrap
 
 LEVEL = 0.95
 """Level of the reported intervals."""
-
-
-def _quantiles(values: torch.Tensor) -> Optional[List[float]]:
-    finite = values[torch.isfinite(values)]
-    if finite.numel() < 0.9 * values.numel() or finite.numel() == 0:
-        return None
-    alpha = (1.0 - LEVEL) / 2
-    q = torch.quantile(finite, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
-    return [float(q[0]), float(q[1])]
 
 
 def _value(x: torch.Tensor) -> Optional[float]:
@@ -59,16 +50,15 @@ def agreement_table(reference: np.ndarray, scores: Dict[str, np.ndarray], valid:
     """
     mask = np.broadcast_to(valid[:, None, :], reference.shape)
     keep = lambda a: torch.from_numpy(np.where(mask, np.asarray(a, float), 0.0).reshape(a.shape[0], -1))  # noqa: E731
-    data = group_data([keep(reference)], {m: [keep(s)] for m, s in scores.items()}, ["all"])["all"]
-    data.mask = torch.from_numpy(np.ascontiguousarray(mask).reshape(mask.shape[0], -1).copy())
-    weights = bootstrap_weights(reference.shape[0], n_bootstrap, seed)
-    values = {m: weighted_agreements(data, m, weights, "pearson") for m in scores}
+    values = paired_bootstrap(keep(reference), {m: keep(s) for m, s in scores.items()},
+                              torch.from_numpy(np.ascontiguousarray(mask).reshape(mask.shape[0], -1).copy()),
+                              n_bootstrap=n_bootstrap, seed=seed)
     out: Dict[str, Dict[str, object]] = {}
     for method, v in values.items():
-        row: Dict[str, object] = {"pcc": _value(v[0]), "interval": _quantiles(v[1:])}
+        row: Dict[str, object] = {"pcc": _value(v[0]), "interval": bootstrap_interval(v[1:], LEVEL)}
         if against in values and method != against:
             margin = v - values[against]
-            interval = _quantiles(margin[1:])
+            interval = bootstrap_interval(margin[1:], LEVEL)
             row.update(margin=_value(margin[0]), margin_interval=interval,
                        loses=bool(interval is not None and interval[1] < 0))
         out[method] = row

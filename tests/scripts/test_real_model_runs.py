@@ -1,11 +1,13 @@
 """scripts/_real_model_runs.py keeps its chunks in the library's checkpoint: the committed chunks load
-under the committed fingerprint, another model file is refused, and the scripts import without a cycle."""
+under the committed fingerprint, another model file is refused, and the scripts import without a cycle
+and only through public names (no private name of another module, no private library module)."""
 from __future__ import annotations
 
 import ast
 import shutil
 import sys
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -68,3 +70,62 @@ def test_scripts_import_each_other_without_a_cycle():
         return any(n == goal or (n not in seen and reaches(n, goal, seen + (n,))) for n in graph[start])
 
     assert not [name for name in graph if reaches(name, name)]
+
+
+def _private(dotted: str) -> bool:
+    """A private part after the first: ``captum_relp.calibration._select``, ``_report._cell``."""
+    return any(part.startswith("_") and not part.startswith("__") for part in dotted.split(".")[1:])
+
+
+def _private_imports(source: str) -> List[str]:
+    """What ``source`` takes from another module's internals: a private name (``from m import _x``,
+    ``m._x`` on an imported module) or a private module of the library (``captum_relp.x._y``)."""
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    tree = ast.parse(source)
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in scripts | {"captum_relp"}:
+                    modules.add(alias.asname or alias.name.split(".")[0])
+                    if _private(alias.name):
+                        found.append(f"line {node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.split(".")[0] in scripts | {"captum_relp"}:
+                modules |= {alias.asname or alias.name for alias in node.names}
+                if _private(node.module):
+                    found.append(f"line {node.lineno}: from {node.module} import ...")
+            found += [f"line {node.lineno}: from {node.module} import {alias.name}" for alias in node.names
+                      if _private("." + alias.name)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain = ast.unparse(node)
+            if chain.split(".")[0] in modules and _private(chain):
+                found.append(f"line {node.lineno}: {chain}")
+    return sorted(set(found))
+
+
+def test_scripts_use_only_public_names_of_other_modules():
+    """Scripts are a thin layer over the library's public API and over shared script modules' public names."""
+    offenders = {p.name: found for p in sorted((ROOT / "scripts").glob("*.py"))
+                 if (found := _private_imports(p.read_text()))}
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("source, named", [
+    ("from _real_model_page import METHODS, _losses", "from _real_model_page import _losses"),
+    ("from captum_relp.calibration._select import group_data", "from captum_relp.calibration._select import ..."),
+    ("from captum_relp.calibration import _select", "from captum_relp.calibration import _select"),
+    ("import captum_relp.calibration._schema as schema", "import captum_relp.calibration._schema"),
+    ("import _report as report\nreport._cell(1, True)", "report._cell"),
+    ("from captum_relp import calibration\ncalibration._select.select", "calibration._select"),
+])
+def test_the_public_names_check_names_each_private_import(source, named):
+    assert [f for f in _private_imports(source) if f.endswith(named)], _private_imports(source)
+
+
+def test_the_public_names_check_passes_public_names():
+    source = ("from __future__ import annotations\nimport _calibration_rows as rows_io\n"
+              "from _report import table\nfrom captum_relp.calibration import CandidateScores\n"
+              "rows_io.coverage_table([], 1)\nconfig._attn_implementation = 'eager'\n")
+    assert _private_imports(source) == []

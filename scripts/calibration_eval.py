@@ -1,4 +1,4 @@
-"""Held-out evaluation of calibrated rules, and of the calibration size (issues 14 and 23).
+"""Held-out evaluation of calibrated rules, and of the calibration size.
 
 For each model, AP and every default candidate rule set are run once on a pool of
 ``--n-pool`` calibration pairs plus ``--n-eval`` held-out pairs. For each calibration size

@@ -37,7 +37,18 @@ RUNS = {
                                   "--model smollm2-135m --n-prompts 16 --rules relp,relp-ah,calibrated "
                                   "--calibration-prompts 16 --no-linearity --threads 1"),
 }
+GRADIENT = "-gradient-default"
+"""Suffix of a run folder calibrated with ``--calibration-default gradient`` (the same pairs otherwise)."""
+RUNS.update({name + GRADIENT: (model, task, command + " --calibration-default gradient")
+             for name, (model, task, command) in list(RUNS.items())})
 """Run folder -> (model, task, the command that wrote it)."""
+DEFAULT_TEXT = {
+    "best-preset": "Per component type, the fixed preset (gradient, RelP or RelP+AH) that agrees best with "
+                   "activation patching on the calibration pairs is kept unless another candidate beats it beyond "
+                   "the noise of those pairs.",
+    "gradient": "The gradient (AtP) is kept unless a candidate beats it beyond the noise of the calibration pairs.",
+}
+"""What each ``default`` of :func:`~captum_relp.calibrate_rules` keeps, in words."""
 
 
 def load_run(folder: Path) -> Dict[str, object]:
@@ -91,7 +102,7 @@ def run_section(name: str, run: Dict[str, object]) -> List[str]:
     table = agreement(run)
     n = int(run["scores"]["AP/mlp"].shape[0])
     cal = run["calibration"]
-    lines = [f"### {model}, {task}", "",
+    lines = [f"### {model}, {task}" + (", gradient as calibration default" if name.endswith(GRADIENT) else ""), "",
              f"N = {n} evaluated pairs; rules calibrated on {cal['n_examples']} separate pairs. "
              "PCC with activation patching over every (pair, layer, position); brackets: 95% bootstrap "
              "intervals over the evaluated pairs. The last column is calibrated RelP minus the best "
@@ -122,8 +133,10 @@ def render(root: Path = ROOT) -> str:
              "(`docs/_static/results/calibration-real/<run>/`), by "
              "`PYTHONPATH=. python scripts/calibration_real_page.py --out docs/results_calibration_real.md`.",
              "", "## Summary", "",
-             "| model, task | component | best preset | calibrated − best preset |", "|---|---|---|---|"]
-    runs = {name: load_run(root / name) for name in found}
+             "| model, task | component | best preset | calibrated − best preset | same, gradient as default |",
+             "|---|---|---|---|---|"]
+    variants = {name: load_run(root / name) for name in found if name.endswith(GRADIENT)}
+    runs = {name: load_run(root / name) for name in found if not name.endswith(GRADIENT)}
     below, above, below_atp = [], 0, 0
     for name, run in runs.items():
         model, task, _ = RUNS[name]
@@ -131,7 +144,10 @@ def render(root: Path = ROOT) -> str:
             table = agreement(run)[kind]
             best = table["best"]
             below_atp += table[METHODS[-1]]["margin_interval"][1] < 0
-            lines.append(f"| {model}, {task.split(' (')[0]} | {title} | {best['method']} | {_verdict(best)} |")
+            variant = variants.get(name + GRADIENT)
+            other = _verdict(agreement(variant)[kind]["best"]) if variant is not None else "not measured"
+            lines.append(f"| {model}, {task.split(' (')[0]} | {title} | {best['method']} | {_verdict(best)} "
+                         f"| {other} |")
             if best["margin_interval"][1] < 0:
                 agreements = run["calibration"]["agreement"][kind]
                 preset = max(("gradient", "relp", "relp-ah"), key=lambda n: agreements[n])
@@ -144,16 +160,16 @@ def render(root: Path = ROOT) -> str:
     lines += ["", f"Calibrated RelP is above the best preset beyond the noise in {above} of {count} rows and below "
               f"it beyond the noise in {len(below)} of {count}" + (f": {'; '.join(below)}." if below else ".")
               + f" It is below AtP beyond the noise in {below_atp} of {count} rows."]
+    defaults = sorted({str(run["calibration"].get("default")) for run in runs.values()})
+    lines += ["", "Calibration default in these runs: " + ", ".join(f"`{d}`" for d in defaults) + ". "
+              + " ".join(DEFAULT_TEXT.get(d, "") for d in defaults).strip()]
     if below:
-        lines += ["", "Where it is below, calibration kept its default, the gradient (AtP): a candidate looked better "
-                  "on the calibration pairs but its margin over the gradient was within their noise (decision "
-                  "`undecided`), so the better preset was not chosen. More calibration pairs may decide. With "
-                  "`calibrate_rules(..., default=\"best-preset\")` the rule set kept when they cannot is the preset "
-                  "(gradient, RelP or RelP+AH) that agrees best on the calibration pairs, named above; these runs used "
-                  "the gradient default (see {doc}`calibration`)."]
+        lines += ["", "Where it is below, the calibration pairs kept the default (or chose a candidate) that the "
+                  "evaluated pairs rank lower: the ranking of close rule sets differs between two samples of 16 "
+                  "pairs. More calibration pairs narrow it (see {doc}`calibration`)."]
     lines += ["", "Measured on a shared 2-core x86_64 CPU, torch 2.13.0+cpu, one thread, with the fetched "
               "models (see {doc}`results_smollm2`).", "", "## Runs", ""]
-    for name, run in runs.items():
+    for name, run in {**runs, **variants}.items():
         lines += run_section(name, run)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -8,6 +8,10 @@ tables, figures that open full size, and two sentences of reading per figure,
 computed from the numbers of this run.
 
     OMP_NUM_THREADS=1 python scripts/make_results.py            # about 5-10 minutes on 2 idle cores
+    OMP_NUM_THREADS=1 python scripts/make_results.py --ioi-only # the IOI part only (seconds)
+
+``--ioi-only`` rewrites the ``ioi-*`` folders and the IOI part of ``docs/results_measured.md``
+and keeps the circuit results and the rest of the page as they are.
 
 ``--real-model`` measures SmolLM2-135M instead (fetch it first: ``python
 scripts/fetch_smollm2.py``) and writes ``docs/results_smollm2.md``,
@@ -169,8 +173,9 @@ def ioi_section(name: str, n_prompts: int) -> str:
     for title, pcc in (("per-prompt maps", result.pcc_per_prompt), ("prompt-averaged, role-aligned maps",
                                                                     result.pcc_mean_map)):
         lines += [f"PCC with activation patching, {title}"
-                  + (" (the per-prompt maps are not shipped; `ioi_results.json` keeps the prompt-averaged "
-                     "maps of the second table)" if title == "per-prompt maps" else "") + ":", ""]
+                  + (" (every prompt's scores are in `ioi_scores.npz`; `ioi_results.json` adds the 95% "
+                     "bootstrap interval over the prompts of each correlation)" if title == "per-prompt maps"
+                     else "") + ":", ""]
         lines += table(["component"] + methods, [[KIND_TITLES[k]] + [f"{pcc[k][m]:.3f}" for m in methods]
                                                  for k in KINDS])
     ratios = result.time_ratios()
@@ -197,6 +202,24 @@ def circuit_section(name: str, nodes: str, n_train: int, n_test: int) -> str:
                f"{' --model ' + name if name != EMBEDDED_MODELS[0] else ''}")
     return "\n".join([f"### SVA {nodes} circuits, {name}", ""] + circuit_report(
         result, f"`{command}`", f"_static/results/circuit-{name}-{nodes}/circuit_faithfulness.png"))
+
+
+IOI_HEADING = "## IOI faithfulness (Table 5 layout)"
+CIRCUIT_HEADING = "## Circuit discovery (Figure 3 layout)"
+
+
+def replace_ioi_part(page: str, ioi_sections: list) -> str:
+    """``page`` (``results_measured.md``) with its IOI part, up to the circuit part, made of ``ioi_sections``.
+
+    >>> replace_ioi_part(f"intro\\n{IOI_HEADING}\\n\\nold\\n{CIRCUIT_HEADING}\\nkept\\n", ["new"])
+    'intro\\n## IOI faithfulness (Table 5 layout)\\n\\nnew\\n## Circuit discovery (Figure 3 layout)\\nkept\\n'
+    """
+    if page.count(IOI_HEADING) != 1 or page.count(CIRCUIT_HEADING) != 1:
+        raise ValueError(f"page: expected one {IOI_HEADING!r} and one {CIRCUIT_HEADING!r} heading")
+    start, end = page.index(IOI_HEADING), page.index(CIRCUIT_HEADING)
+    if end < start:
+        raise ValueError(f"page: {CIRCUIT_HEADING!r} comes before {IOI_HEADING!r}")
+    return page[:start] + "\n".join([IOI_HEADING, "", *ioi_sections]) + "\n" + page[end:]
 
 
 OVERSHOOT = """Faithfulness is (m(C) - m(empty)) / (m(M) - m(empty)) and completeness the same ratio for
@@ -228,11 +251,16 @@ def main() -> None:
                              "pool (two processes can share a task this way)")
     parser.add_argument("--until", default=None,
                         help="with --real-model: stop starting new chunks after this UTC time (HH:MM)")
+    parser.add_argument("--ioi-only", action="store_true",
+                        help="measure the IOI part only: rewrite the ioi-* folders and the IOI part of "
+                             "docs/results_measured.md, keep the circuit results")
     parser.add_argument("--models-table", action="store_true",
                         help="only rewrite docs/results_models.md from the saved results (no model needed)")
     parser.add_argument("--render-only", action="store_true",
                         help="with --real-model: redraw the page from the saved results, no measuring")
     args = parser.parse_args()
+    if args.ioi_only and (args.real_model or args.models_table):
+        parser.error("--ioi-only measures the embedded models: it does not combine with --real-model or --models-table")
     if args.models_table:
         write_models_table(ROOT)
         return
@@ -247,6 +275,15 @@ def main() -> None:
             write_models_table(ROOT)
         return
     torch.manual_seed(0)
+    if args.ioi_only:
+        page = ROOT / "docs" / "results_measured.md"
+        text = page.read_text()  # read before anything is removed: a page without its headings stops here
+        replace_ioi_part(text, [])
+        for folder in OUT.glob("ioi-*"):
+            shutil.rmtree(folder)
+        page.write_text(replace_ioi_part(text, [ioi_section(name, args.n_prompts) for name in EMBEDDED_MODELS]))
+        write_models_table(ROOT)
+        return
     for folder in list(OUT.glob("ioi-*")) + list(OUT.glob("circuit-*")):  # only this script's outputs
         shutil.rmtree(folder)
     began = time.time()
@@ -258,10 +295,10 @@ def main() -> None:
                 "prompt), in units of the metric m (the logit difference of the right over the wrong "
                 "answer): green cells (positive effects) are activations whose patching lowers the metric, "
                 "red cells (negative) ones whose patching raises it.", "",
-                "## IOI faithfulness (Table 5 layout)", ""]
+                IOI_HEADING, ""]
     for name in EMBEDDED_MODELS:
         sections.append(ioi_section(name, args.n_prompts))
-    sections += ["## Circuit discovery (Figure 3 layout)", "", OVERSHOOT]
+    sections += [CIRCUIT_HEADING, "", OVERSHOOT]
     for nodes in ("features", "neurons"):
         sections.append(circuit_section(EMBEDDED_MODELS[0], nodes, args.n_train, args.n_test))
     sections.append(f"Total time of this script: {time.time() - began:.0f} s.")

@@ -78,12 +78,14 @@ def paper_page(root: Path) -> List[str]:
     for path in sorted((root / RESULTS).glob("ioi-*/ioi_results.json")):
         record = json.loads(path.read_text())
         for kind, title in KINDS.items():
-            rows.append([f"`{record['config']['model']}`", record["config"]["n_prompts"], title]
-                        + _methods(record["pcc_per_prompt"][kind]))
+            intervals = record.get("agreement_with_ap", {}).get(kind, {})
+            cells = {m: [pcc, *intervals[m]["interval"]] if intervals.get(m, {}).get("interval") else pcc
+                     for m, pcc in record["pcc_per_prompt"][kind].items()}
+            rows.append([f"`{record['config']['model']}`", record["config"]["n_prompts"], title] + _methods(cells))
     lines = ["# The paper's Table 5, reproduced on the embedded models", "",
              "Does RelP agree with activation patching better than AtP, as the paper's Table 5 reports? "
              "PCC with activation patching, per-prompt maps, IOI prompt pairs with held-out names (N pairs per "
-             "model; these runs saved point estimates only, so no intervals). The calibrated column was not "
+             "model; in brackets the 95% bootstrap interval over the prompts). The calibrated column was not "
              "part of these runs: {doc}`results_calibration_summary` compares it.", ""]
     lines += _table(["model", "N", "component", *COLUMNS], rows, 3)
     lines += ["Detail (prompt-averaged maps, wall times, heatmaps, SVA circuit discovery): "

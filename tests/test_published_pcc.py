@@ -2,8 +2,9 @@
 
 SmolLM2 (``docs/_static/results/smollm2``): per-prompt scores of every method in ``parts/``; the
 calibrated method takes, per component type, the scores of the rule set the JSON records as
-chosen (the page's PCCs and each calibration-study run's held-out agreements). The tiny models'
-IOI runs: the prompt-averaged maps. The tiny models' edge cells: the per-edge scores of every
+chosen (the page's PCCs and each calibration-study run's held-out agreements). The IOI runs of
+the tiny models and of the calibration-real page: every prompt's scores (``ioi_scores.npz``) and
+the prompt-averaged maps. The tiny models' edge cells: the per-edge scores of every
 method and convention in ``edges_scores.npz``. The JSONs whose scores are not shipped are
 listed in :data:`NOT_SHIPPED` with the reason; a test checks that every PCC of every results
 JSON is either recomputed here or listed there, and that the page showing it says so.
@@ -34,16 +35,15 @@ NOT_SHIPPED = {  # results JSON (glob) and agreement fields -> (page that shows 
     "calibration/*.json": (
         "results_calibration.md", "scripts/calibration_eval.py saves the held-out agreements, not the candidates' "
         "per-prompt scores they come from"),
-    "ioi-tiny-*/ioi_results.json#pcc_per_prompt": (
-        "results_measured.md", "captum-relp ioi saves the prompt-averaged maps (whose PCCs are recomputed here), "
-        "not the per-prompt maps"),
 }
 NOT_SHIPPED_NOTE = "are not shipped"  # the words each page listed in NOT_SHIPPED uses for it
 RECOMPUTED = ("smollm2/results.json#*/pcc", "smollm2/results.json#*/calibration/study/runs/held_out",
-              "ioi-tiny-*/ioi_results.json#pcc_mean_map", "edges-tiny-*/edges_results.json#conventions/*/methods/*/pcc_vs_exact",
-              # per-prompt PCCs and their intervals: tests/scripts/test_calibration_real_page.py
-              "calibration-real/*/*_results.json#pcc_per_prompt", "calibration-real/*/*_results.json#agreement_with_ap/*",
-              "calibration-real/*/ioi_results.json#pcc_mean_map")
+              "ioi-tiny-*/ioi_results.json#pcc_per_prompt", "ioi-tiny-*/ioi_results.json#pcc_mean_map",
+              "edges-tiny-*/edges_results.json#conventions/*/methods/*/pcc_vs_exact",
+              "calibration-real/*/ioi_results.json#pcc_per_prompt", "calibration-real/*/ioi_results.json#pcc_mean_map",
+              # with their bootstrap intervals: tests/test_published_intervals.py
+              "ioi-tiny-*/ioi_results.json#agreement_with_ap/*",
+              "calibration-real/*/*_results.json#agreement_with_ap/*")
 SAME_AS = {"gradient": "AtP", "relp": "RelP", "relp-ah": "RelP+AH"}  # candidates scored by a method's own pass
 
 
@@ -93,9 +93,48 @@ def test_smollm2_pccs_recomputed_from_the_per_prompt_scores(task):
     assert checked == len(KINDS) * 4
 
 
-@pytest.mark.parametrize("folder", ["ioi-tiny-gpt2-ioi", "ioi-tiny-llama-ioi"] + sorted(
-    str(p.parent.relative_to(RESULTS)) for p in RESULTS.glob("calibration-real/*/ioi_results.json")))
-def test_tiny_ioi_mean_map_pccs_recomputed_from_the_saved_maps(folder):
+IOI_FOLDERS = ["ioi-tiny-gpt2-ioi", "ioi-tiny-llama-ioi"] + sorted(
+    str(p.parent.relative_to(RESULTS)) for p in RESULTS.glob("calibration-real/*/ioi_results.json"))
+
+
+def check_ioi_per_prompt(summary: dict, saved) -> int:
+    """Every ``pcc_per_prompt`` of an IOI run, recomputed over the real (non-pad) positions of every
+    prompt's saved scores (``ioi_scores.npz``). Returns the count checked."""
+    valid = saved["valid"].astype(bool)
+    assert valid.shape[0] == summary["config"]["n_prompts"]
+    checked = 0
+    for kind in KINDS:
+        reference = saved[f"AP/{kind}"]
+        keep = np.broadcast_to(valid[:, None, :], reference.shape)
+        for method, published in summary["pcc_per_prompt"][kind].items():
+            assert abs(published - _pcc(saved[f"{method}/{kind}"][keep], reference[keep])) < 1e-12, (kind, method)
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("folder", IOI_FOLDERS)
+def test_ioi_per_prompt_pccs_recomputed_from_the_saved_scores(folder):
+    summary = json.loads((RESULTS / folder / "ioi_results.json").read_text())
+    with np.load(RESULTS / folder / "ioi_scores.npz") as saved:
+        assert check_ioi_per_prompt(summary, saved) >= 3 * 3
+
+
+def test_a_perturbed_ioi_score_fails_the_per_prompt_check(tmp_path):
+    """The check can fail: one saved score moved by 1e-6 of the scores' spread breaks a PCC."""
+    summary = json.loads((RESULTS / IOI_FOLDERS[0] / "ioi_results.json").read_text())
+    with np.load(RESULTS / IOI_FOLDERS[0] / "ioi_scores.npz") as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    scores = arrays["RelP/mlp"].astype(np.float64)
+    where = np.unravel_index(int(np.argmax(np.abs(scores))), scores.shape)
+    scores[where] += 1e-6 * scores.std()
+    arrays["RelP/mlp"] = scores
+    np.savez(tmp_path / "ioi_scores.npz", **arrays)
+    with np.load(tmp_path / "ioi_scores.npz") as perturbed, pytest.raises(AssertionError):
+        check_ioi_per_prompt(summary, perturbed)
+
+
+@pytest.mark.parametrize("folder", IOI_FOLDERS)
+def test_ioi_mean_map_pccs_recomputed_from_the_saved_maps(folder):
     summary = json.loads((RESULTS / folder / "ioi_results.json").read_text())
     maps = summary["mean_maps"]
     checked = 0

@@ -128,7 +128,7 @@ def _spread(sample: Dict) -> str:
     uniform = torch.tensor(sample["uniform"]["exact"]).abs()
     top = torch.tensor(sample["top_union"]["exact"]).abs()
     return (f"The uniform sample holds {100 * uniform.numel() / sample['n_edges']:.1f}% of the edges; its exact "
-            f"effects are heavy-tailed (median \|effect\| {uniform.median():.1e}, largest {uniform.max():.1e}, "
+            f"effects are heavy-tailed (median \\|effect\\| {uniform.median():.1e}, largest {uniform.max():.1e}, "
             f"against {top.max():.1e} in the top-edge union), so a few edges drive its PCC and the interval is wide.")
 
 

@@ -109,11 +109,62 @@ def resume_error(error: Exception) -> "CLIError":
 
 
 def add_rules_options(parser: argparse.ArgumentParser, help: str) -> None:
-    """``--rules preset|calibrated|PATH.json`` and ``--calibration-prompts`` (circuit and edges; the
-    value is checked when the command runs)."""
+    """``--rules preset|calibrated|PATH.json``, ``--calibration-prompts`` and ``--calibration-default``
+    (circuit and edges; the values are checked when the command runs)."""
     parser.add_argument("--rules", default="preset", metavar="{preset,calibrated,PATH.json}", help=help)
-    parser.add_argument("--calibration-prompts", type=int, default=20,
-                        help="pairs used to calibrate rules for --rules calibrated")
+    add_calibration_options(parser, "pairs used to calibrate rules for --rules calibrated")
+
+
+CALIBRATION_DEFAULTS = ("best-preset", "gradient", "relp", "relp-ah")
+"""``--calibration-default``: the best fixed preset per component type, or one preset."""
+
+
+def add_calibration_options(parser: argparse.ArgumentParser, prompts_help: str) -> None:
+    """``--calibration-prompts`` (its help: ``prompts_help``) and ``--calibration-default``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_calibration_options(parser, "pairs")
+        >>> args = parser.parse_args(["--calibration-default", "gradient"])
+        >>> args.calibration_prompts, args.calibration_default
+        (20, 'gradient')
+    """
+    parser.add_argument("--calibration-prompts", type=int, default=20, help=prompts_help)
+    parser.add_argument("--calibration-default", default=None, choices=CALIBRATION_DEFAULTS,
+                        help="with --rules calibrated: the rule set each component type keeps unless another "
+                             "candidate agrees better with activation patching beyond the bootstrap noise on the "
+                             "calibration pairs. best-preset: whichever of gradient (plain gradients, as AtP), "
+                             "relp (the paper's rules) and relp-ah (relp with the AH-rule) agrees best on those "
+                             "pairs; gradient, relp or relp-ah: that preset (default: best-preset)")
+
+
+def calibration_default(args: argparse.Namespace, calibrates: bool, rules: str) -> Optional[str]:
+    """``--calibration-default`` of a run that calibrates: its value, ``best-preset`` when not
+    given. ``None`` for a run that does not calibrate (``rules``: its ``--rules``, named in the
+    message), where giving the option is a usage error naming it.
+
+    Example:
+        >>> calibration_default(argparse.Namespace(calibration_default=None), True, "calibrated")
+        'best-preset'
+        >>> calibration_default(argparse.Namespace(calibration_default="relp"), False, "relp")
+        Traceback (most recent call last):
+        ...
+        captum_relp.cli._common.CLIError: --calibration-default applies only when the run calibrates (--rules calibrated); this run does not (--rules relp)
+    """
+    if calibrates:
+        return args.calibration_default or CALIBRATION_DEFAULTS[0]
+    if args.calibration_default is not None:
+        loaded = " reuses a calibration file and" if any(
+            item.strip().lower().endswith(".json") for item in rules.split(",")) else ""
+        raise CLIError(f"--calibration-default applies only when the run calibrates (--rules calibrated); "
+                       f"this run{loaded} does not (--rules {rules})")
+    return None
+
+
+def calibration_error(error: Exception) -> "CLIError":
+    """A calibration that could not run (e.g. its pairs have no effect), as an error naming
+    ``--rules calibrated`` (exit code 1)."""
+    return CLIError(f"--rules calibrated: {error}", EXIT_ERROR)
 
 
 def join_ranks(args: argparse.Namespace) -> bool:

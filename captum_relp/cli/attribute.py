@@ -10,13 +10,17 @@ from pathlib import Path
 
 from ..tasks.file_metrics import METRICS
 from . import ioi
+from ..experiments.calibration_record import CalibrationFailed
 from ..experiments.checkpoint import CheckpointMismatch
 from ._common import (
     EXIT_TASK,
     CLIError,
+    add_calibration_options,
     add_command,
     add_resume_option,
     add_run_options,
+    calibration_default,
+    calibration_error,
     default_out,
     load_model_from_args,
     resume_error,
@@ -65,8 +69,7 @@ def add_parser(sub) -> None:
                              "type on --calibration-prompts rows after the evaluated ones, saved as "
                              "task_calibration.json), or a calibration file PATH.json saved by an earlier run "
                              "(reused as it is, no calibration; it must be for this kind of model)")
-    parser.add_argument("--calibration-prompts", type=int, default=20,
-                        help="pairs used to calibrate rules for --rules calibrated")
+    add_calibration_options(parser, "pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per attribution batch")
     parser.add_argument("--ap-batch-size", type=int, default=64, help="patched copies per forward in AP")
     parser.add_argument("--methods", default="ap,atp,relp",
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks.file_task import TaskFile, load_task_file
 
     rules, rules_file = parse_rule_list(args.rules, ioi.RELP_PRESETS)
+    default = calibration_default(args, "calibrated" in rules and rules_file is None, args.rules)
     calibrated = read_rules_file(rules_file) if rules_file else None  # checked before any work
     path = Path(args.task)
     extra = args.calibration_prompts if "calibrated" in rules and calibrated is None else 0
@@ -118,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
                 model, tokenizer, task, metric=args.metric, rules=rules, batch_size=args.batch_size,
                 validate=args.validate, ap_batch_size=args.ap_batch_size, show_progress=not args.quiet,
                 calibration=calibration, seed=args.seed, linearity=not args.no_linearity, calibrated=calibrated,
-                calibrated_file=rules_file, checkpoint=checkpoint)
+                calibrated_file=rules_file, checkpoint=checkpoint, calibration_default=default)
         except CheckpointMismatch as error:
             raise resume_error(error) from error
+        except CalibrationFailed as error:
+            raise calibration_error(error) from error
         except ValueError as error:
             if str(error).startswith(str(path)):  # a row this model's tokenizer cannot encode
                 raise CLIError(str(error), EXIT_TASK) from error

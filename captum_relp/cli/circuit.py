@@ -10,7 +10,7 @@ from ..circuits.faithfulness import ERROR_POLICIES
 from ..circuits.nodes import NODE_KINDS
 from ..circuits.sae import load_sae
 from ..embedded import DEFAULT_MODEL, heldout_words, is_embedded, load_embedded_saes
-from ..experiments.calibration_record import describe_calibration
+from ..experiments.calibration_record import CalibrationFailed, describe_calibration
 from ..experiments.circuits import run_circuit_experiment
 from ..models import model_name
 from ._common import (
@@ -18,6 +18,8 @@ from ._common import (
     add_command,
     add_rules_options,
     add_run_options,
+    calibration_default,
+    calibration_error,
     join_ranks,
     load_model_from_args,
     parse_list,
@@ -92,36 +94,43 @@ def run(args: argparse.Namespace) -> int:
     if "AP" in methods:
         raise CLIError("--method: circuits are scored with RelP, RelP+AH, AtP or IG, not AP")
     rules_file = parse_rules_choice(args)
+    if args.rules != "preset" and "RelP" not in methods:
+        raise CLIError(f"--rules {args.rules}: calibrated rules are used by RelP, which --method {args.method} "
+                       "does not run; add RelP to --method")
+    default = calibration_default(args, args.rules == "calibrated", args.rules)
     calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
     task = resolve_task(args, "circuit")  # a task file: checked before the model loads
     with ResultsFolder(args, "circuit") as results:  # --out checked here, before the model loads
         if not args.quiet:
             _say(cost_notice(methods, args.nodes, args.n_steps))
         with rows_named(task):
-            result = _experiment(args, methods, task, calibrated, rules_file)
+            result = _experiment(args, methods, task, calibrated, rules_file, default)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots))
     return 0
 
 
-def _experiment(args: argparse.Namespace, methods: list, task=None, calibrated=None, rules_file=None):
+def _experiment(args: argparse.Namespace, methods: list, task=None, calibrated=None, rules_file=None, default=None):
     """Load the SAEs and the model, run the experiment; ``None`` on a torchrun rank that does not write."""
     saes = _saes(args) if args.nodes == "features" else None
     writes = join_ranks(args)  # under torchrun: each rank scores a shard of the batches
     model, tokenizer = load_model_from_args(args)
     if calibrated is not None:
         check_rules_file(calibrated, rules_file, model, model_name(model))
-    result = run_circuit_experiment(
-        model, tokenizer, task=task or args.task, methods=methods, nodes=args.nodes, saes=saes,
-        n_train=args.n_train, n_test=args.n_test, seed=args.seed, error_policy=args.errors,
-        exclude_first_third=not args.include_early_layers, n_steps=args.n_steps,
-        batch_size=args.batch_size, heldout=None if task else heldout_words(args.model, args.task), show_progress=not args.quiet,
-        report=None if args.quiet else _say,
-        edge_nodes=args.edge_nodes if args.edges else 0,
-        calibration_prompts=args.calibration_prompts if args.rules == "calibrated" else 0,
-        calibrated=calibrated, calibrated_file=rules_file,
-    )
+    try:
+        result = run_circuit_experiment(
+            model, tokenizer, task=task or args.task, methods=methods, nodes=args.nodes, saes=saes,
+            n_train=args.n_train, n_test=args.n_test, seed=args.seed, error_policy=args.errors,
+            exclude_first_third=not args.include_early_layers, n_steps=args.n_steps,
+            batch_size=args.batch_size, heldout=None if task else heldout_words(args.model, args.task),
+            show_progress=not args.quiet, report=None if args.quiet else _say,
+            edge_nodes=args.edge_nodes if args.edges else 0,
+            calibration_prompts=args.calibration_prompts if args.rules == "calibrated" else 0,
+            calibrated=calibrated, calibrated_file=rules_file, calibration_default=default,
+        )
+    except CalibrationFailed as error:
+        raise calibration_error(error) from error
     return result if writes else None
 
 

@@ -7,7 +7,7 @@ from ..edges.conventions import CONVENTIONS
 from ..edges.graph import build_graph
 from ..edges.scores import IG_GRIDS
 from ..embedded import heldout_words
-from ..experiments.calibration_record import describe_calibration
+from ..experiments.calibration_record import CalibrationFailed, describe_calibration
 from ..experiments.edges import run_edge_experiment
 from ._common import (
     EXIT_TASK,
@@ -15,6 +15,8 @@ from ._common import (
     add_command,
     add_rules_options,
     add_run_options,
+    calibration_default,
+    calibration_error,
     join_ranks,
     load_model_from_args,
     parse_fractions,
@@ -97,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
     """
     methods = parse_list(args.method, "--method", METHOD_CHOICES)
     rules_file = parse_rules_choice(args)
-    calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
     if args.rules != "preset" and "calibrated" not in methods:
         methods.append("calibrated")
+    default = calibration_default(args, "calibrated" in methods and rules_file is None, args.rules)
+    calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
     if not args.no_exact and "exact" not in methods:
         methods.append("exact")
     if "eap" not in methods:
@@ -108,14 +111,15 @@ def run(args: argparse.Namespace) -> int:
     task = resolve_task(args, "edges")  # a task file: checked before the model loads
     with ResultsFolder(args, "edges") as results:  # --out checked here, before the model loads
         with rows_named(task):
-            result = _experiment(args, methods, fractions, task, calibrated, rules_file)
+            result = _experiment(args, methods, fractions, task, calibrated, rules_file, default)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots, top_k=args.top_k))
     return 0
 
 
-def _experiment(args: argparse.Namespace, methods: list, fractions, task=None, calibrated=None, rules_file=None):
+def _experiment(args: argparse.Namespace, methods: list, fractions, task=None, calibrated=None, rules_file=None,
+                default=None):
     """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a share of exact patching and of the curves
     model, tokenizer = load_model_from_args(args)
@@ -135,8 +139,10 @@ def _experiment(args: argparse.Namespace, methods: list, fractions, task=None, c
             seed=args.seed, words=words, n_steps=args.n_steps, repeats=args.repeats, model_name=args.model,
             structure=args.structure, show_progress=not args.quiet, convention=args.convention,
             ig_grid=args.ig_grid, greedy=args.greedy,
-            calibration_prompts=args.calibration_prompts, **extra,
+            calibration_prompts=args.calibration_prompts, calibration_default=default, **extra,
         )
+    except CalibrationFailed as error:
+        raise calibration_error(error) from error
     except ValueError as error:
         if "fractions" in str(error):
             raise CLIError(str(error)) from error

@@ -5,16 +5,19 @@ import argparse
 import sys
 
 from ..embedded import heldout_words
-from ..experiments.calibration_record import describe_calibration
+from ..experiments.calibration_record import CalibrationFailed, describe_calibration
 from ..experiments.checkpoint import CheckpointMismatch
 from ..experiments.ioi import run_ioi_experiment
 from ..models import model_components, model_name
 from ._common import (
     EXIT_TASK,
     CLIError,
+    add_calibration_options,
     add_command,
     add_run_options,
     add_resume_option,
+    calibration_default,
+    calibration_error,
     join_ranks,
     load_model_from_args,
     parse_list,
@@ -57,8 +60,7 @@ def add_parser(sub) -> None:
                              "component type on --calibration-prompts separate pairs, saved as "
                              "ioi_calibration.json), or a calibration file PATH.json saved by an earlier run "
                              "(reused as it is, no calibration; it must be for this kind of model)")
-    parser.add_argument("--calibration-prompts", type=int, default=20,
-                        help="IOI pairs used to calibrate rules for --rules calibrated")
+    add_calibration_options(parser, "IOI pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=25, help="prompts per attribution batch")
     parser.add_argument("--ap-batch-size", type=int, default=64, help="patched copies per forward in AP")
     parser.add_argument("--methods", default="ap,atp,relp",
@@ -79,9 +81,13 @@ def run(args: argparse.Namespace) -> int:
     """
     rules, rules_file = parse_rule_list(args.rules, RELP_PRESETS)
     methods = parse_list(args.methods.lower(), "--methods", METHOD_CHOICES)
+    if "calibrated" in rules and "relp" not in methods:
+        raise CLIError(f"--rules {args.rules}: calibrated rules are used by RelP, which --methods {args.methods} "
+                       "does not run; add relp to --methods")
+    default = calibration_default(args, "calibrated" in rules and rules_file is None, args.rules)
     calibrated = read_rules_file(rules_file) if rules_file else None  # checked before the model loads
     with ResultsFolder(args, "ioi") as results:  # --out checked here, before the model loads
-        result = _experiment(args, rules, methods, results, calibrated, rules_file)
+        result = _experiment(args, rules, methods, results, calibrated, rules_file, default)
         if result is not None:  # under torchrun only one rank prints and writes
             _print_result(result)
             results.write(lambda folder: result.save(folder, plots=not args.no_plots))
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace, rules: list, methods: list, results: ResultsFolder, calibrated=None,
-                rules_file=None):
+                rules_file=None, default=None):
     """Load the model and run the experiment; ``None`` on a torchrun rank that does not write."""
     writes = join_ranks(args)  # under torchrun: each rank a shard of the prompts
     from ..integrations.distributed import DataParallelSweep
@@ -107,10 +113,12 @@ def _experiment(args: argparse.Namespace, rules: list, methods: list, results: R
             seed=args.seed, names=heldout_words(args.model, "ioi"), ap_batch_size=args.ap_batch_size,
             show_progress=not args.quiet, calibration_prompts=args.calibration_prompts,
             methods=[{"ap": "AP", "atp": "AtP", "relp": "RelP"}[m] for m in methods], calibrated=calibrated,
-            calibrated_file=rules_file, checkpoint=checkpoint,
+            calibrated_file=rules_file, checkpoint=checkpoint, calibration_default=default,
         )
     except CheckpointMismatch as error:
         raise resume_error(error) from error
+    except CalibrationFailed as error:
+        raise calibration_error(error) from error
     except ValueError as error:
         if "name" in str(error).lower() or "token" in str(error).lower():
             raise CLIError(f"cannot build IOI prompts for this model: {error}", EXIT_TASK) from error

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..calibration import CalibratedRules
+from torch import nn
+
+from ..calibration import CalibratedRules, calibrate_on_batch
+from ..models import COMPONENT_KINDS
 
 
 def calibration_pairs(pairs: Optional[Sequence[Any]] = None, batch: Any = None,
@@ -82,6 +85,50 @@ def record_calibration(rules: CalibratedRules, pairs: List[Dict[str, Any]], mode
     return rules
 
 
+class CalibrationFailed(ValueError):
+    """The calibration of a run could not be made (e.g. its pairs have no effect); the message
+    names the calibration pairs and the cause."""
+
+
+def calibrate_run(model: nn.Module, batch: Any, where: str, default: Optional[str] = None,
+                  kinds: Sequence[str] = COMPONENT_KINDS) -> CalibratedRules:
+    """:func:`~captum_relp.calibration.calibrate_on_batch` for an experiment: the rules per
+    component kind, each kind keeping ``default`` (``None``: the best fixed preset) unless a
+    candidate beats it beyond the noise. A failure is a :class:`CalibrationFailed` naming ``where``.
+
+    Args:
+        model (nn.Module): a Hugging Face causal LM.
+        batch: the calibration pairs, tokenized (clean/corrupt ids, ``attention_mask``, ``metric()``).
+        where (str): the calibration pairs in words, for the error message.
+        default (str, optional): ``best-preset``, ``gradient``, ``relp``, ``relp-ah`` or another candidate.
+        kinds (sequence of str): the component kinds calibrated.
+
+    Returns:
+        CalibratedRules
+
+    Examples::
+
+        >>> import warnings
+        >>> from captum_relp.embedded import load_embedded
+        >>> from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
+        >>> model, tok = load_embedded("tiny-gpt2-ioi")
+        >>> batch = encode_ioi(generate_ioi_pairs(3, seed=5, tokenizer=tok), tok)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # 3 pairs may leave a group undecided
+        ...     calibrate_run(model, batch, "3 IOI pairs", default="gradient").default
+        'gradient'
+        >>> from dataclasses import replace
+        >>> calibrate_run(model, replace(batch, corrupt_ids=batch.clean_ids), "3 IOI pairs")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        captum_relp.experiments.calibration_record.CalibrationFailed: cannot calibrate on 3 IOI pairs: ... no effect to calibrate on
+    """
+    try:
+        return calibrate_on_batch(model, batch, kinds, default=default)
+    except ValueError as error:
+        raise CalibrationFailed(f"cannot calibrate on {where}: {error}") from error
+
+
 def calibration_entry(rules: CalibratedRules, file: Optional[str], seconds: Optional[float] = None,
                       loaded: bool = False) -> Dict[str, Any]:
     """The calibration entry of a results JSON: the choices, the summary, the number of pairs,
@@ -104,7 +151,7 @@ def calibration_entry(rules: CalibratedRules, file: Optional[str], seconds: Opti
         >>> entry["file"], entry["n_prompts"], entry["loaded"]
         ('ioi_calibration.json', 4, False)
     """
-    return {"choices": dict(rules.choices), "n_prompts": rules.n_examples, "seconds": seconds,
+    return {"choices": dict(rules.choices), "default": rules.default, "n_prompts": rules.n_examples, "seconds": seconds,
             "summary": rules.summary(), "file": file, "loaded": loaded}
 
 
@@ -133,4 +180,5 @@ def describe_calibration(entry: Dict[str, Any], what: str = "separate pairs", ti
     return f"{title} ({entry['n_prompts']} {what}{seconds}, saved as {entry['file']})"
 
 
-__all__ = ["calibration_pairs", "record_calibration", "calibration_entry", "describe_calibration"]
+__all__ = ["calibration_pairs", "record_calibration", "calibrate_run", "CalibrationFailed", "calibration_entry",
+           "describe_calibration"]

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .._forward import call_model
 from ..attr import get_method
-from ..calibration import CalibratedRules, calibrate_on_batch
+from ..calibration import CalibratedRules
 from ..circuits.effects import mean_effects, node_effects
 from ..circuits.faithfulness import MIN_DENOMINATOR_SNR, CircuitCurve, evaluate_circuits
 from ..circuits.feature_edges import FeatureEdges, feature_edges
@@ -25,7 +25,7 @@ from ..integrations.distributed import DataParallelSweep
 from ..models import model_name
 from ..tasks import task_splits
 from ..tasks.competence import competence_check
-from .calibration_record import calibration_entry, calibration_pairs, record_calibration
+from .calibration_record import calibrate_run, calibration_entry, calibration_pairs, record_calibration
 
 CIRCUIT_METHODS = ("RelP", "AtP", "IG")
 """The methods compared in the paper's Figure 3 (any of RelP, RelP+AH, AtP, IG may be run)."""
@@ -167,6 +167,7 @@ def run_circuit_experiment(
     calibration_prompts: int = 0,
     calibrated: Optional[CalibratedRules] = None,
     calibrated_file: Optional[str] = None,
+    calibration_default: Optional[str] = None,
 ) -> CircuitExperimentResult:
     """Discover circuits with each method on the training split and evaluate them on held-out data.
 
@@ -202,14 +203,18 @@ def run_circuit_experiment(
         name: the model's name in results and titles (default :func:`~captum_relp.models.model_name`).
         report: called with the cost plan and one line per finished (setting, method).
         edge_nodes: top nodes between which edges are scored (0: no edges).
-        calibration_prompts: when > 0, RelP uses rules calibrated per component kind
-            (:func:`~captum_relp.calibration.calibrate_on_batch`) on the first
+        calibration_prompts: when > 0, RelP (which ``methods`` must hold) uses rules calibrated per
+            component kind (:func:`~captum_relp.calibration.calibrate_on_batch`) on the first
             ``calibration_prompts`` training pairs of each setting (never the test pairs);
             each node group gets the rule set chosen for its kind. The choices and their
             evidence are in ``config["calibration"]``, the rules in ``result.calibrated``.
         calibrated: rules calibrated earlier (e.g. read with :meth:`~captum_relp.CalibratedRules.load`),
             used by RelP in every setting as they are: no calibration is run.
         calibrated_file: the file ``calibrated`` was read from (named in ``config["calibration"]``).
+        calibration_default: the rule set each component kind keeps in the calibration unless a
+            candidate beats it beyond the noise (``default`` of
+            :func:`~captum_relp.calibration.calibrate_rules`; ``None``: the best fixed preset). A calibration
+            that cannot run raises ``CalibrationFailed``, a ``ValueError`` naming the calibration pairs.
 
     Returns:
         CircuitExperimentResult
@@ -226,6 +231,11 @@ def run_circuit_experiment(
     methods = [get_method(m).name for m in methods]
     if "AP" in methods:
         raise ValueError("circuit discovery scores nodes with RelP, RelP+AH, AtP or IG, not AP")
+    if (calibration_prompts > 0 or calibrated is not None) and "RelP" not in methods:
+        raise ValueError(f"calibrated rules are used by RelP only, and methods {list(methods)} has no RelP")
+    if calibration_default is not None and not (calibration_prompts > 0 and calibrated is None):
+        raise ValueError("calibration_default applies only to a calibration in the run (calibration_prompts > 0, "
+                         "no calibrated rules given)")
     space = NodeSpace(model, nodes, saes)
     sweep, device = DataParallelSweep(), next(model.parameters()).device  # torchrun: shard the batches
     curves: Dict[str, Dict[str, CircuitCurve]] = {}
@@ -249,15 +259,16 @@ def run_circuit_experiment(
         if train.clean_ids.shape[1] != test.clean_ids.shape[1]:
             raise ValueError(f"{setting}: train and test prompts differ in length; positions must align")
         rules = None
-        if calibrated is not None and "RelP" in methods:
+        if calibrated is not None:
             rules = calibrated
             calibration[setting] = calibration_entry(rules, calibrated_file, loaded=True)
-        elif calibration_prompts > 0 and "RelP" in methods:
+        elif calibration_prompts > 0:
             began, part = time.perf_counter(), train.select(slice(0, calibration_prompts))
             pairs = calibration_pairs(task_file.pairs[:len(part)]) if task_file is not None else \
                 calibration_pairs(batch=part, tokenizer=tokenizer)
             rules = calibrated_here[setting] = record_calibration(
-                calibrate_on_batch(model, part), pairs, label, task=task, setting=setting, seed=seed)
+                calibrate_run(model, part, f"the first {len(part)} training pairs of {setting}", calibration_default),
+                pairs, label, task=task, setting=setting, seed=seed)
             calibration[setting] = calibration_entry(rules, calibration_file(setting),
                                                      time.perf_counter() - began)
         means = _train_means(space, model, train, batch_size)

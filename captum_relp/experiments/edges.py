@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from .._selection import top_finite
-from ..calibration import CalibratedRules, calibrate_on_batch
+from ..calibration import CalibratedRules
 from ..edges.conventions import EdgeConvention, get_convention
 from ..edges.evaluate import FaithfulnessCurve, faithfulness_curve, pearson
 from ..edges.graph import ComponentGraph, build_graph
 from ..edges.scores import EdgeScores, edge_scores, exact_edge_scores
 from ..integrations.distributed import DataParallelSweep
 from ..plotting import EDGE_METHOD_LABELS as METHOD_NAMES
-from .calibration_record import calibration_entry, calibration_pairs, record_calibration
+from .calibration_record import calibrate_run, calibration_entry, calibration_pairs, record_calibration
 
 CALIBRATION_FILE = "edges_calibration.json"
 """Where :meth:`EdgeExperimentResult.save` writes rules calibrated in the run."""
@@ -224,6 +224,7 @@ def run_edge_experiment(
     greedy: bool = False,
     calibrated: Optional[CalibratedRules] = None,
     calibrated_file: Optional[str] = None,
+    calibration_default: Optional[str] = None,
 ) -> EdgeExperimentResult:
     """Score all edges with each method and evaluate circuits under ``convention``.
 
@@ -261,6 +262,10 @@ def run_edge_experiment(
         calibrated (CalibratedRules, optional): rules for ``calibrated`` calibrated earlier (e.g.
             read with :meth:`~captum_relp.CalibratedRules.load`): used as they are, no calibration is run.
         calibrated_file (str, optional): the file ``calibrated`` was read from, named in ``info["calibration"]``.
+        calibration_default (str, optional): the rule set each component kind keeps in the
+            calibration unless a candidate beats it beyond the noise (``default`` of
+            :func:`~captum_relp.calibration.calibrate_rules`; ``None``: the best fixed preset). A calibration
+            that cannot run raises ``CalibrationFailed``, a ``ValueError`` naming the calibration pairs.
 
     Returns:
         EdgeExperimentResult
@@ -303,6 +308,9 @@ def run_edge_experiment(
     options = {m: {"method": m} for m in methods}
     if calibrated is not None and "calibrated" not in methods:
         raise ValueError("calibrated rules were given but methods has no 'calibrated'")
+    if calibration_default is not None and (calibrated is not None or "calibrated" not in methods):
+        raise ValueError("calibration_default applies only to a calibration in the run (methods with "
+                         "'calibrated', no calibrated rules given)")
     if calibrated is not None:
         result.info["calibration"] = calibration_entry(calibrated, calibrated_file, loaded=True)
     elif "calibrated" in methods:
@@ -311,8 +319,11 @@ def run_edge_experiment(
                                  start=start)
         pairs = calibration_pairs(task_file.pairs[start:start + calibration_prompts]) if task_file is not None \
             else calibration_pairs(batch=calibration, tokenizer=tokenizer)
+        where = f"{len(pairs)} {task} pairs (seed {seed + 2})" if task_file is None else \
+            f"the {len(pairs)} calibration rows of {task}" + (f" (lines {pairs[0]['line']}-{pairs[-1]['line']})"
+                                                               if pairs else "")
         calibrated = result.calibrated = record_calibration(
-            calibrate_on_batch(model, calibration), pairs, model_name, task=task, seed=seed + 2)
+            calibrate_run(model, calibration, where, calibration_default), pairs, model_name, task=task, seed=seed + 2)
         result.info["calibration"] = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
         result.info["calibration"]["seed"] = seed + 2
     if calibrated is not None:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attr import METHODS, LayerRelevancePatching, Method, get_method
-from ..calibration import CalibratedRules, calibrated_ioi_rules
+from ..calibration import CalibratedRules
 from ..embedded.gguf import model_card
 from ..integrations.distributed import DataParallelSweep
 from ..models import COMPONENT_KINDS as KINDS
@@ -32,7 +32,7 @@ from ..models import model_components, model_name
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
 from .agreement import agreement_table
 from .alignment import RoleLayout
-from .calibration_record import calibration_entry, record_calibration
+from .calibration_record import calibrate_run, calibration_entry, record_calibration
 from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
 
 CALIBRATED = "RelP (calibrated)"
@@ -186,6 +186,19 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def _calibrate(model: nn.Module, tokenizer, n_prompts: int, seed: int, exclude: Sequence,
+               default: Optional[str]) -> CalibratedRules:
+    """The calibration of :func:`~captum_relp.calibration.calibrated_ioi_rules` (the same pairs:
+    seed ``seed + 1``, none of ``exclude``) with ``default``."""
+    avoid = {p.clean_prompt for p in exclude}
+    pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer)
+    pairs = [p for p in pool if p.clean_prompt not in avoid][:n_prompts]
+    cal = calibrate_run(model, encode_ioi(pairs, tokenizer), f"{len(pairs)} IOI pairs (seed {seed + 1})", default)
+    cal.info["calibration_prompts"] = [p.clean_prompt for p in pairs]
+    cal.info["calibration_pairs"] = [{"clean": p.clean_prompt, "corrupt": p.corrupt_prompt} for p in pairs]
+    return cal
+
+
 def run_ioi_experiment(
     model: nn.Module,
     tokenizer,
@@ -202,6 +215,7 @@ def run_ioi_experiment(
     calibrated: Optional[CalibratedRules] = None,
     calibrated_file: Optional[str] = None,
     checkpoint: Optional[Checkpoint] = None,
+    calibration_default: Optional[str] = None,
 ) -> IOIExperimentResult:
     """Run AP, AtP and RelP on ``n_prompts`` IOI pairs and correlate them with AP.
 
@@ -230,6 +244,10 @@ def run_ioi_experiment(
             back when that entry is saved (:mod:`~captum_relp.experiments.checkpoint`: a checkpoint
             of another configuration raises ``CheckpointMismatch``). The calibration runs again
             on a resumed run; the wall times add the saved batches' times.
+        calibration_default: the rule set each component type keeps in the calibration unless a
+            candidate beats it beyond the noise (``default`` of
+            :func:`~captum_relp.calibration.calibrate_rules`; ``None``: the best fixed preset). A calibration
+            that cannot run raises ``CalibrationFailed``, a ``ValueError`` naming the calibration pairs.
 
     Returns:
         IOIExperimentResult
@@ -254,20 +272,25 @@ def run_ioi_experiment(
     methods = {name: METHODS[name] for name in dict.fromkeys(method_names)}
     if calibrated is not None and "calibrated" not in rules:
         raise ValueError("calibrated rules were given but rules has no 'calibrated'")
+    calibrates = "calibrated" in rules and calibrated is None
+    if calibration_default is not None and not calibrates:
+        raise ValueError("calibration_default applies only to a calibration in the run (RelP run with "
+                         "rules 'calibrated', no calibrated rules given)")
     if checkpoint is not None:  # before any work: a checkpoint of another configuration stops the run here
         sweep = DataParallelSweep()
         checkpoint.open(run_fingerprint(
             model, experiment="ioi", pairs=pairs, batch=batch, methods=list(methods), rules=list(rules),
             calibration_prompts=calibration_prompts if "calibrated" in rules else 0, batch_size=batch_size,
             ap_batch_size=ap_batch_size, seed=seed, calibrated=None if calibrated is None else calibrated.to_json(),
-            rank=sweep.rank, world_size=sweep.world_size))
+            rank=sweep.rank, world_size=sweep.world_size,
+            **({"calibration_default": calibration_default or "best-preset"} if calibrates else {})))
     calibration, calibrated_here = None, None
     if "calibrated" in rules and calibrated is not None:
         calibration = calibration_entry(calibrated, calibrated_file, loaded=True)
     elif "calibrated" in rules:
         began = time.perf_counter()
-        calibrated = calibrated_here = calibrated_ioi_rules(model, tokenizer, n_prompts=calibration_prompts,
-                                                            seed=seed, exclude=pairs)
+        calibrated = calibrated_here = _calibrate(model, tokenizer, calibration_prompts, seed, pairs,
+                                                  calibration_default)
         record_calibration(calibrated, calibrated.info["calibration_pairs"], label, seed=seed + 1)
         calibration = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
     if calibrated is not None:

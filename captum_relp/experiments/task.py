@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attr import METHODS, LayerRelevancePatching, Method, get_method
-from ..calibration import CalibratedRules, calibrate_on_batch
+from ..calibration import CalibratedRules
 from ..models import COMPONENT_KINDS as KINDS
 from ..models import COMPONENT_TITLES as KIND_TITLES
 from ..models import model_components, model_name
@@ -40,7 +40,13 @@ from ..tasks.file_metrics import linearized
 from ..tasks.file_task import TaskFile, save_pairs
 from .agreement import agreement_table, format_interval
 from .alignment import RoleLayout
-from .calibration_record import calibration_entry, calibration_pairs, describe_calibration, record_calibration
+from .calibration_record import (
+    calibrate_run,
+    calibration_entry,
+    calibration_pairs,
+    describe_calibration,
+    record_calibration,
+)
 from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
 
 LINEAR = "AP (first-order metric)"
@@ -200,7 +206,7 @@ def run_task_experiment(
     ap_batch_size: int = 64, show_progress: bool = True, calibration: Optional[TaskFile] = None,
     name: Optional[str] = None, seed: int = 0, linearity: bool = True,
     calibrated: Optional[CalibratedRules] = None, calibrated_file: Optional[str] = None,
-    checkpoint: Optional[Checkpoint] = None,
+    checkpoint: Optional[Checkpoint] = None, calibration_default: Optional[str] = None,
 ) -> TaskExperimentResult:
     """Run the task check, AtP, RelP and AP (on ``validate`` pairs) on a task file.
 
@@ -222,6 +228,11 @@ def run_task_experiment(
             back when that entry is saved (:mod:`~captum_relp.experiments.checkpoint`: a checkpoint
             of another configuration raises ``CheckpointMismatch``). The task check and the
             calibration run again on a resumed run; the wall times add the saved batches' times.
+        calibration_default: the rule set each component type keeps in the calibration unless a
+            candidate beats it beyond the noise (``default`` of
+            :func:`~captum_relp.calibration.calibrate_rules`; ``None``: the best fixed preset).
+            A calibration that cannot run (e.g. on pairs without effect) raises ``CalibrationFailed``,
+            a ``ValueError`` naming the calibration pairs.
 
     Example:
         >>> import pathlib, tempfile
@@ -241,12 +252,17 @@ def run_task_experiment(
     foil = encode_task(task, tokenizer, metric, vocab_size=vocab, device=device, swap=True) \
         if batch.metric_name == "logprob" else None
     validate = len(task) if validate is None else min(validate, len(task))
+    calibrates = "calibrated" in rules and calibrated is None
+    if calibration_default is not None and not calibrates:
+        raise ValueError("calibration_default applies only to a calibration in the run (rules with 'calibrated', "
+                         "no calibrated rules given)")
     if checkpoint is not None:  # before any work: a checkpoint of another configuration stops the run here
         checkpoint.open(run_fingerprint(
             model, experiment="task", pairs=_rows(task), batch=batch, rules=list(rules), validate=validate,
             linearity=linearity, calibration=None if calibration is None else _rows(calibration),
             batch_size=batch_size, ap_batch_size=ap_batch_size, seed=seed,
-            calibrated=None if calibrated is None else calibrated.to_json()))
+            calibrated=None if calibrated is None else calibrated.to_json(),
+            **({"calibration_default": calibration_default or "best-preset"} if calibrates else {})))
     competence = competence_check(model, batch, foil, batch_size=batch_size, seed=seed)
     layers, flags, labels = model_components(model).select(KINDS)
     methods: Dict[str, Method] = {"AtP": METHODS["AtP"]}
@@ -260,11 +276,14 @@ def run_task_experiment(
                 raise ValueError("--rules calibrated needs calibration pairs apart from the evaluated ones")
             began = time.perf_counter()
             cal_batch = encode_task(calibration, tokenizer, batch.metric_name, vocab_size=vocab, device=device)
+            lines = [p.line for p in calibration.pairs]
+            where = f"the {len(lines)} calibration rows of {calibration.path}" + (
+                f" (lines {min(lines)}-{max(lines)})" if lines and all(lines) else "")
             calibrated = calibrated_here = record_calibration(
-                calibrate_on_batch(model, cal_batch, KINDS), calibration_pairs(calibration.pairs),
+                calibrate_run(model, cal_batch, where, calibration_default), calibration_pairs(calibration.pairs),
                 name or model_name(model), task=str(calibration.path), metric=batch.metric_name)
             calibration_info = calibration_entry(calibrated, CALIBRATION_FILE, time.perf_counter() - began)
-            calibration_info["lines"] = [p.line for p in calibration.pairs]
+            calibration_info["lines"] = lines
         else:
             calibration_info = calibration_entry(calibrated, calibrated_file, loaded=True)
         methods[CALIBRATED] = Method(CALIBRATED, LayerRelevancePatching, "2 forward + 1 backward", {"rules": calibrated})

@@ -100,3 +100,28 @@ def test_pearson_by_hand():
     xc, yc = x - x.mean(), y - y.mean()
     assert np.isclose(pearson(x, y), (xc @ yc) / np.sqrt((xc @ xc) * (yc @ yc)))
     assert np.isnan(pearson(np.ones(3), y))
+
+
+def test_calibration_is_calibrated_ioi_rules_with_the_given_default():
+    """The run calibrates on the pairs of ``calibrated_ioi_rules`` (seed + 1, none of the evaluated ones):
+    without a default its rules are that function's, value for value; with one, the file records it."""
+    import warnings
+
+    from captum_relp.calibration import calibrated_ioi_rules
+    from captum_relp.embedded import load_embedded
+
+    model, tokenizer = load_embedded("tiny-gpt2-ioi")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 pairs leave groups undecided
+        runs = {default: run_ioi_experiment(model, tokenizer, n_prompts=2, rules=("calibrated",), seed=4,
+                                            calibration_prompts=3, methods=("RelP",), show_progress=False,
+                                            calibration_default=default).calibrated
+                for default in (None, "gradient")}
+        reference = calibrated_ioi_rules(model, tokenizer, n_prompts=3, seed=4,
+                                         exclude=generate_ioi_pairs(2, seed=4, tokenizer=tokenizer))
+    assert runs[None].info["calibration_pairs"] == reference.info["calibration_pairs"]
+    assert runs[None].choices == reference.choices and runs[None].default == reference.default == "best-preset"
+    assert runs[None].agreement == reference.agreement
+    assert runs["gradient"].info["calibration_pairs"] == reference.info["calibration_pairs"]
+    assert runs["gradient"].default == "gradient"
+    assert all("'gradient'" in s["note"] for s in runs["gradient"].selection.values())

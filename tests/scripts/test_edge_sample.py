@@ -73,3 +73,16 @@ def test_section_states_the_sample(sampled):
     assert "It is a sample" in text and "40 edges drawn uniformly" in text and "seed 3" in text
     assert f"| relp-ah-qk | {out['uniform']['pcc']['relp-ah-qk']:.3f} [" in text
     assert "relp-ah-qk" in _edge_sample.sample_reading(out)
+
+
+def test_the_script_compiles_without_warnings_and_keeps_the_escaped_bars():
+    """``\\|`` in the page text is a Markdown-escaped bar, written as such (no invalid escape sequence)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an invalid escape sequence warns at compile time
+        compile((ROOT / "scripts" / "_edge_sample.py").read_text(), "_edge_sample.py", "exec")
+    sample = {"n_edges": 1000, "uniform": {"exact": [1e-4, -2e-4, 3e-2]}, "top_union": {"exact": [0.5, -2.0]}}
+    text = _edge_sample._spread(sample)
+    assert "(median \\|effect\\| 2.0e-04, largest 3.0e-02, against 2.0e+00 in the top-edge union)" in text
+    assert text.startswith("The uniform sample holds 0.3% of the edges")

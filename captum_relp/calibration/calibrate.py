@@ -347,6 +347,7 @@ def calibrated_ioi_rules(
     candidates: Optional[Sequence[RuleSet]] = None,
     score: str = "pearson",
     names: Optional[Sequence[str]] = None,
+    default: Optional[str] = None,
 ) -> CalibratedRules:
     """Calibrate rules on ``n_prompts`` IOI pairs disjoint from ``exclude`` (the evaluated pairs).
 
@@ -359,7 +360,7 @@ def calibrated_ioi_rules(
         seed: the evaluation seed (calibration uses ``seed + 1``).
         exclude: :class:`~captum_relp.tasks.ioi.IOIPair` objects (or clean prompts) to avoid.
         kinds: component kinds calibrated.
-        candidates, score: as in :func:`calibrate_rules`.
+        candidates, score, default: as in :func:`calibrate_rules`.
         names: the names of the prompts (default: the generator's).
 
     Returns:
@@ -379,7 +380,8 @@ def calibrated_ioi_rules(
     avoid = {getattr(p, "clean_prompt", p) for p in exclude}
     pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer, names=names)
     pairs = [p for p in pool if p.clean_prompt not in avoid][:n_prompts]
-    cal = calibrate_on_batch(model, encode_ioi(pairs, tokenizer), kinds, candidates=candidates, score=score)
+    cal = calibrate_on_batch(model, encode_ioi(pairs, tokenizer), kinds, candidates=candidates, score=score,
+                             default=default)
     cal.info["calibration_prompts"] = [p.clean_prompt for p in pairs]
     cal.info["calibration_pairs"] = [{"clean": p.clean_prompt, "corrupt": p.corrupt_prompt} for p in pairs]
     return cal

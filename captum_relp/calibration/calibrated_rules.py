@@ -53,9 +53,10 @@ def default_candidates(model: Optional[nn.Module] = None) -> List[RuleSet]:
     Identity-rule, ``gate``: Half-rule, ``custom``: registered custom rules), each subset
     with and without the AH-rule when it applies (Hugging Face or TransformerLens
     attention): at most 16 rule sets for the usual transformer (32 with custom rules), one
-    RelP pass each. ``gradient`` is the empty set (attribution patching) and comes first:
-    it is the default that calibration keeps unless a candidate beats it beyond the noise.
-    The full set is called ``relp`` (the paper preset) and ``relp-ah`` with the AH-rule;
+    RelP pass each. ``gradient`` is the empty set (attribution patching) and comes first
+    (it wins ties). The full set is called ``relp`` (the paper preset) and ``relp-ah`` with
+    the AH-rule; these three presets are the ones calibration keeps by default (the best of
+    them per group) unless another candidate beats it beyond the noise;
     the others are named by their rules (``ln``, ``identity``, ``ln+identity``, ``ln+half``, ...;
     ``+ah`` for the AH-rule).
 

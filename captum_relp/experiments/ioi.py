@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attr import METHODS, LayerRelevancePatching, Method, get_method
-from ..calibration import CalibratedRules
+from ..calibration import CalibratedRules, calibrated_ioi_rules
 from ..embedded.gguf import model_card
 from ..integrations.distributed import DataParallelSweep
 from ..models import COMPONENT_KINDS as KINDS
@@ -32,7 +32,7 @@ from ..models import model_components, model_name
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
 from .agreement import agreement_table
 from .alignment import RoleLayout
-from .calibration_record import calibrate_run, calibration_entry, record_calibration
+from .calibration_record import CalibrationFailed, calibration_entry, record_calibration
 from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
 
 CALIBRATED = "RelP (calibrated)"
@@ -188,15 +188,12 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def _calibrate(model: nn.Module, tokenizer, n_prompts: int, seed: int, exclude: Sequence,
                default: Optional[str]) -> CalibratedRules:
-    """The calibration of :func:`~captum_relp.calibration.calibrated_ioi_rules` (the same pairs:
-    seed ``seed + 1``, none of ``exclude``) with ``default``."""
-    avoid = {p.clean_prompt for p in exclude}
-    pool = generate_ioi_pairs(n_prompts + len(avoid), seed=seed + 1, tokenizer=tokenizer)
-    pairs = [p for p in pool if p.clean_prompt not in avoid][:n_prompts]
-    cal = calibrate_run(model, encode_ioi(pairs, tokenizer), f"{len(pairs)} IOI pairs (seed {seed + 1})", default)
-    cal.info["calibration_prompts"] = [p.clean_prompt for p in pairs]
-    cal.info["calibration_pairs"] = [{"clean": p.clean_prompt, "corrupt": p.corrupt_prompt} for p in pairs]
-    return cal
+    """:func:`~captum_relp.calibration.calibrated_ioi_rules` with ``default``; a failure is a
+    :class:`~captum_relp.experiments.calibration_record.CalibrationFailed` naming the pairs."""
+    try:
+        return calibrated_ioi_rules(model, tokenizer, n_prompts, seed=seed, exclude=exclude, default=default)
+    except ValueError as error:
+        raise CalibrationFailed(f"cannot calibrate on {n_prompts} IOI pairs (seed {seed + 1}): {error}") from error
 
 
 def run_ioi_experiment(

@@ -108,6 +108,11 @@ def test_cli_reference_page_lists_every_option():
     assert "| 3 |" in text
     assert "SUPPRESS" not in text and not re.search("\u2013[a-z]", text)
     assert "pip install captum-relp" not in text
+    # a default computed at run time is given in words (the help's "(default: ...)"), never as None
+    defaults = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| `--")]
+    assert defaults and not [d for d in defaults if "None" in d], [d for d in defaults if "None" in d]
+    assert "None" not in "".join(a.help or "" for p in sub.choices.values() for a in p._actions
+                                 if a.help != argparse.SUPPRESS)
 
 
 def _callers(predicate) -> Set[str]:

@@ -56,12 +56,12 @@ def add_parser(sub) -> None:
                         help="a .csv or .jsonl file with clean, corrupted and answers (correct_idx/incorrect_idx "
                              "token ids, answer/foil strings, or a greater-than label), or ioi")
     parser.add_argument("--metric", default=None, choices=METRICS,
-                        help="metric of a task file; None: logit-diff, prob-diff for greater-than files")
+                        help="metric of a task file (default: logit-diff; prob-diff for greater-than files)")
     parser.add_argument("--n-prompts", type=int, default=None,
-                        help="pairs used: the first N rows of a task file (None: all; ioi: 100)")
+                        help="pairs used: the first N rows of a task file (default: all rows; 100 for ioi)")
     parser.add_argument("--validate", type=int, default=None,
                         help="run AP (and first-order AP) on the first K pairs only, when AP on all is too slow "
-                             "(None: all pairs)")
+                             "(default: all pairs)")
     parser.add_argument("--no-linearity", action="store_true",
                         help="skip AP through the metric's first-order expansion (halves the cost of AP)")
     parser.add_argument("--rules", default="relp",

@@ -22,6 +22,20 @@ def _prose(text: object) -> str:
     return _OPTION.sub(r"`\1`", _cell(text))
 
 
+_COMPUTED = re.compile(r"\(default: ([^)]*)\)")
+
+
+def _default(action: argparse.Action) -> str:
+    """The Default cell: ``off`` for a flag; for an option whose default is computed at run time
+    (parser default ``None``), the words its help gives in "(default: ...)"; else the value."""
+    if isinstance(action, argparse._StoreTrueAction):
+        return "off"
+    if action.default is None:
+        computed = _COMPUTED.search(action.help or "")
+        return computed.group(1) if computed else "none"
+    return f"`{action.default}`"
+
+
 def cli_reference() -> str:
     from captum_relp import cli
 
@@ -38,7 +52,7 @@ def cli_reference() -> str:
             flag = ", ".join(f"`{o}`" for o in action.option_strings)
             if action.choices:
                 flag += " {" + ", ".join(map(str, action.choices)) + "}"
-            default = "off" if isinstance(action, argparse._StoreTrueAction) else f"`{action.default}`"
+            default = _default(action)
             rows.append(f"| {_cell(flag)} | {_cell(default)} | {_prose(action.help or '')} |")
         outputs = ["| File | Contents |", "|---|---|"] + [
             f"| `{_cell(path)}` | {_prose(what)} |" for path, what in command.OUTPUTS.items()]

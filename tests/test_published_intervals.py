@@ -22,7 +22,6 @@ drawn twice counts twice), not through the library's weighted sums. The interval
 not shipped are listed in :data:`NOT_RECOMPUTED` with the reason; a test checks that every interval
 of every results JSON is recomputed here or listed there.
 """
-import fnmatch
 import inspect
 import json
 
@@ -31,6 +30,7 @@ import pytest
 import torch
 
 from captum_relp.experiments.agreement import agreement_table
+from tests.published_fields import assert_every_field_accounted_for
 from tests.test_published_pcc import KINDS, RESULTS, SAME_AS, _held_out_scores, _smollm2_scores
 
 RESAMPLES = 1000
@@ -284,35 +284,6 @@ def test_a_perturbed_score_fails_the_study_check():
     assert problems and {method for *_, method in problems} <= {"AtP", "RelP (calibrated)", "diff"}
 
 
-def _interval_fields(data, path=()):
-    """Paths (list indices dropped) of every field whose name says it is an interval."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if "interval" in str(key):
-                yield "/".join(path + (str(key),))
-            else:
-                yield from _interval_fields(value, path + (str(key),))
-    elif isinstance(data, list):
-        for value in data:
-            yield from _interval_fields(value, path)
-
-
-def _matches(patterns, name: str, field: str) -> bool:
-    for pattern in patterns:
-        where, _, what = pattern.partition("#")
-        if fnmatch.fnmatch(name, where) and (not what or fnmatch.fnmatch(field, what)):
-            return True
-    return False
-
-
 def test_every_published_interval_is_recomputed_or_listed():
-    fields = [(str(p.relative_to(RESULTS)), field) for p in sorted(RESULTS.rglob("*.json"))
-              for field in _interval_fields(json.loads(p.read_text()))]
-    assert len(fields) > 100
-    unaccounted = [f for f in fields if not _matches(RECOMPUTED, *f) and not _matches(NOT_RECOMPUTED, *f)]
-    assert not unaccounted, unaccounted
-    both = [f for f in fields if _matches(RECOMPUTED, *f) and _matches(NOT_RECOMPUTED, *f)]
-    assert not both, both
-    for pattern in (*RECOMPUTED, *NOT_RECOMPUTED):  # no stale entry
-        assert any(_matches([pattern], *f) for f in fields), pattern
+    assert_every_field_accounted_for("interval", RECOMPUTED, NOT_RECOMPUTED)
     assert all(NOT_RECOMPUTED.values())

@@ -9,14 +9,14 @@ method and convention in ``edges_scores.npz``. The JSONs whose scores are not sh
 listed in :data:`NOT_SHIPPED` with the reason; a test checks that every PCC of every results
 JSON is either recomputed here or listed there, and that the page showing it says so.
 """
-import fnmatch
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.published_fields import assert_every_field_accounted_for
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "_static" / "results"
 KINDS = ("resid", "attn", "mlp")
@@ -242,37 +242,8 @@ def test_a_perturbed_edge_score_fails_the_check(tmp_path):
         check_edge_cell(data, perturbed)
 
 
-def _agreement_fields(data, path=()):
-    """Paths (list indices dropped) of every PCC or held-out agreement entry of a results JSON."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if re.search(r"pcc|held_out", str(key)):
-                yield "/".join(path + (str(key),))
-            else:
-                yield from _agreement_fields(value, path + (str(key),))
-    elif isinstance(data, list):
-        for value in data:
-            yield from _agreement_fields(value, path)
-
-
-def _matches(patterns, name: str, field: str) -> bool:
-    for pattern in patterns:
-        where, _, what = pattern.partition("#")
-        if fnmatch.fnmatch(name, where) and (not what or fnmatch.fnmatch(field, what)):
-            return True
-    return False
-
-
 def test_every_published_agreement_is_recomputed_or_listed_as_not_shipped():
-    fields = [(str(p.relative_to(RESULTS)), field) for p in sorted(RESULTS.rglob("*.json"))
-              for field in _agreement_fields(json.loads(p.read_text()))]
-    assert len(fields) > 100
-    unaccounted = [f for f in fields if not _matches(RECOMPUTED, *f) and not _matches(NOT_SHIPPED, *f)]
-    assert not unaccounted, unaccounted
-    both = [f for f in fields if _matches(RECOMPUTED, *f) and _matches(NOT_SHIPPED, *f)]
-    assert not both, both
-    for pattern in (*RECOMPUTED, *NOT_SHIPPED):  # no stale entry
-        assert any(_matches([pattern], *f) for f in fields), pattern
+    assert_every_field_accounted_for(r"pcc|held_out", RECOMPUTED, NOT_SHIPPED)
 
 
 @pytest.mark.parametrize("pattern", sorted(NOT_SHIPPED))

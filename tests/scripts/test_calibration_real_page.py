@@ -53,3 +53,19 @@ def test_a_changed_score_changes_the_page(tmp_path):
     np.savez_compressed(path, **arrays)
     assert page.render(tmp_path / "runs") != page.render()
     assert json.loads((tmp_path / "runs" / name / "captum-relp-run.json").read_text())["command"] in ("ioi", "attribute")
+
+
+def test_the_own_task_guide_quotes_the_greater_than_run():
+    """The guide's calibrated numbers on greater-than are the page's (value, interval and rules)."""
+    import re
+
+    guide = (ROOT / "docs" / "own_task.md").read_text()
+    paragraph = guide[guide.index("calibrated RelP gives"):guide.index("**Linearity.**")]
+    section = PAGE.read_text().split("### SmolLM2-135M, greater-than")[1].split("###")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    quoted = re.findall(r"(\d\.\d{3} \[\d\.\d\d, \d\.\d\d\])\s+on\s+(?:the\s+)?(residual\s+stream|attention\s+"
+                        r"outputs|MLP\s+outputs)\s+\((?:rules\s+)?`([^`]+)`", paragraph)
+    assert len(quoted) == 3
+    for cell, kind, rules in quoted:
+        row = rows[" ".join(kind.split()).capitalize()]
+        assert row.split(" | ")[4] == cell and f"`{rules}`" in row, (kind, cell, rules)

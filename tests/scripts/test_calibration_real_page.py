@@ -67,5 +67,6 @@ def test_the_own_task_guide_quotes_the_greater_than_run():
                         r"outputs|MLP\s+outputs)\s+\((?:rules\s+)?`([^`]+)`", paragraph)
     assert len(quoted) == 3
     for cell, kind, rules in quoted:
-        row = rows[" ".join(kind.split()).capitalize()]
+        words = " ".join(kind.split())
+        row = rows[words[0].upper() + words[1:]]
         assert row.split(" | ")[4] == cell and f"`{rules}`" in row, (kind, cell, rules)

@@ -78,7 +78,8 @@ def calibrated(model, pool: Dict, evaluated: Dict) -> Optional[Dict]:
     both = candidate_scores(model, pool, evaluated)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        size_study = study("SmolLM2-135M", "", both, n_pool, sizes, DRAWS, 1000, seconds=sum(seconds.values()))
+        size_study = study("SmolLM2-135M", "", both, n_pool, sizes, DRAWS, 1000, seconds=sum(seconds.values()),
+                           defaults=(DEFAULT,))
     return {"choices": dict(rules.choices), "summary": rules.summary(), "scores": scores,
             "warnings": [str(w.message) for w in caught], "calibration_seconds": cost * CALIBRATION_PAIRS,
             "n_candidates": len(rules.candidates), "study": size_study, "sizes": sizes, "n_pool": n_pool}

@@ -20,7 +20,7 @@ from _real_model import pcc_tables, sized_card
 from _report import circuit_report, pcc_losses, pcc_rows, table
 from _real_model_calibration import CALIBRATION_PAIRS, DRAWS, calibrated, chosen_names, study_rows
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, fill_candidates, load_split, measure
-from calibration_eval import main_table, size_table
+from _calibration_tables import GRADIENT, main_table, size_table
 from captum_relp.experiments import run_circuit_experiment
 from captum_relp.embedded import load_model
 from captum_relp.models import COMPONENT_KINDS as KINDS
@@ -258,13 +258,15 @@ def _calibration_fragment(root: Path, studies: List[Dict], command: str) -> None
         lines += ["Not measured in this run: the calibration pools have fewer than "
                   f"{CALIBRATION_PAIRS} pairs (see {{doc}}`results_smollm2`).", ""]
     lines += [f"Measured with `{command}` (then `--render-only`); details and the Table-5 numbers on "
-             "{doc}`results_smollm2`. Same method as the rows above, with two differences forced by the cost of "
+             "{doc}`results_smollm2`. Same method as the rows above, but chosen with the gradient as default only "
+             "(the previous default; the study did not record RelP+AH, so no best preset either: RelP+AH on the "
+             "same pairs is on {doc}`results_smollm2`), and with two differences forced by the cost of "
              "AP on this model: AP and the candidates are read at the task's positions only (IOI: S1, IO, S2, "
              "END; SVA: the five tokens after `The`), and the held-out pairs are the page's evaluated pairs. "
              "Brackets: 95% paired-bootstrap intervals over the held-out pairs.", ""]
     for res in studies:
         lines += [f"Held-out Pearson with AP, {res['task']}, calibrated on {CALIBRATION_PAIRS} pairs "
-                  f"(pool {res['n_pool']}, held out {res['n_eval']}):", "", main_table([res], CALIBRATION_PAIRS), ""]
+                  f"(pool {res['n_pool']}, held out {res['n_eval']}):", "", main_table([res], CALIBRATION_PAIRS, GRADIENT), ""]
     for res in studies:
         sizes = sorted({r["size"] for r in res["runs"]})
         lines += [f"Calibration size, {res['task']}: calibrated minus AtP on the {res['n_eval']} held-out pairs "
@@ -272,7 +274,7 @@ def _calibration_fragment(root: Path, studies: List[Dict], command: str) -> None
                   + ("" if sizes == [10, 20, 50, 100] else "; n = " + ", ".join(
                       str(n) for n in (10, 20, 50, 100) if n not in sizes) + f" not measured: the pool has "
                      f"{res['n_pool']} pairs (AP on more pairs did not fit this run's CPU budget)") + ":", "",
-                  size_table([res], sizes), ""]
+                  size_table([res], sizes, GRADIENT), ""]
     (root / "docs" / "results_calibration_smollm2.md").write_text("\n".join(lines) + "\n")
 
 

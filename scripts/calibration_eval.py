@@ -3,12 +3,17 @@
 For each model, AP and every default candidate rule set are run once on a pool of
 ``--n-pool`` calibration pairs plus ``--n-eval`` held-out pairs. For each calibration size
 (10, 20, 50, 100 by default) the rules are chosen (noise-aware, :func:`choose_rules`) on a
-subset of the pool (draw 0: the first pairs; further draws: random subsets), then compared on
-the held-out pairs: the Pearson correlation with exact activation patching (per example,
-layer and real position; scores summed over the hidden dimension) of AtP, RelP with the paper
-preset and RelP with the calibrated rules, and a paired bootstrap interval over the held-out
-pairs of "calibrated minus AtP". A calibrated RelP score of a layer is its chosen candidate's
-score (RelP scores of a layer do not depend on the other layers attributed in the same pass).
+subset of the pool (draw 0: the first pairs; further draws: random subsets), twice from the
+same scores: with the library's default (``"best-preset"``: per component type the fixed preset,
+AtP's gradient, ``relp`` or ``relp-ah``, that agrees best with AP on the calibration subset is kept
+unless a candidate beats it beyond the noise) and with the previous default (the gradient). Each
+choice is then compared on the held-out pairs: the Pearson correlation with exact activation
+patching (per example, layer and real position; scores summed over the hidden dimension) of AtP,
+RelP with the paper preset, RelP+AH and RelP with the calibrated rules, and paired bootstrap
+intervals over the held-out pairs of "calibrated minus AtP" and of "calibrated minus the best
+preset" (the best of AtP, RelP and RelP+AH on the held-out pairs). A calibrated RelP score of a
+layer is its chosen candidate's score (RelP scores of a layer do not depend on the other layers
+attributed in the same pass).
 
 Models: the two shipped models on IOI, and tiny random-weight models of several
 families whose weights are rescaled so that the inputs of normalisation and
@@ -21,15 +26,21 @@ has (OPT: no MLP output, refused by the table and listed so on the page).
 
 Rows: with ``--rows-dir``, every measured model is written as one JSON row file there, and the
 page (``--markdown``) shows every row file of the directory, combined by model name (see
-``_calibration_rows.py``). E.g. the tiny-config rows, then the page from every row file:
+``_calibration_rows.py``). E.g. every row of the page in two processes (one per core), then the
+page from every row file, then the summary pages (``results_pages.py``):
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/calibration_eval.py --shipped --families
-        --tiny-families rest --no-smollm --rows-dir docs/_static/results/calibration
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/calibration_eval.py --shipped tiny-gpt2-ioi
+        --families gpt2 gpt_neox llama --no-smollm --rows-dir docs/_static/results/calibration
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/calibration_eval.py --shipped tiny-llama-ioi
+        --families qwen2 gemma2 bert --tiny-families rest --no-smollm --rows-dir docs/_static/results/calibration
     PYTHONPATH=. python scripts/calibration_eval.py --from-json docs/_static/results/calibration
         --markdown docs/results_calibration.md
+    python scripts/results_pages.py
 
 (one command each). SmolLM2-135M is measured when its converted directory exists (``--no-smollm``
-skips it); its row joins the others the same way (``--shipped --families --rows-dir ...``).
+skips it; hours of CPU); its row joins the others the same way. The SmolLM2-135M rows of the
+summary page come from its own study instead (``make_results.py --real-model``, the gradient as
+default).
 """
 from __future__ import annotations
 
@@ -38,7 +49,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import transformers
@@ -52,20 +63,27 @@ from captum_relp.calibration import (
     paired_bootstrap,
     score_candidates,
 )
+from captum_relp.calibration.calibrate import BEST_PRESET
 from captum_relp.embedded import heldout_words, load_embedded
 from captum_relp.embedded.fetch import fetched_model_path
 from captum_relp.families import FAMILY_TABLE
 from captum_relp.tasks.ioi import encode_ioi, generate_ioi_pairs
 
 import _calibration_rows as rows_io
+import _calibration_tables as tables
 
 KINDS = ("resid", "attn", "mlp")
 VOCAB = 64
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "bert")
-METHODS = ("AtP", "RelP (preset)", "RelP (calibrated)")
+CALIBRATED = "RelP (calibrated)"
+PRESETS = {"AtP": "gradient", "RelP (preset)": "relp", "RelP+AH": "relp-ah"}
+"""The fixed presets compared on the held-out pairs: column name -> candidate name."""
+METHODS = (*PRESETS, CALIBRATED)
+DEFAULTS = (BEST_PRESET, "gradient")
+"""The defaults every study run is chosen with, from the same candidate scores: the library's
+(the best preset) and the previous one (the gradient, AtP)."""
 DEFAULT = "gradient"
-"""The rule set kept unless a candidate beats it beyond the noise in these rows (the gradient, AtP;
-the library's default is the best preset, measured on real models by ``calibration_real_page.py``)."""
+"""The previous default, the only one of SmolLM2-135M's study (``make_results.py --real-model``)."""
 SMOLLM = fetched_model_path("smollm2-135m")
 
 
@@ -189,39 +207,65 @@ def logit_diff(out: torch.Tensor) -> torch.Tensor:
     return out[:, -1, 1] - out[:, -1, 2]
 
 
-def held_out(scores: CandidateScores, choices: Dict[str, str], n_bootstrap: int) -> Dict[str, Dict]:
-    """Held-out PCC per group of AtP, the preset and the calibrated choice, and calibrated - AtP with interval."""
+def held_out_bootstrap(held: CandidateScores, n_bootstrap: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per group, every candidate's PCC with AP on all held-out pairs and on paired resamples (seed 1)."""
+    return {group: paired_bootstrap(d.reference, d.scores, d.mask, n_bootstrap=n_bootstrap, seed=1)
+            for group, d in held.data.items()}
+
+
+def _finite(value: torch.Tensor) -> Optional[float]:
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def held_out(boot: Dict[str, Dict[str, torch.Tensor]], choices: Dict[str, str]) -> Dict[str, Dict]:
+    """Held-out PCC per group of the presets and the calibrated choice; calibrated - AtP and calibrated -
+    best preset (the preset with the highest held-out PCC) with their paired intervals.
+
+    ``boot``: :func:`held_out_bootstrap` of the held-out pairs, shared by every run of a study.
+    """
     out = {}
-    for group, d in scores.data.items():
-        picked = {"AtP": d.scores["gradient"], "RelP (preset)": d.scores["relp"],
-                  "RelP (calibrated)": d.scores[choices[group]]}
-        boot = paired_bootstrap(d.reference, picked, d.mask, n_bootstrap=n_bootstrap, seed=1)
-        diff = boot["RelP (calibrated)"] - boot["AtP"]
-        out[group] = {m: float(boot[m][0]) for m in METHODS}
-        out[group].update(interval={m: bootstrap_interval(boot[m][1:], 0.95) for m in METHODS},
-                          diff=float(diff[0]), diff_interval=bootstrap_interval(diff[1:], 0.95),
-                          choice=choices[group])
+    for group, per_candidate in boot.items():
+        picked = {m: per_candidate[name] for m, name in PRESETS.items() if name in per_candidate}
+        picked[CALIBRATED] = per_candidate[choices[group]]
+        values = {m: _finite(v[0]) for m, v in picked.items()}
+        ranked = [m for m in PRESETS if values.get(m) is not None]
+        best = max(ranked, key=lambda m: (values[m], -list(PRESETS).index(m))) if ranked else None
+        diff = picked[CALIBRATED] - picked["AtP"]
+        cell = {m: values.get(m) for m in METHODS}
+        cell.update(interval={m: bootstrap_interval(picked[m][1:], 0.95) if m in picked else None for m in METHODS},
+                    diff=_finite(diff[0]), diff_interval=bootstrap_interval(diff[1:], 0.95), best_preset=best)
+        best_diff = None if best is None else picked[CALIBRATED] - picked[best]
+        cell.update(best_diff=None if best is None else _finite(best_diff[0]),
+                    best_diff_interval=None if best is None else bootstrap_interval(best_diff[1:], 0.95),
+                    choice=choices[group])
+        out[group] = cell
     return out
 
 
 def study(name: str, task: str, scores: CandidateScores, n_pool: int, sizes: List[int], draws: int,
-          n_bootstrap: int, seconds: float, scale: Optional[Dict] = None) -> Dict:
-    """Choose on subsets of the pool for every size; evaluate each choice on the held-out pairs."""
+          n_bootstrap: int, seconds: float, scale: Optional[Dict] = None,
+          defaults: Sequence[str] = DEFAULTS) -> Dict:
+    """Choose on subsets of the pool for every size, once per default from the same scores; evaluate
+    each choice on the held-out pairs (one run per size, subset and default)."""
     n_total = scores.n_examples
-    held = scores.rows(torch.arange(n_pool, n_total))
+    boot = held_out_bootstrap(scores.rows(torch.arange(n_pool, n_total)), n_bootstrap)
     gen = torch.Generator().manual_seed(0)
     runs = []
     for size in sizes:
         for draw in range(draws if size < n_pool else 1):
             rows = torch.arange(size) if draw == 0 else torch.randperm(n_pool, generator=gen)[:size]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cal = choose_rules(scores.rows(rows), n_bootstrap=n_bootstrap, default=DEFAULT)
-            runs.append({"size": size, "draw": draw, "choices": dict(cal.choices),
-                         "decisions": {g: s["decision"] for g, s in cal.selection.items()},
-                         "summary": cal.summary(), "held_out": held_out(held, cal.choices, n_bootstrap)})
+            calibration = scores.rows(rows)
+            for default in defaults:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cal = choose_rules(calibration, n_bootstrap=n_bootstrap, default=default)
+                runs.append({"size": size, "draw": draw, "default": default, "choices": dict(cal.choices),
+                             "decisions": {g: s["decision"] for g, s in cal.selection.items()},
+                             "summary": cal.summary(), "held_out": held_out(boot, cal.choices)})
     return {"model": name, "task": task, "n_pool": n_pool, "n_eval": n_total - n_pool, "runs": runs,
-            "candidates": [c.name for c in scores.candidates], "seconds": seconds, "scale": scale}
+            "candidates": [c.name for c in scores.candidates], "seconds": seconds, "scale": scale,
+            "defaults": list(defaults)}
 
 
 def evaluate_ioi(name: str, model, tok, n_pool: int, n_eval: int, **kw) -> Dict:
@@ -258,45 +302,6 @@ def evaluate_random(family: str, seed: int, n_pool: int, n_eval: int, seq: int =
     return result
 
 
-def _cell(value: float, interval: Optional[List[float]]) -> str:
-    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
-
-
-def main_table(results: List[Dict], size: int) -> str:
-    """Calibrated RelP vs AtP on held-out pairs, calibrated on the first ``size`` pairs."""
-    head = ("| model | component | AtP | RelP (preset) | RelP (calibrated) | calibrated - AtP | choice (decision) |"
-            " below AtP beyond noise? |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for res in results:
-        run = next(r for r in res["runs"] if r["size"] == size and r["draw"] == 0)
-        for kind, row in run["held_out"].items():
-            lo_hi = row["diff_interval"]
-            below = "**yes**" if lo_hi and lo_hi[1] < 0 else "no"
-            lines.append(f"| {res['model']} | {kind} | " + " | ".join(_cell(row[m], row["interval"][m]) for m in METHODS)
-                         + f" | {_cell(row['diff'], lo_hi)} | {row['choice']} ({run['decisions'][kind]}) | {below} |")
-    return "\n".join(lines)
-
-
-def size_table(results: List[Dict], sizes: List[int]) -> str:
-    """Per model and size: mean over draws and groups of calibrated - AtP, the worst, and the count below AtP."""
-    head = "| model | " + " | ".join(f"n = {s}" for s in sizes) + " |"
-    lines = [head, "|" + "---|" * (len(sizes) + 1)]
-    for res in results:
-        cells = []
-        for size in sizes:
-            rows = [row for r in res["runs"] if r["size"] == size for row in r["held_out"].values()]
-            if not rows:
-                cells.append("not measured")
-                continue
-            diffs = [row["diff"] for row in rows]
-            below = sum(1 for row in rows if row["diff_interval"] and row["diff_interval"][1] < 0)
-            moved = sum(1 for r in res["runs"] if r["size"] == size for d in r["decisions"].values() if d == "chosen")
-            cells.append(f"{sum(diffs) / len(diffs):+.3f} (min {min(diffs):+.3f}; {moved}/{len(rows)} chosen; "
-                         f"{below} below)")
-        lines.append(f"| {res['model']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-pool", type=int, default=100, help="calibration pool (the largest size)")
@@ -325,7 +330,8 @@ def main() -> None:
         results = rows_io.load_rows(args.from_json)
     else:
         results = measure(args)
-        print(main_table(results, args.table_size) + "\n\n" + size_table(results, args.sizes)
+        print("\n\n".join(tables.main_table(results, args.table_size, d) for d in DEFAULTS) + "\n\n"
+              + "\n\n".join(tables.size_table(results, args.sizes, d) for d in DEFAULTS)
               + f"\n\n(total {sum(r['seconds'] for r in results):.0f} s)")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
@@ -336,8 +342,7 @@ def main() -> None:
         smollm = None if any(r["model"] == "SmolLM2-135M" for r in results) else \
             ("SmolLM2-135M: not measured by this script (AP at every position costs hours there); "
              "its rows, at the task positions, are in the next section.")
-        table, sizes = main_table(results, args.table_size), size_table(results, args.sizes)
-        Path(args.markdown).write_text(page(args, results, table, sizes, sum(r["seconds"] for r in results), smollm))
+        Path(args.markdown).write_text(page(args, results, sum(r["seconds"] for r in results), smollm))
 
 
 def measure(args) -> List[Dict]:
@@ -371,7 +376,8 @@ def measure_command(args) -> str:
     return " ".join(map(str, parts + (["--no-smollm"] if args.no_smollm else [])))
 
 
-def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional[str]) -> str:
+def page(args, results, seconds: float, smollm: Optional[str]) -> str:
+    """``docs/results_calibration.md``: the runs with the library's default first, then the gradient's."""
     if args.from_json is not None or args.rows_dir:
         sources = args.rows_dir or " ".join(args.from_json)
         written = f"`PYTHONPATH=. python scripts/calibration_eval.py --from-json {sources} --markdown {args.markdown}`"
@@ -379,37 +385,24 @@ def page(args, results, table: str, sizes: str, seconds: float, smollm: Optional
         written = "the measuring command with `--markdown " + args.markdown + "`"
     cost = ", ".join(f"{r['model']} {r['seconds']:.0f} s ({len(r['candidates'])} candidates, "
                      f"{r['n_pool']} + {r['n_eval']} pairs)" for r in results)
-    rows = [(r["model"], kind, row) for r in results for run in r["runs"] if run["size"] == args.table_size
-            and run["draw"] == 0 for kind, row in run["held_out"].items()]
-    below = [f"{m} {k}" for m, k, row in rows if row["diff_interval"] and row["diff_interval"][1] < 0]
-    worst = min(rows, key=lambda x: x[2]["diff"])
-    verdict = (f"**Verdict ({args.table_size} calibration pairs):** calibrated RelP is below AtP beyond the noise "
-               f"(its held-out interval of calibrated - AtP entirely below zero) in {len(below)} of {len(rows)} rows"
-               + (f" ({', '.join(below)})" if below else "")
-               + f"; the largest point deficit is {worst[2]['diff']:+.3f} ({worst[0]}, {worst[1]}).")
     return "\n".join([
         "## Calibrated rules (held-out)", "",
         f"Rows measured with (torch {torch.__version__}, CPU, one thread):", "",
         *rows_io.commands(results, measure_command(args)), "",
         f"and this page written from the row files with {written}. Time, {seconds:.0f} s in all: {cost}. "
         "Per model, AP and every default candidate run once on a pool of calibration pairs plus held-out pairs "
-        "(pair counts above); rules are chosen on calibration pairs only (noise-aware: the gradient is kept unless "
-        "a candidate beats it beyond the bootstrap noise) and every method is compared with exact activation "
-        "patching on the held-out pairs. Random-weight models: random token pairs differing at two positions, "
-        "metric the logit difference of tokens 1 and 2 at the last position (encoders: their masked-LM logits "
-        "there). Brackets: 95% paired-bootstrap intervals over the held-out pairs."
+        "(pair counts above). Rules are chosen on calibration pairs only, twice from the same scores: with the "
+        "library's default, `default=\"best-preset\"` (per component type the fixed preset, the gradient (AtP), "
+        "`relp` or `relp-ah`, that agrees best with AP on the calibration pairs is kept unless a candidate beats "
+        "it beyond the bootstrap noise), and with the previous default, `default=\"gradient\"` (the gradient is "
+        "kept unless a candidate beats it beyond the noise). Every method is compared with exact activation "
+        "patching on the held-out pairs. The best preset of a row is the one of AtP, RelP and RelP+AH with the "
+        "highest PCC on the held-out pairs themselves (chosen after seeing them, so the comparison favours "
+        "the preset). Random-weight models: random token pairs differing at two positions, metric the logit "
+        "difference of tokens 1 and 2 at the last position (encoders: their masked-LM logits there). Brackets: "
+        "95% paired-bootstrap intervals over the held-out pairs."
         " The per-pair scores behind these agreements are not shipped: the row files keep the agreements only.", "",
-        f"### Held-out Pearson with AP, calibrated on {args.table_size} pairs", "", table, "", verdict, "",
-        "### Family table coverage", "",
-        "Every family of the family table (`captum_relp/families/table.py`), the rows measuring it and the "
-        "component types the table refuses (not measured, with the table's reason).", "",
-        rows_io.coverage_table(results, args.table_size), "",
-        "### Calibration size: calibrated minus AtP on held-out pairs", "",
-        "Per size: mean over the calibration subsets of that size (the first pairs and random subsets; one for "
-        "the full pool) and the component types of held-out PCC(calibrated) - PCC(AtP); the worst of them; how "
-        "many groups left the gradient; how many were below AtP beyond the noise (interval entirely below zero). "
-        "Rows measured at one calibration size only show the others as not measured.", "", sizes, "",
-        rows_io.below_in_size_study(results), "",
+        *tables.sections(results, args.table_size, args.sizes, rows_io.coverage_table(results, args.table_size)),
         *([smollm, ""] if smollm else []), ""])
 
 

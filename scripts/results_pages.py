@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import _calibration_tables as tables
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("docs") / "_static" / "results"
 KINDS = {"resid": "Residual stream", "attn": "Attention outputs", "mlp": "MLP outputs"}
@@ -167,40 +169,70 @@ def _calibration_studies(root: Path) -> List[Dict]:
     """Every held-out calibration study: the row files, then SmolLM2-135M's (IOI, SVA) from its results."""
     studies = [json.loads(path.read_text()) for path in sorted((root / RESULTS / "calibration").glob("*.json"))]
     smol = _load(root, f"{RESULTS}/smollm2/results.json")
-    return studies + [smol[task]["calibration"]["study"] for task in TASK_TITLES
+    return studies + [dict(smol[task]["calibration"]["study"], own_study=True) for task in TASK_TITLES
                       if smol.get(task) and smol[task].get("calibration")]
+
+
+def calibration_counts(root: Path, size: int = 20) -> Dict[str, Dict[str, List[str]]]:
+    """Per default (``best-preset``, ``gradient``): the rows of the held-out study (row files only, not
+    SmolLM2-135M's own study) and those below AtP, and below the best preset, beyond the noise."""
+    rows = [s for s in _calibration_studies(root) if not s.get("own_study")]
+    return {default: tables.counts(rows, size, default) for default in (tables.BEST_PRESET, tables.GRADIENT)}
+
+
+def _calibration_sentence(counts: Dict[str, List[str]]) -> str:
+    return (f"below AtP beyond the noise in {len(counts['below_atp'])} of {len(counts['rows'])} rows and below "
+            f"the best preset beyond the noise in {len(counts['below_best'])} of {len(counts['best_measured'])} rows")
 
 
 def calibration_page(root: Path, size: int = 20) -> List[str]:
     """Held-out PCC with AP after calibrating on ``size`` pairs: trained models in the table, all rows counted."""
-    rows, counted = [], []
+    rows = []
     for study in _calibration_studies(root):
-        run = next((r for r in study["runs"] if r["size"] == size and r["draw"] == 0), None)
+        if study["model"].startswith("random"):
+            continue  # random-weight families: on the detail page
+        default = tables.GRADIENT if study.get("own_study") else tables.BEST_PRESET
+        run = tables.main_run(study, size, default)
         if run is None:
             continue
         for kind, row in run["held_out"].items():
-            counted.append(row["diff_interval"] is not None and row["diff_interval"][1] < 0)
-            if study["model"].startswith("random"):
-                continue  # random-weight families: on the detail page
-            cells = {m: [row[m], *row["interval"][m]] if row["interval"].get(m) else row[m]
-                     for m in ("AtP", "RelP (preset)", CALIBRATED)}
+            cells = {m: [row[m], *row["interval"][m]] if row["interval"].get(m) else row.get(m)
+                     for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)}
             diff = [row["diff"], *row["diff_interval"]] if row["diff_interval"] else row["diff"]
+            chosen = row["choice"] + (" (gradient default)" if default == tables.GRADIENT else "")
             rows.append([study["model"], study["task"].upper(), study["n_eval"], KINDS[kind], _value(cells["AtP"]),
-                         _value(cells["RelP (preset)"]), NOT_RUN, _value(cells[CALIBRATED]), _value(diff),
-                         row["choice"]])
+                         _value(cells["RelP (preset)"]), _value(cells["RelP+AH"]), _value(cells[CALIBRATED]),
+                         _value(diff), tables.best_text(row), chosen])
+    counts = calibration_counts(root, size)
+    studied = [s for s in _calibration_studies(root) if not s.get("own_study")]
+    size_study = {d: tables.size_study_counts(studied, d) for d in (tables.BEST_PRESET, tables.GRADIENT)}
     lines = ["# Calibrated rules, held out", "",
-             f"Do rules chosen per component type on {size} calibration pairs beat AtP on pairs they never saw? "
+             "With the library's default (`default=\"best-preset\"`: per component type the fixed preset, AtP's "
+             "gradient, RelP or RelP+AH, that agrees best with activation patching on the calibration pairs is "
+             f"kept unless another candidate beats it beyond the noise), rules chosen on {size} calibration pairs "
+             "put calibrated RelP, on held-out pairs, "
+             f"{_calibration_sentence(counts[tables.BEST_PRESET])} of the held-out study (the random-weight "
+             "families included). With the previous default, the gradient, the same runs (chosen from the same "
+             f"scores) put it {_calibration_sentence(counts[tables.GRADIENT])}. Over the calibration-size study "
+             f"(10 to 100 pairs, several subsets each: {size_study[tables.BEST_PRESET]['cases']} cases per default) "
+             f"the default is below AtP beyond the noise in {size_study[tables.BEST_PRESET]['below_atp']} cases "
+             f"and below the best preset in {size_study[tables.BEST_PRESET]['below_best']}, the gradient in "
+             f"{size_study[tables.GRADIENT]['below_atp']} and {size_study[tables.GRADIENT]['below_best']} "
+             "({doc}`results_calibration_detail`).", "",
              "Pearson correlation with activation patching on N held-out pairs of the trained models, 95% "
-             "paired-bootstrap interval in brackets; RelP is the `\"relp\"` preset (RelP+AH was not a column of "
-             "this study: it is one of the candidates calibration chooses from). Over every row measured, the "
-             "random-weight families included, calibrated RelP is below AtP beyond the noise (its interval of "
-             f"calibrated - AtP entirely below zero) in {sum(counted)} of {len(counted)} rows.", ""]
+             "paired-bootstrap interval in brackets; RelP is the `\"relp\"` preset, RelP+AH the `\"relp-ah\"` "
+             "preset; the best preset is the one of AtP, RelP and RelP+AH with the highest PCC on the held-out "
+             "pairs (named in brackets), and \"below beyond the noise\" means the paired interval of the "
+             "difference lies entirely below zero. The SmolLM2-135M rows come from their own study, measured with "
+             "the gradient as default (its calibration-pool scores are not shipped, so it cannot be chosen again "
+             "with the new default; RelP+AH on the same pairs: {doc}`results_real_models`); they are not counted "
+             "above.", ""]
     lines += _table(["model", "task", "N", "component", "AtP", "RelP", "RelP+AH", "calibrated", "calibrated - AtP",
-                     "rules chosen"], rows, 4)
+                     "calibrated - best preset", "rules chosen"], rows, 4)
     lines += ["Calibrated RelP against both presets (RelP and RelP+AH) and AtP, on SmolLM2-135M and Gemma-3 270M "
               "(IOI) and on a greater-than task: {doc}`results_calibration_real`. Commands, the random-weight rows "
-              "of every family, the family coverage and the calibration-size study: "
-              "{doc}`results_calibration_detail`.", "",
+              "of every family, the same runs with the gradient as default, the family coverage and the "
+              "calibration-size study: {doc}`results_calibration_detail`.", "",
               "```{toctree}", ":hidden:", "", "results_calibration_real", "results_calibration_detail", "```", ""]
     return lines
 
@@ -262,15 +294,15 @@ def index_page(root: Path) -> List[str]:
         per = result["pcc"]["per_prompt"][kind]
         return ", ".join(f"{m} {per[m][0]:.3f}" for m in ("AtP", "RelP", "RelP+AH"))
 
-    verdict = " ".join(calibration_page(root)[2].split("beyond the noise (its interval of calibrated - AtP "
-                                                      "entirely below zero) in ")[1:])
+    counts = calibration_counts(root)
     mlp = tiny["pcc_per_prompt"]["mlp"]
     heads = [f"`tiny-gpt2-ioi`, MLP outputs, N = {tiny['config']['n_prompts']}: "
              + ", ".join(f"{m} {mlp[m]:.3f}" for m in ("AtP", "RelP", "RelP+AH")),
              f"IOI MLP outputs: SmolLM2-135M (N = {smol['n']}) {pcc(smol)}; Gemma-3 270M (N = {gemma['n']}) "
              f"{pcc(gemma)}",
              "`tiny-gpt2-ioi` IOI CPR: " + ", ".join(f"{t} {edges['methods'][m]['cpr']:.3f}" for t, m in EDGE_COLUMNS[:3]),
-             f"calibrated RelP below AtP beyond the noise in {verdict.rstrip('.')}",
+             f"default `best-preset`: calibrated RelP {_calibration_sentence(counts[tables.BEST_PRESET])}; "
+             f"default `gradient`: {_calibration_sentence(counts[tables.GRADIENT])}",
              "RelP / AtP at T=1024: time "
              f"{scale[(1024, 'RelP')]['wall_s'] / scale[(1024, 'AtP')]['wall_s']:.2f}, memory "
              f"{scale[(1024, 'RelP')]['peak_mem_mib'] / scale[(1024, 'AtP')]['peak_mem_mib']:.2f}"]

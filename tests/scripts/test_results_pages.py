@@ -240,3 +240,44 @@ def test_summary_tables_put_the_methods_in_one_order_and_follow_the_json(tmp_pat
     path.write_text(json.dumps(record))
     after = "\n".join(pages.real_models_page(copy))
     assert before != after and f"{record['ioi']['pcc']['per_prompt']['mlp']['RelP+AH'][0]:.3f}" in after
+
+
+def test_calibration_summary_shows_the_best_preset_runs_and_counts_both_defaults(tmp_path):
+    """The calibrated column is the best-preset run's; the opening counts follow the row files."""
+    pages = _summary_pages()
+    import _calibration_tables as tables
+
+    copy = tmp_path / "root" / "docs" / "_static" / "results"
+    shutil.copytree(RESULTS / "calibration", copy / "calibration")
+    (copy / "smollm2").mkdir()
+    shutil.copy(RESULTS / "smollm2" / "results.json", copy / "smollm2" / "results.json")
+    root = tmp_path / "root"
+    before = pages.calibration_page(root)
+    path = copy / "calibration" / "tiny-llama-ioi.json"
+    record = json.loads(path.read_text())
+    ours = tables.main_run(record, 20, tables.BEST_PRESET)
+    old = tables.main_run(record, 20, tables.GRADIENT)
+    assert ours is not None and old is not None and ours is not old
+    table = [line for line in before if line.startswith("| tiny-llama-ioi | IOI |")]
+    assert len(table) == 3
+    for line, (kind, cell) in zip(table, ours["held_out"].items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[7] == f"{cell['RelP (calibrated)']:.3f} [{cell['interval']['RelP (calibrated)'][0]:.3f}, " \
+                           f"{cell['interval']['RelP (calibrated)'][1]:.3f}]", kind
+        assert cells[6] == f"{cell['RelP+AH']:.3f} [{cell['interval']['RelP+AH'][0]:.3f}, " \
+                           f"{cell['interval']['RelP+AH'][1]:.3f}]", kind
+        assert cells[10] == cell["choice"]
+    smol = [line for line in before if line.startswith("| SmolLM2-135M |")]
+    assert len(smol) == 6 and all(line.endswith("(gradient default) |") for line in smol)
+    counts = pages.calibration_counts(root)
+    n_rows = len(counts[tables.BEST_PRESET]["rows"])
+    assert n_rows == len(counts[tables.GRADIENT]["rows"]) > 6 and not any("SmolLM2" in r for r in counts["gradient"]["rows"])
+    # one best-preset cell moved below the best preset beyond the noise: the best-preset count, only, goes up
+    ours["held_out"]["mlp"]["best_diff_interval"] = [-0.3, -0.2]
+    path.write_text(json.dumps(record))
+    after = pages.calibration_counts(root)
+    assert after[tables.BEST_PRESET]["below_best"] == sorted(
+        counts[tables.BEST_PRESET]["below_best"] + ["tiny-llama-ioi mlp"], key=after[tables.BEST_PRESET]["rows"].index)
+    assert after[tables.GRADIENT] == counts[tables.GRADIENT]
+    n_below = len(after[tables.BEST_PRESET]["below_best"])
+    assert f"below the best preset beyond the noise in {n_below} of {n_rows} rows" in pages.calibration_page(root)[2]

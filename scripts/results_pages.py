@@ -207,28 +207,28 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
     studied = [s for s in _calibration_studies(root) if not s.get("own_study")]
     size_study = {d: tables.size_study_counts(studied, d) for d in (tables.BEST_PRESET, tables.GRADIENT)}
     lines = ["# Calibrated rules, held out", "",
-             "With the library's default (`default=\"best-preset\"`: per component type the fixed preset, AtP's "
-             "gradient, RelP or RelP+AH, that agrees best with activation patching on the calibration pairs is "
-             f"kept unless another candidate beats it beyond the noise), rules chosen on {size} calibration pairs "
-             "put calibrated RelP, on held-out pairs, "
-             f"{_calibration_sentence(counts[tables.BEST_PRESET])} of the held-out study (the random-weight "
-             "families included). With the previous default, the gradient, the same runs (chosen from the same "
-             f"scores) put it {_calibration_sentence(counts[tables.GRADIENT])}. Over the calibration-size study "
-             f"(10 to 100 pairs, several subsets each: {size_study[tables.BEST_PRESET]['cases']} cases per default) "
-             f"the default is below AtP beyond the noise in {size_study[tables.BEST_PRESET]['below_atp']} cases "
-             f"and below the best preset in {size_study[tables.BEST_PRESET]['below_best']}, the gradient in "
-             f"{size_study[tables.GRADIENT]['below_atp']} and {size_study[tables.GRADIENT]['below_best']} "
-             "({doc}`results_calibration_detail`).", "",
-             "Pearson correlation with activation patching on N held-out pairs of the trained models, 95% "
-             "paired-bootstrap interval in brackets; RelP is the `\"relp\"` preset, RelP+AH the `\"relp-ah\"` "
-             "preset; the best preset is the one of AtP, RelP and RelP+AH with the highest PCC on the held-out "
-             "pairs (named in brackets), and \"below beyond the noise\" means the paired interval of the "
-             "difference lies entirely below zero. The SmolLM2-135M rows come from their own study, measured with "
-             "the gradient as default (its calibration-pool scores are not shipped, so it cannot be chosen again "
-             "with the new default; RelP+AH on the same pairs: {doc}`results_real_models`); they are not counted "
-             "above.", ""]
+             f"Do rules calibrated on {size} pairs agree with activation patching on pairs they never saw? PCC "
+             "with AP on N held-out pairs of the trained models, with the library's default (`\"best-preset\"`), "
+             "95% paired-bootstrap intervals in brackets.", ""]
     lines += _table(["model", "task", "N", "component", "AtP", "RelP", "RelP+AH", "calibrated", "calibrated - AtP",
                      "calibrated - best preset", "rules chosen"], rows, 4)
+    lines += ["With the default (per component type the fixed preset, AtP's gradient, RelP or RelP+AH, that "
+              "agrees best with activation patching on the calibration pairs is kept unless another candidate "
+              f"beats it beyond the noise), rules chosen on {size} calibration pairs put calibrated RelP "
+              f"{_calibration_sentence(counts[tables.BEST_PRESET])} of the held-out study (the random-weight "
+              "families included). With the previous default, the gradient, the same runs (chosen from the same "
+              f"scores) put it {_calibration_sentence(counts[tables.GRADIENT])}. Over the calibration-size study "
+              f"(10 to 100 pairs, several subsets each: {size_study[tables.BEST_PRESET]['cases']} cases per default) "
+              f"the default is below AtP beyond the noise in {size_study[tables.BEST_PRESET]['below_atp']} cases "
+              f"and below the best preset in {size_study[tables.BEST_PRESET]['below_best']}, the gradient in "
+              f"{size_study[tables.GRADIENT]['below_atp']} and {size_study[tables.GRADIENT]['below_best']} "
+              "({doc}`results_calibration_detail`).", "",
+              "RelP is the `\"relp\"` preset, RelP+AH the `\"relp-ah\"` preset; the best preset is the one of AtP, "
+              "RelP and RelP+AH with the highest PCC on the held-out pairs (named in brackets), and \"below beyond "
+              "the noise\" means the paired interval of the difference lies entirely below zero. The SmolLM2-135M "
+              "rows come from their own study, measured with the gradient as default (its calibration-pool scores "
+              "are not shipped, so it cannot be chosen again with the new default; RelP+AH on the same pairs: "
+              "{doc}`results_real_models`); they are not counted above.", ""]
     lines += ["Calibrated RelP against both presets (RelP and RelP+AH) and AtP, on SmolLM2-135M and Gemma-3 270M "
               "(IOI) and on a greater-than task: {doc}`results_calibration_real`. Commands, the random-weight rows "
               "of every family, the same runs with the gradient as default, the family coverage and the "

@@ -280,4 +280,4 @@ def test_calibration_summary_shows_the_best_preset_runs_and_counts_both_defaults
         counts[tables.BEST_PRESET]["below_best"] + ["tiny-llama-ioi mlp"], key=after[tables.BEST_PRESET]["rows"].index)
     assert after[tables.GRADIENT] == counts[tables.GRADIENT]
     n_below = len(after[tables.BEST_PRESET]["below_best"])
-    assert f"below the best preset beyond the noise in {n_below} of {n_rows} rows" in pages.calibration_page(root)[2]
+    assert f"below the best preset beyond the noise in {n_below} of {n_rows} rows" in "\n".join(pages.calibration_page(root))

@@ -72,8 +72,9 @@ def add_parser(sub) -> None:
     add_calibration_options(parser, "pairs used to calibrate rules for --rules calibrated")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per attribution batch")
     parser.add_argument("--ap-batch-size", type=int, default=64, help="patched copies per forward in AP")
-    parser.add_argument("--methods", default="ap,atp,relp",
-                        help="ioi only: comma-separated among ap, atp, relp")
+    parser.add_argument("--methods", default=None,
+                        help="with --task ioi only: comma-separated among ap, atp, relp (default: ap,atp,relp); "
+                             "a task file always runs AP, AtP and RelP (--validate limits AP to fewer pairs)")
     add_run_options(parser, "heatmaps")
     add_resume_option(parser)
     parser.set_defaults(func=run)
@@ -89,12 +90,17 @@ def run(args: argparse.Namespace) -> int:
     """
     if args.task == "ioi":
         args.n_prompts = args.n_prompts or 100
+        args.methods = args.methods or "ap,atp,relp"
         args.task = None  # output folder: as captum-relp ioi
         return ioi.run(args)
     from ..experiments.task import run_task_experiment
     from ..models import model_name
     from ..tasks.file_task import TaskFile, load_task_file
 
+    if args.methods is not None:
+        raise CLIError(f"--methods applies only to --task ioi; a task file always runs AP, AtP and RelP "
+                       f"(--validate K runs AP on the first K pairs only), so --methods {args.methods} would be "
+                       "ignored")
     rules, rules_file = parse_rule_list(args.rules, ioi.RELP_PRESETS)
     default = calibration_default(args, "calibrated" in rules and rules_file is None, args.rules)
     calibrated = read_rules_file(rules_file) if rules_file else None  # checked before any work

@@ -184,3 +184,14 @@ def test_resume_needs_the_same_default(command, tmp_path, monkeypatch, capsys):
         assert 'error: --resume: the checkpoint in ' in err and f'calibration_default "gradient" there, "{now}" now' in err
     assert _run(argv + ["--resume", "--calibration-default", "gradient"]) == 0
     assert CalibratedRules.load(tmp_path / "out" / COMMANDS[command][1]).default == "gradient"
+
+
+def test_methods_with_a_task_file_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """A task file always runs AP, AtP and RelP: ``--methods`` would be ignored, so it is refused."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded although the arguments are unusable")
+
+    monkeypatch.setattr("captum_relp.embedded.load_model", no_model)
+    task = _task_file(tmp_path / "pairs.jsonl")
+    assert main(["attribute", "--task", str(task), "--methods", "atp,relp", "--quiet"]) == EXIT_USAGE
+    assert "--methods applies only to --task ioi" in capsys.readouterr().err

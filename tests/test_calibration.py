@@ -240,3 +240,10 @@ def test_score_candidates_holds_exactly_ap_and_each_candidates_relp():
     for name, value in agreement.items():
         x, y = data.scores[name][keep], data.reference[keep]
         assert abs(value - float(torch.corrcoef(torch.stack([x, y]))[0, 1])) < 1e-9, name
+
+
+def test_no_calibration_pairs_is_an_error_naming_the_inputs():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    empty = torch.zeros(0, 3, 4)
+    with pytest.raises(ValueError, match="inputs: no calibration pairs"):
+        calibrate_rules(net, [net[0]], empty, empty, metric=lambda out: out[:, -1, 0])

@@ -294,7 +294,10 @@ def _effect_tolerance(forward_func: Callable, inputs: Any, additional_forward_ar
 
 
 def _check_effect(inputs: Any, baselines: Any) -> None:
-    """Clean == corrupt everywhere: no effect to calibrate on (raise before running AP)."""
+    """No pairs, or clean == corrupt everywhere: nothing to calibrate on (raise before running AP)."""
+    first = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
+    if isinstance(first, Tensor) and (first.dim() == 0 or first.shape[0] == 0):
+        raise ValueError(f"inputs: no calibration pairs (shape {tuple(first.shape)})")
     pairs = zip(inputs, baselines) if isinstance(inputs, tuple) else [(inputs, baselines)]
     if isinstance(inputs, tuple) and not isinstance(baselines, tuple):
         return

@@ -54,12 +54,12 @@ def _table(header: Sequence[str], rows: List[Sequence], text_columns: int = 1) -
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
-def _value(entry) -> str:
-    """``0.842`` or, for ``[value, low, high]``, ``0.842 [0.801, 0.880]``."""
+def _value(entry, bounds: int = 3) -> str:
+    """``0.842`` or, for ``[value, low, high]``, ``0.842 [0.801, 0.880]`` (``bounds``: decimals of the interval)."""
     if entry is None:
         return NOT_RUN
     if isinstance(entry, (list, tuple)):
-        return f"{entry[0]:.3f} [{entry[1]:.3f}, {entry[2]:.3f}]"
+        return f"{entry[0]:.3f} [{entry[1]:.{bounds}f}, {entry[2]:.{bounds}f}]"
     return f"{entry:.3f}"
 
 
@@ -125,7 +125,8 @@ def real_models_page(root: Path) -> List[str]:
     lines = ["# Real pretrained models: SmolLM2-135M and Gemma-3 270M", "",
              "Does the Table 5 pattern hold on real pretrained models? PCC with activation patching, "
              "per-prompt maps (every prompt x layer x position value), at the task's positions; N prompt pairs; "
-             "95% bootstrap interval over prompts in brackets. Calibrated rules were measured on SmolLM2 only.", ""]
+             "95% bootstrap interval over prompts in brackets. Calibrated rules on these pairs were measured on "
+             "SmolLM2 only; on both models, on 16 pairs: {doc}`results_calibration_real`.", ""]
     lines += _table(["model", "task", "N", "component", *COLUMNS], rows, 4)
     lines += ["Measured by:", ""] + [f"- {c}" for c in commands] + [""]
     lines += ["Each model's page has the model card, prompt-averaged maps, wall times, heatmaps and circuit "
@@ -200,9 +201,9 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
                      for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)}
             diff = [row["diff"], *row["diff_interval"]] if row["diff_interval"] else row["diff"]
             chosen = row["choice"] + (" (gradient default)" if default == tables.GRADIENT else "")
-            rows.append([study["model"], study["task"].upper(), study["n_eval"], KINDS[kind], _value(cells["AtP"]),
-                         _value(cells["RelP (preset)"]), _value(cells["RelP+AH"]), _value(cells[CALIBRATED]),
-                         _value(diff), tables.best_text(row), chosen])
+            rows.append([f"{study['model']}, {study['task'].upper()} (N = {study['n_eval']})", KINDS[kind]]
+                        + [_value(cells[m], 2) for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)]
+                        + [_value(diff, 2), tables.best_text(row), chosen])
     counts = calibration_counts(root, size)
     studied = [s for s in _calibration_studies(root) if not s.get("own_study")]
     size_study = {d: tables.size_study_counts(studied, d) for d in (tables.BEST_PRESET, tables.GRADIENT)}
@@ -210,8 +211,8 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
              f"Do rules calibrated on {size} pairs agree with activation patching on pairs they never saw? PCC "
              "with AP on N held-out pairs of the trained models, with the library's default (`\"best-preset\"`), "
              "95% paired-bootstrap intervals in brackets.", ""]
-    lines += _table(["model", "task", "N", "component", "AtP", "RelP", "RelP+AH", "calibrated", "calibrated - AtP",
-                     "calibrated - best preset", "rules chosen"], rows, 4)
+    lines += _table(["model, task (N held-out pairs)", "component", "AtP", "RelP", "RelP+AH", "calibrated",
+                     "calibrated - AtP", "calibrated - best preset", "rules chosen"], rows, 2)
     lines += ["With the default (per component type the fixed preset, AtP's gradient, RelP or RelP+AH, that "
               "agrees best with activation patching on the calibration pairs is kept unless another candidate "
               f"beats it beyond the noise), rules chosen on {size} calibration pairs put calibrated RelP "

@@ -203,7 +203,7 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
             chosen = row["choice"] + (" (gradient default)" if default == tables.GRADIENT else "")
             rows.append([f"{study['model']}, {study['task'].upper()} (N = {study['n_eval']})", KINDS[kind]]
                         + [_value(cells[m], 2) for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)]
-                        + [_value(diff, 2), tables.best_text(row), chosen])
+                        + [chosen, _value(diff, 2), _best(row)])
     counts = calibration_counts(root, size)
     studied = [s for s in _calibration_studies(root) if not s.get("own_study")]
     size_study = {d: tables.size_study_counts(studied, d) for d in (tables.BEST_PRESET, tables.GRADIENT)}
@@ -212,7 +212,7 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
              "with AP on N held-out pairs of the trained models, with the library's default (`\"best-preset\"`), "
              "95% paired-bootstrap intervals in brackets.", ""]
     lines += _table(["model, task (N held-out pairs)", "component", "AtP", "RelP", "RelP+AH", "calibrated",
-                     "calibrated - AtP", "calibrated - best preset", "rules chosen"], rows, 2)
+                     "rules chosen", "calibrated - AtP", "calibrated - best preset"], rows, 2)
     lines += ["With the default (per component type the fixed preset, AtP's gradient, RelP or RelP+AH, that "
               "agrees best with activation patching on the calibration pairs is kept unless another candidate "
               f"beats it beyond the noise), rules chosen on {size} calibration pairs put calibrated RelP "
@@ -236,6 +236,13 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
               "calibration-size study: {doc}`results_calibration_detail`.", "",
               "```{toctree}", ":hidden:", "", "results_calibration_real", "results_calibration_detail", "```", ""]
     return lines
+
+
+def _best(cell: Dict) -> str:
+    """Calibrated - best preset on the held-out pairs, two-decimal interval, and the preset's name."""
+    if cell.get("best_diff") is None:
+        return NOT_RUN
+    return f"{_value([cell['best_diff'], *cell['best_diff_interval']], 2)} ({tables.SHORT[cell['best_preset']]})"
 
 
 def _bench(root: Path, name: str) -> Dict:

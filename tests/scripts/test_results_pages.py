@@ -266,9 +266,9 @@ def test_calibration_summary_shows_the_best_preset_runs_and_counts_both_defaults
                            f"{cell['interval']['RelP (calibrated)'][1]:.2f}]", kind
         assert cells[4] == f"{cell['RelP+AH']:.3f} [{cell['interval']['RelP+AH'][0]:.2f}, " \
                            f"{cell['interval']['RelP+AH'][1]:.2f}]", kind
-        assert cells[8] == cell["choice"]
+        assert cells[6] == cell["choice"]
     smol = [line for line in before if line.startswith("| SmolLM2-135M, ")]
-    assert len(smol) == 6 and all(line.endswith("(gradient default) |") for line in smol)
+    assert len(smol) == 6 and all("(gradient default) |" in line for line in smol)
     counts = pages.calibration_counts(root)
     n_rows = len(counts[tables.BEST_PRESET]["rows"])
     assert n_rows == len(counts[tables.GRADIENT]["rows"]) > 6 and not any("SmolLM2" in r for r in counts["gradient"]["rows"])

@@ -198,6 +198,11 @@ def qk_column_mask(layout: str, width: int, heads: int = 1, kv_heads: Optional[i
     return mask
 
 
+def _detach_columns(output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same values, no gradient where ``mask`` holds."""
+    return torch.where(mask, output.detach(), output)
+
+
 class DetachQKColumnsRule(Rule):
     """AH-rule for attention computed in a module's own code: the query and key columns of its
     projections are detached, so the probabilities (a function of queries and keys only) get no
@@ -233,17 +238,38 @@ class DetachQKColumnsRule(Rule):
         qk_column_mask(layout, 0, heads, kv_heads)  # checks the layout name
 
     def apply(self, module: nn.Module) -> UndoFn:
+        return self.apply_with(module, _detach_columns)
+
+    def apply_with(self, module: nn.Module,
+                   function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> UndoFn:
+        """Hook the projections of ``module`` so that each returns ``function(output, mask)``, with
+        ``mask`` ``True`` at the query and key columns (:func:`qk_column_mask`). :meth:`apply`
+        detaches those columns; a function that drops their gradient only some of the time makes the
+        rule switchable.
+
+        Example:
+            >>> import torch
+            >>> m = torch.nn.Module(); m.Wqkv = torch.nn.Linear(2, 6)
+            >>> zero = lambda output, mask: output.masked_fill(mask, 0)
+            >>> undo = DetachQKColumnsRule("Wqkv").apply_with(m, zero)  # [q | k | v]
+            >>> (m.Wqkv(torch.ones(1, 2)) == 0).int().tolist(); undo()  # queries and keys zeroed
+            [[1, 1, 1, 1, 0, 0]]
+        """
         children = [getattr(module, name, None) for name in self.projections]
         for name, child in zip(self.projections, children):
             if not isinstance(child, nn.Module):
                 raise ValueError(f"{type(module).__name__} has no projection {name!r} to apply the AH-rule to")
-        return _remover([child.register_forward_hook(self._hook).remove for child in children])
 
-    def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        def hook(child: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            return function(output, self._mask(output))
+
+        return _remover([child.register_forward_hook(hook).remove for child in children])
+
+    def _mask(self, output: torch.Tensor) -> torch.Tensor:
         key = (output.shape[-1], output.device)
         if key not in self._masks:  # one mask per width and device, not one per forward pass
             self._masks[key] = qk_column_mask(self.layout, key[0], self.heads, self.kv_heads).to(key[1])
-        return torch.where(self._masks[key], output.detach(), output)  # the same values, no gradient at q and k
+        return self._masks[key]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.projections!r}, {self.layout!r})"

@@ -241,10 +241,37 @@ class LogitSoftcapRule(Rule):
     category = "activation"
 
     def apply(self, module: nn.Module) -> UndoFn:
+        remove = self.apply_with(module, _Recapped.apply)
+        _SOFTCAP_RULED[module] = _SOFTCAP_RULED.get(module, 0) + 1
+
+        def undo() -> None:
+            remove()
+            _SOFTCAP_RULED[module] -= 1
+            if not _SOFTCAP_RULED[module]:
+                del _SOFTCAP_RULED[module]
+
+        return undo
+
+    def apply_with(self, module: nn.Module, recap: Callable[[Tensor, Tensor], Tensor]) -> UndoFn:
+        """Hook the model ``module`` so that, while its forward records gradients, its logits are
+        ``recap(z, logits)``: ``z`` the unembedding output, ``logits`` the model's own capped logits.
+        :meth:`apply` gives them the Identity-rule's backward to ``z``.
+
+        Example:
+            >>> import torch
+            >>> from transformers import Gemma2Config, Gemma2ForCausalLM
+            >>> model = Gemma2ForCausalLM(Gemma2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+            ...     num_key_value_heads=1, head_dim=4, intermediate_size=8, vocab_size=16)).eval()
+            >>> undo = LogitSoftcapRule().apply_with(model, lambda z, logits: z)  # the uncapped logits
+            >>> ids = torch.tensor([[1, 2]])
+            >>> z = model.lm_head(model.model(ids).last_hidden_state)
+            >>> torch.equal(model(ids).logits, z); undo()
+            True
+        """
         head = module.get_output_embeddings()
         if not isinstance(head, nn.Module):
             raise ValueError(f"LogitSoftcapRule: {type(module).__name__} has no output embeddings")
-        seen: dict = {}
+        seen: Dict[str, Tensor] = {}
 
         def on_head(mod: nn.Module, args: Any, output: Tensor) -> None:
             seen["z"] = output
@@ -257,20 +284,16 @@ class LogitSoftcapRule(Rule):
             if z.shape != logits.shape:
                 raise RuntimeError(f"LogitSoftcapRule: unembedding output {tuple(z.shape)} is not the shape "
                                    f"of the logits {tuple(logits.shape)}")
-            output.logits = _Recapped.apply(z, logits)
+            output.logits = recap(z, logits)
             return output
 
         handles = [head.register_forward_hook(on_head), module.register_forward_hook(on_model)]
-        _SOFTCAP_RULED[module] = _SOFTCAP_RULED.get(module, 0) + 1
 
-        def undo() -> None:
+        def remove() -> None:
             for handle in handles:
                 handle.remove()
-            _SOFTCAP_RULED[module] -= 1
-            if not _SOFTCAP_RULED[module]:
-                del _SOFTCAP_RULED[module]
 
-        return undo
+        return remove
 
 
 _SOFTCAP_RULED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()

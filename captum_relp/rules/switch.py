@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import families
-from .attention import AHRule, DetachQKColumnsRule, qk_column_mask, register_ah_attention, require_ah_calls
+from .attention import AHRule, DetachQKColumnsRule, register_ah_attention, require_ah_calls
 from .base import ForwardPatchRule, UndoFn, UnsupportedModuleError, ZeroRule, forward_attribute, \
     set_instance_attribute
 from .composites import RuleSet, check_coverage, ruled
 from .functional import identity_ratio
+from .nonlinear import LogitSoftcapRule
 from .registry import registered_category
 
 _SWITCH_PREFIX = "relp_switch_"
@@ -163,21 +164,10 @@ def _switch_module(module: nn.Module, name: str, rules: Sequence[Any], switch: R
 
 def _gate_columns(module: nn.Module, rule: DetachQKColumnsRule, switch: RuleSwitch, table: List[bool]) -> UndoFn:
     """The AH-rule on query/key projection columns, as a gate."""
-    masks: Dict[Tuple[int, torch.device], Tensor] = {}
+    def gate(output: Tensor, mask: Tensor) -> Tensor:
+        return _Gate.apply(output, switch, table, mask) if output.requires_grad else output
 
-    def hook(child: nn.Module, args: Any, output: Tensor) -> Tensor:
-        key = (output.shape[-1], output.device)
-        if key not in masks:
-            masks[key] = qk_column_mask(rule.layout, key[0], rule.heads, rule.kv_heads).to(key[1])
-        return _Gate.apply(output, switch, table, masks[key]) if output.requires_grad else output
-
-    handles = []
-    for projection in rule.projections:
-        child = getattr(module, projection, None)
-        if not isinstance(child, nn.Module):
-            raise ValueError(f"{type(module).__name__} has no projection {projection!r} to apply the AH-rule to")
-        handles.append(child.register_forward_hook(hook))
-    return lambda: [h.remove() for h in handles] and None
+    return rule.apply_with(module, gate)
 
 
 def _gated_qk(query: Tensor, key: Tensor) -> Tuple[Tensor, Tensor]:
@@ -203,24 +193,8 @@ def _gate_attention(model: nn.Module, switch: RuleSwitch, table: List[bool]) -> 
 
 
 def _gate_softcap(model: nn.Module, switch: RuleSwitch, table: List[bool]) -> UndoFn:
-    """The Identity-rule on the final-logit soft-cap, as a switch (see ``LogitSoftcapRule``)."""
-    seen: Dict[str, Tensor] = {}
-
-    def on_head(module: nn.Module, args: Any, output: Tensor) -> None:
-        seen["z"] = output
-
-    def on_model(module: nn.Module, args: Any, output: Any):
-        z, logits = seen.pop("z", None), getattr(output, "logits", None)
-        if z is None or logits is None or not torch.is_grad_enabled() or not z.requires_grad:
-            return None
-        if z.shape != logits.shape:
-            raise RuntimeError(f"soft-cap switch: unembedding output {tuple(z.shape)} is not the shape of the "
-                               f"logits {tuple(logits.shape)}")
-        output.logits = _SwitchRecapped.apply(z, logits, switch, table)
-        return output
-
-    handles = [model.get_output_embeddings().register_forward_hook(on_head), model.register_forward_hook(on_model)]
-    return lambda: [h.remove() for h in handles] and None
+    """The Identity-rule on the final-logit soft-cap, as a switch."""
+    return LogitSoftcapRule().apply_with(model, lambda z, logits: _SwitchRecapped.apply(z, logits, switch, table))
 
 
 def _inside(path: str, prefixes: Sequence[str]) -> bool:

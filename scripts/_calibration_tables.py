@@ -17,7 +17,7 @@ SHORT = {"AtP": "AtP", "RelP (preset)": "RelP", "RelP+AH": "RelP+AH"}
 NOT_RUN = "not run"
 LISTED = 8
 """Below this many cases the size study names each one; above, it counts them per model."""
-TITLES = {BEST_PRESET: "`best-preset` (the library's)", GRADIENT: "`gradient` (the previous one)"}
+TITLES = {BEST_PRESET: "`best-preset` (the library's)", GRADIENT: "`gradient` (AtP kept unless beaten)"}
 
 
 def run_default(run: Dict) -> str:
@@ -37,12 +37,12 @@ def below(cell: Dict, key: str = "diff_interval") -> bool:
 
 
 def cell_text(value: Optional[float], interval: Optional[List[float]] = None) -> str:
-    """``0.842 [0.801, 0.880]``; ``-2.6e-04 [-4.7e-04, -3.5e-05]`` for a non-zero interval within
-    0.0005 of zero; ``not run`` for a value the study does not have."""
+    """``0.842 [0.801, 0.880]``; ``-2.6e-04 [-4.7e-04, -3.5e-05]`` when a non-zero value or bound would
+    round to 0.000; ``not run`` for a value the study does not have."""
     if value is None:
         return NOT_RUN
-    if interval and any(interval) and max(abs(interval[0]), abs(interval[1])) < 0.0005:
-        return f"{value:.1e} [{interval[0]:.1e}, {interval[1]:.1e}]"  # a non-zero interval that rounds to 0.000
+    if interval and any(0 < abs(x) < 0.0005 for x in (value, *interval)):
+        return f"{value:.1e} [{interval[0]:.1e}, {interval[1]:.1e}]"  # a non-zero bound that rounds to 0.000
     return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 

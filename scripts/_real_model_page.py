@@ -259,7 +259,7 @@ def _calibration_fragment(root: Path, studies: List[Dict], command: str) -> None
                   f"{CALIBRATION_PAIRS} pairs (see {{doc}}`results_smollm2`).", ""]
     lines += [f"Measured with `{command}` (then `--render-only`); details and the Table-5 numbers on "
              "{doc}`results_smollm2`. Same method as the rows above, but chosen with the gradient as default only "
-             "(the previous default; the study did not record RelP+AH, so no best preset either: RelP+AH on the "
+             "(the study did not record RelP+AH, so no best preset either: RelP+AH on the "
              "same pairs is on {doc}`results_smollm2`), and with two differences forced by the cost of "
              "AP on this model: AP and the candidates are read at the task's positions only (IOI: S1, IO, S2, "
              "END; SVA: the five tokens after `The`), and the held-out pairs are the page's evaluated pairs. "

@@ -394,7 +394,7 @@ def page(args, results, seconds: float, smollm: Optional[str]) -> str:
         "(pair counts above). Rules are chosen on calibration pairs only, twice from the same scores: with the "
         "library's default, `default=\"best-preset\"` (per component type the fixed preset, the gradient (AtP), "
         "`relp` or `relp-ah`, that agrees best with AP on the calibration pairs is kept unless a candidate beats "
-        "it beyond the bootstrap noise), and with the previous default, `default=\"gradient\"` (the gradient is "
+        "it beyond the bootstrap noise), and with `default=\"gradient\"` (the gradient is "
         "kept unless a candidate beats it beyond the noise). Every method is compared with exact activation "
         "patching on the held-out pairs. The best preset of a row is the one of AtP, RelP and RelP+AH with the "
         "highest PCC on the held-out pairs themselves (chosen after seeing them, so the comparison favours "

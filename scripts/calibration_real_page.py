@@ -88,7 +88,8 @@ def _verdict(best: dict) -> str:
     low, high = best["margin_interval"]
     if best["margin"] == 0 and low == 0 and high == 0:
         return f"0: the same scores as {best['method']}"
-    margin = f"{best['margin']:+.3f} [{low:+.3f}, {high:+.3f}]"
+    spec = "+.1e" if any(0 < abs(x) < 0.0005 for x in (best["margin"], low, high)) else "+.3f"  # never "+0.000"
+    margin = f"{best['margin']:{spec}} [{low:{spec}}, {high:{spec}}]"
     if high < 0:
         return f"{margin}: below {best['method']} beyond the noise"
     if low > 0:
@@ -168,7 +169,9 @@ def render(root: Path = ROOT) -> str:
                   "evaluated pairs rank lower: the ranking of close rule sets differs between two samples of 16 "
                   "pairs. More calibration pairs narrow it (see {doc}`calibration`)."]
     lines += ["", "Measured on a shared 2-core x86_64 CPU, torch 2.13.0+cpu, one thread, with the fetched "
-              "models (see {doc}`results_smollm2`).", "", "## Runs", ""]
+              "models (see {doc}`results_smollm2`). Wall times depend on what else ran on the machine at the time "
+              "(the gradient-default runs shared it with more jobs): compare times within a run, not across runs.",
+              "", "## Runs", ""]
     for name, run in {**runs, **variants}.items():
         lines += run_section(name, run)
     return "\n".join(lines).rstrip() + "\n"

@@ -202,22 +202,22 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
             diff = [row["diff"], *row["diff_interval"]] if row["diff_interval"] else row["diff"]
             chosen = row["choice"] + (" (gradient default)" if default == tables.GRADIENT else "")
             rows.append([f"{study['model']}, {study['task'].upper()} (N = {study['n_eval']})", KINDS[kind]]
-                        + [_value(cells[m], 2) for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)]
-                        + [chosen, _value(diff, 2), _best(row)])
+                        + [_value(cells[m]) for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)]
+                        + [chosen, tables.cell_text(row["diff"], row["diff_interval"]), tables.best_text(row)])
     counts = calibration_counts(root, size)
     studied = [s for s in _calibration_studies(root) if not s.get("own_study")]
     size_study = {d: tables.size_study_counts(studied, d) for d in (tables.BEST_PRESET, tables.GRADIENT)}
     lines = ["# Calibrated rules, held out", "",
              f"Do rules calibrated on {size} pairs agree with activation patching on pairs they never saw? PCC "
-             "with AP on N held-out pairs of the trained models, with the library's default (`\"best-preset\"`), "
-             "95% paired-bootstrap intervals in brackets.", ""]
+             "with AP on N held-out pairs of the trained models, with the library's default (`\"best-preset\"`; "
+             "the SmolLM2-135M rows: the gradient as default, see below), 95% bootstrap intervals in brackets.", ""]
     lines += _table(["model, task (N held-out pairs)", "component", "AtP", "RelP", "RelP+AH", "calibrated",
                      "rules chosen", "calibrated - AtP", "calibrated - best preset"], rows, 2)
     lines += ["With the default (per component type the fixed preset, AtP's gradient, RelP or RelP+AH, that "
               "agrees best with activation patching on the calibration pairs is kept unless another candidate "
               f"beats it beyond the noise), rules chosen on {size} calibration pairs put calibrated RelP "
               f"{_calibration_sentence(counts[tables.BEST_PRESET])} of the held-out study (the random-weight "
-              "families included). With the previous default, the gradient, the same runs (chosen from the same "
+              "families included). With the gradient as default, the same runs (chosen from the same "
               f"scores) put it {_calibration_sentence(counts[tables.GRADIENT])}. Over the calibration-size study "
               f"(10 to 100 pairs, several subsets each: {size_study[tables.BEST_PRESET]['cases']} cases per default) "
               f"the default is below AtP beyond the noise in {size_study[tables.BEST_PRESET]['below_atp']} cases "
@@ -228,21 +228,14 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
               "RelP and RelP+AH with the highest PCC on the held-out pairs (named in brackets), and \"below beyond "
               "the noise\" means the paired interval of the difference lies entirely below zero. The SmolLM2-135M "
               "rows come from their own study, measured with the gradient as default (its calibration-pool scores "
-              "are not shipped, so it cannot be chosen again with the new default; RelP+AH on the same pairs: "
-              "{doc}`results_real_models`); they are not counted above.", ""]
+              "are not shipped, so it cannot be chosen again with the best-preset default); they are not counted above. Where the gradient was kept there, a preset can agree better "
+              "on these pairs: compare the calibrated, RelP and RelP+AH columns.", ""]
     lines += ["Calibrated RelP against both presets (RelP and RelP+AH) and AtP, on SmolLM2-135M and Gemma-3 270M "
               "(IOI) and on a greater-than task: {doc}`results_calibration_real`. Commands, the random-weight rows "
               "of every family, the same runs with the gradient as default, the family coverage and the "
               "calibration-size study: {doc}`results_calibration_detail`.", "",
               "```{toctree}", ":hidden:", "", "results_calibration_real", "results_calibration_detail", "```", ""]
     return lines
-
-
-def _best(cell: Dict) -> str:
-    """Calibrated - best preset on the held-out pairs, two-decimal interval, and the preset's name."""
-    if cell.get("best_diff") is None:
-        return NOT_RUN
-    return f"{_value([cell['best_diff'], *cell['best_diff_interval']], 2)} ({tables.SHORT[cell['best_preset']]})"
 
 
 def _bench(root: Path, name: str) -> Dict:

@@ -247,6 +247,7 @@ def study_mismatches(task: str, result: dict, scores: dict, layers: int) -> tupl
             ap = scores["AP"][:, k * layers:(k + 1) * layers].reshape(n, -1).astype(np.float64)
             methods = {"AtP": ("AtP", scores["AtP"][:, k * layers:(k + 1) * layers]),
                        "RelP (preset)": ("RelP", scores["RelP"][:, k * layers:(k + 1) * layers]),
+                       "RelP+AH": ("RelP+AH", scores["RelP+AH"][:, k * layers:(k + 1) * layers]),
                        "RelP (calibrated)": (cell["choice"], chosen[kind])}
             values = {}
             for method, (name, x) in methods.items():
@@ -258,6 +259,11 @@ def study_mismatches(task: str, result: dict, scores: dict, layers: int) -> tupl
             diff = values["RelP (calibrated)"] - values["AtP"]
             if _differs(cell["diff_interval"], _percentiles(diff[1:])):
                 problems.append((run["size"], run["draw"], kind, "diff"))
+            best = max(("AtP", "RelP (preset)", "RelP+AH"), key=lambda m: values[m][0])  # on the held-out pairs
+            best_diff = values["RelP (calibrated)"] - values[best]
+            if cell["best_preset"] != best or abs(cell["best_diff"] - best_diff[0]) > 1e-12 or _differs(
+                    cell["best_diff_interval"], _percentiles(best_diff[1:])):
+                problems.append((run["size"], run["draw"], kind, "best"))
             checked += 1
     return checked, problems
 
@@ -281,7 +287,7 @@ def test_a_perturbed_score_fails_the_study_check():
     scores, layers = _smollm2_scores("ioi", result)
     scores["AtP"] = _nudged(scores["AtP"])
     _, problems = study_mismatches("ioi", result, scores, layers)
-    assert problems and {method for *_, method in problems} <= {"AtP", "RelP (calibrated)", "diff"}
+    assert problems and {method for *_, method in problems} <= {"AtP", "RelP (calibrated)", "diff", "best"}
 
 
 def test_every_published_interval_is_recomputed_or_listed():

@@ -173,6 +173,7 @@ def test_smollm2_calibration_study_agreements_recomputed_from_the_per_prompt_sco
             ap = scores["AP"][:, k * layers:(k + 1) * layers]
             expected = {"AtP": _pcc(scores["AtP"][:, k * layers:(k + 1) * layers], ap),
                         "RelP (preset)": _pcc(scores["RelP"][:, k * layers:(k + 1) * layers], ap),
+                        "RelP+AH": _pcc(scores["RelP+AH"][:, k * layers:(k + 1) * layers], ap),
                         "RelP (calibrated)": _pcc(chosen[kind], ap)}
             for method, value in expected.items():
                 assert abs(cell[method] - value) < 1e-12, (run["size"], run["draw"], kind, method)

@@ -57,14 +57,15 @@ def calibrate_rules(
     r"""Choose, per group of layers, the rule set whose RelP scores agree best with AP.
 
     Runs exact activation patching (:class:`~captum_relp.LayerActivationPatching`,
-    one run per position) on the calibration pairs and one
-    :class:`~captum_relp.LayerRelevancePatching` pass per candidate. Scores are
+    one run per position) on the calibration pairs, then scores every candidate rule set
+    with :class:`~captum_relp.LayerRelevancePatching` on one shared pair of forward passes
+    (:meth:`~captum_relp.LayerRelevancePatching.attribute_rule_sets`). Scores are
     summed over the hidden dimension (one value per example and position), and the
     agreement of a group is computed over all its layers, examples and positions
     (entries where AP and every candidate are exactly zero, i.e. padding, are dropped).
 
     The choice accounts for noise (a paired bootstrap over the calibration pairs, see
-    the selection in ``calibration._select``): per group the ``default`` (by default the
+    :doc:`/calibration`): per group the ``default`` (by default the
     best fixed preset: whichever of the gradient, i.e. AtP, ``relp`` and ``relp-ah`` agrees
     best with AP on the calibration pairs) is kept unless a candidate's margin over it is
     above zero over its whole bootstrap interval (Bonferroni-corrected over the candidates);
@@ -76,8 +77,10 @@ def calibrate_rules(
     zero everywhere); a group whose AP is zero everywhere keeps the default with a warning
     (its agreements are ``None``, never NaN).
 
-    Cost: AP once, then one RelP pass (2 forward + 1 backward) per candidate: up to 16 for
-    a transformer with norms, activations, gated MLPs and the AH-rule (:func:`default_candidates`).
+    Cost: AP once, then one clean and one corrupt forward pass shared by every candidate and one
+    backward pass per candidate (one full RelP call each for rule sets that cannot share the
+    forward pass, e.g. rules from outside the package): up to 16 candidates for a transformer
+    with norms, activations, gated MLPs and the AH-rule (:func:`default_candidates`).
 
     Args:
         forward_func (Callable or nn.Module): the model (Hugging Face: ``.logits``).

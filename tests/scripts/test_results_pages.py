@@ -262,10 +262,10 @@ def test_calibration_summary_shows_the_best_preset_runs_and_counts_both_defaults
     assert len(table) == 3
     for line, (kind, cell) in zip(table, ours["held_out"].items()):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[5] == f"{cell['RelP (calibrated)']:.3f} [{cell['interval']['RelP (calibrated)'][0]:.2f}, " \
-                           f"{cell['interval']['RelP (calibrated)'][1]:.2f}]", kind
-        assert cells[4] == f"{cell['RelP+AH']:.3f} [{cell['interval']['RelP+AH'][0]:.2f}, " \
-                           f"{cell['interval']['RelP+AH'][1]:.2f}]", kind
+        assert cells[5] == f"{cell['RelP (calibrated)']:.3f} [{cell['interval']['RelP (calibrated)'][0]:.3f}, " \
+                           f"{cell['interval']['RelP (calibrated)'][1]:.3f}]", kind
+        assert cells[4] == f"{cell['RelP+AH']:.3f} [{cell['interval']['RelP+AH'][0]:.3f}, " \
+                           f"{cell['interval']['RelP+AH'][1]:.3f}]", kind
         assert cells[6] == cell["choice"]
     smol = [line for line in before if line.startswith("| SmolLM2-135M, ")]
     assert len(smol) == 6 and all("(gradient default) |" in line for line in smol)

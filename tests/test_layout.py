@@ -111,6 +111,7 @@ def test_cli_reference_page_lists_every_option():
     # a default computed at run time is given in words (the help's "(default: ...)"), never as None
     defaults = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| `--")]
     assert defaults and not [d for d in defaults if "None" in d], [d for d in defaults if "None" in d]
+    assert not [d for d in defaults if d.count("(") != d.count(")")], "a default cut at a nested parenthesis"
     assert "None" not in "".join(a.help or "" for p in sub.choices.values() for a in p._actions
                                  if a.help != argparse.SUPPRESS)
 

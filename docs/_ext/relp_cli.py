@@ -22,7 +22,17 @@ def _prose(text: object) -> str:
     return _OPTION.sub(r"`\1`", _cell(text))
 
 
-_COMPUTED = re.compile(r"\(default: ([^)]*)\)")
+def _computed_default(help_text: str) -> str:
+    """The words after "(default: " up to its closing parenthesis (nested parentheses kept), or "none"."""
+    start = help_text.find("(default: ")
+    if start < 0:
+        return "none"
+    depth, begin = 0, start + len("(default: ")
+    for i in range(start, len(help_text)):
+        depth += {"(": 1, ")": -1}.get(help_text[i], 0)
+        if depth == 0:
+            return help_text[begin:i]
+    return help_text[begin:]
 
 
 def _default(action: argparse.Action) -> str:
@@ -31,8 +41,7 @@ def _default(action: argparse.Action) -> str:
     if isinstance(action, argparse._StoreTrueAction):
         return "off"
     if action.default is None:
-        computed = _COMPUTED.search(action.help or "")
-        return computed.group(1) if computed else "none"
+        return _computed_default(action.help or "")
     return f"`{action.default}`"
 
 
@@ -53,7 +62,7 @@ def cli_reference() -> str:
             if action.choices:
                 flag += " {" + ", ".join(map(str, action.choices)) + "}"
             default = _default(action)
-            rows.append(f"| {_cell(flag)} | {_cell(default)} | {_prose(action.help or '')} |")
+            rows.append(f"| {_cell(flag)} | {_prose(default)} | {_prose(action.help or '')} |")
         outputs = ["| File | Contents |", "|---|---|"] + [
             f"| `{_cell(path)}` | {_prose(what)} |" for path, what in command.OUTPUTS.items()]
         outputs.append(f"| `{cli._common.MANIFEST}` | the command, its settings and the files above (written last) |")

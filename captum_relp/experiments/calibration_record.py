@@ -8,11 +8,13 @@ what it was calibrated on. The results JSON names the file in its calibration en
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from torch import nn
 
-from ..calibration import CalibratedRules, calibrate_on_batch
+from ..calibration import CalibratedRules, CalibrationWarning, calibrate_on_batch
 from ..models import COMPONENT_KINDS
 
 
@@ -123,8 +125,27 @@ def calibrate_run(model: nn.Module, batch: Any, where: str, default: Optional[st
         ...
         captum_relp.experiments.calibration_record.CalibrationFailed: cannot calibrate on 3 IOI pairs: ... no effect to calibrate on
     """
-    try:
+    with calibrating(where):
         return calibrate_on_batch(model, batch, kinds, default=default)
+
+
+@contextmanager
+def calibrating(where: str) -> Iterator[None]:
+    """The calibration step of an experiment: a failure (``ValueError``) becomes a
+    :class:`CalibrationFailed` naming ``where``; undecided groups are not warned about again,
+    since the rules' ``summary()``, printed and saved with the results, holds their notes.
+
+    Example:
+        >>> with calibrating("3 pairs"):
+        ...     raise ValueError("no effect")
+        Traceback (most recent call last):
+        ...
+        captum_relp.experiments.calibration_record.CalibrationFailed: cannot calibrate on 3 pairs: no effect
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            yield
     except ValueError as error:
         raise CalibrationFailed(f"cannot calibrate on {where}: {error}") from error
 
@@ -180,5 +201,6 @@ def describe_calibration(entry: Dict[str, Any], what: str = "separate pairs", ti
     return f"{title} ({entry['n_prompts']} {what}{seconds}, saved as {entry['file']})"
 
 
-__all__ = ["calibration_pairs", "record_calibration", "calibrate_run", "CalibrationFailed", "calibration_entry",
+__all__ = ["calibration_pairs", "record_calibration", "calibrate_run", "calibrating", "CalibrationFailed",
+           "calibration_entry",
            "describe_calibration"]

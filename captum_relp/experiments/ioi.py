@@ -32,7 +32,7 @@ from ..models import model_components, model_name
 from ..tasks.ioi import encode_ioi, generate_ioi_pairs, ioi_token_roles
 from .agreement import agreement_table
 from .alignment import RoleLayout
-from .calibration_record import CalibrationFailed, calibration_entry, record_calibration
+from .calibration_record import calibrating, calibration_entry, record_calibration
 from .checkpoint import Checkpoint, checkpointed, entry_key, run_fingerprint
 
 CALIBRATED = "RelP (calibrated)"
@@ -190,10 +190,8 @@ def _calibrate(model: nn.Module, tokenizer, n_prompts: int, seed: int, exclude: 
                default: Optional[str]) -> CalibratedRules:
     """:func:`~captum_relp.calibration.calibrated_ioi_rules` with ``default``; a failure is a
     :class:`~captum_relp.experiments.calibration_record.CalibrationFailed` naming the pairs."""
-    try:
+    with calibrating(f"{n_prompts} IOI pairs (seed {seed + 1})"):
         return calibrated_ioi_rules(model, tokenizer, n_prompts, seed=seed, exclude=exclude, default=default)
-    except ValueError as error:
-        raise CalibrationFailed(f"cannot calibrate on {n_prompts} IOI pairs (seed {seed + 1}): {error}") from error
 
 
 def run_ioi_experiment(

@@ -68,7 +68,10 @@ def test_the_default_reaches_the_calibration_and_the_whole_summary_is_printed(co
     # printed: the whole summary, down to its last line, the cost
     summary = rules.summary()
     assert summary.splitlines()[-1].startswith("cost: ") and "default 'relp-ah'" in summary
-    assert summary in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert summary in printed.out
+    # an undecided group is in the printed summary, not repeated on stderr as a Python warning
+    assert "CalibrationWarning" not in printed.err and "cannot decide" not in printed.err
     manifest = json.loads((tmp_path / "out" / "captum-relp-run.json").read_text())
     assert manifest["settings"]["calibration_default"] == "relp-ah"
 
@@ -195,3 +198,36 @@ def test_methods_with_a_task_file_is_a_usage_error(tmp_path, monkeypatch, capsys
     task = _task_file(tmp_path / "pairs.jsonl")
     assert main(["attribute", "--task", str(task), "--methods", "atp,relp", "--quiet"]) == EXIT_USAGE
     assert "--methods applies only to --task ioi" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, default", [("attribute", "best-preset")])
+def test_an_undecided_group_is_reported_once_in_the_summary(command, default, tmp_path, capsys):
+    """Few calibration pairs leave a group undecided: its note is in the printed summary, and the
+    command does not also emit it as a Python warning (file path and source line on stderr)."""
+    from captum_relp.calibration import CalibrationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(_argv(command, tmp_path, "--calibration-default", default, "--out", str(tmp_path / "out"))
+                    + FAST) == 0
+    rules = CalibratedRules.load(tmp_path / "out" / COMMANDS[command][1])
+    assert any(s["decision"] == "undecided" for s in rules.selection.values())  # the case exists
+    assert "cannot decide" in capsys.readouterr().out
+    assert not [w for w in caught if issubclass(w.category, CalibrationWarning)]
+
+
+def test_the_calibration_step_of_every_experiment_keeps_warnings_for_the_summary():
+    """``calibrating`` (used by the ioi, task, circuit and edges experiments) silences the warning the
+    summary already holds, lets other warnings through and names the pairs of a failure."""
+    from captum_relp.calibration import CalibrationWarning
+    from captum_relp.experiments.calibration_record import CalibrationFailed, calibrating
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with calibrating("4 pairs"):
+            warnings.warn("undecided", CalibrationWarning)
+            warnings.warn("something else", UserWarning)
+    assert [str(w.message) for w in caught] == ["something else"]
+    with pytest.raises(CalibrationFailed, match="cannot calibrate on 4 pairs: no effect"):
+        with calibrating("4 pairs"):
+            raise ValueError("no effect")

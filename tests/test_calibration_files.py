@@ -149,3 +149,10 @@ def test_a_name_map_pattern_that_matches_nothing_raises():
     cal.candidates["mapped"].name_map["no_such_module.*"] = None
     with pytest.raises(ValueError, match="name_map pattern 'no_such_module.*' matches no module"):
         CalibratedRules.from_json(cal.to_json(), model=net)
+
+
+def test_another_json_file_is_named_as_not_a_calibration_file():
+    """A results JSON passed by mistake is not blamed on an old file format."""
+    with pytest.raises(ValueError, match="not a calibration file") as error:
+        CalibratedRules.from_json(json.dumps({"config": {}, "pcc_per_prompt": {}}))
+    assert "before versioned" not in str(error.value)

@@ -192,6 +192,9 @@ def _check_version(version: Any) -> None:
 def validate(data: Any, scores: tuple) -> Dict[str, Any]:
     """Check a parsed file; returns the constructor arguments of ``CalibratedRules``."""
     _expect(data, dict, "<root>", "an object")
+    if not {"candidates", "choices"} & set(data):
+        _fail("<root>", "not a calibration file: it has neither 'candidates' nor 'choices' (a calibration file "
+              "is the *_calibration.json a calibrated run writes, or CalibratedRules.save)")
     for key in _REQUIRED:
         if key not in data:
             _fail(key, "missing" + (" (a file written before versioned calibration files: recalibrate)"

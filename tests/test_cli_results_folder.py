@@ -222,3 +222,25 @@ def test_results_another_run_wrote_meanwhile_are_not_replaced_without_overwrite(
     assert len(kept) == 1 and str(kept[0]) in err
     assert sorted(p.name for p in kept[0].iterdir()) == ["captum-relp-run.json", "circuit_faithfulness.png",
                                                          "circuit_results.json"]
+
+
+def test_the_error_is_printed_before_what_the_folder_kept(tmp_path, capsys):
+    """A usage error inside a run (a calibration file of another kind of model, found once the model is
+    loaded): its message first, then the folder's status, each once."""
+    import warnings
+
+    from captum_relp.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two calibration pairs leave groups undecided
+        assert main(["ioi", "--model", "tiny-gpt2-ioi", "--n-prompts", "2", "--methods", "atp,relp", "--rules",
+                     "relp,calibrated", "--calibration-prompts", "3", "--out", str(tmp_path / "gpt2"), "--quiet",
+                     "--no-plots"]) == 0
+    capsys.readouterr()
+    code = main(["ioi", "--model", "tiny-llama-ioi", "--n-prompts", "2", "--methods", "atp,relp", "--rules",
+                 f"relp,{tmp_path / 'gpt2' / 'ioi_calibration.json'}", "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.splitlines()
+    errors = [i for i, line in enumerate(err) if line.startswith("captum-relp: error: ")]
+    status = [i for i, line in enumerate(err) if "written to" in line or "left unchanged" in line]
+    assert code != 0 and len(errors) == 1 and "another model" in err[errors[0]], err
+    assert status and all(errors[0] < i for i in status), err

@@ -191,12 +191,15 @@ def describe_calibration(entry: Dict[str, Any], what: str = "separate pairs", ti
 
         >>> describe_calibration({"n_prompts": 3, "seconds": 2.0, "loaded": False, "file": "x.json"})
         'calibrated rules (3 separate pairs, 2.0 s, saved as x.json)'
-        >>> describe_calibration({"n_prompts": 3, "seconds": None, "loaded": True, "file": "x.json"})
-        'calibrated rules (read from x.json, calibrated on 3 pairs; no calibration run)'
+        >>> print(describe_calibration({"n_prompts": 3, "seconds": None, "loaded": True, "file": "x.json"}))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        calibrated rules (read from x.json, calibrated on 3 pairs; no calibration run: the cost below is
+        that of the earlier run)
     """
     if entry.get("loaded"):
         source = entry.get("file") or "rules given to the run"
-        return f"{title} (read from {source}, calibrated on {entry['n_prompts']} pairs; no calibration run)"
+        return (f"{title} (read from {source}, calibrated on {entry['n_prompts']} pairs; no calibration run: "
+                "the cost below is that of the earlier run)")
     seconds = f", {entry['seconds']:.1f} s" if entry.get("seconds") is not None else ""
     return f"{title} ({entry['n_prompts']} {what}{seconds}, saved as {entry['file']})"
 

@@ -1,13 +1,16 @@
 """Calibrated rules on SmolLM2-135M from the checkpointed chunks (``make_results.py --real-model``).
 
 AP and every default candidate were measured once, at the task's positions, on the
-calibration pool and on the evaluated pairs (:mod:`_real_model_runs`). The rules are
-chosen by the library's selection step, :func:`~captum_relp.choose_rules` with the
-gradient as default (noise-aware paired bootstrap, 1000 resamples, gradient kept unless a
-candidate beats it beyond the noise; the shipped page was measured so), on the first ``CALIBRATION_PAIRS`` pool pairs:
-that is :func:`~captum_relp.calibrate_rules` with AP read at the task's positions
-instead of every position. The calibration-size study reuses ``calibration_eval.study``:
-sizes 10, 20, 50 (100 when the pool has them), the evaluated pairs held out.
+calibration pool and on the evaluated pairs (:mod:`_real_model_runs`; the pool chunks are
+shipped, so the choices can be made again from the files). The rules are chosen by the
+library's selection step, :func:`~captum_relp.choose_rules` (noise-aware paired bootstrap,
+1000 resamples), on the first ``CALIBRATION_PAIRS`` pool pairs, with the library's default
+(``"best-preset"``: per component type the best of the presets ``gradient``, ``relp`` and
+``relp-ah`` on those pairs is kept unless a candidate beats it beyond the noise) and, from the
+same scores, with the gradient as default: that is :func:`~captum_relp.calibrate_rules` with AP
+read at the task's positions instead of every position. The calibration-size study reuses
+``calibration_eval.study`` (both defaults): sizes 10, 20, 50 (100 when the pool has them), the
+evaluated pairs held out.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from calibration_eval import DEFAULT, study
+from calibration_eval import DEFAULTS, study
 from captum_relp.calibration import CandidateScores, choose_rules, default_candidates
 from captum_relp.models import COMPONENT_KINDS as KINDS
 
@@ -25,6 +28,8 @@ CALIBRATION_PAIRS = 20
 """The library's default calibration size."""
 SIZES = (10, 20, 50, 100)
 DRAWS = 5
+LIBRARY_DEFAULT, GRADIENT = DEFAULTS
+"""The library's default (``"best-preset"``: the page's calibrated column) and the gradient, kept beside it."""
 
 
 def candidate_scores(model, pool: Dict, evaluated: Optional[Dict] = None) -> CandidateScores:
@@ -47,27 +52,34 @@ def candidate_scores(model, pool: Dict, evaluated: Optional[Dict] = None) -> Can
 
 
 def chosen_names(model, pool: Dict) -> set:
-    """Every candidate that the size study (``calibration_eval.study``'s subsets) chooses for some group."""
+    """Every candidate that the size study (``calibration_eval.study``'s subsets, both defaults) chooses for some group."""
     n_pool = pool["scores"]["AP"].shape[0]
     scores = candidate_scores(model, pool)
     gen, names = torch.Generator().manual_seed(0), set()
     for size in [s for s in SIZES if s <= n_pool]:
         for draw in range(DRAWS if size < n_pool else 1):
             rows = torch.arange(size) if draw == 0 else torch.randperm(n_pool, generator=gen)[:size]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                names |= set(choose_rules(scores.rows(rows), default=DEFAULT).choices.values())
+            for default in DEFAULTS:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    names |= set(choose_rules(scores.rows(rows), default=default).choices.values())
     return names
 
 
 def calibrated(model, pool: Dict, evaluated: Dict) -> Optional[Dict]:
-    """Rules chosen on the first 20 pool pairs; their scores on the evaluated pairs; the size study."""
+    """Rules chosen on the first 20 pool pairs with the library's default (their scores on the evaluated
+    pairs: the page's calibrated column) and with the gradient as default; the size study (both defaults)."""
     n_pool = pool["scores"]["AP"].shape[0]
     if n_pool < CALIBRATION_PAIRS:
         return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rules = choose_rules(candidate_scores(model, pool).rows(torch.arange(CALIBRATION_PAIRS)), default=DEFAULT)
+    first = candidate_scores(model, pool).rows(torch.arange(CALIBRATION_PAIRS))
+    chosen = {}
+    for default in DEFAULTS:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            chosen[default] = (choose_rules(first, default=default), [str(w.message) for w in caught])
+    rules, caught = chosen[LIBRARY_DEFAULT]
+    gradient, gradient_warnings = chosen[GRADIENT]
     layers = pool["scores"]["AP"].shape[1] // len(KINDS)
     scores = np.concatenate([evaluated["scores"][f"cand:{rules.choices[kind]}"][:, k * layers:(k + 1) * layers]
                              for k, kind in enumerate(KINDS)], 1)
@@ -79,10 +91,12 @@ def calibrated(model, pool: Dict, evaluated: Dict) -> Optional[Dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         size_study = study("SmolLM2-135M", "", both, n_pool, sizes, DRAWS, 1000, seconds=sum(seconds.values()),
-                           defaults=(DEFAULT,))
-    return {"choices": dict(rules.choices), "summary": rules.summary(), "scores": scores,
-            "warnings": [str(w.message) for w in caught], "calibration_seconds": cost * CALIBRATION_PAIRS,
-            "n_candidates": len(rules.candidates), "study": size_study, "sizes": sizes, "n_pool": n_pool}
+                           defaults=DEFAULTS)
+    return {"default": LIBRARY_DEFAULT, "choices": dict(rules.choices), "summary": rules.summary(), "scores": scores,
+            "warnings": caught, "calibration_seconds": cost * CALIBRATION_PAIRS,
+            "n_candidates": len(rules.candidates), "study": size_study, "sizes": sizes, "n_pool": n_pool,
+            GRADIENT: {"choices": dict(gradient.choices), "summary": gradient.summary(),
+                       "warnings": gradient_warnings}}
 
 
 def study_rows(studies: List[Dict]) -> List[Dict]:

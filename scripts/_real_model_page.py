@@ -18,9 +18,10 @@ import torch
 
 from _real_model import pcc_tables, sized_card
 from _report import circuit_report, pcc_losses, pcc_rows, table
-from _real_model_calibration import CALIBRATION_PAIRS, DRAWS, calibrated, chosen_names, study_rows
+from _real_model_calibration import (CALIBRATION_PAIRS, DRAWS, GRADIENT, LIBRARY_DEFAULT, calibrated,
+                                    chosen_names, study_rows)
 from _real_model_runs import IOI_ROLES, SVA_LABELS, SVA_STRUCTURE, fill_candidates, load_split, measure
-from _calibration_tables import GRADIENT, main_table, size_table
+from _calibration_tables import main_table, size_table
 from captum_relp.experiments import run_circuit_experiment
 from captum_relp.embedded import load_model
 from captum_relp.models import COMPONENT_KINDS as KINDS
@@ -240,14 +241,23 @@ def _calibration_lines(task: str, result: Dict) -> List[str]:
     if cal is None:
         return [f"Calibrated rules ({task}): not measured (the calibration pool has {result['n_pool']} of the "
                 f"{CALIBRATION_PAIRS} pairs needed).", ""]
+    gradient = cal[GRADIENT]
+    same = gradient["choices"] == cal["choices"]
     lines = [f"**{CALIBRATED}**: rules chosen per component type by `choose_rules` (the selection step of "
-             f"`calibrate_rules`, with the gradient as default: `default=\"gradient\"`) on the first {CALIBRATION_PAIRS} pairs of a calibration pool "
+             f"`calibrate_rules`, with the library's default, `default=\"best-preset\"`: the best of the presets "
+             f"`gradient`, `relp` and `relp-ah` on the calibration pairs is kept unless a candidate beats it beyond "
+             f"the noise) on the first {CALIBRATION_PAIRS} pairs of a calibration pool "
              f"(seed 1) disjoint from the {result['n']} evaluated pairs (seed 0), with AP read at the same "
              "positions as above. Chosen: " + ", ".join(f"{k} `{v}`" for k, v in cal["choices"].items())
              + f"; choosing cost {cal['calibration_seconds']:.0f} s of wall time ({CALIBRATION_PAIRS} pairs: AP and "
              f"{cal['n_candidates']} candidate passes)." + (" Warnings: " + " ".join(cal["warnings"])
                                                            if cal["warnings"] else ""), "",
-             "```text", cal["summary"].strip(), "```", ""]
+             "```text", cal["summary"].strip(), "```", "",
+             "With `default=\"gradient\"` (AtP kept unless a candidate beats it beyond the noise) the same pairs "
+             + ("choose the same rules." if same else "choose " + ", ".join(
+                 f"{k} `{v}`" for k, v in gradient["choices"].items()) + "; their held-out agreements are in "
+                "{doc}`results_calibration_detail`.")
+             + (" Warnings: " + " ".join(gradient["warnings"]) if gradient["warnings"] and not same else ""), ""]
     return lines
 
 
@@ -258,23 +268,28 @@ def _calibration_fragment(root: Path, studies: List[Dict], command: str) -> None
         lines += ["Not measured in this run: the calibration pools have fewer than "
                   f"{CALIBRATION_PAIRS} pairs (see {{doc}}`results_smollm2`).", ""]
     lines += [f"Measured with `{command}` (then `--render-only`); details and the Table-5 numbers on "
-             "{doc}`results_smollm2`. Same method as the rows above, but chosen with the gradient as default only "
-             "(the study did not record RelP+AH, so no best preset either: RelP+AH on the "
-             "same pairs is on {doc}`results_smollm2`), and with two differences forced by the cost of "
-             "AP on this model: AP and the candidates are read at the task's positions only (IOI: S1, IO, S2, "
-             "END; SVA: the five tokens after `The`), and the held-out pairs are the page's evaluated pairs. "
-             "Brackets: 95% paired-bootstrap intervals over the held-out pairs.", ""]
-    for res in studies:
-        lines += [f"Held-out Pearson with AP, {res['task']}, calibrated on {CALIBRATION_PAIRS} pairs "
-                  f"(pool {res['n_pool']}, held out {res['n_eval']}):", "", main_table([res], CALIBRATION_PAIRS, GRADIENT), ""]
-    for res in studies:
-        sizes = sorted({r["size"] for r in res["runs"]})
-        lines += [f"Calibration size, {res['task']}: calibrated minus AtP on the {res['n_eval']} held-out pairs "
-                  f"(mean over {DRAWS} subsets per size, one for the whole pool)"
-                  + ("" if sizes == [10, 20, 50, 100] else "; n = " + ", ".join(
-                      str(n) for n in (10, 20, 50, 100) if n not in sizes) + f" not measured: the pool has "
-                     f"{res['n_pool']} pairs (AP on more pairs did not fit this run's CPU budget)") + ":", "",
-                  size_table([res], sizes, GRADIENT), ""]
+              "{doc}`results_smollm2`. Same method as the rows above (rules chosen with the library's default, "
+              "`best-preset`, and from the same scores with the gradient as default), with two differences forced "
+              "by the cost of AP on this model: AP and the candidates are read at the task's positions only (IOI: "
+              "S1, IO, S2, END; SVA: the five tokens after `The`), and the held-out pairs are the page's evaluated "
+              "pairs. The per-pair scores of the calibration pool and of the evaluated pairs are shipped "
+              "(`docs/_static/results/smollm2/parts/`). Brackets: 95% paired-bootstrap intervals over the held-out "
+              "pairs.", ""]
+    for default, title in ((LIBRARY_DEFAULT, "default: best preset"), (GRADIENT, "default: gradient")):
+        for res in studies:
+            lines += [f"Held-out Pearson with AP, {res['task']}, calibrated on {CALIBRATION_PAIRS} pairs "
+                      f"(pool {res['n_pool']}, held out {res['n_eval']}), {title}:", "",
+                      main_table([res], CALIBRATION_PAIRS, default), ""]
+    for default, title in ((LIBRARY_DEFAULT, "default: best preset"), (GRADIENT, "default: gradient")):
+        for res in studies:
+            sizes = sorted({r["size"] for r in res["runs"]})
+            lines += [f"Calibration size, {res['task']}, {title}: calibrated minus AtP, then minus the best preset, "
+                      f"on the {res['n_eval']} held-out pairs (mean and worst over {DRAWS} subsets per size, one "
+                      "for the whole pool)"
+                      + ("" if sizes == [10, 20, 50, 100] else "; n = " + ", ".join(
+                          str(n) for n in (10, 20, 50, 100) if n not in sizes) + f" not measured: the pool has "
+                         f"{res['n_pool']} pairs (AP on more pairs did not fit this run's CPU budget)") + ":", "",
+                      size_table([res], sizes, default), ""]
     (root / "docs" / "results_calibration_smollm2.md").write_text("\n".join(lines) + "\n")
 
 

@@ -39,8 +39,8 @@ page from every row file, then the summary pages (``results_pages.py``):
 
 (one command each). SmolLM2-135M is measured when its converted directory exists (``--no-smollm``
 skips it; hours of CPU); its row joins the others the same way. The SmolLM2-135M rows of the
-summary page come from its own study instead (``make_results.py --real-model``, the gradient as
-default).
+summary page come from its own study instead (``make_results.py --real-model``: AP at the task's
+positions only, both defaults, this module's :func:`study`).
 """
 from __future__ import annotations
 
@@ -82,8 +82,6 @@ METHODS = (*PRESETS, CALIBRATED)
 DEFAULTS = (BEST_PRESET, "gradient")
 """The defaults every study run is chosen with, from the same candidate scores: the library's
 (the best preset) and the previous one (the gradient, AtP)."""
-DEFAULT = "gradient"
-"""The previous default, the only one of SmolLM2-135M's study (``make_results.py --real-model``)."""
 SMOLLM = fetched_model_path("smollm2-135m")
 
 

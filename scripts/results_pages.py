@@ -170,14 +170,14 @@ def _calibration_studies(root: Path) -> List[Dict]:
     """Every held-out calibration study: the row files, then SmolLM2-135M's (IOI, SVA) from its results."""
     studies = [json.loads(path.read_text()) for path in sorted((root / RESULTS / "calibration").glob("*.json"))]
     smol = _load(root, f"{RESULTS}/smollm2/results.json")
-    return studies + [dict(smol[task]["calibration"]["study"], own_study=True) for task in TASK_TITLES
+    return studies + [smol[task]["calibration"]["study"] for task in TASK_TITLES
                       if smol.get(task) and smol[task].get("calibration")]
 
 
 def calibration_counts(root: Path, size: int = 20) -> Dict[str, Dict[str, List[str]]]:
-    """Per default (``best-preset``, ``gradient``): the rows of the held-out study (row files only, not
+    """Per default (``best-preset``, ``gradient``): the rows of the held-out study (the row files and
     SmolLM2-135M's own study) and those below AtP, and below the best preset, beyond the noise."""
-    rows = [s for s in _calibration_studies(root) if not s.get("own_study")]
+    rows = _calibration_studies(root)
     return {default: tables.counts(rows, size, default) for default in (tables.BEST_PRESET, tables.GRADIENT)}
 
 
@@ -192,32 +192,30 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
     for study in _calibration_studies(root):
         if study["model"].startswith("random"):
             continue  # random-weight families: on the detail page
-        default = tables.GRADIENT if study.get("own_study") else tables.BEST_PRESET
-        run = tables.main_run(study, size, default)
+        run = tables.main_run(study, size, tables.BEST_PRESET)
         if run is None:
             continue
         for kind, row in run["held_out"].items():
             cells = {m: [row[m], *row["interval"][m]] if row["interval"].get(m) else row.get(m)
                      for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)}
             diff = [row["diff"], *row["diff_interval"]] if row["diff_interval"] else row["diff"]
-            chosen = row["choice"] + (" (gradient default)" if default == tables.GRADIENT else "")
             rows.append([f"{study['model']}, {study['task'].upper()} (N = {study['n_eval']})", KINDS[kind]]
                         + [_value(cells[m]) for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)]
-                        + [chosen, tables.cell_text(row["diff"], row["diff_interval"]), tables.best_text(row)])
+                        + [row["choice"], tables.cell_text(row["diff"], row["diff_interval"]), tables.best_text(row)])
     counts = calibration_counts(root, size)
-    studied = [s for s in _calibration_studies(root) if not s.get("own_study")]
+    studied = _calibration_studies(root)
     size_study = {d: tables.size_study_counts(studied, d) for d in (tables.BEST_PRESET, tables.GRADIENT)}
     lines = ["# Calibrated rules, held out", "",
              f"Do rules calibrated on {size} pairs agree with activation patching on pairs they never saw? PCC "
-             "with AP on N held-out pairs of the trained models, with the library's default (`\"best-preset\"`; "
-             "the SmolLM2-135M rows: the gradient as default, see below), 95% bootstrap intervals in brackets.", ""]
+             "with AP on N held-out pairs of the trained models, with the library's default (`\"best-preset\"`), "
+             "95% bootstrap intervals in brackets.", ""]
     lines += _table(["model, task (N held-out pairs)", "component", "AtP", "RelP", "RelP+AH", "calibrated",
                      "rules chosen", "calibrated - AtP", "calibrated - best preset"], rows, 2)
     lines += ["With the default (per component type the fixed preset, AtP's gradient, RelP or RelP+AH, that "
               "agrees best with activation patching on the calibration pairs is kept unless another candidate "
               f"beats it beyond the noise), rules chosen on {size} calibration pairs put calibrated RelP "
               f"{_calibration_sentence(counts[tables.BEST_PRESET])} of the held-out study (the random-weight "
-              "families included). With the gradient as default, the same runs (chosen from the same "
+              "families and SmolLM2-135M included). With the gradient as default, the same runs (chosen from the same "
               f"scores) put it {_calibration_sentence(counts[tables.GRADIENT])}. Over the calibration-size study "
               f"(10 to 100 pairs, several subsets each: {size_study[tables.BEST_PRESET]['cases']} cases per default) "
               f"the default is below AtP beyond the noise in {size_study[tables.BEST_PRESET]['below_atp']} cases "
@@ -227,9 +225,9 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
               "RelP is the `\"relp\"` preset, RelP+AH the `\"relp-ah\"` preset; the best preset is the one of AtP, "
               "RelP and RelP+AH with the highest PCC on the held-out pairs (named in brackets), and \"below beyond "
               "the noise\" means the paired interval of the difference lies entirely below zero. The SmolLM2-135M "
-              "rows come from their own study, measured with the gradient as default (its calibration-pool scores "
-              "are not shipped, so it cannot be chosen again with the best-preset default); they are not counted above. Where the gradient was kept there, a preset can agree better "
-              "on these pairs: compare the calibrated, RelP and RelP+AH columns.", ""]
+              "rows come from their own study (`scripts/make_results.py --real-model`), chosen with both defaults "
+              "from the same scores like the other rows, but with AP read at the task's positions only and the "
+              "evaluated pairs of {doc}`results_smollm2` held out; they are counted above.", ""]
     lines += ["Calibrated RelP against both presets (RelP and RelP+AH) and AtP, on SmolLM2-135M and Gemma-3 270M "
               "(IOI) and on a greater-than task: {doc}`results_calibration_real`. Commands, the random-weight rows "
               "of every family, the same runs with the gradient as default, the family coverage and the "

@@ -278,6 +278,7 @@ def test_smollm2_study_intervals_recomputed_from_the_per_prompt_scores(task):
     prefix = f"{task}_eval_000_cand_"
     scored = set(SAME_AS) | {f.name[len(prefix):-len(".npz")] for f in parts.glob(f"{prefix}*.npz")}
     assert set(result["calibration"]["study"]["candidates"]) - scored
+    assert {run["default"] for run in result["calibration"]["study"]["runs"]} == {"best-preset", "gradient"}
     checked, problems = study_mismatches(task, result, scores, layers)
     assert problems == [] and checked == len(result["calibration"]["study"]["runs"]) * len(KINDS) > 0
 

@@ -2,7 +2,8 @@
 
 SmolLM2 (``docs/_static/results/smollm2``): per-prompt scores of every method in ``parts/``; the
 calibrated method takes, per component type, the scores of the rule set the JSON records as
-chosen (the page's PCCs and each calibration-study run's held-out agreements). The IOI runs of
+chosen (the page's PCCs and each calibration-study run's held-out agreements), and those choices
+(both defaults, every study run) are made again from the shipped calibration-pool scores. The IOI runs of
 the tiny models and of the calibration-real page: every prompt's scores (``ioi_scores.npz``) and
 the prompt-averaged maps. The tiny models' edge cells: the per-edge scores of every
 method and convention in ``edges_scores.npz``. The JSONs whose scores are not shipped are
@@ -164,6 +165,7 @@ def test_smollm2_calibration_study_agreements_recomputed_from_the_per_prompt_sco
     result = json.loads((RESULTS / "smollm2" / "results.json").read_text())[task]
     study = result["calibration"]["study"]
     assert study["n_eval"] == result["n"]
+    assert {run["default"] for run in study["runs"]} == {"best-preset", "gradient"}  # both, from the same scores
     scores, layers = _smollm2_scores(task, result)
     checked = 0
     for run in study["runs"]:
@@ -180,6 +182,101 @@ def test_smollm2_calibration_study_agreements_recomputed_from_the_per_prompt_sco
             assert abs(cell["diff"] - (expected["RelP (calibrated)"] - expected["AtP"])) < 1e-12
             checked += 1
     assert checked == len(study["runs"]) * len(KINDS) and checked > 0
+
+
+POOL_DRAWS = 5
+"""Subsets per calibration size below the pool size in SmolLM2-135M's study (``_real_model_calibration.DRAWS``)."""
+
+
+def _pool_candidate_scores(task: str, result: dict, with_evaluated_metric: bool):
+    """The library's :class:`CandidateScores` of the committed calibration-pool chunks, as the script builds
+    them: one layer per component, AP effects up to 100 float32 epsilons of the largest |metric| (of the pool,
+    and of the evaluated pairs too for the study, which scores both) count as none."""
+    import torch
+
+    from captum_relp import RuleSet
+    from captum_relp.calibration import CandidateScores
+
+    parts = RESULTS / "smollm2" / "parts"
+    files = [parts / f"{task}_pool_{start:03d}.npz" for start in range(0, result["n_pool"], 10)]
+    assert all(f.exists() for f in files), [f.name for f in files if not f.exists()]
+    chunks = [np.load(f) for f in files]
+    names = result["calibration"]["study"]["candidates"]
+    keys = {name: SAME_AS.get(name, f"cand:{name}") for name in names}
+    arrays = {key: np.concatenate([c[key] for c in chunks]) for key in ["AP", *keys.values()]}
+    assert arrays["AP"].shape[0] == result["n_pool"]
+    metric = np.concatenate([c["metric"] for c in chunks])
+    if with_evaluated_metric:
+        metric = np.concatenate([metric, *[c["metric"] for c in _chunks(parts, task, result["n"])]])
+    tolerance = 100 * float(np.finfo(np.float32).eps) * max(float(np.abs(metric).max()), 1e-30)
+    layers = arrays["AP"].shape[1]
+
+    def per_layer(values):
+        return [torch.from_numpy(values[:, c]) for c in range(layers)]
+
+    return CandidateScores.from_layer_scores(
+        [RuleSet(name) for name in names], per_layer(arrays["AP"]),
+        {name: per_layer(arrays[key]) for name, key in keys.items()},
+        [kind for kind in KINDS for _ in range(layers // len(KINDS))], tolerance=tolerance, auto_groups=True)
+
+
+def choice_mismatches(result: dict, pool, both) -> tuple:
+    """The page's choices (first 20 pool pairs, both defaults) and every study run's choices and decisions,
+    chosen again with ``choose_rules`` from the pool scores ``pool`` (pool metric) and ``both`` (the study's):
+    ``(choices checked, [(size, draw, default) that differ])``."""
+    import warnings
+
+    import torch
+
+    from captum_relp.calibration import choose_rules
+
+    cal, study = result["calibration"], result["calibration"]["study"]
+    checked, problems = 0, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for default, published in ((cal["default"], cal["choices"]), ("gradient", cal["gradient"]["choices"])):
+            checked += 1
+            if choose_rules(pool.rows(torch.arange(20)), default=default).choices != published:
+                problems.append((20, 0, default))
+        gen, runs = torch.Generator().manual_seed(0), iter(study["runs"])
+        for size in sorted({run["size"] for run in study["runs"]}):
+            for draw in range(POOL_DRAWS if size < study["n_pool"] else 1):
+                rows = torch.arange(size) if draw == 0 else torch.randperm(study["n_pool"], generator=gen)[:size]
+                for default in study["defaults"]:
+                    run = next(runs)
+                    assert (run["size"], run["draw"], run["default"]) == (size, draw, default)
+                    chosen = choose_rules(both.rows(rows), n_bootstrap=1000, default=default)
+                    decisions = {g: s["decision"] for g, s in chosen.selection.items()}
+                    if chosen.choices != run["choices"] or decisions != run["decisions"]:
+                        problems.append((size, draw, default))
+                    checked += 1
+        assert next(runs, None) is None
+    return checked, problems
+
+
+@pytest.mark.parametrize("task", ["ioi", "sva"])
+def test_smollm2_choices_recomputed_from_the_shipped_pool_scores(task):
+    """The page's rules (best-preset default, the gradient's beside it) and every study run's choices."""
+    result = json.loads((RESULTS / "smollm2" / "results.json").read_text())[task]
+    study = result["calibration"]["study"]
+    assert result["calibration"]["default"] == "best-preset" and study["defaults"] == ["best-preset", "gradient"]
+    assert study["n_pool"] == result["n_pool"] and result["calibration"]["n_pool"] == result["n_pool"]
+    checked, problems = choice_mismatches(result, _pool_candidate_scores(task, result, False),
+                                          _pool_candidate_scores(task, result, True))
+    assert problems == [] and checked == 2 + len(study["runs"])
+
+
+def test_a_changed_pool_score_fails_the_choice_check():
+    """The check can fail: a candidate given AP's own scores on the pool is chosen instead."""
+    result = json.loads((RESULTS / "smollm2" / "results.json").read_text())["ioi"]
+    pool, both = (_pool_candidate_scores("ioi", result, flag) for flag in (False, True))
+    name = next(n for n in result["calibration"]["study"]["candidates"]
+                if n not in SAME_AS and n not in result["calibration"]["choices"].values())
+    for scores in (pool, both):
+        for data in scores.data.values():
+            data.scores[name] = data.reference.clone()
+    _, problems = choice_mismatches(result, pool, both)
+    assert (20, 0, "best-preset") in problems and (20, 0, "gradient") in problems
 
 
 def _input_kind(edge: str) -> str:

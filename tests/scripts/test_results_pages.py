@@ -268,10 +268,16 @@ def test_calibration_summary_shows_the_best_preset_runs_and_counts_both_defaults
                            f"{cell['interval']['RelP+AH'][1]:.3f}]", kind
         assert cells[6] == cell["choice"]
     smol = [line for line in before if line.startswith("| SmolLM2-135M, ")]
-    assert len(smol) == 6 and all("(gradient default) |" in line for line in smol)
+    smol_record = json.loads((copy / "smollm2" / "results.json").read_text())
+    smol_cells = [cell for task in ("ioi", "sva") for cell in tables.main_run(
+        smol_record[task]["calibration"]["study"], 20, tables.BEST_PRESET)["held_out"].values()]
+    assert len(smol) == len(smol_cells) == 6 and not any("default)" in line for line in smol)
+    assert [line.strip("|").split("|")[6].strip() for line in smol] == [cell["choice"] for cell in smol_cells]
     counts = pages.calibration_counts(root)
     n_rows = len(counts[tables.BEST_PRESET]["rows"])
-    assert n_rows == len(counts[tables.GRADIENT]["rows"]) > 6 and not any("SmolLM2" in r for r in counts["gradient"]["rows"])
+    assert n_rows == len(counts[tables.GRADIENT]["rows"]) > 6
+    for default in (tables.BEST_PRESET, tables.GRADIENT):  # SmolLM2-135M's own study is counted, both defaults
+        assert sum(r.startswith("SmolLM2-135M ") for r in counts[default]["rows"]) == 6
     # one best-preset cell moved below the best preset beyond the noise: the best-preset count, only, goes up
     ours["held_out"]["mlp"]["best_diff_interval"] = [-0.3, -0.2]
     path.write_text(json.dumps(record))

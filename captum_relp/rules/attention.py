@@ -243,7 +243,7 @@ class DetachQKColumnsRule(Rule):
     def apply_with(self, module: nn.Module,
                    function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> UndoFn:
         """Hook the projections of ``module`` so that each returns ``function(output, mask)``, with
-        ``mask`` ``True`` at the query and key columns (:func:`qk_column_mask`). :meth:`apply`
+        ``mask`` ``True`` at the query and key columns (:func:`qk_column_mask`). ``apply``
         detaches those columns; a function that drops their gradient only some of the time makes the
         rule switchable.
 

@@ -255,7 +255,7 @@ class LogitSoftcapRule(Rule):
     def apply_with(self, module: nn.Module, recap: Callable[[Tensor, Tensor], Tensor]) -> UndoFn:
         """Hook the model ``module`` so that, while its forward records gradients, its logits are
         ``recap(z, logits)``: ``z`` the unembedding output, ``logits`` the model's own capped logits.
-        :meth:`apply` gives them the Identity-rule's backward to ``z``.
+        ``apply`` gives them the Identity-rule's backward to ``z``.
 
         Example:
             >>> import torch

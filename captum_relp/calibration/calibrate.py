@@ -59,7 +59,7 @@ def calibrate_rules(
     Runs exact activation patching (:class:`~captum_relp.LayerActivationPatching`,
     one run per position) on the calibration pairs, then scores every candidate rule set
     with :class:`~captum_relp.LayerRelevancePatching` on one shared pair of forward passes
-    (:meth:`~captum_relp.LayerRelevancePatching.attribute_rule_sets`). Scores are
+    (``LayerRelevancePatching.attribute_rule_sets``). Scores are
     summed over the hidden dimension (one value per example and position), and the
     agreement of a group is computed over all its layers, examples and positions
     (entries where AP and every candidate are exactly zero, i.e. padding, are dropped).

@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finished = True
         return code
     except CLIError as error:
-        if not getattr(error, "reported", False):  # a results folder reports it before what it kept
+        if not error.reported:  # a results folder reports it before what it kept
             print(f"captum-relp: error: {error}", file=sys.stderr)
         return error.code
     finally:  # under torchrun: every rank leaves the process group before the interpreter exits

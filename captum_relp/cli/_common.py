@@ -15,11 +15,12 @@ OUT_ROOT = "relp-out"
 
 
 class CLIError(Exception):
-    """An error with a message for the user and an exit code."""
+    """An error with a message for the user and an exit code; ``reported`` once it has been printed."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.code = code
+        self.reported = False
 
 
 def resolve_device(requested: str) -> str:

@@ -117,7 +117,7 @@ class ResultsFolder:
         if kind is None:
             return False
         what = "interrupted" if issubclass(kind, KeyboardInterrupt) else "failed"
-        if isinstance(error, CLIError) and not getattr(error, "reported", False):  # the cause comes first
+        if isinstance(error, CLIError) and not error.reported:  # the cause comes first
             _say(f"error: {error}")
             error.reported = True
         kept = sum(len(c.entries()) for c in self.checkpoints)

@@ -54,12 +54,12 @@ def _table(header: Sequence[str], rows: List[Sequence], text_columns: int = 1) -
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
-def _value(entry, bounds: int = 3) -> str:
-    """``0.842`` or, for ``[value, low, high]``, ``0.842 [0.801, 0.880]`` (``bounds``: decimals of the interval)."""
+def _value(entry) -> str:
+    """``0.842`` or, for ``[value, low, high]``, ``0.842 [0.801, 0.880]``."""
     if entry is None:
         return NOT_RUN
     if isinstance(entry, (list, tuple)):
-        return f"{entry[0]:.3f} [{entry[1]:.{bounds}f}, {entry[2]:.{bounds}f}]"
+        return f"{entry[0]:.3f} [{entry[1]:.3f}, {entry[2]:.3f}]"
     return f"{entry:.3f}"
 
 
@@ -198,7 +198,6 @@ def calibration_page(root: Path, size: int = 20) -> List[str]:
         for kind, row in run["held_out"].items():
             cells = {m: [row[m], *row["interval"][m]] if row["interval"].get(m) else row.get(m)
                      for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)}
-            diff = [row["diff"], *row["diff_interval"]] if row["diff_interval"] else row["diff"]
             rows.append([f"{study['model']}, {study['task'].upper()} (N = {study['n_eval']})", KINDS[kind]]
                         + [_value(cells[m]) for m in ("AtP", "RelP (preset)", "RelP+AH", CALIBRATED)]
                         + [row["choice"], tables.cell_text(row["diff"], row["diff_interval"]), tables.best_text(row)])

@@ -192,6 +192,12 @@ def test_a_perturbed_metric_value_fails_the_difference_check():
     assert difference_mismatches(task, results["config"]["seed"]) == ["difference_mean", "difference_interval"]
 
 
+def _smollm2(task: str) -> tuple:
+    """SmolLM2's results of ``task`` and the per-prompt scores of every method: ``(result, scores, layers)``."""
+    result = json.loads((RESULTS / "smollm2" / "results.json").read_text())[task]
+    return (result, *_smollm2_scores(task, result))
+
+
 def smollm2_mismatches(result: dict, scores: dict, layers: int) -> tuple:
     """Each ``[value, low, high]`` of the SmolLM2 page's PCC tables, recomputed with the numpy resamples of
     ``scripts/_real_model.py``: ``(intervals checked, [(kind, method, table) that differ])``."""
@@ -220,14 +226,12 @@ def smollm2_mismatches(result: dict, scores: dict, layers: int) -> tuple:
 
 @pytest.mark.parametrize("task", ["ioi", "sva"])
 def test_smollm2_intervals_recomputed_from_the_per_prompt_scores(task):
-    result = json.loads((RESULTS / "smollm2" / "results.json").read_text())[task]
-    scores, layers = _smollm2_scores(task, result)
+    result, scores, layers = _smollm2(task)
     assert smollm2_mismatches(result, scores, layers) == (len(KINDS) * 4 * 2, [])
 
 
 def test_a_perturbed_score_fails_the_smollm2_check():
-    result = json.loads((RESULTS / "smollm2" / "results.json").read_text())["ioi"]
-    scores, layers = _smollm2_scores("ioi", result)
+    result, scores, layers = _smollm2("ioi")
     k = int(np.argmax([np.abs(scores["RelP"][:, i * layers:(i + 1) * layers]).max() for i in range(len(KINDS))]))
     scores["RelP"] = _nudged(scores["RelP"])
     _, problems = smollm2_mismatches(result, scores, layers)
@@ -270,8 +274,7 @@ def study_mismatches(task: str, result: dict, scores: dict, layers: int) -> tupl
 
 @pytest.mark.parametrize("task", ["ioi", "sva"])
 def test_smollm2_study_intervals_recomputed_from_the_per_prompt_scores(task):
-    result = json.loads((RESULTS / "smollm2" / "results.json").read_text())[task]
-    scores, layers = _smollm2_scores(task, result)
+    result, scores, layers = _smollm2(task)
     # the study keeps the entries where AP or a candidate is non-zero, and a candidate not scored on the
     # evaluated pairs is NaN there: with one such candidate, every entry (all-zero ones too) is kept
     parts = RESULTS / "smollm2" / "parts"
@@ -284,8 +287,7 @@ def test_smollm2_study_intervals_recomputed_from_the_per_prompt_scores(task):
 
 
 def test_a_perturbed_score_fails_the_study_check():
-    result = json.loads((RESULTS / "smollm2" / "results.json").read_text())["ioi"]
-    scores, layers = _smollm2_scores("ioi", result)
+    result, scores, layers = _smollm2("ioi")
     scores["AtP"] = _nudged(scores["AtP"])
     _, problems = study_mismatches("ioi", result, scores, layers)
     assert problems and {method for *_, method in problems} <= {"AtP", "RelP (calibrated)", "diff", "best"}
